@@ -1,0 +1,252 @@
+//! Read access to one real directory tree: a lower layer, or the upper as seen for reading.
+//!
+//! A layer is addressed by a root directory fd opened before the mount, and paths relative
+//! to it. Paths never pass through the mountpoint, so a lower dir beneath the mountpoint
+//! cannot deadlock the daemon (fuse-overlayfs #364). Everything here only reads.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirEntryExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags, Stat};
+
+use crate::error::{Error, NotFoundOk, Result};
+
+/// The kind of a filesystem object, as the union sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// regular file
+    File,
+    /// directory
+    Dir,
+    /// symbolic link
+    Symlink,
+    /// named pipe
+    Fifo,
+    /// character device (a 0/0 one is a whiteout, never shown)
+    Char,
+    /// block device
+    Block,
+    /// unix socket
+    Socket,
+}
+
+impl Kind {
+    /// Kind from the `S_IFMT` bits of a mode.
+    pub fn from_mode(mode: u32) -> Kind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFCHR => Kind::Char,
+            libc::S_IFBLK => Kind::Block,
+            libc::S_IFSOCK => Kind::Socket,
+            _ => Kind::File,
+        }
+    }
+
+    /// Kind from a `d_type` of a directory entry, if it says.
+    pub fn from_file_type(t: std::fs::FileType) -> Option<Kind> {
+        use std::os::unix::fs::FileTypeExt;
+        Some(if t.is_dir() {
+            Kind::Dir
+        } else if t.is_file() {
+            Kind::File
+        } else if t.is_symlink() {
+            Kind::Symlink
+        } else if t.is_fifo() {
+            Kind::Fifo
+        } else if t.is_char_device() {
+            Kind::Char
+        } else if t.is_block_device() {
+            Kind::Block
+        } else if t.is_socket() {
+            Kind::Socket
+        } else {
+            return None;
+        })
+    }
+}
+
+/// Prefix of OCI whiteout names (`.wh.NAME` hides NAME in the layers below).
+pub const OCI_WHITEOUT_PREFIX: &str = ".wh.";
+/// OCI opaque marker: a directory holding this entry hides everything below it.
+pub const OCI_OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// Is this stat a kernel-format whiteout (char device 0/0)?
+pub fn is_whiteout_stat(st: &Stat) -> bool {
+    Kind::from_mode(st.st_mode) == Kind::Char && st.st_rdev == 0
+}
+
+/// Path argument for *at syscalls: the layer root itself is ".".
+pub fn at_path(rel: &Path) -> &Path {
+    if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    }
+}
+
+/// One directory entry of a real layer directory.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    /// entry name
+    pub name: OsString,
+    /// kind from d_type (None if the filesystem did not say)
+    pub kind: Option<Kind>,
+    /// d_ino
+    pub ino: u64,
+}
+
+/// A real directory tree addressed through a root fd.
+#[derive(Debug)]
+pub struct LayerDir {
+    /// fd of the layer's root directory, opened before mounting
+    pub root: OwnedFd,
+    /// the path the user gave, for messages
+    pub path: PathBuf,
+    /// `/proc/self/fd/N`: for the calls that have no *at form (xattrs, read_dir)
+    proc_root: PathBuf,
+    /// st_dev of the root
+    pub dev: u64,
+    /// position in the stack: 0 = upper (if any) or top lower; used in st_ino mapping
+    pub index: usize,
+    /// short name for logs: "upper" or "lower0", "lower1", ...
+    pub name: String,
+}
+
+impl LayerDir {
+    /// Open a layer root. `path` must be an existing directory.
+    pub fn open(path: &Path, index: usize, name: String) -> Result<LayerDir> {
+        let root = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open layer", path, e.into()))?;
+        let st = rustix::fs::fstat(&root).map_err(|e| Error::io("stat layer", path, e.into()))?;
+        let proc_root = PathBuf::from(format!("/proc/self/fd/{}", root.as_raw_fd()));
+        Ok(LayerDir {
+            root,
+            path: path.to_path_buf(),
+            proc_root,
+            dev: st.st_dev,
+            index,
+            name,
+        })
+    }
+
+    /// Absolute path through /proc for calls without an *at form.
+    pub fn proc_path(&self, rel: &Path) -> PathBuf {
+        if rel.as_os_str().is_empty() {
+            self.proc_root.clone()
+        } else {
+            self.proc_root.join(rel)
+        }
+    }
+
+    /// lstat; `None` when the path does not exist (or passes through a non-directory).
+    pub fn stat(&self, rel: &Path) -> Result<Option<Stat>> {
+        match rustix::fs::statat(&self.root, at_path(rel), AtFlags::SYMLINK_NOFOLLOW) {
+            Err(rustix::io::Errno::NOTDIR) => Ok(None),
+            r => r.not_found_ok(),
+        }
+    }
+
+    /// Does `rel` exist (any type)?
+    pub fn exists(&self, rel: &Path) -> Result<bool> {
+        Ok(self.stat(rel)?.is_some())
+    }
+
+    /// Open a file in the layer.
+    pub fn open_file(&self, rel: &Path, flags: OFlags) -> Result<OwnedFd> {
+        rustix::fs::openat(
+            &self.root,
+            at_path(rel),
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(Error::from)
+    }
+
+    /// Target of a symlink.
+    pub fn readlink(&self, rel: &Path) -> Result<OsString> {
+        let target = rustix::fs::readlinkat(&self.root, at_path(rel), Vec::new())?;
+        Ok(OsString::from(std::ffi::OsStr::from_bytes(target.as_bytes())))
+    }
+
+    /// List a directory (without "." and "..").
+    pub fn read_dir(&self, rel: &Path) -> Result<Vec<RawEntry>> {
+        let p = self.proc_path(rel);
+        let rd = std::fs::read_dir(&p).map_err(|e| Error::io("readdir", rel, e))?;
+        let mut out = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(|e| Error::io("readdir", rel, e))?;
+            out.push(RawEntry {
+                name: ent.file_name(),
+                kind: ent.file_type().ok().and_then(Kind::from_file_type),
+                ino: ent.ino(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// One xattr's value, `None` when absent (ENODATA) or unsupported.
+    pub fn get_xattr(&self, rel: &Path, name: &OsStr) -> Result<Option<Vec<u8>>> {
+        let p = self.proc_path(rel);
+        get_xattr_path(&p, name)
+    }
+
+    /// All xattr names of an object (not following symlinks).
+    pub fn list_xattr(&self, rel: &Path) -> Result<Vec<OsString>> {
+        let p = self.proc_path(rel);
+        list_xattr_path(&p)
+    }
+
+    /// fd for fstatfs and the like.
+    pub fn root_fd(&self) -> impl AsFd + '_ {
+        &self.root
+    }
+}
+
+/// lgetxattr with sizing; ENODATA / ENOTSUP → None.
+pub fn get_xattr_path(p: &Path, name: &OsStr) -> Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        match rustix::fs::lgetxattr(p, name, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(rustix::io::Errno::RANGE) => {
+                let n = rustix::fs::lgetxattr(p, name, &mut [0u8; 0][..])?;
+                buf = vec![0u8; n.max(1)];
+            }
+            Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::NOTSUP) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// llistxattr with sizing, split into names.
+pub fn list_xattr_path(p: &Path) -> Result<Vec<OsString>> {
+    let mut buf = vec![0u8; 1024];
+    let n = loop {
+        match rustix::fs::llistxattr(p, &mut buf[..]) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::RANGE) => {
+                let n = rustix::fs::llistxattr(p, &mut [0u8; 0][..])?;
+                buf = vec![0u8; n.max(1)];
+            }
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    Ok(buf[..n]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| OsStr::from_bytes(s).to_os_string())
+        .collect())
+}

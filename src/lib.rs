@@ -1,0 +1,25 @@
+//! verlay: a FUSE overlay filesystem with kernel-overlayfs semantics.
+//!
+//! Module map:
+//! - [`cli`]: fuse-overlayfs-compatible argv / `-o` parsing, pure.
+//! - [`config`]: checks of the layer directories before anything is changed.
+//! - [`layer`]: read access to one real directory tree (a lower, or the upper for reads).
+//! - [`upper`]: the only writer of upperdir and workdir, in named, ordered steps.
+//! - [`union`]: kernel-overlayfs semantics (lookup, copy-up, whiteouts, redirects); no fuser.
+//! - [`fuse`]: the thin FUSE adapter over the union.
+//! - [`mount`]: daemonizing and the FUSE session.
+//! - [`sys`]: the only `unsafe` code.
+//!
+//! Invariants: nothing is ever written to a lower layer; every new upper object is built in
+//! the work dir and published by one rename; an errno is chosen only in `error.rs`.
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod fuse;
+pub mod layer;
+pub mod logging;
+pub mod mount;
+pub mod sys;
+pub mod union;
+pub mod upper;

@@ -1,0 +1,213 @@
+//! Mounting: open and check the layers, daemonize, run the FUSE session, unmount cleanly.
+//!
+//! Everything that can be checked is checked before the fork, so errors reach the caller's
+//! terminal (or podman's stderr pipe) directly. The parent exits 0 only once the child
+//! reports the mount live.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, SessionACL};
+use rustix::fs::FlockOperation;
+use tracing::{info, warn};
+
+use crate::cli::MountArgs;
+use crate::config;
+use crate::error::{Error, Result};
+use crate::fuse::VerlayFs;
+use crate::layer::LayerDir;
+use crate::union::{IdMap, IdRange, Union, UnionOptions};
+use crate::upper::Upper;
+
+/// Default kernel cache lifetime for entries and attributes. Every change goes through
+/// the daemon, which keeps the kernel's view right, so long lifetimes are safe.
+const DEFAULT_TTL: Duration = Duration::from_secs(86400);
+
+/// Default number of FUSE worker threads.
+const DEFAULT_THREADS: usize = 4;
+
+/// Build the union for `args` (opens and checks everything; changes only the work dir).
+pub fn open_union(args: &MountArgs) -> Result<Union> {
+    let layers = config::validate(args)?;
+    let mut lowers = Vec::new();
+    for (i, p) in layers.lowers.iter().enumerate() {
+        lowers.push(LayerDir::open(p, i + 1, format!("lower{i}"))?);
+    }
+    let o = &args.opts;
+    let upper = match (&layers.upper, &layers.work) {
+        (Some(u), Some(w)) => {
+            let up = Upper::open(u, w, o.fsync && !o.volatile)?;
+            if let Err(e) = rustix::fs::flock(&up.dir.root, FlockOperation::NonBlockingLockExclusive) {
+                return Err(Error::usage(
+                    format!("upperdir \"{}\"", u.display()),
+                    format!("already in use by another verlay mount ({e})"),
+                    "unmount the other mount first, or use another upperdir",
+                ));
+            }
+            up.check_features()?;
+            let n = up.clean_work()?;
+            if n > 0 {
+                info!(removed = n, "cleaned leftovers of an earlier run from the work dir");
+            }
+            Some(up)
+        }
+        _ => None,
+    };
+    let map = |v: &Vec<crate::cli::IdMapping>| {
+        v.iter()
+            .map(|m| IdRange {
+                container: m.container,
+                host: m.host,
+                len: m.len,
+            })
+            .collect::<Vec<_>>()
+    };
+    let ids = IdMap {
+        uids: map(&o.uid_mappings),
+        gids: map(&o.gid_mappings),
+        squash_uid: if o.squash_to_root { Some(0) } else { o.squash_to_uid },
+        squash_gid: if o.squash_to_root { Some(0) } else { o.squash_to_gid },
+    };
+    Union::new(lowers, upper, UnionOptions { ids })
+}
+
+fn fuse_config(args: &MountArgs, read_only: bool) -> Config {
+    let mut opts = vec![
+        MountOption::FSName(args.source.clone().unwrap_or_else(|| "verlay".into())),
+        MountOption::Subtype("verlay".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if read_only {
+        opts.push(MountOption::RO);
+    }
+    for o in &args.opts.fuse_options {
+        let m = match o.as_str() {
+            "dev" => MountOption::Dev,
+            "nodev" => MountOption::NoDev,
+            "suid" => MountOption::Suid,
+            "nosuid" => MountOption::NoSuid,
+            "exec" => MountOption::Exec,
+            "noexec" => MountOption::NoExec,
+            "atime" => MountOption::Atime,
+            "noatime" => MountOption::NoAtime,
+            "sync" => MountOption::Sync,
+            "async" => MountOption::Async,
+            "dirsync" => MountOption::DirSync,
+            "ro" => MountOption::RO,
+            // Already implied (allow_other as root, default_permissions always) or
+            // meaningless for a FUSE mount (SELinux contexts, relatime...).
+            _ => continue,
+        };
+        if !opts.contains(&m) {
+            opts.push(m);
+        }
+    }
+    // Conflicting flags: the later one wins, as with mount(8).
+    let mut cfg = Config::default();
+    let mut seen: Vec<MountOption> = Vec::new();
+    for m in opts.into_iter().rev() {
+        let conflict = |a: &MountOption, b: &MountOption| {
+            use MountOption::*;
+            matches!(
+                (a, b),
+                (Dev, NoDev) | (NoDev, Dev) | (Suid, NoSuid) | (NoSuid, Suid) | (Exec, NoExec)
+                    | (NoExec, Exec) | (Atime, NoAtime) | (NoAtime, Atime) | (Sync, Async)
+                    | (Async, Sync) | (RO, RW) | (RW, RO)
+            )
+        };
+        if !seen.iter().any(|s| s == &m || conflict(s, &m)) {
+            seen.push(m);
+        }
+    }
+    seen.reverse();
+    cfg.mount_options = seen;
+    let root = rustix::process::geteuid().is_root();
+    let allow_other = root || args.opts.fuse_options.iter().any(|o| o == "allow_other");
+    cfg.acl = if allow_other { SessionACL::All } else { SessionACL::Owner };
+    cfg.n_threads = Some(args.opts.threads.unwrap_or(DEFAULT_THREADS).max(1));
+    cfg.clone_fd = true;
+    cfg
+}
+
+/// Mount and serve until unmounted. Daemonizes unless `-f`/`-d`.
+pub fn run(args: MountArgs) -> Result<()> {
+    let union = open_union(&args)?;
+    for o in &args.opts.ignored {
+        warn!(option = %o, "unknown option ignored");
+    }
+    let read_only = union.upper.is_none();
+    let cfg = fuse_config(&args, read_only);
+    let ttl = args.opts.timeout.unwrap_or(DEFAULT_TTL);
+    let foreground = args.foreground || args.debug;
+    let mut report: Option<UnixStream> = None;
+    if !foreground {
+        let (mut parent_end, child_end) = UnixStream::pair()
+            .map_err(|e| Error::io("socketpair", "", e))?;
+        match crate::sys::fork().map_err(|e| Error::io("fork", "", e))? {
+            crate::sys::Forked::Parent(_pid) => {
+                drop(child_end);
+                let mut msg = String::new();
+                let _ = parent_end.read_to_string(&mut msg);
+                if msg == "ok" {
+                    std::process::exit(0);
+                }
+                if msg.is_empty() {
+                    msg = "the daemon exited before the mount was live (run with -f to see why)".into();
+                }
+                return Err(Error::usage(
+                    format!("mount on \"{}\"", args.mountpoint.display()),
+                    msg,
+                    "see the message above; run with -f -d for details",
+                ));
+            }
+            crate::sys::Forked::Child => {
+                drop(parent_end);
+                let _ = rustix::process::setsid();
+                report = Some(child_end);
+            }
+        }
+    }
+    let fs = VerlayFs::new(Arc::new(union), ttl);
+    let session = match fuser::Session::new(fs, &args.mountpoint, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("cannot mount: {e}");
+            if let Some(mut r) = report {
+                let _ = r.write_all(msg.as_bytes());
+                std::process::exit(1);
+            }
+            return Err(Error::usage(
+                format!("mount on \"{}\"", args.mountpoint.display()),
+                format!("cannot mount: {e}"),
+                "check that /dev/fuse exists and fusermount3 is installed",
+            ));
+        }
+    };
+    info!(mountpoint = %args.mountpoint.display(), "mounted");
+    if let Some(mut r) = report.take() {
+        let _ = crate::sys::detach_stdio();
+        let _ = r.write_all(b"ok");
+    }
+    let mut session = session;
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| Error::io("signal setup", "", e))?;
+    let mp = args.mountpoint.clone();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
+            if let Err(e) = unmounter.unmount() {
+                warn!(error = %e, "unmount failed");
+            }
+        }
+    });
+    session.run().map_err(|e| Error::io("fuse session", &args.mountpoint, e))?;
+    info!("unmounted");
+    Ok(())
+}

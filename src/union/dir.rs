@@ -1,0 +1,113 @@
+//! Merged directory listings: upper over lowers, whiteouts and opaque dirs applied.
+//!
+//! A listing is built once per open directory (at offset 0) and served by index, so offsets
+//! stay stable while entries are added or removed. Building it costs one pass over each
+//! layer's directory; no per-entry lookup is done except for char devices, which may be
+//! whiteouts.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
+use crate::union::inode::Node;
+use crate::union::Union;
+
+/// One entry of a merged listing.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    /// name
+    pub name: OsString,
+    /// d_ino (st_ino where the node is known)
+    pub ino: u64,
+    /// d_type
+    pub kind: Kind,
+}
+
+fn kind_of(layer: &LayerDir, rel: &std::path::Path, k: Option<Kind>) -> Result<Option<(Kind, bool)>> {
+    match k {
+        Some(Kind::Char) | None => match layer.stat(rel)? {
+            Some(st) => Ok(Some((Kind::from_mode(st.st_mode), is_whiteout_stat(&st)))),
+            None => Ok(None),
+        },
+        Some(k) => Ok(Some((k, false))),
+    }
+}
+
+impl Union {
+    /// The merged listing of a directory node, with "." and "..".
+    pub fn merged_entries(&self, node: &Arc<Node>) -> Result<Vec<DirEntry>> {
+        let st = node.snapshot();
+        let path = self.path_of(node)?;
+        let mut out = vec![
+            DirEntry {
+                name: ".".into(),
+                ino: node.ino,
+                kind: Kind::Dir,
+            },
+            DirEntry {
+                name: "..".into(),
+                ino: 0,
+                kind: Kind::Dir,
+            },
+        ];
+        let mut seen: HashSet<OsString> = HashSet::new();
+        let is_root = node.id == crate::union::inode::ROOT_ID;
+        if let Some(up) = &self.upper {
+            if st.upper || is_root {
+                for e in up.dir.read_dir(&path)? {
+                    let rel = path.join(&e.name);
+                    let Some((kind, whiteout)) = kind_of(&up.dir, &rel, e.kind)? else { continue };
+                    let fresh = seen.insert(e.name.clone());
+                    if whiteout || !fresh {
+                        continue;
+                    }
+                    let ino = self
+                        .known_child_ino(node, &e.name)
+                        .unwrap_or_else(|| self.map_ino(0, e.ino));
+                    out.push(DirEntry {
+                        name: e.name,
+                        ino,
+                        kind,
+                    });
+                }
+            }
+        }
+        for l in &st.lowers {
+            let layer = &self.lowers[l.layer];
+            let mut hidden_here: Vec<OsString> = Vec::new();
+            for e in layer.read_dir(&l.path)? {
+                let b = e.name.as_bytes();
+                if b == OCI_OPAQUE_MARKER.as_bytes() {
+                    continue;
+                }
+                if let Some(rest) = b.strip_prefix(OCI_WHITEOUT_PREFIX.as_bytes()) {
+                    hidden_here.push(OsStr::from_bytes(rest).to_os_string());
+                    continue;
+                }
+                if seen.contains(&e.name) {
+                    continue;
+                }
+                let rel = l.path.join(&e.name);
+                let Some((kind, whiteout)) = kind_of(layer, &rel, e.kind)? else { continue };
+                seen.insert(e.name.clone());
+                if whiteout {
+                    continue;
+                }
+                let ino = self
+                    .known_child_ino(node, &e.name)
+                    .unwrap_or_else(|| self.map_ino(l.layer + 1, e.ino));
+                out.push(DirEntry {
+                    name: e.name,
+                    ino,
+                    kind,
+                });
+            }
+            // An OCI whiteout hides the name in the layers below, not beside it.
+            seen.extend(hidden_here);
+        }
+        Ok(out)
+    }
+}

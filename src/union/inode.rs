@@ -1,0 +1,143 @@
+//! The inode table: FUSE node ids, lookup counts, and where each merged object lives.
+//!
+//! A node is created by lookup (or create) and dropped when the kernel forgets it. Node ids
+//! are never reused during a mount, so a stale id can never name a different object. The
+//! st_ino users see is separate: stable across copy-up, rename and remount.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::layer::Kind;
+
+/// FUSE node id of the root directory.
+pub const ROOT_ID: u64 = 1;
+
+/// A place in a lower layer: layer index (0 = top lower) and path in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LowerRef {
+    /// index into the lower list (0 = leftmost in lowerdir=)
+    pub layer: usize,
+    /// path relative to the layer root
+    pub path: PathBuf,
+}
+
+/// Where a merged object lives now. Changed only under the node's lock.
+#[derive(Clone, Debug)]
+pub struct NodeState {
+    /// parent node id (meaningless once `unlinked`)
+    pub parent: u64,
+    /// name in the parent
+    pub name: OsString,
+    /// no longer reachable by any name (open fds keep working)
+    pub unlinked: bool,
+    /// the object exists in the upper at the merged path
+    pub upper: bool,
+    /// non-directories: the lower object (the origin once copied up)
+    pub lower: Option<LowerRef>,
+    /// directories: the lower directories merged under it, top first (empty when opaque
+    /// or pure upper)
+    pub lowers: Vec<LowerRef>,
+    /// bumped by each copy-up, so read-only handles opened on the lower switch to the upper
+    pub data_gen: u64,
+}
+
+/// One merged object known to the kernel.
+#[derive(Debug)]
+pub struct Node {
+    /// FUSE node id
+    pub id: u64,
+    /// file type; fixed for the node's life (a name that changes type gets a new node)
+    pub kind: Kind,
+    /// st_ino shown to users
+    pub ino: u64,
+    /// kernel lookup count
+    pub lookups: AtomicU64,
+    /// location, under its own lock
+    pub state: RwLock<NodeState>,
+    /// serializes copy-up of this node (single flight)
+    pub copy_up: Mutex<()>,
+    /// directories: live child nodes by name, so a name keeps its node while known
+    pub children: Mutex<HashMap<OsString, u64>>,
+}
+
+impl Node {
+    /// Snapshot of the state.
+    pub fn snapshot(&self) -> NodeState {
+        self.state.read().clone()
+    }
+}
+
+const SHARDS: usize = 64;
+
+/// All live nodes, sharded so lookups on many threads do not contend on one lock.
+#[derive(Debug)]
+pub struct NodeTable {
+    shards: Vec<RwLock<HashMap<u64, Arc<Node>>>>,
+    next_id: AtomicU64,
+}
+
+impl NodeTable {
+    /// A table holding only the root.
+    pub fn new(root: Node) -> NodeTable {
+        let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
+        shards[ROOT_ID as usize % SHARDS].write().insert(ROOT_ID, Arc::new(root));
+        NodeTable {
+            shards,
+            next_id: AtomicU64::new(ROOT_ID + 1),
+        }
+    }
+
+    fn shard(&self, id: u64) -> &RwLock<HashMap<u64, Arc<Node>>> {
+        &self.shards[id as usize % SHARDS]
+    }
+
+    /// The node with this id.
+    pub fn get(&self, id: u64) -> Option<Arc<Node>> {
+        self.shard(id).read().get(&id).cloned()
+    }
+
+    /// The node with this id, with one more kernel reference taken under the shard lock,
+    /// so a concurrent forget cannot drop it in between.
+    pub fn get_ref(&self, id: u64) -> Option<Arc<Node>> {
+        let shard = self.shard(id).read();
+        let node = shard.get(&id)?;
+        node.lookups.fetch_add(1, Ordering::AcqRel);
+        Some(node.clone())
+    }
+
+    /// A new node id.
+    pub fn alloc_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Insert a node.
+    pub fn insert(&self, node: Arc<Node>) {
+        self.shard(node.id).write().insert(node.id, node);
+    }
+
+    /// Drop `n` kernel references; removes the node when none are left. Returns the node
+    /// if it was removed.
+    pub fn forget(&self, id: u64, n: u64) -> Option<Arc<Node>> {
+        if id == ROOT_ID {
+            return None;
+        }
+        let mut shard = self.shard(id).write();
+        let node = shard.get(&id)?;
+        let have = node.lookups.load(Ordering::Acquire);
+        node.lookups.store(have.saturating_sub(n), Ordering::Release);
+        if have <= n {
+            return shard.remove(&id);
+        }
+        None
+    }
+
+    /// Number of live nodes.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}

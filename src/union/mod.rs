@@ -1,0 +1,1483 @@
+//! Kernel-overlayfs semantics over real directories: the union core.
+//!
+//! This module never imports fuser. Methods mirror FUSE operations with verlay's own types
+//! and return values; the FUSE adapter (`fuse.rs`) only decodes requests and sends replies.
+//! All writes to the upper go through [`crate::upper::Upper`].
+//!
+//! Rules reproduced (see Documentation/filesystems/overlayfs.rst):
+//! - lookup goes upper, then lowers top to bottom; a non-directory ends the search; a
+//!   whiteout (char 0/0 or OCI `.wh.NAME`) hides the name below; an opaque directory
+//!   (`overlay.opaque=y`, `user.fuseoverlayfs.opaque`, or `.wh..wh..opq`) hides everything
+//!   below it, in every layer;
+//! - any change to a lower object first copies it up (parents first);
+//! - removing a name that exists below leaves a whiteout; a directory made over a whiteout
+//!   is opaque; a directory with lower parts is renamed with an `overlay.redirect`.
+
+pub mod dir;
+pub mod inode;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{OFlags, RenameFlags, Stat, Timespec, Timestamps, XattrFlags};
+use tracing::{debug, trace};
+
+use crate::error::{errno, Error, Result};
+use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
+use crate::upper::{is_private_xattr, Occupant, Owner, Upper};
+use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
+
+/// Longest name a layer accepts (NAME_MAX); FUSE itself allows 1024.
+pub const NAME_MAX: usize = 255;
+
+/// Who is asking, from the FUSE request header.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    /// caller's uid (as seen in the merged view)
+    pub uid: u32,
+    /// caller's gid
+    pub gid: u32,
+    /// caller's pid
+    pub pid: u32,
+}
+
+/// Attributes of a merged object, as users see them.
+#[derive(Clone, Copy, Debug)]
+pub struct Attr {
+    /// st_ino (stable)
+    pub ino: u64,
+    /// size in bytes
+    pub size: u64,
+    /// 512-byte blocks
+    pub blocks: u64,
+    /// atime
+    pub atime: Timespec,
+    /// mtime
+    pub mtime: Timespec,
+    /// ctime
+    pub ctime: Timespec,
+    /// type
+    pub kind: Kind,
+    /// permission bits incl. setuid/setgid/sticky
+    pub perm: u32,
+    /// link count
+    pub nlink: u32,
+    /// owner
+    pub uid: u32,
+    /// group
+    pub gid: u32,
+    /// device number
+    pub rdev: u64,
+    /// preferred I/O size
+    pub blksize: u32,
+}
+
+/// A node id with its attributes, the answer to lookup and create.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    /// FUSE node id
+    pub id: u64,
+    /// attributes
+    pub attr: Attr,
+}
+
+/// Changes asked by setattr.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    /// new permission bits
+    pub mode: Option<u32>,
+    /// new owner
+    pub uid: Option<u32>,
+    /// new group
+    pub gid: Option<u32>,
+    /// new size
+    pub size: Option<u64>,
+    /// new atime (None = leave; Some(None) = now)
+    pub atime: Option<Option<Timespec>>,
+    /// new mtime
+    pub mtime: Option<Option<Timespec>>,
+}
+
+/// One uid or gid range: ids `container..container+len` in the merged view are stored as
+/// `host..host+len` on disk (fuse-overlayfs's `uidmapping=`/`gidmapping=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdRange {
+    /// first id in the merged view
+    pub container: u32,
+    /// first id on disk
+    pub host: u32,
+    /// number of ids
+    pub len: u32,
+}
+
+/// Id translation between the merged view and the disk.
+#[derive(Clone, Debug, Default)]
+pub struct IdMap {
+    /// uid ranges (empty = identity)
+    pub uids: Vec<IdRange>,
+    /// gid ranges (empty = identity)
+    pub gids: Vec<IdRange>,
+    /// every uid shown as this one (squash_to_root / squash_to_uid)
+    pub squash_uid: Option<u32>,
+    /// every gid shown as this one
+    pub squash_gid: Option<u32>,
+}
+
+/// The kernel's overflow id, shown for on-disk ids outside every mapping.
+const OVERFLOW_ID: u32 = 65534;
+
+fn map_to_disk(ranges: &[IdRange], id: u32) -> u32 {
+    if ranges.is_empty() {
+        return id;
+    }
+    for r in ranges {
+        if id >= r.container && id - r.container < r.len {
+            return r.host + (id - r.container);
+        }
+    }
+    id
+}
+
+fn map_from_disk(ranges: &[IdRange], id: u32) -> u32 {
+    if ranges.is_empty() {
+        return id;
+    }
+    for r in ranges {
+        if id >= r.host && id - r.host < r.len {
+            return r.container + (id - r.host);
+        }
+    }
+    OVERFLOW_ID
+}
+
+impl IdMap {
+    fn uid_to_disk(&self, u: u32) -> u32 {
+        map_to_disk(&self.uids, u)
+    }
+    fn gid_to_disk(&self, g: u32) -> u32 {
+        map_to_disk(&self.gids, g)
+    }
+    fn uid_from_disk(&self, u: u32) -> u32 {
+        self.squash_uid.unwrap_or_else(|| map_from_disk(&self.uids, u))
+    }
+    fn gid_from_disk(&self, g: u32) -> u32 {
+        self.squash_gid.unwrap_or_else(|| map_from_disk(&self.gids, g))
+    }
+}
+
+/// Options of the union core.
+#[derive(Clone, Debug, Default)]
+pub struct UnionOptions {
+    /// id translation
+    pub ids: IdMap,
+}
+
+/// An open file.
+#[derive(Debug)]
+pub struct FileHandle {
+    node: Arc<Node>,
+    fd: RwLock<Arc<OwnedFd>>,
+    writable: bool,
+    /// node data_gen when `fd` was opened: a read-only handle opened on a lower file
+    /// reopens the upper copy after a copy-up, as kernel overlayfs does since 4.19
+    gen: AtomicU64,
+}
+
+/// An open directory: a snapshot of the merged listing, so offsets stay stable.
+#[derive(Debug)]
+pub struct DirHandle {
+    entries: Mutex<Option<Arc<Vec<dir::DirEntry>>>>,
+}
+
+/// The union filesystem.
+#[derive(Debug)]
+pub struct Union {
+    /// lower layers, top first
+    pub lowers: Vec<LayerDir>,
+    /// the upper, None for a read-only mount
+    pub upper: Option<Upper>,
+    nodes: NodeTable,
+    files: RwLock<HashMap<u64, Arc<FileHandle>>>,
+    dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    opts: UnionOptions,
+    /// all layers on one filesystem: real inode numbers are unique as they are
+    same_dev: bool,
+}
+
+/// What a name resolves to in the layers.
+#[derive(Debug)]
+struct Resolved {
+    kind: Kind,
+    upper: bool,
+    lower: Option<LowerRef>,
+    lowers: Vec<LowerRef>,
+    ino: u64,
+}
+
+fn check_name(name: &OsStr) -> Result<()> {
+    let b = name.as_bytes();
+    if b.len() > NAME_MAX {
+        return errno(libc::ENAMETOOLONG);
+    }
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return errno(libc::EINVAL);
+    }
+    Ok(())
+}
+
+fn ts_of(sec: i64, nsec: i64) -> Timespec {
+    Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    }
+}
+
+impl Union {
+    /// A union over `lowers` (top first) and an optional upper.
+    pub fn new(lowers: Vec<LayerDir>, upper: Option<Upper>, opts: UnionOptions) -> Result<Union> {
+        let mut devs: Vec<u64> = lowers.iter().map(|l| l.dev).collect();
+        if let Some(u) = &upper {
+            devs.push(u.dir.dev);
+        }
+        let same_dev = devs.windows(2).all(|w| w[0] == w[1]);
+        let root_lowers: Vec<LowerRef> = (0..lowers.len())
+            .map(|i| LowerRef {
+                layer: i,
+                path: PathBuf::new(),
+            })
+            .collect();
+        let mut u = Union {
+            lowers,
+            upper,
+            nodes: NodeTable::new(Node {
+                id: ROOT_ID,
+                kind: Kind::Dir,
+                ino: 0,
+                lookups: AtomicU64::new(1),
+                state: RwLock::new(NodeState {
+                    parent: ROOT_ID,
+                    name: OsString::new(),
+                    unlinked: false,
+                    upper: false,
+                    lower: None,
+                    lowers: Vec::new(),
+                    data_gen: 0,
+                }),
+                copy_up: Mutex::new(()),
+                children: Mutex::new(HashMap::new()),
+            }),
+            files: RwLock::new(HashMap::new()),
+            dirs: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            opts,
+            same_dev,
+        };
+        // The root merges every layer's root, unless the upper root is opaque.
+        let root = u.node(ROOT_ID)?;
+        let upper_root = u.upper.is_some();
+        let opaque = upper_root && u.upper_dir_is_opaque(Path::new(""))?;
+        let lowers_of_root = if opaque { Vec::new() } else { u.cut_at_opaque(root_lowers)? };
+        {
+            let mut st = root.state.write();
+            st.upper = upper_root;
+            st.lowers = lowers_of_root;
+        }
+        let _ = &mut u;
+        Ok(u)
+    }
+
+    /// Number of nodes the kernel holds references to.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn node(&self, id: u64) -> Result<Arc<Node>> {
+        self.nodes.get(id).ok_or(Error::Errno(libc::ESTALE))
+    }
+
+    fn upper(&self) -> Result<&Upper> {
+        self.upper.as_ref().ok_or(Error::Errno(libc::EROFS))
+    }
+
+    /// st_ino for a real inode of layer `index` (upper = 0, lowers = 1..): the real number
+    /// when every layer is on one filesystem, else tagged with the layer in the high bits
+    /// (what kernel overlayfs's xino does).
+    pub(crate) fn map_ino(&self, index: usize, dev_ino: u64) -> u64 {
+        if self.same_dev {
+            dev_ino
+        } else {
+            dev_ino ^ ((index as u64 + 1) << 56)
+        }
+    }
+
+    /// Merged path of a node (= its path in the upper).
+    pub fn path_of(&self, node: &Node) -> Result<PathBuf> {
+        let mut names: Vec<OsString> = Vec::new();
+        let mut cur_id = node.id;
+        let mut guard = 0;
+        while cur_id != ROOT_ID {
+            let cur = if cur_id == node.id {
+                None
+            } else {
+                Some(self.node(cur_id)?)
+            };
+            let st = match &cur {
+                Some(n) => n.state.read().clone(),
+                None => node.state.read().clone(),
+            };
+            if st.unlinked {
+                return errno(libc::ENOENT);
+            }
+            names.push(st.name);
+            cur_id = st.parent;
+            guard += 1;
+            if guard > 4096 {
+                return errno(libc::ELOOP);
+            }
+        }
+        let mut p = PathBuf::new();
+        for n in names.iter().rev() {
+            p.push(n);
+        }
+        Ok(p)
+    }
+
+    // ---------------------------------------------------------------- lookup
+
+    fn upper_dir_is_opaque(&self, rel: &Path) -> Result<bool> {
+        let up = self.upper()?;
+        dir_is_opaque(&up.dir, rel)
+    }
+
+    /// Stop a list of lower directories at the first opaque one (it is kept, what is
+    /// below it is not).
+    fn cut_at_opaque(&self, lowers: Vec<LowerRef>) -> Result<Vec<LowerRef>> {
+        let mut out = Vec::new();
+        for l in lowers {
+            let layer = &self.lowers[l.layer];
+            let opaque = dir_is_opaque(layer, &l.path)?;
+            out.push(l);
+            if opaque {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Redirect of an upper directory, as a list of places to look in the lowers.
+    fn redirect_of(&self, layer: &LayerDir, rel: &Path, parent_lowers: &[LowerRef], overlay_prefixes: bool) -> Result<Option<Vec<LowerRef>>> {
+        let _ = overlay_prefixes;
+        let mut value = None;
+        for name in ["trusted.overlay.redirect", "user.overlay.redirect"] {
+            if let Some(v) = layer.get_xattr(rel, OsStr::new(name))? {
+                value = Some(v);
+                break;
+            }
+        }
+        let Some(v) = value else { return Ok(None) };
+        let v = OsStr::from_bytes(&v).to_os_string();
+        let vb = v.as_bytes();
+        if vb.first() == Some(&b'/') {
+            let path = PathBuf::from(OsStr::from_bytes(&vb[1..]));
+            Ok(Some(
+                (0..self.lowers.len())
+                    .map(|i| LowerRef {
+                        layer: i,
+                        path: path.clone(),
+                    })
+                    .collect(),
+            ))
+        } else {
+            // Relative: the old name in the same parent.
+            Ok(Some(
+                parent_lowers
+                    .iter()
+                    .map(|p| LowerRef {
+                        layer: p.layer,
+                        path: p.path.join(&v),
+                    })
+                    .collect(),
+            ))
+        }
+    }
+
+    /// Find `name` under a parent whose merged path is `ppath` and whose lower dirs are
+    /// `plowers`. ENOENT when nothing (or a whiteout) is there.
+    fn resolve(&self, ppath: &Path, plowers: &[LowerRef], name: &OsStr) -> Result<Resolved> {
+        let path = ppath.join(name);
+        let mut kind = None;
+        let mut upper_present = false;
+        let mut ino = 0;
+        let mut search: Vec<LowerRef> = plowers
+            .iter()
+            .map(|p| LowerRef {
+                layer: p.layer,
+                path: p.path.join(name),
+            })
+            .collect();
+        if let Some(up) = &self.upper {
+            if let Some(st) = up.dir.stat(&path)? {
+                if is_whiteout_stat(&st) {
+                    return errno(libc::ENOENT);
+                }
+                let k = Kind::from_mode(st.st_mode);
+                kind = Some(k);
+                upper_present = true;
+                ino = match up.origin(&path)? {
+                    Some(o) => o,
+                    None => self.map_ino(0, st.st_ino),
+                };
+                if k != Kind::Dir {
+                    return Ok(Resolved {
+                        kind: k,
+                        upper: true,
+                        lower: None,
+                        lowers: Vec::new(),
+                        ino,
+                    });
+                }
+                if dir_is_opaque(&up.dir, &path)? {
+                    search.clear();
+                } else if let Some(r) = self.redirect_of(&up.dir, &path, plowers, true)? {
+                    search = r;
+                }
+            }
+        }
+        let mut lower = None;
+        let mut lowers = Vec::new();
+        for cand in search {
+            let layer = &self.lowers[cand.layer];
+            match layer.stat(&cand.path)? {
+                Some(st) if is_whiteout_stat(&st) => break,
+                Some(st) => {
+                    let k = Kind::from_mode(st.st_mode);
+                    if k == Kind::Dir {
+                        if kind.is_some() && kind != Some(Kind::Dir) {
+                            break;
+                        }
+                        if kind.is_none() {
+                            kind = Some(Kind::Dir);
+                            ino = self.map_ino(cand.layer + 1, st.st_ino);
+                        }
+                        let opaque = dir_is_opaque(layer, &cand.path)?;
+                        lowers.push(cand);
+                        if opaque {
+                            break;
+                        }
+                    } else {
+                        if kind.is_none() {
+                            kind = Some(k);
+                            ino = self.map_ino(cand.layer + 1, st.st_ino);
+                            lower = Some(cand);
+                        }
+                        break;
+                    }
+                }
+                None => {
+                    if oci_whiteout_exists(layer, &cand.path)? {
+                        break;
+                    }
+                }
+            }
+        }
+        match kind {
+            Some(kind) => Ok(Resolved {
+                kind,
+                upper: upper_present,
+                lower,
+                lowers,
+                ino,
+            }),
+            None => errno(libc::ENOENT),
+        }
+    }
+
+    /// Is anything visible at `name` in the lower dirs `plowers` (ignoring the upper)?
+    /// Decides whether removing the name from the upper needs a whiteout.
+    fn lower_has(&self, plowers: &[LowerRef], name: &OsStr) -> Result<bool> {
+        for p in plowers {
+            let layer = &self.lowers[p.layer];
+            let cand = p.path.join(name);
+            match layer.stat(&cand)? {
+                Some(st) if is_whiteout_stat(&st) => return Ok(false),
+                Some(_) => return Ok(true),
+                None => {
+                    if oci_whiteout_exists(layer, &cand)? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Register (or refresh) the node for `name` under `parent`, taking one kernel ref.
+    fn install(&self, parent: &Node, name: &OsStr, r: Resolved) -> Result<Arc<Node>> {
+        let mut children = parent.children.lock();
+        if let Some(&id) = children.get(name) {
+            if let Some(node) = self.nodes.get_ref(id) {
+                if node.kind == r.kind {
+                    let mut st = node.state.write();
+                    // Never downgrade: a concurrent copy-up may have published the upper
+                    // after this resolution looked.
+                    st.upper |= r.upper;
+                    if !st.upper {
+                        st.lower = r.lower;
+                    }
+                    if st.lowers.is_empty() || r.upper == st.upper {
+                        st.lowers = r.lowers;
+                    }
+                    drop(st);
+                    return Ok(node);
+                }
+                // Same name, another object: the old node stays for its open fds.
+                self.nodes.forget(id, 1);
+                node.state.write().unlinked = true;
+            }
+        }
+        let id = self.nodes.alloc_id();
+        let node = Arc::new(Node {
+            id,
+            kind: r.kind,
+            ino: r.ino,
+            lookups: AtomicU64::new(1),
+            state: RwLock::new(NodeState {
+                parent: parent.id,
+                name: name.to_os_string(),
+                unlinked: false,
+                upper: r.upper,
+                lower: r.lower,
+                lowers: r.lowers,
+                data_gen: 0,
+            }),
+            copy_up: Mutex::new(()),
+            children: Mutex::new(HashMap::new()),
+        });
+        self.nodes.insert(node.clone());
+        children.insert(name.to_os_string(), id);
+        Ok(node)
+    }
+
+    /// The child node for `name`, resolving it in the layers.
+    fn child(&self, parent: &Arc<Node>, name: &OsStr) -> Result<(Arc<Node>, PathBuf)> {
+        check_name(name)?;
+        if parent.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        let ppath = self.path_of(parent)?;
+        let plowers = parent.state.read().lowers.clone();
+        let r = self.resolve(&ppath, &plowers, name)?;
+        let node = self.install(parent, name, r)?;
+        Ok((node, ppath.join(name)))
+    }
+
+    /// FUSE lookup.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry> {
+        let parent = self.node(parent)?;
+        let (node, _) = self.child(&parent, name)?;
+        match self.attr(&node, None) {
+            Ok(attr) => Ok(Entry { id: node.id, attr }),
+            Err(e) => {
+                self.nodes.forget(node.id, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Does `name` exist under `parent` in the merged view? Does not take a kernel ref.
+    fn peek(&self, parent: &Arc<Node>, name: &OsStr) -> Result<Option<(Resolved, PathBuf)>> {
+        check_name(name)?;
+        let ppath = self.path_of(parent)?;
+        let plowers = parent.state.read().lowers.clone();
+        match self.resolve(&ppath, &plowers, name) {
+            Ok(r) => Ok(Some((r, ppath.join(name)))),
+            Err(e) if e.errno() == libc::ENOENT => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// FUSE forget.
+    pub fn forget(&self, id: u64, n: u64) {
+        if let Some(node) = self.nodes.forget(id, n) {
+            let st = node.state.read();
+            if let Some(parent) = self.nodes.get(st.parent) {
+                let mut ch = parent.children.lock();
+                if ch.get(&st.name) == Some(&id) {
+                    ch.remove(&st.name);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- attributes
+
+    /// lstat of the real object behind a node.
+    fn real_stat(&self, node: &Node) -> Result<Stat> {
+        let st = node.snapshot();
+        if st.unlinked {
+            return errno(libc::ENOENT);
+        }
+        if st.upper || node.id == ROOT_ID && self.upper.is_some() {
+            let path = self.path_of(node)?;
+            return self.upper()?.dir.stat(&path)?.ok_or(Error::Errno(libc::ENOENT));
+        }
+        let lref = match node.kind {
+            Kind::Dir => st.lowers.first().cloned(),
+            _ => st.lower.clone(),
+        };
+        let lref = lref.ok_or(Error::Errno(libc::ENOENT))?;
+        self.lowers[lref.layer]
+            .stat(&lref.path)?
+            .ok_or(Error::Errno(libc::ENOENT))
+    }
+
+    fn attr_from(&self, node: &Node, st: &Stat) -> Attr {
+        let state = node.state.read();
+        let kind = Kind::from_mode(st.st_mode);
+        let mut nlink = st.st_nlink as u32;
+        if kind == Kind::Dir {
+            // Kernel overlayfs reports nlink 1 for merged directories: the real count of
+            // any one layer is wrong, and tools read 1 as "unknown".
+            let merged = (state.upper && !state.lowers.is_empty()) || state.lowers.len() > 1;
+            if merged {
+                nlink = 1;
+            }
+        } else if state.unlinked && !state.upper {
+            nlink = 0;
+        }
+        let ino = if node.id == ROOT_ID {
+            self.map_ino(0, st.st_ino)
+        } else {
+            node.ino
+        };
+        Attr {
+            ino,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: ts_of(st.st_atime as i64, st.st_atime_nsec as i64),
+            mtime: ts_of(st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime: ts_of(st.st_ctime as i64, st.st_ctime_nsec as i64),
+            kind,
+            perm: st.st_mode & 0o7777,
+            nlink,
+            uid: self.opts.ids.uid_from_disk(st.st_uid),
+            gid: self.opts.ids.gid_from_disk(st.st_gid),
+            rdev: st.st_rdev,
+            blksize: st.st_blksize as u32,
+        }
+    }
+
+    fn attr(&self, node: &Node, fh: Option<u64>) -> Result<Attr> {
+        let unlinked = node.state.read().unlinked;
+        if let (true, Some(fh)) = (unlinked, fh) {
+            let h = self.file(fh)?;
+            let fd = h.fd.read().clone();
+            let st = rustix::fs::fstat(&*fd)?;
+            return Ok(self.attr_from(node, &st));
+        }
+        let st = self.real_stat(node)?;
+        Ok(self.attr_from(node, &st))
+    }
+
+    /// FUSE getattr.
+    pub fn getattr(&self, id: u64, fh: Option<u64>) -> Result<Attr> {
+        let node = self.node(id)?;
+        self.attr(&node, fh)
+    }
+
+    /// FUSE readlink.
+    pub fn readlink(&self, id: u64) -> Result<OsString> {
+        let node = self.node(id)?;
+        if node.kind != Kind::Symlink {
+            return errno(libc::EINVAL);
+        }
+        let st = node.snapshot();
+        if st.upper {
+            let path = self.path_of(&node)?;
+            self.upper()?.dir.readlink(&path)
+        } else {
+            let l = st.lower.ok_or(Error::Errno(libc::ENOENT))?;
+            self.lowers[l.layer].readlink(&l.path)
+        }
+    }
+
+    // ---------------------------------------------------------------- copy-up
+
+    /// Copy a node (and its parents first) up to the upper, once.
+    pub fn copy_up(&self, node: &Arc<Node>) -> Result<()> {
+        if node.state.read().upper {
+            return Ok(());
+        }
+        let up = self.upper()?;
+        let parent_id = node.state.read().parent;
+        if node.id != ROOT_ID {
+            let parent = self.node(parent_id)?;
+            self.copy_up(&parent)?;
+        }
+        let _single = node.copy_up.lock();
+        let st = node.snapshot();
+        if st.upper {
+            return Ok(());
+        }
+        if st.unlinked {
+            return errno(libc::ENOENT);
+        }
+        let src = match node.kind {
+            Kind::Dir => st.lowers.first().cloned(),
+            _ => st.lower.clone(),
+        }
+        .ok_or(Error::Errno(libc::ENOENT))?;
+        let layer = &self.lowers[src.layer];
+        let lst = layer.stat(&src.path)?.ok_or(Error::Errno(libc::ENOENT))?;
+        let dst = self.path_of(node)?;
+        debug!(op = "copy_up", ino = node.ino, path = %dst.display(), layer = %layer.name, "copy-up");
+        up.copy_up(layer, &src.path, &lst, &dst, node.ino)?;
+        let mut w = node.state.write();
+        w.upper = true;
+        w.data_gen += 1;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- setattr
+
+    /// FUSE setattr.
+    pub fn setattr(&self, ctx: &Ctx, id: u64, fh: Option<u64>, sa: SetAttr) -> Result<Attr> {
+        let node = self.node(id)?;
+        let _ = ctx;
+        let unlinked = node.state.read().unlinked;
+        if unlinked {
+            // Only an open file can be reached once unlinked: work on its fd.
+            let h = self.file(fh.ok_or(Error::Errno(libc::ENOENT))?)?;
+            let fd = h.fd.read().clone();
+            if let Some(size) = sa.size {
+                rustix::fs::ftruncate(&*fd, size)?;
+            }
+            if sa.uid.is_some() || sa.gid.is_some() {
+                rustix::fs::fchown(
+                    &*fd,
+                    sa.uid.map(|u| rustix::process::Uid::from_raw(self.opts.ids.uid_to_disk(u))),
+                    sa.gid.map(|g| rustix::process::Gid::from_raw(self.opts.ids.gid_to_disk(g))),
+                )?;
+            }
+            if let Some(mode) = sa.mode {
+                rustix::fs::fchmod(&*fd, rustix::fs::Mode::from_raw_mode(mode & 0o7777))?;
+            }
+            if sa.atime.is_some() || sa.mtime.is_some() {
+                rustix::fs::futimens(&*fd, &timestamps(&sa))?;
+            }
+            return self.attr(&node, fh);
+        }
+        self.copy_up(&node)?;
+        let up = self.upper()?;
+        let path = self.path_of(&node)?;
+        if sa.uid.is_some() || sa.gid.is_some() {
+            up.chown(
+                &path,
+                sa.uid.map(|u| self.opts.ids.uid_to_disk(u)),
+                sa.gid.map(|g| self.opts.ids.gid_to_disk(g)),
+            )?;
+        }
+        if let Some(mode) = sa.mode {
+            up.chmod(&path, mode)?;
+        }
+        if let Some(size) = sa.size {
+            match fh.and_then(|fh| self.file(fh).ok()).filter(|h| h.writable) {
+                Some(h) => {
+                    let fd = h.fd.read().clone();
+                    rustix::fs::ftruncate(&*fd, size)?;
+                }
+                None => up.truncate(&path, size)?,
+            }
+        }
+        if sa.atime.is_some() || sa.mtime.is_some() {
+            up.utimens(&path, &timestamps(&sa))?;
+        }
+        self.attr(&node, fh)
+    }
+
+    // ---------------------------------------------------------------- creating
+
+    /// Owner and mode of a new object: the caller's uid; the parent's group when the
+    /// parent is setgid (and then setgid for new directories too), else the caller's gid.
+    fn new_owner(&self, ctx: &Ctx, parent: &Node, kind: Kind, mode: u32) -> Result<(Owner, u32)> {
+        let pst = self.real_stat(parent)?;
+        let mut mode = mode;
+        let gid_disk = if pst.st_mode & libc::S_ISGID != 0 {
+            if kind == Kind::Dir {
+                mode |= libc::S_ISGID;
+            }
+            pst.st_gid
+        } else {
+            self.opts.ids.gid_to_disk(ctx.gid)
+        };
+        Ok((
+            Owner {
+                uid: self.opts.ids.uid_to_disk(ctx.uid),
+                gid: gid_disk,
+            },
+            mode,
+        ))
+    }
+
+    /// Common part of mknod/mkdir/symlink/create: check the name is free, copy the parent
+    /// up, and create the object over a whiteout (opaque for directories) when one is there.
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        ctx: &Ctx,
+        parent_id: u64,
+        name: &OsStr,
+        kind: Kind,
+        mode: u32,
+        rdev: u64,
+        target: Option<&OsStr>,
+        open_flags: OFlags,
+    ) -> Result<(Entry, Option<OwnedFd>)> {
+        let parent = self.node(parent_id)?;
+        if parent.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        if self.peek(&parent, name)?.is_some() {
+            return errno(libc::EEXIST);
+        }
+        self.upper()?;
+        self.copy_up(&parent)?;
+        let up = self.upper()?;
+        let ppath = self.path_of(&parent)?;
+        let path = ppath.join(name);
+        let plowers = parent.state.read().lowers.clone();
+        let whiteout_here = matches!(up.dir.stat(&path)?, Some(st) if is_whiteout_stat(&st));
+        let hidden_below = whiteout_here || self.lower_has(&plowers, name)?;
+        let occupant = if whiteout_here { Occupant::NonDir } else { Occupant::Nothing };
+        let opaque = kind == Kind::Dir && hidden_below;
+        let (owner, mode) = self.new_owner(ctx, &parent, kind, mode)?;
+        let fd = up.create(&path, kind, mode, rdev, owner, target, open_flags, occupant, opaque)?;
+        trace!(op = "create", path = %path.display(), "created");
+        let r = self.resolve(&ppath, &plowers, name)?;
+        let node = self.install(&parent, name, r)?;
+        let attr = self.attr(&node, None)?;
+        Ok((Entry { id: node.id, attr }, fd))
+    }
+
+    /// FUSE mknod.
+    pub fn mknod(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, rdev: u64) -> Result<Entry> {
+        let kind = Kind::from_mode(mode);
+        if kind == Kind::Char && rdev == 0 {
+            // A 0/0 char device is a whiteout: the kernel refuses to create one through
+            // an overlay rather than silently deleting the name.
+            return errno(libc::EPERM);
+        }
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            return errno(libc::EINVAL);
+        }
+        Ok(self.make(ctx, parent, name, kind, mode, rdev, None, OFlags::empty())?.0)
+    }
+
+    /// FUSE mkdir.
+    pub fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32) -> Result<Entry> {
+        Ok(self
+            .make(ctx, parent, name, Kind::Dir, mode | libc::S_IFDIR, 0, None, OFlags::empty())?
+            .0)
+    }
+
+    /// FUSE symlink.
+    pub fn symlink(&self, ctx: &Ctx, parent: u64, name: &OsStr, target: &OsStr) -> Result<Entry> {
+        if target.len() >= libc::PATH_MAX as usize {
+            return errno(libc::ENAMETOOLONG);
+        }
+        Ok(self
+            .make(ctx, parent, name, Kind::Symlink, libc::S_IFLNK | 0o777, 0, Some(target), OFlags::empty())?
+            .0)
+    }
+
+    /// FUSE create: make and open a regular file.
+    pub fn create(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, flags: i32) -> Result<(Entry, u64)> {
+        let oflags = open_flags(flags) & !(OFlags::TRUNC);
+        let mut oflags = oflags;
+        if oflags.contains(OFlags::WRONLY) {
+            // Open read-write so the kernel's page cache can read back around partial
+            // writes; permission was checked by the kernel on the create itself.
+            oflags.remove(OFlags::WRONLY);
+            oflags.insert(OFlags::RDWR);
+        }
+        let (entry, fd) = self.make(ctx, parent, name, Kind::File, mode | libc::S_IFREG, 0, None, oflags)?;
+        let fd = fd.ok_or(Error::Errno(libc::EIO))?;
+        let node = self.node(entry.id)?;
+        let fh = self.add_file(node, fd, true);
+        Ok((entry, fh))
+    }
+
+    /// FUSE link.
+    pub fn link(&self, _ctx: &Ctx, id: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
+        let node = self.node(id)?;
+        if node.kind == Kind::Dir {
+            return errno(libc::EPERM);
+        }
+        let parent = self.node(newparent)?;
+        if self.peek(&parent, newname)?.is_some() {
+            return errno(libc::EEXIST);
+        }
+        self.copy_up(&node)?;
+        self.copy_up(&parent)?;
+        let up = self.upper()?;
+        let src = self.path_of(&node)?;
+        let ppath = self.path_of(&parent)?;
+        let dst = ppath.join(newname);
+        let whiteout_here = matches!(up.dir.stat(&dst)?, Some(st) if is_whiteout_stat(&st));
+        up.link(&src, &dst, if whiteout_here { Occupant::NonDir } else { Occupant::Nothing })?;
+        // The new name is the same object: the same node, one more kernel reference.
+        node.lookups.fetch_add(1, Ordering::AcqRel);
+        parent.children.lock().insert(newname.to_os_string(), node.id);
+        let attr = self.attr(&node, None)?;
+        Ok(Entry { id: node.id, attr })
+    }
+
+    // ---------------------------------------------------------------- removing
+
+    /// Remove `name` from the merged view of `parent`, leaving a whiteout when a lower
+    /// layer still has the name.
+    fn remove(&self, parent_id: u64, name: &OsStr, want_dir: bool) -> Result<()> {
+        let parent = self.node(parent_id)?;
+        let (r, path) = self.peek(&parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
+        let is_dir = r.kind == Kind::Dir;
+        if want_dir && !is_dir {
+            return errno(libc::ENOTDIR);
+        }
+        if !want_dir && is_dir {
+            return errno(libc::EISDIR);
+        }
+        self.upper()?;
+        if is_dir {
+            let (child, _) = self.child(&parent, name)?;
+            let empty = self.dir_is_empty(&child);
+            self.nodes.forget(child.id, 1);
+            if !empty? {
+                return errno(libc::ENOTEMPTY);
+            }
+        }
+        self.copy_up(&parent)?;
+        let up = self.upper()?;
+        let plowers = parent.state.read().lowers.clone();
+        let need_whiteout = self.lower_has(&plowers, name)?;
+        match (r.upper, need_whiteout) {
+            (true, true) => up.whiteout(&path, if is_dir { Occupant::Dir } else { Occupant::NonDir })?,
+            (true, false) => up.remove(&path, is_dir)?,
+            (false, true) => up.whiteout(&path, Occupant::Nothing)?,
+            (false, false) => return errno(libc::ENOENT),
+        }
+        self.detach(&parent, name);
+        Ok(())
+    }
+
+    /// Forget the name→node link after the name went away; the node lives on for open fds.
+    fn detach(&self, parent: &Node, name: &OsStr) {
+        let id = parent.children.lock().remove(name);
+        if let Some(node) = id.and_then(|id| self.nodes.get(id)) {
+            let mut st = node.state.write();
+            if st.parent == parent.id && st.name == name {
+                st.unlinked = !self.relink_alias(&node, &mut st);
+            }
+        }
+    }
+
+    /// An upper hard link removed under one name may still have others known to us.
+    fn relink_alias(&self, node: &Node, st: &mut NodeState) -> bool {
+        let _ = (node, st);
+        false
+    }
+
+    /// FUSE unlink.
+    pub fn unlink(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, false)
+    }
+
+    /// FUSE rmdir.
+    pub fn rmdir(&self, _ctx: &Ctx, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, true)
+    }
+
+    /// Is a directory empty in the merged view?
+    fn dir_is_empty(&self, node: &Arc<Node>) -> Result<bool> {
+        let entries = self.merged_entries(node)?;
+        Ok(entries.iter().all(|e| e.name == "." || e.name == ".."))
+    }
+
+    // ---------------------------------------------------------------- rename
+
+    /// FUSE rename (renameat2 flags: RENAME_NOREPLACE, RENAME_EXCHANGE).
+    pub fn rename(&self, _ctx: &Ctx, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
+        let flags = RenameFlags::from_bits_retain(flags);
+        if flags.contains(RenameFlags::WHITEOUT) {
+            return errno(libc::EINVAL);
+        }
+        let exchange = flags.contains(RenameFlags::EXCHANGE);
+        let noreplace = flags.contains(RenameFlags::NOREPLACE);
+        if exchange && noreplace {
+            return errno(libc::EINVAL);
+        }
+        let oldp = self.node(parent)?;
+        let newp = self.node(newparent)?;
+        let (src, _) = self.child(&oldp, name)?;
+        let src_guard = Forget(self, src.id);
+        let dst = match self.child(&newp, newname) {
+            Ok((n, _)) => Some(n),
+            Err(e) if e.errno() == libc::ENOENT => None,
+            Err(e) => return Err(e),
+        };
+        let _dst_guard = dst.as_ref().map(|d| Forget(self, d.id));
+        if let Some(d) = &dst {
+            if d.id == src.id {
+                return Ok(()); // same object (hard links to it, or the same name)
+            }
+        }
+        if exchange && dst.is_none() {
+            return errno(libc::ENOENT);
+        }
+        if noreplace && dst.is_some() {
+            return errno(libc::EEXIST);
+        }
+        if !exchange {
+            if let Some(d) = &dst {
+                match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
+                    (true, false) => return errno(libc::ENOTDIR),
+                    (false, true) => return errno(libc::EISDIR),
+                    (true, true) => {
+                        if !self.dir_is_empty(d)? {
+                            return errno(libc::ENOTEMPTY);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.upper()?;
+        self.copy_up(&oldp)?;
+        self.copy_up(&newp)?;
+        self.copy_up(&src)?;
+        if let (true, Some(d)) = (exchange, &dst) {
+            self.copy_up(d)?;
+        }
+        let up = self.upper()?;
+        let old_path = self.path_of(&src)?;
+        let new_path = self.path_of(&newp)?.join(newname);
+        let old_plowers = oldp.state.read().lowers.clone();
+        let new_plowers = newp.state.read().lowers.clone();
+
+        // A directory with lower parts keeps them by redirect; a pure upper directory
+        // moved into a merged parent must not start merging what is below its new name.
+        let prepare_dir = |n: &Arc<Node>, at: &Path, to_merged_parent: bool| -> Result<()> {
+            if n.kind != Kind::Dir {
+                return Ok(());
+            }
+            let st = n.snapshot();
+            if let Some(first) = st.lowers.first() {
+                let mut v = b"/".to_vec();
+                v.extend_from_slice(first.path.as_os_str().as_bytes());
+                up.set_ovl_xattr(at, "redirect", &v)?;
+            } else if to_merged_parent && !dir_is_opaque(&up.dir, at)? {
+                up.set_ovl_xattr(at, "opaque", b"y")?;
+            }
+            Ok(())
+        };
+
+        if exchange {
+            let d = dst.as_ref().ok_or(Error::Errno(libc::ENOENT))?;
+            prepare_dir(&src, &old_path, !new_plowers.is_empty())?;
+            prepare_dir(d, &new_path, !old_plowers.is_empty())?;
+            up.rename(&old_path, &new_path, RenameFlags::EXCHANGE, false)?;
+            self.move_node(&src, &oldp, &newp, newname);
+            self.move_node(d, &newp, &oldp, name);
+            {
+                let mut ch = oldp.children.lock();
+                ch.insert(name.to_os_string(), d.id);
+            }
+            newp.children.lock().insert(newname.to_os_string(), src.id);
+            drop(src_guard);
+            return Ok(());
+        }
+
+        prepare_dir(&src, &old_path, !new_plowers.is_empty())?;
+        let whiteout_old = self.lower_has(&old_plowers, name)?;
+        if let Some(d) = &dst {
+            let dst_upper = d.state.read().upper;
+            if d.kind == Kind::Dir && dst_upper {
+                // The target is empty in the merged view; only whiteouts can be left in
+                // its upper copy, and rename(2) needs it truly empty.
+                up.clear_whiteouts(&new_path)?;
+            }
+        }
+        let dst_occupied_in_upper = up.dir.stat(&new_path)?.is_some();
+        let rflags = if dst_occupied_in_upper { RenameFlags::empty() } else { RenameFlags::NOREPLACE };
+        up.rename(&old_path, &new_path, rflags, whiteout_old)?;
+        if let Some(d) = &dst {
+            self.detach(&newp, newname);
+            d.state.write().unlinked = true;
+        }
+        oldp.children.lock().remove(name);
+        self.move_node(&src, &oldp, &newp, newname);
+        newp.children.lock().insert(newname.to_os_string(), src.id);
+        drop(src_guard);
+        Ok(())
+    }
+
+    fn move_node(&self, node: &Arc<Node>, _from: &Node, to: &Node, name: &OsStr) {
+        let mut st = node.state.write();
+        st.parent = to.id;
+        st.name = name.to_os_string();
+        st.unlinked = false;
+    }
+
+    // ---------------------------------------------------------------- files
+
+    fn add_file(&self, node: Arc<Node>, fd: OwnedFd, writable: bool) -> u64 {
+        let gen = node.state.read().data_gen;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let h = Arc::new(FileHandle {
+            node,
+            fd: RwLock::new(Arc::new(fd)),
+            writable,
+            gen: AtomicU64::new(gen),
+        });
+        self.files.write().insert(fh, h);
+        fh
+    }
+
+    fn file(&self, fh: u64) -> Result<Arc<FileHandle>> {
+        self.files.read().get(&fh).cloned().ok_or(Error::Errno(libc::EBADF))
+    }
+
+    /// FUSE open.
+    pub fn open(&self, _ctx: &Ctx, id: u64, flags: i32) -> Result<u64> {
+        let node = self.node(id)?;
+        if node.kind == Kind::Dir {
+            return errno(libc::EISDIR);
+        }
+        let oflags = open_flags(flags);
+        let writable = oflags.contains(OFlags::WRONLY) || oflags.contains(OFlags::RDWR) || oflags.contains(OFlags::TRUNC);
+        if writable {
+            self.copy_up(&node)?;
+        }
+        let mut oflags = oflags;
+        if oflags.contains(OFlags::WRONLY) {
+            oflags.remove(OFlags::WRONLY);
+            oflags.insert(OFlags::RDWR);
+        }
+        let fd = self.open_real(&node, oflags)?;
+        Ok(self.add_file(node, fd, writable))
+    }
+
+    fn open_real(&self, node: &Node, oflags: OFlags) -> Result<OwnedFd> {
+        let st = node.snapshot();
+        if st.upper {
+            let path = self.path_of(node)?;
+            match self.upper()?.dir.open_file(&path, oflags) {
+                Err(e) if e.errno() == libc::EACCES && oflags.contains(OFlags::RDWR) => {
+                    // An upgraded WRONLY open on a write-only file: open as asked.
+                    let mut f = oflags;
+                    f.remove(OFlags::RDWR);
+                    f.insert(OFlags::WRONLY);
+                    self.upper()?.dir.open_file(&path, f)
+                }
+                r => r,
+            }
+        } else {
+            let l = st.lower.ok_or(Error::Errno(libc::ENOENT))?;
+            self.lowers[l.layer].open_file(&l.path, oflags & !(OFlags::RDWR | OFlags::WRONLY | OFlags::TRUNC | OFlags::APPEND))
+        }
+    }
+
+    /// The fd to use for a handle, reopening the upper copy for a read-only handle that was
+    /// opened on the lower file before a copy-up.
+    fn handle_fd(&self, h: &FileHandle) -> Result<Arc<OwnedFd>> {
+        if !h.writable {
+            let gen = h.node.state.read().data_gen;
+            if gen != h.gen.load(Ordering::Acquire) {
+                let unlinked = h.node.state.read().unlinked;
+                if !unlinked {
+                    let fd = Arc::new(self.open_real(&h.node, OFlags::RDONLY)?);
+                    *h.fd.write() = fd.clone();
+                    h.gen.store(gen, Ordering::Release);
+                    return Ok(fd);
+                }
+            }
+        }
+        Ok(h.fd.read().clone())
+    }
+
+    /// FUSE read.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.file(fh)?;
+        let fd = self.handle_fd(&h)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = rustix::io::pread(&*fd, &mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// FUSE write.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let h = self.file(fh)?;
+        if !h.writable {
+            return errno(libc::EBADF);
+        }
+        let fd = h.fd.read().clone();
+        let mut done = 0;
+        while done < data.len() {
+            let n = rustix::io::pwrite(&*fd, &data[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// FUSE fsync.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.file(fh)?;
+        let fd = h.fd.read().clone();
+        if datasync {
+            rustix::fs::fdatasync(&*fd)?;
+        } else {
+            rustix::fs::fsync(&*fd)?;
+        }
+        Ok(())
+    }
+
+    /// FUSE fallocate.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let h = self.file(fh)?;
+        if !h.writable {
+            return errno(libc::EBADF);
+        }
+        let fd = h.fd.read().clone();
+        rustix::fs::fallocate(&*fd, rustix::fs::FallocateFlags::from_bits_retain(mode as u32), offset, length)?;
+        Ok(())
+    }
+
+    /// FUSE lseek (SEEK_DATA / SEEK_HOLE).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let h = self.file(fh)?;
+        let fd = self.handle_fd(&h)?;
+        let pos = match whence {
+            libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
+            libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
+            libc::SEEK_SET => rustix::fs::SeekFrom::Start(offset as u64),
+            libc::SEEK_END => rustix::fs::SeekFrom::End(offset),
+            _ => return errno(libc::EINVAL),
+        };
+        Ok(rustix::fs::seek(&*fd, pos)? as i64)
+    }
+
+    /// FUSE release.
+    pub fn release(&self, fh: u64) {
+        self.files.write().remove(&fh);
+    }
+
+    // ---------------------------------------------------------------- directories
+
+    /// FUSE opendir.
+    pub fn opendir(&self, id: u64) -> Result<u64> {
+        let node = self.node(id)?;
+        if node.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.write().insert(
+            fh,
+            Arc::new(DirHandle {
+                entries: Mutex::new(None),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// FUSE readdir: entries from `offset` on (offset = index + 1 of the previous entry).
+    pub fn readdir(&self, id: u64, fh: u64, offset: u64) -> Result<Arc<Vec<dir::DirEntry>>> {
+        let node = self.node(id)?;
+        let h = self.dirs.read().get(&fh).cloned().ok_or(Error::Errno(libc::EBADF))?;
+        let mut slot = h.entries.lock();
+        if offset == 0 || slot.is_none() {
+            *slot = Some(Arc::new(self.merged_entries(&node)?));
+        }
+        Ok(slot.clone().unwrap_or_default())
+    }
+
+    /// FUSE releasedir.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.write().remove(&fh);
+    }
+
+    /// FUSE fsyncdir.
+    pub fn fsyncdir(&self, id: u64) -> Result<()> {
+        let node = self.node(id)?;
+        if !node.state.read().upper {
+            return Ok(());
+        }
+        let path = self.path_of(&node)?;
+        self.upper()?.fsync_dir(&path)
+    }
+
+    /// FUSE statfs: the upper's filesystem (or the top lower's for a read-only mount).
+    pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
+        let fd = match &self.upper {
+            Some(u) => &u.dir.root,
+            None => &self.lowers[0].root,
+        };
+        Ok(rustix::fs::fstatvfs(fd)?)
+    }
+
+    // ---------------------------------------------------------------- xattrs
+
+    fn xattr_source(&self, node: &Node) -> Result<(&LayerDir, PathBuf)> {
+        let st = node.snapshot();
+        if st.upper || (node.id == ROOT_ID && self.upper.is_some()) {
+            Ok((&self.upper()?.dir, self.path_of(node)?))
+        } else {
+            let l = match node.kind {
+                Kind::Dir => st.lowers.first().cloned(),
+                _ => st.lower,
+            }
+            .ok_or(Error::Errno(libc::ENOENT))?;
+            Ok((&self.lowers[l.layer], l.path))
+        }
+    }
+
+    /// FUSE getxattr.
+    pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
+        if is_private_xattr(name) {
+            return errno(libc::EOPNOTSUPP);
+        }
+        let node = self.node(id)?;
+        let (layer, path) = self.xattr_source(&node)?;
+        layer.get_xattr(&path, name)?.ok_or(Error::Errno(libc::ENODATA))
+    }
+
+    /// FUSE listxattr: the names, each followed by a NUL.
+    pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
+        let node = self.node(id)?;
+        let (layer, path) = self.xattr_source(&node)?;
+        let mut out = Vec::new();
+        for n in layer.list_xattr(&path)? {
+            if is_private_xattr(&n) {
+                continue;
+            }
+            out.extend_from_slice(n.as_bytes());
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// FUSE setxattr.
+    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if is_private_xattr(name) {
+            return errno(libc::EOPNOTSUPP);
+        }
+        let node = self.node(id)?;
+        self.copy_up(&node)?;
+        let path = self.path_of(&node)?;
+        self.upper()?
+            .set_xattr(&path, name, value, XattrFlags::from_bits_retain(flags as u32))
+    }
+
+    /// FUSE removexattr.
+    pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
+        if is_private_xattr(name) {
+            return errno(libc::EOPNOTSUPP);
+        }
+        let node = self.node(id)?;
+        // Removing an xattr the object does not have must not copy it up.
+        let (layer, path) = self.xattr_source(&node)?;
+        if layer.get_xattr(&path, name)?.is_none() {
+            return errno(libc::ENODATA);
+        }
+        self.copy_up(&node)?;
+        let path = self.path_of(&node)?;
+        self.upper()?.remove_xattr(&path, name)
+    }
+
+    /// st_ino of a known child, for readdir's d_ino.
+    fn known_child_ino(&self, node: &Node, name: &OsStr) -> Option<u64> {
+        let id = *node.children.lock().get(name)?;
+        self.nodes.get(id).map(|n| n.ino)
+    }
+}
+
+/// Releases one kernel-style reference taken by an internal lookup.
+struct Forget<'a>(&'a Union, u64);
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.forget(self.1, 1);
+    }
+}
+
+fn timestamps(sa: &SetAttr) -> Timestamps {
+    let omit = Timespec {
+        tv_sec: 0,
+        tv_nsec: libc::UTIME_OMIT as _,
+    };
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: libc::UTIME_NOW as _,
+    };
+    let pick = |t: Option<Option<Timespec>>| match t {
+        None => omit,
+        Some(None) => now,
+        Some(Some(t)) => t,
+    };
+    Timestamps {
+        last_access: pick(sa.atime),
+        last_modification: pick(sa.mtime),
+    }
+}
+
+/// open(2) flags from FUSE, minus those that only make sense to the kernel.
+fn open_flags(flags: i32) -> OFlags {
+    let f = OFlags::from_bits_retain(flags as u32);
+    f & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOCTTY | OFlags::CLOEXEC)
+}
+
+/// Is the directory `rel` of `layer` opaque, in any of the forms readers meet:
+/// `trusted.overlay.opaque=y`, `user.overlay.opaque=y`, `user.fuseoverlayfs.opaque=y`, or an
+/// OCI `.wh..wh..opq` entry inside it?
+pub fn dir_is_opaque(layer: &LayerDir, rel: &Path) -> Result<bool> {
+    let names = layer.list_xattr(rel)?;
+    for n in &names {
+        let b = n.as_bytes();
+        if b == b"trusted.overlay.opaque" || b == b"user.overlay.opaque" || b == b"user.fuseoverlayfs.opaque" {
+            if let Some(v) = layer.get_xattr(rel, n)? {
+                if v.first() == Some(&b'y') {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    layer.exists(&rel.join(OCI_OPAQUE_MARKER))
+}
+
+/// Does an OCI whiteout `.wh.NAME` stand beside `cand` (= parent/NAME) in `layer`?
+fn oci_whiteout_exists(layer: &LayerDir, cand: &Path) -> Result<bool> {
+    let (Some(parent), Some(name)) = (cand.parent(), cand.file_name()) else {
+        return Ok(false);
+    };
+    let mut wh = OsString::from(OCI_WHITEOUT_PREFIX);
+    wh.push(name);
+    if wh.len() > NAME_MAX {
+        return Ok(false);
+    }
+    layer.exists(&parent.join(wh))
+}

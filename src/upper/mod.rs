@@ -1,0 +1,619 @@
+//! The only writer of the upper and work directories.
+//!
+//! Every change verlay makes on disk is one of the named sequences below. Each sequence
+//! builds new objects in `workdir/work` (never visible in the merged view) and publishes
+//! them into the upper with a single rename, so a crash leaves either the old or the new
+//! object at a name, never a half-made one. Step names (`copy_up.fsync`, ...) are the ones
+//! used in logs and in docs/ordering.md.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{
+    AtFlags, FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps,
+    XattrFlags,
+};
+use rustix::process::{Gid, Uid};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, NotFoundOk, Result};
+use crate::layer::{at_path, get_xattr_path, is_whiteout_stat, list_xattr_path, Kind, LayerDir};
+
+/// Name of the kernel's scratch directory inside workdir; our temps live there too, so a
+/// workdir stays usable by kernel overlayfs.
+pub const WORK_SUBDIR: &str = "work";
+
+/// Owner of a new object, as stored on disk.
+#[derive(Clone, Copy, Debug)]
+pub struct Owner {
+    /// uid on disk
+    pub uid: u32,
+    /// gid on disk
+    pub gid: u32,
+}
+
+/// What is at a name in the upper before a new object is published there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Occupant {
+    /// nothing: publish with RENAME_NOREPLACE
+    Nothing,
+    /// a whiteout or other non-directory: replaced atomically by rename
+    NonDir,
+    /// a directory (only whiteouts left in it): swapped out with RENAME_EXCHANGE, then removed
+    Dir,
+}
+
+/// The upper layer and its work directory.
+#[derive(Debug)]
+pub struct Upper {
+    /// upperdir, for reads as well
+    pub dir: LayerDir,
+    work: OwnedFd,
+    work_path: PathBuf,
+    /// `trusted.overlay.` or, where trusted.* cannot be written, `user.overlay.`
+    pub xattr_prefix: &'static str,
+    /// where we record the st_ino a copied-up object had (hidden from users)
+    pub origin_xattr: &'static str,
+    /// fsync copied-up data before publishing it (off with `volatile`/`fsync=0`)
+    pub fsync: bool,
+    counter: AtomicU64,
+}
+
+fn ts(sec: i64, nsec: i64) -> Timespec {
+    Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    }
+}
+
+/// atime/mtime of a stat as utimensat arguments.
+pub fn stat_times(st: &Stat) -> Timestamps {
+    Timestamps {
+        last_access: ts(st.st_atime as i64, st.st_atime_nsec as i64),
+        last_modification: ts(st.st_mtime as i64, st.st_mtime_nsec as i64),
+    }
+}
+
+fn uid(u: u32) -> Option<Uid> {
+    Some(Uid::from_raw(u))
+}
+fn gid(g: u32) -> Option<Gid> {
+    Some(Gid::from_raw(g))
+}
+
+/// Is this xattr one of the overlay's own (never copied up as user data)?
+pub fn is_private_xattr(name: &OsStr) -> bool {
+    let b = name.as_encoded_bytes();
+    const PRIVATE: [&[u8]; 5] = [
+        b"trusted.overlay.",
+        b"user.overlay.",
+        b"trusted.verlay.",
+        b"user.verlay.",
+        b"user.fuseoverlayfs.",
+    ];
+    PRIVATE.iter().any(|p| b.starts_with(p))
+}
+
+impl Upper {
+    /// Open the upper at `upper` with its work dir under `workdir`, deciding the xattr
+    /// namespace by trying to write a trusted.* xattr in the work dir.
+    pub fn open(upper: &Path, workdir: &Path, fsync: bool) -> Result<Upper> {
+        let dir = LayerDir::open(upper, 0, "upper".into())?;
+        let work_path = workdir.join(WORK_SUBDIR);
+        match rustix::fs::mkdir(&work_path, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(Error::io("mkdir workdir/work", &work_path, e.into())),
+        }
+        let work = rustix::fs::open(
+            &work_path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open workdir/work", &work_path, e.into()))?;
+        let probe = "trusted.overlay.verlay-probe";
+        let (xattr_prefix, origin_xattr) =
+            match rustix::fs::lsetxattr(&work_path, probe, b"y", XattrFlags::empty()) {
+                Ok(()) => {
+                    let _ = rustix::fs::lremovexattr(&work_path, probe);
+                    ("trusted.overlay.", "trusted.verlay.origin")
+                }
+                Err(_) => ("user.overlay.", "user.verlay.origin"),
+            };
+        Ok(Upper {
+            dir,
+            work,
+            work_path,
+            xattr_prefix,
+            origin_xattr,
+            fsync,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    /// Check that the upper filesystem can hold an overlay: xattrs of our namespace and
+    /// d_type (kernel overlayfs refuses an upper without d_type for the same reason:
+    /// whiteouts are found by type while listing).
+    pub fn check_features(&self) -> Result<()> {
+        let name = format!("{}verlay-probe", self.xattr_prefix);
+        rustix::fs::lsetxattr(&self.work_path, name.as_str(), b"y", XattrFlags::empty())
+            .map_err(|e| {
+                Error::usage(
+                    format!("upperdir \"{}\"", self.dir.path.display()),
+                    format!("its filesystem does not support {}* xattrs ({e})", self.xattr_prefix),
+                    "put upperdir and workdir on a filesystem with xattr support, e.g. ext4, xfs, btrfs or tmpfs",
+                )
+            })?;
+        let _ = rustix::fs::lremovexattr(&self.work_path, name.as_str());
+        let probe = self.tmp_name();
+        rustix::fs::mkdirat(&self.work, &probe, Mode::from_raw_mode(0o700))?;
+        let listed = std::fs::read_dir(&self.work_path)
+            .map_err(|e| Error::io("readdir", &self.work_path, e))?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name() == probe.as_os_str())
+            .map(|e| e.file_type().ok());
+        let _ = rustix::fs::unlinkat(&self.work, &probe, AtFlags::REMOVEDIR);
+        match listed {
+            Some(Some(t)) if t.is_dir() => Ok(()),
+            _ => Err(Error::usage(
+                format!("upperdir \"{}\"", self.dir.path.display()),
+                "its filesystem does not report file types in directory listings (d_type)",
+                "use a filesystem with d_type support (for xfs: mkfs.xfs -n ftype=1)",
+            )),
+        }
+    }
+
+    /// Remove leftovers of an earlier run from the work dir; they are never part of the
+    /// merged view, so removing them loses nothing that was published.
+    pub fn clean_work(&self) -> Result<usize> {
+        let mut n = 0;
+        let rd = std::fs::read_dir(&self.work_path)
+            .map_err(|e| Error::io("readdir", &self.work_path, e))?;
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            self.remove_tree_at(&self.work, Path::new(&name))?;
+            info!(step = "mount.clean_work", path = ?name, "removed leftover from the work dir");
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn remove_tree_at(&self, dirfd: &OwnedFd, rel: &Path) -> Result<()> {
+        let st = match rustix::fs::statat(dirfd, rel, AtFlags::SYMLINK_NOFOLLOW).not_found_ok()? {
+            Some(st) => st,
+            None => return Ok(()),
+        };
+        if Kind::from_mode(st.st_mode) == Kind::Dir {
+            let sub = rustix::fs::openat(
+                dirfd,
+                rel,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )?;
+            let names: Vec<OsString> = {
+                let p = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&sub)));
+                std::fs::read_dir(&p)
+                    .map_err(|e| Error::io("readdir", rel, e))?
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .collect()
+            };
+            for name in names {
+                self.remove_tree_at(&sub, Path::new(&name))?;
+            }
+            rustix::fs::unlinkat(dirfd, rel, AtFlags::REMOVEDIR)?;
+        } else {
+            rustix::fs::unlinkat(dirfd, rel, AtFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// A fresh name in the work dir (kernel overlayfs uses `#<hex>` there too).
+    pub fn tmp_name(&self) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        PathBuf::from(format!("#verlay.{}.{n:x}", std::process::id()))
+    }
+
+    fn work_proc(&self, tmp: &Path) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.work)))
+            .join(tmp)
+    }
+
+    /// Full xattr name in the overlay namespace, e.g. `trusted.overlay.opaque`.
+    pub fn ovl_xattr(&self, short: &str) -> String {
+        format!("{}{short}", self.xattr_prefix)
+    }
+
+    /// Move `tmp` from the work dir to `dst` in the upper: the single publishing step.
+    fn publish(&self, tmp: &Path, dst: &Path, occupant: Occupant) -> Result<()> {
+        let dst = at_path(dst);
+        match occupant {
+            Occupant::Nothing => {
+                rustix::fs::renameat_with(&self.work, tmp, &self.dir.root, dst, RenameFlags::NOREPLACE)?
+            }
+            Occupant::NonDir => rustix::fs::renameat(&self.work, tmp, &self.dir.root, dst)?,
+            Occupant::Dir => {
+                rustix::fs::renameat_with(&self.work, tmp, &self.dir.root, dst, RenameFlags::EXCHANGE)?;
+                // The old directory (only whiteouts in it) is now in the work dir.
+                if let Err(e) = self.remove_tree_at(&self.work, tmp) {
+                    warn!(step = "publish.remove_old", path = %dst.display(), error = %e,
+                        "could not remove the replaced directory from the work dir; the next mount removes it");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&self, tmp: &Path) {
+        let _ = self.remove_tree_at(&self.work, tmp);
+    }
+
+    /// Copy the xattrs of `src_path` (any layer, via /proc path) to `dst_path`, except the
+    /// overlay's own.
+    fn copy_xattrs(&self, src_path: &Path, dst_path: &Path) -> Result<()> {
+        for name in list_xattr_path(src_path)? {
+            if is_private_xattr(&name) {
+                continue;
+            }
+            if let Some(v) = get_xattr_path(src_path, &name)? {
+                match rustix::fs::lsetxattr(dst_path, name.as_os_str(), &v, XattrFlags::empty()) {
+                    Ok(()) => {}
+                    // security.* may be refused (e.g. security.selinux without policy):
+                    // the kernel skips such xattrs on copy-up too.
+                    Err(rustix::io::Errno::PERM | rustix::io::Errno::NOTSUP)
+                        if !name.as_encoded_bytes().starts_with(b"user.") =>
+                    {
+                        debug!(xattr = ?name, "xattr not copied up");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// copy_up: copy the lower object at `src`/`src_rel` (whose lstat is `st`) to `dst` in
+    /// the upper, keeping data (holes stay holes), owner, mode, times and xattrs.
+    ///
+    /// Steps: `copy_up.create` (temp in work dir), `copy_up.data`, `copy_up.xattrs`,
+    /// `copy_up.owner`, `copy_up.mode`, `copy_up.origin`, `copy_up.times`, `copy_up.fsync`,
+    /// `copy_up.rename`.
+    pub fn copy_up(&self, src: &LayerDir, src_rel: &Path, st: &Stat, dst: &Path, origin_ino: u64) -> Result<()> {
+        let tmp = self.tmp_name();
+        let r = self.copy_up_to_tmp(src, src_rel, st, &tmp, origin_ino);
+        let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing));
+        if r.is_err() {
+            self.discard(&tmp);
+        }
+        r
+    }
+
+    fn copy_up_to_tmp(&self, src: &LayerDir, src_rel: &Path, st: &Stat, tmp: &Path, origin_ino: u64) -> Result<()> {
+        let kind = Kind::from_mode(st.st_mode);
+        let perm = st.st_mode & 0o7777;
+        let mut file: Option<OwnedFd> = None;
+        match kind {
+            Kind::Dir => rustix::fs::mkdirat(&self.work, tmp, Mode::from_raw_mode(0o700))?,
+            Kind::File => {
+                let out = rustix::fs::openat(
+                    &self.work,
+                    tmp,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )?;
+                let input = src.open_file(src_rel, OFlags::RDONLY)?;
+                copy_data(&input, &out, st.st_size as u64)?;
+                file = Some(out);
+            }
+            Kind::Symlink => {
+                let target = src.readlink(src_rel)?;
+                rustix::fs::symlinkat(target.as_os_str(), &self.work, tmp)?;
+            }
+            Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket => {
+                let ft = FileType::from_raw_mode(st.st_mode);
+                rustix::fs::mknodat(&self.work, tmp, ft, Mode::from_raw_mode(0o600), st.st_rdev)?;
+            }
+        }
+        let tmp_proc = self.work_proc(tmp);
+        self.copy_xattrs(&src.proc_path(src_rel), &tmp_proc)?;
+        rustix::fs::chownat(&self.work, tmp, uid(st.st_uid), gid(st.st_gid), AtFlags::SYMLINK_NOFOLLOW)?;
+        if kind != Kind::Symlink {
+            // After chown, which clears setuid/setgid.
+            rustix::fs::chmodat(&self.work, tmp, Mode::from_raw_mode(perm), AtFlags::empty())?;
+        }
+        self.set_origin(&tmp_proc, origin_ino)?;
+        rustix::fs::utimensat(&self.work, tmp, &stat_times(st), AtFlags::SYMLINK_NOFOLLOW)?;
+        if let Some(f) = file {
+            if self.fsync {
+                rustix::fs::fsync(&f)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_origin(&self, path: &Path, origin_ino: u64) -> Result<()> {
+        match rustix::fs::lsetxattr(path, self.origin_xattr, &origin_ino.to_le_bytes(), XattrFlags::empty()) {
+            Ok(()) => Ok(()),
+            // user.* xattrs cannot be set on symlinks and devices: st_ino of such a copy is
+            // then the upper's own (documented limitation).
+            Err(rustix::io::Errno::PERM) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The st_ino recorded at copy-up, if any.
+    pub fn origin(&self, rel: &Path) -> Result<Option<u64>> {
+        let v = self.dir.get_xattr(rel, OsStr::new(self.origin_xattr))?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(u64::from_le_bytes))
+    }
+
+    /// whiteout: put a whiteout (char 0/0) at `rel`, replacing what is there.
+    /// Steps: `whiteout.mknod` (in the work dir), `whiteout.rename`.
+    pub fn whiteout(&self, rel: &Path, occupant: Occupant) -> Result<()> {
+        let tmp = self.tmp_name();
+        let r = rustix::fs::mknodat(&self.work, &tmp, FileType::CharacterDevice, Mode::empty(), 0)
+            .map_err(Error::from)
+            .and_then(|()| self.publish(&tmp, rel, occupant));
+        if r.is_err() {
+            self.discard(&tmp);
+        }
+        r
+    }
+
+    /// Remove every whiteout inside an upper directory that is empty in the merged view,
+    /// so it can be removed or replaced.
+    pub fn clear_whiteouts(&self, rel: &Path) -> Result<()> {
+        for e in self.dir.read_dir(rel)? {
+            let p = rel.join(&e.name);
+            if let Some(st) = self.dir.stat(&p)? {
+                if is_whiteout_stat(&st) {
+                    rustix::fs::unlinkat(&self.dir.root, &p, AtFlags::empty())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove a non-directory, or a directory holding only whiteouts.
+    pub fn remove(&self, rel: &Path, is_dir: bool) -> Result<()> {
+        if is_dir {
+            self.clear_whiteouts(rel)?;
+            rustix::fs::unlinkat(&self.dir.root, rel, AtFlags::REMOVEDIR)?;
+        } else {
+            rustix::fs::unlinkat(&self.dir.root, rel, AtFlags::empty())?;
+        }
+        Ok(())
+    }
+
+    /// create: make a new object at `rel`. Over a whiteout it is built in the work dir and
+    /// published by rename, so the lower object never shows through in between.
+    /// Returns the open file for regular files (opened with `open_flags`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &self,
+        rel: &Path,
+        kind: Kind,
+        mode: u32,
+        rdev: u64,
+        owner: Owner,
+        symlink_target: Option<&OsStr>,
+        open_flags: OFlags,
+        occupant: Occupant,
+        opaque: bool,
+    ) -> Result<Option<OwnedFd>> {
+        let direct = occupant == Occupant::Nothing && !opaque;
+        let tmp = self.tmp_name();
+        let (dirfd, name): (&OwnedFd, &Path) = if direct {
+            (&self.dir.root, rel)
+        } else {
+            (&self.work, &tmp)
+        };
+        let perm = Mode::from_raw_mode(mode & 0o7777);
+        let mut file = None;
+        match kind {
+            Kind::File => {
+                let f = rustix::fs::openat(
+                    dirfd,
+                    name,
+                    open_flags | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                    perm,
+                )?;
+                file = Some(f);
+            }
+            Kind::Dir => rustix::fs::mkdirat(dirfd, name, perm)?,
+            Kind::Symlink => {
+                let target = symlink_target.ok_or(Error::Errno(libc::EINVAL))?;
+                rustix::fs::symlinkat(target, dirfd, name)?
+            }
+            Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket => {
+                let ft = FileType::from_raw_mode(mode);
+                rustix::fs::mknodat(dirfd, name, ft, perm, rdev)?
+            }
+        }
+        let finish = || -> Result<()> {
+            match &file {
+                Some(f) => rustix::fs::fchown(f, uid(owner.uid), gid(owner.gid))?,
+                None => rustix::fs::chownat(dirfd, name, uid(owner.uid), gid(owner.gid), AtFlags::SYMLINK_NOFOLLOW)?,
+            }
+            if kind != Kind::Symlink && mode & 0o7000 != 0 {
+                // chown cleared setuid/setgid that the caller asked for.
+                rustix::fs::chmodat(dirfd, name, perm, AtFlags::empty())?;
+            }
+            if opaque {
+                let p = if direct { self.dir.proc_path(rel) } else { self.work_proc(&tmp) };
+                rustix::fs::lsetxattr(&p, self.ovl_xattr("opaque").as_str(), b"y", XattrFlags::empty())?;
+            }
+            if !direct {
+                self.publish(&tmp, rel, occupant)?;
+            }
+            Ok(())
+        };
+        match finish() {
+            Ok(()) => Ok(file),
+            Err(e) => {
+                drop(file);
+                if direct {
+                    let flag = if kind == Kind::Dir { AtFlags::REMOVEDIR } else { AtFlags::empty() };
+                    let _ = rustix::fs::unlinkat(&self.dir.root, rel, flag);
+                } else {
+                    self.discard(&tmp);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// link: a new name for the upper object at `src`. Over a whiteout, the link is made in
+    /// the work dir and renamed over it.
+    pub fn link(&self, src: &Path, dst: &Path, occupant: Occupant) -> Result<()> {
+        if occupant == Occupant::Nothing {
+            rustix::fs::linkat(&self.dir.root, src, &self.dir.root, dst, AtFlags::empty())?;
+            return Ok(());
+        }
+        let tmp = self.tmp_name();
+        let r = rustix::fs::linkat(&self.dir.root, src, &self.work, &tmp, AtFlags::empty())
+            .map_err(Error::from)
+            .and_then(|()| self.publish(&tmp, dst, occupant));
+        if r.is_err() {
+            self.discard(&tmp);
+        }
+        r
+    }
+
+    /// rename within the upper. With `whiteout_old`, the old name is left holding a whiteout
+    /// in the same atomic step (RENAME_WHITEOUT) when the kernel allows it; otherwise the
+    /// whiteout follows in a second step.
+    pub fn rename(&self, old: &Path, new: &Path, flags: RenameFlags, whiteout_old: bool) -> Result<()> {
+        if whiteout_old {
+            match rustix::fs::renameat_with(&self.dir.root, old, &self.dir.root, new, flags | RenameFlags::WHITEOUT) {
+                Ok(()) => return Ok(()),
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::PERM) => {}
+                Err(e) => return Err(e.into()),
+            }
+            rustix::fs::renameat_with(&self.dir.root, old, &self.dir.root, new, flags)?;
+            self.whiteout(old, Occupant::Nothing)
+        } else {
+            rustix::fs::renameat_with(&self.dir.root, old, &self.dir.root, new, flags)?;
+            Ok(())
+        }
+    }
+
+    /// Set an overlay xattr (`opaque`, `redirect`) on an upper object.
+    pub fn set_ovl_xattr(&self, rel: &Path, short: &str, value: &[u8]) -> Result<()> {
+        rustix::fs::lsetxattr(self.dir.proc_path(rel), self.ovl_xattr(short).as_str(), value, XattrFlags::empty())?;
+        Ok(())
+    }
+
+    /// User xattr write on an upper object.
+    pub fn set_xattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: XattrFlags) -> Result<()> {
+        rustix::fs::lsetxattr(self.dir.proc_path(rel), name, value, flags)?;
+        Ok(())
+    }
+
+    /// User xattr removal on an upper object.
+    pub fn remove_xattr(&self, rel: &Path, name: &OsStr) -> Result<()> {
+        rustix::fs::lremovexattr(self.dir.proc_path(rel), name)?;
+        Ok(())
+    }
+
+    /// chmod of an upper object.
+    pub fn chmod(&self, rel: &Path, mode: u32) -> Result<()> {
+        rustix::fs::chmodat(&self.dir.root, at_path(rel), Mode::from_raw_mode(mode & 0o7777), AtFlags::empty())?;
+        Ok(())
+    }
+
+    /// chown of an upper object (not following symlinks).
+    pub fn chown(&self, rel: &Path, u: Option<u32>, g: Option<u32>) -> Result<()> {
+        rustix::fs::chownat(
+            &self.dir.root,
+            at_path(rel),
+            u.map(Uid::from_raw),
+            g.map(Gid::from_raw),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        Ok(())
+    }
+
+    /// utimensat of an upper object (not following symlinks).
+    pub fn utimens(&self, rel: &Path, times: &Timestamps) -> Result<()> {
+        rustix::fs::utimensat(&self.dir.root, at_path(rel), times, AtFlags::SYMLINK_NOFOLLOW)?;
+        Ok(())
+    }
+
+    /// truncate of an upper file by path.
+    pub fn truncate(&self, rel: &Path, size: u64) -> Result<()> {
+        let f = self.dir.open_file(rel, OFlags::WRONLY)?;
+        rustix::fs::ftruncate(&f, size)?;
+        Ok(())
+    }
+
+    /// fsync of an upper directory.
+    pub fn fsync_dir(&self, rel: &Path) -> Result<()> {
+        let f = self.dir.open_file(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        rustix::fs::fsync(&f)?;
+        Ok(())
+    }
+
+    /// syncfs of the upper filesystem.
+    pub fn syncfs(&self) -> Result<()> {
+        rustix::fs::syncfs(&self.dir.root)?;
+        Ok(())
+    }
+}
+
+/// Copy `len` bytes, skipping holes (SEEK_DATA/SEEK_HOLE) and using copy_file_range so the
+/// kernel can reflink or copy without a round trip through userspace.
+pub fn copy_data(input: &impl AsFd, out: &impl AsFd, len: u64) -> Result<()> {
+    let mut pos = 0u64;
+    while pos < len {
+        let data = match rustix::fs::seek(input, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break, // only a hole remains
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOTSUP) => pos,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = match rustix::fs::seek(input, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(len),
+            Err(_) => len,
+        };
+        let mut off_in = data;
+        let mut off_out = data;
+        while off_in < hole {
+            let want = (hole - off_in).min(1 << 30) as usize;
+            let n = match rustix::fs::copy_file_range(input, Some(&mut off_in), out, Some(&mut off_out), want) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
+                    copy_by_read(input, out, &mut off_in, &mut off_out, hole)?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                break; // the file shrank under us
+            }
+        }
+        pos = hole;
+    }
+    // A trailing hole: set the length without writing zeros.
+    rustix::fs::ftruncate(out, len)?;
+    Ok(())
+}
+
+fn copy_by_read(input: &impl AsFd, out: &impl AsFd, off_in: &mut u64, off_out: &mut u64, end: u64) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while *off_in < end {
+        let want = ((end - *off_in) as usize).min(buf.len());
+        let n = rustix::io::pread(input, &mut buf[..want], *off_in)?;
+        if n == 0 {
+            break;
+        }
+        let mut done = 0;
+        while done < n {
+            done += rustix::io::pwrite(out, &buf[done..n], *off_out + done as u64)?;
+        }
+        *off_in += n as u64;
+        *off_out += n as u64;
+    }
+    Ok(())
+}
