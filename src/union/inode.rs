@@ -42,6 +42,9 @@ pub struct NodeState {
     /// directories: the lower directories merged under it, top first (empty when opaque
     /// or pure upper)
     pub lowers: Vec<LowerRef>,
+    /// other names of the same upper object (hard links made through this mount), so the
+    /// node stays reachable when its first name goes away
+    pub aliases: Vec<(u64, OsString)>,
     /// bumped by each copy-up, so read-only handles opened on the lower switch to the upper
     pub data_gen: u64,
 }
@@ -61,6 +64,9 @@ pub struct Node {
     pub state: RwLock<NodeState>,
     /// serializes copy-up of this node (single flight)
     pub copy_up: Mutex<()>,
+    /// an fd of an open handle, for fstat/fchmod of an unlinked file (the kernel sends
+    /// those without a file handle)
+    pub open_fd: Mutex<Option<std::sync::Weak<std::os::fd::OwnedFd>>>,
     /// directories: live child nodes by name, so a name keeps its node while known
     pub children: Mutex<HashMap<OsString, u64>>,
 }

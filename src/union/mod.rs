@@ -268,9 +268,11 @@ impl Union {
                     upper: false,
                     lower: None,
                     lowers: Vec::new(),
+                    aliases: Vec::new(),
                     data_gen: 0,
                 }),
                 copy_up: Mutex::new(()),
+                open_fd: Mutex::new(None),
                 children: Mutex::new(HashMap::new()),
             }),
             files: RwLock::new(HashMap::new()),
@@ -555,9 +557,11 @@ impl Union {
                 upper: r.upper,
                 lower: r.lower,
                 lowers: r.lowers,
+                aliases: Vec::new(),
                 data_gen: 0,
             }),
             copy_up: Mutex::new(()),
+            open_fd: Mutex::new(None),
             children: Mutex::new(HashMap::new()),
         });
         self.nodes.insert(node.clone());
@@ -674,11 +678,22 @@ impl Union {
         }
     }
 
+    /// An fd on the object of an unlinked node: the handle's, or any open one.
+    fn unlinked_fd(&self, node: &Node, fh: Option<u64>) -> Result<Arc<OwnedFd>> {
+        if let Some(h) = fh.and_then(|fh| self.file(fh).ok()) {
+            return Ok(h.fd.read().clone());
+        }
+        node.open_fd
+            .lock()
+            .as_ref()
+            .and_then(|w| w.upgrade())
+            .ok_or(Error::Errno(libc::ENOENT))
+    }
+
     fn attr(&self, node: &Node, fh: Option<u64>) -> Result<Attr> {
         let unlinked = node.state.read().unlinked;
-        if let (true, Some(fh)) = (unlinked, fh) {
-            let h = self.file(fh)?;
-            let fd = h.fd.read().clone();
+        if unlinked {
+            let fd = self.unlinked_fd(node, fh)?;
             let st = rustix::fs::fstat(&*fd)?;
             return Ok(self.attr_from(node, &st));
         }
@@ -754,8 +769,7 @@ impl Union {
         let unlinked = node.state.read().unlinked;
         if unlinked {
             // Only an open file can be reached once unlinked: work on its fd.
-            let h = self.file(fh.ok_or(Error::Errno(libc::ENOENT))?)?;
-            let fd = h.fd.read().clone();
+            let fd = self.unlinked_fd(&node, fh)?;
             if let Some(size) = sa.size {
                 rustix::fs::ftruncate(&*fd, size)?;
             }
@@ -934,6 +948,7 @@ impl Union {
         up.link(&src, &dst, if whiteout_here { Occupant::NonDir } else { Occupant::Nothing })?;
         // The new name is the same object: the same node, one more kernel reference.
         node.lookups.fetch_add(1, Ordering::AcqRel);
+        node.state.write().aliases.push((parent.id, newname.to_os_string()));
         parent.children.lock().insert(newname.to_os_string(), node.id);
         let attr = self.attr(&node, None)?;
         Ok(Entry { id: node.id, attr })
@@ -976,21 +991,40 @@ impl Union {
         Ok(())
     }
 
-    /// Forget the name→node link after the name went away; the node lives on for open fds.
+    /// Forget the name→node link after the name went away; the node lives on for open fds
+    /// and under its other names (hard links).
     fn detach(&self, parent: &Node, name: &OsStr) {
         let id = parent.children.lock().remove(name);
         if let Some(node) = id.and_then(|id| self.nodes.get(id)) {
             let mut st = node.state.write();
             if st.parent == parent.id && st.name == name {
-                st.unlinked = !self.relink_alias(&node, &mut st);
+                match st.aliases.pop() {
+                    Some((p, n)) => {
+                        st.parent = p;
+                        st.name = n;
+                    }
+                    None => st.unlinked = true,
+                }
+            } else {
+                st.aliases.retain(|(p, n)| !(*p == parent.id && n == name));
             }
         }
     }
 
-    /// An upper hard link removed under one name may still have others known to us.
-    fn relink_alias(&self, node: &Node, st: &mut NodeState) -> bool {
-        let _ = (node, st);
-        false
+    /// Record that the name (`from`, `old`) of a node is now (`to`, `new`).
+    fn rename_name(&self, node: &Node, from: u64, old: &OsStr, to: u64, new: &OsStr) {
+        let mut st = node.state.write();
+        if st.parent == from && st.name == old {
+            st.parent = to;
+            st.name = new.to_os_string();
+            st.unlinked = false;
+        } else if let Some(a) = st.aliases.iter_mut().find(|(p, n)| *p == from && n == old) {
+            *a = (to, new.to_os_string());
+        } else {
+            st.parent = to;
+            st.name = new.to_os_string();
+            st.unlinked = false;
+        }
     }
 
     /// FUSE unlink.
@@ -1092,8 +1126,8 @@ impl Union {
             prepare_dir(&src, &old_path, !new_plowers.is_empty())?;
             prepare_dir(d, &new_path, !old_plowers.is_empty())?;
             up.rename(&old_path, &new_path, RenameFlags::EXCHANGE, false)?;
-            self.move_node(&src, &oldp, &newp, newname);
-            self.move_node(d, &newp, &oldp, name);
+            self.rename_name(&src, oldp.id, name, newp.id, newname);
+            self.rename_name(d, newp.id, newname, oldp.id, name);
             {
                 let mut ch = oldp.children.lock();
                 ch.insert(name.to_os_string(), d.id);
@@ -1116,22 +1150,14 @@ impl Union {
         let dst_occupied_in_upper = up.dir.stat(&new_path)?.is_some();
         let rflags = if dst_occupied_in_upper { RenameFlags::empty() } else { RenameFlags::NOREPLACE };
         up.rename(&old_path, &new_path, rflags, whiteout_old)?;
-        if let Some(d) = &dst {
+        if dst.is_some() {
             self.detach(&newp, newname);
-            d.state.write().unlinked = true;
         }
         oldp.children.lock().remove(name);
-        self.move_node(&src, &oldp, &newp, newname);
+        self.rename_name(&src, oldp.id, name, newp.id, newname);
         newp.children.lock().insert(newname.to_os_string(), src.id);
         drop(src_guard);
         Ok(())
-    }
-
-    fn move_node(&self, node: &Arc<Node>, _from: &Node, to: &Node, name: &OsStr) {
-        let mut st = node.state.write();
-        st.parent = to.id;
-        st.name = name.to_os_string();
-        st.unlinked = false;
     }
 
     // ---------------------------------------------------------------- files
@@ -1139,9 +1165,11 @@ impl Union {
     fn add_file(&self, node: Arc<Node>, fd: OwnedFd, writable: bool) -> u64 {
         let gen = node.state.read().data_gen;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let fd = Arc::new(fd);
+        *node.open_fd.lock() = Some(Arc::downgrade(&fd));
         let h = Arc::new(FileHandle {
             node,
-            fd: RwLock::new(Arc::new(fd)),
+            fd: RwLock::new(fd),
             writable,
             gen: AtomicU64::new(gen),
         });

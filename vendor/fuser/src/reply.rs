@@ -516,6 +516,7 @@ impl Reply for ReplyCreate {
     }
 }
 
+impl ReplyCreate {
     /// Reply to a create with a node id that differs from `attr.ino` (verlay patch; see
     /// `ReplyEntry::entry_with_nodeid`).
     pub fn created_with_nodeid(
@@ -538,7 +539,6 @@ impl Reply for ReplyCreate {
         ));
     }
 
-impl ReplyCreate {
     /// Reply to a request with a newly created file entry and its newly open file handle
     /// # Panics
     /// When attempting to use kernel passthrough. Use `opened_passthrough()` instead.

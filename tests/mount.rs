@@ -1,0 +1,1105 @@
+//! verlay on a real FUSE mount behaves exactly like kernel overlayfs (redirect_dir=on, index=off,
+//! metacopy=off, xino=off) on identical layers: every operation's result and errno, the whole
+//! merged tree (types, modes, owners, sizes, content, links, xattrs, nlink, preserved mtimes),
+//! st_ino stability (copy-up, rename, remount) and the kernel format of the upper it writes.
+//!
+//! Subject: `VERLAY_BIN` (a path, or `kernel` to validate the harness against itself), else the
+//! crate's `verlay` binary. Random runs: `VERLAY_DIFF_SEEDS` (20), `VERLAY_DIFF_OPS` (150),
+//! `VERLAY_DIFF_SEED_BASE` (0); `VERLAY_DIFF_SEED=N` replays one seed. Needs root and /dev/fuse.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Open-fd slots per mount in the random sequence.
+const SLOTS: usize = 4;
+/// renameat2 flags (linux/fs.h).
+const RENAME_NOREPLACE: u32 = 1;
+const RENAME_EXCHANGE: u32 = 2;
+/// Timestamp sentinels for `utime`.
+const TS_NOW: i64 = -1;
+const TS_OMIT: i64 = -2;
+
+// ---------------------------------------------------------------------------------------------
+// operations
+
+#[derive(Clone, Debug, PartialEq)]
+enum Op {
+    Create { path: String, mode: u32, umask: u32, excl: bool },
+    Write { path: String, off: u64, len: usize, seed: u8 },
+    Append { path: String, len: usize, seed: u8 },
+    Overwrite { path: String, len: usize, seed: u8 },
+    Truncate { path: String, len: u64 },
+    Read { path: String },
+    Mkdir { path: String, mode: u32, umask: u32 },
+    Rmdir { path: String },
+    Unlink { path: String },
+    Link { src: String, dst: String },
+    Symlink { target: String, path: String },
+    Mkfifo { path: String, mode: u32, umask: u32 },
+    Mknod { path: String, major: u32, minor: u32 },
+    Rename { src: String, dst: String, flags: u32 },
+    Chmod { path: String, mode: u32 },
+    Chown { path: String, uid: u32, gid: u32 },
+    /// nanoseconds since the epoch, or TS_NOW / TS_OMIT
+    Utime { path: String, atime: i64, mtime: i64 },
+    SetXattr { path: String, name: String, value: String },
+    RemoveXattr { path: String, name: String },
+    GetXattr { path: String, name: String },
+    ListXattr { path: String },
+    Stat { path: String },
+    Readdir { path: String },
+    Readlink { path: String },
+    /// flags: r, w, rw, a (O_WRONLY|O_APPEND), rt (O_RDWR|O_TRUNC)
+    Open { slot: usize, path: String, flags: String },
+    ReadFd { slot: usize, off: u64, len: usize },
+    WriteFd { slot: usize, off: u64, len: usize, seed: u8 },
+    TruncFd { slot: usize, len: u64 },
+    Fstat { slot: usize },
+    Fchmod { slot: usize, mode: u32 },
+    Close { slot: usize },
+}
+
+fn p(s: &str) -> String {
+    if s.is_empty() {
+        ".".into()
+    } else {
+        short_path(s)
+    }
+}
+
+fn ts(t: i64) -> String {
+    match t {
+        TS_NOW => "now".into(),
+        TS_OMIT => "omit".into(),
+        t => t.to_string(),
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Op::*;
+        match self {
+            Create { path, mode, umask, excl } => {
+                write!(f, "create {} {mode:04o} umask={umask:03o}{}", p(path), if *excl { " excl" } else { "" })
+            }
+            Write { path, off, len, seed } => write!(f, "write {} {off} {len} {seed}", p(path)),
+            Append { path, len, seed } => write!(f, "append {} {len} {seed}", p(path)),
+            Overwrite { path, len, seed } => write!(f, "overwrite {} {len} {seed}", p(path)),
+            Truncate { path, len } => write!(f, "truncate {} {len}", p(path)),
+            Read { path } => write!(f, "read {}", p(path)),
+            Mkdir { path, mode, umask } => write!(f, "mkdir {} {mode:04o} umask={umask:03o}", p(path)),
+            Rmdir { path } => write!(f, "rmdir {}", p(path)),
+            Unlink { path } => write!(f, "unlink {}", p(path)),
+            Link { src, dst } => write!(f, "link {} {}", p(src), p(dst)),
+            Symlink { target, path } => write!(f, "symlink {} {}", p(target), p(path)),
+            Mkfifo { path, mode, umask } => write!(f, "mkfifo {} {mode:04o} umask={umask:03o}", p(path)),
+            Mknod { path, major, minor } => write!(f, "mknod {} {major}:{minor}", p(path)),
+            Rename { src, dst, flags } => write!(
+                f,
+                "rename {} {}{}",
+                p(src),
+                p(dst),
+                match *flags {
+                    RENAME_NOREPLACE => " noreplace",
+                    RENAME_EXCHANGE => " exchange",
+                    _ => "",
+                }
+            ),
+            Chmod { path, mode } => write!(f, "chmod {} {mode:04o}", p(path)),
+            Chown { path, uid, gid } => write!(f, "chown {} {}:{}", p(path), *uid as i32, *gid as i32),
+            Utime { path, atime, mtime } => write!(f, "utime {} {} {}", p(path), ts(*atime), ts(*mtime)),
+            SetXattr { path, name, value } => write!(f, "setxattr {} {name}={value}", p(path)),
+            RemoveXattr { path, name } => write!(f, "rmxattr {} {name}", p(path)),
+            GetXattr { path, name } => write!(f, "getxattr {} {name}", p(path)),
+            ListXattr { path } => write!(f, "listxattr {}", p(path)),
+            Stat { path } => write!(f, "stat {}", p(path)),
+            Readdir { path } => write!(f, "readdir {}", p(path)),
+            Readlink { path } => write!(f, "readlink {}", p(path)),
+            Open { slot, path, flags } => write!(f, "open {slot} {} {flags}", p(path)),
+            ReadFd { slot, off, len } => write!(f, "readfd {slot} {off} {len}"),
+            WriteFd { slot, off, len, seed } => write!(f, "writefd {slot} {off} {len} {seed}"),
+            TruncFd { slot, len } => write!(f, "truncfd {slot} {len}"),
+            Fstat { slot } => write!(f, "fstat {slot}"),
+            Fchmod { slot, mode } => write!(f, "fchmod {slot} {mode:04o}"),
+            Close { slot } => write!(f, "close {slot}"),
+        }
+    }
+}
+
+/// Parse the `Display` form back (used by the focused tests and to replay logs by hand).
+fn parse_op(s: &str) -> Op {
+    use Op::*;
+    let w: Vec<&str> = s.split_whitespace().collect();
+    let bad = || -> ! { panic!("bad op {s:?}") };
+    let path = |i: usize| -> String {
+        let x = w.get(i).unwrap_or_else(|| bad());
+        if *x == "." {
+            String::new()
+        } else {
+            expand_path(x)
+        }
+    };
+    let num = |i: usize| -> u64 { w.get(i).and_then(|x| x.parse().ok()).unwrap_or_else(|| bad()) };
+    let oct = |i: usize| -> u32 { w.get(i).and_then(|x| u32::from_str_radix(x, 8).ok()).unwrap_or_else(|| bad()) };
+    let seed = |i: usize| -> u8 { w.get(i).map(|x| x.parse().unwrap_or_else(|_| bad())).unwrap_or(65) };
+    let umask = || -> u32 {
+        w.iter().find_map(|x| x.strip_prefix("umask=")).map(|u| u32::from_str_radix(u, 8).unwrap_or_else(|_| bad())).unwrap_or(0o022)
+    };
+    let t = |i: usize| -> i64 {
+        match w.get(i) {
+            Some(&"now") => TS_NOW,
+            Some(&"omit") => TS_OMIT,
+            Some(x) => x.parse().unwrap_or_else(|_| bad()),
+            None => bad(),
+        }
+    };
+    match *w.first().unwrap_or_else(|| bad()) {
+        "create" => Create { path: path(1), mode: oct(2), umask: umask(), excl: w.contains(&"excl") },
+        "write" => Write { path: path(1), off: num(2), len: num(3) as usize, seed: seed(4) },
+        "append" => Append { path: path(1), len: num(2) as usize, seed: seed(3) },
+        "overwrite" => Overwrite { path: path(1), len: num(2) as usize, seed: seed(3) },
+        "truncate" => Truncate { path: path(1), len: num(2) },
+        "read" => Read { path: path(1) },
+        "mkdir" => Mkdir { path: path(1), mode: oct(2), umask: umask() },
+        "rmdir" => Rmdir { path: path(1) },
+        "unlink" => Unlink { path: path(1) },
+        "link" => Link { src: path(1), dst: path(2) },
+        "symlink" => Symlink { target: path(1), path: path(2) },
+        "mkfifo" => Mkfifo { path: path(1), mode: oct(2), umask: umask() },
+        "mknod" => {
+            let (a, b) = w.get(2).and_then(|x| x.split_once(':')).unwrap_or_else(|| bad());
+            Mknod { path: path(1), major: a.parse().unwrap_or_else(|_| bad()), minor: b.parse().unwrap_or_else(|_| bad()) }
+        }
+        "rename" => Rename {
+            src: path(1),
+            dst: path(2),
+            flags: match w.get(3) {
+                None => 0,
+                Some(&"noreplace") => RENAME_NOREPLACE,
+                Some(&"exchange") => RENAME_EXCHANGE,
+                _ => bad(),
+            },
+        },
+        "chmod" => Chmod { path: path(1), mode: oct(2) },
+        "chown" => {
+            let (u, g) = w.get(2).and_then(|x| x.split_once(':')).unwrap_or_else(|| bad());
+            let id = |x: &str| x.parse::<i32>().unwrap_or_else(|_| bad()) as u32;
+            Chown { path: path(1), uid: id(u), gid: id(g) }
+        }
+        "utime" => Utime { path: path(1), atime: t(2), mtime: t(3) },
+        "setxattr" => {
+            let (n, v) = w.get(2).and_then(|x| x.split_once('=')).unwrap_or_else(|| bad());
+            SetXattr { path: path(1), name: n.into(), value: v.into() }
+        }
+        "rmxattr" => RemoveXattr { path: path(1), name: w.get(2).unwrap_or_else(|| bad()).to_string() },
+        "getxattr" => GetXattr { path: path(1), name: w.get(2).unwrap_or_else(|| bad()).to_string() },
+        "listxattr" => ListXattr { path: path(1) },
+        "stat" => Stat { path: path(1) },
+        "readdir" => Readdir { path: path(1) },
+        "readlink" => Readlink { path: path(1) },
+        "open" => Open { slot: num(1) as usize, path: path(2), flags: w.get(3).unwrap_or_else(|| bad()).to_string() },
+        "readfd" => ReadFd { slot: num(1) as usize, off: num(2), len: num(3) as usize },
+        "writefd" => WriteFd { slot: num(1) as usize, off: num(2), len: num(3) as usize, seed: seed(4) },
+        "truncfd" => TruncFd { slot: num(1) as usize, len: num(2) },
+        "fstat" => Fstat { slot: num(1) as usize },
+        "fchmod" => Fchmod { slot: num(1) as usize, mode: oct(2) },
+        "close" => Close { slot: num(1) as usize },
+        _ => bad(),
+    }
+}
+
+type Res = Result<String, i32>;
+
+fn show(r: &Res) -> String {
+    match r {
+        Ok(s) if s.is_empty() => "Ok".into(),
+        Ok(s) => format!("Ok({s})"),
+        Err(e) => format!("Err({})", errname(*e)),
+    }
+}
+
+/// Open fds of one mount, closed on drop (before the mount guards unmount).
+#[derive(Default)]
+struct Fds(BTreeMap<usize, i32>);
+
+impl Fds {
+    fn close(&mut self, slot: usize) {
+        if let Some(fd) = self.0.remove(&slot) {
+            // SAFETY: an fd we opened and still own.
+            unsafe { libc::close(fd) };
+        }
+    }
+    fn close_all(&mut self) {
+        let slots: Vec<usize> = self.0.keys().copied().collect();
+        for s in slots {
+            self.close(s);
+        }
+    }
+}
+
+impl Drop for Fds {
+    fn drop(&mut self) {
+        self.close_all();
+    }
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add((i % 251) as u8)).collect()
+}
+
+struct Ctx<'a> {
+    root: &'a Path,
+    start_ns: i128,
+}
+
+impl Ctx<'_> {
+    fn c(&self, rel: &str) -> CString {
+        let mut s = self.root.to_string_lossy().into_owned();
+        if !rel.is_empty() {
+            s.push('/');
+            s.push_str(rel);
+        }
+        CString::new(s).unwrap()
+    }
+    fn stat_line(&self, st: &libc::stat) -> String {
+        let kind = kind_of(st.st_mode);
+        let mut s = format!("{kind} {:04o} {}:{} nlink={}", st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_nlink);
+        if kind != 'd' {
+            s += &format!(" size={}", st.st_size);
+        }
+        let mtime = st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128;
+        if mtime < self.start_ns {
+            s += &format!(" mtime={mtime}");
+        }
+        s
+    }
+}
+
+fn rc(r: libc::c_int) -> Res {
+    if r < 0 {
+        Err(last_errno())
+    } else {
+        Ok(String::new())
+    }
+}
+
+fn with_umask<T>(u: u32, f: impl FnOnce() -> T) -> T {
+    // SAFETY: umask is per thread here (common::private_umask_for_this_thread).
+    let old = unsafe { libc::umask(u) };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    r
+}
+
+fn open_at(c: &CString, flags: i32, mode: u32) -> Result<i32, i32> {
+    // SAFETY: valid C string.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_NONBLOCK | libc::O_CLOEXEC, mode) };
+    if fd < 0 {
+        Err(last_errno())
+    } else {
+        Ok(fd)
+    }
+}
+
+fn write_and_close(fd: i32, buf: &[u8], off: Option<u64>) -> Res {
+    // SAFETY: fd is open; buffer valid for its length.
+    let n = unsafe {
+        match off {
+            Some(o) => libc::pwrite(fd, buf.as_ptr().cast(), buf.len(), o as i64),
+            None => libc::write(fd, buf.as_ptr().cast(), buf.len()),
+        }
+    };
+    let e = last_errno();
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    if n < 0 {
+        Err(e)
+    } else {
+        Ok(format!("{n}"))
+    }
+}
+
+fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
+    use Op::*;
+    // SAFETY (whole function): every call gets valid C strings / buffers / fds we own.
+    unsafe {
+        match op {
+            Create { path, mode, umask, excl } => {
+                let c = ctx.c(path);
+                let fl = libc::O_CREAT | libc::O_WRONLY | if *excl { libc::O_EXCL } else { 0 };
+                let fd = with_umask(*umask, || open_at(&c, fl, *mode))?;
+                libc::close(fd);
+                Ok(String::new())
+            }
+            Write { path, off, len, seed } => {
+                let fd = open_at(&ctx.c(path), libc::O_WRONLY, 0)?;
+                write_and_close(fd, &data(*len, *seed), Some(*off))
+            }
+            Append { path, len, seed } => {
+                let fd = open_at(&ctx.c(path), libc::O_WRONLY | libc::O_APPEND, 0)?;
+                write_and_close(fd, &data(*len, *seed), None)
+            }
+            Overwrite { path, len, seed } => {
+                let fd = open_at(&ctx.c(path), libc::O_WRONLY | libc::O_TRUNC, 0)?;
+                write_and_close(fd, &data(*len, *seed), None)
+            }
+            Truncate { path, len } => rc(libc::truncate(ctx.c(path).as_ptr(), *len as i64)),
+            Read { path } => {
+                let fd = open_at(&ctx.c(path), libc::O_RDONLY, 0)?;
+                let mut out = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+                    if n < 0 {
+                        let e = last_errno();
+                        libc::close(fd);
+                        return Err(e);
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&buf[..n as usize]);
+                }
+                libc::close(fd);
+                Ok(format!("len={} hash={:016x}", out.len(), fnv(&out)))
+            }
+            Mkdir { path, mode, umask } => with_umask(*umask, || rc(libc::mkdir(ctx.c(path).as_ptr(), *mode))),
+            Rmdir { path } => rc(libc::rmdir(ctx.c(path).as_ptr())),
+            Unlink { path } => rc(libc::unlink(ctx.c(path).as_ptr())),
+            Link { src, dst } => rc(libc::link(ctx.c(src).as_ptr(), ctx.c(dst).as_ptr())),
+            Symlink { target, path } => {
+                let t = CString::new(target.as_str()).unwrap();
+                rc(libc::symlink(t.as_ptr(), ctx.c(path).as_ptr()))
+            }
+            Mkfifo { path, mode, umask } => with_umask(*umask, || rc(libc::mkfifo(ctx.c(path).as_ptr(), *mode))),
+            Mknod { path, major, minor } => {
+                rc(libc::mknod(ctx.c(path).as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(*major, *minor)))
+            }
+            Rename { src, dst, flags } => {
+                let r = libc::syscall(
+                    libc::SYS_renameat2,
+                    libc::AT_FDCWD,
+                    ctx.c(src).as_ptr(),
+                    libc::AT_FDCWD,
+                    ctx.c(dst).as_ptr(),
+                    *flags,
+                );
+                rc(r as libc::c_int)
+            }
+            Chmod { path, mode } => rc(libc::chmod(ctx.c(path).as_ptr(), *mode)),
+            Chown { path, uid, gid } => rc(libc::lchown(ctx.c(path).as_ptr(), *uid, *gid)),
+            Utime { path, atime, mtime } => {
+                let t = |x: i64| match x {
+                    TS_NOW => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                    TS_OMIT => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+                    x => libc::timespec { tv_sec: x / 1_000_000_000, tv_nsec: x % 1_000_000_000 },
+                };
+                let tv = [t(*atime), t(*mtime)];
+                rc(libc::utimensat(libc::AT_FDCWD, ctx.c(path).as_ptr(), tv.as_ptr(), libc::AT_SYMLINK_NOFOLLOW))
+            }
+            SetXattr { path, name, value } => {
+                let n = CString::new(name.as_str()).unwrap();
+                rc(libc::lsetxattr(ctx.c(path).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0))
+            }
+            RemoveXattr { path, name } => {
+                let n = CString::new(name.as_str()).unwrap();
+                rc(libc::lremovexattr(ctx.c(path).as_ptr(), n.as_ptr()))
+            }
+            GetXattr { path, name } => {
+                let n = CString::new(name.as_str()).unwrap();
+                let mut v = vec![0u8; 4096];
+                let r = libc::lgetxattr(ctx.c(path).as_ptr(), n.as_ptr(), v.as_mut_ptr().cast(), v.len());
+                if r < 0 {
+                    Err(last_errno())
+                } else {
+                    Ok(String::from_utf8_lossy(&v[..r as usize]).into_owned())
+                }
+            }
+            ListXattr { path } => {
+                let full = ctx.root.join(path);
+                user_xattrs(&full).map(|x| format!("{x:?}"))
+            }
+            Stat { path } => {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::lstat(ctx.c(path).as_ptr(), &mut st) < 0 {
+                    return Err(last_errno());
+                }
+                Ok(ctx.stat_line(&st))
+            }
+            Readdir { path } => {
+                let full = if path.is_empty() { ctx.root.to_path_buf() } else { ctx.root.join(path) };
+                let rd = std::fs::read_dir(full).map_err(|e| e.raw_os_error().unwrap_or(0))?;
+                let mut names = rd
+                    .map(|e| e.map(|e| short_path(&e.file_name().to_string_lossy())))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.raw_os_error().unwrap_or(0))?;
+                names.sort();
+                Ok(format!("[{}]", names.join(",")))
+            }
+            Readlink { path } => {
+                let mut v = vec![0u8; 4096];
+                let r = libc::readlink(ctx.c(path).as_ptr(), v.as_mut_ptr().cast(), v.len());
+                if r < 0 {
+                    Err(last_errno())
+                } else {
+                    Ok(short_path(&String::from_utf8_lossy(&v[..r as usize])))
+                }
+            }
+            Open { slot, path, flags } => {
+                fds.close(*slot);
+                let fl = match flags.as_str() {
+                    "r" => libc::O_RDONLY,
+                    "w" => libc::O_WRONLY,
+                    "rw" => libc::O_RDWR,
+                    "a" => libc::O_WRONLY | libc::O_APPEND,
+                    "rt" => libc::O_RDWR | libc::O_TRUNC,
+                    _ => panic!("bad open flags {flags}"),
+                };
+                let fd = open_at(&ctx.c(path), fl, 0)?;
+                fds.0.insert(*slot, fd);
+                Ok(String::new())
+            }
+            ReadFd { slot, off, len } => {
+                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                let mut v = vec![0u8; *len];
+                let n = libc::pread(*fd, v.as_mut_ptr().cast(), v.len(), *off as i64);
+                if n < 0 {
+                    return Err(last_errno());
+                }
+                Ok(format!("len={n} hash={:016x}", fnv(&v[..n as usize])))
+            }
+            WriteFd { slot, off, len, seed } => {
+                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                let v = data(*len, *seed);
+                let n = libc::pwrite(*fd, v.as_ptr().cast(), v.len(), *off as i64);
+                if n < 0 {
+                    return Err(last_errno());
+                }
+                Ok(n.to_string())
+            }
+            TruncFd { slot, len } => {
+                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                rc(libc::ftruncate(*fd, *len as i64))
+            }
+            Fstat { slot } => {
+                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::fstat(*fd, &mut st) < 0 {
+                    return Err(last_errno());
+                }
+                Ok(ctx.stat_line(&st))
+            }
+            Fchmod { slot, mode } => {
+                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                rc(libc::fchmod(*fd, *mode))
+            }
+            Close { slot } => {
+                let Some(fd) = fds.0.remove(slot) else { return Ok("no fd".into()) };
+                rc(libc::close(fd))
+            }
+        }
+    }
+}
+
+/// The object an op acts on and where it is afterwards: its st_ino must not change there
+/// (copy-up, rename) whenever kernel overlayfs keeps it.
+fn tracked(op: &Op) -> Option<(&str, &str)> {
+    use Op::*;
+    match op {
+        Chmod { path, .. }
+        | Chown { path, .. }
+        | Utime { path, .. }
+        | SetXattr { path, .. }
+        | RemoveXattr { path, .. }
+        | Write { path, .. }
+        | Append { path, .. }
+        | Overwrite { path, .. }
+        | Truncate { path, .. } => Some((path, path)),
+        Rename { src, dst, .. } => Some((src, dst)),
+        Link { src, .. } => Some((src, src)),
+        _ => None,
+    }
+}
+
+fn ino(root: &Path, rel: &str) -> Option<u64> {
+    std::fs::symlink_metadata(root.join(rel)).ok().map(|m| m.ino())
+}
+
+// ---------------------------------------------------------------------------------------------
+// running a sequence on both mounts
+
+struct Run {
+    rig: Rig,
+    log: Vec<String>,
+    header: String,
+    // Declared after `rig`, dropped first: fds close before the mounts go.
+    ref_fds: Fds,
+    sub_fds: Fds,
+}
+
+impl Run {
+    fn new(layers: Layers, header: String) -> Run {
+        let rig = Rig::new(layers);
+        Run { rig, log: Vec::new(), header, ref_fds: Fds::default(), sub_fds: Fds::default() }
+    }
+
+    fn report(&self, what: &str) -> String {
+        format!(
+            "{}\n{what}\nlayers (top first):\n{}op log (ref results):\n{}\n",
+            self.header,
+            self.rig.layers,
+            self.log.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// Apply one op to both mounts; Err(report) when results or st_ino stability differ.
+    fn step(&mut self, i: usize, op: &Op) -> Result<Res, String> {
+        let rctx = Ctx { root: self.rig.ref_root(), start_ns: self.rig.start_ns };
+        let sctx = Ctx { root: self.rig.sub_root(), start_ns: self.rig.start_ns };
+        let before = tracked(op).map(|(a, _)| (ino(rctx.root, a), ino(sctx.root, a)));
+        let r = apply(&rctx, op, &mut self.ref_fds);
+        let s = apply(&sctx, op, &mut self.sub_fds);
+        self.log.push(format!("#{i} {op}  => {}", show(&r)));
+        if r != s {
+            return Err(self.report(&format!("op #{i} `{op}` differs:\n  kernel:  {}\n  subject: {}", show(&r), show(&s))));
+        }
+        if let (Some((_, after)), Some((rb, sb))) = (tracked(op), before) {
+            let (ra, sa) = (ino(rctx.root, after), ino(sctx.root, after));
+            if rb.is_some() && rb == ra && sb != sa {
+                return Err(self.report(&format!(
+                    "op #{i} `{op}`: st_ino of the object changed in the subject ({sb:?} -> {sa:?}) but not in the kernel"
+                )));
+            }
+        }
+        Ok(r)
+    }
+
+    fn compare(&self, what: &str) -> Result<(), String> {
+        self.rig.compare_trees(what).map_err(|d| self.report(&d))
+    }
+
+    /// Close fds; compare; remount the subject and compare again (st_ino stable); then mount
+    /// kernel overlayfs on the subject's upper and compare (the upper is in kernel format).
+    fn finish(&mut self) -> Result<(), String> {
+        self.ref_fds.close_all();
+        self.sub_fds.close_all();
+        self.compare("after the sequence")?;
+        let before = inos(self.rig.sub_root());
+        self.rig.remount_subject();
+        self.compare("after unmounting and remounting the subject on the same upper")?;
+        let after = inos(self.rig.sub_root());
+        let changed: Vec<String> = before
+            .iter()
+            .filter(|(p, i)| after.get(*p).is_some_and(|j| j != *i))
+            .take(30)
+            .map(|(p, i)| format!("  {}: st_ino {i} -> {}", short_path(p), after[p]))
+            .collect();
+        if !changed.is_empty() {
+            return Err(self.report(&format!("st_ino changed across a remount of the subject:\n{}", changed.join("\n"))));
+        }
+        self.rig.mount_kernel_on_subject_upper().map_err(|e| self.report(&format!("kernel overlayfs refused the subject's upper: {e}")))?;
+        self.compare("kernel overlayfs mounted on the subject's upper (upper format)")
+    }
+}
+
+fn inos(root: &Path) -> BTreeMap<String, u64> {
+    snapshot(root).into_iter().map(|(p, n)| (p, n.ino)).collect()
+}
+
+/// Light listing of the reference tree for choosing op arguments.
+fn list_tree(root: &Path) -> Vec<(String, char)> {
+    fn rec(root: &Path, rel: &str, out: &mut Vec<(String, char)>) {
+        let Ok(rd) = std::fs::read_dir(if rel.is_empty() { root.to_path_buf() } else { root.join(rel) }) else { return };
+        let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        for n in names {
+            let r = if rel.is_empty() { n } else { format!("{rel}/{n}") };
+            let k = std::fs::symlink_metadata(root.join(&r)).map(|m| kind_of(m.mode())).unwrap_or('?');
+            out.push((r.clone(), k));
+            if k == 'd' {
+                rec(root, &r, out);
+            }
+        }
+    }
+    let mut v = vec![(String::new(), 'd')];
+    rec(root, "", &mut v);
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// random sequences
+
+fn gen_op(rng: &mut Rng, tree: &[(String, char)], pool: &[String]) -> Op {
+    use Op::*;
+    const FRESH: &[&str] = &["n0", "n1", "n2", "a", "b", "x", "d0", "f0"];
+    const FILE_MODES: &[u32] = &[0o644, 0o600, 0o755, 0o4755, 0o2755, 0o777, 0o000, 0o1777, 0o6711];
+    const UMASKS: &[u32] = &[0o022, 0o077, 0o000, 0o027];
+    const IDS: &[u32] = &[0, 1000, 65534, 1001, u32::MAX];
+    const TIMES: &[i64] = &[978_307_200_000_000_000, 1_262_304_000_123_456_789, 1_000_000_000_999_999_999, TS_NOW, TS_OMIT];
+    const XATTRS: &[&str] = &["user.k0", "user.k1", "user.k2", "trusted.k", "trusted.overlay.opaque", "security.k"];
+    let of = |k: char| -> Vec<String> { tree.iter().filter(|(_, t)| *t == k).map(|(p, _)| p.clone()).collect() };
+    let files = of('f');
+    let dirs = of('d');
+    let fresh = |rng: &mut Rng| -> String {
+        let parent = rng.pick(&dirs).clone();
+        let name = match rng.below(100) {
+            0..=6 => long_name(&format!("N{}", rng.below(2)), 255),
+            7..=11 => long_name("M", 256),
+            _ => rng.pick(FRESH).to_string(),
+        };
+        if parent.is_empty() {
+            name
+        } else {
+            format!("{parent}/{name}")
+        }
+    };
+    let existing = |rng: &mut Rng| -> String { rng.pick(tree).0.clone() };
+    let any = |rng: &mut Rng| -> String {
+        let base = match rng.below(100) {
+            0..=64 => existing(rng),
+            65..=79 if !pool.is_empty() => rng.pick(pool).clone(),
+            _ => fresh(rng),
+        };
+        match rng.below(100) {
+            0..=3 if !base.is_empty() => format!("{base}/"),
+            4..=7 if !files.is_empty() => format!("{}/x", rng.pick(&files)),
+            _ => base,
+        }
+    };
+    let file_or_any = |rng: &mut Rng| -> String {
+        if !files.is_empty() && rng.chance(70) {
+            rng.pick(&files).clone()
+        } else {
+            any(rng)
+        }
+    };
+    let new_or_any = |rng: &mut Rng| -> String {
+        if rng.chance(60) {
+            fresh(rng)
+        } else {
+            any(rng)
+        }
+    };
+    let slot = |rng: &mut Rng| rng.below(SLOTS as u64) as usize;
+    let len = |rng: &mut Rng| -> usize { *rng.pick(&[0usize, 1, 5, 100, 4096, 5000]) };
+    let off = |rng: &mut Rng| -> u64 { *rng.pick(&[0u64, 1, 3, 4095, 8192, 100_000, 1 << 20]) };
+    match rng.below(112) {
+        0..=7 => Create { path: new_or_any(rng), mode: *rng.pick(FILE_MODES), umask: *rng.pick(UMASKS), excl: rng.chance(30) },
+        8..=13 => Write { path: file_or_any(rng), off: off(rng), len: len(rng), seed: rng.below(256) as u8 },
+        14..=17 => Append { path: file_or_any(rng), len: len(rng), seed: rng.below(256) as u8 },
+        18..=20 => Overwrite { path: file_or_any(rng), len: len(rng), seed: rng.below(256) as u8 },
+        21..=24 => Truncate { path: file_or_any(rng), len: off(rng) },
+        25..=27 => Read { path: file_or_any(rng) },
+        28..=33 => Mkdir { path: new_or_any(rng), mode: *rng.pick(&[0o755, 0o700, 0o2775, 0o1777, 0o000]), umask: *rng.pick(UMASKS) },
+        34..=37 => Rmdir { path: if rng.chance(70) { rng.pick(&dirs).clone() } else { any(rng) } },
+        38..=43 => Unlink { path: any(rng) },
+        44..=47 => Link { src: any(rng), dst: new_or_any(rng) },
+        48..=50 => Symlink { target: rng.pick(&["a", "../b", "/nonexistent-verlay/hostname", "dangling"]).to_string(), path: new_or_any(rng) },
+        51..=52 => Mkfifo { path: new_or_any(rng), mode: 0o644, umask: *rng.pick(UMASKS) },
+        53 => Mknod { path: new_or_any(rng), major: 0, minor: if rng.chance(50) { 0 } else { 1 } },
+        54..=63 => {
+            let flags = match rng.below(10) {
+                0..=5 => 0,
+                6..=7 => RENAME_NOREPLACE,
+                _ => RENAME_EXCHANGE,
+            };
+            let src = if !dirs.is_empty() && rng.chance(35) { rng.pick(&dirs).clone() } else { any(rng) };
+            let dst = if flags == RENAME_EXCHANGE || rng.chance(40) { any(rng) } else { new_or_any(rng) };
+            Rename { src, dst, flags }
+        }
+        64..=68 => Chmod { path: any(rng), mode: *rng.pick(&[0o644, 0o2755, 0o4755, 0o700, 0o000, 0o1777, 0o755]) },
+        69..=72 => Chown { path: any(rng), uid: *rng.pick(IDS), gid: *rng.pick(IDS) },
+        73..=76 => Utime { path: any(rng), atime: *rng.pick(TIMES), mtime: *rng.pick(TIMES) },
+        77..=79 => SetXattr { path: any(rng), name: rng.pick(XATTRS).to_string(), value: format!("v{}", rng.below(10)) },
+        80..=81 => RemoveXattr { path: any(rng), name: rng.pick(XATTRS).to_string() },
+        82 => GetXattr { path: any(rng), name: rng.pick(XATTRS).to_string() },
+        83 => ListXattr { path: any(rng) },
+        84..=86 => Stat { path: any(rng) },
+        87..=88 => Readdir { path: if rng.chance(80) { rng.pick(&dirs).clone() } else { any(rng) } },
+        89 => Readlink { path: any(rng) },
+        90..=95 => Open {
+            slot: slot(rng),
+            path: file_or_any(rng),
+            flags: rng.pick(&["r", "r", "r", "w", "rw", "a", "rt"]).to_string(),
+        },
+        96..=98 => ReadFd { slot: slot(rng), off: *rng.pick(&[0u64, 1, 4096]), len: *rng.pick(&[1usize, 100, 70000]) },
+        99..=101 => WriteFd { slot: slot(rng), off: off(rng), len: len(rng), seed: rng.below(256) as u8 },
+        102 => TruncFd { slot: slot(rng), len: off(rng) },
+        103..=106 => Fstat { slot: slot(rng) },
+        107 => Fchmod { slot: slot(rng), mode: *rng.pick(&[0o600, 0o2755]) },
+        _ => Close { slot: slot(rng) },
+    }
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+fn run_seed(seed: u64, nops: usize) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let layers = random_layers(&mut rng);
+    let pool = layers.all_paths();
+    let header = format!(
+        "seed {seed} ({nops} ops); replay: VERLAY_DIFF_SEED={seed} VERLAY_DIFF_OPS={nops} cargo test --test mount random_sequences_match_kernel_overlayfs -- --nocapture"
+    );
+    let mut run = Run::new(layers, header);
+    for i in 0..nops {
+        let tree = list_tree(run.rig.ref_root());
+        let op = gen_op(&mut rng, &tree, &pool);
+        let _ = run.step(i, &op)?;
+        if (i + 1) % 10 == 0 {
+            run.compare(&format!("after op #{i}"))?;
+        }
+    }
+    run.finish()
+}
+
+/// Seeded random layers and operation sequences give the same results, trees, st_ino
+/// stability and upper format as kernel overlayfs.
+#[test]
+fn random_sequences_match_kernel_overlayfs() {
+    let nops = env_num("VERLAY_DIFF_OPS", 150) as usize;
+    let seeds: Vec<u64> = match std::env::var("VERLAY_DIFF_SEED") {
+        Ok(s) => vec![s.parse().expect("VERLAY_DIFF_SEED is a number")],
+        Err(_) => {
+            let base = env_num("VERLAY_DIFF_SEED_BASE", 0);
+            (base..base + env_num("VERLAY_DIFF_SEEDS", 20)).collect()
+        }
+    };
+    let start = std::time::Instant::now();
+    let mut failures = Vec::new();
+    for &seed in &seeds {
+        if let Err(e) = run_seed(seed, nops) {
+            let first = e.lines().nth(1).unwrap_or("").to_string();
+            eprintln!("seed {seed}: FAILED: {first}");
+            failures.push((seed, e));
+        }
+    }
+    eprintln!(
+        "{} of {} seeds agreed with kernel overlayfs ({nops} ops each, {:.1?})",
+        seeds.len() - failures.len(),
+        seeds.len(),
+        start.elapsed()
+    );
+    if let Some((_, first)) = failures.first() {
+        let list: Vec<String> = failures.iter().map(|(s, e)| format!("  seed {s}: {}", e.lines().nth(1).unwrap_or(""))).collect();
+        panic!("{} of {} seeds diverged:\n{}\n\nfirst failure in full:\n{first}", failures.len(), seeds.len(), list.join("\n"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// focused cases
+
+/// Run `steps` ("op" or "op => substring the kernel's result must contain") on both mounts
+/// over `layers` (top lower first), comparing results and trees after every step, then the
+/// remount and upper-format checks.
+fn case(name: &str, layers: &[&str], steps: &[&str]) {
+    let mut run = Run::new(Layers::parse(layers), format!("case {name}"));
+    let result = (|| -> Result<(), String> {
+        for (i, s) in steps.iter().enumerate() {
+            let (op_text, expect) = match s.split_once("=>") {
+                Some((o, e)) => (o.trim(), Some(e.trim())),
+                None => (s.trim(), None),
+            };
+            let op = parse_op(op_text);
+            let r = run.step(i, &op)?;
+            if let Some(e) = expect {
+                let shown = show(&r);
+                if !shown.contains(e) {
+                    // The kernel is the oracle; this means the test's assumption is wrong.
+                    return Err(run.report(&format!("kernel answered {shown} to `{op}`, the test expects `{e}`")));
+                }
+            }
+            run.compare(&format!("after step #{i} `{op}`"))?;
+        }
+        run.finish()
+    })();
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+const NAME255: &str = "long~255";
+
+#[test]
+fn lower_hard_links_report_lower_nlink_and_break_on_copy_up() {
+    case(
+        "lower_hard_links",
+        &["f d1/f0=shared; h d1/f1=d1/f0; h top=d1/f0"],
+        &[
+            "stat d1/f0 => nlink=3",
+            "stat top => nlink=3",
+            "append d1/f0 5",
+            "stat d1/f0 => nlink=1",
+            "stat d1/f1 => nlink=3",
+            "read d1/f1 => len=6",
+            "chmod top 0600",
+            "stat d1/f1 => 0644",
+        ],
+    );
+}
+
+#[test]
+fn open_unlinked_file_fstats_nlink_zero() {
+    case(
+        "open_unlinked",
+        &["f low=lower data"],
+        &[
+            "create new 0644",
+            "open 0 new rw",
+            "unlink new",
+            "fstat 0 => nlink=0",
+            "writefd 0 0 10",
+            "readfd 0 0 100 => len=10",
+            "open 1 low r",
+            "unlink low",
+            "fstat 1 => nlink=",
+            "readfd 1 0 100 => len=10",
+        ],
+    );
+}
+
+#[test]
+fn open_rdonly_fd_sees_data_after_copy_up() {
+    case(
+        "open_rdonly_after_copy_up",
+        &["f f=lower-content; f g=other"],
+        &["open 0 f r", "overwrite f 3 66", "readfd 0 0 100 => len=3", "open 1 g r", "chmod g 0600", "truncate g 2", "readfd 1 0 100 => len=2"],
+    );
+}
+
+#[test]
+fn write_through_fd_after_rename_and_unlink_lands_in_the_file() {
+    case(
+        "fd_after_rename",
+        &["f a=aaaa; f b=bbbb"],
+        &["open 0 a rw", "rename a c", "writefd 0 0 2 70", "read c => len=4", "open 1 b w", "unlink b", "writefd 1 0 3", "fstat 1 => nlink=0", "stat b => ENOENT"],
+    );
+}
+
+#[test]
+fn copy_up_keeps_setgid_and_owner_of_parents() {
+    case(
+        "copy_up_parents",
+        &["d d0 2775 1000:65534; d d0/sub 0700 1001:1001; f d0/sub/f=x; m d0/sub/f 4755 1000:1000; d priv 0711; f priv/a; d tmp 1777; f tmp/t"],
+        &[
+            "utime d0/sub/f 978307200000000000 978307200000000000",
+            "stat d0 => d 2775 1000:65534",
+            "stat d0/sub => d 0700 1001:1001",
+            "write d0/sub/f 0 0",
+            "stat d0/sub/f => 4755 1000:1000",
+            "append priv/a 3",
+            "stat priv => 0711",
+            "append tmp/t 3",
+            "stat tmp => 1777",
+        ],
+    );
+}
+
+#[test]
+fn new_entries_in_setgid_dirs_inherit_the_group() {
+    case(
+        "setgid_inherit",
+        &["d g 2775 0:65534; d g/inner 0755 0:65534"],
+        &["mkdir g/d 0755 => Ok", "stat g/d => d 2755 0:65534", "create g/f 0644", "stat g/f => 0:65534", "mkdir g/inner/x 0755", "stat g/inner/x => 0:0"],
+    );
+}
+
+#[test]
+fn umask_applies_to_new_files() {
+    case(
+        "umask",
+        &["d d"],
+        &[
+            "create d/a 0666 umask=077",
+            "stat d/a => f 0600",
+            "mkdir d/b 0777 umask=077",
+            "stat d/b => d 0700",
+            "create d/c 0666 umask=022",
+            "stat d/c => f 0644",
+            "mkfifo d/p 0666 umask=027",
+            "stat d/p => p 0640",
+            "mkdir e 0777 umask=000",
+            "stat e => d 0777",
+        ],
+    );
+}
+
+#[test]
+fn copied_up_symlink_keeps_owner_and_mtime() {
+    case(
+        "symlink_copy_up",
+        &["s s->target; m s - 1000:1000; s t->x; m t - 65534:65534; d dd"],
+        &["link s s2", "stat s2 => l 0777 1000:1000", "rename t dd/t2", "stat dd/t2 => 65534:65534"],
+    );
+}
+
+#[test]
+fn lower_fifo_supports_metadata_changes_and_links() {
+    case(
+        "lower_fifo",
+        &["p p0; p p1; p p2; f f=data; d d1"],
+        &[
+            "chmod p0 0600 => Ok",
+            "chown p0 1000:1000 => Ok",
+            "utime p0 978307200000000000 978307200000000000 => Ok",
+            "link p1 d1/s2 => Ok",
+            "stat d1/s2 => p ",
+            "rename p2 f exchange => Ok",
+            "stat f => p ",
+            "stat p2 => f ",
+        ],
+    );
+}
+
+#[test]
+fn names_of_255_bytes_work_and_256_bytes_are_enametoolong() {
+    case(
+        "name_max",
+        &["f lowf~255=x; d d"],
+        &[
+            &format!("create {NAME255} 0644 => Ok"),
+            "mkdir d/dir~255 0755 => Ok",
+            "symlink a d/sym~255 => Ok",
+            "mkfifo d/fifo~255 0644 => Ok",
+            "rename d/fifo~255 d/ren~255 => Ok",
+            "chown lowf~255 1000:1000 => Ok",
+            "stat lowf~255 => 1000:1000",
+            "create n~256 0644 => ENAMETOOLONG",
+            "mkdir d/n~256 0755 => ENAMETOOLONG",
+            "stat n~256 => ENAMETOOLONG",
+            "unlink n~256 => ENAMETOOLONG",
+            "rename d d/n~256 => ENAMETOOLONG",
+        ],
+    );
+}
+
+#[test]
+fn rename_exchange_file_with_merged_dir() {
+    case(
+        "exchange_merged_dir",
+        &["d m; f m/a=top", "d m; f m/b=bottom; d lowdir; f lowdir/x; f file=f"],
+        &["rename file m exchange", "rename file lowdir exchange", "mkdir up 0755", "rename file up exchange", "stat up"],
+    );
+}
+
+#[test]
+fn renaming_lower_and_merged_dirs_uses_redirects() {
+    case(
+        "dir_redirect",
+        &["d m; f m/a=top; d m/sub; f m/sub/s", "d m; f m/b=bottom; d other; f other/o"],
+        &[
+            "rename m moved",
+            "readdir moved => a,b,sub",
+            "stat m => ENOENT",
+            "rename other moved/other",
+            "rename moved/sub deep",
+            "mkdir m 0755",
+            "readdir m => Ok",
+            "rename moved m2 noreplace",
+        ],
+    );
+}
+
+#[test]
+fn dir_made_over_whiteout_then_renamed_keeps_lower_hidden() {
+    case(
+        "dir_over_whiteout",
+        &["f x=lower; d d; f d/old=o"],
+        &["unlink x", "mkdir x 0755", "rename x y", "stat x => ENOENT", "readdir y => []", "unlink d/old", "rmdir d", "mkdir d 0755", "readdir d => []", "rename d e", "stat d => ENOENT", "readdir e => []"],
+    );
+}
+
+#[test]
+fn middle_layer_whiteout_hides_below() {
+    case(
+        "middle_whiteout",
+        &["f top=t", "w gone; W gone2; f keep=m", "f gone=bottom; d gone2; f gone2/x; f keep=b"],
+        &["stat gone => ENOENT", "stat gone2 => ENOENT", "create gone 0644", "unlink gone", "stat gone => ENOENT", "mkdir gone2 0755", "readdir gone2 => []", "read keep => len=1"],
+    );
+}
+
+#[test]
+fn middle_layer_opaque_dir_hides_below() {
+    case(
+        "middle_opaque",
+        &["d o; f o/top=t; d o2; f o2/top", "o o; f o/mid=m; O o2; f o2/mid", "d o; f o/bottom=b; d o2; f o2/bottom"],
+        &[
+            "readdir o => mid,top",
+            "readdir o2 => mid,top",
+            "stat o/bottom => ENOENT",
+            "create o/bottom 0644 excl => Ok",
+            "write o2/bottom 0 3 => ENOENT",
+            "unlink o/bottom",
+            "stat o/bottom => ENOENT",
+            "rename o o3",
+            "readdir o3 => mid,top",
+        ],
+    );
+}
+
+#[test]
+fn bottom_layer_file_stays_gone_after_create_and_unlink() {
+    case(
+        "bottom_stays_gone",
+        &["d d", "f d/f=bottom; f g=bottom"],
+        &["unlink d/f", "create d/f 0644", "unlink d/f", "stat d/f => ENOENT", "rename g d/g", "create g 0644", "unlink g", "stat g => ENOENT"],
+    );
+}
+
+#[test]
+fn type_changes_across_layers() {
+    case(
+        "type_changes",
+        &["f fd=now a file; d ds; f ds/x", "d fd; f fd/hidden; s ds->fd; d sd; f sd/y", "f sd=bottom file"],
+        &["stat fd => f ", "stat ds => d ", "readdir ds => x", "mkdir ds/new 0755 => Ok", "mkdir sd/new 0755 => Ok", "stat fd/hidden => ENOTDIR", "rmdir ds => ENOTEMPTY"],
+    );
+}
+
+#[test]
+fn trailing_slash_and_paths_through_files() {
+    case(
+        "trailing_slash",
+        &["f f=x; d d; s l->d"],
+        &["stat f/ => ENOTDIR", "unlink f/ => ENOTDIR", "rename f/ g => ENOTDIR", "rename f g/ => ENOTDIR", "create f/x 0644 => ENOTDIR", "mkdir f/x 0755 => ENOTDIR", "stat l/ => d ", "rmdir d/ => Ok"],
+    );
+}
+
+#[test]
+fn mknod_whiteout_device_and_xattrs() {
+    case(
+        "mknod_xattr",
+        &["f a=x; x a user.k=v; d d; x d user.d=1"],
+        &[
+            "mknod w 0:0",
+            "mknod n 1:3",
+            "getxattr a user.k => v",
+            "setxattr a user.new=1 => Ok",
+            "rmxattr a user.k => Ok",
+            "listxattr a => user.new",
+            "getxattr d trusted.overlay.opaque",
+            "setxattr d trusted.overlay.opaque=y",
+            "listxattr d => user.d",
+        ],
+    );
+}
+
+#[test]
+fn st_ino_is_stable_across_copy_up_rename_and_remount() {
+    // Run::step checks st_ino of the touched object against the kernel; finish() across remount.
+    case(
+        "st_ino",
+        &["f a=x; d d; f d/b=y; s s->a; p p"],
+        &["chmod a 0600", "rename d/b c", "chown s 1000:1000", "rename d e", "utime p 978307200000000000 omit", "create n 0644", "rename n d2"],
+    );
+}
