@@ -141,7 +141,9 @@ impl LayerDir {
     /// Absolute path through /proc for calls without an *at form.
     pub fn proc_path(&self, rel: &Path) -> PathBuf {
         if rel.as_os_str().is_empty() {
-            self.proc_root.clone()
+            // "/proc/self/fd/N" itself is a symlink: l*xattr would act on it, not on the
+            // directory. "/proc/self/fd/N/." is the directory.
+            self.proc_root.join(".")
         } else {
             self.proc_root.join(rel)
         }

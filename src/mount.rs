@@ -104,6 +104,16 @@ fn fuse_config(args: &MountArgs, read_only: bool) -> Config {
             opts.push(m);
         }
     }
+    // As root, behave like a kernel mount (and fuse-overlayfs as root): device nodes and
+    // setuid binaries in the layers work, unless the caller said otherwise.
+    if rustix::process::geteuid().is_root() {
+        if !opts.contains(&MountOption::NoDev) {
+            opts.insert(3, MountOption::Dev);
+        }
+        if !opts.contains(&MountOption::NoSuid) {
+            opts.insert(3, MountOption::Suid);
+        }
+    }
     // Conflicting flags: the later one wins, as with mount(8).
     let mut cfg = Config::default();
     let mut seen: Vec<MountOption> = Vec::new();
@@ -169,7 +179,8 @@ pub fn run(args: MountArgs) -> Result<()> {
             }
         }
     }
-    let fs = VerlayFs::new(Arc::new(union), ttl);
+    let union = Arc::new(union);
+    let fs = VerlayFs::new(union.clone(), ttl);
     let session = match fuser::Session::new(fs, &args.mountpoint, &cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -185,6 +196,11 @@ pub fn run(args: MountArgs) -> Result<()> {
             ));
         }
     };
+    let notifier = session.notifier();
+    union.set_invalidator(crate::union::Invalidator(Box::new(move |id| {
+        // offset -1: attributes only, no page-cache pages (safe inside a request).
+        let _ = notifier.inval_inode(fuser::INodeNo(id), -1, 0);
+    })));
     info!(mountpoint = %args.mountpoint.display(), "mounted");
     if let Some(mut r) = report.take() {
         let _ = crate::sys::detach_stdio();

@@ -44,7 +44,7 @@ impl Union {
         let mut out = vec![
             DirEntry {
                 name: ".".into(),
-                ino: node.ino,
+                ino: node.ino(),
                 kind: Kind::Dir,
             },
             DirEntry {

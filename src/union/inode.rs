@@ -56,8 +56,9 @@ pub struct Node {
     pub id: u64,
     /// file type; fixed for the node's life (a name that changes type gets a new node)
     pub kind: Kind,
-    /// st_ino shown to users
-    pub ino: u64,
+    /// st_ino shown to users; changes only when a copy-up breaks a lower hard link
+    /// (kernel overlayfs with index=off gives the copy the upper's own inode number)
+    pub ino: AtomicU64,
     /// kernel lookup count
     pub lookups: AtomicU64,
     /// location, under its own lock
@@ -66,12 +67,17 @@ pub struct Node {
     pub copy_up: Mutex<()>,
     /// an fd of an open handle, for fstat/fchmod of an unlinked file (the kernel sends
     /// those without a file handle)
-    pub open_fd: Mutex<Option<std::sync::Weak<std::os::fd::OwnedFd>>>,
+    pub open_fds: Mutex<Vec<std::sync::Weak<std::os::fd::OwnedFd>>>,
     /// directories: live child nodes by name, so a name keeps its node while known
     pub children: Mutex<HashMap<OsString, u64>>,
 }
 
 impl Node {
+    /// st_ino shown to users.
+    pub fn ino(&self) -> u64 {
+        self.ino.load(Ordering::Relaxed)
+    }
+
     /// Snapshot of the state.
     pub fn snapshot(&self) -> NodeState {
         self.state.read().clone()

@@ -30,8 +30,12 @@ use tracing::{debug, trace};
 
 use crate::error::{errno, Error, Result};
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
-use crate::upper::{is_private_xattr, Occupant, Owner, Upper};
+use crate::upper::{Occupant, Owner, Upper, XattrNames};
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
+
+/// Longest redirect kernel overlayfs writes (module parameter redirect_max, default 256);
+/// a directory rename that would need a longer one fails with EXDEV, as in the kernel.
+pub const REDIRECT_MAX: usize = 256;
 
 /// Longest name a layer accepts (NAME_MAX); FUSE itself allows 1024.
 pub const NAME_MAX: usize = 255;
@@ -209,6 +213,17 @@ pub struct Union {
     opts: UnionOptions,
     /// all layers on one filesystem: real inode numbers are unique as they are
     same_dev: bool,
+    /// drops the kernel's cached attributes of a node (set by the FUSE adapter)
+    invalidator: std::sync::OnceLock<Invalidator>,
+}
+
+/// Drops the kernel's cached attributes of a node id.
+pub struct Invalidator(pub Box<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for Invalidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Invalidator")
+    }
 }
 
 /// What a name resolves to in the layers.
@@ -259,7 +274,7 @@ impl Union {
             nodes: NodeTable::new(Node {
                 id: ROOT_ID,
                 kind: Kind::Dir,
-                ino: 0,
+                ino: AtomicU64::new(0),
                 lookups: AtomicU64::new(1),
                 state: RwLock::new(NodeState {
                     parent: ROOT_ID,
@@ -272,7 +287,7 @@ impl Union {
                     data_gen: 0,
                 }),
                 copy_up: Mutex::new(()),
-                open_fd: Mutex::new(None),
+                open_fds: Mutex::new(Vec::new()),
                 children: Mutex::new(HashMap::new()),
             }),
             files: RwLock::new(HashMap::new()),
@@ -280,6 +295,7 @@ impl Union {
             next_fh: AtomicU64::new(1),
             opts,
             same_dev,
+            invalidator: std::sync::OnceLock::new(),
         };
         // The root merges every layer's root, unless the upper root is opaque.
         let root = u.node(ROOT_ID)?;
@@ -376,14 +392,7 @@ impl Union {
     /// Redirect of an upper directory, as a list of places to look in the lowers.
     fn redirect_of(&self, layer: &LayerDir, rel: &Path, parent_lowers: &[LowerRef], overlay_prefixes: bool) -> Result<Option<Vec<LowerRef>>> {
         let _ = overlay_prefixes;
-        let mut value = None;
-        for name in ["trusted.overlay.redirect", "user.overlay.redirect"] {
-            if let Some(v) = layer.get_xattr(rel, OsStr::new(name))? {
-                value = Some(v);
-                break;
-            }
-        }
-        let Some(v) = value else { return Ok(None) };
+        let Some(v) = redirect_value(layer, rel)? else { return Ok(None) };
         let v = OsStr::from_bytes(&v).to_os_string();
         let vb = v.as_bytes();
         if vb.first() == Some(&b'/') {
@@ -548,7 +557,7 @@ impl Union {
         let node = Arc::new(Node {
             id,
             kind: r.kind,
-            ino: r.ino,
+            ino: AtomicU64::new(r.ino),
             lookups: AtomicU64::new(1),
             state: RwLock::new(NodeState {
                 parent: parent.id,
@@ -561,7 +570,7 @@ impl Union {
                 data_gen: 0,
             }),
             copy_up: Mutex::new(()),
-            open_fd: Mutex::new(None),
+            open_fds: Mutex::new(Vec::new()),
             children: Mutex::new(HashMap::new()),
         });
         self.nodes.insert(node.clone());
@@ -645,7 +654,7 @@ impl Union {
     fn attr_from(&self, node: &Node, st: &Stat) -> Attr {
         let state = node.state.read();
         let kind = Kind::from_mode(st.st_mode);
-        let mut nlink = st.st_nlink as u32;
+        let mut nlink = st.st_nlink as u32; // an open, unlinked lower file keeps its lower count, as in the kernel
         if kind == Kind::Dir {
             // Kernel overlayfs reports nlink 1 for merged directories: the real count of
             // any one layer is wrong, and tools read 1 as "unknown".
@@ -653,13 +662,11 @@ impl Union {
             if merged {
                 nlink = 1;
             }
-        } else if state.unlinked && !state.upper {
-            nlink = 0;
         }
         let ino = if node.id == ROOT_ID {
             self.map_ino(0, st.st_ino)
         } else {
-            node.ino
+            node.ino()
         };
         Attr {
             ino,
@@ -683,10 +690,10 @@ impl Union {
         if let Some(h) = fh.and_then(|fh| self.file(fh).ok()) {
             return Ok(h.fd.read().clone());
         }
-        node.open_fd
+        node.open_fds
             .lock()
-            .as_ref()
-            .and_then(|w| w.upgrade())
+            .iter()
+            .find_map(|w| w.upgrade())
             .ok_or(Error::Errno(libc::ENOENT))
     }
 
@@ -752,12 +759,48 @@ impl Union {
         let layer = &self.lowers[src.layer];
         let lst = layer.stat(&src.path)?.ok_or(Error::Errno(libc::ENOENT))?;
         let dst = self.path_of(node)?;
-        debug!(op = "copy_up", ino = node.ino, path = %dst.display(), layer = %layer.name, "copy-up");
-        up.copy_up(layer, &src.path, &lst, &dst, node.ino)?;
-        let mut w = node.state.write();
-        w.upper = true;
-        w.data_gen += 1;
+        // Kernel overlayfs with index=off breaks a lower hard link on copy-up and shows the
+        // copy with its own inode number; other objects keep theirs (recorded as origin).
+        let breaks_link = node.kind != Kind::Dir && lst.st_nlink > 1;
+        let origin = if breaks_link { None } else { Some(node.ino()) };
+        debug!(op = "copy_up", ino = node.ino(), path = %dst.display(), layer = %layer.name, "copy-up");
+        // Publishing the copy changes the parent's times; the copy-up is not a change the
+        // user made, so they are put back (as ovl_copy_up_one does).
+        let parent_path = dst.parent().map(Path::to_path_buf).unwrap_or_default();
+        let parent_times = up.dir.stat(&parent_path)?;
+        up.copy_up(layer, &src.path, &lst, &dst, origin)?;
+        if let Some(pt) = parent_times {
+            if let Err(e) = up.utimens(&parent_path, &crate::upper::stat_times(&pt)) {
+                debug!(error = %e, "could not restore the parent's times after copy-up");
+            }
+        }
+        if breaks_link {
+            if let Some(st) = up.dir.stat(&dst)? {
+                node.ino.store(self.map_ino(0, st.st_ino), Ordering::Relaxed);
+            }
+        }
+        {
+            let mut w = node.state.write();
+            w.upper = true;
+            w.data_gen += 1;
+        }
+        // nlink (merged directories report 1) and st_ino may have changed behind the
+        // kernel's attribute cache.
+        self.invalidate(node.id);
         Ok(())
+    }
+
+    /// Tell the kernel to drop its cached attributes of a node.
+    fn invalidate(&self, id: u64) {
+        if let Some(f) = self.invalidator.get() {
+            (f.0)(id);
+        }
+    }
+
+    /// Install the function that drops the kernel's cached attributes of a node (the FUSE
+    /// adapter's notifier). Called once, after the session exists.
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidator.set(f);
     }
 
     // ---------------------------------------------------------------- setattr
@@ -1099,22 +1142,42 @@ impl Union {
             self.copy_up(d)?;
         }
         let up = self.upper()?;
-        let old_path = self.path_of(&src)?;
+        // By the names given, not the node's first name: a hard link has several.
+        let old_path = self.path_of(&oldp)?.join(name);
         let new_path = self.path_of(&newp)?.join(newname);
         let old_plowers = oldp.state.read().lowers.clone();
         let new_plowers = newp.state.read().lowers.clone();
 
         // A directory with lower parts keeps them by redirect; a pure upper directory
         // moved into a merged parent must not start merging what is below its new name.
+        let same_dir = oldp.id == newp.id;
         let prepare_dir = |n: &Arc<Node>, at: &Path, to_merged_parent: bool| -> Result<()> {
             if n.kind != Kind::Dir {
                 return Ok(());
             }
             let st = n.snapshot();
             if let Some(first) = st.lowers.first() {
-                let mut v = b"/".to_vec();
-                v.extend_from_slice(first.path.as_os_str().as_bytes());
-                up.set_ovl_xattr(at, "redirect", &v)?;
+                // Kernel rules (ovl_set_redirect): keep a redirect that still holds (any
+                // absolute one, or a relative one within the same parent); else write the
+                // old name within the same parent, or the absolute lower path, which must
+                // fit in redirect_max or the rename falls back to EXDEV.
+                let existing = redirect_value(&up.dir, at)?;
+                if let Some(v) = &existing {
+                    if same_dir || v.first() == Some(&b'/') {
+                        return Ok(());
+                    }
+                }
+                let value = if same_dir {
+                    at.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default()
+                } else {
+                    let mut v = b"/".to_vec();
+                    v.extend_from_slice(first.path.as_os_str().as_bytes());
+                    v
+                };
+                if value.len() > REDIRECT_MAX {
+                    return errno(libc::EXDEV);
+                }
+                up.set_ovl_xattr(at, "redirect", &value)?;
             } else if to_merged_parent && !dir_is_opaque(&up.dir, at)? {
                 up.set_ovl_xattr(at, "opaque", b"y")?;
             }
@@ -1147,9 +1210,23 @@ impl Union {
                 up.clear_whiteouts(&new_path)?;
             }
         }
-        let dst_occupied_in_upper = up.dir.stat(&new_path)?.is_some();
-        let rflags = if dst_occupied_in_upper { RenameFlags::empty() } else { RenameFlags::NOREPLACE };
-        up.rename(&old_path, &new_path, rflags, whiteout_old)?;
+        let occupant = match up.dir.stat(&new_path)? {
+            None => Occupant::Nothing,
+            Some(st) if Kind::from_mode(st.st_mode) == Kind::Dir => Occupant::Dir,
+            Some(_) => Occupant::NonDir,
+        };
+        if src.kind == Kind::Dir && occupant == Occupant::NonDir {
+            // A directory moving onto a whiteout: rename(2) cannot replace a non-directory
+            // with a directory, so swap them; the whiteout lands at the old name, where it
+            // is either needed or removed.
+            up.rename(&old_path, &new_path, RenameFlags::EXCHANGE, false)?;
+            if !whiteout_old {
+                up.remove(&old_path, false)?;
+            }
+        } else {
+            let rflags = if occupant == Occupant::Nothing { RenameFlags::NOREPLACE } else { RenameFlags::empty() };
+            up.rename(&old_path, &new_path, rflags, whiteout_old)?;
+        }
         if dst.is_some() {
             self.detach(&newp, newname);
         }
@@ -1166,7 +1243,11 @@ impl Union {
         let gen = node.state.read().data_gen;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let fd = Arc::new(fd);
-        *node.open_fd.lock() = Some(Arc::downgrade(&fd));
+        {
+            let mut fds = node.open_fds.lock();
+            fds.retain(|w| w.strong_count() > 0);
+            fds.push(Arc::downgrade(&fd));
+        }
         let h = Arc::new(FileHandle {
             node,
             fd: RwLock::new(fd),
@@ -1385,63 +1466,67 @@ impl Union {
         }
     }
 
+    /// The xattr name mapping of this mount.
+    fn xattr_names(&self) -> XattrNames {
+        match &self.upper {
+            Some(u) => u.names(),
+            None => XattrNames {
+                own: if rustix::process::geteuid().is_root() { "trusted.overlay." } else { "user.overlay." },
+            },
+        }
+    }
+
     /// FUSE getxattr.
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
-        if is_private_xattr(name) {
-            return errno(libc::EOPNOTSUPP);
-        }
+        let disk = self.xattr_names().to_disk(name).ok_or(Error::Errno(libc::ENODATA))?;
         let node = self.node(id)?;
         let (layer, path) = self.xattr_source(&node)?;
-        layer.get_xattr(&path, name)?.ok_or(Error::Errno(libc::ENODATA))
+        layer.get_xattr(&path, &disk)?.ok_or(Error::Errno(libc::ENODATA))
     }
 
     /// FUSE listxattr: the names, each followed by a NUL.
     pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
         let node = self.node(id)?;
         let (layer, path) = self.xattr_source(&node)?;
+        let names = self.xattr_names();
         let mut out = Vec::new();
         for n in layer.list_xattr(&path)? {
-            if is_private_xattr(&n) {
-                continue;
+            if let Some(shown) = names.from_disk(&n) {
+                out.extend_from_slice(shown.as_bytes());
+                out.push(0);
             }
-            out.extend_from_slice(n.as_bytes());
-            out.push(0);
         }
         Ok(out)
     }
 
     /// FUSE setxattr.
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        if is_private_xattr(name) {
-            return errno(libc::EOPNOTSUPP);
-        }
+        let disk = self.xattr_names().to_disk(name).ok_or(Error::Errno(libc::EPERM))?;
         let node = self.node(id)?;
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
         self.upper()?
-            .set_xattr(&path, name, value, XattrFlags::from_bits_retain(flags as u32))
+            .set_xattr(&path, &disk, value, XattrFlags::from_bits_retain(flags as u32))
     }
 
     /// FUSE removexattr.
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
-        if is_private_xattr(name) {
-            return errno(libc::EOPNOTSUPP);
-        }
+        let disk = self.xattr_names().to_disk(name).ok_or(Error::Errno(libc::ENODATA))?;
         let node = self.node(id)?;
         // Removing an xattr the object does not have must not copy it up.
         let (layer, path) = self.xattr_source(&node)?;
-        if layer.get_xattr(&path, name)?.is_none() {
+        if layer.get_xattr(&path, &disk)?.is_none() {
             return errno(libc::ENODATA);
         }
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
-        self.upper()?.remove_xattr(&path, name)
+        self.upper()?.remove_xattr(&path, &disk)
     }
 
     /// st_ino of a known child, for readdir's d_ino.
     fn known_child_ino(&self, node: &Node, name: &OsStr) -> Option<u64> {
         let id = *node.children.lock().get(name)?;
-        self.nodes.get(id).map(|n| n.ino)
+        self.nodes.get(id).map(|n| n.ino())
     }
 }
 
@@ -1495,6 +1580,16 @@ pub fn dir_is_opaque(layer: &LayerDir, rel: &Path) -> Result<bool> {
         }
     }
     layer.exists(&rel.join(OCI_OPAQUE_MARKER))
+}
+
+/// The `overlay.redirect` xattr of a directory, in either namespace.
+fn redirect_value(layer: &LayerDir, rel: &Path) -> Result<Option<Vec<u8>>> {
+    for name in ["trusted.overlay.redirect", "user.overlay.redirect"] {
+        if let Some(v) = layer.get_xattr(rel, OsStr::new(name))? {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
 }
 
 /// Does an OCI whiteout `.wh.NAME` stand beside `cand` (= parent/NAME) in `layer`?

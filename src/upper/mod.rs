@@ -83,17 +83,67 @@ fn gid(g: u32) -> Option<Gid> {
     Some(Gid::from_raw(g))
 }
 
-/// Is this xattr one of the overlay's own (never copied up as user data)?
-pub fn is_private_xattr(name: &OsStr) -> bool {
-    let b = name.as_encoded_bytes();
-    const PRIVATE: [&[u8]; 5] = [
-        b"trusted.overlay.",
-        b"user.overlay.",
-        b"trusted.verlay.",
-        b"user.verlay.",
-        b"user.fuseoverlayfs.",
-    ];
-    PRIVATE.iter().any(|p| b.starts_with(p))
+/// Namespaces of xattrs that belong to overlay implementations other than the kernel's own
+/// format: never shown to users, never copied up.
+const FOREIGN_PRIVATE: [&[u8]; 3] = [b"trusted.verlay.", b"user.verlay.", b"user.fuseoverlayfs."];
+
+/// How an xattr name seen by users maps to the name stored on disk.
+///
+/// Kernel overlayfs (6.7+) lets users of the merged view set xattrs in its own namespace,
+/// e.g. `trusted.overlay.opaque`, and stores them escaped as `trusted.overlay.overlay.opaque`
+/// so they never mean anything to the overlay itself (nested overlays). verlay does the same.
+#[derive(Clone, Copy, Debug)]
+pub struct XattrNames {
+    /// the overlay's own namespace: `trusted.overlay.` or `user.overlay.`
+    pub own: &'static str,
+}
+
+const ESCAPE: &[u8] = b"overlay.";
+
+impl XattrNames {
+    /// Disk name for a user's name; None for names users may not touch.
+    pub fn to_disk(&self, name: &OsStr) -> Option<OsString> {
+        let b = name.as_encoded_bytes();
+        if FOREIGN_PRIVATE.iter().any(|p| b.starts_with(p)) {
+            return None;
+        }
+        match b.strip_prefix(self.own.as_bytes()) {
+            Some(rest) => {
+                let mut v = self.own.as_bytes().to_vec();
+                v.extend_from_slice(ESCAPE);
+                v.extend_from_slice(rest);
+                Some(bytes_to_os(v))
+            }
+            None => Some(name.to_os_string()),
+        }
+    }
+
+    /// User-visible name for a disk name; None for the overlay's private xattrs.
+    pub fn from_disk(&self, name: &OsStr) -> Option<OsString> {
+        let b = name.as_encoded_bytes();
+        if FOREIGN_PRIVATE.iter().any(|p| b.starts_with(p)) {
+            return None;
+        }
+        match b.strip_prefix(self.own.as_bytes()) {
+            Some(rest) => rest.strip_prefix(ESCAPE).map(|r| {
+                let mut v = self.own.as_bytes().to_vec();
+                v.extend_from_slice(r);
+                bytes_to_os(v)
+            }),
+            None => Some(name.to_os_string()),
+        }
+    }
+
+    /// Is this disk xattr one that copy-up must carry (user data, including escaped
+    /// overlay xattrs), rather than overlay metadata of the layer it sits in?
+    pub fn is_user_data(&self, name: &OsStr) -> bool {
+        self.from_disk(name).is_some()
+    }
+}
+
+fn bytes_to_os(v: Vec<u8>) -> OsString {
+    use std::os::unix::ffi::OsStringExt;
+    OsString::from_vec(v)
 }
 
 impl Upper {
@@ -220,6 +270,11 @@ impl Upper {
             .join(tmp)
     }
 
+    /// The name mapping for this upper's namespace.
+    pub fn names(&self) -> XattrNames {
+        XattrNames { own: self.xattr_prefix }
+    }
+
     /// Full xattr name in the overlay namespace, e.g. `trusted.overlay.opaque`.
     pub fn ovl_xattr(&self, short: &str) -> String {
         format!("{}{short}", self.xattr_prefix)
@@ -252,8 +307,9 @@ impl Upper {
     /// Copy the xattrs of `src_path` (any layer, via /proc path) to `dst_path`, except the
     /// overlay's own.
     fn copy_xattrs(&self, src_path: &Path, dst_path: &Path) -> Result<()> {
+        let names = self.names();
         for name in list_xattr_path(src_path)? {
-            if is_private_xattr(&name) {
+            if !names.is_user_data(&name) {
                 continue;
             }
             if let Some(v) = get_xattr_path(src_path, &name)? {
@@ -279,7 +335,7 @@ impl Upper {
     /// Steps: `copy_up.create` (temp in work dir), `copy_up.data`, `copy_up.xattrs`,
     /// `copy_up.owner`, `copy_up.mode`, `copy_up.origin`, `copy_up.times`, `copy_up.fsync`,
     /// `copy_up.rename`.
-    pub fn copy_up(&self, src: &LayerDir, src_rel: &Path, st: &Stat, dst: &Path, origin_ino: u64) -> Result<()> {
+    pub fn copy_up(&self, src: &LayerDir, src_rel: &Path, st: &Stat, dst: &Path, origin_ino: Option<u64>) -> Result<()> {
         let tmp = self.tmp_name();
         let r = self.copy_up_to_tmp(src, src_rel, st, &tmp, origin_ino);
         let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing));
@@ -289,7 +345,7 @@ impl Upper {
         r
     }
 
-    fn copy_up_to_tmp(&self, src: &LayerDir, src_rel: &Path, st: &Stat, tmp: &Path, origin_ino: u64) -> Result<()> {
+    fn copy_up_to_tmp(&self, src: &LayerDir, src_rel: &Path, st: &Stat, tmp: &Path, origin_ino: Option<u64>) -> Result<()> {
         let kind = Kind::from_mode(st.st_mode);
         let perm = st.st_mode & 0o7777;
         let mut file: Option<OwnedFd> = None;
@@ -322,7 +378,9 @@ impl Upper {
             // After chown, which clears setuid/setgid.
             rustix::fs::chmodat(&self.work, tmp, Mode::from_raw_mode(perm), AtFlags::empty())?;
         }
-        self.set_origin(&tmp_proc, origin_ino)?;
+        if let Some(o) = origin_ino {
+            self.set_origin(&tmp_proc, o)?;
+        }
         rustix::fs::utimensat(&self.work, tmp, &stat_times(st), AtFlags::SYMLINK_NOFOLLOW)?;
         if let Some(f) = file {
             if self.fsync {
@@ -403,6 +461,12 @@ impl Upper {
         opaque: bool,
     ) -> Result<Option<OwnedFd>> {
         let direct = occupant == Occupant::Nothing && !opaque;
+        // rename(2) cannot put a directory over a whiteout; swap them instead.
+        let occupant = if kind == Kind::Dir && occupant == Occupant::NonDir {
+            Occupant::Dir
+        } else {
+            occupant
+        };
         let tmp = self.tmp_name();
         let (dirfd, name): (&OwnedFd, &Path) = if direct {
             (&self.dir.root, rel)
