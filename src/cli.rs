@@ -412,11 +412,7 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
                 Some(value) => option_strings.push(value),
                 None => {
                     first_error.get_or_insert_with(|| {
-                        Error::usage(
-                            "-o",
-                            "needs a value",
-                            "write -o OPTIONS, e.g. -o lowerdir=/l1",
-                        )
+                        Error::usage("-o", "needs a value", "write -o OPTIONS, e.g. -o lowerdir=/l1")
                     });
                 }
             },
@@ -455,9 +451,7 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
             ))
         }
         (Some(mountpoint), None, _) => (None, mountpoint),
-        (Some(source), Some(mountpoint), None) => {
-            (Some(source.to_string_lossy().into_owned()), mountpoint)
-        }
+        (Some(source), Some(mountpoint), None) => (Some(source.to_string_lossy().into_owned()), mountpoint),
         (Some(_), Some(_), Some(extra)) => {
             return Err(Error::usage(
                 format!("argument {:?}", extra.to_string_lossy()),
@@ -669,8 +663,7 @@ impl OptionText<'_> {
     /// The value unescaped as text; non-UTF-8 cannot be a number or a keyword.
     fn text(&self) -> Result<String, Error> {
         let raw = self.raw_value()?;
-        String::from_utf8(unescape(raw))
-            .map_err(|_| self.error("value is not valid UTF-8", "fix the value"))
+        String::from_utf8(unescape(raw)).map_err(|_| self.error("value is not valid UTF-8", "fix the value"))
     }
 
     fn path(&self, cwd: &Path) -> Result<PathBuf, Error> {
@@ -824,22 +817,13 @@ impl OptionText<'_> {
                 })?;
             }
             let [container, host, len] = numbers;
-            let mapping = IdMapping {
-                container,
-                host,
-                len,
-            };
+            let mapping = IdMapping { container, host, len };
             if len == 0 {
-                return Err(self.error(
-                    format!("range {container}:{host}:0 has length 0"),
-                    fix.clone(),
-                ));
+                return Err(self.error(format!("range {container}:{host}:0 has length 0"), fix.clone()));
             }
             // Ids are 32 bits: a range must end at or before 2^32.
             let limit = 1u64 << 32;
-            if u64::from(container) + u64::from(len) > limit
-                || u64::from(host) + u64::from(len) > limit
-            {
+            if u64::from(container) + u64::from(len) > limit || u64::from(host) + u64::from(len) > limit {
                 return Err(self.error(
                     format!("range {container}:{host}:{len} runs past the largest id"),
                     fix.clone(),
@@ -964,11 +948,7 @@ mod tests {
     }
 
     fn map(container: u32, host: u32, len: u32) -> IdMapping {
-        IdMapping {
-            container,
-            host,
-            len,
-        }
+        IdMapping { container, host, len }
     }
 
     #[test]
@@ -1053,15 +1033,9 @@ mod tests {
             &["-o", "lowerdir=/l,debug", "/m"],
         ] {
             let m = mount(debug);
-            assert!(
-                m.debug && m.foreground,
-                "{debug:?}: -d implies -f as in libfuse"
-            );
+            assert!(m.debug && m.foreground, "{debug:?}: -d implies -f as in libfuse");
         }
-        assert_eq!(
-            mount(&["-s", "-o", "lowerdir=/l", "/m"]).opts.threads,
-            Some(1)
-        );
+        assert_eq!(mount(&["-s", "-o", "lowerdir=/l", "/m"]).opts.threads, Some(1));
 
         // After `--`, a leading dash is a path.
         let dashed = mount(&["-o", "lowerdir=/l", "--", "-m"]);
@@ -1114,19 +1088,11 @@ mod tests {
             ),
             (&["-o", "lowerdir=/l", ""], "MOUNTPOINT", "empty"),
             (&["-o"], "-o", "needs a value"),
-            (
-                &["-x", "-o", "lowerdir=/l", "/m"],
-                "flag \"-x\"",
-                "unknown flag",
-            ),
+            (&["-x", "-o", "lowerdir=/l", "/m"], "flag \"-x\"", "unknown flag"),
         ];
         for &(args, what, why) in cases {
             let (got_what, got_why, fix) = usage_error(args);
-            assert_eq!(
-                (got_what.as_str(), got_why.as_str()),
-                (what, why),
-                "{args:?}"
-            );
+            assert_eq!((got_what.as_str(), got_why.as_str()), (what, why), "{args:?}");
             assert!(!fix.is_empty(), "{args:?}");
         }
     }
@@ -1200,10 +1166,7 @@ mod tests {
         for &(o, want) in cases {
             assert_eq!(opts(&format!("lowerdir=/l,{o}")).threads, want, "{o}");
         }
-        for (o, want) in [
-            ("verify=on", VerifyMode::On),
-            ("verify=off", VerifyMode::Off),
-        ] {
+        for (o, want) in [("verify=on", VerifyMode::On), ("verify=off", VerifyMode::Off)] {
             assert_eq!(opts(&format!("lowerdir=/l,{o}")).verify, want, "{o}");
         }
         assert_eq!(opts("lowerdir=/l,timeout=0").timeout, Some(Duration::ZERO));
@@ -1258,18 +1221,9 @@ mod tests {
     fn malformed_values_are_errors() {
         // (option, why); `what` quotes the option as written.
         let cases: &[(&str, &str)] = &[
-            (
-                "timeout=abc",
-                "not a number of seconds (finite, not negative)",
-            ),
-            (
-                "timeout=-1",
-                "not a number of seconds (finite, not negative)",
-            ),
-            (
-                "timeout=inf",
-                "not a number of seconds (finite, not negative)",
-            ),
+            ("timeout=abc", "not a number of seconds (finite, not negative)"),
+            ("timeout=-1", "not a number of seconds (finite, not negative)"),
+            ("timeout=inf", "not a number of seconds (finite, not negative)"),
             ("timeout=", "needs a value"),
             ("timeout", "needs a value"),
             ("threaded=x", "not a number of threads"),
@@ -1344,28 +1298,16 @@ mod tests {
             ("", "needs a value"),
             ("0:x:1", "\"x\" is not an id (a decimal number below 2^32)"),
             ("0::1", "\"\" is not an id (a decimal number below 2^32)"),
-            (
-                "0:-1:1",
-                "\"-1\" is not an id (a decimal number below 2^32)",
-            ),
+            ("0:-1:1", "\"-1\" is not an id (a decimal number below 2^32)"),
             (
                 "0:4294967296:1",
                 "\"4294967296\" is not an id (a decimal number below 2^32)",
             ),
             ("0:0:0", "range 0:0:0 has length 0"),
-            (
-                "4294967295:0:2",
-                "range 4294967295:0:2 runs past the largest id",
-            ),
-            (
-                "0:4294967295:2",
-                "range 0:4294967295:2 runs past the largest id",
-            ),
+            ("4294967295:0:2", "range 4294967295:0:2 runs past the largest id"),
+            ("0:4294967295:2", "range 0:4294967295:2 runs past the largest id"),
             ("0:100:10:5:200:10", "ranges 0:100:10 and 5:200:10 overlap"),
-            (
-                "0:100:10:50:105:10",
-                "ranges 0:100:10 and 50:105:10 overlap",
-            ),
+            ("0:100:10:50:105:10", "ranges 0:100:10 and 50:105:10 overlap"),
         ];
         for name in ["uidmapping", "gidmapping"] {
             for &(value, why) in cases {
@@ -1478,11 +1420,7 @@ mod tests {
             "EXIT STATUS",
             "EXAMPLES",
         ];
-        for name in names
-            .iter()
-            .chain(FUSE_FLAG_OPTIONS)
-            .chain(FSTAB_ONLY_OPTIONS)
-        {
+        for name in names.iter().chain(FUSE_FLAG_OPTIONS).chain(FSTAB_ONLY_OPTIONS) {
             assert!(HELP.contains(name), "--help does not mention {name}");
         }
         for name in FUSE_VALUE_OPTIONS {

@@ -64,34 +64,35 @@ pub fn validate(args: &MountArgs) -> Result<Layers, Error> {
         lowers.push((what, dir));
     }
 
-    let upper_work =
-        match (&opts.upperdir, &opts.workdir) {
-            (Some(upper), Some(work)) => {
-                let upper_what = format!("upperdir \"{}\"", upper.display());
-                let work_what = format!("workdir \"{}\"", work.display());
-                let upper_dir = existing_dir(upper, &upper_what, "create it or fix -o upperdir=")?;
-                let work_dir = existing_dir(
-                    work,
-                    &work_what,
-                    "create it on the upperdir's filesystem or fix -o workdir=",
-                )?;
-                Some(((upper_what, upper_dir), (work_what, work_dir)))
-            }
-            (None, None) => None,
-            // cli::parse refuses one without the other; a hand-built MountArgs might not.
-            (Some(upper), None) => return Err(Error::usage(
+    let upper_work = match (&opts.upperdir, &opts.workdir) {
+        (Some(upper), Some(work)) => {
+            let upper_what = format!("upperdir \"{}\"", upper.display());
+            let work_what = format!("workdir \"{}\"", work.display());
+            let upper_dir = existing_dir(upper, &upper_what, "create it or fix -o upperdir=")?;
+            let work_dir = existing_dir(
+                work,
+                &work_what,
+                "create it on the upperdir's filesystem or fix -o workdir=",
+            )?;
+            Some(((upper_what, upper_dir), (work_what, work_dir)))
+        }
+        (None, None) => None,
+        // cli::parse refuses one without the other; a hand-built MountArgs might not.
+        (Some(upper), None) => {
+            return Err(Error::usage(
                 format!("upperdir \"{}\"", upper.display()),
                 "given without workdir",
                 "add -o workdir=DIR on the same filesystem, or drop upperdir for a read-only mount",
-            )),
-            (None, Some(work)) => {
-                return Err(Error::usage(
-                    format!("workdir \"{}\"", work.display()),
-                    "given without upperdir",
-                    "add -o upperdir=DIR, or drop workdir for a read-only mount",
-                ))
-            }
-        };
+            ))
+        }
+        (None, Some(work)) => {
+            return Err(Error::usage(
+                format!("workdir \"{}\"", work.display()),
+                "given without upperdir",
+                "add -o upperdir=DIR, or drop workdir for a read-only mount",
+            ))
+        }
+    };
 
     let mount_what = format!("mountpoint \"{}\"", args.mountpoint.display());
     let mountpoint = existing_dir(
@@ -170,10 +171,7 @@ fn existing_dir(given: &Path, what: &str, fix: &str) -> Result<Dir, Error> {
 fn explain_io(e: &io::Error, fix: &str) -> (String, String) {
     match e.kind() {
         io::ErrorKind::NotFound => ("does not exist".into(), fix.into()),
-        io::ErrorKind::NotADirectory => (
-            "a component of the path is not a directory".into(),
-            fix.into(),
-        ),
+        io::ErrorKind::NotADirectory => ("a component of the path is not a directory".into(), fix.into()),
         io::ErrorKind::PermissionDenied => (
             "permission denied while resolving it".into(),
             "check the permissions of the path and its parents".into(),
@@ -189,12 +187,7 @@ fn explain_io(e: &io::Error, fix: &str) -> (String, String) {
 }
 
 /// Kernel overlayfs's rules for upperdir and workdir: one filesystem, separate subtrees.
-fn check_upper_and_work(
-    upper_what: &str,
-    upper: &Dir,
-    work_what: &str,
-    work: &Dir,
-) -> Result<(), Error> {
+fn check_upper_and_work(upper_what: &str, upper: &Dir, work_what: &str, work: &Dir) -> Result<(), Error> {
     // Copy-up stages files in the workdir and renames them into the upper; rename(2)
     // cannot cross filesystems, so the kernel refuses this pairing too.
     if upper.dev != work.dev {
@@ -268,9 +261,7 @@ fn check_workdir_entries(work_what: &str, work: &Path) -> Result<(), Error> {
     let mut foreign = Vec::new();
     for entry in fs::read_dir(work).map_err(list_error)? {
         let name = entry.map_err(list_error)?.file_name();
-        let own = name
-            .to_str()
-            .is_some_and(|n| WORKDIR_OWN_ENTRIES.contains(&n));
+        let own = name.to_str().is_some_and(|n| WORKDIR_OWN_ENTRIES.contains(&n));
         if !own {
             foreign.push(name.to_string_lossy().into_owned());
         }
@@ -286,10 +277,7 @@ fn check_workdir_entries(work_what: &str, work: &Path) -> Result<(), Error> {
         .map(|n| format!("{n:?}"))
         .collect();
     if foreign.len() > FOREIGN_ENTRIES_SHOWN {
-        shown.push(format!(
-            "and {} more",
-            foreign.len() - FOREIGN_ENTRIES_SHOWN
-        ));
+        shown.push(format!("and {} more", foreign.len() - FOREIGN_ENTRIES_SHOWN));
     }
     Err(Error::usage(
         work_what,
@@ -332,12 +320,7 @@ mod tests {
             fs::canonicalize(self.p(rel)).expect("canonicalize")
         }
 
-        fn args(
-            &self,
-            lowers: &[&str],
-            upper_work: Option<(&str, &str)>,
-            mountpoint: &str,
-        ) -> MountArgs {
+        fn args(&self, lowers: &[&str], upper_work: Option<(&str, &str)>, mountpoint: &str) -> MountArgs {
             MountArgs {
                 foreground: false,
                 debug: false,
@@ -456,30 +439,10 @@ mod tests {
         fs::write(t.p("file"), "x").expect("write");
         type UpperWork<'a> = Option<(&'a str, &'a str)>;
         let cases: &[(UpperWork, &str, &str, &str)] = &[
-            (
-                Some(("nope", "w")),
-                "m",
-                "upperdir \"{nope}\"",
-                "does not exist",
-            ),
-            (
-                Some(("file", "w")),
-                "m",
-                "upperdir \"{file}\"",
-                "not a directory",
-            ),
-            (
-                Some(("u", "nope")),
-                "m",
-                "workdir \"{nope}\"",
-                "does not exist",
-            ),
-            (
-                Some(("u", "file")),
-                "m",
-                "workdir \"{file}\"",
-                "not a directory",
-            ),
+            (Some(("nope", "w")), "m", "upperdir \"{nope}\"", "does not exist"),
+            (Some(("file", "w")), "m", "upperdir \"{file}\"", "not a directory"),
+            (Some(("u", "nope")), "m", "workdir \"{nope}\"", "does not exist"),
+            (Some(("u", "file")), "m", "workdir \"{file}\"", "not a directory"),
             (None, "nope", "mountpoint \"{nope}\"", "does not exist"),
             (None, "file", "mountpoint \"{file}\"", "not a directory"),
         ];
@@ -537,17 +500,10 @@ mod tests {
     fn lower_inside_upper_or_work_is_refused_upper_inside_lower_is_not() {
         let t = Tree::new();
         fs::create_dir(t.p("u/lower")).expect("mkdir");
-        for (lowers, name) in [
-            (["u/lower"], "upperdir"),
-            (["u"], "upperdir"),
-            (["w"], "workdir"),
-        ] {
+        for (lowers, name) in [(["u/lower"], "upperdir"), (["u"], "upperdir"), (["w"], "workdir")] {
             let (what, why, _) = usage(validate(&t.args(&lowers, Some(("u", "w")), "m")));
             assert!(what.starts_with("lowerdir \""), "{lowers:?}: {what}");
-            assert!(
-                why.starts_with(&format!("is the {name} ")),
-                "{lowers:?}: {why}"
-            );
+            assert!(why.starts_with(&format!("is the {name} ")), "{lowers:?}: {why}");
         }
         // Kernel overlayfs allows upper and work inside a lower (e.g. lowerdir=/).
         fs::create_dir_all(t.p("l1/up")).expect("mkdir");
@@ -661,10 +617,7 @@ mod tests {
             )),
             "{why}"
         );
-        assert_eq!(
-            fix,
-            "put workdir on the upperdir's filesystem, e.g. next to it"
-        );
+        assert_eq!(fix, "put workdir on the upperdir's filesystem, e.g. next to it");
     }
 
     #[test]

@@ -16,15 +16,27 @@ use crate::error::{Error, Result};
 const EXAMPLE: &[(&str, &str, &str)] = &[
     ("base", "etc/", ""),
     ("base", "etc/motd", "Welcome to the base layer.\n"),
-    ("base", "etc/remove-me", "This file is deleted by the app layer.\n"),
+    (
+        "base",
+        "etc/remove-me",
+        "This file is deleted by the app layer.\n",
+    ),
     ("base", "etc/hosts", "127.0.0.1 localhost\n"),
     ("base", "opaque/", ""),
-    ("base", "opaque/from-base", "hidden by the app layer's opaque marker\n"),
+    (
+        "base",
+        "opaque/from-base",
+        "hidden by the app layer's opaque marker\n",
+    ),
     ("base", "srv/", ""),
     ("base", "srv/data/", ""),
     ("base", "srv/data/records.txt", "1 alpha\n2 beta\n"),
     ("app", "etc/", ""),
-    ("app", "etc/motd", "Welcome to the app layer (replaces base's motd).\n"),
+    (
+        "app",
+        "etc/motd",
+        "Welcome to the app layer (replaces base's motd).\n",
+    ),
     ("app", "etc/.wh.remove-me", ""),
     ("app", "opaque/", ""),
     ("app", "opaque/.wh..wh..opq", ""),
@@ -116,15 +128,29 @@ pub fn run() -> Result<()> {
         base.join("work").display()
     );
     let exe = io("current_exe", Path::new("verlay"), std::env::current_exe())?;
-    println!("verlay demo: two lower layers (app over base) and an empty upper in {}\n", base.display());
+    println!(
+        "verlay demo: two lower layers (app over base) and an empty upper in {}\n",
+        base.display()
+    );
     println!("$ verlay -o {opts} {}", demo.mnt.display());
     let started = Instant::now();
-    let st = io("spawn", &exe, Command::new(&exe).arg("-o").arg(&opts).arg(&demo.mnt).status())?;
+    let st = io(
+        "spawn",
+        &exe,
+        Command::new(&exe).arg("-o").arg(&opts).arg(&demo.mnt).status(),
+    )?;
     if !st.success() {
-        return Err(Error::usage("verlay demo", "the mount failed", "see the message above"));
+        return Err(Error::usage(
+            "verlay demo",
+            "the mount failed",
+            "see the message above",
+        ));
     }
     demo.mounted = true;
-    println!("  mounted in {:.0} ms\n", started.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "  mounted in {:.0} ms\n",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
 
     println!("1. The merged view: app's motd hides base's, etc/remove-me is whited out (OCI .wh.),");
     println!("   /opaque shows only the app layer (.wh..wh..opq):");
@@ -139,17 +165,40 @@ pub fn run() -> Result<()> {
         io("write", &rec, f.write_all(b"3 gamma\n"))?;
     }
     println!("  merged /srv/data/records.txt: {:?}", read(&rec)?);
-    println!("  base layer's copy, untouched:  {:?}", read(&base.join("base/srv/data/records.txt"))?);
-    println!("  upper now holds the copy:      {:?}", read(&base.join("upper/srv/data/records.txt"))?);
+    println!(
+        "  base layer's copy, untouched:  {:?}",
+        read(&base.join("base/srv/data/records.txt"))?
+    );
+    println!(
+        "  upper now holds the copy:      {:?}",
+        read(&base.join("upper/srv/data/records.txt"))?
+    );
 
     println!("\n3. Whiteout: rm /etc/hosts (a base-layer file).");
-    io("unlink", &demo.mnt.join("etc/hosts"), std::fs::remove_file(demo.mnt.join("etc/hosts")))?;
-    println!("  merged /etc/hosts exists: {}", demo.mnt.join("etc/hosts").exists());
-    println!("  base layer still has it:  {}", base.join("base/etc/hosts").exists());
+    io(
+        "unlink",
+        &demo.mnt.join("etc/hosts"),
+        std::fs::remove_file(demo.mnt.join("etc/hosts")),
+    )?;
+    println!(
+        "  merged /etc/hosts exists: {}",
+        demo.mnt.join("etc/hosts").exists()
+    );
+    println!(
+        "  base layer still has it:  {}",
+        base.join("base/etc/hosts").exists()
+    );
 
     println!("\n4. Directory rename of a lower directory: mv /srv/data /srv/archive (no EXDEV).");
-    io("rename", &demo.mnt, std::fs::rename(demo.mnt.join("srv/data"), demo.mnt.join("srv/archive")))?;
-    println!("  merged /srv/archive/records.txt: {:?}", read(&demo.mnt.join("srv/archive/records.txt"))?);
+    io(
+        "rename",
+        &demo.mnt,
+        std::fs::rename(demo.mnt.join("srv/data"), demo.mnt.join("srv/archive")),
+    )?;
+    println!(
+        "  merged /srv/archive/records.txt: {:?}",
+        read(&demo.mnt.join("srv/archive/records.txt"))?
+    );
     let redirect = crate::layer::get_xattr_path(
         &base.join("upper/srv/archive"),
         std::ffi::OsStr::new("trusted.overlay.redirect"),
@@ -159,14 +208,21 @@ pub fn run() -> Result<()> {
         std::ffi::OsStr::new("user.overlay.redirect"),
     )?);
     if let Some(r) = redirect {
-        println!("  upper /srv/archive carries overlay.redirect = {:?}", String::from_utf8_lossy(&r));
+        println!(
+            "  upper /srv/archive carries overlay.redirect = {:?}",
+            String::from_utf8_lossy(&r)
+        );
     }
 
     println!("\n5. The upper, in kernel overlayfs format (mountable by `mount -t overlay` too):");
     show_tree("upper", &base.join("upper"))?;
 
     println!("\n$ fusermount3 -u {}", demo.mnt.display());
-    let st = io("fusermount3", Path::new("fusermount3"), Command::new("fusermount3").arg("-u").arg(&demo.mnt).status())?;
+    let st = io(
+        "fusermount3",
+        Path::new("fusermount3"),
+        Command::new("fusermount3").arg("-u").arg(&demo.mnt).status(),
+    )?;
     demo.mounted = !st.success();
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && is_mounted(&demo.mnt) {

@@ -83,9 +83,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Usage { .. } => libc::EINVAL,
             // A damaged layer must never look like a missing file: EIO, not ENOENT.
-            Error::Corrupt { .. } | Error::MissingInLayer { .. } | Error::UpperPoisoned => {
-                libc::EIO
-            }
+            Error::Corrupt { .. } | Error::MissingInLayer { .. } | Error::UpperPoisoned => libc::EIO,
         }
     }
 

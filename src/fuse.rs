@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::Timespec;
 use tracing::{debug, error, trace};
@@ -204,7 +204,16 @@ impl Filesystem for VerlayFs {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         match self.union.mknod(&ctx(req), parent.0, name, mode, rdev as u64) {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("mknod", parent.0, &e)),
@@ -233,7 +242,10 @@ impl Filesystem for VerlayFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        match self.union.symlink(&ctx(req), parent.0, link_name, target.as_os_str()) {
+        match self
+            .union
+            .symlink(&ctx(req), parent.0, link_name, target.as_os_str())
+        {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("symlink", parent.0, &e)),
         }
@@ -249,7 +261,10 @@ impl Filesystem for VerlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.union.rename(&ctx(req), parent.0, name, newparent.0, newname, flags.bits()) {
+        match self
+            .union
+            .rename(&ctx(req), parent.0, name, newparent.0, newname, flags.bits())
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rename", parent.0, &e)),
         }
@@ -304,7 +319,14 @@ impl Filesystem for VerlayFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -350,7 +372,14 @@ impl Filesystem for VerlayFs {
         }
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.union.releasedir(fh.0);
         reply.ok();
     }
@@ -378,7 +407,16 @@ impl Filesystem for VerlayFs {
         }
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         match self.union.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("setxattr", ino.0, &e)),
@@ -422,28 +460,43 @@ impl Filesystem for VerlayFs {
         reply: ReplyCreate,
     ) {
         match self.union.create(&ctx(req), parent.0, name, mode, flags) {
-            Ok((e, fh)) => {
-                reply.created_with_nodeid(
+            Ok((e, fh)) => reply.created_with_nodeid(
                 &self.ttl,
                 INodeNo(e.id),
                 &fuse_attr(&e.attr),
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
-            )
-            }
+            ),
             Err(e) => reply.error(fail("create", parent.0, &e)),
         }
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         match self.union.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fallocate", ino.0, &e)),
         }
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         match self.union.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fail("lseek", ino.0, &e)),

@@ -6,10 +6,15 @@ use tracing_subscriber::EnvFilter;
 pub fn init(debug: bool) {
     let default = if debug { "verlay=debug" } else { "verlay=warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if let Some(path) = std::env::var_os("VERLAY_LOG_FILE") {
         if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
-            let _ = builder.with_writer(std::sync::Mutex::new(f)).with_ansi(false).try_init();
+            let _ = builder
+                .with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false)
+                .try_init();
             return;
         }
     }

@@ -49,7 +49,10 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
             up.check_features()?;
             let n = up.clean_work()?;
             if n > 0 {
-                info!(removed = n, "cleaned leftovers of an earlier run from the work dir");
+                info!(
+                    removed = n,
+                    "cleaned leftovers of an earlier run from the work dir"
+                );
             }
             Some(up)
         }
@@ -67,8 +70,16 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
     let ids = IdMap {
         uids: map(&o.uid_mappings),
         gids: map(&o.gid_mappings),
-        squash_uid: if o.squash_to_root { Some(0) } else { o.squash_to_uid },
-        squash_gid: if o.squash_to_root { Some(0) } else { o.squash_to_gid },
+        squash_uid: if o.squash_to_root {
+            Some(0)
+        } else {
+            o.squash_to_uid
+        },
+        squash_gid: if o.squash_to_root {
+            Some(0)
+        } else {
+            o.squash_to_gid
+        },
     };
     Union::new(lowers, upper, UnionOptions { ids })
 }
@@ -122,9 +133,18 @@ fn fuse_config(args: &MountArgs, read_only: bool) -> Config {
             use MountOption::*;
             matches!(
                 (a, b),
-                (Dev, NoDev) | (NoDev, Dev) | (Suid, NoSuid) | (NoSuid, Suid) | (Exec, NoExec)
-                    | (NoExec, Exec) | (Atime, NoAtime) | (NoAtime, Atime) | (Sync, Async)
-                    | (Async, Sync) | (RO, RW) | (RW, RO)
+                (Dev, NoDev)
+                    | (NoDev, Dev)
+                    | (Suid, NoSuid)
+                    | (NoSuid, Suid)
+                    | (Exec, NoExec)
+                    | (NoExec, Exec)
+                    | (Atime, NoAtime)
+                    | (NoAtime, Atime)
+                    | (Sync, Async)
+                    | (Async, Sync)
+                    | (RO, RW)
+                    | (RW, RO)
             )
         };
         if !seen.iter().any(|s| s == &m || conflict(s, &m)) {
@@ -135,7 +155,11 @@ fn fuse_config(args: &MountArgs, read_only: bool) -> Config {
     cfg.mount_options = seen;
     let root = rustix::process::geteuid().is_root();
     let allow_other = root || args.opts.fuse_options.iter().any(|o| o == "allow_other");
-    cfg.acl = if allow_other { SessionACL::All } else { SessionACL::Owner };
+    cfg.acl = if allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     cfg.n_threads = Some(args.opts.threads.unwrap_or(DEFAULT_THREADS).max(1));
     cfg.clone_fd = true;
     cfg
@@ -153,8 +177,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     let foreground = args.foreground || args.debug;
     let mut report: Option<UnixStream> = None;
     if !foreground {
-        let (mut parent_end, child_end) = UnixStream::pair()
-            .map_err(|e| Error::io("socketpair", "", e))?;
+        let (mut parent_end, child_end) = UnixStream::pair().map_err(|e| Error::io("socketpair", "", e))?;
         match crate::sys::fork().map_err(|e| Error::io("fork", "", e))? {
             crate::sys::Forked::Parent(_pid) => {
                 drop(child_end);
@@ -223,7 +246,9 @@ pub fn run(args: MountArgs) -> Result<()> {
             }
         }
     });
-    session.run().map_err(|e| Error::io("fuse session", &args.mountpoint, e))?;
+    session
+        .run()
+        .map_err(|e| Error::io("fuse session", &args.mountpoint, e))?;
     info!("unmounted");
     Ok(())
 }

@@ -29,7 +29,10 @@ pub fn fork() -> io::Result<Forked> {
 /// (podman reads the mount program's stderr until EOF).
 pub fn detach_stdio() -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     for fd in 0..3 {
         // SAFETY: dup2 on two valid fds; `null` outlives the calls, and fds 0-2 are ours.
         if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {

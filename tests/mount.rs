@@ -36,41 +36,146 @@ const TS_OMIT: i64 = -2;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Op {
-    Create { path: String, mode: u32, umask: u32, excl: bool },
-    Write { path: String, off: u64, len: usize, seed: u8 },
-    Append { path: String, len: usize, seed: u8 },
-    Overwrite { path: String, len: usize, seed: u8 },
-    Truncate { path: String, len: u64 },
-    Read { path: String },
-    Mkdir { path: String, mode: u32, umask: u32 },
-    Rmdir { path: String },
-    Unlink { path: String },
-    Link { src: String, dst: String },
-    Symlink { target: String, path: String },
-    Mkfifo { path: String, mode: u32, umask: u32 },
-    Mknod { path: String, major: u32, minor: u32 },
-    Rename { src: String, dst: String, flags: u32 },
-    Chmod { path: String, mode: u32 },
-    Chown { path: String, uid: u32, gid: u32 },
+    Create {
+        path: String,
+        mode: u32,
+        umask: u32,
+        excl: bool,
+    },
+    Write {
+        path: String,
+        off: u64,
+        len: usize,
+        seed: u8,
+    },
+    Append {
+        path: String,
+        len: usize,
+        seed: u8,
+    },
+    Overwrite {
+        path: String,
+        len: usize,
+        seed: u8,
+    },
+    Truncate {
+        path: String,
+        len: u64,
+    },
+    Read {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        mode: u32,
+        umask: u32,
+    },
+    Rmdir {
+        path: String,
+    },
+    Unlink {
+        path: String,
+    },
+    Link {
+        src: String,
+        dst: String,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
+    Mkfifo {
+        path: String,
+        mode: u32,
+        umask: u32,
+    },
+    Mknod {
+        path: String,
+        major: u32,
+        minor: u32,
+    },
+    Rename {
+        src: String,
+        dst: String,
+        flags: u32,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+    Chown {
+        path: String,
+        uid: u32,
+        gid: u32,
+    },
     /// nanoseconds since the epoch, or TS_NOW / TS_OMIT
-    Utime { path: String, atime: i64, mtime: i64 },
-    SetXattr { path: String, name: String, value: String },
-    RemoveXattr { path: String, name: String },
-    GetXattr { path: String, name: String },
-    ListXattr { path: String },
-    Stat { path: String },
-    Readdir { path: String },
-    Readlink { path: String },
+    Utime {
+        path: String,
+        atime: i64,
+        mtime: i64,
+    },
+    SetXattr {
+        path: String,
+        name: String,
+        value: String,
+    },
+    RemoveXattr {
+        path: String,
+        name: String,
+    },
+    GetXattr {
+        path: String,
+        name: String,
+    },
+    ListXattr {
+        path: String,
+    },
+    Stat {
+        path: String,
+    },
+    Readdir {
+        path: String,
+    },
+    Readlink {
+        path: String,
+    },
     /// flags: r, w, rw, a (O_WRONLY|O_APPEND), rt (O_RDWR|O_TRUNC)
-    Open { slot: usize, path: String, flags: String },
-    ReadFd { slot: usize, off: u64, len: usize },
-    WriteFd { slot: usize, off: u64, len: usize, seed: u8 },
-    TruncFd { slot: usize, len: u64 },
-    Fstat { slot: usize },
-    Fchmod { slot: usize, mode: u32 },
-    Close { slot: usize },
+    Open {
+        slot: usize,
+        path: String,
+        flags: String,
+    },
+    ReadFd {
+        slot: usize,
+        off: u64,
+        len: usize,
+    },
+    WriteFd {
+        slot: usize,
+        off: u64,
+        len: usize,
+        seed: u8,
+    },
+    TruncFd {
+        slot: usize,
+        len: u64,
+    },
+    Fstat {
+        slot: usize,
+    },
+    Fchmod {
+        slot: usize,
+        mode: u32,
+    },
+    Close {
+        slot: usize,
+    },
     /// The inner op with fsuid/fsgid switched to an unprivileged caller (this thread only).
-    As { uid: u32, gid: u32, op: Box<Op> },
+    As {
+        uid: u32,
+        gid: u32,
+        op: Box<Op>,
+    },
 }
 
 fn p(s: &str) -> String {
@@ -93,8 +198,18 @@ impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Op::*;
         match self {
-            Create { path, mode, umask, excl } => {
-                write!(f, "create {} {mode:04o} umask={umask:03o}{}", p(path), if *excl { " excl" } else { "" })
+            Create {
+                path,
+                mode,
+                umask,
+                excl,
+            } => {
+                write!(
+                    f,
+                    "create {} {mode:04o} umask={umask:03o}{}",
+                    p(path),
+                    if *excl { " excl" } else { "" }
+                )
             }
             Write { path, off, len, seed } => write!(f, "write {} {off} {len} {seed}", p(path)),
             Append { path, len, seed } => write!(f, "append {} {len} {seed}", p(path)),
@@ -149,7 +264,11 @@ fn parse_op(s: &str) -> Op {
     if w.first() == Some(&"as") {
         let (u, g) = w.get(1).and_then(|x| x.split_once(':')).unwrap_or_else(|| bad());
         let inner = parse_op(&w[2..].join(" "));
-        return As { uid: u.parse().unwrap_or_else(|_| bad()), gid: g.parse().unwrap_or_else(|_| bad()), op: Box::new(inner) };
+        return As {
+            uid: u.parse().unwrap_or_else(|_| bad()),
+            gid: g.parse().unwrap_or_else(|_| bad()),
+            op: Box::new(inner),
+        };
     }
     let path = |i: usize| -> String {
         let x = w.get(i).unwrap_or_else(|| bad());
@@ -160,10 +279,21 @@ fn parse_op(s: &str) -> Op {
         }
     };
     let num = |i: usize| -> u64 { w.get(i).and_then(|x| x.parse().ok()).unwrap_or_else(|| bad()) };
-    let oct = |i: usize| -> u32 { w.get(i).and_then(|x| u32::from_str_radix(x, 8).ok()).unwrap_or_else(|| bad()) };
-    let seed = |i: usize| -> u8 { w.get(i).map(|x| x.parse().unwrap_or_else(|_| bad())).unwrap_or(65) };
+    let oct = |i: usize| -> u32 {
+        w.get(i)
+            .and_then(|x| u32::from_str_radix(x, 8).ok())
+            .unwrap_or_else(|| bad())
+    };
+    let seed = |i: usize| -> u8 {
+        w.get(i)
+            .map(|x| x.parse().unwrap_or_else(|_| bad()))
+            .unwrap_or(65)
+    };
     let umask = || -> u32 {
-        w.iter().find_map(|x| x.strip_prefix("umask=")).map(|u| u32::from_str_radix(u, 8).unwrap_or_else(|_| bad())).unwrap_or(0o022)
+        w.iter()
+            .find_map(|x| x.strip_prefix("umask="))
+            .map(|u| u32::from_str_radix(u, 8).unwrap_or_else(|_| bad()))
+            .unwrap_or(0o022)
     };
     let t = |i: usize| -> i64 {
         match w.get(i) {
@@ -174,21 +304,60 @@ fn parse_op(s: &str) -> Op {
         }
     };
     match *w.first().unwrap_or_else(|| bad()) {
-        "create" => Create { path: path(1), mode: oct(2), umask: umask(), excl: w.contains(&"excl") },
-        "write" => Write { path: path(1), off: num(2), len: num(3) as usize, seed: seed(4) },
-        "append" => Append { path: path(1), len: num(2) as usize, seed: seed(3) },
-        "overwrite" => Overwrite { path: path(1), len: num(2) as usize, seed: seed(3) },
-        "truncate" => Truncate { path: path(1), len: num(2) },
+        "create" => Create {
+            path: path(1),
+            mode: oct(2),
+            umask: umask(),
+            excl: w.contains(&"excl"),
+        },
+        "write" => Write {
+            path: path(1),
+            off: num(2),
+            len: num(3) as usize,
+            seed: seed(4),
+        },
+        "append" => Append {
+            path: path(1),
+            len: num(2) as usize,
+            seed: seed(3),
+        },
+        "overwrite" => Overwrite {
+            path: path(1),
+            len: num(2) as usize,
+            seed: seed(3),
+        },
+        "truncate" => Truncate {
+            path: path(1),
+            len: num(2),
+        },
         "read" => Read { path: path(1) },
-        "mkdir" => Mkdir { path: path(1), mode: oct(2), umask: umask() },
+        "mkdir" => Mkdir {
+            path: path(1),
+            mode: oct(2),
+            umask: umask(),
+        },
         "rmdir" => Rmdir { path: path(1) },
         "unlink" => Unlink { path: path(1) },
-        "link" => Link { src: path(1), dst: path(2) },
-        "symlink" => Symlink { target: path(1), path: path(2) },
-        "mkfifo" => Mkfifo { path: path(1), mode: oct(2), umask: umask() },
+        "link" => Link {
+            src: path(1),
+            dst: path(2),
+        },
+        "symlink" => Symlink {
+            target: path(1),
+            path: path(2),
+        },
+        "mkfifo" => Mkfifo {
+            path: path(1),
+            mode: oct(2),
+            umask: umask(),
+        },
         "mknod" => {
             let (a, b) = w.get(2).and_then(|x| x.split_once(':')).unwrap_or_else(|| bad());
-            Mknod { path: path(1), major: a.parse().unwrap_or_else(|_| bad()), minor: b.parse().unwrap_or_else(|_| bad()) }
+            Mknod {
+                path: path(1),
+                major: a.parse().unwrap_or_else(|_| bad()),
+                minor: b.parse().unwrap_or_else(|_| bad()),
+            }
         }
         "rename" => Rename {
             src: path(1),
@@ -200,30 +369,74 @@ fn parse_op(s: &str) -> Op {
                 _ => bad(),
             },
         },
-        "chmod" => Chmod { path: path(1), mode: oct(2) },
+        "chmod" => Chmod {
+            path: path(1),
+            mode: oct(2),
+        },
         "chown" => {
             let (u, g) = w.get(2).and_then(|x| x.split_once(':')).unwrap_or_else(|| bad());
             let id = |x: &str| x.parse::<i32>().unwrap_or_else(|_| bad()) as u32;
-            Chown { path: path(1), uid: id(u), gid: id(g) }
+            Chown {
+                path: path(1),
+                uid: id(u),
+                gid: id(g),
+            }
         }
-        "utime" => Utime { path: path(1), atime: t(2), mtime: t(3) },
+        "utime" => Utime {
+            path: path(1),
+            atime: t(2),
+            mtime: t(3),
+        },
         "setxattr" => {
             let (n, v) = w.get(2).and_then(|x| x.split_once('=')).unwrap_or_else(|| bad());
-            SetXattr { path: path(1), name: n.into(), value: v.into() }
+            SetXattr {
+                path: path(1),
+                name: n.into(),
+                value: v.into(),
+            }
         }
-        "rmxattr" => RemoveXattr { path: path(1), name: w.get(2).unwrap_or_else(|| bad()).to_string() },
-        "getxattr" => GetXattr { path: path(1), name: w.get(2).unwrap_or_else(|| bad()).to_string() },
+        "rmxattr" => RemoveXattr {
+            path: path(1),
+            name: w.get(2).unwrap_or_else(|| bad()).to_string(),
+        },
+        "getxattr" => GetXattr {
+            path: path(1),
+            name: w.get(2).unwrap_or_else(|| bad()).to_string(),
+        },
         "listxattr" => ListXattr { path: path(1) },
         "stat" => Stat { path: path(1) },
         "readdir" => Readdir { path: path(1) },
         "readlink" => Readlink { path: path(1) },
-        "open" => Open { slot: num(1) as usize, path: path(2), flags: w.get(3).unwrap_or_else(|| bad()).to_string() },
-        "readfd" => ReadFd { slot: num(1) as usize, off: num(2), len: num(3) as usize },
-        "writefd" => WriteFd { slot: num(1) as usize, off: num(2), len: num(3) as usize, seed: seed(4) },
-        "truncfd" => TruncFd { slot: num(1) as usize, len: num(2) },
-        "fstat" => Fstat { slot: num(1) as usize },
-        "fchmod" => Fchmod { slot: num(1) as usize, mode: oct(2) },
-        "close" => Close { slot: num(1) as usize },
+        "open" => Open {
+            slot: num(1) as usize,
+            path: path(2),
+            flags: w.get(3).unwrap_or_else(|| bad()).to_string(),
+        },
+        "readfd" => ReadFd {
+            slot: num(1) as usize,
+            off: num(2),
+            len: num(3) as usize,
+        },
+        "writefd" => WriteFd {
+            slot: num(1) as usize,
+            off: num(2),
+            len: num(3) as usize,
+            seed: seed(4),
+        },
+        "truncfd" => TruncFd {
+            slot: num(1) as usize,
+            len: num(2),
+        },
+        "fstat" => Fstat {
+            slot: num(1) as usize,
+        },
+        "fchmod" => Fchmod {
+            slot: num(1) as usize,
+            mode: oct(2),
+        },
+        "close" => Close {
+            slot: num(1) as usize,
+        },
         _ => bad(),
     }
 }
@@ -300,7 +513,13 @@ impl Ctx<'_> {
     }
     fn stat_line(&self, st: &libc::stat) -> String {
         let kind = kind_of(st.st_mode);
-        let mut s = format!("{kind} {:04o} {}:{} nlink={}", st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_nlink);
+        let mut s = format!(
+            "{kind} {:04o} {}:{} nlink={}",
+            st.st_mode & 0o7777,
+            st.st_uid,
+            st.st_gid,
+            st.st_nlink
+        );
         if kind != 'd' {
             s += &format!(" size={}", st.st_size);
         }
@@ -362,7 +581,12 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
     // SAFETY: every call below gets valid C strings, buffers of the stated length and fds we own.
     unsafe {
         match op {
-            Create { path, mode, umask, excl } => {
+            Create {
+                path,
+                mode,
+                umask,
+                excl,
+            } => {
                 let c = ctx.c(path);
                 let fl = libc::O_CREAT | libc::O_WRONLY | if *excl { libc::O_EXCL } else { 0 };
                 let fd = with_umask(*umask, || open_at(&c, fl, *mode))?;
@@ -401,7 +625,9 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 libc::close(fd);
                 Ok(format!("len={} hash={:016x}", out.len(), fnv(&out)))
             }
-            Mkdir { path, mode, umask } => with_umask(*umask, || rc(libc::mkdir(ctx.c(path).as_ptr(), *mode))),
+            Mkdir { path, mode, umask } => {
+                with_umask(*umask, || rc(libc::mkdir(ctx.c(path).as_ptr(), *mode)))
+            }
             Rmdir { path } => rc(libc::rmdir(ctx.c(path).as_ptr())),
             Unlink { path } => rc(libc::unlink(ctx.c(path).as_ptr())),
             Link { src, dst } => rc(libc::link(ctx.c(src).as_ptr(), ctx.c(dst).as_ptr())),
@@ -409,10 +635,14 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 let t = CString::new(target.as_str()).unwrap();
                 rc(libc::symlink(t.as_ptr(), ctx.c(path).as_ptr()))
             }
-            Mkfifo { path, mode, umask } => with_umask(*umask, || rc(libc::mkfifo(ctx.c(path).as_ptr(), *mode))),
-            Mknod { path, major, minor } => {
-                rc(libc::mknod(ctx.c(path).as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(*major, *minor)))
+            Mkfifo { path, mode, umask } => {
+                with_umask(*umask, || rc(libc::mkfifo(ctx.c(path).as_ptr(), *mode)))
             }
+            Mknod { path, major, minor } => rc(libc::mknod(
+                ctx.c(path).as_ptr(),
+                libc::S_IFCHR | 0o644,
+                libc::makedev(*major, *minor),
+            )),
             Rename { src, dst, flags } => {
                 let r = libc::syscall(
                     libc::SYS_renameat2,
@@ -428,16 +658,36 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
             Chown { path, uid, gid } => rc(libc::lchown(ctx.c(path).as_ptr(), *uid, *gid)),
             Utime { path, atime, mtime } => {
                 let t = |x: i64| match x {
-                    TS_NOW => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-                    TS_OMIT => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-                    x => libc::timespec { tv_sec: x / 1_000_000_000, tv_nsec: x % 1_000_000_000 },
+                    TS_NOW => libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_NOW,
+                    },
+                    TS_OMIT => libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    x => libc::timespec {
+                        tv_sec: x / 1_000_000_000,
+                        tv_nsec: x % 1_000_000_000,
+                    },
                 };
                 let tv = [t(*atime), t(*mtime)];
-                rc(libc::utimensat(libc::AT_FDCWD, ctx.c(path).as_ptr(), tv.as_ptr(), libc::AT_SYMLINK_NOFOLLOW))
+                rc(libc::utimensat(
+                    libc::AT_FDCWD,
+                    ctx.c(path).as_ptr(),
+                    tv.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                ))
             }
             SetXattr { path, name, value } => {
                 let n = CString::new(name.as_str()).unwrap();
-                rc(libc::lsetxattr(ctx.c(path).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0))
+                rc(libc::lsetxattr(
+                    ctx.c(path).as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                ))
             }
             RemoveXattr { path, name } => {
                 let n = CString::new(name.as_str()).unwrap();
@@ -465,7 +715,11 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 Ok(ctx.stat_line(&st))
             }
             Readdir { path } => {
-                let full = if path.is_empty() { ctx.root.to_path_buf() } else { ctx.root.join(path) };
+                let full = if path.is_empty() {
+                    ctx.root.to_path_buf()
+                } else {
+                    ctx.root.join(path)
+                };
                 let rd = std::fs::read_dir(full).map_err(|e| e.raw_os_error().unwrap_or(0))?;
                 let mut names = rd
                     .map(|e| e.map(|e| short_path(&e.file_name().to_string_lossy())))
@@ -498,7 +752,9 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 Ok(String::new())
             }
             ReadFd { slot, off, len } => {
-                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                let Some(fd) = fds.0.get(slot) else {
+                    return Ok("no fd".into());
+                };
                 let mut v = vec![0u8; *len];
                 let n = libc::pread(*fd, v.as_mut_ptr().cast(), v.len(), *off as i64);
                 if n < 0 {
@@ -507,7 +763,9 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 Ok(format!("len={n} hash={:016x}", fnv(&v[..n as usize])))
             }
             WriteFd { slot, off, len, seed } => {
-                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                let Some(fd) = fds.0.get(slot) else {
+                    return Ok("no fd".into());
+                };
                 let v = data(*len, *seed);
                 let n = libc::pwrite(*fd, v.as_ptr().cast(), v.len(), *off as i64);
                 if n < 0 {
@@ -516,11 +774,15 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 Ok(n.to_string())
             }
             TruncFd { slot, len } => {
-                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                let Some(fd) = fds.0.get(slot) else {
+                    return Ok("no fd".into());
+                };
                 rc(libc::ftruncate(*fd, *len as i64))
             }
             Fstat { slot } => {
-                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                let Some(fd) = fds.0.get(slot) else {
+                    return Ok("no fd".into());
+                };
                 let mut st: libc::stat = std::mem::zeroed();
                 if libc::fstat(*fd, &mut st) < 0 {
                     return Err(last_errno());
@@ -528,11 +790,15 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 Ok(ctx.stat_line(&st))
             }
             Fchmod { slot, mode } => {
-                let Some(fd) = fds.0.get(slot) else { return Ok("no fd".into()) };
+                let Some(fd) = fds.0.get(slot) else {
+                    return Ok("no fd".into());
+                };
                 rc(libc::fchmod(*fd, *mode))
             }
             Close { slot } => {
-                let Some(fd) = fds.0.remove(slot) else { return Ok("no fd".into()) };
+                let Some(fd) = fds.0.remove(slot) else {
+                    return Ok("no fd".into());
+                };
                 rc(libc::close(fd))
             }
             As { uid, gid, op } => {
@@ -589,7 +855,13 @@ struct Run {
 impl Run {
     fn new(layers: Layers, header: String) -> Run {
         let rig = Rig::new(layers);
-        Run { rig, log: Vec::new(), header, ref_fds: Fds::default(), sub_fds: Fds::default() }
+        Run {
+            rig,
+            log: Vec::new(),
+            header,
+            ref_fds: Fds::default(),
+            sub_fds: Fds::default(),
+        }
     }
 
     fn report(&self, what: &str) -> String {
@@ -597,20 +869,34 @@ impl Run {
             "{}\n{what}\nlayers (top first):\n{}op log (ref results):\n{}\n",
             self.header,
             self.rig.layers,
-            self.log.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+            self.log
+                .iter()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
         )
     }
 
     /// Apply one op to both mounts; Err(report) when results or st_ino stability differ.
     fn step(&mut self, i: usize, op: &Op) -> Result<Res, String> {
-        let rctx = Ctx { root: self.rig.ref_root(), start_ns: self.rig.start_ns };
-        let sctx = Ctx { root: self.rig.sub_root(), start_ns: self.rig.start_ns };
+        let rctx = Ctx {
+            root: self.rig.ref_root(),
+            start_ns: self.rig.start_ns,
+        };
+        let sctx = Ctx {
+            root: self.rig.sub_root(),
+            start_ns: self.rig.start_ns,
+        };
         let before = tracked(op).map(|(a, _)| (ino(rctx.root, a), ino(sctx.root, a)));
         let r = apply(&rctx, op, &mut self.ref_fds);
         let s = apply(&sctx, op, &mut self.sub_fds);
         self.log.push(format!("#{i} {op}  => {}", show(&r)));
         if normalize_result(&r) != normalize_result(&s) {
-            return Err(self.report(&format!("op #{i} `{op}` differs:\n  kernel:  {}\n  subject: {}", show(&r), show(&s))));
+            return Err(self.report(&format!(
+                "op #{i} `{op}` differs:\n  kernel:  {}\n  subject: {}",
+                show(&r),
+                show(&s)
+            )));
         }
         if let (Some((_, after)), Some((rb, sb))) = (tracked(op), before) {
             let (ra, sa) = (ino(rctx.root, after), ino(sctx.root, after));
@@ -644,9 +930,14 @@ impl Run {
             .map(|(p, i)| format!("  {}: st_ino {i} -> {}", short_path(p), after[p]))
             .collect();
         if !changed.is_empty() {
-            return Err(self.report(&format!("st_ino changed across a remount of the subject:\n{}", changed.join("\n"))));
+            return Err(self.report(&format!(
+                "st_ino changed across a remount of the subject:\n{}",
+                changed.join("\n")
+            )));
         }
-        self.rig.mount_kernel_on_subject_upper().map_err(|e| self.report(&format!("kernel overlayfs refused the subject's upper: {e}")))?;
+        self.rig
+            .mount_kernel_on_subject_upper()
+            .map_err(|e| self.report(&format!("kernel overlayfs refused the subject's upper: {e}")))?;
         self.compare("kernel overlayfs mounted on the subject's upper (upper format)")
     }
 }
@@ -658,12 +949,23 @@ fn inos(root: &Path) -> BTreeMap<String, u64> {
 /// Light listing of the reference tree for choosing op arguments.
 fn list_tree(root: &Path) -> Vec<(String, char)> {
     fn rec(root: &Path, rel: &str, out: &mut Vec<(String, char)>) {
-        let Ok(rd) = std::fs::read_dir(if rel.is_empty() { root.to_path_buf() } else { root.join(rel) }) else { return };
-        let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let Ok(rd) = std::fs::read_dir(if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        }) else {
+            return;
+        };
+        let mut names: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         for n in names {
             let r = if rel.is_empty() { n } else { format!("{rel}/{n}") };
-            let k = std::fs::symlink_metadata(root.join(&r)).map(|m| kind_of(m.mode())).unwrap_or('?');
+            let k = std::fs::symlink_metadata(root.join(&r))
+                .map(|m| kind_of(m.mode()))
+                .unwrap_or('?');
             out.push((r.clone(), k));
             if k == 'd' {
                 rec(root, &r, out);
@@ -684,9 +986,27 @@ fn gen_op(rng: &mut Rng, tree: &[(String, char)], pool: &[String]) -> Op {
     const FILE_MODES: &[u32] = &[0o644, 0o600, 0o755, 0o4755, 0o2755, 0o777, 0o000, 0o1777, 0o6711];
     const UMASKS: &[u32] = &[0o022, 0o077, 0o000, 0o027];
     const IDS: &[u32] = &[0, 1000, 65534, 1001, u32::MAX];
-    const TIMES: &[i64] = &[978_307_200_000_000_000, 1_262_304_000_123_456_789, 1_000_000_000_999_999_999, TS_NOW, TS_OMIT];
-    const XATTRS: &[&str] = &["user.k0", "user.k1", "user.k2", "trusted.k", "trusted.overlay.opaque", "security.k"];
-    let of = |k: char| -> Vec<String> { tree.iter().filter(|(_, t)| *t == k).map(|(p, _)| p.clone()).collect() };
+    const TIMES: &[i64] = &[
+        978_307_200_000_000_000,
+        1_262_304_000_123_456_789,
+        1_000_000_000_999_999_999,
+        TS_NOW,
+        TS_OMIT,
+    ];
+    const XATTRS: &[&str] = &[
+        "user.k0",
+        "user.k1",
+        "user.k2",
+        "trusted.k",
+        "trusted.overlay.opaque",
+        "security.k",
+    ];
+    let of = |k: char| -> Vec<String> {
+        tree.iter()
+            .filter(|(_, t)| *t == k)
+            .map(|(p, _)| p.clone())
+            .collect()
+    };
     let files = of('f');
     let dirs = of('d');
     let fresh = |rng: &mut Rng| -> String {
@@ -734,54 +1054,157 @@ fn gen_op(rng: &mut Rng, tree: &[(String, char)], pool: &[String]) -> Op {
     let off = |rng: &mut Rng| -> u64 { *rng.pick(&[0u64, 1, 3, 4095, 8192, 100_000, 1 << 20]) };
     let unprivileged = rng.chance(15);
     let op = match rng.below(112) {
-        0..=7 => Create { path: new_or_any(rng), mode: *rng.pick(FILE_MODES), umask: *rng.pick(UMASKS), excl: rng.chance(30) },
-        8..=13 => Write { path: file_or_any(rng), off: off(rng), len: len(rng), seed: rng.below(256) as u8 },
-        14..=17 => Append { path: file_or_any(rng), len: len(rng), seed: rng.below(256) as u8 },
-        18..=20 => Overwrite { path: file_or_any(rng), len: len(rng), seed: rng.below(256) as u8 },
-        21..=24 => Truncate { path: file_or_any(rng), len: off(rng) },
-        25..=27 => Read { path: file_or_any(rng) },
-        28..=33 => Mkdir { path: new_or_any(rng), mode: *rng.pick(&[0o755, 0o700, 0o2775, 0o1777, 0o000]), umask: *rng.pick(UMASKS) },
-        34..=37 => Rmdir { path: if rng.chance(70) { rng.pick(&dirs).clone() } else { any(rng) } },
+        0..=7 => Create {
+            path: new_or_any(rng),
+            mode: *rng.pick(FILE_MODES),
+            umask: *rng.pick(UMASKS),
+            excl: rng.chance(30),
+        },
+        8..=13 => Write {
+            path: file_or_any(rng),
+            off: off(rng),
+            len: len(rng),
+            seed: rng.below(256) as u8,
+        },
+        14..=17 => Append {
+            path: file_or_any(rng),
+            len: len(rng),
+            seed: rng.below(256) as u8,
+        },
+        18..=20 => Overwrite {
+            path: file_or_any(rng),
+            len: len(rng),
+            seed: rng.below(256) as u8,
+        },
+        21..=24 => Truncate {
+            path: file_or_any(rng),
+            len: off(rng),
+        },
+        25..=27 => Read {
+            path: file_or_any(rng),
+        },
+        28..=33 => Mkdir {
+            path: new_or_any(rng),
+            mode: *rng.pick(&[0o755, 0o700, 0o2775, 0o1777, 0o000]),
+            umask: *rng.pick(UMASKS),
+        },
+        34..=37 => Rmdir {
+            path: if rng.chance(70) {
+                rng.pick(&dirs).clone()
+            } else {
+                any(rng)
+            },
+        },
         38..=43 => Unlink { path: any(rng) },
-        44..=47 => Link { src: any(rng), dst: new_or_any(rng) },
-        48..=50 => Symlink { target: rng.pick(&["a", "../b", "/nonexistent-verlay/hostname", "dangling"]).to_string(), path: new_or_any(rng) },
-        51..=52 => Mkfifo { path: new_or_any(rng), mode: 0o644, umask: *rng.pick(UMASKS) },
-        53 => Mknod { path: new_or_any(rng), major: 0, minor: if rng.chance(50) { 0 } else { 1 } },
+        44..=47 => Link {
+            src: any(rng),
+            dst: new_or_any(rng),
+        },
+        48..=50 => Symlink {
+            target: rng
+                .pick(&["a", "../b", "/nonexistent-verlay/hostname", "dangling"])
+                .to_string(),
+            path: new_or_any(rng),
+        },
+        51..=52 => Mkfifo {
+            path: new_or_any(rng),
+            mode: 0o644,
+            umask: *rng.pick(UMASKS),
+        },
+        53 => Mknod {
+            path: new_or_any(rng),
+            major: 0,
+            minor: if rng.chance(50) { 0 } else { 1 },
+        },
         54..=63 => {
             let flags = match rng.below(10) {
                 0..=5 => 0,
                 6..=7 => RENAME_NOREPLACE,
                 _ => RENAME_EXCHANGE,
             };
-            let src = if !dirs.is_empty() && rng.chance(35) { rng.pick(&dirs).clone() } else { any(rng) };
-            let dst = if flags == RENAME_EXCHANGE || rng.chance(40) { any(rng) } else { new_or_any(rng) };
+            let src = if !dirs.is_empty() && rng.chance(35) {
+                rng.pick(&dirs).clone()
+            } else {
+                any(rng)
+            };
+            let dst = if flags == RENAME_EXCHANGE || rng.chance(40) {
+                any(rng)
+            } else {
+                new_or_any(rng)
+            };
             Rename { src, dst, flags }
         }
-        64..=68 => Chmod { path: any(rng), mode: *rng.pick(&[0o644, 0o2755, 0o4755, 0o700, 0o000, 0o1777, 0o755]) },
-        69..=72 => Chown { path: any(rng), uid: *rng.pick(IDS), gid: *rng.pick(IDS) },
-        73..=76 => Utime { path: any(rng), atime: *rng.pick(TIMES), mtime: *rng.pick(TIMES) },
-        77..=79 => SetXattr { path: any(rng), name: rng.pick(XATTRS).to_string(), value: format!("v{}", rng.below(10)) },
-        80..=81 => RemoveXattr { path: any(rng), name: rng.pick(XATTRS).to_string() },
-        82 => GetXattr { path: any(rng), name: rng.pick(XATTRS).to_string() },
+        64..=68 => Chmod {
+            path: any(rng),
+            mode: *rng.pick(&[0o644, 0o2755, 0o4755, 0o700, 0o000, 0o1777, 0o755]),
+        },
+        69..=72 => Chown {
+            path: any(rng),
+            uid: *rng.pick(IDS),
+            gid: *rng.pick(IDS),
+        },
+        73..=76 => Utime {
+            path: any(rng),
+            atime: *rng.pick(TIMES),
+            mtime: *rng.pick(TIMES),
+        },
+        77..=79 => SetXattr {
+            path: any(rng),
+            name: rng.pick(XATTRS).to_string(),
+            value: format!("v{}", rng.below(10)),
+        },
+        80..=81 => RemoveXattr {
+            path: any(rng),
+            name: rng.pick(XATTRS).to_string(),
+        },
+        82 => GetXattr {
+            path: any(rng),
+            name: rng.pick(XATTRS).to_string(),
+        },
         83 => ListXattr { path: any(rng) },
         84..=86 => Stat { path: any(rng) },
-        87..=88 => Readdir { path: if rng.chance(80) { rng.pick(&dirs).clone() } else { any(rng) } },
+        87..=88 => Readdir {
+            path: if rng.chance(80) {
+                rng.pick(&dirs).clone()
+            } else {
+                any(rng)
+            },
+        },
         89 => Readlink { path: any(rng) },
         90..=95 => Open {
             slot: slot(rng),
             path: file_or_any(rng),
             flags: rng.pick(&["r", "r", "r", "w", "rw", "a", "rt"]).to_string(),
         },
-        96..=98 => ReadFd { slot: slot(rng), off: *rng.pick(&[0u64, 1, 4096]), len: *rng.pick(&[1usize, 100, 70000]) },
-        99..=101 => WriteFd { slot: slot(rng), off: off(rng), len: len(rng), seed: rng.below(256) as u8 },
-        102 => TruncFd { slot: slot(rng), len: off(rng) },
+        96..=98 => ReadFd {
+            slot: slot(rng),
+            off: *rng.pick(&[0u64, 1, 4096]),
+            len: *rng.pick(&[1usize, 100, 70000]),
+        },
+        99..=101 => WriteFd {
+            slot: slot(rng),
+            off: off(rng),
+            len: len(rng),
+            seed: rng.below(256) as u8,
+        },
+        102 => TruncFd {
+            slot: slot(rng),
+            len: off(rng),
+        },
         103..=106 => Fstat { slot: slot(rng) },
-        107 => Fchmod { slot: slot(rng), mode: *rng.pick(&[0o600, 0o2755]) },
+        107 => Fchmod {
+            slot: slot(rng),
+            mode: *rng.pick(&[0o600, 0o2755]),
+        },
         _ => Close { slot: slot(rng) },
     };
     if unprivileged {
         let (uid, gid) = *rng.pick(&[(1000, 1000), (65534, 65534), (1001, 1000)]);
-        As { uid, gid, op: Box::new(op) }
+        As {
+            uid,
+            gid,
+            op: Box::new(op),
+        }
     } else {
         op
     }
@@ -789,14 +1212,23 @@ fn gen_op(rng: &mut Rng, tree: &[(String, char)], pool: &[String]) -> Op {
 
 fn env_num(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
-        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
         Err(_) => default,
     }
 }
 
 /// One line for a failure report: what differed and the first difference.
 fn summary(report: &str) -> String {
-    report.lines().skip(1).take_while(|l| !l.starts_with("layers")).take(3).map(str::trim).collect::<Vec<_>>().join(" | ")
+    report
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("layers"))
+        .take(3)
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 fn run_seed(seed: u64, nops: usize) -> Result<(), String> {
@@ -845,8 +1277,16 @@ fn random_sequences_match_kernel_overlayfs() {
         start.elapsed()
     );
     if let Some((_, first)) = failures.first() {
-        let list: Vec<String> = failures.iter().map(|(s, e)| format!("  seed {s}: {}", summary(e))).collect();
-        panic!("{} of {} seeds diverged:\n{}\n\nfirst failure in full:\n{first}", failures.len(), seeds.len(), list.join("\n"));
+        let list: Vec<String> = failures
+            .iter()
+            .map(|(s, e)| format!("  seed {s}: {}", summary(e)))
+            .collect();
+        panic!(
+            "{} of {} seeds diverged:\n{}\n\nfirst failure in full:\n{first}",
+            failures.len(),
+            seeds.len(),
+            list.join("\n")
+        );
     }
 }
 
@@ -870,7 +1310,9 @@ fn case(name: &str, layers: &[&str], steps: &[&str]) {
                 let shown = show(&r);
                 if !shown.contains(e) {
                     // The kernel is the oracle; this means the test's assumption is wrong.
-                    return Err(run.report(&format!("kernel answered {shown} to `{op}`, the test expects `{e}`")));
+                    return Err(run.report(&format!(
+                        "kernel answered {shown} to `{op}`, the test expects `{e}`"
+                    )));
                 }
             }
             run.compare(&format!("after step #{i} `{op}`"))?;
@@ -927,7 +1369,15 @@ fn open_rdonly_fd_sees_data_after_copy_up() {
     case(
         "open_rdonly_after_copy_up",
         &["f f=lower-content; f g=other"],
-        &["open 0 f r", "overwrite f 3 66", "readfd 0 0 100 => len=3", "open 1 g r", "chmod g 0600", "truncate g 2", "readfd 1 0 100 => len=2"],
+        &[
+            "open 0 f r",
+            "overwrite f 3 66",
+            "readfd 0 0 100 => len=3",
+            "open 1 g r",
+            "chmod g 0600",
+            "truncate g 2",
+            "readfd 1 0 100 => len=2",
+        ],
     );
 }
 
@@ -936,7 +1386,17 @@ fn write_through_fd_after_rename_and_unlink_lands_in_the_file() {
     case(
         "fd_after_rename",
         &["f a=aaaa; f b=bbbb"],
-        &["open 0 a rw", "rename a c", "writefd 0 0 2 70", "read c => len=4", "open 1 b w", "unlink b", "writefd 1 0 3", "fstat 1 => nlink=0", "stat b => ENOENT"],
+        &[
+            "open 0 a rw",
+            "rename a c",
+            "writefd 0 0 2 70",
+            "read c => len=4",
+            "open 1 b w",
+            "unlink b",
+            "writefd 1 0 3",
+            "fstat 1 => nlink=0",
+            "stat b => ENOENT",
+        ],
     );
 }
 
@@ -964,7 +1424,14 @@ fn new_entries_in_setgid_dirs_inherit_the_group() {
     case(
         "setgid_inherit",
         &["d g 2775 0:65534; d g/inner 0755 0:65534"],
-        &["mkdir g/d 0755 => Ok", "stat g/d => d 2755 0:65534", "create g/f 0644", "stat g/f => 0:65534", "mkdir g/inner/x 0755", "stat g/inner/x => 0:0"],
+        &[
+            "mkdir g/d 0755 => Ok",
+            "stat g/d => d 2755 0:65534",
+            "create g/f 0644",
+            "stat g/f => 0:65534",
+            "mkdir g/inner/x 0755",
+            "stat g/inner/x => 0:0",
+        ],
     );
 }
 
@@ -993,7 +1460,12 @@ fn copied_up_symlink_keeps_owner_and_mtime() {
     case(
         "symlink_copy_up",
         &["s s->target; m s - 1000:1000; s t->x; m t - 65534:65534; d dd"],
-        &["link s s2", "stat s2 => l 0777 1000:1000", "rename t dd/t2", "stat dd/t2 => 65534:65534"],
+        &[
+            "link s s2",
+            "stat s2 => l 0777 1000:1000",
+            "rename t dd/t2",
+            "stat dd/t2 => 65534:65534",
+        ],
     );
 }
 
@@ -1041,8 +1513,17 @@ fn names_of_255_bytes_work_and_256_bytes_are_enametoolong() {
 fn rename_exchange_file_with_merged_dir() {
     case(
         "exchange_merged_dir",
-        &["d m; f m/a=top", "d m; f m/b=bottom; d lowdir; f lowdir/x; f file=f"],
-        &["rename file m exchange", "rename file lowdir exchange", "mkdir up 0755", "rename file up exchange", "stat up"],
+        &[
+            "d m; f m/a=top",
+            "d m; f m/b=bottom; d lowdir; f lowdir/x; f file=f",
+        ],
+        &[
+            "rename file m exchange",
+            "rename file lowdir exchange",
+            "mkdir up 0755",
+            "rename file up exchange",
+            "stat up",
+        ],
     );
 }
 
@@ -1050,7 +1531,10 @@ fn rename_exchange_file_with_merged_dir() {
 fn renaming_lower_and_merged_dirs_uses_redirects() {
     case(
         "dir_redirect",
-        &["d m; f m/a=top; d m/sub; f m/sub/s", "d m; f m/b=bottom; d other; f other/o"],
+        &[
+            "d m; f m/a=top; d m/sub; f m/sub/s",
+            "d m; f m/b=bottom; d other; f other/o",
+        ],
         &[
             "rename m moved",
             "readdir moved => a,b,sub",
@@ -1069,7 +1553,20 @@ fn dir_made_over_whiteout_then_renamed_keeps_lower_hidden() {
     case(
         "dir_over_whiteout",
         &["f x=lower; d d; f d/old=o"],
-        &["unlink x", "mkdir x 0755", "rename x y", "stat x => ENOENT", "readdir y => []", "unlink d/old", "rmdir d", "mkdir d 0755", "readdir d => []", "rename d e", "stat d => ENOENT", "readdir e => []"],
+        &[
+            "unlink x",
+            "mkdir x 0755",
+            "rename x y",
+            "stat x => ENOENT",
+            "readdir y => []",
+            "unlink d/old",
+            "rmdir d",
+            "mkdir d 0755",
+            "readdir d => []",
+            "rename d e",
+            "stat d => ENOENT",
+            "readdir e => []",
+        ],
     );
 }
 
@@ -1077,8 +1574,21 @@ fn dir_made_over_whiteout_then_renamed_keeps_lower_hidden() {
 fn middle_layer_whiteout_hides_below() {
     case(
         "middle_whiteout",
-        &["f top=t", "w gone; W gone2; f keep=m", "f gone=bottom; d gone2; f gone2/x; f keep=b"],
-        &["stat gone => ENOENT", "stat gone2 => ENOENT", "create gone 0644", "unlink gone", "stat gone => ENOENT", "mkdir gone2 0755", "readdir gone2 => []", "read keep => len=1"],
+        &[
+            "f top=t",
+            "w gone; W gone2; f keep=m",
+            "f gone=bottom; d gone2; f gone2/x; f keep=b",
+        ],
+        &[
+            "stat gone => ENOENT",
+            "stat gone2 => ENOENT",
+            "create gone 0644",
+            "unlink gone",
+            "stat gone => ENOENT",
+            "mkdir gone2 0755",
+            "readdir gone2 => []",
+            "read keep => len=1",
+        ],
     );
 }
 
@@ -1086,7 +1596,11 @@ fn middle_layer_whiteout_hides_below() {
 fn middle_layer_opaque_dir_hides_below() {
     case(
         "middle_opaque",
-        &["d o; f o/top=t; d o2; f o2/top", "o o; f o/mid=m; O o2; f o2/mid", "d o; f o/bottom=b; d o2; f o2/bottom"],
+        &[
+            "d o; f o/top=t; d o2; f o2/top",
+            "o o; f o/mid=m; O o2; f o2/mid",
+            "d o; f o/bottom=b; d o2; f o2/bottom",
+        ],
         &[
             "readdir o => mid,top",
             "readdir o2 => mid,top",
@@ -1106,7 +1620,16 @@ fn bottom_layer_file_stays_gone_after_create_and_unlink() {
     case(
         "bottom_stays_gone",
         &["d d", "f d/f=bottom; f g=bottom"],
-        &["unlink d/f", "create d/f 0644", "unlink d/f", "stat d/f => ENOENT", "rename g d/g", "create g 0644", "unlink g", "stat g => ENOENT"],
+        &[
+            "unlink d/f",
+            "create d/f 0644",
+            "unlink d/f",
+            "stat d/f => ENOENT",
+            "rename g d/g",
+            "create g 0644",
+            "unlink g",
+            "stat g => ENOENT",
+        ],
     );
 }
 
@@ -1114,8 +1637,20 @@ fn bottom_layer_file_stays_gone_after_create_and_unlink() {
 fn type_changes_across_layers() {
     case(
         "type_changes",
-        &["f fd=now a file; d ds; f ds/x", "d fd; f fd/hidden; s ds->fd; d sd; f sd/y", "f sd=bottom file"],
-        &["stat fd => f ", "stat ds => d ", "readdir ds => x", "mkdir ds/new 0755 => Ok", "mkdir sd/new 0755 => Ok", "stat fd/hidden => ENOTDIR", "rmdir ds => ENOTEMPTY"],
+        &[
+            "f fd=now a file; d ds; f ds/x",
+            "d fd; f fd/hidden; s ds->fd; d sd; f sd/y",
+            "f sd=bottom file",
+        ],
+        &[
+            "stat fd => f ",
+            "stat ds => d ",
+            "readdir ds => x",
+            "mkdir ds/new 0755 => Ok",
+            "mkdir sd/new 0755 => Ok",
+            "stat fd/hidden => ENOTDIR",
+            "rmdir ds => ENOTEMPTY",
+        ],
     );
 }
 
@@ -1124,7 +1659,16 @@ fn trailing_slash_and_paths_through_files() {
     case(
         "trailing_slash",
         &["f f=x; d d; s l->d"],
-        &["stat f/ => ENOTDIR", "unlink f/ => ENOTDIR", "rename f/ g => ENOTDIR", "rename f g/ => ENOTDIR", "create f/x 0644 => ENOTDIR", "mkdir f/x 0755 => ENOTDIR", "stat l/ => d ", "rmdir d/ => Ok"],
+        &[
+            "stat f/ => ENOTDIR",
+            "unlink f/ => ENOTDIR",
+            "rename f/ g => ENOTDIR",
+            "rename f g/ => ENOTDIR",
+            "create f/x 0644 => ENOTDIR",
+            "mkdir f/x 0755 => ENOTDIR",
+            "stat l/ => d ",
+            "rmdir d/ => Ok",
+        ],
     );
 }
 
@@ -1177,6 +1721,14 @@ fn st_ino_is_stable_across_copy_up_rename_and_remount() {
     case(
         "st_ino",
         &["f a=x; d d; f d/b=y; s s->a; p p"],
-        &["chmod a 0600", "rename d/b c", "chown s 1000:1000", "rename d e", "utime p 978307200000000000 omit", "create n 0644", "rename n d2"],
+        &[
+            "chmod a 0600",
+            "rename d/b c",
+            "chown s 1000:1000",
+            "rename d e",
+            "utime p 978307200000000000 omit",
+            "create n 0644",
+            "rename n d2",
+        ],
     );
 }

@@ -59,7 +59,9 @@ impl Union {
             if st.upper || is_root {
                 for e in up.dir.read_dir(&path)? {
                     let rel = path.join(&e.name);
-                    let Some((kind, whiteout)) = kind_of(&up.dir, &rel, e.kind)? else { continue };
+                    let Some((kind, whiteout)) = kind_of(&up.dir, &rel, e.kind)? else {
+                        continue;
+                    };
                     let fresh = seen.insert(e.name.clone());
                     if whiteout || !fresh {
                         continue;
@@ -91,7 +93,9 @@ impl Union {
                     continue;
                 }
                 let rel = l.path.join(&e.name);
-                let Some((kind, whiteout)) = kind_of(layer, &rel, e.kind)? else { continue };
+                let Some((kind, whiteout)) = kind_of(layer, &rel, e.kind)? else {
+                    continue;
+                };
                 seen.insert(e.name.clone());
                 if whiteout {
                     continue;

@@ -97,7 +97,9 @@ impl NodeTable {
     /// A table holding only the root.
     pub fn new(root: Node) -> NodeTable {
         let shards: Vec<_> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
-        shards[ROOT_ID as usize % SHARDS].write().insert(ROOT_ID, Arc::new(root));
+        shards[ROOT_ID as usize % SHARDS]
+            .write()
+            .insert(ROOT_ID, Arc::new(root));
         NodeTable {
             shards,
             next_id: AtomicU64::new(ROOT_ID + 1),
@@ -148,8 +150,8 @@ impl NodeTable {
         None
     }
 
-    /// Number of live nodes.
-    pub fn len(&self) -> usize {
+    /// Number of live nodes (the root included, so never zero).
+    pub fn count(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
     }
 }

@@ -301,7 +301,11 @@ impl Union {
         let root = u.node(ROOT_ID)?;
         let upper_root = u.upper.is_some();
         let opaque = upper_root && u.upper_dir_is_opaque(Path::new(""))?;
-        let lowers_of_root = if opaque { Vec::new() } else { u.cut_at_opaque(root_lowers)? };
+        let lowers_of_root = if opaque {
+            Vec::new()
+        } else {
+            u.cut_at_opaque(root_lowers)?
+        };
         {
             let mut st = root.state.write();
             st.upper = upper_root;
@@ -313,7 +317,7 @@ impl Union {
 
     /// Number of nodes the kernel holds references to.
     pub fn node_count(&self) -> usize {
-        self.nodes.len()
+        self.nodes.count()
     }
 
     fn node(&self, id: u64) -> Result<Arc<Node>> {
@@ -390,9 +394,17 @@ impl Union {
     }
 
     /// Redirect of an upper directory, as a list of places to look in the lowers.
-    fn redirect_of(&self, layer: &LayerDir, rel: &Path, parent_lowers: &[LowerRef], overlay_prefixes: bool) -> Result<Option<Vec<LowerRef>>> {
+    fn redirect_of(
+        &self,
+        layer: &LayerDir,
+        rel: &Path,
+        parent_lowers: &[LowerRef],
+        overlay_prefixes: bool,
+    ) -> Result<Option<Vec<LowerRef>>> {
         let _ = overlay_prefixes;
-        let Some(v) = redirect_value(layer, rel)? else { return Ok(None) };
+        let Some(v) = redirect_value(layer, rel)? else {
+            return Ok(None);
+        };
         let v = OsStr::from_bytes(&v).to_os_string();
         let vb = v.as_bytes();
         if vb.first() == Some(&b'/') {
@@ -672,9 +684,9 @@ impl Union {
             ino,
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
-            atime: ts_of(st.st_atime as i64, st.st_atime_nsec as i64),
-            mtime: ts_of(st.st_mtime as i64, st.st_mtime_nsec as i64),
-            ctime: ts_of(st.st_ctime as i64, st.st_ctime_nsec as i64),
+            atime: ts_of(st.st_atime, st.st_atime_nsec as i64),
+            mtime: ts_of(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: ts_of(st.st_ctime, st.st_ctime_nsec as i64),
             kind,
             perm: st.st_mode & 0o7777,
             nlink,
@@ -819,8 +831,10 @@ impl Union {
             if sa.uid.is_some() || sa.gid.is_some() {
                 rustix::fs::fchown(
                     &*fd,
-                    sa.uid.map(|u| rustix::process::Uid::from_raw(self.opts.ids.uid_to_disk(u))),
-                    sa.gid.map(|g| rustix::process::Gid::from_raw(self.opts.ids.gid_to_disk(g))),
+                    sa.uid
+                        .map(|u| rustix::process::Uid::from_raw(self.opts.ids.uid_to_disk(u))),
+                    sa.gid
+                        .map(|g| rustix::process::Gid::from_raw(self.opts.ids.gid_to_disk(g))),
                 )?;
             }
             if let Some(mode) = sa.mode {
@@ -912,10 +926,16 @@ impl Union {
         let plowers = parent.state.read().lowers.clone();
         let whiteout_here = matches!(up.dir.stat(&path)?, Some(st) if is_whiteout_stat(&st));
         let hidden_below = whiteout_here || self.lower_has(&plowers, name)?;
-        let occupant = if whiteout_here { Occupant::NonDir } else { Occupant::Nothing };
+        let occupant = if whiteout_here {
+            Occupant::NonDir
+        } else {
+            Occupant::Nothing
+        };
         let opaque = kind == Kind::Dir && hidden_below;
         let (owner, mode) = self.new_owner(ctx, &parent, kind, mode)?;
-        let fd = up.create(&path, kind, mode, rdev, owner, target, open_flags, occupant, opaque)?;
+        let fd = up.create(
+            &path, kind, mode, rdev, owner, target, open_flags, occupant, opaque,
+        )?;
         trace!(op = "create", path = %path.display(), "created");
         let r = self.resolve(&ppath, &plowers, name)?;
         let node = self.install(&parent, name, r)?;
@@ -934,13 +954,24 @@ impl Union {
         if kind == Kind::Dir || kind == Kind::Symlink {
             return errno(libc::EINVAL);
         }
-        Ok(self.make(ctx, parent, name, kind, mode, rdev, None, OFlags::empty())?.0)
+        Ok(self
+            .make(ctx, parent, name, kind, mode, rdev, None, OFlags::empty())?
+            .0)
     }
 
     /// FUSE mkdir.
     pub fn mkdir(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32) -> Result<Entry> {
         Ok(self
-            .make(ctx, parent, name, Kind::Dir, mode | libc::S_IFDIR, 0, None, OFlags::empty())?
+            .make(
+                ctx,
+                parent,
+                name,
+                Kind::Dir,
+                mode | libc::S_IFDIR,
+                0,
+                None,
+                OFlags::empty(),
+            )?
             .0)
     }
 
@@ -950,12 +981,28 @@ impl Union {
             return errno(libc::ENAMETOOLONG);
         }
         Ok(self
-            .make(ctx, parent, name, Kind::Symlink, libc::S_IFLNK | 0o777, 0, Some(target), OFlags::empty())?
+            .make(
+                ctx,
+                parent,
+                name,
+                Kind::Symlink,
+                libc::S_IFLNK | 0o777,
+                0,
+                Some(target),
+                OFlags::empty(),
+            )?
             .0)
     }
 
     /// FUSE create: make and open a regular file.
-    pub fn create(&self, ctx: &Ctx, parent: u64, name: &OsStr, mode: u32, flags: i32) -> Result<(Entry, u64)> {
+    pub fn create(
+        &self,
+        ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Entry, u64)> {
         let oflags = open_flags(flags) & !(OFlags::TRUNC);
         let mut oflags = oflags;
         if oflags.contains(OFlags::WRONLY) {
@@ -964,7 +1011,16 @@ impl Union {
             oflags.remove(OFlags::WRONLY);
             oflags.insert(OFlags::RDWR);
         }
-        let (entry, fd) = self.make(ctx, parent, name, Kind::File, mode | libc::S_IFREG, 0, None, oflags)?;
+        let (entry, fd) = self.make(
+            ctx,
+            parent,
+            name,
+            Kind::File,
+            mode | libc::S_IFREG,
+            0,
+            None,
+            oflags,
+        )?;
         let fd = fd.ok_or(Error::Errno(libc::EIO))?;
         let node = self.node(entry.id)?;
         let fh = self.add_file(node, fd, true);
@@ -988,10 +1044,21 @@ impl Union {
         let ppath = self.path_of(&parent)?;
         let dst = ppath.join(newname);
         let whiteout_here = matches!(up.dir.stat(&dst)?, Some(st) if is_whiteout_stat(&st));
-        up.link(&src, &dst, if whiteout_here { Occupant::NonDir } else { Occupant::Nothing })?;
+        up.link(
+            &src,
+            &dst,
+            if whiteout_here {
+                Occupant::NonDir
+            } else {
+                Occupant::Nothing
+            },
+        )?;
         // The new name is the same object: the same node, one more kernel reference.
         node.lookups.fetch_add(1, Ordering::AcqRel);
-        node.state.write().aliases.push((parent.id, newname.to_os_string()));
+        node.state
+            .write()
+            .aliases
+            .push((parent.id, newname.to_os_string()));
         parent.children.lock().insert(newname.to_os_string(), node.id);
         let attr = self.attr(&node, None)?;
         Ok(Entry { id: node.id, attr })
@@ -1089,7 +1156,15 @@ impl Union {
     // ---------------------------------------------------------------- rename
 
     /// FUSE rename (renameat2 flags: RENAME_NOREPLACE, RENAME_EXCHANGE).
-    pub fn rename(&self, _ctx: &Ctx, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        _ctx: &Ctx,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
         let flags = RenameFlags::from_bits_retain(flags);
         if flags.contains(RenameFlags::WHITEOUT) {
             return errno(libc::EINVAL);
@@ -1125,11 +1200,7 @@ impl Union {
                 match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
                     (true, false) => return errno(libc::ENOTDIR),
                     (false, true) => return errno(libc::EISDIR),
-                    (true, true) => {
-                        if !self.dir_is_empty(d)? {
-                            return errno(libc::ENOTEMPTY);
-                        }
-                    }
+                    (true, true) if !self.dir_is_empty(d)? => return errno(libc::ENOTEMPTY),
                     _ => {}
                 }
             }
@@ -1224,7 +1295,11 @@ impl Union {
                 up.remove(&old_path, false)?;
             }
         } else {
-            let rflags = if occupant == Occupant::Nothing { RenameFlags::NOREPLACE } else { RenameFlags::empty() };
+            let rflags = if occupant == Occupant::Nothing {
+                RenameFlags::NOREPLACE
+            } else {
+                RenameFlags::empty()
+            };
             up.rename(&old_path, &new_path, rflags, whiteout_old)?;
         }
         if dst.is_some() {
@@ -1259,7 +1334,11 @@ impl Union {
     }
 
     fn file(&self, fh: u64) -> Result<Arc<FileHandle>> {
-        self.files.read().get(&fh).cloned().ok_or(Error::Errno(libc::EBADF))
+        self.files
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(Error::Errno(libc::EBADF))
     }
 
     /// FUSE open.
@@ -1269,7 +1348,9 @@ impl Union {
             return errno(libc::EISDIR);
         }
         let oflags = open_flags(flags);
-        let writable = oflags.contains(OFlags::WRONLY) || oflags.contains(OFlags::RDWR) || oflags.contains(OFlags::TRUNC);
+        let writable = oflags.contains(OFlags::WRONLY)
+            || oflags.contains(OFlags::RDWR)
+            || oflags.contains(OFlags::TRUNC);
         if writable {
             self.copy_up(&node)?;
         }
@@ -1298,7 +1379,10 @@ impl Union {
             }
         } else {
             let l = st.lower.ok_or(Error::Errno(libc::ENOENT))?;
-            self.lowers[l.layer].open_file(&l.path, oflags & !(OFlags::RDWR | OFlags::WRONLY | OFlags::TRUNC | OFlags::APPEND))
+            self.lowers[l.layer].open_file(
+                &l.path,
+                oflags & !(OFlags::RDWR | OFlags::WRONLY | OFlags::TRUNC | OFlags::APPEND),
+            )
         }
     }
 
@@ -1374,7 +1458,12 @@ impl Union {
             return errno(libc::EBADF);
         }
         let fd = h.fd.read().clone();
-        rustix::fs::fallocate(&*fd, rustix::fs::FallocateFlags::from_bits_retain(mode as u32), offset, length)?;
+        rustix::fs::fallocate(
+            &*fd,
+            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+            offset,
+            length,
+        )?;
         Ok(())
     }
 
@@ -1418,7 +1507,12 @@ impl Union {
     /// FUSE readdir: entries from `offset` on (offset = index + 1 of the previous entry).
     pub fn readdir(&self, id: u64, fh: u64, offset: u64) -> Result<Arc<Vec<dir::DirEntry>>> {
         let node = self.node(id)?;
-        let h = self.dirs.read().get(&fh).cloned().ok_or(Error::Errno(libc::EBADF))?;
+        let h = self
+            .dirs
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(Error::Errno(libc::EBADF))?;
         let mut slot = h.entries.lock();
         if offset == 0 || slot.is_none() {
             *slot = Some(Arc::new(self.merged_entries(&node)?));
@@ -1471,14 +1565,21 @@ impl Union {
         match &self.upper {
             Some(u) => u.names(),
             None => XattrNames {
-                own: if rustix::process::geteuid().is_root() { "trusted.overlay." } else { "user.overlay." },
+                own: if rustix::process::geteuid().is_root() {
+                    "trusted.overlay."
+                } else {
+                    "user.overlay."
+                },
             },
         }
     }
 
     /// FUSE getxattr.
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
-        let disk = self.xattr_names().to_disk(name).ok_or(Error::Errno(libc::ENODATA))?;
+        let disk = self
+            .xattr_names()
+            .to_disk(name)
+            .ok_or(Error::Errno(libc::ENODATA))?;
         let node = self.node(id)?;
         let (layer, path) = self.xattr_source(&node)?;
         layer.get_xattr(&path, &disk)?.ok_or(Error::Errno(libc::ENODATA))
@@ -1501,7 +1602,10 @@ impl Union {
 
     /// FUSE setxattr.
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        let disk = self.xattr_names().to_disk(name).ok_or(Error::Errno(libc::EPERM))?;
+        let disk = self
+            .xattr_names()
+            .to_disk(name)
+            .ok_or(Error::Errno(libc::EPERM))?;
         let node = self.node(id)?;
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
@@ -1511,7 +1615,10 @@ impl Union {
 
     /// FUSE removexattr.
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
-        let disk = self.xattr_names().to_disk(name).ok_or(Error::Errno(libc::ENODATA))?;
+        let disk = self
+            .xattr_names()
+            .to_disk(name)
+            .ok_or(Error::Errno(libc::ENODATA))?;
         let node = self.node(id)?;
         // Removing an xattr the object does not have must not copy it up.
         let (layer, path) = self.xattr_source(&node)?;
@@ -1571,7 +1678,8 @@ pub fn dir_is_opaque(layer: &LayerDir, rel: &Path) -> Result<bool> {
     let names = layer.list_xattr(rel)?;
     for n in &names {
         let b = n.as_bytes();
-        if b == b"trusted.overlay.opaque" || b == b"user.overlay.opaque" || b == b"user.fuseoverlayfs.opaque" {
+        if b == b"trusted.overlay.opaque" || b == b"user.overlay.opaque" || b == b"user.fuseoverlayfs.opaque"
+        {
             if let Some(v) = layer.get_xattr(rel, n)? {
                 if v.first() == Some(&b'y') {
                     return Ok(true);

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{
-    AtFlags, FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps,
-    XattrFlags,
+    AtFlags, FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps, XattrFlags,
 };
 use rustix::process::{Gid, Uid};
 use tracing::{debug, info, warn};
@@ -71,8 +70,8 @@ fn ts(sec: i64, nsec: i64) -> Timespec {
 /// atime/mtime of a stat as utimensat arguments.
 pub fn stat_times(st: &Stat) -> Timestamps {
     Timestamps {
-        last_access: ts(st.st_atime as i64, st.st_atime_nsec as i64),
-        last_modification: ts(st.st_mtime as i64, st.st_mtime_nsec as i64),
+        last_access: ts(st.st_atime, st.st_atime_nsec as i64),
+        last_modification: ts(st.st_mtime, st.st_mtime_nsec as i64),
     }
 }
 
@@ -187,14 +186,16 @@ impl Upper {
     /// whiteouts are found by type while listing).
     pub fn check_features(&self) -> Result<()> {
         let name = format!("{}verlay-probe", self.xattr_prefix);
-        rustix::fs::lsetxattr(&self.work_path, name.as_str(), b"y", XattrFlags::empty())
-            .map_err(|e| {
-                Error::usage(
-                    format!("upperdir \"{}\"", self.dir.path.display()),
-                    format!("its filesystem does not support {}* xattrs ({e})", self.xattr_prefix),
-                    "put upperdir and workdir on a filesystem with xattr support, e.g. ext4, xfs, btrfs or tmpfs",
-                )
-            })?;
+        rustix::fs::lsetxattr(&self.work_path, name.as_str(), b"y", XattrFlags::empty()).map_err(|e| {
+            Error::usage(
+                format!("upperdir \"{}\"", self.dir.path.display()),
+                format!(
+                    "its filesystem does not support {}* xattrs ({e})",
+                    self.xattr_prefix
+                ),
+                "put upperdir and workdir on a filesystem with xattr support, e.g. ext4, xfs, btrfs or tmpfs",
+            )
+        })?;
         let _ = rustix::fs::lremovexattr(&self.work_path, name.as_str());
         let probe = self.tmp_name();
         rustix::fs::mkdirat(&self.work, &probe, Mode::from_raw_mode(0o700))?;
@@ -218,8 +219,7 @@ impl Upper {
     /// merged view, so removing them loses nothing that was published.
     pub fn clean_work(&self) -> Result<usize> {
         let mut n = 0;
-        let rd = std::fs::read_dir(&self.work_path)
-            .map_err(|e| Error::io("readdir", &self.work_path, e))?;
+        let rd = std::fs::read_dir(&self.work_path).map_err(|e| Error::io("readdir", &self.work_path, e))?;
         for ent in rd.flatten() {
             let name = ent.file_name();
             self.remove_tree_at(&self.work, Path::new(&name))?;
@@ -266,13 +266,18 @@ impl Upper {
     }
 
     fn work_proc(&self, tmp: &Path) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.work)))
-            .join(tmp)
+        PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&self.work)
+        ))
+        .join(tmp)
     }
 
     /// The name mapping for this upper's namespace.
     pub fn names(&self) -> XattrNames {
-        XattrNames { own: self.xattr_prefix }
+        XattrNames {
+            own: self.xattr_prefix,
+        }
     }
 
     /// Full xattr name in the overlay namespace, e.g. `trusted.overlay.opaque`.
@@ -335,7 +340,14 @@ impl Upper {
     /// Steps: `copy_up.create` (temp in work dir), `copy_up.data`, `copy_up.xattrs`,
     /// `copy_up.owner`, `copy_up.mode`, `copy_up.origin`, `copy_up.times`, `copy_up.fsync`,
     /// `copy_up.rename`.
-    pub fn copy_up(&self, src: &LayerDir, src_rel: &Path, st: &Stat, dst: &Path, origin_ino: Option<u64>) -> Result<()> {
+    pub fn copy_up(
+        &self,
+        src: &LayerDir,
+        src_rel: &Path,
+        st: &Stat,
+        dst: &Path,
+        origin_ino: Option<u64>,
+    ) -> Result<()> {
         let tmp = self.tmp_name();
         let r = self.copy_up_to_tmp(src, src_rel, st, &tmp, origin_ino);
         let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing));
@@ -345,7 +357,14 @@ impl Upper {
         r
     }
 
-    fn copy_up_to_tmp(&self, src: &LayerDir, src_rel: &Path, st: &Stat, tmp: &Path, origin_ino: Option<u64>) -> Result<()> {
+    fn copy_up_to_tmp(
+        &self,
+        src: &LayerDir,
+        src_rel: &Path,
+        st: &Stat,
+        tmp: &Path,
+        origin_ino: Option<u64>,
+    ) -> Result<()> {
         let kind = Kind::from_mode(st.st_mode);
         let perm = st.st_mode & 0o7777;
         let mut file: Option<OwnedFd> = None;
@@ -373,7 +392,13 @@ impl Upper {
         }
         let tmp_proc = self.work_proc(tmp);
         self.copy_xattrs(&src.proc_path(src_rel), &tmp_proc)?;
-        rustix::fs::chownat(&self.work, tmp, uid(st.st_uid), gid(st.st_gid), AtFlags::SYMLINK_NOFOLLOW)?;
+        rustix::fs::chownat(
+            &self.work,
+            tmp,
+            uid(st.st_uid),
+            gid(st.st_gid),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
         if kind != Kind::Symlink {
             // After chown, which clears setuid/setgid.
             rustix::fs::chmodat(&self.work, tmp, Mode::from_raw_mode(perm), AtFlags::empty())?;
@@ -391,7 +416,12 @@ impl Upper {
     }
 
     fn set_origin(&self, path: &Path, origin_ino: u64) -> Result<()> {
-        match rustix::fs::lsetxattr(path, self.origin_xattr, &origin_ino.to_le_bytes(), XattrFlags::empty()) {
+        match rustix::fs::lsetxattr(
+            path,
+            self.origin_xattr,
+            &origin_ino.to_le_bytes(),
+            XattrFlags::empty(),
+        ) {
             Ok(()) => Ok(()),
             // user.* xattrs cannot be set on symlinks and devices: st_ino of such a copy is
             // then the upper's own (documented limitation).
@@ -403,7 +433,8 @@ impl Upper {
     /// The st_ino recorded at copy-up, if any.
     pub fn origin(&self, rel: &Path) -> Result<Option<u64>> {
         let v = self.dir.get_xattr(rel, OsStr::new(self.origin_xattr))?;
-        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(u64::from_le_bytes))
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes))
     }
 
     /// whiteout: put a whiteout (char 0/0) at `rel`, replacing what is there.
@@ -498,14 +529,24 @@ impl Upper {
         let finish = || -> Result<()> {
             match &file {
                 Some(f) => rustix::fs::fchown(f, uid(owner.uid), gid(owner.gid))?,
-                None => rustix::fs::chownat(dirfd, name, uid(owner.uid), gid(owner.gid), AtFlags::SYMLINK_NOFOLLOW)?,
+                None => rustix::fs::chownat(
+                    dirfd,
+                    name,
+                    uid(owner.uid),
+                    gid(owner.gid),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?,
             }
             if kind != Kind::Symlink && mode & 0o7000 != 0 {
                 // chown cleared setuid/setgid that the caller asked for.
                 rustix::fs::chmodat(dirfd, name, perm, AtFlags::empty())?;
             }
             if opaque {
-                let p = if direct { self.dir.proc_path(rel) } else { self.work_proc(&tmp) };
+                let p = if direct {
+                    self.dir.proc_path(rel)
+                } else {
+                    self.work_proc(&tmp)
+                };
                 rustix::fs::lsetxattr(&p, self.ovl_xattr("opaque").as_str(), b"y", XattrFlags::empty())?;
             }
             if !direct {
@@ -518,7 +559,11 @@ impl Upper {
             Err(e) => {
                 drop(file);
                 if direct {
-                    let flag = if kind == Kind::Dir { AtFlags::REMOVEDIR } else { AtFlags::empty() };
+                    let flag = if kind == Kind::Dir {
+                        AtFlags::REMOVEDIR
+                    } else {
+                        AtFlags::empty()
+                    };
                     let _ = rustix::fs::unlinkat(&self.dir.root, rel, flag);
                 } else {
                     self.discard(&tmp);
@@ -550,7 +595,13 @@ impl Upper {
     /// whiteout follows in a second step.
     pub fn rename(&self, old: &Path, new: &Path, flags: RenameFlags, whiteout_old: bool) -> Result<()> {
         if whiteout_old {
-            match rustix::fs::renameat_with(&self.dir.root, old, &self.dir.root, new, flags | RenameFlags::WHITEOUT) {
+            match rustix::fs::renameat_with(
+                &self.dir.root,
+                old,
+                &self.dir.root,
+                new,
+                flags | RenameFlags::WHITEOUT,
+            ) {
                 Ok(()) => return Ok(()),
                 Err(rustix::io::Errno::INVAL | rustix::io::Errno::PERM) => {}
                 Err(e) => return Err(e.into()),
@@ -565,7 +616,12 @@ impl Upper {
 
     /// Set an overlay xattr (`opaque`, `redirect`) on an upper object.
     pub fn set_ovl_xattr(&self, rel: &Path, short: &str, value: &[u8]) -> Result<()> {
-        rustix::fs::lsetxattr(self.dir.proc_path(rel), self.ovl_xattr(short).as_str(), value, XattrFlags::empty())?;
+        rustix::fs::lsetxattr(
+            self.dir.proc_path(rel),
+            self.ovl_xattr(short).as_str(),
+            value,
+            XattrFlags::empty(),
+        )?;
         Ok(())
     }
 
@@ -583,7 +639,12 @@ impl Upper {
 
     /// chmod of an upper object.
     pub fn chmod(&self, rel: &Path, mode: u32) -> Result<()> {
-        rustix::fs::chmodat(&self.dir.root, at_path(rel), Mode::from_raw_mode(mode & 0o7777), AtFlags::empty())?;
+        rustix::fs::chmodat(
+            &self.dir.root,
+            at_path(rel),
+            Mode::from_raw_mode(mode & 0o7777),
+            AtFlags::empty(),
+        )?;
         Ok(())
     }
 
@@ -645,7 +706,8 @@ pub fn copy_data(input: &impl AsFd, out: &impl AsFd, len: u64) -> Result<()> {
         let mut off_out = data;
         while off_in < hole {
             let want = (hole - off_in).min(1 << 30) as usize;
-            let n = match rustix::fs::copy_file_range(input, Some(&mut off_in), out, Some(&mut off_out), want) {
+            let n = match rustix::fs::copy_file_range(input, Some(&mut off_in), out, Some(&mut off_out), want)
+            {
                 Ok(n) => n,
                 Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
                     copy_by_read(input, out, &mut off_in, &mut off_out, hole)?;
@@ -664,7 +726,13 @@ pub fn copy_data(input: &impl AsFd, out: &impl AsFd, len: u64) -> Result<()> {
     Ok(())
 }
 
-fn copy_by_read(input: &impl AsFd, out: &impl AsFd, off_in: &mut u64, off_out: &mut u64, end: u64) -> Result<()> {
+fn copy_by_read(
+    input: &impl AsFd,
+    out: &impl AsFd,
+    off_in: &mut u64,
+    off_out: &mut u64,
+    end: u64,
+) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     while *off_in < end {
         let want = ((end - *off_in) as usize).min(buf.len());

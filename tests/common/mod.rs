@@ -181,14 +181,27 @@ pub fn private_umask_for_this_thread() {
 }
 
 pub fn now_ns() -> i128 {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     d.as_nanos() as i128
 }
 
 /// Categories of difference that `VERLAY_DIFF_IGNORE` (comma-separated) can set aside while
 /// exploring a subject with known divergences. Unset in CI: nothing is ignored.
-pub const IGNORABLE: &[&str] =
-    &["dir-nlink", "nlink", "mode", "owner", "size", "link-group", "content", "target", "rdev", "xattrs", "mtime"];
+pub const IGNORABLE: &[&str] = &[
+    "dir-nlink",
+    "nlink",
+    "mode",
+    "owner",
+    "size",
+    "link-group",
+    "content",
+    "target",
+    "rdev",
+    "xattrs",
+    "mtime",
+];
 
 pub fn ignored(category: &str) -> bool {
     static SET: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -200,7 +213,10 @@ pub fn ignored(category: &str) -> bool {
             .filter(|s| !s.is_empty())
             .collect();
         for c in &v {
-            assert!(IGNORABLE.contains(&c.as_str()), "VERLAY_DIFF_IGNORE: unknown category {c:?}, known: {IGNORABLE:?}");
+            assert!(
+                IGNORABLE.contains(&c.as_str()),
+                "VERLAY_DIFF_IGNORE: unknown category {c:?}, known: {IGNORABLE:?}"
+            );
         }
         v
     })
@@ -291,14 +307,19 @@ impl fmt::Display for Entry {
 pub fn parse_layer(spec: &str) -> Vec<Entry> {
     let mut out = Vec::new();
     for item in spec.split([';', '\n']).map(str::trim).filter(|s| !s.is_empty()) {
-        let (tag, rest) = item.split_once(' ').unwrap_or_else(|| panic!("bad layer entry {item:?}"));
+        let (tag, rest) = item
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("bad layer entry {item:?}"));
         let rest = rest.trim();
         let words: Vec<&str> = rest.split_whitespace().collect();
         let bad = || -> ! { panic!("bad layer entry {item:?}") };
         let mode = |s: &str| u32::from_str_radix(s, 8).unwrap_or_else(|_| bad());
         let owner = |s: &str| {
             let (u, g) = s.split_once(':').unwrap_or_else(|| bad());
-            (u.parse().unwrap_or_else(|_| bad()), g.parse().unwrap_or_else(|_| bad()))
+            (
+                u.parse().unwrap_or_else(|_| bad()),
+                g.parse().unwrap_or_else(|_| bad()),
+            )
         };
         match tag {
             "f" => match rest.split_once('=') {
@@ -314,12 +335,19 @@ pub fn parse_layer(spec: &str) -> Vec<Entry> {
                         (o.parse().unwrap_or_else(|_| bad()), d.as_bytes().to_vec())
                     })
                     .collect();
-                out.push(Entry::File(expand_path(words[0]), Content::Sparse { size, chunks }));
+                out.push(Entry::File(
+                    expand_path(words[0]),
+                    Content::Sparse { size, chunks },
+                ));
             }
             "d" => {
                 out.push(Entry::Dir(expand_path(words[0])));
                 if let Some(m) = words.get(1) {
-                    out.push(Entry::Meta(expand_path(words[0]), Some(mode(m)), words.get(2).map(|o| owner(o))));
+                    out.push(Entry::Meta(
+                        expand_path(words[0]),
+                        Some(mode(m)),
+                        words.get(2).map(|o| owner(o)),
+                    ));
                 }
             }
             "s" => {
@@ -338,7 +366,10 @@ pub fn parse_layer(spec: &str) -> Vec<Entry> {
             "w" | "W" => out.push(Entry::Whiteout(expand_path(rest), tag == "W")),
             "o" | "O" => out.push(Entry::Opaque(expand_path(rest), tag == "O")),
             "x" => {
-                let (k, v) = words.get(1).and_then(|kv| kv.split_once('=')).unwrap_or_else(|| bad());
+                let (k, v) = words
+                    .get(1)
+                    .and_then(|kv| kv.split_once('='))
+                    .unwrap_or_else(|| bad());
                 out.push(Entry::Xattr(expand_path(words[0]), k.to_string(), v.to_string()));
             }
             "m" => {
@@ -347,7 +378,11 @@ pub fn parse_layer(spec: &str) -> Vec<Entry> {
                     Some(m) => Some(mode(m)),
                     None => bad(),
                 };
-                out.push(Entry::Meta(expand_path(words[0]), m, words.get(2).map(|o| owner(o))));
+                out.push(Entry::Meta(
+                    expand_path(words[0]),
+                    m,
+                    words.get(2).map(|o| owner(o)),
+                ));
             }
             _ => bad(),
         }
@@ -364,7 +399,9 @@ pub struct Layers {
 impl Layers {
     /// `specs[0]` is the top lower layer.
     pub fn parse(specs: &[&str]) -> Layers {
-        Layers { lowers: specs.iter().map(|s| parse_layer(s)).collect() }
+        Layers {
+            lowers: specs.iter().map(|s| parse_layer(s)).collect(),
+        }
     }
     /// Every path named in any layer, with its ancestors: names worth poking at, hidden or not.
     pub fn all_paths(&self) -> Vec<String> {
@@ -428,14 +465,38 @@ pub fn mknod(p: &Path, mode: u32, major: u32, minor: u32) {
 pub fn lsetxattr(p: &Path, name: &str, value: &[u8]) {
     let n = CString::new(name).unwrap();
     // SAFETY: valid C strings and buffer.
-    let r = unsafe { libc::lsetxattr(cpath(p).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let r = unsafe {
+        libc::lsetxattr(
+            cpath(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     check(r, &format!("setxattr {name}"), p);
 }
 
 fn set_times(p: &Path, sec: i64, nsec: i64) {
-    let ts = [libc::timespec { tv_sec: sec, tv_nsec: nsec }, libc::timespec { tv_sec: sec, tv_nsec: nsec }];
+    let ts = [
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        },
+    ];
     // SAFETY: valid C string and a two-element timespec array.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, cpath(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            cpath(p).as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     check(r, "utimensat", p);
 }
 
@@ -470,7 +531,9 @@ pub fn materialize(entries: &[Entry], dir: &Path, format: Format, salt: u64) {
                 chmod(&p, 0o644);
             }
             Entry::Dir(_) => ensure_dir(&p),
-            Entry::Symlink(_, t) => std::os::unix::fs::symlink(t, &p).unwrap_or_else(|e| panic!("symlink {}: {e}", p.display())),
+            Entry::Symlink(_, t) => {
+                std::os::unix::fs::symlink(t, &p).unwrap_or_else(|e| panic!("symlink {}: {e}", p.display()))
+            }
             Entry::Hardlink(_, t) => {
                 std::fs::hard_link(dir.join(t), &p).unwrap_or_else(|e| panic!("link {}: {e}", p.display()))
             }
@@ -478,7 +541,9 @@ pub fn materialize(entries: &[Entry], dir: &Path, format: Format, salt: u64) {
             Entry::Char(_, a, b) => mknod(&p, libc::S_IFCHR | 0o644, *a, *b),
             Entry::Whiteout(_, oci) => {
                 // An OCI whiteout of a name longer than NAME_MAX - 4 cannot exist on disk.
-                let fits = p.file_name().map_or(false, |n| n.len() + OCI_WHITEOUT_PREFIX.len() <= 255);
+                let fits = p
+                    .file_name()
+                    .is_some_and(|n| n.len() + OCI_WHITEOUT_PREFIX.len() <= 255);
                 if *oci && format == Format::Mixed && fits {
                     let name = p.file_name().unwrap().to_str().unwrap();
                     let w = p.with_file_name(format!("{OCI_WHITEOUT_PREFIX}{name}"));
@@ -497,7 +562,9 @@ pub fn materialize(entries: &[Entry], dir: &Path, format: Format, salt: u64) {
             }
             Entry::Xattr(_, k, v) => lsetxattr(&p, k, v.as_bytes()),
             Entry::Meta(_, mode, owner) => {
-                let is_link = std::fs::symlink_metadata(&p).map(|m| m.file_type().is_symlink()).unwrap_or(false);
+                let is_link = std::fs::symlink_metadata(&p)
+                    .map(|m| m.file_type().is_symlink())
+                    .unwrap_or(false);
                 if let Some((u, g)) = owner {
                     lchown(&p, *u, *g);
                 }
@@ -512,7 +579,11 @@ pub fn materialize(entries: &[Entry], dir: &Path, format: Format, salt: u64) {
     walk_paths(dir, "", &mut all);
     for rel in all.iter().rev() {
         let h = fnv(format!("{salt}/{rel}").as_bytes());
-        set_times(&dir.join(rel), LAYER_MTIME_BASE + (h % 10_000_000) as i64, ((h >> 32) % 1_000_000_000) as i64);
+        set_times(
+            &dir.join(rel),
+            LAYER_MTIME_BASE + (h % 10_000_000) as i64,
+            ((h >> 32) % 1_000_000_000) as i64,
+        );
     }
     set_times(dir, LAYER_MTIME_BASE, 0);
 }
@@ -520,14 +591,20 @@ pub fn materialize(entries: &[Entry], dir: &Path, format: Format, salt: u64) {
 /// Pre-order list of relative paths under `dir`, sorted per directory, without following symlinks.
 fn walk_paths(dir: &Path, rel: &str, out: &mut Vec<String>) {
     let mut names: Vec<String> = match std::fs::read_dir(dir.join(rel)) {
-        Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
         Err(_) => return,
     };
     names.sort();
     for n in names {
         let r = if rel.is_empty() { n } else { format!("{rel}/{n}") };
         out.push(r.clone());
-        if std::fs::symlink_metadata(dir.join(&r)).map(|m| m.is_dir()).unwrap_or(false) {
+        if std::fs::symlink_metadata(dir.join(&r))
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
             walk_paths(dir, &r, out);
         }
     }
@@ -550,7 +627,12 @@ pub fn normalize_to_kernel_format(dir: &Path) {
         if name == OCI_OPAQUE {
             lsetxattr(&parent, "trusted.overlay.opaque", b"y");
         } else {
-            mknod(&parent.join(&name[OCI_WHITEOUT_PREFIX.len()..]), libc::S_IFCHR, 0, 0);
+            mknod(
+                &parent.join(&name[OCI_WHITEOUT_PREFIX.len()..]),
+                libc::S_IFCHR,
+                0,
+                0,
+            );
         }
         set_times(&parent, pm.mtime(), pm.mtime_nsec());
     }
@@ -561,9 +643,18 @@ pub fn normalize_to_kernel_format(dir: &Path) {
 /// above the bottom layer, type changes across layers, 255-byte names.
 pub fn random_layers(rng: &mut Rng) -> Layers {
     const NAMES: &[&str] = &["a", "b", "c", "d0", "d1", "d2", "f0", "f1", "s0", "p0", "e"];
-    const FILE_MODES: &[u32] = &[0o644, 0o644, 0o600, 0o755, 0o4755, 0o2755, 0o6755, 0o000, 0o444, 0o700, 0o1644];
+    const FILE_MODES: &[u32] = &[
+        0o644, 0o644, 0o600, 0o755, 0o4755, 0o2755, 0o6755, 0o000, 0o444, 0o700, 0o1644,
+    ];
     const DIR_MODES: &[u32] = &[0o755, 0o755, 0o700, 0o2775, 0o1777, 0o711, 0o555, 0o000, 0o2770];
-    const OWNERS: &[(u32, u32)] = &[(0, 0), (1000, 1000), (1001, 1001), (65534, 65534), (1000, 65534), (0, 1000)];
+    const OWNERS: &[(u32, u32)] = &[
+        (0, 0),
+        (1000, 1000),
+        (1001, 1001),
+        (65534, 65534),
+        (1000, 65534),
+        (0, 1000),
+    ];
     let nlayers = 2 + rng.below(2) as usize;
     // Merged kind of each path below the layer being generated ('f','d','l','p','c').
     let mut below: BTreeMap<String, char> = BTreeMap::new();
@@ -581,10 +672,24 @@ pub fn random_layers(rng: &mut Rng) -> Layers {
                 (*rng.pick(&keys)).clone()
             } else {
                 let mut dirs: Vec<String> = vec![String::new()];
-                dirs.extend(below.iter().chain(mine.iter()).filter(|(p, k)| **k == 'd' && p.matches('/').count() < 2).map(|(p, _)| p.clone()));
+                dirs.extend(
+                    below
+                        .iter()
+                        .chain(mine.iter())
+                        .filter(|(p, k)| **k == 'd' && p.matches('/').count() < 2)
+                        .map(|(p, _)| p.clone()),
+                );
                 let parent = rng.pick(&dirs).clone();
-                let name = if rng.chance(4) { long_name(&format!("L{}", rng.below(3)), 255) } else { rng.pick(NAMES).to_string() };
-                if parent.is_empty() { name } else { format!("{parent}/{name}") }
+                let name = if rng.chance(4) {
+                    long_name(&format!("L{}", rng.below(3)), 255)
+                } else {
+                    rng.pick(NAMES).to_string()
+                };
+                if parent.is_empty() {
+                    name
+                } else {
+                    format!("{parent}/{name}")
+                }
             };
             // No conflicts inside one layer: the path is new here and no ancestor is a non-dir here.
             if mine.contains_key(&path) {
@@ -615,16 +720,27 @@ pub fn random_layers(rng: &mut Rng) -> Layers {
                 entries.push(Entry::Opaque(path.clone(), rng.chance(50)));
                 'd'
             } else {
-                let files: Vec<String> = mine.iter().filter(|(_, k)| **k == 'f').map(|(p, _)| p.clone()).collect();
+                let files: Vec<String> = mine
+                    .iter()
+                    .filter(|(_, k)| **k == 'f')
+                    .map(|(p, _)| p.clone())
+                    .collect();
                 match rng.below(100) {
                     0..=34 => {
                         let content = match rng.below(10) {
                             0..=1 => Content::Bytes(vec![]),
                             2 => Content::Sparse {
                                 size: 1 << (12 + rng.below(9)),
-                                chunks: vec![(rng.below(3) * 4096, b"head".to_vec()), (8192 + rng.below(4) * 512, format!("L{li}").into_bytes())],
+                                chunks: vec![
+                                    (rng.below(3) * 4096, b"head".to_vec()),
+                                    (8192 + rng.below(4) * 512, format!("L{li}").into_bytes()),
+                                ],
                             },
-                            _ => Content::Bytes(format!("layer{li}:{path}:{}", rng.below(1000)).repeat(1 + rng.below(40) as usize).into_bytes()),
+                            _ => Content::Bytes(
+                                format!("layer{li}:{path}:{}", rng.below(1000))
+                                    .repeat(1 + rng.below(40) as usize)
+                                    .into_bytes(),
+                            ),
                         };
                         entries.push(Entry::File(path.clone(), content));
                         'f'
@@ -668,24 +784,40 @@ pub fn random_layers(rng: &mut Rng) -> Layers {
                     'l' => None,
                     _ => Some(*rng.pick(FILE_MODES)),
                 };
-                let owner = if rng.chance(70) { Some(*rng.pick(OWNERS)) } else { None };
+                let owner = if rng.chance(70) {
+                    Some(*rng.pick(OWNERS))
+                } else {
+                    None
+                };
                 entries.push(Entry::Meta(path.clone(), mode, owner));
             }
             if (kind == 'f' || kind == 'd') && rng.chance(20) {
-                entries.push(Entry::Xattr(path.clone(), format!("user.k{}", rng.below(3)), format!("v{li}")));
+                entries.push(Entry::Xattr(
+                    path.clone(),
+                    format!("user.k{}", rng.below(3)),
+                    format!("v{li}"),
+                ));
             }
         }
         // Fold this layer into the merged view below the next one (approximately: enough to
         // choose interesting names, the kernel decides what is really visible).
         for (p, k) in &mine {
             if *k == 'w' {
-                let gone: Vec<String> = below.keys().filter(|q| *q == p || q.starts_with(&format!("{p}/"))).cloned().collect();
+                let gone: Vec<String> = below
+                    .keys()
+                    .filter(|q| *q == p || q.starts_with(&format!("{p}/")))
+                    .cloned()
+                    .collect();
                 for q in gone {
                     below.remove(&q);
                 }
             } else {
                 if *k != 'd' {
-                    let gone: Vec<String> = below.keys().filter(|q| q.starts_with(&format!("{p}/"))).cloned().collect();
+                    let gone: Vec<String> = below
+                        .keys()
+                        .filter(|q| q.starts_with(&format!("{p}/")))
+                        .cloned()
+                        .collect();
                     for q in gone {
                         below.remove(&q);
                     }
@@ -750,7 +882,8 @@ fn unescape_mountinfo(s: &str) -> String {
 pub fn is_mounted(mnt: &Path) -> bool {
     let s = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = mnt.to_string_lossy();
-    s.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
+    s.lines()
+        .any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*want))
 }
 
 /// PIDs (not ours) whose command line has `mnt` as an argument: the daemon serving it.
@@ -760,7 +893,9 @@ fn daemon_pids(mnt: &Path) -> Vec<i32> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
             if pid == me {
                 continue;
             }
@@ -777,7 +912,10 @@ fn daemon_pids(mnt: &Path) -> Vec<i32> {
 fn pid_alive(pid: i32) -> bool {
     // A zombie still answers kill(0); treat "Z" state as gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')).unwrap_or(false),
+        Ok(s) => !s
+            .rsplit_once(") ")
+            .map(|(_, r)| r.starts_with('Z'))
+            .unwrap_or(false),
         Err(_) => false,
     }
 }
@@ -802,17 +940,46 @@ impl MountGuard {
         let d = CString::new(data.clone()).unwrap();
         let src = CString::new("overlay").unwrap();
         // SAFETY: valid C strings; mount(2) with a data string.
-        let r = unsafe { libc::mount(src.as_ptr(), cpath(mnt).as_ptr(), src.as_ptr(), 0, d.as_ptr().cast()) };
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                cpath(mnt).as_ptr(),
+                src.as_ptr(),
+                0,
+                d.as_ptr().cast(),
+            )
+        };
         if r != 0 {
-            return Err(format!("mount -t overlay -o {data} {}: {}", mnt.display(), errname(last_errno())));
+            return Err(format!(
+                "mount -t overlay -o {data} {}: {}",
+                mnt.display(),
+                errname(last_errno())
+            ));
         }
-        Ok(MountGuard { mnt: mnt.to_path_buf(), fuse: false, child: None, daemons: vec![] })
+        Ok(MountGuard {
+            mnt: mnt.to_path_buf(),
+            fuse: false,
+            child: None,
+            daemons: vec![],
+        })
     }
 
     /// Spawn the subject binary; panics with its stderr if the mount does not appear in time.
-    pub fn fuse(bin: &Path, lowers: &[PathBuf], upper: &Path, work: &Path, mnt: &Path, log: &Path) -> MountGuard {
+    pub fn fuse(
+        bin: &Path,
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        mnt: &Path,
+        log: &Path,
+    ) -> MountGuard {
         let lower: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
-        let opts = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display());
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
         let err = std::fs::File::create(log).unwrap();
         let mut child = Command::new(bin)
             .arg("-o")
@@ -834,7 +1001,11 @@ impl MountGuard {
                     exited = true;
                     if !st.success() {
                         let e = std::fs::read_to_string(log).unwrap_or_default();
-                        panic!("{} -o {opts} {} exited with {st}; stderr:\n{e}", bin.display(), mnt.display());
+                        panic!(
+                            "{} -o {opts} {} exited with {st}; stderr:\n{e}",
+                            bin.display(),
+                            mnt.display()
+                        );
                     }
                 }
             }
@@ -842,15 +1013,32 @@ impl MountGuard {
                 let _ = child.kill();
                 let _ = child.wait();
                 let e = std::fs::read_to_string(log).unwrap_or_default();
-                panic!("{} did not mount {} within {:?}; stderr:\n{e}", bin.display(), mnt.display(), MOUNT_TIMEOUT);
+                panic!(
+                    "{} did not mount {} within {:?}; stderr:\n{e}",
+                    bin.display(),
+                    mnt.display(),
+                    MOUNT_TIMEOUT
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         let daemons = daemon_pids(mnt);
-        MountGuard { mnt: mnt.to_path_buf(), fuse: true, child: Some(child), daemons }
+        MountGuard {
+            mnt: mnt.to_path_buf(),
+            fuse: true,
+            child: Some(child),
+            daemons,
+        }
     }
 
-    pub fn subject(subject: &Subject, lowers: &[PathBuf], upper: &Path, work: &Path, mnt: &Path, log: &Path) -> MountGuard {
+    pub fn subject(
+        subject: &Subject,
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        mnt: &Path,
+        log: &Path,
+    ) -> MountGuard {
         match subject {
             Subject::Bin(b) => MountGuard::fuse(b, lowers, upper, work, mnt, log),
             Subject::Kernel => MountGuard::kernel(lowers, upper, work, mnt).unwrap_or_else(|e| panic!("{e}")),
@@ -956,7 +1144,10 @@ impl Rig {
     pub fn new(layers: Layers) -> Rig {
         private_umask_for_this_thread();
         let subject = Subject::from_env();
-        let tmp = tempfile::Builder::new().prefix("verlay-diff-").tempdir_in("/tmp").unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("verlay-diff-")
+            .tempdir_in("/tmp")
+            .unwrap();
         chmod(tmp.path(), 0o755);
         let ref_dirs = Dirs::create(&tmp.path().join("ref"), layers.lowers.len());
         let sub_dirs = Dirs::create(&tmp.path().join("sub"), layers.lowers.len());
@@ -988,7 +1179,14 @@ impl Rig {
         self.log_seq += 1;
         let log = self.tmp.path().join(format!("subject-{}.log", self.log_seq));
         let d = &self.sub_dirs;
-        self.subject_mount = Some(MountGuard::subject(&self.subject, &d.lowers, &d.upper, &d.work, &d.mnt, &log));
+        self.subject_mount = Some(MountGuard::subject(
+            &self.subject,
+            &d.lowers,
+            &d.upper,
+            &d.work,
+            &d.mnt,
+            &log,
+        ));
     }
 
     pub fn ref_root(&self) -> &Path {
@@ -1035,7 +1233,8 @@ impl Rig {
     pub fn compare_trees(&self, what: &str) -> Result<(), String> {
         let r = snapshot(self.ref_root());
         let s = snapshot(self.sub_root());
-        compare(&r, &s, self.start_ns).map_err(|d| format!("{what}: merged trees differ (ref = kernel overlayfs, sub = subject)\n{d}"))
+        compare(&r, &s, self.start_ns)
+            .map_err(|d| format!("{what}: merged trees differ (ref = kernel overlayfs, sub = subject)\n{d}"))
     }
 }
 
@@ -1066,7 +1265,11 @@ impl fmt::Display for Node {
         if !self.error.is_empty() {
             return write!(f, "error {}", self.error);
         }
-        write!(f, "{} {:04o} {}:{} nlink={}", self.kind, self.perm, self.uid, self.gid, self.nlink)?;
+        write!(
+            f,
+            "{} {:04o} {}:{} nlink={}",
+            self.kind, self.perm, self.uid, self.gid, self.nlink
+        )?;
         match self.kind {
             'f' => write!(f, " size={} hash={:016x}", self.size, self.hash),
             'l' => write!(f, " -> {}", short_path(&self.target)),
@@ -1110,7 +1313,11 @@ pub fn user_xattrs(p: &Path) -> Result<Vec<(String, String)>, i32> {
         let mut v = vec![0u8; 65536];
         // SAFETY: valid C strings and buffer of the given size.
         let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        let val = if m < 0 { format!("<{}>", errname(last_errno())) } else { String::from_utf8_lossy(&v[..m as usize]).into_owned() };
+        let val = if m < 0 {
+            format!("<{}>", errname(last_errno()))
+        } else {
+            String::from_utf8_lossy(&v[..m as usize]).into_owned()
+        };
         out.push((s, val));
     }
     out.sort();
@@ -1131,7 +1338,12 @@ pub fn read_all(p: &Path) -> Result<Vec<u8>, i32> {
 pub fn node_of(p: &Path) -> Node {
     let m = match std::fs::symlink_metadata(p) {
         Ok(m) => m,
-        Err(e) => return Node { error: format!("lstat {}", errname(e.raw_os_error().unwrap_or(0))), ..Node::default() },
+        Err(e) => {
+            return Node {
+                error: format!("lstat {}", errname(e.raw_os_error().unwrap_or(0))),
+                ..Node::default()
+            }
+        }
     };
     let kind = kind_of(m.mode());
     let mut n = Node {
@@ -1171,9 +1383,16 @@ pub fn snapshot(root: &Path) -> Snapshot {
     let mut snap = Snapshot::new();
     snap.insert(".".to_string(), node_of(root));
     fn rec(root: &Path, rel: &str, snap: &mut Snapshot) {
-        let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+        let dir = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
         let mut names: Vec<String> = match std::fs::read_dir(&dir) {
-            Ok(rd) => match rd.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<Result<Vec<_>, _>>() {
+            Ok(rd) => match rd
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<Result<Vec<_>, _>>()
+            {
                 Ok(v) => v,
                 Err(e) => {
                     let key = if rel.is_empty() { "." } else { rel };
@@ -1189,7 +1408,11 @@ pub fn snapshot(root: &Path) -> Snapshot {
         };
         names.sort();
         for name in names {
-            let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
             let n = node_of(&root.join(&r));
             let is_dir = n.kind == 'd';
             snap.insert(r.clone(), n);
@@ -1230,8 +1453,16 @@ pub fn node_diffs(r: &Node, s: &Node, start_ns: i128) -> Vec<String> {
         }
     };
     f("mode", format!("{:04o}", r.perm), format!("{:04o}", s.perm));
-    f("owner", format!("{}:{}", r.uid, r.gid), format!("{}:{}", s.uid, s.gid));
-    f(if r.kind == 'd' { "dir-nlink" } else { "nlink" }, r.nlink.to_string(), s.nlink.to_string());
+    f(
+        "owner",
+        format!("{}:{}", r.uid, r.gid),
+        format!("{}:{}", s.uid, s.gid),
+    );
+    f(
+        if r.kind == 'd' { "dir-nlink" } else { "nlink" },
+        r.nlink.to_string(),
+        s.nlink.to_string(),
+    );
     if r.kind != 'd' {
         f("size", r.size.to_string(), s.size.to_string());
         f("link-group", short_path(&r.link_group), short_path(&s.link_group));
@@ -1267,11 +1498,19 @@ pub fn compare(r: &Snapshot, s: &Snapshot, start_ns: i128) -> Result<(), String>
     }
     let total = lines.len();
     lines.truncate(30);
-    Err(format!("{total} difference(s){}\n{}", if total > 30 { ", first 30" } else { "" }, lines.join("\n")))
+    Err(format!(
+        "{total} difference(s){}\n{}",
+        if total > 30 { ", first 30" } else { "" },
+        lines.join("\n")
+    ))
 }
 
 pub fn assert_same_tree(r: &Path, s: &Path, start_ns: i128) {
     if let Err(d) = compare(&snapshot(r), &snapshot(s), start_ns) {
-        panic!("merged trees differ (ref = {}, sub = {})\n{d}", r.display(), s.display());
+        panic!(
+            "merged trees differ (ref = {}, sub = {})\n{d}",
+            r.display(),
+            s.display()
+        );
     }
 }
