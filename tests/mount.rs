@@ -914,7 +914,8 @@ impl Run {
     }
 
     /// Close fds; compare; remount the subject and compare again (st_ino stable); then mount
-    /// kernel overlayfs on the subject's upper and compare (the upper is in kernel format).
+    /// kernel overlayfs on the subject's upper and compare (the upper is in kernel format), and
+    /// the subject on the kernel's upper (it reads what the kernel wrote).
     fn finish(&mut self) -> Result<(), String> {
         self.ref_fds.close_all();
         self.sub_fds.close_all();
@@ -938,7 +939,10 @@ impl Run {
         self.rig
             .mount_kernel_on_subject_upper()
             .map_err(|e| self.report(&format!("kernel overlayfs refused the subject's upper: {e}")))?;
-        self.compare("kernel overlayfs mounted on the subject's upper (upper format)")
+        self.compare("kernel overlayfs mounted on the subject's upper (upper format)")?;
+        // And the other way round: the subject reads an upper that kernel overlayfs wrote
+        // (containers/storage switches between the two on the same layers).
+        self.rig.mount_subject_on_kernel_upper().map_err(|d| self.report(&d))
     }
 }
 

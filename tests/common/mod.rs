@@ -1230,6 +1230,24 @@ impl Rig {
         Ok(())
     }
 
+    /// The other direction of upper-format compatibility: unmount the reference, mount the
+    /// SUBJECT on the kernel's lowers, upper and workdir (an upper written by kernel overlayfs)
+    /// and compare with the reference's last tree. Ends the reference mount for good.
+    pub fn mount_subject_on_kernel_upper(&mut self) -> Result<(), String> {
+        let before = snapshot(self.ref_root());
+        self.reference = None;
+        let d = &self.ref_dirs;
+        self.log_seq += 1;
+        let log = self.tmp.path().join(format!("subject-on-kernel-upper-{}.log", self.log_seq));
+        let m = MountGuard::subject(&self.subject, &d.lowers, &d.upper, &d.work, &d.mnt, &log);
+        let after = snapshot(self.ref_root());
+        let r = compare(&before, &after, self.start_ns).map_err(|d| {
+            format!("subject mounted on kernel overlayfs's upper: merged trees differ (ref = kernel, sub = subject)\n{d}")
+        });
+        drop(m);
+        r
+    }
+
     pub fn compare_trees(&self, what: &str) -> Result<(), String> {
         let r = snapshot(self.ref_root());
         let s = snapshot(self.sub_root());
