@@ -47,6 +47,12 @@ pub enum Command {
     Help,
     /// `-V` / `--version`.
     Version,
+    /// `verlay layer ...`: the rest of the arguments, parsed by the layer commands.
+    Layer(Vec<OsString>),
+    /// `verlay image ...`: the rest of the arguments, parsed by the image commands.
+    Image(Vec<OsString>),
+    /// `verlay verify ...`: the rest of the arguments, parsed by the scrub command.
+    Verify(Vec<OsString>),
 }
 
 /// Arguments of the mount command.
@@ -196,7 +202,7 @@ pub enum RedirectDir {
 
 /// Subcommand words. Only `demo` exists in this version; the others are reserved so
 /// that a later version can add them without changing what an old command line means.
-const RESERVED_SUBCOMMANDS: &[&str] = &["layer", "image", "verify", "commit", "snapshotter"];
+const RESERVED_SUBCOMMANDS: &[&str] = &["commit", "snapshotter"];
 
 /// Bare kernel/FUSE mount options passed through to the mount.
 const FUSE_FLAG_OPTIONS: &[&str] = &[
@@ -369,6 +375,13 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
                     "run `verlay demo` alone",
                 )),
             };
+        }
+        let rest = || args[1..].to_vec();
+        match first {
+            "layer" => return Ok(Command::Layer(rest())),
+            "image" => return Ok(Command::Image(rest())),
+            "verify" => return Ok(Command::Verify(rest())),
+            _ => {}
         }
         if RESERVED_SUBCOMMANDS.contains(&first) {
             return Err(Error::usage(

@@ -30,6 +30,16 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Layer(args) => finish("verlay layer", verlay::store::cmd::layer(args)),
+        Command::Image(args) => finish("verlay image", verlay::store::cmd::image(args)),
+        Command::Verify(args) => match verlay::lower::cmd::verify(args) {
+            // The scrub's own exit code: 0 clean, 1 damage found.
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("verlay verify: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Mount(m) => {
             verlay::logging::init(m.debug);
             // New files get exactly the mode the kernel sends (already under the caller's
@@ -44,6 +54,20 @@ fn main() -> ExitCode {
                         _ => ExitCode::from(1),
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Print a subcommand's error once; usage errors exit 2, others 1.
+fn finish(what: &str, r: verlay::error::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            match e {
+                verlay::error::Error::Usage { .. } => ExitCode::from(2),
+                _ => ExitCode::from(1),
             }
         }
     }

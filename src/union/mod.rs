@@ -746,6 +746,12 @@ impl Union {
 
     /// Copy a node (and its parents first) up to the upper, once.
     pub fn copy_up(&self, node: &Arc<Node>) -> Result<()> {
+        self.copy_up_with(node, true)
+    }
+
+    /// Copy-up; `with_data: false` for a copy that is about to be truncated to zero (open with
+    /// O_TRUNC, truncate to 0): only metadata is copied, as kernel overlayfs does.
+    fn copy_up_with(&self, node: &Arc<Node>, with_data: bool) -> Result<()> {
         if node.state.read().upper {
             return Ok(());
         }
@@ -780,7 +786,7 @@ impl Union {
         // user made, so they are put back (as ovl_copy_up_one does).
         let parent_path = dst.parent().map(Path::to_path_buf).unwrap_or_default();
         let parent_times = up.dir.stat(&parent_path)?;
-        up.copy_up(layer, &src.path, &lst, &dst, origin)?;
+        up.copy_up(layer, &src.path, &lst, &dst, origin, with_data)?;
         if let Some(pt) = parent_times {
             if let Err(e) = up.utimens(&parent_path, &crate::upper::stat_times(&pt)) {
                 debug!(error = %e, "could not restore the parent's times after copy-up");
@@ -845,7 +851,7 @@ impl Union {
             }
             return self.attr(&node, fh);
         }
-        self.copy_up(&node)?;
+        self.copy_up_with(&node, sa.size != Some(0))?;
         let up = self.upper()?;
         let path = self.path_of(&node)?;
         if sa.uid.is_some() || sa.gid.is_some() {
@@ -1352,7 +1358,7 @@ impl Union {
             || oflags.contains(OFlags::RDWR)
             || oflags.contains(OFlags::TRUNC);
         if writable {
-            self.copy_up(&node)?;
+            self.copy_up_with(&node, !oflags.contains(OFlags::TRUNC))?;
         }
         let mut oflags = oflags;
         if oflags.contains(OFlags::WRONLY) {

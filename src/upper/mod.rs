@@ -347,9 +347,10 @@ impl Upper {
         st: &Stat,
         dst: &Path,
         origin_ino: Option<u64>,
+        with_data: bool,
     ) -> Result<()> {
         let tmp = self.tmp_name();
-        let r = self.copy_up_to_tmp(src, src_rel, st, &tmp, origin_ino);
+        let r = self.copy_up_to_tmp(src, src_rel, st, &tmp, origin_ino, with_data);
         let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing));
         if r.is_err() {
             self.discard(&tmp);
@@ -364,6 +365,7 @@ impl Upper {
         st: &Stat,
         tmp: &Path,
         origin_ino: Option<u64>,
+        with_data: bool,
     ) -> Result<()> {
         let kind = Kind::from_mode(st.st_mode);
         let perm = st.st_mode & 0o7777;
@@ -377,8 +379,10 @@ impl Upper {
                     OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )?;
-                let input = src.open_file(src_rel, OFlags::RDONLY)?;
-                copy_data(&input, &out, st.st_size as u64)?;
+                if with_data {
+                    let input = src.open_file(src_rel, OFlags::RDONLY)?;
+                    copy_data(&input, &out, st.st_size as u64)?;
+                }
                 file = Some(out);
             }
             Kind::Symlink => {

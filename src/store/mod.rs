@@ -1,0 +1,2 @@
+//! The layer store: ordered, crash-safe import of OCI/Docker layer tarballs and images.
+pub mod cmd;
