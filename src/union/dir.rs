@@ -57,6 +57,7 @@ impl Union {
         let is_root = node.id == crate::union::inode::ROOT_ID;
         if let Some(up) = &self.upper {
             if st.upper || is_root {
+                let impure = up.is_impure(&path)?;
                 for e in up.dir.read_dir(&path)? {
                     let rel = path.join(&e.name);
                     let Some((kind, whiteout)) = kind_of(&up.dir, &rel, e.kind)? else {
@@ -66,9 +67,12 @@ impl Union {
                     if whiteout || !fresh {
                         continue;
                     }
-                    let ino = self
-                        .known_child_ino(node, &e.name)
-                        .unwrap_or_else(|| self.map_ino(0, e.ino));
+                    // d_ino must equal st_ino: a copied-up entry reports its origin's.
+                    let ino = match self.known_child_ino(node, &e.name) {
+                        Some(ino) => ino,
+                        None if impure => up.origin(&rel)?.unwrap_or_else(|| self.map_ino(0, e.ino)),
+                        None => self.map_ino(0, e.ino),
+                    };
                     out.push(DirEntry {
                         name: e.name,
                         ino,

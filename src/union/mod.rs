@@ -311,6 +311,12 @@ impl Union {
             st.upper = upper_root;
             st.lowers = lowers_of_root;
         }
+        let root_ino = match (&u.upper, u.lowers.first()) {
+            (Some(up), _) => rustix::fs::fstat(&up.dir.root).map(|st| u.map_ino(0, st.st_ino)),
+            (None, Some(l)) => rustix::fs::fstat(&l.root).map(|st| u.map_ino(1, st.st_ino)),
+            (None, None) => Ok(ROOT_ID),
+        }?;
+        root.ino.store(root_ino, Ordering::Relaxed);
         let _ = &mut u;
         Ok(u)
     }
@@ -475,7 +481,14 @@ impl Union {
         }
         let mut lower = None;
         let mut lowers = Vec::new();
-        for cand in search {
+        // `.wh.*` names in a lower layer are OCI whiteout markers, never objects.
+        if name.as_bytes().starts_with(OCI_WHITEOUT_PREFIX.as_bytes()) {
+            search.clear();
+        }
+        let mut i = 0;
+        while i < search.len() {
+            let cand = search[i].clone();
+            i += 1;
             let layer = &self.lowers[cand.layer];
             match layer.stat(&cand.path)? {
                 Some(st) if is_whiteout_stat(&st) => break,
@@ -490,6 +503,23 @@ impl Union {
                             ino = self.map_ino(cand.layer + 1, st.st_ino);
                         }
                         let opaque = dir_is_opaque(layer, &cand.path)?;
+                        // A directory renamed in a layer that was once an upper carries a
+                        // redirect: the layers below hold its contents under the old path.
+                        if !opaque {
+                            if let Some(v) = redirect_value(layer, &cand.path)? {
+                                let vb = v.as_slice();
+                                for later in &mut search[i..] {
+                                    later.path = match vb.strip_prefix(b"/") {
+                                        Some(abs) => PathBuf::from(OsStr::from_bytes(abs)),
+                                        None => later
+                                            .path
+                                            .parent()
+                                            .unwrap_or(Path::new(""))
+                                            .join(OsStr::from_bytes(vb)),
+                                    };
+                                }
+                            }
+                        }
                         lowers.push(cand);
                         if opaque {
                             break;
@@ -675,11 +705,7 @@ impl Union {
                 nlink = 1;
             }
         }
-        let ino = if node.id == ROOT_ID {
-            self.map_ino(0, st.st_ino)
-        } else {
-            node.ino()
-        };
+        let ino = node.ino();
         Attr {
             ino,
             size: st.st_size as u64,
@@ -787,6 +813,9 @@ impl Union {
         let parent_path = dst.parent().map(Path::to_path_buf).unwrap_or_default();
         let parent_times = up.dir.stat(&parent_path)?;
         up.copy_up(layer, &src.path, &lst, &dst, origin, with_data)?;
+        // Kernel format: a directory holding copied-up entries is "impure", so readers know
+        // to look for origins when reporting d_ino.
+        up.mark_impure(&parent_path)?;
         if let Some(pt) = parent_times {
             if let Err(e) = up.utimens(&parent_path, &crate::upper::stat_times(&pt)) {
                 debug!(error = %e, "could not restore the parent's times after copy-up");
@@ -1279,6 +1308,12 @@ impl Union {
 
         prepare_dir(&src, &old_path, !new_plowers.is_empty())?;
         let whiteout_old = self.lower_has(&old_plowers, name)?;
+        {
+            let st = src.snapshot();
+            if st.lower.is_some() || !st.lowers.is_empty() {
+                up.mark_impure(&self.path_of(&newp)?)?;
+            }
+        }
         if let Some(d) = &dst {
             let dst_upper = d.state.read().upper;
             if d.kind == Kind::Dir && dst_upper {

@@ -629,6 +629,25 @@ impl Upper {
         Ok(())
     }
 
+    /// Mark an upper directory impure (`overlay.impure=y`) unless it already is.
+    pub fn mark_impure(&self, rel: &Path) -> Result<()> {
+        let name = self.ovl_xattr("impure");
+        if self.dir.get_xattr(rel, OsStr::new(&name))?.is_none() {
+            self.set_ovl_xattr(rel, "impure", b"y")?;
+        }
+        Ok(())
+    }
+
+    /// Is an upper directory marked impure (it may hold entries with an origin)?
+    pub fn is_impure(&self, rel: &Path) -> Result<bool> {
+        for name in ["trusted.overlay.impure", "user.overlay.impure"] {
+            if self.dir.get_xattr(rel, OsStr::new(name))?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// User xattr write on an upper object.
     pub fn set_xattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: XattrFlags) -> Result<()> {
         rustix::fs::lsetxattr(self.dir.proc_path(rel), name, value, flags)?;

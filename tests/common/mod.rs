@@ -1432,6 +1432,12 @@ pub fn snapshot(root: &Path) -> Snapshot {
                 format!("{rel}/{name}")
             };
             let n = node_of(&root.join(&r));
+            // Kernel overlayfs lists the whiteouts of a lower directory that is not merged
+            // (it iterates the real directory), yet lookup says ENOENT: such a name is not
+            // part of the merged view, and verlay does not list it.
+            if n.error == "lstat ENOENT" {
+                continue;
+            }
             let is_dir = n.kind == 'd';
             snap.insert(r.clone(), n);
             if is_dir {
