@@ -187,17 +187,15 @@ pub fn run(args: MountArgs) -> Result<()> {
                     std::process::exit(0);
                 }
                 if msg.is_empty() {
-                    msg = "the daemon exited before the mount was live (run with -f to see why)".into();
+                    msg = "the daemon exited before the mount was live (run with -f -d to see why)".into();
                 }
-                return Err(Error::usage(
-                    format!("mount on \"{}\"", args.mountpoint.display()),
-                    msg,
-                    "see the message above; run with -f -d for details",
-                ));
+                return Err(Error::io("mount", &args.mountpoint, std::io::Error::other(msg)));
             }
             crate::sys::Forked::Child => {
                 drop(parent_end);
                 let _ = rustix::process::setsid();
+                // A daemon must not keep its caller's directory busy (podman's storage dir).
+                let _ = std::env::set_current_dir("/");
                 report = Some(child_end);
             }
         }
@@ -207,15 +205,19 @@ pub fn run(args: MountArgs) -> Result<()> {
     let session = match fuser::Session::new(fs, &args.mountpoint, &cfg) {
         Ok(s) => s,
         Err(e) => {
-            let msg = format!("cannot mount: {e}");
+            let msg = format!(
+                "cannot mount: {e} (check that /dev/fuse exists and fusermount3 is installed)"
+            );
             if let Some(mut r) = report {
                 let _ = r.write_all(msg.as_bytes());
                 std::process::exit(1);
             }
-            return Err(Error::usage(
-                format!("mount on \"{}\"", args.mountpoint.display()),
-                format!("cannot mount: {e}"),
-                "check that /dev/fuse exists and fusermount3 is installed",
+            return Err(Error::io(
+                "mount",
+                &args.mountpoint,
+                std::io::Error::other(format!(
+                    "cannot mount: {e} (check that /dev/fuse exists and fusermount3 is installed)"
+                )),
             ));
         }
     };
@@ -239,10 +241,20 @@ pub fn run(args: MountArgs) -> Result<()> {
     .map_err(|e| Error::io("signal setup", "", e))?;
     let mp = args.mountpoint.clone();
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
             info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
-            if let Err(e) = unmounter.unmount() {
-                warn!(error = %e, "unmount failed");
+            match unmounter.unmount() {
+                Ok(()) => break,
+                Err(e) => {
+                    // Busy (a process has its cwd or a file in the mount): detach it, as
+                    // libfuse does; the kernel finishes the unmount when the last user leaves,
+                    // and the session ends then.
+                    warn!(error = %e, "unmount failed; detaching the mount lazily");
+                    match rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH) {
+                        Ok(()) => break,
+                        Err(e) => warn!(error = %e, "lazy unmount failed too"),
+                    }
+                }
             }
         }
     });

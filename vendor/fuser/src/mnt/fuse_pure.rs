@@ -477,11 +477,18 @@ fn fuse_mount_sys(
         source = name;
     }
 
+    // verlay patch: the filesystem type is "fuse.SUBTYPE" when a subtype is given, as
+    // libfuse and fusermount3 do, so the mount table says fuse.verlay.
+    #[cfg(target_os = "linux")]
+    let fstype = match options.iter().find(|x| matches!(**x, MountOption::Subtype(_))) {
+        Some(MountOption::Subtype(subtype)) => format!("fuse.{subtype}"),
+        _ => "fuse".to_string(),
+    };
     #[cfg(target_os = "linux")]
     let result = nix::mount::mount(
         Some(source),
         mountpoint,
-        Some("fuse"),
+        Some(fstype.as_str()),
         flags,
         Some(mount_options.as_str()),
     );
