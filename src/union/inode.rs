@@ -45,8 +45,6 @@ pub struct NodeState {
     /// other names of the same upper object (hard links made through this mount), so the
     /// node stays reachable when its first name goes away
     pub aliases: Vec<(u64, OsString)>,
-    /// bumped by each copy-up, so read-only handles opened on the lower switch to the upper
-    pub data_gen: u64,
 }
 
 /// One merged object known to the kernel.
@@ -65,9 +63,11 @@ pub struct Node {
     pub state: RwLock<NodeState>,
     /// serializes copy-up of this node (single flight)
     pub copy_up: Mutex<()>,
-    /// an fd of an open handle, for fstat/fchmod of an unlinked file (the kernel sends
-    /// those without a file handle)
-    pub open_fds: Mutex<Vec<std::sync::Weak<std::os::fd::OwnedFd>>>,
+    /// open file handles of this node: switched to the upper copy by a copy-up, and used for
+    /// fstat/fchmod of an unlinked file (the kernel sends those without a file handle)
+    pub handles: Mutex<Vec<std::sync::Weak<crate::union::FileHandle>>>,
+    /// attributes of a removed directory (reported with nlink 0 while it is still open)
+    pub gone_attr: Mutex<Option<crate::union::Attr>>,
     /// directories: live child nodes by name, so a name keeps its node while known
     pub children: Mutex<HashMap<OsString, u64>>,
 }

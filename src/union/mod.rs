@@ -185,12 +185,12 @@ pub struct UnionOptions {
 /// An open file.
 #[derive(Debug)]
 pub struct FileHandle {
-    node: Arc<Node>,
     fd: RwLock<Arc<OwnedFd>>,
     writable: bool,
-    /// node data_gen when `fd` was opened: a read-only handle opened on a lower file
-    /// reopens the upper copy after a copy-up, as kernel overlayfs does since 4.19
-    gen: AtomicU64,
+    /// `fd` is on the upper object. A read-only handle opened on a lower file is switched to
+    /// the upper copy by the copy-up, as kernel overlayfs does since 4.19: it reads the new
+    /// data, and a metadata change through it can never reach the lower layer.
+    on_upper: std::sync::atomic::AtomicBool,
 }
 
 /// An open directory: a snapshot of the merged listing, so offsets stay stable.
@@ -284,10 +284,10 @@ impl Union {
                     lower: None,
                     lowers: Vec::new(),
                     aliases: Vec::new(),
-                    data_gen: 0,
                 }),
                 copy_up: Mutex::new(()),
-                open_fds: Mutex::new(Vec::new()),
+                handles: Mutex::new(Vec::new()),
+                gone_attr: Mutex::new(None),
                 children: Mutex::new(HashMap::new()),
             }),
             files: RwLock::new(HashMap::new()),
@@ -609,10 +609,10 @@ impl Union {
                 lower: r.lower,
                 lowers: r.lowers,
                 aliases: Vec::new(),
-                data_gen: 0,
             }),
             copy_up: Mutex::new(()),
-            open_fds: Mutex::new(Vec::new()),
+            handles: Mutex::new(Vec::new()),
+            gone_attr: Mutex::new(None),
             children: Mutex::new(HashMap::new()),
         });
         self.nodes.insert(node.clone());
@@ -723,22 +723,35 @@ impl Union {
         }
     }
 
-    /// An fd on the object of an unlinked node: the handle's, or any open one.
-    fn unlinked_fd(&self, node: &Node, fh: Option<u64>) -> Result<Arc<OwnedFd>> {
+    /// An fd on the object of an unlinked node: the request's handle, or any open one of the
+    /// node; with `need_upper`, only one on the upper object (never change a lower through
+    /// an fd).
+    fn unlinked_fd(&self, node: &Node, fh: Option<u64>, need_upper: bool) -> Result<Arc<OwnedFd>> {
+        let ok = |h: &FileHandle| !need_upper || h.on_upper.load(Ordering::Acquire);
         if let Some(h) = fh.and_then(|fh| self.file(fh).ok()) {
-            return Ok(h.fd.read().clone());
+            if ok(&h) {
+                return Ok(h.fd.read().clone());
+            }
         }
-        node.open_fds
+        node.handles
             .lock()
             .iter()
-            .find_map(|w| w.upgrade())
+            .filter_map(|w| w.upgrade())
+            .find(|h| ok(h))
+            .map(|h| h.fd.read().clone())
             .ok_or(Error::Errno(libc::ENOENT))
     }
 
     fn attr(&self, node: &Node, fh: Option<u64>) -> Result<Attr> {
         let unlinked = node.state.read().unlinked;
         if unlinked {
-            let fd = self.unlinked_fd(node, fh)?;
+            if node.kind == Kind::Dir {
+                // A removed directory that is still open: what it was, with no links.
+                let mut a = node.gone_attr.lock().ok_or(Error::Errno(libc::ENOENT))?;
+                a.nlink = 0;
+                return Ok(a);
+            }
+            let fd = self.unlinked_fd(node, fh, false)?;
             let st = rustix::fs::fstat(&*fd)?;
             return Ok(self.attr_from(node, &st));
         }
@@ -829,7 +842,9 @@ impl Union {
         {
             let mut w = node.state.write();
             w.upper = true;
-            w.data_gen += 1;
+        }
+        if node.kind == Kind::File {
+            self.switch_handles_to_upper(node, &dst)?;
         }
         // nlink (merged directories report 1) and st_ino may have changed behind the
         // kernel's attribute cache.
@@ -859,7 +874,7 @@ impl Union {
         let unlinked = node.state.read().unlinked;
         if unlinked {
             // Only an open file can be reached once unlinked: work on its fd.
-            let fd = self.unlinked_fd(&node, fh)?;
+            let fd = self.unlinked_fd(&node, fh, true)?;
             if let Some(size) = sa.size {
                 rustix::fs::ftruncate(&*fd, size)?;
             }
@@ -1117,6 +1132,9 @@ impl Union {
         if is_dir {
             let (child, _) = self.child(&parent, name)?;
             let empty = self.dir_is_empty(&child);
+            if let Ok(a) = self.attr(&child, None) {
+                *child.gone_attr.lock() = Some(a);
+            }
             self.nodes.forget(child.id, 1);
             if !empty? {
                 return errno(libc::ENOTEMPTY);
@@ -1235,7 +1253,24 @@ impl Union {
                 match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
                     (true, false) => return errno(libc::ENOTDIR),
                     (false, true) => return errno(libc::EISDIR),
-                    (true, true) if !self.dir_is_empty(d)? => return errno(libc::ENOTEMPTY),
+                    (true, true) if !self.dir_is_empty(d)? => {
+                        // The kernel checks only a merged target's emptiness up front; a pure
+                        // upper target fails in vfs_rename, after the redirect was set, so an
+                        // over-long redirect reports EXDEV first.
+                        let target_pure_upper = d.snapshot().lowers.is_empty();
+                        if target_pure_upper && self.redirect_too_long(&src, oldp.id == newp.id)? {
+                            return errno(libc::EXDEV);
+                        }
+                        if target_pure_upper {
+                            // As in the kernel, the source is copied up before rename(2) on
+                            // the upper reports the target non-empty (visible as nlink 1 of a
+                            // now merged directory).
+                            self.copy_up(&oldp)?;
+                            self.copy_up(&newp)?;
+                            self.copy_up(&src)?;
+                        }
+                        return errno(libc::ENOTEMPTY);
+                    }
                     _ => {}
                 }
             }
@@ -1353,25 +1388,56 @@ impl Union {
         Ok(())
     }
 
+    /// Would moving directory `n` to another parent need a redirect longer than the kernel
+    /// writes? (Only when it has lower parts and no absolute redirect to keep.)
+    fn redirect_too_long(&self, n: &Node, same_dir: bool) -> Result<bool> {
+        let st = n.snapshot();
+        let Some(first) = st.lowers.first() else { return Ok(false) };
+        if same_dir {
+            return Ok(false);
+        }
+        if st.upper {
+            if let Some(v) = redirect_value(&self.upper()?.dir, &self.path_of(n)?)? {
+                if v.first() == Some(&b'/') {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(first.path.as_os_str().len() + 1 > REDIRECT_MAX)
+    }
+
     // ---------------------------------------------------------------- files
 
     fn add_file(&self, node: Arc<Node>, fd: OwnedFd, writable: bool) -> u64 {
-        let gen = node.state.read().data_gen;
+        let on_upper = node.state.read().upper;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let fd = Arc::new(fd);
-        {
-            let mut fds = node.open_fds.lock();
-            fds.retain(|w| w.strong_count() > 0);
-            fds.push(Arc::downgrade(&fd));
-        }
         let h = Arc::new(FileHandle {
-            node,
-            fd: RwLock::new(fd),
+            fd: RwLock::new(Arc::new(fd)),
             writable,
-            gen: AtomicU64::new(gen),
+            on_upper: std::sync::atomic::AtomicBool::new(on_upper),
         });
+        {
+            let mut hs = node.handles.lock();
+            hs.retain(|w| w.strong_count() > 0);
+            hs.push(Arc::downgrade(&h));
+        }
         self.files.write().insert(fh, h);
         fh
+    }
+
+    /// After a copy-up, point the node's read-only handles on the lower file at the upper
+    /// copy (`path`, just published).
+    fn switch_handles_to_upper(&self, node: &Node, path: &Path) -> Result<()> {
+        let handles: Vec<Arc<FileHandle>> = node.handles.lock().iter().filter_map(|w| w.upgrade()).collect();
+        for h in handles {
+            if h.on_upper.load(Ordering::Acquire) {
+                continue;
+            }
+            let fd = self.upper()?.dir.open_file(path, OFlags::RDONLY)?;
+            *h.fd.write() = Arc::new(fd);
+            h.on_upper.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     fn file(&self, fh: u64) -> Result<Arc<FileHandle>> {
@@ -1427,21 +1493,8 @@ impl Union {
         }
     }
 
-    /// The fd to use for a handle, reopening the upper copy for a read-only handle that was
-    /// opened on the lower file before a copy-up.
+    /// The fd to use for a handle.
     fn handle_fd(&self, h: &FileHandle) -> Result<Arc<OwnedFd>> {
-        if !h.writable {
-            let gen = h.node.state.read().data_gen;
-            if gen != h.gen.load(Ordering::Acquire) {
-                let unlinked = h.node.state.read().unlinked;
-                if !unlinked {
-                    let fd = Arc::new(self.open_real(&h.node, OFlags::RDONLY)?);
-                    *h.fd.write() = fd.clone();
-                    h.gen.store(gen, Ordering::Release);
-                    return Ok(fd);
-                }
-            }
-        }
         Ok(h.fd.read().clone())
     }
 
