@@ -45,16 +45,7 @@ fn main() -> ExitCode {
             // New files get exactly the mode the kernel sends (already under the caller's
             // umask); our own umask must not strip bits again.
             rustix::process::umask(rustix::fs::Mode::empty());
-            match verlay::mount::run(m) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("verlay: {e}");
-                    match e {
-                        verlay::error::Error::Usage { .. } => ExitCode::from(2),
-                        _ => ExitCode::from(1),
-                    }
-                }
-            }
+            finish("verlay", verlay::mount::run(m))
         }
     }
 }

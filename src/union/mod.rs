@@ -746,9 +746,12 @@ impl Union {
         let unlinked = node.state.read().unlinked;
         if unlinked {
             if node.kind == Kind::Dir {
-                // A removed directory that is still open: what it was, with no links.
+                // A removed directory that is still open: what it was. The kernel reports
+                // nlink 1 for a merged one (its rule for merged dirs) and 0 for an upper one.
                 let mut a = node.gone_attr.lock().ok_or(Error::Errno(libc::ENOENT))?;
-                a.nlink = 0;
+                if a.nlink != 1 {
+                    a.nlink = 0;
+                }
                 return Ok(a);
             }
             let fd = self.unlinked_fd(node, fh, false)?;
