@@ -87,6 +87,12 @@ impl Error {
         }
     }
 
+    /// Damage to a lower layer, found against its manifest: the verifier has logged it once,
+    /// with the layer and the path, so callers need not log it again.
+    pub fn is_integrity(&self) -> bool {
+        matches!(self, Error::Corrupt { .. } | Error::MissingInLayer { .. })
+    }
+
     /// True for errors that are bugs or damage (logged at error), false for the errnos
     /// that applications expect in normal use (ENOENT on lookup, EEXIST, ...).
     pub fn is_internal(&self) -> bool {
@@ -136,7 +142,7 @@ impl fmt::Display for Error {
                 actual,
             } => write!(
                 f,
-                "layer {layer}: {}: content digest mismatch (expected {expected}, found {actual})",
+                "layer {layer}: {}: does not match the layer manifest (expected {expected}, found {actual})",
                 path.display()
             ),
             Error::MissingInLayer { layer, path } => write!(

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::Timespec;
 use tracing::{debug, error, trace};
@@ -48,7 +48,10 @@ fn ctx(req: &Request) -> Ctx {
 
 /// The single place an [`Error`] becomes an errno for the kernel.
 fn fail(op: &'static str, ino: u64, e: &Error) -> Errno {
-    if e.is_internal() {
+    if e.is_integrity() {
+        // Already logged once per (layer, path) by the verifier; every request still fails.
+        debug!(op, ino, error = %e, "request failed: lower layer damaged");
+    } else if e.is_internal() {
         error!(op, ino, error = %e, "request failed");
     } else {
         trace!(op, ino, error = %e, "request failed");
@@ -131,7 +134,9 @@ impl Filesystem for VerlayFs {
             | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_ASYNC_READ
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
         let available = config.capabilities() & wanted;
         if let Err(missing) = config.add_capabilities(available) {
             debug!(?missing, "kernel lacks some FUSE capabilities");
@@ -353,7 +358,13 @@ impl Filesystem for VerlayFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.union.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // The kernel may cache the listing and keep it across opens: every change to a
+            // directory's entries goes through this daemon, and the kernel drops the cache
+            // itself when it changes the directory (fuse_dir_changed).
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(fail("opendir", ino.0, &e)),
         }
     }
@@ -370,6 +381,56 @@ impl Filesystem for VerlayFs {
             }
             Err(e) => reply.error(fail("readdir", ino.0, &e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        // Entries come with their attributes, so `ls -l` and `find` need no LOOKUP each. Every
+        // entry the kernel links takes a lookup reference; "." and ".." (node id 0) and
+        // entries that do not fit take none.
+        let entries = match self.union.readdir(ino.0, fh.0, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(fail("readdirplus", ino.0, &e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let next = i as u64 + 1;
+            let dot = e.name == "." || e.name == "..";
+            let looked_up = if dot {
+                None
+            } else {
+                self.union.lookup(ino.0, &e.name).ok()
+            };
+            let full = match &looked_up {
+                Some(entry) => reply.add(
+                    INodeNo(entry.id),
+                    next,
+                    &e.name,
+                    &self.ttl,
+                    &fuse_attr(&entry.attr),
+                    Generation(0),
+                ),
+                // No node: the kernel looks the name up itself when it is used (a damaged
+                // entry then fails there with EIO).
+                None => {
+                    let mut a = placeholder_attr(e.kind);
+                    a.ino = INodeNo(e.ino.max(1));
+                    reply.add(INodeNo(0), next, &e.name, &Duration::ZERO, &a, Generation(0))
+                }
+            };
+            if full {
+                if let Some(entry) = looked_up {
+                    self.union.forget(entry.id, 1);
+                }
+                break;
+            }
+        }
+        reply.ok()
     }
 
     fn releasedir(
@@ -501,6 +562,27 @@ impl Filesystem for VerlayFs {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fail("lseek", ino.0, &e)),
         }
+    }
+}
+
+/// Attributes for a readdirplus entry sent without a node (the kernel ignores them).
+fn placeholder_attr(kind: Kind) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(1),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: file_type(kind),
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 

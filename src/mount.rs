@@ -18,6 +18,7 @@ use crate::config;
 use crate::error::{Error, Result};
 use crate::fuse::VerlayFs;
 use crate::layer::LayerDir;
+use crate::lower::verify::{VerifiedLayer, VerifyMode};
 use crate::union::{IdMap, IdRange, Union, UnionOptions};
 use crate::upper::Upper;
 
@@ -81,7 +82,20 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
             o.squash_to_gid
         },
     };
-    Union::new(lowers, upper, UnionOptions { ids })
+    let mode = match o.verify {
+        crate::cli::VerifyMode::On => VerifyMode::On,
+        crate::cli::VerifyMode::Off => VerifyMode::Off,
+        crate::cli::VerifyMode::Require => VerifyMode::Require,
+    };
+    let mut verified = Vec::new();
+    for (i, p) in layers.lowers.iter().enumerate() {
+        let v = VerifiedLayer::open(p, mode)?;
+        if v.is_some() {
+            info!(layer = %p.display(), index = i, "lower layer verified against its manifest");
+        }
+        verified.push(v.map(Arc::new));
+    }
+    Union::new(lowers, upper, UnionOptions { ids, verified })
 }
 
 fn fuse_config(args: &MountArgs, read_only: bool) -> Config {
@@ -205,9 +219,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     let session = match fuser::Session::new(fs, &args.mountpoint, &cfg) {
         Ok(s) => s,
         Err(e) => {
-            let msg = format!(
-                "cannot mount: {e} (check that /dev/fuse exists and fusermount3 is installed)"
-            );
+            let msg = format!("cannot mount: {e} (check that /dev/fuse exists and fusermount3 is installed)");
             if let Some(mut r) = report {
                 let _ = r.write_all(msg.as_bytes());
                 std::process::exit(1);

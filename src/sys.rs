@@ -41,3 +41,12 @@ pub fn detach_stdio() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Map a whole file read-only (a layer manifest).
+pub fn map_readonly(file: &std::fs::File) -> io::Result<memmap2::Mmap> {
+    // SAFETY: the mapping is only unsound if the file changes while mapped. A layer manifest
+    // is never modified in place: it is written to a temp file and renamed over the old
+    // one, so the inode mapped here keeps its bytes for as long as the map lives; the map
+    // is read-only and private to this process.
+    unsafe { memmap2::Mmap::map(file) }
+}

@@ -2,3 +2,5 @@
 //! on first read (`verify.rs`), and the `verlay verify` / `verlay layer seal` commands
 //! (`cmd.rs`). The layer id is in every error.
 pub mod cmd;
+pub mod manifest;
+pub mod verify;

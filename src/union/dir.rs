@@ -84,7 +84,27 @@ impl Union {
         for l in &st.lowers {
             let layer = &self.lowers[l.layer];
             let mut hidden_here: Vec<OsString> = Vec::new();
-            for e in layer.read_dir(&l.path)? {
+            // A verified layer shows what its manifest lists: entries it does not list are
+            // hidden, and entries it lists but the layer lacks are shown (and fail with EIO
+            // when used), so damage is visible instead of silently missing.
+            let mut listed = match self.verified(l.layer) {
+                Some(v) => Some(v.listed(&l.path)?),
+                None => None,
+            };
+            let mut disk = layer.read_dir(&l.path)?;
+            if let Some(listed) = &mut listed {
+                disk.retain(|e| listed.remove(&e.name).is_some());
+                for (name, kind) in listed.drain() {
+                    if kind != Kind::Char {
+                        disk.push(crate::layer::RawEntry {
+                            name,
+                            kind: Some(kind),
+                            ino: 0,
+                        });
+                    }
+                }
+            }
+            for e in disk {
                 let b = e.name.as_bytes();
                 if b == OCI_OPAQUE_MARKER.as_bytes() {
                     continue;

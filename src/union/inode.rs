@@ -67,7 +67,7 @@ pub struct Node {
     /// fstat/fchmod of an unlinked file (the kernel sends those without a file handle)
     pub handles: Mutex<Vec<std::sync::Weak<crate::union::FileHandle>>>,
     /// attributes of a removed directory (reported with nlink 0 while it is still open)
-    pub gone_attr: Mutex<Option<crate::union::Attr>>,
+    pub gone_attr: Mutex<Option<Box<crate::union::Attr>>>,
     /// directories: live child nodes by name, so a name keeps its node while known
     pub children: Mutex<HashMap<OsString, u64>>,
 }

@@ -30,6 +30,7 @@ use tracing::{debug, trace};
 
 use crate::error::{errno, Error, Result};
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
+use crate::lower::verify::VerifiedLayer;
 use crate::upper::{Occupant, Owner, Upper, XattrNames};
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 
@@ -180,6 +181,8 @@ impl IdMap {
 pub struct UnionOptions {
     /// id translation
     pub ids: IdMap,
+    /// per lower layer (same order): its manifest, when it is verified
+    pub verified: Vec<Option<Arc<VerifiedLayer>>>,
 }
 
 /// An open file.
@@ -191,6 +194,17 @@ pub struct FileHandle {
     /// the upper copy by the copy-up, as kernel overlayfs does since 4.19: it reads the new
     /// data, and a metadata change through it can never reach the lower layer.
     on_upper: std::sync::atomic::AtomicBool,
+    /// a lower file of a verified layer: what to check its reads against
+    verify: Option<HandleVerify>,
+}
+
+/// What a handle on a verified lower file checks each read against.
+#[derive(Debug)]
+struct HandleVerify {
+    layer: Arc<VerifiedLayer>,
+    path: PathBuf,
+    chunks: Vec<[u8; 32]>,
+    ino: u64,
 }
 
 /// An open directory: a snapshot of the merged listing, so offsets stay stable.
@@ -490,7 +504,7 @@ impl Union {
             let cand = search[i].clone();
             i += 1;
             let layer = &self.lowers[cand.layer];
-            match layer.stat(&cand.path)? {
+            match self.lower_stat(cand.layer, &cand.path)? {
                 Some(st) if is_whiteout_stat(&st) => break,
                 Some(st) => {
                     let k = Kind::from_mode(st.st_mode);
@@ -552,13 +566,30 @@ impl Union {
         }
     }
 
+    /// The manifest of lower `layer`, when it is verified.
+    pub(crate) fn verified(&self, layer: usize) -> Option<&Arc<VerifiedLayer>> {
+        self.opts.verified.get(layer).and_then(Option::as_ref)
+    }
+
+    /// lstat of a lower object, checked against the layer's manifest when it has one: an
+    /// entry the manifest lists but the layer lacks, or whose metadata differs, is EIO; an
+    /// entry it does not list is absent.
+    fn lower_stat(&self, layer: usize, rel: &Path) -> Result<Option<Stat>> {
+        let l = &self.lowers[layer];
+        let st = l.stat(rel)?;
+        match self.verified(layer) {
+            Some(v) => v.check(l, rel, st),
+            None => Ok(st),
+        }
+    }
+
     /// Is anything visible at `name` in the lower dirs `plowers` (ignoring the upper)?
     /// Decides whether removing the name from the upper needs a whiteout.
     fn lower_has(&self, plowers: &[LowerRef], name: &OsStr) -> Result<bool> {
         for p in plowers {
             let layer = &self.lowers[p.layer];
             let cand = p.path.join(name);
-            match layer.stat(&cand)? {
+            match self.lower_stat(p.layer, &cand)? {
                 Some(st) if is_whiteout_stat(&st) => return Ok(false),
                 Some(_) => return Ok(true),
                 None => {
@@ -688,8 +719,7 @@ impl Union {
             _ => st.lower.clone(),
         };
         let lref = lref.ok_or(Error::Errno(libc::ENOENT))?;
-        self.lowers[lref.layer]
-            .stat(&lref.path)?
+        self.lower_stat(lref.layer, &lref.path)?
             .ok_or(Error::Errno(libc::ENOENT))
     }
 
@@ -748,7 +778,7 @@ impl Union {
             if node.kind == Kind::Dir {
                 // A removed directory that is still open: what it was. The kernel reports
                 // nlink 1 for a merged one (its rule for merged dirs) and 0 for an upper one.
-                let mut a = node.gone_attr.lock().ok_or(Error::Errno(libc::ENOENT))?;
+                let mut a = *node.gone_attr.lock().clone().ok_or(Error::Errno(libc::ENOENT))?;
                 if a.nlink != 1 {
                     a.nlink = 0;
                 }
@@ -817,7 +847,13 @@ impl Union {
         }
         .ok_or(Error::Errno(libc::ENOENT))?;
         let layer = &self.lowers[src.layer];
-        let lst = layer.stat(&src.path)?.ok_or(Error::Errno(libc::ENOENT))?;
+        let lst = self
+            .lower_stat(src.layer, &src.path)?
+            .ok_or(Error::Errno(libc::ENOENT))?;
+        if let (Some(v), true) = (self.verified(src.layer), with_data) {
+            // A corrupt lower never becomes a good-looking upper file.
+            v.verify_file(layer, &src.path, &lst)?;
+        }
         let dst = self.path_of(node)?;
         // Kernel overlayfs with index=off breaks a lower hard link on copy-up and shows the
         // copy with its own inode number; other objects keep theirs (recorded as origin).
@@ -1136,7 +1172,7 @@ impl Union {
             let (child, _) = self.child(&parent, name)?;
             let empty = self.dir_is_empty(&child);
             if let Ok(a) = self.attr(&child, None) {
-                *child.gone_attr.lock() = Some(a);
+                *child.gone_attr.lock() = Some(Box::new(a));
             }
             self.nodes.forget(child.id, 1);
             if !empty? {
@@ -1395,7 +1431,9 @@ impl Union {
     /// writes? (Only when it has lower parts and no absolute redirect to keep.)
     fn redirect_too_long(&self, n: &Node, same_dir: bool) -> Result<bool> {
         let st = n.snapshot();
-        let Some(first) = st.lowers.first() else { return Ok(false) };
+        let Some(first) = st.lowers.first() else {
+            return Ok(false);
+        };
         if same_dir {
             return Ok(false);
         }
@@ -1412,12 +1450,23 @@ impl Union {
     // ---------------------------------------------------------------- files
 
     fn add_file(&self, node: Arc<Node>, fd: OwnedFd, writable: bool) -> u64 {
+        self.add_file_verified(node, fd, writable, None)
+    }
+
+    fn add_file_verified(
+        &self,
+        node: Arc<Node>,
+        fd: OwnedFd,
+        writable: bool,
+        verify: Option<HandleVerify>,
+    ) -> u64 {
         let on_upper = node.state.read().upper;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h = Arc::new(FileHandle {
             fd: RwLock::new(Arc::new(fd)),
             writable,
             on_upper: std::sync::atomic::AtomicBool::new(on_upper),
+            verify,
         });
         {
             let mut hs = node.handles.lock();
@@ -1426,6 +1475,28 @@ impl Union {
         }
         self.files.write().insert(fh, h);
         fh
+    }
+
+    /// For a lower file of a verified layer: the chunk digests its reads are checked against.
+    fn handle_verify(&self, node: &Node, fd: &OwnedFd) -> Result<Option<HandleVerify>> {
+        let st = node.snapshot();
+        if st.upper {
+            return Ok(None);
+        }
+        let Some(l) = st.lower else { return Ok(None) };
+        let Some(v) = self.verified(l.layer) else {
+            return Ok(None);
+        };
+        let Some(entry) = v.entry(&l.path)? else {
+            return Ok(None);
+        };
+        let ino = rustix::fs::fstat(fd)?.st_ino;
+        Ok(Some(HandleVerify {
+            layer: v.clone(),
+            path: l.path,
+            chunks: entry.chunks,
+            ino,
+        }))
     }
 
     /// After a copy-up, point the node's read-only handles on the lower file at the upper
@@ -1470,7 +1541,8 @@ impl Union {
             oflags.insert(OFlags::RDWR);
         }
         let fd = self.open_real(&node, oflags)?;
-        Ok(self.add_file(node, fd, writable))
+        let verify = self.handle_verify(&node, &fd)?;
+        Ok(self.add_file_verified(node, fd, writable, verify))
     }
 
     fn open_real(&self, node: &Node, oflags: OFlags) -> Result<OwnedFd> {
@@ -1505,6 +1577,12 @@ impl Union {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file(fh)?;
         let fd = self.handle_fd(&h)?;
+        if let Some(v) = &h.verify {
+            if !h.on_upper.load(Ordering::Acquire) {
+                v.layer
+                    .verify_range(&v.path, &v.chunks, &*fd, v.ino, offset, u64::from(size))?;
+            }
+        }
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {

@@ -1,0 +1,319 @@
+//! Verified layers in a real mount: content or metadata that does not match a lower layer's
+//! manifest is never served. Each kind of damage gives EIO (or a refused mount) for exactly
+//! the damaged path, every other file is served correctly, one log line names the layer and
+//! the path, and `verlay verify` reports the same damage.
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_verlay");
+
+struct Mount {
+    mnt: PathBuf,
+    log: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn mounted(p: &Path) -> bool {
+    let s = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = p.display().to_string();
+    s.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+/// A lower layer `base` (and optionally a second one `top`) built by `make`, sealed, then
+/// damaged by `damage`, mounted with an upper.
+fn setup(
+    make: impl FnOnce(&Path, &Path),
+    damage: impl FnOnce(&Path, &Path),
+    opts: &str,
+) -> Result<Mount, String> {
+    let tmp = tempfile::Builder::new()
+        .prefix("verlay-verify-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let t = tmp.path();
+    for d in ["top", "base", "u", "w", "m"] {
+        fs::create_dir(t.join(d)).unwrap();
+    }
+    fs::set_permissions(t, fs::Permissions::from_mode(0o755)).unwrap();
+    make(&t.join("top"), &t.join("base"));
+    for l in ["top", "base"] {
+        let out = Command::new(BIN)
+            .args(["layer", "seal"])
+            .arg(t.join(l))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "seal {l}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    damage(&t.join("top"), &t.join("base"));
+    let log = t.join("verlay.log");
+    let o = format!(
+        "lowerdir={}:{},upperdir={},workdir={}{opts}",
+        t.join("top").display(),
+        t.join("base").display(),
+        t.join("u").display(),
+        t.join("w").display()
+    );
+    let out = Command::new(BIN)
+        .arg("-o")
+        .arg(o)
+        .arg(t.join("m"))
+        .env("VERLAY_LOG_FILE", &log)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !mounted(&t.join("m")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(Mount {
+        mnt: t.join("m"),
+        log,
+        _tmp: tmp,
+    })
+}
+
+fn eio<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
+        other => panic!("{what}: expected EIO, got {other:?}"),
+    }
+}
+
+fn big(seed: u8) -> Vec<u8> {
+    (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 ^ seed)
+        .collect()
+}
+
+/// The base layer every case starts from.
+fn standard(_top: &Path, base: &Path) {
+    fs::write(base.join("big"), big(1)).unwrap();
+    fs::create_dir(base.join("d")).unwrap();
+    fs::write(base.join("d/small"), b"small file\n").unwrap();
+    fs::write(base.join("d/other"), b"other file\n").unwrap();
+    symlink("d/small", base.join("link")).unwrap();
+}
+
+/// Every undamaged file reads back as it was.
+fn others_fine(m: &Mount, except: &[&str]) {
+    let want: [(&str, Vec<u8>); 3] = [
+        ("big", big(1)),
+        ("d/small", b"small file\n".to_vec()),
+        ("d/other", b"other file\n".to_vec()),
+    ];
+    for (p, data) in want {
+        if except.contains(&p) {
+            continue;
+        }
+        assert_eq!(
+            fs::read(m.mnt.join(p)).unwrap_or_else(|e| panic!("{p}: {e}")),
+            data,
+            "{p}"
+        );
+    }
+}
+
+/// One error line in the daemon's log names the layer and the path.
+fn logged(m: &Mount, layer_dir_suffix: &str, path: &str) {
+    let log = fs::read_to_string(&m.log).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains(&format!("path={path}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line for {path}, got:\n{log}");
+    assert!(
+        lines[0].contains(layer_dir_suffix),
+        "the line names the layer: {}",
+        lines[0]
+    );
+}
+
+/// `verlay verify` reports the damage (exit 1, the path named) for the damaged layer.
+fn scrub_reports(layer: &Path, path: &str) {
+    let out = Command::new(BIN).arg("verify").arg(layer).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "verify exit code; output:\n{text}");
+    assert!(text.contains(path), "verify names {path}:\n{text}");
+}
+
+#[test]
+fn flipped_byte_in_a_large_file_is_eio_only_where_it_is_read() {
+    let m = setup(
+        standard,
+        |_, base| {
+            let mut b = big(1);
+            b[600_000] ^= 0xff;
+            fs::write(base.join("big"), b).unwrap();
+        },
+        "",
+    )
+    .unwrap();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(m.mnt.join("big")).unwrap();
+    // The first 64 KiB chunk is intact and served.
+    let mut head = vec![0u8; 4096];
+    f.read_exact(&mut head).unwrap();
+    assert_eq!(head, big(1)[..4096]);
+    f.seek(SeekFrom::Start(600_000)).unwrap();
+    eio(f.read(&mut head), "read of the damaged chunk");
+    eio(f.read(&mut head), "read of the damaged chunk, again");
+    eio(fs::read(m.mnt.join("big")), "whole read");
+    // A copy-up must not turn the corrupt lower into a good-looking upper file.
+    eio(
+        fs::OpenOptions::new().append(true).open(m.mnt.join("big")),
+        "copy-up of a corrupt file",
+    );
+    assert!(!m._tmp.path().join("u/big").exists(), "nothing copied up");
+    others_fine(&m, &["big"]);
+    logged(&m, "/base", "big");
+    scrub_reports(&m._tmp.path().join("base"), "big");
+}
+
+#[test]
+fn truncated_extended_deleted_files_are_eio_not_enoent() {
+    let m = setup(
+        standard,
+        |_, base| {
+            fs::write(base.join("big"), &big(1)[..500_000]).unwrap();
+            fs::write(base.join("d/small"), b"small file\nplus more\n").unwrap();
+            fs::remove_file(base.join("d/other")).unwrap();
+        },
+        "",
+    )
+    .unwrap();
+    eio(fs::read(m.mnt.join("big")), "truncated");
+    eio(fs::read(m.mnt.join("d/small")), "extended");
+    eio(
+        fs::metadata(m.mnt.join("d/other")),
+        "deleted: a file the layer should hold is EIO, not ENOENT",
+    );
+    let names: Vec<String> = fs::read_dir(m.mnt.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.contains(&"other".to_string()),
+        "a missing file still shows in the listing: {names:?}"
+    );
+    logged(&m, "/base", "d/other");
+    scrub_reports(&m._tmp.path().join("base"), "d/other");
+}
+
+#[test]
+fn added_file_is_hidden_and_changed_metadata_is_eio() {
+    let m = setup(
+        standard,
+        |_, base| {
+            fs::write(base.join("d/added"), b"not in the manifest").unwrap();
+            fs::set_permissions(base.join("d/small"), fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::lchown(base.join("d/other"), Some(1234), None).unwrap();
+            fs::remove_file(base.join("link")).unwrap();
+            symlink("d/other", base.join("link")).unwrap();
+        },
+        "",
+    )
+    .unwrap();
+    let e = fs::metadata(m.mnt.join("d/added")).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ENOENT),
+        "an unlisted entry is not shown"
+    );
+    let names: Vec<String> = fs::read_dir(m.mnt.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.contains(&"added".to_string()), "{names:?}");
+    eio(fs::metadata(m.mnt.join("d/small")), "changed mode");
+    eio(fs::metadata(m.mnt.join("d/other")), "changed owner");
+    eio(fs::read_link(m.mnt.join("link")), "changed symlink target");
+    assert_eq!(fs::read(m.mnt.join("big")).unwrap(), big(1));
+    logged(&m, "/base", "d/small");
+    scrub_reports(&m._tmp.path().join("base"), "d/added");
+}
+
+#[test]
+fn files_swapped_between_layers_are_both_eio() {
+    let m = setup(
+        |top, base| {
+            standard(top, base);
+            fs::write(top.join("t"), b"from the top layer\n").unwrap();
+            fs::write(base.join("b"), b"from the base layer").unwrap();
+        },
+        |top, base| {
+            // Each layer's file now holds the other's content, at the other's size: both
+            // the size check and the content check must refuse it.
+            fs::write(top.join("t"), b"from the base layer").unwrap();
+            fs::write(base.join("b"), b"from the top layer\n").unwrap();
+        },
+        "",
+    )
+    .unwrap();
+    eio(fs::read(m.mnt.join("t")), "top file holding other content");
+    eio(fs::read(m.mnt.join("b")), "base file holding other content");
+    others_fine(&m, &[]);
+}
+
+#[test]
+fn corrupt_manifest_refuses_the_mount() {
+    let err = setup(
+        standard,
+        |_, base| {
+            let mpath = PathBuf::from(format!("{}.verlay-manifest", base.display()));
+            let mut b = fs::read(&mpath).unwrap();
+            let n = b.len();
+            b.truncate(n / 2);
+            fs::write(&mpath, b).unwrap();
+        },
+        "",
+    )
+    .err()
+    .expect("a mount over a corrupt manifest must fail");
+    assert!(err.contains("manifest"), "the error names the manifest: {err}");
+}
+
+#[test]
+fn verify_require_refuses_a_layer_without_manifest_and_off_serves_damage() {
+    let err = setup(
+        standard,
+        |top, _| {
+            fs::remove_file(PathBuf::from(format!("{}.verlay-manifest", top.display()))).unwrap();
+        },
+        ",verify=require",
+    )
+    .err()
+    .expect("verify=require without a manifest must fail");
+    assert!(err.contains("verify=require"), "{err}");
+    // verify=off: no checks at all (like fuse-overlayfs): the damaged byte is served.
+    let m = setup(
+        standard,
+        |_, base| {
+            let mut b = big(1);
+            b[10] ^= 1;
+            fs::write(base.join("big"), b).unwrap();
+        },
+        ",verify=off",
+    )
+    .unwrap();
+    assert_eq!(fs::read(m.mnt.join("big")).unwrap().len(), 1_000_000);
+}
