@@ -31,6 +31,12 @@ const EXAMPLE: &[(&str, &str, &str)] = &[
     ("base", "srv/", ""),
     ("base", "srv/data/", ""),
     ("base", "srv/data/records.txt", "1 alpha\n2 beta\n"),
+    ("base", "opt/", ""),
+    (
+        "base",
+        "opt/report.txt",
+        "quarterly report: all figures verified\n",
+    ),
     ("app", "etc/", ""),
     (
         "app",
@@ -127,6 +133,12 @@ pub fn run() -> Result<()> {
         base.join("upper").display(),
         base.join("work").display()
     );
+    // Seal both lower layers: each gets a manifest of digests beside it, and the mount
+    // checks every lower read against it.
+    for layer in ["base", "app"] {
+        let digest = crate::lower::manifest::seal(&base.join(layer))?;
+        println!("$ verlay layer seal {layer}   ->  {digest}");
+    }
     let exe = io("current_exe", Path::new("verlay"), std::env::current_exe())?;
     println!(
         "verlay demo: two lower layers (app over base) and an empty upper in {}\n",
@@ -134,10 +146,16 @@ pub fn run() -> Result<()> {
     );
     println!("$ verlay -o {opts} {}", demo.mnt.display());
     let started = Instant::now();
+    let log = base.join("verlay.log");
     let st = io(
         "spawn",
         &exe,
-        Command::new(&exe).arg("-o").arg(&opts).arg(&demo.mnt).status(),
+        Command::new(&exe)
+            .arg("-o")
+            .arg(&opts)
+            .arg(&demo.mnt)
+            .env("VERLAY_LOG_FILE", &log)
+            .status(),
     )?;
     if !st.success() {
         return Err(Error::usage(
@@ -214,7 +232,36 @@ pub fn run() -> Result<()> {
         );
     }
 
-    println!("\n5. The upper, in kernel overlayfs format (mountable by `mount -t overlay` too):");
+    println!("\n5. A corrupt byte in a lower layer is caught: flip one byte of base/opt/report.txt on disk.");
+    let lower_file = base.join("base/opt/report.txt");
+    let mut bytes = io("read", &lower_file, std::fs::read(&lower_file))?;
+    bytes[10] ^= 0x20;
+    io("write", &lower_file, std::fs::write(&lower_file, &bytes))?;
+    match std::fs::read(demo.mnt.join("opt/report.txt")) {
+        Ok(b) => println!("  read returned {} bytes: NOT caught", b.len()),
+        Err(e) => println!("  cat /opt/report.txt: {e}  (the corrupt content is never served)"),
+    }
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    if let Some(line) = logged.lines().find(|l| l.contains("report.txt")) {
+        println!(
+            "  log: {}",
+            line.split_once(' ').map(|x| x.1).unwrap_or(line).trim()
+        );
+    }
+    let out = io(
+        "spawn",
+        &exe,
+        Command::new(&exe).arg("verify").arg(base.join("base")).output(),
+    )?;
+    println!(
+        "  $ verlay verify base   (exit {})",
+        out.status.code().unwrap_or(-1)
+    );
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    {l}");
+    }
+
+    println!("\n6. The upper, in kernel overlayfs format (mountable by `mount -t overlay` too):");
     show_tree("upper", &base.join("upper"))?;
 
     println!("\n$ fusermount3 -u {}", demo.mnt.display());
