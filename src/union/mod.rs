@@ -1523,7 +1523,7 @@ impl Union {
     }
 
     /// FUSE open.
-    pub fn open(&self, _ctx: &Ctx, id: u64, flags: i32) -> Result<u64> {
+    pub fn open(&self, ctx: &Ctx, id: u64, flags: i32) -> Result<u64> {
         let node = self.node(id)?;
         if node.kind == Kind::Dir {
             return errno(libc::EISDIR);
@@ -1541,6 +1541,19 @@ impl Union {
             oflags.insert(OFlags::RDWR);
         }
         let fd = self.open_real(&node, oflags)?;
+        if oflags.contains(OFlags::TRUNC) && ctx.uid != 0 {
+            // The kernel leaves O_TRUNC to us (atomic_o_trunc), and the daemon truncates as
+            // root; a truncation by an unprivileged caller must still drop setuid, and
+            // setgid on a group-executable file, as the VFS does (should_remove_suid).
+            let mode = rustix::fs::fstat(&fd)?.st_mode;
+            let mut kill = mode & libc::S_ISUID;
+            if mode & (libc::S_ISGID | libc::S_IXGRP) == (libc::S_ISGID | libc::S_IXGRP) {
+                kill |= libc::S_ISGID;
+            }
+            if kill != 0 {
+                rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode & 0o7777 & !kill))?;
+            }
+        }
         let verify = self.handle_verify(&node, &fd)?;
         Ok(self.add_file_verified(node, fd, writable, verify))
     }
@@ -1566,6 +1579,13 @@ impl Union {
                 oflags & !(OFlags::RDWR | OFlags::WRONLY | OFlags::TRUNC | OFlags::APPEND),
             )
         }
+    }
+
+    /// May the kernel keep its page cache of this file across opens? Yes for a file served
+    /// from a lower layer: its content never changes while mounted (a copy-up keeps it), so
+    /// warm reads need not come back here. Upper files are re-read after each open.
+    pub fn keep_cache(&self, fh: u64) -> bool {
+        self.file(fh).map(|h| !h.on_upper.load(Ordering::Acquire)).unwrap_or(false)
     }
 
     /// The fd to use for a handle.
