@@ -1,0 +1,870 @@
+//! Unpacking one OCI/Docker layer tar stream into an empty directory, in kernel overlayfs
+//! format.
+//!
+//! Owns: turning tar entries into objects under the layer root, with their owners, modes,
+//! times and xattrs; mapping OCI whiteouts (`.wh.NAME` → char 0/0 device, `.wh..wh..opq` →
+//! opaque xattr on the directory).
+//!
+//! Must not: follow a symlink while extracting, or write anything outside the layer root.
+//! Every path is resolved relative to the root fd with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS)`, one entry's parent at a time, so a symlink planted by an earlier
+//! entry (`a -> /etc`, then `a/passwd`) is refused, never followed. Names with `..` or a
+//! leading `/` are refused before any syscall. The caller owns the directory and removes it
+//! when this returns an error: nothing here is published.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags};
+use rustix::io::Errno;
+
+use crate::error::{Error, Result};
+use crate::layer::{OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
+
+/// Prefix of aufs metadata names (`.wh..wh.plnk`, ...); the opaque marker is the one we use.
+const AUFS_META_PREFIX: &str = ".wh..wh.";
+/// Size of one tar block: headers and data are padded to it.
+const BLOCK: u64 = 512;
+/// Buffer for copying file data out of the tar stream (large writes, few syscalls).
+const COPY_BUF: usize = 1 << 20;
+/// PAX record prefix of an xattr (GNU tar and Go's archive/tar both write this form).
+const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+/// Directories are created writable by us and get their real mode at the end, so that a
+/// read-only directory (0555) in the tarball does not stop its own children (as non-root).
+const DIR_CREATE_MODE: u32 = 0o700;
+/// Mode of parent directories the tarball does not list (what docker and containerd use).
+const IMPLICIT_DIR_MODE: u32 = 0o755;
+
+/// What an unpack produced.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unpacked {
+    /// objects created in the layer (files, dirs, links, whiteouts, ...)
+    pub entries: u64,
+    /// bytes of regular file content
+    pub bytes: u64,
+}
+
+/// Metadata of a directory, applied after all entries because creating children would
+/// change its mtime, and a read-only mode would stop them.
+struct DirMeta {
+    rel: Vec<u8>,
+    mode: u32,
+    times: Timestamps,
+}
+
+/// Everything one tar header says about an entry, in owned form.
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    times: Timestamps,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// the tarball carried an overlay opaque xattr for this directory
+    opaque: bool,
+}
+
+/// Unpacks tar entries below `root`.
+pub struct Unpacker<'s> {
+    root: Rc<OwnedFd>,
+    /// name of the tarball, for messages
+    source: &'s str,
+    is_root: bool,
+    /// `trusted.overlay.opaque`, or `user.overlay.opaque` when we are not root
+    opaque_xattr: &'static str,
+    /// the parent directory of the last entry (tarballs list siblings together)
+    parent_cache: Option<(Vec<u8>, Rc<OwnedFd>)>,
+    dirs: Vec<DirMeta>,
+    buf: Vec<u8>,
+    stats: Unpacked,
+    warned_owner: bool,
+}
+
+/// Split a tar name into its components. `None` means the layer root (`./`).
+/// Errors are the reason the name is refused.
+fn components(raw: &[u8]) -> std::result::Result<Vec<&[u8]>, &'static str> {
+    if raw.first() == Some(&b'/') {
+        return Err("absolute name");
+    }
+    if raw.contains(&0) {
+        return Err("NUL byte in name");
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err("'..' component escapes the layer"),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// Printable form of a raw tar name.
+fn show(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw).escape_debug().to_string()
+}
+
+/// Parse a PAX time (`1700000000.123456789`, possibly negative) into a timespec.
+fn pax_time(v: &[u8]) -> Option<Timespec> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut nsec: i64 = 0;
+    for (i, c) in frac.bytes().take(9).enumerate() {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        nsec += i64::from(c - b'0') * 10i64.pow(8 - i as u32);
+    }
+    Some(if neg {
+        if nsec == 0 {
+            Timespec {
+                tv_sec: -secs,
+                tv_nsec: 0,
+            }
+        } else {
+            Timespec {
+                tv_sec: -secs - 1,
+                tv_nsec: (1_000_000_000 - nsec) as _,
+            }
+        }
+    } else {
+        Timespec {
+            tv_sec: secs,
+            tv_nsec: nsec as _,
+        }
+    })
+}
+
+/// Is this xattr name in the overlay's own namespace (where a tarball could forge
+/// redirects, metacopy or origin records)?
+fn overlay_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+}
+
+impl<'s> Unpacker<'s> {
+    /// An unpacker into the (empty) directory `root`.
+    pub fn new(root: &Path, source: &'s str) -> Result<Unpacker<'s>> {
+        let fd = rustix::fs::open(
+            root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("import.open_root", root, e.into()))?;
+        let is_root = rustix::process::geteuid().is_root();
+        Ok(Unpacker {
+            root: Rc::new(fd),
+            source,
+            is_root,
+            opaque_xattr: if is_root {
+                "trusted.overlay.opaque"
+            } else {
+                "user.overlay.opaque"
+            },
+            parent_cache: None,
+            dirs: Vec::new(),
+            buf: vec![0u8; COPY_BUF],
+            stats: Unpacked::default(),
+            warned_owner: false,
+        })
+    }
+
+    /// A refusal: the tarball is hostile or malformed.
+    fn refuse(&self, name: &[u8], why: impl std::fmt::Display) -> Error {
+        Error::usage(
+            format!("layer tarball {}", self.source),
+            format!("entry \"{}\": {why}", show(name)),
+            "refusing to import it, nothing was published; check where the tarball came from",
+        )
+    }
+
+    /// The tar stream itself is broken (bad header, short data, decompression error).
+    pub fn malformed(source: &str, e: impl std::fmt::Display) -> Error {
+        Error::usage(
+            format!("layer tarball {source}"),
+            format!("truncated or malformed tar stream: {e}"),
+            "nothing was published; fetch the layer again",
+        )
+    }
+
+    /// Unpack every entry of `archive`. Returns the end offset of the last entry's data, so
+    /// the caller can check the end-of-archive marker followed it.
+    pub fn unpack<R: Read>(&mut self, archive: &mut tar::Archive<R>) -> Result<u64> {
+        let mut end = 0u64;
+        let entries = archive.entries().map_err(|e| Self::malformed(self.source, e))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| Self::malformed(self.source, e))?;
+            let size = entry.size();
+            end = entry.raw_file_position() + size.div_ceil(BLOCK) * BLOCK;
+            self.entry(&mut entry)?;
+        }
+        self.finish_dirs()?;
+        Ok(end)
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> Unpacked {
+        self.stats
+    }
+
+    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, name: &[u8]) -> Result<Meta> {
+        let h = entry.header();
+        let mode = h.mode().map_err(|e| self.refuse(name, e))?;
+        let uid = h.uid().map_err(|e| self.refuse(name, e))?;
+        let gid = h.gid().map_err(|e| self.refuse(name, e))?;
+        let mtime = h.mtime().map_err(|e| self.refuse(name, e))?;
+        let uid = u32::try_from(uid).map_err(|_| self.refuse(name, "uid out of range"))?;
+        let gid = u32::try_from(gid).map_err(|_| self.refuse(name, "gid out of range"))?;
+        let mut mtime = Timespec {
+            tv_sec: mtime as i64,
+            tv_nsec: 0,
+        };
+        let mut atime = None;
+        let mut xattrs = Vec::new();
+        let mut opaque = false;
+        let mut bad = None;
+        if let Some(pax) = entry
+            .pax_extensions()
+            .map_err(|e| Self::malformed(self.source, e))?
+        {
+            for ext in pax {
+                let ext = ext.map_err(|e| Self::malformed(self.source, e))?;
+                let key = ext.key_bytes();
+                if key == b"mtime" {
+                    match pax_time(ext.value_bytes()) {
+                        Some(t) => mtime = t,
+                        None => bad = Some("bad PAX mtime"),
+                    }
+                } else if key == b"atime" {
+                    atime = pax_time(ext.value_bytes());
+                } else if let Some(x) = key.strip_prefix(PAX_XATTR_PREFIX.as_bytes()) {
+                    if x == b"trusted.overlay.opaque" || x == b"user.overlay.opaque" {
+                        opaque = ext.value_bytes() == b"y";
+                    } else if overlay_xattr(x) {
+                        tracing::warn!(
+                            path = %show(name),
+                            xattr = %show(x),
+                            "dropping an overlay xattr from a layer tarball"
+                        );
+                    } else if !x.is_empty() {
+                        xattrs.push((x.to_vec(), ext.value_bytes().to_vec()));
+                    }
+                }
+            }
+        }
+        if let Some(b) = bad {
+            return Err(self.refuse(name, b));
+        }
+        Ok(Meta {
+            mode: mode & 0o7777,
+            uid,
+            gid,
+            times: Timestamps {
+                last_access: atime.unwrap_or(mtime),
+                last_modification: mtime,
+            },
+            xattrs,
+            opaque,
+        })
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
+        let raw = entry.path_bytes().into_owned();
+        let comps = components(&raw).map_err(|why| self.refuse(&raw, why))?;
+        let etype = entry.header().entry_type();
+        if etype.is_pax_global_extensions() {
+            return Ok(());
+        }
+        let meta = self.meta(entry, &raw)?;
+
+        let Some((name, parents)) = comps.split_last() else {
+            // `./`: the layer root itself.
+            if !etype.is_dir() {
+                return Err(self.refuse(&raw, "the layer root must be a directory"));
+            }
+            let root = self.root.clone();
+            return self.dir_meta(&root, Vec::new(), &raw, meta);
+        };
+        let name: &[u8] = name;
+
+        // OCI whiteouts (image-spec layer.md "Whiteouts").
+        if name == OCI_OPAQUE_MARKER.as_bytes() {
+            let dir = self.resolve_dir(parents, true, &raw)?.ok_or_else(|| {
+                // resolve_dir with create=true always yields a directory
+                self.refuse(&raw, "parent directory could not be created")
+            })?;
+            self.set_opaque(&dir, &raw)?;
+            return Ok(());
+        }
+        if name.starts_with(AUFS_META_PREFIX.as_bytes()) {
+            // aufs bookkeeping (`.wh..wh.plnk`, `.wh..wh.aufs`): not content, as docker does.
+            tracing::debug!(path = %show(&raw), "skipping aufs metadata entry");
+            return Ok(());
+        }
+        if let Some(hidden) = name.strip_prefix(OCI_WHITEOUT_PREFIX.as_bytes()) {
+            if matches!(hidden, b"" | b"." | b"..") {
+                return Err(self.refuse(&raw, "whiteout of an invalid name"));
+            }
+            let parent = self.parent(parents, &raw)?;
+            self.make_room(&parent, hidden, false, &raw)?;
+            return self.whiteout(&parent, hidden, &raw, &meta);
+        }
+
+        let parent = self.parent(parents, &raw)?;
+        use tar::EntryType as T;
+        match etype {
+            T::Directory => {
+                let existing_dir = self.make_room(&parent, name, true, &raw)?;
+                if !existing_dir {
+                    rustix::fs::mkdirat(&*parent, name, Mode::from_raw_mode(DIR_CREATE_MODE))
+                        .map_err(|e| self.io("import.mkdir", &raw, e))?;
+                    self.stats.entries += 1;
+                }
+                let fd = rustix::fs::openat(
+                    &*parent,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| self.io("import.open_dir", &raw, e))?;
+                let rel = comps.join(&b'/');
+                self.dir_meta(&fd, rel, &raw, meta)
+            }
+            T::Regular | T::Continuous | T::GNUSparse => {
+                self.make_room(&parent, name, false, &raw)?;
+                let fd = rustix::fs::openat(
+                    &*parent,
+                    name,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| self.io("import.create", &raw, e))?;
+                let mut file = File::from(fd);
+                let want = entry.size();
+                let mut got = 0u64;
+                loop {
+                    let n = match entry.read(&mut self.buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(Self::malformed(self.source, e)),
+                    };
+                    file.write_all(&self.buf[..n])
+                        .map_err(|e| Error::io("import.write", PathBuf::from(show(&raw)), e))?;
+                    got += n as u64;
+                }
+                if etype != T::GNUSparse && got != want {
+                    return Err(Self::malformed(
+                        self.source,
+                        format!("entry \"{}\": data ends after {got} of {want} bytes", show(&raw)),
+                    ));
+                }
+                self.stats.bytes += got;
+                self.stats.entries += 1;
+                let fd = OwnedFd::from(file);
+                self.chown(Some(&fd), &parent, name, &meta, &raw)?;
+                // After chown: chown clears setuid/setgid.
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode))
+                    .map_err(|e| self.io("import.chmod", &raw, e))?;
+                for (k, v) in &meta.xattrs {
+                    rustix::fs::fsetxattr(&fd, k.as_slice(), v, XattrFlags::empty())
+                        .or_else(|e| self.xattr_failed(e, k, &raw))?;
+                }
+                rustix::fs::futimens(&fd, &meta.times).map_err(|e| self.io("import.utimens", &raw, e))
+            }
+            T::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| self.refuse(&raw, "symlink without a target"))?
+                    .into_owned();
+                if target.is_empty() || target.contains(&0) {
+                    return Err(self.refuse(&raw, "invalid symlink target"));
+                }
+                self.make_room(&parent, name, false, &raw)?;
+                // The target is stored as text and never followed here, so it may point
+                // anywhere: later entries that go through it are refused by resolve_dir.
+                rustix::fs::symlinkat(target.as_slice(), &*parent, name)
+                    .map_err(|e| self.io("import.symlink", &raw, e))?;
+                self.stats.entries += 1;
+                self.node_meta(&parent, name, &meta, &raw, false)
+            }
+            T::Link => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| self.refuse(&raw, "hard link without a target"))?
+                    .into_owned();
+                self.hard_link(&parent, name, &comps, &target, &raw)
+            }
+            T::Char | T::Block | T::Fifo => {
+                let h = entry.header();
+                let major = h.device_major().map_err(|e| self.refuse(&raw, e))?.unwrap_or(0);
+                let minor = h.device_minor().map_err(|e| self.refuse(&raw, e))?.unwrap_or(0);
+                let ft = match etype {
+                    T::Char => FileType::CharacterDevice,
+                    T::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                self.make_room(&parent, name, false, &raw)?;
+                rustix::fs::mknodat(
+                    &*parent,
+                    name,
+                    ft,
+                    Mode::from_raw_mode(0o600),
+                    rustix::fs::makedev(major, minor),
+                )
+                .map_err(|e| {
+                    if e == Errno::PERM && ft != FileType::Fifo {
+                        Error::usage(
+                            format!("layer tarball {}", self.source),
+                            format!("entry \"{}\": creating a device node needs root", show(&raw)),
+                            "import the layer as root",
+                        )
+                    } else {
+                        self.io("import.mknod", &raw, e)
+                    }
+                })?;
+                self.stats.entries += 1;
+                self.node_meta(&parent, name, &meta, &raw, true)
+            }
+            other => Err(self.refuse(&raw, format!("unsupported tar entry type {other:?}"))),
+        }
+    }
+
+    fn io(&self, op: &'static str, raw: &[u8], e: Errno) -> Error {
+        Error::io(op, PathBuf::from(show(raw)), e.into())
+    }
+
+    /// The fd of `parents` (created if missing), for an entry named `raw`.
+    fn parent(&mut self, parents: &[&[u8]], raw: &[u8]) -> Result<Rc<OwnedFd>> {
+        self.resolve_dir(parents, true, raw)?
+            .ok_or_else(|| self.refuse(raw, "parent directory is missing"))
+    }
+
+    /// Open directory `comps` below the root without following any symlink. With `create`,
+    /// missing directories are made; without it a missing one gives `None`.
+    fn resolve_dir(&mut self, comps: &[&[u8]], create: bool, raw: &[u8]) -> Result<Option<Rc<OwnedFd>>> {
+        if comps.is_empty() {
+            return Ok(Some(self.root.clone()));
+        }
+        let key = comps.join(&b'/');
+        if let Some((k, fd)) = &self.parent_cache {
+            if *k == key {
+                return Ok(Some(fd.clone()));
+            }
+        }
+        let fd = match open_beneath(&self.root, &key) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) if create => {
+                let mut cur = self.root.clone();
+                for c in comps {
+                    let next = match open_beneath(&cur, c) {
+                        Err(Errno::NOENT) => {
+                            rustix::fs::mkdirat(&*cur, *c, Mode::from_raw_mode(IMPLICIT_DIR_MODE))
+                                .map_err(|e| self.io("import.mkdir_parent", raw, e))?;
+                            self.stats.entries += 1;
+                            open_beneath(&cur, c)
+                        }
+                        r => r,
+                    }
+                    .map_err(|e| self.resolve_error(raw, &key, e))?;
+                    cur = Rc::new(next);
+                }
+                self.parent_cache = Some((key, cur.clone()));
+                return Ok(Some(cur));
+            }
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(self.resolve_error(raw, &key, e)),
+        };
+        let fd = Rc::new(fd);
+        self.parent_cache = Some((key, fd.clone()));
+        Ok(Some(fd))
+    }
+
+    /// Why opening directory `dir` (below the root) failed, for the entry `raw`.
+    fn resolve_error(&self, raw: &[u8], dir: &[u8], e: Errno) -> Error {
+        const THROUGH_SYMLINK: &str = "its path goes through a symlink (refusing to write outside the layer)";
+        match e {
+            Errno::LOOP | Errno::XDEV => self.refuse(raw, THROUGH_SYMLINK),
+            Errno::NOTDIR => {
+                // O_NOFOLLOW|O_DIRECTORY on a symlink also says ENOTDIR: find the culprit.
+                let comps: Vec<&[u8]> = dir.split(|b| *b == b'/').filter(|c| !c.is_empty()).collect();
+                for i in 0..comps.len() {
+                    let Ok(at) = open_beneath(&self.root, &comps[..i].join(&b'/')) else {
+                        break;
+                    };
+                    match rustix::fs::statat(&at, comps[i], AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+                            return self.refuse(raw, THROUGH_SYMLINK)
+                        }
+                        Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => break,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                self.refuse(raw, "a component of its path is not a directory")
+            }
+            e => self.io("import.resolve", raw, e),
+        }
+    }
+
+    /// Remove what is at `name` unless both it and the new entry are directories (then the
+    /// directory is kept, as tar and docker do). Returns true when a directory was kept.
+    fn make_room(&mut self, parent: &OwnedFd, name: &[u8], new_is_dir: bool, raw: &[u8]) -> Result<bool> {
+        let st = match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(self.io("import.stat", raw, e)),
+        };
+        let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+        if is_dir && new_is_dir {
+            return Ok(true);
+        }
+        if is_dir {
+            // Any cached directory fd may be inside what we remove.
+            self.parent_cache = None;
+            remove_tree(parent, name).map_err(|e| self.io("import.replace_dir", raw, e))?;
+        } else {
+            rustix::fs::unlinkat(parent, name, AtFlags::empty())
+                .map_err(|e| self.io("import.replace", raw, e))?;
+        }
+        Ok(false)
+    }
+
+    fn whiteout(&mut self, parent: &OwnedFd, hidden: &[u8], raw: &[u8], meta: &Meta) -> Result<()> {
+        match rustix::fs::mknodat(parent, hidden, FileType::CharacterDevice, Mode::empty(), 0) {
+            Ok(()) => {}
+            Err(Errno::PERM) if !self.is_root => {
+                // Without CAP_MKNOD keep the OCI form: verlay reads `.wh.NAME` as a
+                // whiteout (kernel overlayfs would not, but it needs root for trusted.*).
+                let wh = [OCI_WHITEOUT_PREFIX.as_bytes(), hidden].concat();
+                rustix::fs::openat(
+                    parent,
+                    wh.as_slice(),
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| self.io("import.whiteout", raw, e))?;
+            }
+            Err(e) => return Err(self.io("import.whiteout", raw, e)),
+        }
+        self.stats.entries += 1;
+        self.chown(None, parent, hidden, meta, raw)?;
+        rustix::fs::utimensat(parent, hidden, &meta.times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io("import.utimens", raw, e))
+    }
+
+    fn set_opaque(&self, dir: &OwnedFd, raw: &[u8]) -> Result<()> {
+        rustix::fs::fsetxattr(dir, self.opaque_xattr, b"y", XattrFlags::empty())
+            .map_err(|e| self.io("import.opaque", raw, e))
+    }
+
+    /// Owner, xattrs and deferred mode/times of a directory.
+    fn dir_meta(&mut self, fd: &OwnedFd, rel: Vec<u8>, raw: &[u8], meta: Meta) -> Result<()> {
+        if self.is_root {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(meta.uid)),
+                Some(rustix::fs::Gid::from_raw(meta.gid)),
+            )
+            .map_err(|e| self.io("import.chown", raw, e))?;
+        } else {
+            self.note_owner(&meta);
+        }
+        for (k, v) in &meta.xattrs {
+            rustix::fs::fsetxattr(fd, k.as_slice(), v, XattrFlags::empty())
+                .or_else(|e| self.xattr_failed(e, k, raw))?;
+        }
+        if meta.opaque {
+            self.set_opaque(fd, raw)?;
+        }
+        self.dirs.push(DirMeta {
+            rel,
+            mode: meta.mode,
+            times: meta.times,
+        });
+        Ok(())
+    }
+
+    /// Owner, mode, xattrs and times of a symlink, device or fifo, by name in `parent`.
+    fn node_meta(
+        &mut self,
+        parent: &OwnedFd,
+        name: &[u8],
+        meta: &Meta,
+        raw: &[u8],
+        chmod: bool,
+    ) -> Result<()> {
+        self.chown(None, parent, name, meta, raw)?;
+        if chmod {
+            // Not a symlink (we just created it), so chmodat acts on the node itself.
+            rustix::fs::chmodat(parent, name, Mode::from_raw_mode(meta.mode), AtFlags::empty())
+                .map_err(|e| self.io("import.chmod", raw, e))?;
+        }
+        if !meta.xattrs.is_empty() {
+            // No fd-based xattr call works on a symlink or device: go through the parent's
+            // fd in /proc, which names our verified directory, and do not follow `name`.
+            let p = proc_fd_path(parent).join(std::ffi::OsStr::new(
+                std::str::from_utf8(name).map_err(|_| self.refuse(raw, "xattr on a non-UTF-8 name"))?,
+            ));
+            for (k, v) in &meta.xattrs {
+                rustix::fs::lsetxattr(&p, k.as_slice(), v, XattrFlags::empty())
+                    .or_else(|e| self.xattr_failed(e, k, raw))?;
+            }
+        }
+        rustix::fs::utimensat(parent, name, &meta.times, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.io("import.utimens", raw, e))
+    }
+
+    fn chown(
+        &mut self,
+        fd: Option<&OwnedFd>,
+        parent: &OwnedFd,
+        name: &[u8],
+        meta: &Meta,
+        raw: &[u8],
+    ) -> Result<()> {
+        if !self.is_root {
+            self.note_owner(meta);
+            return Ok(());
+        }
+        let uid = Some(rustix::fs::Uid::from_raw(meta.uid));
+        let gid = Some(rustix::fs::Gid::from_raw(meta.gid));
+        match fd {
+            Some(fd) => rustix::fs::fchown(fd, uid, gid),
+            None => rustix::fs::chownat(parent, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW),
+        }
+        .map_err(|e| self.io("import.chown", raw, e))
+    }
+
+    fn note_owner(&mut self, meta: &Meta) {
+        let me = rustix::process::geteuid().as_raw();
+        if !self.warned_owner && (meta.uid != me || meta.gid != rustix::process::getegid().as_raw()) {
+            self.warned_owner = true;
+            tracing::warn!("not root: layer files keep our own uid/gid, not the tarball's owners");
+        }
+    }
+
+    fn xattr_failed(&self, e: Errno, name: &[u8], raw: &[u8]) -> Result<()> {
+        if !self.is_root && matches!(e, Errno::PERM | Errno::NOTSUP) {
+            tracing::warn!(path = %show(raw), xattr = %show(name), "not root: xattr skipped");
+            return Ok(());
+        }
+        Err(Error::io(
+            "import.setxattr",
+            PathBuf::from(format!("{} ({})", show(raw), show(name))),
+            e.into(),
+        ))
+    }
+
+    fn hard_link(
+        &mut self,
+        parent: &OwnedFd,
+        name: &[u8],
+        comps: &[&[u8]],
+        target: &[u8],
+        raw: &[u8],
+    ) -> Result<()> {
+        let tcomps =
+            components(target).map_err(|why| self.refuse(raw, format!("hard link target: {why}")))?;
+        let Some((tname, tparents)) = tcomps.split_last() else {
+            return Err(self.refuse(raw, "hard link to the layer root"));
+        };
+        if tcomps == comps {
+            return Err(self.refuse(raw, "hard link to itself"));
+        }
+        let missing = || {
+            self.refuse(
+                raw,
+                format!("hard link to \"{}\", which is not in the layer", show(target)),
+            )
+        };
+        // Resolve the target without following symlinks and without creating anything.
+        let tdir = tparents.join(&b'/');
+        let tparent = match open_beneath(&self.root, &tdir) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Err(missing()),
+            Err(e) => return Err(self.resolve_error(raw, &tdir, e)),
+        };
+        match rustix::fs::statat(&tparent, *tname, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                return Err(self.refuse(raw, "hard link to a directory"))
+            }
+            Ok(_) => {}
+            Err(Errno::NOENT) => return Err(missing()),
+            Err(e) => return Err(self.io("import.stat", raw, e)),
+        }
+        self.make_room(parent, name, false, raw)?;
+        // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
+        rustix::fs::linkat(&tparent, *tname, parent, name, AtFlags::empty())
+            .map_err(|e| self.io("import.link", raw, e))?;
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    /// Apply the directories' modes and times, now that their children exist.
+    fn finish_dirs(&mut self) -> Result<()> {
+        self.parent_cache = None;
+        for d in std::mem::take(&mut self.dirs).iter().rev() {
+            let fd = if d.rel.is_empty() {
+                match rustix::fs::openat(
+                    &*self.root,
+                    ".",
+                    OFlags::RDONLY | OFlags::DIRECTORY,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => fd,
+                    Err(e) => return Err(self.io("import.open_dir", b".", e)),
+                }
+            } else {
+                match open_beneath(&self.root, &d.rel) {
+                    Ok(fd) => fd,
+                    // replaced by a later entry with something else
+                    Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
+                    Err(e) => return Err(self.io("import.open_dir", &d.rel, e)),
+                }
+            };
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode))
+                .map_err(|e| self.io("import.chmod", &d.rel, e))?;
+            rustix::fs::futimens(&fd, &d.times).map_err(|e| self.io("import.utimens", &d.rel, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Open directory `rel` below `dir` without following any symlink or leaving `dir`.
+fn open_beneath(dir: &OwnedFd, rel: &[u8]) -> rustix::io::Result<OwnedFd> {
+    let rel: &[u8] = if rel.is_empty() { b"." } else { rel };
+    rustix::fs::openat2(
+        dir,
+        rel,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV,
+    )
+}
+
+/// `/proc/self/fd/N` of a directory fd, for the calls that have no fd form.
+fn proc_fd_path(fd: &OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
+}
+
+/// Remove the directory `name` in `parent` and everything below it, never following a
+/// symlink.
+pub fn remove_tree(parent: &OwnedFd, name: &[u8]) -> rustix::io::Result<()> {
+    let fd = rustix::fs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    for ent in rustix::fs::Dir::read_from(&fd)? {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        names.push((n.to_vec(), ent.file_type() == FileType::Directory));
+    }
+    for (n, is_dir) in names {
+        if is_dir {
+            remove_tree(&fd, &n)?;
+        } else {
+            match rustix::fs::unlinkat(&fd, n.as_slice(), AtFlags::empty()) {
+                Err(Errno::ISDIR) => remove_tree(&fd, &n)?,
+                r => r?,
+            }
+        }
+    }
+    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)
+}
+
+/// fsync every regular file and directory below `dir` (after a syncfs has written them
+/// back, so each fsync is cheap and reports any writeback error for its file).
+pub fn fsync_tree(dir: &OwnedFd, rel: &mut PathBuf) -> Result<u64> {
+    let mut n = 0u64;
+    let mut subdirs = Vec::new();
+    for ent in rustix::fs::Dir::read_from(dir)
+        .map_err(|e| Error::io("import.fsync_readdir", rel.clone(), e.into()))?
+    {
+        let ent = ent.map_err(|e| Error::io("import.fsync_readdir", rel.clone(), e.into()))?;
+        let name = ent.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        match ent.file_type() {
+            FileType::Directory => subdirs.push(name.to_vec()),
+            FileType::RegularFile => {
+                let fd = rustix::fs::openat(
+                    dir,
+                    name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .and_then(|fd| rustix::fs::fsync(&fd))
+                .map_err(|e| Error::io("import.fsync", rel.join(show(name)), e.into()));
+                fd?;
+                n += 1;
+            }
+            _ => {}
+        }
+    }
+    for name in subdirs {
+        let fd = rustix::fs::openat(
+            dir,
+            name.as_slice(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("import.fsync", rel.join(show(&name)), e.into()))?;
+        rel.push(show(&name));
+        n += fsync_tree(&fd, rel)?;
+        rel.pop();
+    }
+    rustix::fs::fsync(dir).map_err(|e| Error::io("import.fsync_dir", rel.clone(), e.into()))?;
+    Ok(n + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_refuse_escapes() {
+        type Case<'a> = (&'a [u8], std::result::Result<Vec<&'a [u8]>, ()>);
+        let table: &[Case] = &[
+            (b"./a/b", Ok(vec![b"a", b"b"])),
+            (b"a//b/", Ok(vec![b"a", b"b"])),
+            (b"./", Ok(vec![])),
+            (b"/etc/passwd", Err(())),
+            (b"a/../../x", Err(())),
+            (b"..", Err(())),
+            (b"a\0b", Err(())),
+        ];
+        for (raw, want) in table {
+            assert_eq!(components(raw).map_err(|_| ()), *want, "{}", show(raw));
+        }
+    }
+
+    #[test]
+    fn pax_times_keep_nanoseconds() {
+        let t = pax_time(b"1700000000.123456789").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (1700000000, 123456789));
+        let t = pax_time(b"1700000000.5").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (1700000000, 500000000));
+        let t = pax_time(b"-1.25").unwrap();
+        assert_eq!((t.tv_sec, t.tv_nsec), (-2, 750000000));
+        assert!(pax_time(b"12x").is_none());
+    }
+}
