@@ -84,6 +84,9 @@ pub struct OverlayOptions {
     pub volatile: bool,
     /// Whether to fsync the upper. `fsync=0` or `volatile` turn it off; default on.
     pub fsync: bool,
+    /// `volatile_recover`: accept an upper whose volatile marker an unclean stop left
+    /// behind (remove the marker and mount).
+    pub volatile_recover: bool,
     /// `uidmapping=`: container-to-host uid ranges.
     pub uid_mappings: Vec<IdMapping>,
     /// `gidmapping=`: container-to-host gid ranges.
@@ -133,6 +136,7 @@ impl Default for OverlayOptions {
             workdir: None,
             volatile: false,
             fsync: true,
+            volatile_recover: false,
             uid_mappings: Vec::new(),
             gid_mappings: Vec::new(),
             squash_to_root: false,
@@ -296,8 +300,11 @@ LAYERS:
 
 DURABILITY:
     fsync=0|1           fsync the upper layer (default 1). fsync=0 trades crash safety
-                        for speed.
-    volatile            same as fsync=0 (kernel overlayfs's name for it).
+                        for speed: no sync at all, fsync from programs succeeds at once.
+    volatile            fsync=0, plus kernel overlayfs's marker workdir/work/incompat/volatile:
+                        removed (after one syncfs) at a clean unmount; a mount that finds
+                        it after an unclean stop (daemon killed, crash) refuses.
+    volatile_recover    accept such an upper as it is: remove the marker and mount.
     writeback=0|1       let the kernel cache writes (default 1).
 
 OWNERSHIP:
@@ -588,6 +595,10 @@ fn apply_option(
             opts.volatile = true;
         }
         "fsync" => *fsync_option = opt.bool01()?,
+        "volatile_recover" => {
+            opt.flag()?;
+            opts.volatile_recover = true;
+        }
         "writeback" => opts.writeback = opt.bool01()?,
         "uidmapping" => opts.uid_mappings = opt.mappings()?,
         "gidmapping" => opts.gid_mappings = opt.mappings()?,
@@ -1200,6 +1211,8 @@ mod tests {
             let got = opts(&format!("lowerdir=/l{o}"));
             assert_eq!((got.fsync, got.volatile), (fsync, volatile), "{o}");
         }
+        assert!(opts("lowerdir=/l,volatile,volatile_recover").volatile_recover);
+        assert!(!opts("lowerdir=/l,volatile").volatile_recover);
     }
 
     #[test]
@@ -1263,6 +1276,7 @@ mod tests {
             ("writeback=yes", "expected 0 or 1"),
             ("xattr_permissions=3", "expected 0, 1 or 2"),
             ("volatile=1", "takes no value"),
+            ("volatile_recover=1", "takes no value"),
             ("squash_to_root=0", "takes no value"),
             ("upperdir=", "needs a value"),
             ("workdir", "needs a value"),
@@ -1406,6 +1420,7 @@ mod tests {
             "workdir=",
             "fsync=",
             "volatile",
+            "volatile_recover",
             "writeback=",
             "uidmapping=",
             "gidmapping=",

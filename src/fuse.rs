@@ -157,6 +157,11 @@ impl Filesystem for VerlayFs {
         self.union.forget(ino.0, nlookup);
     }
 
+    fn batch_forget(&self, _req: &Request, nodes: &[fuser::ForgetOne]) {
+        self.union
+            .forget_many(nodes.iter().map(|n| (n.nodeid().0, n.nlookup())));
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.union.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl, &fuse_attr(&a)),

@@ -48,6 +48,8 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
                 ));
             }
             up.check_features()?;
+            // After the lock: a live volatile mount of this upper legitimately has a marker.
+            up.check_volatile_marker(o.volatile_recover)?;
             let n = up.clean_work()?;
             if n > 0 {
                 info!(
@@ -182,6 +184,12 @@ fn fuse_config(args: &MountArgs, read_only: bool) -> Config {
 /// Mount and serve until unmounted. Daemonizes unless `-f`/`-d`.
 pub fn run(args: MountArgs) -> Result<()> {
     let union = open_union(&args)?;
+    // Last of the checks, so that a refused mount leaves no marker behind.
+    if args.opts.volatile {
+        if let Some(up) = &union.upper {
+            up.create_volatile_marker()?;
+        }
+    }
     for o in &args.opts.ignored {
         warn!(option = %o, "unknown option ignored");
     }
@@ -219,6 +227,8 @@ pub fn run(args: MountArgs) -> Result<()> {
     let session = match fuser::Session::new(fs, &args.mountpoint, &cfg) {
         Ok(s) => s,
         Err(e) => {
+            // Nothing was written through a mount that never went live.
+            end_volatile(&args, &union);
             let msg = format!("cannot mount: {e} (check that /dev/fuse exists and fusermount3 is installed)");
             if let Some(mut r) = report {
                 let _ = r.write_all(msg.as_bytes());
@@ -274,5 +284,23 @@ pub fn run(args: MountArgs) -> Result<()> {
         .run()
         .map_err(|e| Error::io("fuse session", &args.mountpoint, e))?;
     info!("unmounted");
+    // The session ended normally (fusermount3 -u, umount, or a signal handled above): a
+    // clean stop. A killed daemon never gets here, so its marker stays.
+    end_volatile(&args, &union);
     Ok(())
+}
+
+/// At a clean stop of a volatile mount: sync the upper and remove the marker
+/// (`Upper::remove_volatile_marker`). On failure the marker stays and the next mount
+/// refuses, which is the safe outcome; the failure is logged.
+fn end_volatile(args: &MountArgs, union: &Union) {
+    if !args.opts.volatile {
+        return;
+    }
+    if let Some(up) = &union.upper {
+        if let Err(e) = up.remove_volatile_marker() {
+            tracing::error!(step = "volatile.unmark", error = %e,
+                "could not sync the upper at the end of a volatile mount; its marker stays");
+        }
+    }
 }

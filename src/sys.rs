@@ -50,3 +50,13 @@ pub fn map_readonly(file: &std::fs::File) -> io::Result<memmap2::Mmap> {
     // is read-only and private to this process.
     unsafe { memmap2::Mmap::map(file) }
 }
+
+/// Give freed heap memory back to the kernel (glibc keeps it otherwise), so the daemon's
+/// RSS falls when the kernel forgets inodes.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it takes no
+    // pointers from us and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -942,7 +942,9 @@ impl Run {
         self.compare("kernel overlayfs mounted on the subject's upper (upper format)")?;
         // And the other way round: the subject reads an upper that kernel overlayfs wrote
         // (containers/storage switches between the two on the same layers).
-        self.rig.mount_subject_on_kernel_upper().map_err(|d| self.report(&d))
+        self.rig
+            .mount_subject_on_kernel_upper()
+            .map_err(|d| self.report(&d))
     }
 }
 

@@ -22,7 +22,8 @@ need_root
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup; see rust-version in Cargo.toml)"
 
 PKGS=(fuse3 attr podman runc crun uidmap slirp4netns fuse-overlayfs catatonit
-      busybox-static jq skopeo umoci procps util-linux passwd)
+      busybox-static jq skopeo umoci procps util-linux passwd
+      strace xfsprogs e2fsprogs dosfstools zstd tar)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

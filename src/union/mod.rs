@@ -229,6 +229,8 @@ pub struct Union {
     same_dev: bool,
     /// drops the kernel's cached attributes of a node (set by the FUSE adapter)
     invalidator: std::sync::OnceLock<Invalidator>,
+    /// nodes forgotten so far (drives returning memory to the system)
+    forgotten: AtomicU64,
 }
 
 /// Drops the kernel's cached attributes of a node id.
@@ -310,6 +312,7 @@ impl Union {
             opts,
             same_dev,
             invalidator: std::sync::OnceLock::new(),
+            forgotten: AtomicU64::new(0),
         };
         // The root merges every layer's root, unless the upper root is opaque.
         let root = u.node(ROOT_ID)?;
@@ -689,17 +692,49 @@ impl Union {
         }
     }
 
+    /// After the kernel forgot this many nodes, freed memory is returned to the system.
+    const TRIM_AFTER_FORGETS: u64 = 20_000;
+
     /// FUSE forget.
     pub fn forget(&self, id: u64, n: u64) {
+        self.forget_many(std::iter::once((id, n)));
+    }
+
+    /// FUSE batch_forget: after a large batch (memory pressure, drop_caches), give the freed
+    /// memory back so RSS follows the kernel's cache.
+    pub fn forget_many(&self, nodes: impl Iterator<Item = (u64, u64)>) {
+        let mut dropped = 0u64;
+        for (id, n) in nodes {
+            dropped += u64::from(self.forget_node(id, n));
+        }
+        let total = self.forgotten.fetch_add(dropped, Ordering::Relaxed) + dropped;
+        if total / Self::TRIM_AFTER_FORGETS != (total - dropped) / Self::TRIM_AFTER_FORGETS {
+            crate::sys::release_free_memory();
+            debug!(
+                forgotten = total,
+                nodes = self.nodes.count(),
+                "returned freed memory to the system"
+            );
+        }
+    }
+
+    /// Drop `n` references; true when the node went away.
+    fn forget_node(&self, id: u64, n: u64) -> bool {
         if let Some(node) = self.nodes.forget(id, n) {
             let st = node.state.read();
             if let Some(parent) = self.nodes.get(st.parent) {
                 let mut ch = parent.children.lock();
                 if ch.get(&st.name) == Some(&id) {
                     ch.remove(&st.name);
+                    if ch.is_empty() {
+                        // Give back the table of a directory whose children were forgotten.
+                        *ch = HashMap::new();
+                    }
                 }
             }
+            return true;
         }
+        false
     }
 
     // ---------------------------------------------------------------- attributes
@@ -913,6 +948,7 @@ impl Union {
         let unlinked = node.state.read().unlinked;
         if unlinked {
             // Only an open file can be reached once unlinked: work on its fd.
+            self.upper()?.check_writable()?;
             let fd = self.unlinked_fd(&node, fh, true)?;
             if let Some(size) = sa.size {
                 rustix::fs::ftruncate(&*fd, size)?;
@@ -950,6 +986,7 @@ impl Union {
         if let Some(size) = sa.size {
             match fh.and_then(|fh| self.file(fh).ok()).filter(|h| h.writable) {
                 Some(h) => {
+                    up.check_writable()?;
                     let fd = h.fd.read().clone();
                     rustix::fs::ftruncate(&*fd, size)?;
                 }
@@ -1533,6 +1570,8 @@ impl Union {
             || oflags.contains(OFlags::RDWR)
             || oflags.contains(OFlags::TRUNC);
         if writable {
+            // After a failed fsync nothing may change the upper, an O_TRUNC included.
+            self.upper()?.check_writable()?;
             self.copy_up_with(&node, !oflags.contains(OFlags::TRUNC))?;
         }
         let mut oflags = oflags;
@@ -1585,7 +1624,9 @@ impl Union {
     /// from a lower layer: its content never changes while mounted (a copy-up keeps it), so
     /// warm reads need not come back here. Upper files are re-read after each open.
     pub fn keep_cache(&self, fh: u64) -> bool {
-        self.file(fh).map(|h| !h.on_upper.load(Ordering::Acquire)).unwrap_or(false)
+        self.file(fh)
+            .map(|h| !h.on_upper.load(Ordering::Acquire))
+            .unwrap_or(false)
     }
 
     /// The fd to use for a handle.
@@ -1622,10 +1663,16 @@ impl Union {
         if !h.writable {
             return errno(libc::EBADF);
         }
+        self.upper()?.check_writable()?;
         let fd = h.fd.read().clone();
         let mut done = 0;
         while done < data.len() {
-            let n = rustix::io::pwrite(&*fd, &data[done..], offset + done as u64)?;
+            let n = match rustix::io::pwrite(&*fd, &data[done..], offset + done as u64) {
+                Ok(n) => n,
+                // A short write, as write(2) reports it: the next one gets the error (ENOSPC).
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(e.into()),
+            };
             if n == 0 {
                 break;
             }
@@ -1637,13 +1684,17 @@ impl Union {
     /// FUSE fsync.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.file(fh)?;
-        let fd = h.fd.read().clone();
-        if datasync {
-            rustix::fs::fdatasync(&*fd)?;
-        } else {
-            rustix::fs::fsync(&*fd)?;
+        let Some(up) = &self.upper else {
+            return Ok(());
+        };
+        up.check_writable()?;
+        // A file still on a lower layer has nothing in the upper to sync (kernel overlayfs
+        // does not sync lower files either).
+        if !h.on_upper.load(Ordering::Acquire) {
+            return Ok(());
         }
-        Ok(())
+        let fd = h.fd.read().clone();
+        up.fsync_file(&*fd, datasync)
     }
 
     /// FUSE fallocate.
@@ -1652,6 +1703,7 @@ impl Union {
         if !h.writable {
             return errno(libc::EBADF);
         }
+        self.upper()?.check_writable()?;
         let fd = h.fd.read().clone();
         rustix::fs::fallocate(
             &*fd,
@@ -1723,6 +1775,15 @@ impl Union {
     /// FUSE fsyncdir.
     pub fn fsyncdir(&self, id: u64) -> Result<()> {
         let node = self.node(id)?;
+        let Some(up) = &self.upper else {
+            return Ok(());
+        };
+        // The kernel sends no SYNCFS to a FUSE mount and fuser has no hook for it: fsync of
+        // the root (`sync MOUNTPOINT`) is the way to sync the whole upper filesystem.
+        if id == ROOT_ID {
+            return up.syncfs();
+        }
+        up.check_writable()?;
         if !node.state.read().upper {
             return Ok(());
         }

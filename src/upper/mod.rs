@@ -9,13 +9,13 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{
     AtFlags, FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps, XattrFlags,
 };
 use rustix::process::{Gid, Uid};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::error::{Error, NotFoundOk, Result};
 use crate::layer::{at_path, get_xattr_path, is_whiteout_stat, list_xattr_path, Kind, LayerDir};
@@ -23,6 +23,15 @@ use crate::layer::{at_path, get_xattr_path, is_whiteout_stat, list_xattr_path, K
 /// Name of the kernel's scratch directory inside workdir; our temps live there too, so a
 /// workdir stays usable by kernel overlayfs.
 pub const WORK_SUBDIR: &str = "work";
+
+/// Kernel overlayfs's directory of incompatible features inside `workdir/work`
+/// (OVL_INCOMPATDIR_NAME): a kernel refuses to mount a workdir that has entries in it.
+pub const INCOMPAT_SUBDIR: &str = "incompat";
+
+/// The marker of a volatile mount, `workdir/work/incompat/volatile`
+/// (OVL_VOLATILE_DIRTY_NAME): while it exists, the upper may hold writes that never
+/// reached the disk, so a mount that finds it refuses (unless `volatile_recover`).
+pub const VOLATILE_MARKER: &str = "volatile";
 
 /// Owner of a new object, as stored on disk.
 #[derive(Clone, Copy, Debug)]
@@ -55,9 +64,13 @@ pub struct Upper {
     pub xattr_prefix: &'static str,
     /// where we record the st_ino a copied-up object had (hidden from users)
     pub origin_xattr: &'static str,
-    /// fsync copied-up data before publishing it (off with `volatile`/`fsync=0`)
+    /// Sync the upper at all: copy-up fsync, and fsync/fdatasync/fsyncdir/syncfs from
+    /// applications. Off with `volatile`/`fsync=0`: those then succeed without syncing.
     pub fsync: bool,
     counter: AtomicU64,
+    /// Set by the first failed fsync/syncfs of the upper; never cleared (see
+    /// [`Upper::check_writable`]).
+    poisoned: AtomicBool,
 }
 
 fn ts(sec: i64, nsec: i64) -> Timespec {
@@ -178,6 +191,7 @@ impl Upper {
             origin_xattr,
             fsync,
             counter: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
         })
     }
 
@@ -349,6 +363,7 @@ impl Upper {
         origin_ino: Option<u64>,
         with_data: bool,
     ) -> Result<()> {
+        self.check_writable()?;
         let tmp = self.tmp_name();
         let r = self.copy_up_to_tmp(src, src_rel, st, &tmp, origin_ino, with_data);
         let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing));
@@ -412,9 +427,7 @@ impl Upper {
         }
         rustix::fs::utimensat(&self.work, tmp, &stat_times(st), AtFlags::SYMLINK_NOFOLLOW)?;
         if let Some(f) = file {
-            if self.fsync {
-                rustix::fs::fsync(&f)?;
-            }
+            self.sync_step("copy_up.fsync", tmp, || rustix::fs::fsync(&f))?;
         }
         Ok(())
     }
@@ -444,6 +457,7 @@ impl Upper {
     /// whiteout: put a whiteout (char 0/0) at `rel`, replacing what is there.
     /// Steps: `whiteout.mknod` (in the work dir), `whiteout.rename`.
     pub fn whiteout(&self, rel: &Path, occupant: Occupant) -> Result<()> {
+        self.check_writable()?;
         let tmp = self.tmp_name();
         let r = rustix::fs::mknodat(&self.work, &tmp, FileType::CharacterDevice, Mode::empty(), 0)
             .map_err(Error::from)
@@ -457,6 +471,7 @@ impl Upper {
     /// Remove every whiteout inside an upper directory that is empty in the merged view,
     /// so it can be removed or replaced.
     pub fn clear_whiteouts(&self, rel: &Path) -> Result<()> {
+        self.check_writable()?;
         for e in self.dir.read_dir(rel)? {
             let p = rel.join(&e.name);
             if let Some(st) = self.dir.stat(&p)? {
@@ -470,6 +485,7 @@ impl Upper {
 
     /// Remove a non-directory, or a directory holding only whiteouts.
     pub fn remove(&self, rel: &Path, is_dir: bool) -> Result<()> {
+        self.check_writable()?;
         if is_dir {
             self.clear_whiteouts(rel)?;
             rustix::fs::unlinkat(&self.dir.root, rel, AtFlags::REMOVEDIR)?;
@@ -495,6 +511,7 @@ impl Upper {
         occupant: Occupant,
         opaque: bool,
     ) -> Result<Option<OwnedFd>> {
+        self.check_writable()?;
         let direct = occupant == Occupant::Nothing && !opaque;
         // rename(2) cannot put a directory over a whiteout; swap them instead.
         let occupant = if kind == Kind::Dir && occupant == Occupant::NonDir {
@@ -580,6 +597,7 @@ impl Upper {
     /// link: a new name for the upper object at `src`. Over a whiteout, the link is made in
     /// the work dir and renamed over it.
     pub fn link(&self, src: &Path, dst: &Path, occupant: Occupant) -> Result<()> {
+        self.check_writable()?;
         if occupant == Occupant::Nothing {
             rustix::fs::linkat(&self.dir.root, src, &self.dir.root, dst, AtFlags::empty())?;
             return Ok(());
@@ -598,6 +616,7 @@ impl Upper {
     /// in the same atomic step (RENAME_WHITEOUT) when the kernel allows it; otherwise the
     /// whiteout follows in a second step.
     pub fn rename(&self, old: &Path, new: &Path, flags: RenameFlags, whiteout_old: bool) -> Result<()> {
+        self.check_writable()?;
         if whiteout_old {
             match rustix::fs::renameat_with(
                 &self.dir.root,
@@ -620,6 +639,7 @@ impl Upper {
 
     /// Set an overlay xattr (`opaque`, `redirect`) on an upper object.
     pub fn set_ovl_xattr(&self, rel: &Path, short: &str, value: &[u8]) -> Result<()> {
+        self.check_writable()?;
         rustix::fs::lsetxattr(
             self.dir.proc_path(rel),
             self.ovl_xattr(short).as_str(),
@@ -650,18 +670,21 @@ impl Upper {
 
     /// User xattr write on an upper object.
     pub fn set_xattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: XattrFlags) -> Result<()> {
+        self.check_writable()?;
         rustix::fs::lsetxattr(self.dir.proc_path(rel), name, value, flags)?;
         Ok(())
     }
 
     /// User xattr removal on an upper object.
     pub fn remove_xattr(&self, rel: &Path, name: &OsStr) -> Result<()> {
+        self.check_writable()?;
         rustix::fs::lremovexattr(self.dir.proc_path(rel), name)?;
         Ok(())
     }
 
     /// chmod of an upper object.
     pub fn chmod(&self, rel: &Path, mode: u32) -> Result<()> {
+        self.check_writable()?;
         rustix::fs::chmodat(
             &self.dir.root,
             at_path(rel),
@@ -673,6 +696,7 @@ impl Upper {
 
     /// chown of an upper object (not following symlinks).
     pub fn chown(&self, rel: &Path, u: Option<u32>, g: Option<u32>) -> Result<()> {
+        self.check_writable()?;
         rustix::fs::chownat(
             &self.dir.root,
             at_path(rel),
@@ -685,12 +709,14 @@ impl Upper {
 
     /// utimensat of an upper object (not following symlinks).
     pub fn utimens(&self, rel: &Path, times: &Timestamps) -> Result<()> {
+        self.check_writable()?;
         rustix::fs::utimensat(&self.dir.root, at_path(rel), times, AtFlags::SYMLINK_NOFOLLOW)?;
         Ok(())
     }
 
     /// truncate of an upper file by path.
     pub fn truncate(&self, rel: &Path, size: u64) -> Result<()> {
+        self.check_writable()?;
         let f = self.dir.open_file(rel, OFlags::WRONLY)?;
         rustix::fs::ftruncate(&f, size)?;
         Ok(())
@@ -698,16 +724,163 @@ impl Upper {
 
     /// fsync of an upper directory.
     pub fn fsync_dir(&self, rel: &Path) -> Result<()> {
+        self.check_writable()?;
+        if !self.fsync {
+            return Ok(());
+        }
         let f = self.dir.open_file(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
-        rustix::fs::fsync(&f)?;
+        self.sync_step("fsyncdir", rel, || rustix::fs::fsync(&f))
+    }
+
+    /// fsync (or fdatasync) of an open upper file, for an application's fsync.
+    pub fn fsync_file(&self, fd: &impl AsFd, datasync: bool) -> Result<()> {
+        self.check_writable()?;
+        if datasync {
+            self.sync_step("fdatasync", Path::new(""), || rustix::fs::fdatasync(fd))
+        } else {
+            self.sync_step("fsync", Path::new(""), || rustix::fs::fsync(fd))
+        }
+    }
+
+    /// syncfs of the upper filesystem (an application's fsync of the mount's root).
+    pub fn syncfs(&self) -> Result<()> {
+        self.check_writable()?;
+        self.sync_step("syncfs", Path::new(""), || rustix::fs::syncfs(&self.dir.root))
+    }
+
+    /// Refuse every change once an fsync of the upper has failed.
+    ///
+    /// After a failed fsync the kernel may already have dropped the dirty pages it could
+    /// not write, and a second fsync reports success ("fsyncgate"); the upper then holds
+    /// something other than what the application was told is durable. Only a remount (a
+    /// new `Upper`) clears this, as with redb's `PreviousIo`.
+    pub fn check_writable(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::UpperPoisoned);
+        }
         Ok(())
     }
 
-    /// syncfs of the upper filesystem.
-    pub fn syncfs(&self) -> Result<()> {
-        rustix::fs::syncfs(&self.dir.root)?;
+    /// Has an fsync of the upper failed?
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Run one sync of the upper (skipped without `fsync`); a failure poisons the upper
+    /// and is returned with its own errno (the error line is logged once per mount).
+    fn sync_step(
+        &self,
+        step: &'static str,
+        path: &Path,
+        sync: impl FnOnce() -> rustix::io::Result<()>,
+    ) -> Result<()> {
+        if !self.fsync {
+            return Ok(());
+        }
+        sync().map_err(|e| {
+            if !self.poisoned.swap(true, Ordering::AcqRel) {
+                error!(step, path = %path.display(), error = %e,
+                    "fsync of the upper failed; refusing every change until remount");
+            }
+            Error::io(step, path, e.into())
+        })
+    }
+
+    /// The workdir given at mount (parent of `workdir/work`).
+    fn workdir(&self) -> &Path {
+        self.work_path.parent().unwrap_or(&self.work_path)
+    }
+
+    /// volatile.check, at mount before the work dir is cleaned: refuse an upper left by an unclean stop of
+    /// a volatile mount (the marker is still there), or with `recover` remove the marker
+    /// and accept the upper as it is. Also refuses incompat features verlay does not know,
+    /// as kernel overlayfs does.
+    pub fn check_volatile_marker(&self, recover: bool) -> Result<()> {
+        let incompat = self.work_path.join(INCOMPAT_SUBDIR);
+        let entries = match std::fs::read_dir(&incompat) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("readdir", &incompat, e)),
+        };
+        let what = format!("workdir \"{}\"", self.workdir().display());
+        for ent in entries {
+            let ent = ent.map_err(|e| Error::io("readdir", &incompat, e))?;
+            let name = ent.file_name();
+            if name != VOLATILE_MARKER {
+                return Err(Error::usage(
+                    what,
+                    format!(
+                        "holds {WORK_SUBDIR}/{INCOMPAT_SUBDIR}/{}, an overlay feature verlay does not know",
+                        name.to_string_lossy()
+                    ),
+                    "use a fresh upperdir and workdir",
+                ));
+            }
+            if !recover {
+                return Err(Error::usage(
+                    what,
+                    format!(
+                        "found {WORK_SUBDIR}/{INCOMPAT_SUBDIR}/{VOLATILE_MARKER}, so the upper may be \
+                         inconsistent after an unclean stop of a volatile mount"
+                    ),
+                    "discard the upperdir and workdir, or mount with -o volatile_recover to accept the upper as it is",
+                ));
+            }
+            let rel = Path::new(INCOMPAT_SUBDIR).join(VOLATILE_MARKER);
+            self.remove_tree_at(&self.work, &rel)?;
+            warn!(step = "volatile.recover", path = %incompat.join(VOLATILE_MARKER).display(),
+                "volatile_recover: accepting the upper of a volatile mount that was not stopped cleanly");
+        }
         Ok(())
     }
+
+    /// volatile.mark: create `work/incompat/volatile` and make it durable before the
+    /// mount accepts any write, so that any unsynced write is always covered by it.
+    pub fn create_volatile_marker(&self) -> Result<()> {
+        let incompat = self.work_path.join(INCOMPAT_SUBDIR);
+        let marker = incompat.join(VOLATILE_MARKER);
+        let step = "volatile.mark";
+        for d in [&incompat, &marker] {
+            match rustix::fs::mkdir(d, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(Error::io(step, d, e.into())),
+            }
+        }
+        for d in [&incompat, &self.work_path, &self.workdir().to_path_buf()] {
+            fsync_path(d).map_err(|e| Error::io(step, d, e.into()))?;
+        }
+        info!(step, path = %marker.display(), "volatile mount: marker created");
+        Ok(())
+    }
+
+    /// At a clean end of a volatile mount: `volatile.syncfs` (the upper's writes reach the
+    /// disk), then `volatile.unmark` (remove the marker, fsync the work dir). A failed
+    /// syncfs or a poisoned upper keeps the marker, so the next mount refuses.
+    pub fn remove_volatile_marker(&self) -> Result<()> {
+        self.check_writable()?;
+        rustix::fs::syncfs(&self.dir.root)
+            .map_err(|e| Error::io("volatile.syncfs", &self.dir.path, e.into()))?;
+        let step = "volatile.unmark";
+        let incompat = Path::new(INCOMPAT_SUBDIR);
+        for rel in [incompat.join(VOLATILE_MARKER), incompat.to_path_buf()] {
+            match rustix::fs::unlinkat(&self.work, &rel, AtFlags::REMOVEDIR) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(Error::io(step, self.work_path.join(&rel), e.into())),
+            }
+        }
+        rustix::fs::fsync(&self.work).map_err(|e| Error::io(step, &self.work_path, e.into()))?;
+        info!(step, "volatile mount ended cleanly: upper synced, marker removed");
+        Ok(())
+    }
+}
+
+fn fsync_path(p: &Path) -> rustix::io::Result<()> {
+    let f = rustix::fs::open(
+        p,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::fs::fsync(&f)
 }
 
 /// Copy `len` bytes, skipping holes (SEEK_DATA/SEEK_HOLE) and using copy_file_range so the
@@ -771,4 +944,126 @@ fn copy_by_read(
         *off_out += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upper(t: &Path, fsync: bool) -> Upper {
+        for d in ["u", "w"] {
+            std::fs::create_dir_all(t.join(d)).unwrap();
+        }
+        Upper::open(&t.join("u"), &t.join("w"), fsync).unwrap()
+    }
+
+    fn owner() -> Owner {
+        Owner {
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+        }
+    }
+
+    /// The poisoning state machine: a failed sync poisons, the failing call returns its own
+    /// errno, every later change and sync is EIO, nothing is retried, and only a new `Upper`
+    /// (a remount) starts clean.
+    #[test]
+    fn failed_sync_poisons_until_reopened() {
+        let t = tempfile::tempdir().unwrap();
+        let up = upper(t.path(), true);
+        up.sync_step("fsync", Path::new("f"), || Ok(())).unwrap();
+        assert!(!up.is_poisoned());
+        let err = up
+            .sync_step("fsync", Path::new("f"), || Err(rustix::io::Errno::IO))
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EIO);
+        assert!(up.is_poisoned());
+        type Change<'a> = (&'a str, Box<dyn Fn(&Upper) -> Result<()> + 'a>);
+        let changes: Vec<Change> = vec![
+            ("syncfs", Box::new(|u: &Upper| u.syncfs())),
+            ("fsync_dir", Box::new(|u: &Upper| u.fsync_dir(Path::new("")))),
+            (
+                "create",
+                Box::new(|u: &Upper| {
+                    u.create(
+                        Path::new("new"),
+                        Kind::File,
+                        0o644,
+                        0,
+                        owner(),
+                        None,
+                        OFlags::RDWR,
+                        Occupant::Nothing,
+                        false,
+                    )
+                    .map(drop)
+                }),
+            ),
+            (
+                "whiteout",
+                Box::new(|u: &Upper| u.whiteout(Path::new("w"), Occupant::Nothing)),
+            ),
+            ("chmod", Box::new(|u: &Upper| u.chmod(Path::new(""), 0o755))),
+            ("truncate", Box::new(|u: &Upper| u.truncate(Path::new("x"), 0))),
+            (
+                "rename",
+                Box::new(|u: &Upper| u.rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), false)),
+            ),
+            (
+                "remove_volatile_marker",
+                Box::new(|u: &Upper| u.remove_volatile_marker()),
+            ),
+        ];
+        for (name, f) in &changes {
+            let r = f(&up);
+            assert!(matches!(r, Err(Error::UpperPoisoned)), "{name}: {r:?}");
+        }
+        assert!(
+            !t.path().join("u/new").exists(),
+            "a poisoned upper created a file"
+        );
+        let fresh = upper(t.path(), true);
+        assert!(!fresh.is_poisoned());
+        fresh.fsync_dir(Path::new("")).unwrap();
+        for (name, f) in &changes[..3] {
+            f(&fresh).unwrap_or_else(|e| panic!("{name} after reopening: {e}"));
+        }
+    }
+
+    /// Without fsync (volatile, fsync=0) no sync runs, so none can fail or poison.
+    #[test]
+    fn no_sync_without_fsync() {
+        let t = tempfile::tempdir().unwrap();
+        let up = upper(t.path(), false);
+        let mut ran = false;
+        up.sync_step("fsync", Path::new("f"), || {
+            ran = true;
+            Err(rustix::io::Errno::IO)
+        })
+        .unwrap();
+        assert!(!ran && !up.is_poisoned());
+    }
+
+    /// The volatile marker: created where kernel overlayfs puts it, refused without
+    /// `volatile_recover`, removed with it, and removed again at a clean stop.
+    #[test]
+    fn volatile_marker_steps() {
+        let t = tempfile::tempdir().unwrap();
+        let up = upper(t.path(), false);
+        let marker = t.path().join("w/work/incompat/volatile");
+        up.check_volatile_marker(false).unwrap();
+        up.create_volatile_marker().unwrap();
+        assert!(marker.is_dir());
+        let e = up.check_volatile_marker(false).unwrap_err().to_string();
+        assert!(
+            e.contains("unclean stop of a volatile mount") && e.contains("volatile_recover"),
+            "{e}"
+        );
+        up.check_volatile_marker(true).unwrap();
+        assert!(!marker.exists());
+        up.create_volatile_marker().unwrap();
+        up.remove_volatile_marker().unwrap();
+        assert!(!t.path().join("w/work/incompat").exists());
+        up.check_volatile_marker(false).unwrap();
+    }
 }

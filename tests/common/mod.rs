@@ -1238,7 +1238,10 @@ impl Rig {
         self.reference = None;
         let d = &self.ref_dirs;
         self.log_seq += 1;
-        let log = self.tmp.path().join(format!("subject-on-kernel-upper-{}.log", self.log_seq));
+        let log = self
+            .tmp
+            .path()
+            .join(format!("subject-on-kernel-upper-{}.log", self.log_seq));
         let m = MountGuard::subject(&self.subject, &d.lowers, &d.upper, &d.work, &d.mnt, &log);
         let after = snapshot(self.ref_root());
         let r = compare(&before, &after, self.start_ns).map_err(|d| {

@@ -491,7 +491,7 @@ impl DirEntList {
 
 #[derive(Debug)]
 pub(crate) struct DirEntryPlus<T: AsRef<Path>> {
-    #[allow(unused)] // We use `attr.ino` instead
+    /// node id of the entry (verlay patch: upstream sends `attr.ino` as the node id)
     ino: INodeNo,
     generation: Generation,
     offset: DirEntOffset,
@@ -545,7 +545,9 @@ impl DirEntPlusList {
         let name = x.name.as_ref().as_os_str().as_bytes();
         let header = abi::fuse_direntplus {
             entry_out: abi::fuse_entry_out {
-                nodeid: x.attr.attr.ino,
+                // verlay patch: the node id is the kernel's handle and may differ from the
+                // st_ino in the attributes (0 means "no node": the kernel looks it up later).
+                nodeid: x.ino.into(),
                 generation: x.generation.into(),
                 entry_valid: x.entry_valid.as_secs(),
                 attr_valid: x.attr_valid.as_secs(),

@@ -1,0 +1,963 @@
+//! Faults and durability options of the upper, on real mounts over real filesystems:
+//! `volatile` syncs nothing and leaves kernel overlayfs's marker `workdir/work/incompat/volatile`
+//! exactly until a clean stop, so a mount after an unclean stop refuses (until
+//! `volatile_recover`); a failed fsync of the upper poisons the mount (EIO for every later
+//! change, never a retried fsync: "fsyncgate"); ENOSPC and EDQUOT of the upper reach the
+//! application as themselves and leave no partial copy-up; fsync of the mount's root reaches
+//! the upper as syncfs; an upper without xattrs is refused at mount.
+//!
+//! Needs root, /dev/fuse and loop devices. Tests that need a tool (strace, mkfs.xfs, xfs_io,
+//! xfs_quota, mkfs.ext2, mkfs.vfat) print why they skip when it is missing. Every mount, loop
+//! device and daemon a test makes is undone by a Drop guard, also when the test panics.
+//! Failures modelled: a daemon killed by SIGKILL (its writes stay in the page cache), a
+//! filesystem under the upper that starts failing its writes (XFS shutdown under a loop
+//! device), a full filesystem and a full quota.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a mount may take to appear, and a daemon to exit after its unmount.
+const WAIT: Duration = Duration::from_secs(10);
+/// Write size used to fill a filesystem or a quota.
+const CHUNK: usize = 64 * 1024;
+/// The smallest filesystem mkfs.xfs accepts (300 MB), as a sparse image.
+const XFS_IMAGE_BYTES: u64 = 320 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// guards and helpers
+
+fn verlay_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_verlay")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Skip the test (return from it) unless every tool is installed.
+macro_rules! require_tools {
+    ($($tool:expr),+) => {
+        for t in [$($tool),+] {
+            if !have(t) {
+                eprintln!("SKIP {}: `{t}` is not installed", module_path!());
+                return;
+            }
+        }
+    };
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let want = mnt.to_string_lossy();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*want))
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// A filesystem mounted by the test (tmpfs or a loop device); unmounted on drop.
+struct FsMount(PathBuf);
+
+impl FsMount {
+    fn new(args: &[&str], at: &Path) -> FsMount {
+        fs::create_dir_all(at).unwrap();
+        let mut a: Vec<&str> = args.to_vec();
+        a.push(at.to_str().unwrap());
+        run("mount", &a);
+        FsMount(at.to_path_buf())
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            if !is_mounted(&self.0) {
+                return;
+            }
+            let ok = Command::new("umount").arg(&self.0).stderr(Stdio::null()).status();
+            if ok.map(|s| s.success()).unwrap_or(false) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A loop device over an image file; detached on drop (after the mounts on it are gone).
+struct LoopDev(String);
+
+impl LoopDev {
+    fn new(image: &Path, bytes: u64) -> LoopDev {
+        File::create(image).unwrap().set_len(bytes).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDev(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// A loop device with a fresh filesystem (`mkfs` args before the device), mounted at `at`.
+/// Fields drop in order: the mount before the device.
+struct LoopFs {
+    mount: FsMount,
+    _dev: LoopDev,
+}
+
+impl LoopFs {
+    fn new(image: &Path, bytes: u64, mkfs: &[&str], mount_opts: &str, at: &Path) -> LoopFs {
+        let dev = LoopDev::new(image, bytes);
+        let mut a: Vec<&str> = mkfs[1..].to_vec();
+        a.push(&dev.0);
+        run(mkfs[0], &a);
+        let mount = FsMount::new(&["-o", mount_opts, &dev.0], at);
+        LoopFs { mount, _dev: dev }
+    }
+
+    fn path(&self) -> &Path {
+        &self.mount.0
+    }
+}
+
+/// The directories of one overlay: lower, upper, work and mountpoint.
+struct Dirs {
+    lower: PathBuf,
+    upper: PathBuf,
+    work: PathBuf,
+    mnt: PathBuf,
+}
+
+impl Dirs {
+    /// Lower and mountpoint under `base`; upper and work under `upper_fs`.
+    fn new(base: &Path, upper_fs: &Path) -> Dirs {
+        let d = Dirs {
+            lower: base.join("lower"),
+            upper: upper_fs.join("upper"),
+            work: upper_fs.join("work"),
+            mnt: base.join("mnt"),
+        };
+        for p in [&d.lower, &d.upper, &d.work, &d.mnt] {
+            fs::create_dir_all(p).unwrap();
+        }
+        d
+    }
+
+    fn opts(&self, extra: &str) -> String {
+        let mut o = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            self.lower.display(),
+            self.upper.display(),
+            self.work.display()
+        );
+        if !extra.is_empty() {
+            o.push(',');
+            o.push_str(extra);
+        }
+        o
+    }
+
+    fn marker(&self) -> PathBuf {
+        self.work.join("work/incompat/volatile")
+    }
+
+    /// Names left in `workdir/work` (temps of a failed step would show here).
+    fn work_entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.work.join("work"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// How a mount is stopped.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Fusermount,
+    Umount,
+    Sigterm,
+    Sigkill,
+}
+
+/// A verlay daemon in the foreground (`-f`), so its PID is the child's. Drop unmounts and
+/// waits for it, killing it by PID only if it does not exit.
+struct Verlay {
+    mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Verlay {
+    /// Mount, or return the daemon's exit status and stderr if it exits first.
+    fn try_start(opts: &str, mnt: &Path, log: &Path) -> Result<Verlay, (ExitStatus, String)> {
+        let err = File::create(log).unwrap();
+        let mut child = Command::new(verlay_bin())
+            .arg("-f")
+            .arg("-o")
+            .arg(opts)
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(err.try_clone().unwrap())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            if is_mounted(mnt) {
+                return Ok(Verlay {
+                    mnt: mnt.to_path_buf(),
+                    child: Some(child),
+                    log: log.to_path_buf(),
+                });
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err((st, fs::read_to_string(log).unwrap_or_default()));
+            }
+            if start.elapsed() > WAIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "verlay -o {opts} did not mount in {WAIT:?}: {}",
+                    fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn start(opts: &str, mnt: &Path, log: &Path) -> Verlay {
+        Verlay::try_start(opts, mnt, log).unwrap_or_else(|(st, e)| panic!("verlay -o {opts}: {st}: {e}"))
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stop the mount and wait for the daemon; returns its exit status.
+    fn stop(&mut self, how: Stop) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix::process::Pid::from_child(&child);
+        match how {
+            Stop::Fusermount => run("fusermount3", &["-u", self.mnt.to_str().unwrap()]),
+            Stop::Umount => run("umount", &[self.mnt.to_str().unwrap()]),
+            Stop::Sigterm => rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap(),
+            Stop::Sigkill => child.kill().unwrap(),
+        }
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > WAIT {
+                let _ = child.kill();
+                panic!("daemon did not exit after {how:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if is_mounted(&self.mnt) {
+            // A killed daemon leaves a dead mount (ENOTCONN) behind.
+            run("umount", &["-l", self.mnt.to_str().unwrap()]);
+        }
+        st
+    }
+}
+
+impl Drop for Verlay {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let start = Instant::now();
+            while start.elapsed() < WAIT {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("verlay-faults.")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// Deterministic content of `len` bytes.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+/// Write `CHUNK`s to `f` until a write fails; returns (bytes written, errno).
+fn fill(f: &mut File) -> (u64, i32) {
+    let buf = pattern(CHUNK, 7);
+    let mut total = 0u64;
+    loop {
+        match f.write(&buf) {
+            Ok(0) => panic!("write returned 0"),
+            Ok(n) => total += n as u64,
+            Err(e) => return (total, e.raw_os_error().unwrap_or(0)),
+        }
+        assert!(total < 1 << 30, "filled 1 GiB without an error");
+    }
+}
+
+fn used_bytes(p: &Path) -> u64 {
+    let s = rustix::fs::statvfs(p).unwrap();
+    (s.f_blocks - s.f_bfree) * s.f_frsize
+}
+
+// ---------------------------------------------------------------------------------------------
+// volatile
+
+#[test]
+fn volatile_marker_exists_while_mounted_and_goes_at_every_clean_stop() {
+    for how in [Stop::Fusermount, Stop::Umount, Stop::Sigterm] {
+        let t = scratch();
+        let d = Dirs::new(t.path(), t.path());
+        fs::write(d.lower.join("a"), "lower").unwrap();
+        let mut v = Verlay::start(&d.opts("volatile"), &d.mnt, &t.path().join("log"));
+        assert!(d.marker().is_dir(), "{how:?}: no marker while mounted");
+        let mut f = OpenOptions::new().append(true).open(d.mnt.join("a")).unwrap();
+        f.write_all(b"+new").unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let st = v.stop(how);
+        assert!(st.success(), "{how:?}: daemon exited with {st}: {}", v.log());
+        assert!(
+            !d.marker().exists(),
+            "{how:?}: marker survived a clean stop: {}",
+            v.log()
+        );
+        assert!(
+            !d.work.join("work/incompat").exists(),
+            "{how:?}: incompat dir left"
+        );
+        assert_eq!(fs::read_to_string(d.upper.join("a")).unwrap(), "lower+new");
+        // The next mount (not volatile) is accepted and sees the data.
+        let _v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log2"));
+        assert_eq!(fs::read_to_string(d.mnt.join("a")).unwrap(), "lower+new");
+    }
+}
+
+#[test]
+fn volatile_unclean_stop_refuses_next_mount_until_volatile_recover() {
+    let t = scratch();
+    let d = Dirs::new(t.path(), t.path());
+    fs::write(d.lower.join("a"), "lower").unwrap();
+    let mut v = Verlay::start(&d.opts("volatile"), &d.mnt, &t.path().join("log"));
+    fs::write(d.mnt.join("b"), "written before the kill").unwrap();
+    v.stop(Stop::Sigkill);
+    assert!(d.marker().is_dir(), "the marker must survive kill -9");
+
+    for extra in ["", "volatile", "fsync=0"] {
+        let (st, err) = match Verlay::try_start(&d.opts(extra), &d.mnt, &t.path().join("log2")) {
+            Ok(_) => panic!("-o {extra}: mounted over the marker of an unclean volatile stop"),
+            Err(e) => e,
+        };
+        assert_eq!(st.code(), Some(2), "-o {extra}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "-o {extra}: one line expected:\n{err}");
+        let line = lines[0];
+        for want in [
+            "workdir \"",
+            "work/incompat/volatile",
+            "inconsistent after an unclean stop of a volatile mount",
+            "discard the upperdir and workdir",
+            "volatile_recover",
+        ] {
+            assert!(line.contains(want), "missing {want:?} in: {line}");
+        }
+        assert!(d.marker().is_dir(), "a refused mount must keep the marker");
+    }
+
+    let v = Verlay::start(&d.opts("volatile_recover"), &d.mnt, &t.path().join("log3"));
+    assert!(!d.marker().exists(), "volatile_recover must remove the marker");
+    assert_eq!(
+        fs::read_to_string(d.mnt.join("b")).unwrap(),
+        "written before the kill"
+    );
+    assert!(v.log().contains("volatile_recover"), "{}", v.log());
+    drop(v);
+    // Recovered: later mounts need no option.
+    let _v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log4"));
+}
+
+#[test]
+fn volatile_recover_with_volatile_keeps_a_fresh_marker() {
+    let t = scratch();
+    let d = Dirs::new(t.path(), t.path());
+    let mut v = Verlay::start(&d.opts("volatile"), &d.mnt, &t.path().join("log"));
+    v.stop(Stop::Sigkill);
+    let mut v = Verlay::start(
+        &d.opts("volatile,volatile_recover"),
+        &d.mnt,
+        &t.path().join("log2"),
+    );
+    assert!(d.marker().is_dir(), "a volatile mount needs its own marker");
+    v.stop(Stop::Sigkill);
+    assert!(Verlay::try_start(&d.opts(""), &d.mnt, &t.path().join("log3")).is_err());
+}
+
+#[test]
+fn unknown_incompat_feature_is_refused() {
+    let t = scratch();
+    let d = Dirs::new(t.path(), t.path());
+    fs::create_dir_all(d.work.join("work/incompat/future")).unwrap();
+    let (st, err) = Verlay::try_start(&d.opts("volatile_recover"), &d.mnt, &t.path().join("log"))
+        .err()
+        .expect("mounted with an unknown incompat feature");
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert!(err.contains("work/incompat/future"), "{err}");
+    assert!(
+        d.work.join("work/incompat/future").exists(),
+        "a refused mount must not clean"
+    );
+}
+
+/// strace attached to a daemon, recording the sync syscalls it makes.
+struct SyncTrace {
+    child: Option<Child>,
+    out: PathBuf,
+}
+
+impl SyncTrace {
+    fn attach(pid: i32, dir: &Path) -> SyncTrace {
+        let out = dir.join("strace.out");
+        let err = dir.join("strace.err");
+        let child = Command::new("strace")
+            .args([
+                "-f",
+                "-e",
+                "trace=fsync,fdatasync,syncfs,sync,sync_file_range",
+                "-o",
+            ])
+            .arg(&out)
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stderr(File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let mut t = SyncTrace {
+            child: Some(child),
+            out,
+        };
+        // strace reports each thread it attached to; wait for all of the daemon's threads.
+        // strace says "Process N attached with M threads" once it holds all of them.
+        let start = Instant::now();
+        while !fs::read_to_string(&err).unwrap_or_default().contains("attached") {
+            assert!(
+                start.elapsed() < WAIT,
+                "strace did not attach: {}",
+                fs::read_to_string(&err).unwrap_or_default()
+            );
+            if let Some(c) = t.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!(
+                        "strace exited with {st}: {}",
+                        fs::read_to_string(&err).unwrap_or_default()
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t
+    }
+
+    /// Detach and return the names of the sync syscalls seen, in order.
+    fn finish(mut self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(mut c) = self.child.take() {
+            let pid = rustix::process::Pid::from_child(&c);
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+            let _ = c.wait();
+        }
+        let text = fs::read_to_string(&self.out).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let call = l.split_whitespace().nth(1)?;
+                let name = call.split('(').next()?;
+                ["fsync", "fdatasync", "syncfs", "sync", "sync_file_range"]
+                    .contains(&name)
+                    .then(|| format!("{name} = {}", l.rsplit('=').next().unwrap_or("").trim()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for SyncTrace {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// fsync, fdatasync, fsync of a subdirectory and of the root, and a copy-up.
+fn sync_workload(mnt: &Path) {
+    let mut f = File::create(mnt.join("new")).unwrap();
+    f.write_all(b"data").unwrap();
+    f.sync_all().unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    fs::create_dir(mnt.join("d")).unwrap();
+    File::open(mnt.join("d")).unwrap().sync_all().unwrap();
+    // A copy-up of a lower file (fsynced before it is published unless volatile).
+    let mut f = OpenOptions::new().append(true).open(mnt.join("a")).unwrap();
+    f.write_all(b"+").unwrap();
+    drop(f);
+    // fsync of the root: what `sync MOUNTPOINT` does.
+    File::open(mnt).unwrap().sync_all().unwrap();
+}
+
+#[test]
+fn fsync_of_root_reaches_upper_as_syncfs_and_volatile_syncs_nothing() {
+    require_tools!("strace");
+    // Without volatile: each application sync reaches the upper, the root's as syncfs.
+    let t = scratch();
+    let d = Dirs::new(t.path(), t.path());
+    fs::write(d.lower.join("a"), "lower").unwrap();
+    let v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log"));
+    let trace = SyncTrace::attach(v.pid(), t.path());
+    sync_workload(&d.mnt);
+    let calls = trace.finish();
+    for want in ["fsync = 0", "fdatasync = 0", "syncfs = 0"] {
+        assert!(calls.iter().any(|c| c == want), "no {want} in {calls:?}");
+    }
+    // file fsync, dir fsync, copy-up fsync
+    assert!(
+        calls.iter().filter(|c| *c == "fsync = 0").count() >= 3,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| *c == "syncfs = 0").count(),
+        1,
+        "{calls:?}"
+    );
+    drop(v);
+
+    // volatile: the same workload makes no sync at all, and succeeds.
+    let t = scratch();
+    let d = Dirs::new(t.path(), t.path());
+    fs::write(d.lower.join("a"), "lower").unwrap();
+    let mut v = Verlay::start(&d.opts("volatile"), &d.mnt, &t.path().join("log"));
+    let trace = SyncTrace::attach(v.pid(), t.path());
+    sync_workload(&d.mnt);
+    let calls = trace.finish();
+    assert!(calls.is_empty(), "volatile made sync calls: {calls:?}");
+    // fsync=0 likewise.
+    assert!(v.stop(Stop::Fusermount).success());
+    let v = Verlay::start(&d.opts("fsync=0"), &d.mnt, &t.path().join("log2"));
+    fs::remove_file(d.mnt.join("new")).unwrap();
+    fs::remove_dir(d.mnt.join("d")).unwrap();
+    let trace = SyncTrace::attach(v.pid(), t.path());
+    sync_workload(&d.mnt);
+    let calls = trace.finish();
+    assert!(calls.is_empty(), "fsync=0 made sync calls: {calls:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// fsyncgate
+
+#[test]
+fn failed_fsync_poisons_the_mount_until_remount() {
+    require_tools!("mkfs.xfs", "xfs_io", "mkfs.ext2", "losetup");
+    // The upper is ext2 on a loop device whose image lives on XFS (itself on a loop device).
+    // Shutting that XFS down makes every write-back of the upper fail with EIO, while the
+    // upper filesystem itself stays mounted and writable in its page cache: a change that
+    // verlay refuses is refused by verlay, not by a dead filesystem.
+    let t = scratch();
+    let outer = LoopFs::new(
+        &t.path().join("outer.img"),
+        XFS_IMAGE_BYTES,
+        &["mkfs.xfs", "-q", "-f"],
+        "rw",
+        &t.path().join("outer"),
+    );
+    let inner = LoopFs::new(
+        &outer.path().join("inner.img"),
+        64 << 20,
+        &["mkfs.ext2", "-q", "-F"],
+        "errors=continue",
+        &t.path().join("inner"),
+    );
+    let d = Dirs::new(t.path(), inner.path());
+    fs::write(d.lower.join("a"), "lower").unwrap();
+    let v = Verlay::start(&d.opts("writeback=0"), &d.mnt, &t.path().join("log"));
+
+    fs::write(d.mnt.join("kept"), "before").unwrap();
+    let mut other = OpenOptions::new().write(true).open(d.mnt.join("kept")).unwrap();
+    let mut f = File::create(d.mnt.join("f")).unwrap();
+    f.write_all(&pattern(1 << 20, 1)).unwrap();
+    run(
+        "xfs_io",
+        &["-x", "-c", "shutdown", outer.path().to_str().unwrap()],
+    );
+
+    assert_eq!(
+        errno_of(f.sync_all()),
+        Some(libc::EIO),
+        "fsync after the upper's device failed"
+    );
+    // Never retried as if nothing happened: every later sync and change is EIO.
+    assert_eq!(errno_of(f.sync_all()), Some(libc::EIO), "second fsync");
+    assert_eq!(errno_of(f.sync_data()), Some(libc::EIO), "fdatasync");
+    assert_eq!(errno_of(f.write(b"x")), Some(libc::EIO), "write");
+    assert_eq!(
+        errno_of(other.write(b"x")),
+        Some(libc::EIO),
+        "write on another file"
+    );
+    assert_eq!(errno_of(other.set_len(1)), Some(libc::EIO), "ftruncate");
+    assert_eq!(errno_of(File::create(d.mnt.join("g"))), Some(libc::EIO), "create");
+    assert_eq!(
+        errno_of(fs::create_dir(d.mnt.join("dir"))),
+        Some(libc::EIO),
+        "mkdir"
+    );
+    assert_eq!(
+        errno_of(fs::remove_file(d.mnt.join("kept"))),
+        Some(libc::EIO),
+        "unlink"
+    );
+    assert_eq!(
+        errno_of(fs::remove_file(d.mnt.join("a"))),
+        Some(libc::EIO),
+        "whiteout"
+    );
+    assert_eq!(
+        errno_of(fs::rename(d.mnt.join("kept"), d.mnt.join("k2"))),
+        Some(libc::EIO),
+        "rename"
+    );
+    assert_eq!(
+        errno_of(fs::set_permissions(
+            d.mnt.join("kept"),
+            fs::Permissions::from_mode(0o600)
+        )),
+        Some(libc::EIO),
+        "chmod"
+    );
+    assert_eq!(
+        errno_of(OpenOptions::new().append(true).open(d.mnt.join("a"))),
+        Some(libc::EIO),
+        "copy-up"
+    );
+    assert_eq!(
+        errno_of(File::open(&d.mnt).and_then(|r| r.sync_all())),
+        Some(libc::EIO),
+        "syncfs"
+    );
+    // Reads still work.
+    assert_eq!(fs::read_to_string(d.mnt.join("a")).unwrap(), "lower");
+    assert_eq!(fs::read_to_string(d.mnt.join("kept")).unwrap(), "before");
+    // The upper filesystem itself still takes changes (in its page cache): the EIOs above
+    // are verlay's refusal, not the filesystem's.
+    fs::write(d.upper.join("direct"), "x").unwrap();
+    fs::remove_file(d.upper.join("direct")).unwrap();
+
+    let log = v.log();
+    assert_eq!(
+        log.matches("fsync of the upper failed").count(),
+        1,
+        "one error line expected:\n{log}"
+    );
+    drop((f, other, v));
+}
+
+// ---------------------------------------------------------------------------------------------
+// ENOSPC and EDQUOT
+
+/// Is nothing of a failed copy-up of `name` left: not in the upper, not in the work dir,
+/// and the lower file still reads intact through the mount?
+fn assert_no_partial_copy_up(d: &Dirs, name: &str, want: &[u8]) {
+    assert!(
+        fs::symlink_metadata(d.upper.join(name)).is_err(),
+        "{name}: a partial copy is in the upper"
+    );
+    assert_eq!(
+        d.work_entries(),
+        Vec::<String>::new(),
+        "{name}: temps left in workdir/work"
+    );
+    let mut got = Vec::new();
+    File::open(d.mnt.join(name))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(
+        got == want,
+        "{name}: lower content changed ({} bytes read)",
+        got.len()
+    );
+}
+
+#[test]
+fn enospc_reaches_the_application_and_leaves_nothing_half_done() {
+    let t = scratch();
+    let small = FsMount::new(
+        &["-t", "tmpfs", "-o", "size=4m", "tmpfs"],
+        &t.path().join("tmpfs"),
+    );
+    let d = Dirs::new(t.path(), &small.0);
+    let big = pattern(5 << 20, 3); // never fits in 4 MiB
+    let little = pattern(256 << 10, 4);
+    fs::write(d.lower.join("big"), &big).unwrap();
+    fs::write(d.lower.join("little"), &little).unwrap();
+    fs::set_permissions(d.lower.join("little"), fs::Permissions::from_mode(0o644)).unwrap();
+    let _v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log"));
+    let baseline = used_bytes(&small.0);
+
+    // A copy-up that cannot fit fails with ENOSPC and leaves nothing behind.
+    let r = OpenOptions::new().append(true).open(d.mnt.join("big"));
+    assert_eq!(
+        errno_of(r),
+        Some(libc::ENOSPC),
+        "copy-up of a 5 MiB file into 4 MiB"
+    );
+    assert_no_partial_copy_up(&d, "big", &big);
+    assert!(
+        used_bytes(&small.0) <= baseline + (64 << 10),
+        "space leaked by a failed copy-up"
+    );
+
+    // Filling the upper: write reports ENOSPC, and every byte it reported is there.
+    let mut filler = File::create(d.mnt.join("filler")).unwrap();
+    let (written, err) = fill(&mut filler);
+    assert_eq!(err, libc::ENOSPC, "write on a full upper");
+    assert!(written > 2 << 20, "only {written} bytes fit");
+    assert_eq!(fs::metadata(d.mnt.join("filler")).unwrap().len(), written);
+    assert_eq!(errno_of(filler.write(b"more")), Some(libc::ENOSPC));
+
+    // A copy-up for chmod on the full upper: ENOSPC; the lower file is untouched.
+    let r = fs::set_permissions(d.mnt.join("little"), fs::Permissions::from_mode(0o600));
+    assert_eq!(
+        errno_of(r),
+        Some(libc::ENOSPC),
+        "copy-up for chmod on a full upper"
+    );
+    assert_no_partial_copy_up(&d, "little", &little);
+    assert_eq!(
+        fs::metadata(d.mnt.join("little")).unwrap().permissions().mode() & 0o7777,
+        0o644
+    );
+
+    // ENOSPC is not a failed fsync: the mount is not poisoned.
+    filler.sync_all().unwrap();
+    drop(filler);
+
+    // After freeing space, everything works again.
+    fs::remove_file(d.mnt.join("filler")).unwrap();
+    // The space comes back when the daemon's fd goes, on FUSE's RELEASE, which the kernel
+    // sends after close(2) returns.
+    let start = Instant::now();
+    while used_bytes(&small.0) > baseline + (64 << 10) {
+        assert!(
+            start.elapsed() < WAIT,
+            "space of the removed file never came back"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::set_permissions(d.mnt.join("little"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::read(d.upper.join("little")).unwrap(), little);
+    assert_eq!(
+        fs::metadata(d.upper.join("little")).unwrap().permissions().mode() & 0o7777,
+        0o600
+    );
+    let mut f = File::create(d.mnt.join("after")).unwrap();
+    f.write_all(&pattern(1 << 20, 5)).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(fs::read(d.upper.join("after")).unwrap(), pattern(1 << 20, 5));
+    assert_eq!(fs::read(d.mnt.join("big")).unwrap(), big);
+    assert_eq!(d.work_entries(), Vec::<String>::new());
+}
+
+#[test]
+fn edquot_reaches_the_application_and_leaves_nothing_half_done() {
+    require_tools!("mkfs.xfs", "xfs_quota", "losetup");
+    // XFS enforces a user's block quota whoever writes (no CAP_SYS_RESOURCE bypass as in
+    // ext4 or tmpfs), so the daemon, running as root, meets the limit of the file's owner.
+    let t = scratch();
+    let dev = LoopDev::new(&t.path().join("q.img"), XFS_IMAGE_BYTES);
+    run("mkfs.xfs", &["-q", "-f", &dev.0]);
+    let at = t.path().join("q");
+    fs::create_dir_all(&at).unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "usrquota", &dev.0])
+        .arg(&at)
+        .output()
+        .unwrap();
+    if !m.status.success() {
+        eprintln!(
+            "SKIP edquot: this kernel cannot mount XFS with usrquota (no XFS quota support): {}",
+            String::from_utf8_lossy(&m.stderr).trim()
+        );
+        return;
+    }
+    let q = FsMount(at);
+    edquot_with(&t, &q.0);
+}
+
+fn edquot_with(t: &tempfile::TempDir, qpath: &Path) {
+    const QUOTA_UID: u32 = 4242;
+    let q = qpath;
+    run(
+        "xfs_quota",
+        &[
+            "-x",
+            "-c",
+            &format!("limit -u bhard=2m {QUOTA_UID}"),
+            q.to_str().unwrap(),
+        ],
+    );
+    let d = Dirs::new(t.path(), q);
+    let owned = pattern(512 << 10, 6);
+    fs::write(d.lower.join("owned"), &owned).unwrap();
+    std::os::unix::fs::chown(d.lower.join("owned"), Some(QUOTA_UID), Some(QUOTA_UID)).unwrap();
+    let _v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log"));
+
+    let mut f = File::create(d.mnt.join("quota")).unwrap();
+    std::os::unix::fs::fchown(&f, Some(QUOTA_UID), Some(QUOTA_UID)).unwrap();
+    let (written, err) = fill(&mut f);
+    assert_eq!(err, libc::EDQUOT, "write past the owner's quota");
+    assert!(written <= 2 << 20, "{written} bytes past a 2 MiB quota");
+    assert_eq!(fs::metadata(d.mnt.join("quota")).unwrap().len(), written);
+
+    // A copy-up of a file of that owner: EDQUOT, nothing left behind.
+    let r = OpenOptions::new().append(true).open(d.mnt.join("owned"));
+    assert_eq!(errno_of(r), Some(libc::EDQUOT), "copy-up past the owner's quota");
+    assert_no_partial_copy_up(&d, "owned", &owned);
+
+    drop(f);
+    fs::remove_file(d.mnt.join("quota")).unwrap();
+    let mut f = OpenOptions::new().append(true).open(d.mnt.join("owned")).unwrap();
+    f.write_all(b"!").unwrap();
+    f.sync_all().unwrap();
+    let mut want = owned.clone();
+    want.push(b'!');
+    assert_eq!(fs::read(d.upper.join("owned")).unwrap(), want);
+    assert_eq!(d.work_entries(), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// upper filesystem features
+
+/// Mount over an upper at `upper_fs` and expect a one-line refusal naming the upperdir and
+/// xattrs.
+fn assert_refused_for_xattrs(t: &Path, upper_fs: &Path) {
+    let d = Dirs::new(&t.join("o"), upper_fs);
+    let (st, err) = Verlay::try_start(&d.opts(""), &d.mnt, &t.join("log-refused"))
+        .err()
+        .expect("mounted over an upper without xattr support");
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line expected:\n{err}");
+    for want in [
+        "upperdir \"",
+        "does not support",
+        "xattrs",
+        "(put upperdir and workdir on a filesystem",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in: {err}");
+    }
+}
+
+#[test]
+fn upper_without_xattrs_on_vfat_is_refused() {
+    require_tools!("mkfs.vfat", "losetup");
+    if !fs::read_to_string("/proc/filesystems")
+        .unwrap_or_default()
+        .contains("vfat")
+    {
+        eprintln!("SKIP vfat: this kernel has no vfat driver");
+        return;
+    }
+    let t = scratch();
+    let vfat = LoopFs::new(
+        &t.path().join("vfat.img"),
+        16 << 20,
+        &["mkfs.vfat"],
+        "rw",
+        &t.path().join("vfat"),
+    );
+    assert_refused_for_xattrs(t.path(), vfat.path());
+}
+
+#[test]
+fn upper_without_xattrs_on_ramfs_is_refused() {
+    // ramfs has no xattr handlers at all (neither trusted.* nor user.*) and needs no tool.
+    if !fs::read_to_string("/proc/filesystems")
+        .unwrap_or_default()
+        .contains("ramfs")
+    {
+        eprintln!("SKIP ramfs: this kernel has no ramfs");
+        return;
+    }
+    let t = scratch();
+    let ram = FsMount::new(&["-t", "ramfs", "ramfs"], &t.path().join("ramfs"));
+    assert_refused_for_xattrs(t.path(), &ram.0);
+}
