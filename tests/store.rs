@@ -19,7 +19,14 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
-const RECIPE: &str = "/work/shared/recipes/make-test-image.sh";
+/// The shared test-image recipe: `../shared` beside the repository (as in CI), or
+/// `$VERLAY_SHARED`.
+fn recipe() -> PathBuf {
+    let shared = std::env::var_os("VERLAY_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    shared.join("recipes/make-test-image.sh")
+}
 
 fn verlay(args: &[&OsStr]) -> Output {
     Command::new(BIN).args(args).output().expect("run verlay")
@@ -485,7 +492,7 @@ fn test_image() -> Option<&'static Path> {
                 Path::new("/bin/busybox").exists(),
             ),
             ("jq", have("jq")),
-            (RECIPE, Path::new(RECIPE).exists()),
+            ("the make-test-image.sh recipe", recipe().exists()),
         ] {
             if !ok {
                 eprintln!("SKIP image tests: {what} missing");
@@ -494,13 +501,14 @@ fn test_image() -> Option<&'static Path> {
         }
         let dir = tempfile::tempdir().unwrap().keep();
         let out = Command::new("bash")
-            .arg(RECIPE)
+            .arg(recipe())
             .arg(dir.join("img"))
             .output()
             .unwrap();
         if !out.status.success() {
             eprintln!(
-                "SKIP image tests: {RECIPE} failed: {}",
+                "SKIP image tests: {} failed: {}",
+                recipe().display(),
                 String::from_utf8_lossy(&out.stderr)
             );
             return None;
@@ -764,4 +772,72 @@ fn full_disk_says_disk_full_and_publishes_nothing() {
         "{err}"
     );
     assert_eq!(listing, (Vec::new(), Vec::new()));
+}
+
+/// An import that dies right after each named step (VERLAY_CRASH_AT aborts the process:
+/// no cleanup runs, as with kill -9) leaves either no layer or a complete one that
+/// verifies clean; the next store command removes the leftover and a re-import works.
+#[test]
+fn import_crashed_after_each_step_leaves_no_layer_or_a_complete_one() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    sh(&format!(
+        "cd {}; mkdir src; echo a > src/a; mkdir src/d; head -c 200000 /dev/urandom > src/d/big
+         ln -s a src/link; tar --sort=name -C src -cf layer.tar .",
+        d.display()
+    ));
+    let steps = [
+        "import.unpack",
+        "import.fsync",
+        "import.seal",
+        "import.record",
+        "import.publish",
+    ];
+    for step in steps {
+        let store = d.join(format!("store-{step}"));
+        let out = Command::new(BIN)
+            .args(["layer", "import", "--store"])
+            .arg(&store)
+            .arg(d.join("layer.tar"))
+            .env("VERLAY_CRASH_AT", step)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{step}: the import must have died");
+        let published = dir_names(&store.join("layers"));
+        if step == "import.publish" {
+            // The rename happened: the layer is complete and verifies clean.
+            assert_eq!(published.len(), 1, "{step}: {published:?}");
+            let diff = store.join("layers").join(&published[0]).join("diff");
+            let v = Command::new(BIN).arg("verify").arg(&diff).output().unwrap();
+            assert_eq!(
+                v.status.code(),
+                Some(0),
+                "{step}: {}",
+                String::from_utf8_lossy(&v.stdout)
+            );
+        } else {
+            assert_eq!(
+                published,
+                Vec::<String>::new(),
+                "{step}: nothing may be published"
+            );
+        }
+        // The next store command cleans up, and importing again gives the complete layer.
+        let chain = import_ok(&store, &d.join("layer.tar"), &[]);
+        assert_eq!(
+            dir_names(&store.join("tmp")),
+            Vec::<String>::new(),
+            "{step}: tmp/ cleaned"
+        );
+        let v = Command::new(BIN)
+            .arg("verify")
+            .arg(diff_dir(&store, &chain))
+            .output()
+            .unwrap();
+        assert_eq!(
+            v.status.code(),
+            Some(0),
+            "{step}: re-imported layer verifies clean"
+        );
+    }
 }

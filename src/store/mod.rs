@@ -645,6 +645,7 @@ impl Store {
             });
         }
 
+        crash_point("import.unpack");
         // step import.fsync: one syncfs writes back every file and directory of the layer
         // (data, inodes, dir entries) and reports any writeback error on the filesystem since
         // `diff_fd` was opened, i.e. since before the first byte was unpacked (Linux >= 5.8
@@ -656,9 +657,11 @@ impl Store {
             unpack::fsync_tree(&diff_fd, &mut PathBuf::new())?;
         }
         drop(diff_fd);
+        crash_point("import.fsync");
 
         // step import.seal: the manifest, written and fsynced beside the layer dir.
         let manifest_digest = seal_layer(&diff)?;
+        crash_point("import.seal");
 
         // step import.record
         let record = serde_json::json!({
@@ -689,10 +692,12 @@ impl Store {
                 .map_err(|e| Error::io("import.record_fsync", &rec_path, e))?;
         }
         fsync_path(tmp, "import.fsync_tmp")?;
+        crash_point("import.record");
 
         // step import.publish: one rename, then make it durable.
         let dest = self.layer_dir(&chain);
         std::fs::rename(tmp, &dest).map_err(|e| Error::io("import.publish", &dest, e))?;
+        crash_point("import.publish");
         fsync_path(&self.root.join(LAYERS), "import.fsync_layers")?;
         tracing::info!(
             layer = %chain,
@@ -705,6 +710,15 @@ impl Store {
             chain_id: chain,
             new: true,
         })
+    }
+}
+
+/// Named crash points of the import, for tests: with `VERLAY_CRASH_AT=<step>` in the
+/// environment the process kills itself (SIGKILL) right after that step (no cleanup, no destructors: what a
+/// kill -9 leaves). The names are the steps documented above.
+fn crash_point(step: &str) {
+    if std::env::var_os("VERLAY_CRASH_AT").is_some_and(|s| s == step) {
+        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }
 
