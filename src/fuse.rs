@@ -416,7 +416,7 @@ impl Filesystem for VerlayFs {
             let looked_up = if dot {
                 None
             } else {
-                self.union.lookup(ino.0, &e.name).ok()
+                self.union.lookup_hinted(ino.0, &e.name, Some(e.hint)).ok()
             };
             let full = match &looked_up {
                 Some(entry) => reply.add(

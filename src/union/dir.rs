@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
 use crate::union::inode::Node;
-use crate::union::Union;
+use crate::union::{LowerHint, Union, MAX_HINTED_LOWERS};
 
 /// One entry of a merged listing.
 #[derive(Clone, Debug)]
@@ -24,6 +24,8 @@ pub struct DirEntry {
     pub ino: u64,
     /// d_type
     pub kind: Kind,
+    /// what the listing saw of this name in the lower dirs (for readdirplus lookups)
+    pub hint: LowerHint,
 }
 
 fn kind_of(layer: &LayerDir, rel: &std::path::Path, k: Option<Kind>) -> Result<Option<(Kind, bool)>> {
@@ -46,11 +48,13 @@ impl Union {
                 name: ".".into(),
                 ino: node.ino(),
                 kind: Kind::Dir,
+                hint: LowerHint::default(),
             },
             DirEntry {
                 name: "..".into(),
                 ino: 0,
                 kind: Kind::Dir,
+                hint: LowerHint::default(),
             },
         ];
         let mut seen: HashSet<OsString> = HashSet::new();
@@ -77,11 +81,17 @@ impl Union {
                         name: e.name,
                         ino,
                         kind,
+                        hint: LowerHint::default(),
                     });
                 }
             }
         }
-        for l in &st.lowers {
+        // Which lower dirs hold each name, or an OCI whiteout of it: complete listings, so a
+        // lookup may skip the layers where a name is absent.
+        let hinted = st.lowers.len() <= MAX_HINTED_LOWERS;
+        let mut hints: std::collections::HashMap<OsString, LowerHint> = std::collections::HashMap::new();
+        for (li, l) in st.lowers.iter().enumerate() {
+            let bit = 1u64 << li.min(63);
             let layer = &self.lowers[l.layer];
             let mut hidden_here: Vec<OsString> = Vec::new();
             // A verified layer shows what its manifest lists: entries it does not list are
@@ -110,8 +120,15 @@ impl Union {
                     continue;
                 }
                 if let Some(rest) = b.strip_prefix(OCI_WHITEOUT_PREFIX.as_bytes()) {
-                    hidden_here.push(OsStr::from_bytes(rest).to_os_string());
+                    let hidden = OsStr::from_bytes(rest).to_os_string();
+                    if hinted {
+                        hints.entry(hidden.clone()).or_default().oci_whiteout |= bit;
+                    }
+                    hidden_here.push(hidden);
                     continue;
+                }
+                if hinted {
+                    hints.entry(e.name.clone()).or_default().present |= bit;
                 }
                 if seen.contains(&e.name) {
                     continue;
@@ -131,10 +148,18 @@ impl Union {
                     name: e.name,
                     ino,
                     kind,
+                    hint: LowerHint::default(),
                 });
             }
             // An OCI whiteout hides the name in the layers below, not beside it.
             seen.extend(hidden_here);
+        }
+        if hinted {
+            for e in out.iter_mut().skip(2) {
+                if let Some(h) = hints.get(&e.name) {
+                    e.hint = *h;
+                }
+            }
         }
         Ok(out)
     }

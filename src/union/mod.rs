@@ -250,7 +250,24 @@ struct Resolved {
     lower: Option<LowerRef>,
     lowers: Vec<LowerRef>,
     ino: u64,
+    /// lstat of the object found (the upper one, or the topmost lower one)
+    st: Option<Stat>,
 }
+
+/// What a directory listing already told about a name in the parent's lower dirs, so a
+/// lookup right after it (readdirplus) need not stat the layers where the name is absent.
+/// Bit i refers to the parent's i-th lower dir. Lower layers never change while mounted, so
+/// the hint stays true; the upper is always looked at.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LowerHint {
+    /// the name exists in lower dir i
+    pub present: u64,
+    /// an OCI whiteout `.wh.NAME` exists in lower dir i
+    pub oci_whiteout: u64,
+}
+
+/// Lower dirs beyond this many get no hints (one bit each in a u64).
+pub const MAX_HINTED_LOWERS: usize = 64;
 
 fn check_name(name: &OsStr) -> Result<()> {
     let b = name.as_bytes();
@@ -431,15 +448,21 @@ impl Union {
         let v = OsStr::from_bytes(&v).to_os_string();
         let vb = v.as_bytes();
         if vb.first() == Some(&b'/') {
+            // As ovl_lookup does for an absolute redirect: look the path up in each lower
+            // layer from its root, and stop going down the layers after one in which the
+            // path passes through an opaque directory, a whiteout or a non-directory.
             let path = PathBuf::from(OsStr::from_bytes(&vb[1..]));
-            Ok(Some(
-                (0..self.lowers.len())
-                    .map(|i| LowerRef {
-                        layer: i,
-                        path: path.clone(),
-                    })
-                    .collect(),
-            ))
+            let mut out = Vec::new();
+            for i in 0..self.lowers.len() {
+                out.push(LowerRef {
+                    layer: i,
+                    path: path.clone(),
+                });
+                if self.path_stops_below(i, &path)? {
+                    break;
+                }
+            }
+            Ok(Some(out))
         } else {
             // Relative: the old name in the same parent.
             Ok(Some(
@@ -454,13 +477,52 @@ impl Union {
         }
     }
 
+    /// Does looking up `path` from the root of lower `layer` pass through something that
+    /// hides the layers below: an opaque directory, a whiteout or a non-directory among its
+    /// ancestors? (The path's own last component is judged by the caller.)
+    fn path_stops_below(&self, layer: usize, path: &Path) -> Result<bool> {
+        let l = &self.lowers[layer];
+        let mut prefix = PathBuf::new();
+        let comps: Vec<_> = path.components().collect();
+        for c in comps.iter().take(comps.len().saturating_sub(1)) {
+            prefix.push(c);
+            match l.stat(&prefix)? {
+                None => {
+                    if oci_whiteout_exists(l, &prefix)? {
+                        return Ok(true);
+                    }
+                    return Ok(false);
+                }
+                Some(st) if Kind::from_mode(st.st_mode) != Kind::Dir => return Ok(true),
+                Some(_) => {
+                    if dir_is_opaque(l, &prefix)? {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Find `name` under a parent whose merged path is `ppath` and whose lower dirs are
     /// `plowers`. ENOENT when nothing (or a whiteout) is there.
     fn resolve(&self, ppath: &Path, plowers: &[LowerRef], name: &OsStr) -> Result<Resolved> {
+        self.resolve_hinted(ppath, plowers, name, None)
+    }
+
+    fn resolve_hinted(
+        &self,
+        ppath: &Path,
+        plowers: &[LowerRef],
+        name: &OsStr,
+        hint: Option<LowerHint>,
+    ) -> Result<Resolved> {
+        let mut hint = hint.filter(|_| plowers.len() <= MAX_HINTED_LOWERS);
         let path = ppath.join(name);
         let mut kind = None;
         let mut upper_present = false;
         let mut ino = 0;
+        let mut found_st: Option<Stat> = None;
         let mut search: Vec<LowerRef> = plowers
             .iter()
             .map(|p| LowerRef {
@@ -487,12 +549,16 @@ impl Union {
                         lower: None,
                         lowers: Vec::new(),
                         ino,
+                        st: Some(st),
                     });
                 }
+                found_st = Some(st);
                 if dir_is_opaque(&up.dir, &path)? {
                     search.clear();
                 } else if let Some(r) = self.redirect_of(&up.dir, &path, plowers, true)? {
                     search = r;
+                    // The hint was about the parent's lower dirs, not the redirect's.
+                    hint = None;
                 }
             }
         }
@@ -505,9 +571,21 @@ impl Union {
         let mut i = 0;
         while i < search.len() {
             let cand = search[i].clone();
+            let bit = 1u64 << i.min(63);
             i += 1;
             let layer = &self.lowers[cand.layer];
-            match self.lower_stat(cand.layer, &cand.path)? {
+            let st = match hint {
+                // Known absent from this lower dir: no stat, and the listing said whether an
+                // OCI whiteout hides the name below.
+                Some(h) if h.present & bit == 0 => {
+                    if h.oci_whiteout & bit != 0 {
+                        break;
+                    }
+                    continue;
+                }
+                _ => self.lower_stat(cand.layer, &cand.path)?,
+            };
+            match st {
                 Some(st) if is_whiteout_stat(&st) => break,
                 Some(st) => {
                     let k = Kind::from_mode(st.st_mode);
@@ -518,6 +596,7 @@ impl Union {
                         if kind.is_none() {
                             kind = Some(Kind::Dir);
                             ino = self.map_ino(cand.layer + 1, st.st_ino);
+                            found_st = Some(st);
                         }
                         let opaque = dir_is_opaque(layer, &cand.path)?;
                         // A directory renamed in a layer that was once an upper carries a
@@ -525,6 +604,7 @@ impl Union {
                         if !opaque {
                             if let Some(v) = redirect_value(layer, &cand.path)? {
                                 let vb = v.as_slice();
+                                hint = None;
                                 for later in &mut search[i..] {
                                     later.path = match vb.strip_prefix(b"/") {
                                         Some(abs) => PathBuf::from(OsStr::from_bytes(abs)),
@@ -546,6 +626,7 @@ impl Union {
                             kind = Some(k);
                             ino = self.map_ino(cand.layer + 1, st.st_ino);
                             lower = Some(cand);
+                            found_st = Some(st);
                         }
                         break;
                     }
@@ -564,6 +645,7 @@ impl Union {
                 lower,
                 lowers,
                 ino,
+                st: found_st,
             }),
             None => errno(libc::ENOENT),
         }
@@ -656,22 +738,48 @@ impl Union {
 
     /// The child node for `name`, resolving it in the layers.
     fn child(&self, parent: &Arc<Node>, name: &OsStr) -> Result<(Arc<Node>, PathBuf)> {
+        let (node, path, _) = self.child_hinted(parent, name, None)?;
+        Ok((node, path))
+    }
+
+    fn child_hinted(
+        &self,
+        parent: &Arc<Node>,
+        name: &OsStr,
+        hint: Option<LowerHint>,
+    ) -> Result<(Arc<Node>, PathBuf, Option<Stat>)> {
         check_name(name)?;
         if parent.kind != Kind::Dir {
             return errno(libc::ENOTDIR);
         }
         let ppath = self.path_of(parent)?;
         let plowers = parent.state.read().lowers.clone();
-        let r = self.resolve(&ppath, &plowers, name)?;
+        let mut r = self.resolve_hinted(&ppath, &plowers, name, hint)?;
+        let st = r.st.take();
+        let from_upper = r.upper;
         let node = self.install(parent, name, r)?;
-        Ok((node, ppath.join(name)))
+        // A node that a concurrent copy-up already moved to the upper keeps its upper stat.
+        let st = st.filter(|_| node.state.read().upper == from_upper);
+        Ok((node, ppath.join(name), st))
     }
 
     /// FUSE lookup.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry> {
+        self.lookup_hinted(parent, name, None)
+    }
+
+    /// Lookup of a name just listed by readdir, with what the listing showed of the lower
+    /// dirs (readdirplus).
+    pub fn lookup_hinted(&self, parent: u64, name: &OsStr, hint: Option<LowerHint>) -> Result<Entry> {
         let parent = self.node(parent)?;
-        let (node, _) = self.child(&parent, name)?;
-        match self.attr(&node, None) {
+        let (node, _, st) = self.child_hinted(&parent, name, hint)?;
+        // The stat the lookup just made describes the object, unless the node is an open
+        // unlinked one (then attr() finds its fd).
+        let attr = match st {
+            Some(st) if !node.state.read().unlinked => Ok(self.attr_from(&node, &st)),
+            _ => self.attr(&node, None),
+        };
+        match attr {
             Ok(attr) => Ok(Entry { id: node.id, attr }),
             Err(e) => {
                 self.nodes.forget(node.id, 1);
@@ -819,9 +927,25 @@ impl Union {
                 }
                 return Ok(a);
             }
-            let fd = self.unlinked_fd(node, fh, false)?;
-            let st = rustix::fs::fstat(&*fd)?;
-            return Ok(self.attr_from(node, &st));
+            match self.unlinked_fd(node, fh, false) {
+                Ok(fd) => {
+                    let st = rustix::fs::fstat(&*fd)?;
+                    return Ok(self.attr_from(node, &st));
+                }
+                Err(e) => {
+                    // A device node or fifo opened by the kernel itself has no handle here:
+                    // report what it was. A removed upper object has no links left; a
+                    // lower one keeps its lower count, as in the kernel.
+                    let Some(a) = node.gone_attr.lock().clone() else {
+                        return Err(e);
+                    };
+                    let mut a = *a;
+                    if node.state.read().upper {
+                        a.nlink = 0;
+                    }
+                    return Ok(a);
+                }
+            }
         }
         let st = self.real_stat(node)?;
         Ok(self.attr_from(node, &st))
@@ -1214,6 +1338,16 @@ impl Union {
             self.nodes.forget(child.id, 1);
             if !empty? {
                 return errno(libc::ENOTEMPTY);
+            }
+        }
+        if matches!(r.kind, Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket) {
+            // The kernel opens these itself (no handle here): keep what the object was, for
+            // fstat while something still has it open.
+            let known = parent.children.lock().get(name).copied();
+            if let Some(child) = known.and_then(|id| self.nodes.get(id)) {
+                if let Ok(a) = self.attr(&child, None) {
+                    *child.gone_attr.lock() = Some(Box::new(a));
+                }
             }
         }
         self.copy_up(&parent)?;
