@@ -180,14 +180,16 @@ def table(run_path):
     fuse = [i for i in ids if i != "kernel"]
     ver = "verlay"
     label = {m["id"]: m["label"] for m in modes}
-    refs = [i for i in ids if i != ver]
+    refs = [i for i in ids if i not in (ver, "verlayv")]
+    has_v = "verlayv" in ids and ver in ids
 
-    head = ["workload"] + [f"{label[i]}" for i in ids] + ["verlay verify=on"]
+    head = ["workload"] + [f"{label[i]}" for i in ids]
     head += [f"verlay / {label[i]}" for i in refs]
+    if has_v:
+        head.append("verify=on / verify=off")
     out = []
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
-    na = "n/a (not implemented)"
 
     def ratio(a, b):  # verlay cost / ref cost
         if a is None or b is None or b <= 0:
@@ -203,12 +205,16 @@ def table(run_path):
                 row.append(" / ".join(f"{v/1000:.1f}k" for v in iops[i][w]) + " IOPS")
             else:
                 row.append(" / ".join(fmt_s(v) for v in vals) or "-")
-        row.append(na)
         for r in refs:
             if tb and iops[ver].get(w) and iops[r].get(w):
                 row.append(fmt_r(ratio(mean(iops[r][w]), mean(iops[ver][w]))))
             else:
                 row.append(fmt_r(ratio(mean(secs[ver].get(w, [])), mean(secs[r].get(w, [])))))
+        if has_v:
+            if tb and iops[ver].get(w) and iops["verlayv"].get(w):
+                row.append(fmt_r(ratio(mean(iops[ver][w]), mean(iops["verlayv"][w]))))
+            else:
+                row.append(fmt_r(ratio(mean(secs["verlayv"].get(w, [])), mean(secs[ver].get(w, [])))))
         out.append("| " + " | ".join(row) + " |")
 
     # scaling: µs/op
@@ -233,18 +239,19 @@ def table(run_path):
                 for i in ids:
                     vals = sc[i].get(op, {}).get(n, [])
                     row.append(" / ".join(f"{v:.1f}" for v in vals) or "-")
-                row.append(na)
                 for r in refs:
                     row.append(fmt_r(ratio(mean(sc[ver].get(op, {}).get(n, [])),
                                            mean(sc[r].get(op, {}).get(n, [])))))
+                if has_v:
+                    row.append(fmt_r(ratio(mean(sc["verlayv"].get(op, {}).get(n, [])),
+                                           mean(sc[ver].get(op, {}).get(n, [])))))
                 out.append("| " + " | ".join(row) + " |")
             lo, hi = sizes[0], sizes[-1]
             row = [f"**{op}: cost at {hi:,} / cost at {lo:,}**"]
             for i in ids:
                 a, b = mean(sc[i].get(op, {}).get(hi, [])), mean(sc[i].get(op, {}).get(lo, []))
                 row.append(f"**{fmt_r(ratio(a, b))}x**" if a and b else "-")
-            row.append(na)
-            row += [""] * len(refs)
+            row += [""] * (len(refs) + (1 if has_v else 0))
             out.append("| " + " | ".join(row) + " |")
 
     # peak RSS
@@ -276,9 +283,10 @@ def table(run_path):
             vs = [v for v in (getter(i)) if v is not None]
             vals[i] = mean(vs)
             row.append(" / ".join(f"{mib(v):.1f}" for v in vs) or "-")
-        row.append(na)
         for r in refs:
             row.append("-" if r == "kernel" else fmt_r(ratio(vals.get(ver), vals.get(r))))
+        if has_v:
+            row.append(fmt_r(ratio(vals.get("verlayv"), vals.get(ver))))
         return "| " + " | ".join(row) + " |"
 
     any_rss = any(rss[i] for i in ids)
@@ -304,7 +312,6 @@ def table(run_path):
               + (f" with `-o {m['opts']}`" if m.get("opts") else "")
               + (f"; {v}" if v else "")
               + (f"; workload set wall time {' / '.join(tots)} s" if tots else ""))
-    print("- verlay verify=on: n/a (verified layers are not implemented yet)")
 
 
 if __name__ == "__main__":

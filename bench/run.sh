@@ -11,7 +11,7 @@
 #   --reps N      run the mode sequence N times, interleaved: kernel, 1.10, 2.0,
 #                 verlay, then again kernel, 1.10, ... (default 1)
 #   --out FILE    markdown results file (default BENCH_ROOT/verlay-bench/<time>/results.md)
-#   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlay (default all)
+#   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlay,verlayv (default all)
 #   --no-scaling  skip the create/unlink scaling workload
 #   --scaling-only  run only the scaling workload (no overlay-bench.sh, no RSS rows
 #                 but the scaling mount's)
@@ -24,8 +24,8 @@
 #      builds the cached layers (overlay-bench.sh --prepare, once, ~2 min).
 #   2. runs ../shared/bench/overlay-bench.sh (read-only, called, not copied) once per
 #      mode: kernel | fuse:/usr/bin/fuse-overlayfs | fuse:/opt/fuse-overlayfs-rs/bin/fuse-overlayfs
-#      | fuse:target/release/verlay with BENCH_FUSE_OPTS=verify=off. The column
-#      "verlay verify=on" is printed as n/a: verified layers are not implemented yet.
+#      | fuse:target/release/verlay with BENCH_FUSE_OPTS=verify=off, and again with
+#      verify=on over the same layers sealed with `verlay layer seal` (mode verlayv).
 #   3. runs bench/scaling.sh per mode: create and unlink cost (µs/op) at 2.5k, 5k,
 #      10k and 20k entries in one directory (fastest of 3 tries), and the 20k/2.5k ratio.
 #   4. watches each FUSE daemon's VmHWM (/proc/PID/status, found by the mountpoint
@@ -55,7 +55,7 @@ CMDLINE="bash bench/run.sh"; for a in "$@"; do CMDLINE+=" $(printf '%q' "$a")"; 
 die() { echo "bench/run.sh: error: $*" >&2; exit 1; }
 log() { echo "bench/run.sh: $*" >&2; }
 
-QUICK=0 REPS=1 OUT="" MODES="kernel,fo110,fo20,verlay" SCALING=1 SETS=1
+QUICK=0 REPS=1 OUT="" MODES="kernel,fo110,fo20,verlay,verlayv" SCALING=1 SETS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -105,12 +105,24 @@ SPEC[kernel]=kernel;               OPTS[kernel]="";         LABEL[kernel]="kerne
 SPEC[fo110]=fuse:$FO_C;            OPTS[fo110]="";          LABEL[fo110]="fuse-overlayfs 1.10"
 SPEC[fo20]=fuse:$FO_RS;            OPTS[fo20]="";           LABEL[fo20]="fuse-overlayfs 2.0"
 SPEC[verlay]=fuse:$VERLAY;         OPTS[verlay]=verify=off; LABEL[verlay]="verlay verify=off"
+SPEC[verlayv]=fuse:$VERLAY;        OPTS[verlayv]=verify=on; LABEL[verlayv]="verlay verify=on"
 VERSION[kernel]="overlay params: $(for p in /sys/module/overlay/parameters/*; do printf '%s=%s ' "$(basename "$p")" "$(cat "$p" 2>/dev/null)"; done)"
 VERSION[fo110]=$("$FO_C" --version 2>&1 | grep -v 'unknown argument' | head -2 | tr '\n' ' ')
 VERSION[fo20]=$("$FO_RS" --version 2>&1 | grep -v 'unknown argument' | head -2 | tr '\n' ' ')
 VERSION[verlay]="verlay $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo '?'), release build"
+VERSION[verlayv]="${VERSION[verlay]}; layers sealed with verlay layer seal (manifests beside them)"
 IFS=, read -r -a MODE_IDS <<< "$MODES"
-for m in "${MODE_IDS[@]}"; do [ -n "${SPEC[$m]:-}" ] || die "unknown mode '$m' (kernel,fo110,fo20,verlay)"; done
+for m in "${MODE_IDS[@]}"; do [ -n "${SPEC[$m]:-}" ] || die "unknown mode '$m' (kernel,fo110,fo20,verlay,verlayv)"; done
+# verify=on needs manifests beside the cached layers (sealing reads them; it changes nothing
+# in them). verify=off ignores the manifests.
+if [[ ",$MODES," == *,verlayv,* ]]; then
+  for l in "$BENCH_ROOT"/layers/*/; do
+    l=${l%/}
+    [ -e "$l.verlay-manifest" ] && [ "$l.verlay-manifest" -nt "$l" ] && continue
+    log "sealing $l for verify=on"
+    "$VERLAY" layer seal "$l" >&2 || die "verlay layer seal $l failed"
+  done
+fi
 
 STAMP=$(date +%Y%m%dT%H%M%S)
 RES=$BENCH_ROOT/verlay-bench/$STAMP
