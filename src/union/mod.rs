@@ -1165,31 +1165,53 @@ impl Union {
         if parent.kind != Kind::Dir {
             return errno(libc::ENOTDIR);
         }
-        if self.peek(&parent, name)?.is_some() {
-            return errno(libc::EEXIST);
-        }
-        self.upper()?;
-        self.copy_up(&parent)?;
+        check_name(name)?;
         let up = self.upper()?;
         let ppath = self.path_of(&parent)?;
         let path = ppath.join(name);
         let plowers = parent.state.read().lowers.clone();
-        let whiteout_here = matches!(up.dir.stat(&path)?, Some(st) if is_whiteout_stat(&st));
-        let hidden_below = whiteout_here || self.lower_has(&plowers, name)?;
+        // Is the name free? The upper decides first: a whiteout there means free (and the new
+        // object goes over it), anything else means taken; with nothing in the upper, any
+        // visible lower object takes the name.
+        let whiteout_here = match up.dir.stat(&path)? {
+            Some(st) if is_whiteout_stat(&st) => true,
+            Some(_) => return errno(libc::EEXIST),
+            None if !name.as_bytes().starts_with(OCI_WHITEOUT_PREFIX.as_bytes())
+                && self.lower_has(&plowers, name)? =>
+            {
+                return errno(libc::EEXIST)
+            }
+            None => false,
+        };
+        self.copy_up(&parent)?;
         let occupant = if whiteout_here {
             Occupant::NonDir
         } else {
             Occupant::Nothing
         };
-        let opaque = kind == Kind::Dir && hidden_below;
+        // Something below was deleted here: a new directory must not show it again.
+        let opaque = kind == Kind::Dir && whiteout_here;
         let (owner, mode) = self.new_owner(ctx, &parent, kind, mode)?;
         let fd = up.create(
             &path, kind, mode, rdev, owner, target, open_flags, occupant, opaque,
         )?;
         trace!(op = "create", path = %path.display(), "created");
-        let r = self.resolve(&ppath, &plowers, name)?;
+        // The new object is pure upper: nothing below shows through it (the name was free,
+        // or a whiteout hid what is below and a directory made over it is opaque).
+        let st = match &fd {
+            Some(f) => rustix::fs::fstat(f)?,
+            None => up.dir.stat(&path)?.ok_or(Error::Errno(libc::ENOENT))?,
+        };
+        let r = Resolved {
+            kind,
+            upper: true,
+            lower: None,
+            lowers: Vec::new(),
+            ino: self.map_ino(0, st.st_ino),
+            st: None,
+        };
         let node = self.install(&parent, name, r)?;
-        let attr = self.attr(&node, None)?;
+        let attr = self.attr_from(&node, &st);
         Ok((Entry { id: node.id, attr }, fd))
     }
 

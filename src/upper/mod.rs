@@ -10,6 +10,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use rustix::fs::{
     AtFlags, FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps, XattrFlags,
@@ -32,6 +33,47 @@ pub const INCOMPAT_SUBDIR: &str = "incompat";
 /// (OVL_VOLATILE_DIRTY_NAME): while it exists, the upper may hold writes that never
 /// reached the disk, so a mount that finds it refuses (unless `volatile_recover`).
 pub const VOLATILE_MARKER: &str = "volatile";
+
+/// Environment variable naming a crash point: `STEP` or `STEP:N` (the N-th time STEP is
+/// reached in this process, counting from 1). The store's import steps use the same variable.
+pub const CRASH_AT_ENV: &str = "VERLAY_CRASH_AT";
+
+/// The parsed `VERLAY_CRASH_AT`: the step and which arrival at it kills.
+struct CrashAt {
+    step: String,
+    nth: u64,
+    reached: AtomicU64,
+}
+
+fn crash_at() -> Option<&'static CrashAt> {
+    static CRASH_AT: OnceLock<Option<CrashAt>> = OnceLock::new();
+    CRASH_AT
+        .get_or_init(|| {
+            let v = std::env::var(CRASH_AT_ENV).ok()?;
+            let (step, nth) = match v.rsplit_once(':') {
+                Some((s, n)) => (s.to_string(), n.parse().ok()?),
+                None => (v, 1),
+            };
+            Some(CrashAt {
+                step,
+                nth,
+                reached: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// A failpoint after a named step: with `VERLAY_CRASH_AT=<step>[:N]` the process kills itself
+/// with SIGKILL right after the step completed (its N-th time), as a crash of the daemon
+/// would. tests/kill.rs enumerates these points; docs/ordering.md lists them.
+fn crash_point(step: &str) {
+    let Some(c) = crash_at() else { return };
+    if c.step != step || c.reached.fetch_add(1, Ordering::AcqRel) + 1 != c.nth {
+        return;
+    }
+    warn!(step, "crash point reached ({CRASH_AT_ENV}): killing the daemon");
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+}
 
 /// Owner of a new object, as stored on disk.
 #[derive(Clone, Copy, Debug)]
@@ -299,8 +341,10 @@ impl Upper {
         format!("{}{short}", self.xattr_prefix)
     }
 
-    /// Move `tmp` from the work dir to `dst` in the upper: the single publishing step.
-    fn publish(&self, tmp: &Path, dst: &Path, occupant: Occupant) -> Result<()> {
+    /// Move `tmp` from the work dir to `dst` in the upper: the single publishing step,
+    /// named `step` (`copy_up.rename`, ...). Over a directory it is `publish.exchange`
+    /// (RENAME_EXCHANGE) then `publish.remove_old`, and `step` follows those.
+    fn publish(&self, tmp: &Path, dst: &Path, occupant: Occupant, step: &'static str) -> Result<()> {
         let dst = at_path(dst);
         match occupant {
             Occupant::Nothing => {
@@ -309,13 +353,16 @@ impl Upper {
             Occupant::NonDir => rustix::fs::renameat(&self.work, tmp, &self.dir.root, dst)?,
             Occupant::Dir => {
                 rustix::fs::renameat_with(&self.work, tmp, &self.dir.root, dst, RenameFlags::EXCHANGE)?;
+                crash_point("publish.exchange");
                 // The old directory (only whiteouts in it) is now in the work dir.
                 if let Err(e) = self.remove_tree_at(&self.work, tmp) {
                     warn!(step = "publish.remove_old", path = %dst.display(), error = %e,
                         "could not remove the replaced directory from the work dir; the next mount removes it");
                 }
+                crash_point("publish.remove_old");
             }
         }
+        crash_point(step);
         Ok(())
     }
 
@@ -366,7 +413,7 @@ impl Upper {
         self.check_writable()?;
         let tmp = self.tmp_name();
         let r = self.copy_up_to_tmp(src, src_rel, st, &tmp, origin_ino, with_data);
-        let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing));
+        let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing, "copy_up.rename"));
         if r.is_err() {
             self.discard(&tmp);
         }
@@ -394,9 +441,11 @@ impl Upper {
                     OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )?;
+                crash_point("copy_up.create");
                 if with_data {
                     let input = src.open_file(src_rel, OFlags::RDONLY)?;
                     copy_data(&input, &out, st.st_size as u64)?;
+                    crash_point("copy_up.data");
                 }
                 file = Some(out);
             }
@@ -409,8 +458,12 @@ impl Upper {
                 rustix::fs::mknodat(&self.work, tmp, ft, Mode::from_raw_mode(0o600), st.st_rdev)?;
             }
         }
+        if kind != Kind::File {
+            crash_point("copy_up.create");
+        }
         let tmp_proc = self.work_proc(tmp);
         self.copy_xattrs(&src.proc_path(src_rel), &tmp_proc)?;
+        crash_point("copy_up.xattrs");
         rustix::fs::chownat(
             &self.work,
             tmp,
@@ -418,16 +471,23 @@ impl Upper {
             gid(st.st_gid),
             AtFlags::SYMLINK_NOFOLLOW,
         )?;
+        crash_point("copy_up.owner");
         if kind != Kind::Symlink {
             // After chown, which clears setuid/setgid.
             rustix::fs::chmodat(&self.work, tmp, Mode::from_raw_mode(perm), AtFlags::empty())?;
+            crash_point("copy_up.mode");
         }
         if let Some(o) = origin_ino {
             self.set_origin(&tmp_proc, o)?;
+            crash_point("copy_up.origin");
         }
         rustix::fs::utimensat(&self.work, tmp, &stat_times(st), AtFlags::SYMLINK_NOFOLLOW)?;
+        crash_point("copy_up.times");
         if let Some(f) = file {
-            self.sync_step("copy_up.fsync", tmp, || rustix::fs::fsync(&f))?;
+            if self.fsync {
+                self.sync_step("copy_up.fsync", tmp, || rustix::fs::fsync(&f))?;
+                crash_point("copy_up.fsync");
+            }
         }
         Ok(())
     }
@@ -461,7 +521,10 @@ impl Upper {
         let tmp = self.tmp_name();
         let r = rustix::fs::mknodat(&self.work, &tmp, FileType::CharacterDevice, Mode::empty(), 0)
             .map_err(Error::from)
-            .and_then(|()| self.publish(&tmp, rel, occupant));
+            .and_then(|()| {
+                crash_point("whiteout.mknod");
+                self.publish(&tmp, rel, occupant, "whiteout.rename")
+            });
         if r.is_err() {
             self.discard(&tmp);
         }
@@ -472,13 +535,25 @@ impl Upper {
     /// so it can be removed or replaced.
     pub fn clear_whiteouts(&self, rel: &Path) -> Result<()> {
         self.check_writable()?;
+        let mut whiteouts = Vec::new();
         for e in self.dir.read_dir(rel)? {
             let p = rel.join(&e.name);
             if let Some(st) = self.dir.stat(&p)? {
                 if is_whiteout_stat(&st) {
-                    rustix::fs::unlinkat(&self.dir.root, &p, AtFlags::empty())?;
+                    whiteouts.push(p);
                 }
             }
+        }
+        if whiteouts.is_empty() {
+            return Ok(());
+        }
+        // Step clear_whiteouts.opaque: the directory is empty in the merged view; marking it
+        // opaque first keeps it so while its whiteouts go, so a crash in the middle can never
+        // show the deleted lower entries again (through its name or its redirect).
+        self.set_ovl_xattr(rel, "opaque", b"y")?;
+        for p in whiteouts {
+            rustix::fs::unlinkat(&self.dir.root, &p, AtFlags::empty())?;
+            crash_point("clear_whiteouts.unlink");
         }
         Ok(())
     }
@@ -489,8 +564,10 @@ impl Upper {
         if is_dir {
             self.clear_whiteouts(rel)?;
             rustix::fs::unlinkat(&self.dir.root, rel, AtFlags::REMOVEDIR)?;
+            crash_point("remove.rmdir");
         } else {
             rustix::fs::unlinkat(&self.dir.root, rel, AtFlags::empty())?;
+            crash_point("remove.unlink");
         }
         Ok(())
     }
@@ -512,7 +589,13 @@ impl Upper {
         opaque: bool,
     ) -> Result<Option<OwnedFd>> {
         self.check_writable()?;
-        let direct = occupant == Occupant::Nothing && !opaque;
+        // In place only when the object is complete the moment it exists: owned by the daemon's
+        // own ids and without setuid/setgid (which chown would clear). Otherwise it is made in the
+        // work dir, given its owner and mode, and published by rename, so a crash never leaves a
+        // root-owned file in a user's directory or a setuid file without its bit.
+        let daemon_owned = owner.uid == rustix::process::geteuid().as_raw()
+            && owner.gid == rustix::process::getegid().as_raw();
+        let direct = occupant == Occupant::Nothing && !opaque && daemon_owned && mode & 0o6000 == 0;
         // rename(2) cannot put a directory over a whiteout; swap them instead.
         let occupant = if kind == Kind::Dir && occupant == Occupant::NonDir {
             Occupant::Dir
@@ -547,6 +630,7 @@ impl Upper {
                 rustix::fs::mknodat(dirfd, name, ft, perm, rdev)?
             }
         }
+        crash_point("create.make");
         let finish = || -> Result<()> {
             match &file {
                 Some(f) => rustix::fs::fchown(f, uid(owner.uid), gid(owner.gid))?,
@@ -558,9 +642,11 @@ impl Upper {
                     AtFlags::SYMLINK_NOFOLLOW,
                 )?,
             }
+            crash_point("create.owner");
             if kind != Kind::Symlink && mode & 0o7000 != 0 {
                 // chown cleared setuid/setgid that the caller asked for.
                 rustix::fs::chmodat(dirfd, name, perm, AtFlags::empty())?;
+                crash_point("create.mode");
             }
             if opaque {
                 let p = if direct {
@@ -569,9 +655,10 @@ impl Upper {
                     self.work_proc(&tmp)
                 };
                 rustix::fs::lsetxattr(&p, self.ovl_xattr("opaque").as_str(), b"y", XattrFlags::empty())?;
+                crash_point("create.opaque");
             }
             if !direct {
-                self.publish(&tmp, rel, occupant)?;
+                self.publish(&tmp, rel, occupant, "create.rename")?;
             }
             Ok(())
         };
@@ -600,12 +687,16 @@ impl Upper {
         self.check_writable()?;
         if occupant == Occupant::Nothing {
             rustix::fs::linkat(&self.dir.root, src, &self.dir.root, dst, AtFlags::empty())?;
+            crash_point("link.link");
             return Ok(());
         }
         let tmp = self.tmp_name();
         let r = rustix::fs::linkat(&self.dir.root, src, &self.work, &tmp, AtFlags::empty())
             .map_err(Error::from)
-            .and_then(|()| self.publish(&tmp, dst, occupant));
+            .and_then(|()| {
+                crash_point("link.link");
+                self.publish(&tmp, dst, occupant, "link.rename")
+            });
         if r.is_err() {
             self.discard(&tmp);
         }
@@ -625,14 +716,21 @@ impl Upper {
                 new,
                 flags | RenameFlags::WHITEOUT,
             ) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    crash_point("rename.rename");
+                    return Ok(());
+                }
                 Err(rustix::io::Errno::INVAL | rustix::io::Errno::PERM) => {}
                 Err(e) => return Err(e.into()),
             }
             rustix::fs::renameat_with(&self.dir.root, old, &self.dir.root, new, flags)?;
-            self.whiteout(old, Occupant::Nothing)
+            crash_point("rename.rename");
+            self.whiteout(old, Occupant::Nothing)?;
+            crash_point("rename.whiteout");
+            Ok(())
         } else {
             rustix::fs::renameat_with(&self.dir.root, old, &self.dir.root, new, flags)?;
+            crash_point("rename.rename");
             Ok(())
         }
     }
@@ -646,6 +744,12 @@ impl Upper {
             value,
             XattrFlags::empty(),
         )?;
+        match short {
+            "opaque" => crash_point("set_ovl_xattr.opaque"),
+            "redirect" => crash_point("set_ovl_xattr.redirect"),
+            "impure" => crash_point("set_ovl_xattr.impure"),
+            _ => {}
+        }
         Ok(())
     }
 
