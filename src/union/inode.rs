@@ -69,7 +69,7 @@ pub struct Node {
     /// attributes of a removed directory (reported with nlink 0 while it is still open)
     pub gone_attr: Mutex<Option<Box<crate::union::Attr>>>,
     /// directories: live child nodes by name, so a name keeps its node while known
-    pub children: Mutex<HashMap<OsString, u64>>,
+    pub children: Mutex<ChildMap>,
 }
 
 impl Node {
@@ -81,6 +81,33 @@ impl Node {
     /// Snapshot of the state.
     pub fn snapshot(&self) -> NodeState {
         self.state.read().clone()
+    }
+}
+
+/// Live child nodes of a directory by name. Most nodes are files with no children, so the
+/// table is allocated on first use (a node stays 40 bytes smaller).
+#[derive(Debug, Default)]
+pub struct ChildMap(Option<Box<HashMap<OsString, u64>>>);
+
+impl ChildMap {
+    /// Node id of a child.
+    pub fn get(&self, name: &std::ffi::OsStr) -> Option<&u64> {
+        self.0.as_ref()?.get(name)
+    }
+
+    /// Record a child.
+    pub fn insert(&mut self, name: OsString, id: u64) {
+        self.0.get_or_insert_with(Default::default).insert(name, id);
+    }
+
+    /// Forget a child; the table goes when the last one does.
+    pub fn remove(&mut self, name: &std::ffi::OsStr) -> Option<u64> {
+        let map = self.0.as_mut()?;
+        let id = map.remove(name);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        id
     }
 }
 

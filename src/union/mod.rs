@@ -321,7 +321,7 @@ impl Union {
                 copy_up: Mutex::new(()),
                 handles: Mutex::new(Vec::new()),
                 gone_attr: Mutex::new(None),
-                children: Mutex::new(HashMap::new()),
+                children: Mutex::new(inode::ChildMap::default()),
             }),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
@@ -729,7 +729,7 @@ impl Union {
             copy_up: Mutex::new(()),
             handles: Mutex::new(Vec::new()),
             gone_attr: Mutex::new(None),
-            children: Mutex::new(HashMap::new()),
+            children: Mutex::new(inode::ChildMap::default()),
         });
         self.nodes.insert(node.clone());
         children.insert(name.to_os_string(), id);
@@ -834,10 +834,6 @@ impl Union {
                 let mut ch = parent.children.lock();
                 if ch.get(&st.name) == Some(&id) {
                     ch.remove(&st.name);
-                    if ch.is_empty() {
-                        // Give back the table of a directory whose children were forgotten.
-                        *ch = HashMap::new();
-                    }
                 }
             }
             return true;
