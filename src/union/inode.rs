@@ -87,6 +87,8 @@ impl Node {
 /// Live child nodes of a directory by name. Most nodes are files with no children, so the
 /// table is allocated on first use (a node stays 40 bytes smaller).
 #[derive(Debug, Default)]
+// The box is the point: an empty HashMap is 48 bytes inline in every node, a None is 8.
+#[allow(clippy::box_collection)]
 pub struct ChildMap(Option<Box<HashMap<OsString, u64>>>);
 
 impl ChildMap {
