@@ -31,8 +31,8 @@ pub struct LowerRef {
 pub struct NodeState {
     /// parent node id (meaningless once `unlinked`)
     pub parent: u64,
-    /// name in the parent
-    pub name: OsString,
+    /// name in the parent (shared with the parent's child table: one allocation)
+    pub name: Arc<std::ffi::OsStr>,
     /// no longer reachable by any name (open fds keep working)
     pub unlinked: bool,
     /// the object exists in the upper at the merged path
@@ -89,7 +89,7 @@ impl Node {
 #[derive(Debug, Default)]
 // The box is the point: an empty HashMap is 48 bytes inline in every node, a None is 8.
 #[allow(clippy::box_collection)]
-pub struct ChildMap(Option<Box<HashMap<OsString, u64>>>);
+pub struct ChildMap(Option<Box<HashMap<Arc<std::ffi::OsStr>, u64>>>);
 
 impl ChildMap {
     /// Node id of a child.
@@ -98,7 +98,7 @@ impl ChildMap {
     }
 
     /// Record a child.
-    pub fn insert(&mut self, name: OsString, id: u64) {
+    pub fn insert(&mut self, name: Arc<std::ffi::OsStr>, id: u64) {
         self.0.get_or_insert_with(Default::default).insert(name, id);
     }
 

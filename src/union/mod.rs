@@ -311,7 +311,7 @@ impl Union {
                 lookups: AtomicU64::new(1),
                 state: RwLock::new(NodeState {
                     parent: ROOT_ID,
-                    name: OsString::new(),
+                    name: Arc::from(OsStr::new("")),
                     unlinked: false,
                     upper: false,
                     lower: None,
@@ -381,7 +381,7 @@ impl Union {
 
     /// Merged path of a node (= its path in the upper).
     pub fn path_of(&self, node: &Node) -> Result<PathBuf> {
-        let mut names: Vec<OsString> = Vec::new();
+        let mut names: Vec<Arc<OsStr>> = Vec::new();
         let mut cur_id = node.id;
         let mut guard = 0;
         while cur_id != ROOT_ID {
@@ -390,15 +390,19 @@ impl Union {
             } else {
                 Some(self.node(cur_id)?)
             };
-            let st = match &cur {
-                Some(n) => n.state.read().clone(),
-                None => node.state.read().clone(),
+            // Only the parent link and the name: no copy of the rest of the state.
+            let (unlinked, parent, name) = {
+                let st = match &cur {
+                    Some(n) => n.state.read(),
+                    None => node.state.read(),
+                };
+                (st.unlinked, st.parent, st.name.clone())
             };
-            if st.unlinked {
+            if unlinked {
                 return errno(libc::ENOENT);
             }
-            names.push(st.name);
-            cur_id = st.parent;
+            names.push(name);
+            cur_id = parent;
             guard += 1;
             if guard > 4096 {
                 return errno(libc::ELOOP);
@@ -406,7 +410,7 @@ impl Union {
         }
         let mut p = PathBuf::new();
         for n in names.iter().rev() {
-            p.push(n);
+            p.push(&**n);
         }
         Ok(p)
     }
@@ -712,6 +716,7 @@ impl Union {
             }
         }
         let id = self.nodes.alloc_id();
+        let shared_name: Arc<OsStr> = Arc::from(name);
         let node = Arc::new(Node {
             id,
             kind: r.kind,
@@ -719,7 +724,7 @@ impl Union {
             lookups: AtomicU64::new(1),
             state: RwLock::new(NodeState {
                 parent: parent.id,
-                name: name.to_os_string(),
+                name: shared_name.clone(),
                 unlinked: false,
                 upper: r.upper,
                 lower: r.lower,
@@ -732,7 +737,7 @@ impl Union {
             children: Mutex::new(inode::ChildMap::default()),
         });
         self.nodes.insert(node.clone());
-        children.insert(name.to_os_string(), id);
+        children.insert(shared_name, id);
         Ok(node)
     }
 
@@ -1327,7 +1332,7 @@ impl Union {
             .write()
             .aliases
             .push((parent.id, newname.to_os_string()));
-        parent.children.lock().insert(newname.to_os_string(), node.id);
+        parent.children.lock().insert(Arc::from(newname), node.id);
         let attr = self.attr(&node, None)?;
         Ok(Entry { id: node.id, attr })
     }
@@ -1388,11 +1393,11 @@ impl Union {
         let id = parent.children.lock().remove(name);
         if let Some(node) = id.and_then(|id| self.nodes.get(id)) {
             let mut st = node.state.write();
-            if st.parent == parent.id && st.name == name {
+            if st.parent == parent.id && &*st.name == name {
                 match st.aliases.pop() {
                     Some((p, n)) => {
                         st.parent = p;
-                        st.name = n;
+                        st.name = Arc::from(n.as_os_str());
                     }
                     None => st.unlinked = true,
                 }
@@ -1405,15 +1410,15 @@ impl Union {
     /// Record that the name (`from`, `old`) of a node is now (`to`, `new`).
     fn rename_name(&self, node: &Node, from: u64, old: &OsStr, to: u64, new: &OsStr) {
         let mut st = node.state.write();
-        if st.parent == from && st.name == old {
+        if st.parent == from && &*st.name == old {
             st.parent = to;
-            st.name = new.to_os_string();
+            st.name = Arc::from(new);
             st.unlinked = false;
         } else if let Some(a) = st.aliases.iter_mut().find(|(p, n)| *p == from && n == old) {
             *a = (to, new.to_os_string());
         } else {
             st.parent = to;
-            st.name = new.to_os_string();
+            st.name = Arc::from(new);
             st.unlinked = false;
         }
     }
@@ -1562,9 +1567,9 @@ impl Union {
             self.rename_name(d, newp.id, newname, oldp.id, name);
             {
                 let mut ch = oldp.children.lock();
-                ch.insert(name.to_os_string(), d.id);
+                ch.insert(Arc::from(name), d.id);
             }
-            newp.children.lock().insert(newname.to_os_string(), src.id);
+            newp.children.lock().insert(Arc::from(newname), src.id);
             drop(src_guard);
             return Ok(());
         }
@@ -1611,7 +1616,7 @@ impl Union {
         }
         oldp.children.lock().remove(name);
         self.rename_name(&src, oldp.id, name, newp.id, newname);
-        newp.children.lock().insert(newname.to_os_string(), src.id);
+        newp.children.lock().insert(Arc::from(newname), src.id);
         drop(src_guard);
         Ok(())
     }
