@@ -13,6 +13,9 @@
 //! filesystem under the upper that starts failing its writes (XFS shutdown under a loop
 //! device), a full filesystem and a full quota.
 
+#[path = "common/guard.rs"]
+mod guard;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -69,13 +72,7 @@ fn run(cmd: &str, args: &[&str]) {
     );
 }
 
-fn is_mounted(mnt: &Path) -> bool {
-    let want = mnt.to_string_lossy();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*want))
-}
+use guard::is_mounted;
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
@@ -311,29 +308,7 @@ impl Verlay {
 
 impl Drop for Verlay {
     fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let ok = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            }
-        }
-        if let Some(mut c) = self.child.take() {
-            let start = Instant::now();
-            while start.elapsed() < WAIT {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        guard::unmount_and_reap(&self.mnt, self.child.take(), WAIT);
     }
 }
 

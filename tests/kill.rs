@@ -38,6 +38,8 @@
 #![allow(unsafe_code)]
 
 mod common;
+#[path = "common/guard.rs"]
+mod guard;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -66,13 +68,7 @@ const MAX_OPS_PER_ROUND: usize = 200_000;
 // ---------------------------------------------------------------------------------------------
 // daemon guard
 
-fn is_mounted(mnt: &Path) -> bool {
-    let want = mnt.to_string_lossy();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*want))
-}
+use guard::is_mounted;
 
 /// Lazily unmount a mount whose daemon is gone (it answers ENOTCONN).
 fn umount_dead(mnt: &Path) {
@@ -226,29 +222,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let ok = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            }
-        }
-        if let Some(mut c) = self.child.take() {
-            let start = Instant::now();
-            while start.elapsed() < WAIT {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        guard::unmount_and_reap(&self.mnt, self.child.take(), WAIT);
     }
 }
 
