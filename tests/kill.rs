@@ -183,6 +183,13 @@ impl Daemon {
 
     /// Wait for the daemon to exit by itself (a crash point), then drop its dead mount.
     fn wait_exit(&mut self) -> ExitStatus {
+        let st = self.reap();
+        umount_dead(&self.mnt);
+        st
+    }
+
+    /// Wait for the daemon process to exit (the mount, dead or not, stays).
+    fn reap(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let start = Instant::now();
         let st = loop {
@@ -196,14 +203,15 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        umount_dead(&self.mnt);
         st
     }
 
     /// SIGKILL by PID, then drop the dead mount.
+    /// kill -9 the daemon and wait for it; the dead mount stays until the guard is dropped,
+    /// so a workload still running on it gets ENOTCONN, never the directory under the mount.
     fn kill9(&mut self) -> ExitStatus {
         let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::KILL);
-        self.wait_exit()
+        self.reap()
     }
 
     /// Clean unmount; the daemon must exit successfully.
