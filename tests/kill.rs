@@ -216,12 +216,22 @@ impl Daemon {
 
     /// Clean unmount; the daemon must exit successfully.
     fn stop(&mut self) {
-        let ok = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mnt)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        // Another test's fork can hold a copy of an fd into this mount for a moment (until
+        // its exec closes it): EBUSY then is transient, so retry for a while.
+        let start = Instant::now();
+        let ok = loop {
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok || start.elapsed() > WAIT {
+                break ok;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(ok, "fusermount3 -u {}", self.mnt.display());
         let st = self.wait_exit();
         assert!(st.success(), "daemon exited with {st}: {}", self.log());
