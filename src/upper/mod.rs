@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use rustix::fs::{
-    FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps, XattrFlags,
-};
+use rustix::fs::{FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps, XattrFlags};
 use tracing::{debug, error, info, warn};
 
 use crate::error::{Error, Result};
@@ -135,7 +133,6 @@ pub fn stat_times(st: &Stat) -> Timestamps {
         last_modification: ts(st.st_mtime, st.st_mtime_nsec as i64),
     }
 }
-
 
 /// Namespaces of xattrs that belong to overlay implementations other than the kernel's own
 /// format: never shown to users, never copied up.
@@ -260,8 +257,10 @@ impl Upper {
     pub fn check_features(&self) -> Result<()> {
         let name = format!("{}verlay-probe", self.xattr_prefix);
         let root = Path::new("");
-        self.store.set_xattr(Base::Work, root, OsStr::new(&name), b"y", XattrFlags::empty()).map_err(|e| {
-            Error::usage(
+        self.store
+            .set_xattr(Base::Work, root, OsStr::new(&name), b"y", XattrFlags::empty())
+            .map_err(|e| {
+                Error::usage(
                 format!("upperdir \"{}\"", self.dir.path.display()),
                 format!(
                     "its filesystem does not support {}* xattrs ({e})",
@@ -269,7 +268,7 @@ impl Upper {
                 ),
                 "put upperdir and workdir on a filesystem with xattr support, e.g. ext4, xfs, btrfs or tmpfs",
             )
-        })?;
+            })?;
         let _ = self.store.remove_xattr(Base::Work, root, OsStr::new(&name));
         let probe = self.tmp_name();
         self.store.mkdir(Base::Work, &probe, 0o700)?;
@@ -377,7 +376,10 @@ impl Upper {
                 continue;
             }
             if let Some(v) = get_xattr_path(src_path, &name)? {
-                match self.store.set_xattr(Base::Work, tmp, &name, &v, XattrFlags::empty()) {
+                match self
+                    .store
+                    .set_xattr(Base::Work, tmp, &name, &v, XattrFlags::empty())
+                {
                     Ok(()) => {}
                     // security.* may be refused (e.g. security.selinux without policy):
                     // the kernel skips such xattrs on copy-up too.
@@ -414,8 +416,18 @@ impl Upper {
         let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing, "copy_up.rename"));
         if r.is_err() {
             self.discard(&tmp);
+            return r;
         }
-        r
+        // copy_up.fsync_dir: make the published name durable. Without it a power loss can
+        // drop the new entry while the data an application then fsyncs lives only in the
+        // copy: the lower version would come back (found by the simulated store).
+        if self.fsync {
+            let parent = dst.parent().unwrap_or(Path::new(""));
+            self.sync_step("copy_up.fsync_dir", parent, || {
+                self.store.fsync_dir(Base::Upper, parent)
+            })?;
+        }
+        Ok(())
     }
 
     fn copy_up_to_tmp(

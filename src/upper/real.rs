@@ -143,7 +143,12 @@ impl UpperStore for RealStore {
     }
 
     fn chmod(&self, at: Base, rel: &Path, mode: u32) -> Result<()> {
-        rustix::fs::chmodat(self.dir(at), at_path(rel), Mode::from_raw_mode(mode), AtFlags::empty())
+        rustix::fs::chmodat(
+            self.dir(at),
+            at_path(rel),
+            Mode::from_raw_mode(mode),
+            AtFlags::empty(),
+        )
     }
 
     fn utimens(&self, at: Base, rel: &Path, times: &Timestamps) -> Result<()> {
@@ -178,13 +183,17 @@ impl UpperStore for RealStore {
         let mut out = Vec::new();
         for ent in rd {
             let ent = ent.map_err(errno)?;
-            out.push((ent.file_name(), ent.file_type().ok().and_then(Kind::from_file_type)));
+            out.push((
+                ent.file_name(),
+                ent.file_type().ok().and_then(Kind::from_file_type),
+            ));
         }
         Ok(out)
     }
 
     fn get_xattr(&self, at: Base, rel: &Path, name: &OsStr) -> Result<Option<Vec<u8>>> {
-        crate::layer::get_xattr_path(&self.proc(at, rel), name).map_err(|e| Errno::from_raw_os_error(e.errno()))
+        crate::layer::get_xattr_path(&self.proc(at, rel), name)
+            .map_err(|e| Errno::from_raw_os_error(e.errno()))
     }
 }
 
