@@ -12,14 +12,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use rustix::fs::{
-    AtFlags, FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps, XattrFlags,
-};
-use rustix::process::{Gid, Uid};
+use rustix::fs::{FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps, XattrFlags};
 use tracing::{debug, error, info, warn};
 
-use crate::error::{Error, NotFoundOk, Result};
-use crate::layer::{at_path, get_xattr_path, is_whiteout_stat, list_xattr_path, Kind, LayerDir};
+use crate::error::{Error, Result};
+use crate::layer::{get_xattr_path, list_xattr_path, Kind, LayerDir};
+
+pub mod real;
+pub mod sim;
+pub mod store;
+
+use store::{Base, StoreFile, UpperStore};
 
 /// Name of the kernel's scratch directory inside workdir; our temps live there too, so a
 /// workdir stays usable by kernel overlayfs.
@@ -100,7 +103,8 @@ pub enum Occupant {
 pub struct Upper {
     /// upperdir, for reads as well
     pub dir: LayerDir,
-    work: OwnedFd,
+    /// every write to upperdir and workdir goes through this
+    store: Box<dyn UpperStore>,
     work_path: PathBuf,
     /// `trusted.overlay.` or, where trusted.* cannot be written, `user.overlay.`
     pub xattr_prefix: &'static str,
@@ -128,13 +132,6 @@ pub fn stat_times(st: &Stat) -> Timestamps {
         last_access: ts(st.st_atime, st.st_atime_nsec as i64),
         last_modification: ts(st.st_mtime, st.st_mtime_nsec as i64),
     }
-}
-
-fn uid(u: u32) -> Option<Uid> {
-    Some(Uid::from_raw(u))
-}
-fn gid(g: u32) -> Option<Gid> {
-    Some(Gid::from_raw(g))
 }
 
 /// Namespaces of xattrs that belong to overlay implementations other than the kernel's own
@@ -216,25 +213,42 @@ impl Upper {
             Mode::empty(),
         )
         .map_err(|e| Error::io("open workdir/work", &work_path, e.into()))?;
-        let probe = "trusted.overlay.verlay-probe";
-        let (xattr_prefix, origin_xattr) =
-            match rustix::fs::lsetxattr(&work_path, probe, b"y", XattrFlags::empty()) {
-                Ok(()) => {
-                    let _ = rustix::fs::lremovexattr(&work_path, probe);
-                    ("trusted.overlay.", "trusted.verlay.origin")
-                }
-                Err(_) => ("user.overlay.", "user.verlay.origin"),
-            };
-        Ok(Upper {
+        let upper_fd = rustix::io::dup(&dir.root).map_err(|e| Error::io("dup upperdir", upper, e.into()))?;
+        let store = real::RealStore::new(upper_fd, work);
+        let probe = OsStr::new("trusted.overlay.verlay-probe");
+        let trusted = store
+            .set_xattr(Base::Work, Path::new(""), probe, b"y", XattrFlags::empty())
+            .is_ok();
+        if trusted {
+            let _ = store.remove_xattr(Base::Work, Path::new(""), probe);
+        }
+        Ok(Upper::with_store(dir, work_path, Box::new(store), trusted, fsync))
+    }
+
+    /// An upper whose writes go through `store` (the real one, or the simulated store of
+    /// the crash tests). `dir` serves the union's reads; `work_path` is for messages.
+    pub fn with_store(
+        dir: LayerDir,
+        work_path: PathBuf,
+        store: Box<dyn UpperStore>,
+        trusted: bool,
+        fsync: bool,
+    ) -> Upper {
+        let (xattr_prefix, origin_xattr) = if trusted {
+            ("trusted.overlay.", "trusted.verlay.origin")
+        } else {
+            ("user.overlay.", "user.verlay.origin")
+        };
+        Upper {
             dir,
-            work,
+            store,
             work_path,
             xattr_prefix,
             origin_xattr,
             fsync,
             counter: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
-        })
+        }
     }
 
     /// Check that the upper filesystem can hold an overlay: xattrs of our namespace and
@@ -242,8 +256,11 @@ impl Upper {
     /// whiteouts are found by type while listing).
     pub fn check_features(&self) -> Result<()> {
         let name = format!("{}verlay-probe", self.xattr_prefix);
-        rustix::fs::lsetxattr(&self.work_path, name.as_str(), b"y", XattrFlags::empty()).map_err(|e| {
-            Error::usage(
+        let root = Path::new("");
+        self.store
+            .set_xattr(Base::Work, root, OsStr::new(&name), b"y", XattrFlags::empty())
+            .map_err(|e| {
+                Error::usage(
                 format!("upperdir \"{}\"", self.dir.path.display()),
                 format!(
                     "its filesystem does not support {}* xattrs ({e})",
@@ -251,18 +268,20 @@ impl Upper {
                 ),
                 "put upperdir and workdir on a filesystem with xattr support, e.g. ext4, xfs, btrfs or tmpfs",
             )
-        })?;
-        let _ = rustix::fs::lremovexattr(&self.work_path, name.as_str());
+            })?;
+        let _ = self.store.remove_xattr(Base::Work, root, OsStr::new(&name));
         let probe = self.tmp_name();
-        rustix::fs::mkdirat(&self.work, &probe, Mode::from_raw_mode(0o700))?;
-        let listed = std::fs::read_dir(&self.work_path)
-            .map_err(|e| Error::io("readdir", &self.work_path, e))?
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name() == probe.as_os_str())
-            .map(|e| e.file_type().ok());
-        let _ = rustix::fs::unlinkat(&self.work, &probe, AtFlags::REMOVEDIR);
+        self.store.mkdir(Base::Work, &probe, 0o700)?;
+        let listed = self
+            .store
+            .read_dir(Base::Work, root)
+            .map_err(|e| Error::io("readdir", &self.work_path, e.into()))?
+            .into_iter()
+            .find(|(n, _)| n == probe.as_os_str())
+            .map(|(_, k)| k);
+        let _ = self.store.rmdir(Base::Work, &probe);
         match listed {
-            Some(Some(t)) if t.is_dir() => Ok(()),
+            Some(Some(Kind::Dir)) => Ok(()),
             _ => Err(Error::usage(
                 format!("upperdir \"{}\"", self.dir.path.display()),
                 "its filesystem does not report file types in directory listings (d_type)",
@@ -275,42 +294,30 @@ impl Upper {
     /// merged view, so removing them loses nothing that was published.
     pub fn clean_work(&self) -> Result<usize> {
         let mut n = 0;
-        let rd = std::fs::read_dir(&self.work_path).map_err(|e| Error::io("readdir", &self.work_path, e))?;
-        for ent in rd.flatten() {
-            let name = ent.file_name();
-            self.remove_tree_at(&self.work, Path::new(&name))?;
+        let rd = self
+            .store
+            .read_dir(Base::Work, Path::new(""))
+            .map_err(|e| Error::io("readdir", &self.work_path, e.into()))?;
+        for (name, _) in rd {
+            self.remove_tree_at(Base::Work, Path::new(&name))?;
             info!(step = "mount.clean_work", path = ?name, "removed leftover from the work dir");
             n += 1;
         }
         Ok(n)
     }
 
-    fn remove_tree_at(&self, dirfd: &OwnedFd, rel: &Path) -> Result<()> {
-        let st = match rustix::fs::statat(dirfd, rel, AtFlags::SYMLINK_NOFOLLOW).not_found_ok()? {
-            Some(st) => st,
+    fn remove_tree_at(&self, at: Base, rel: &Path) -> Result<()> {
+        let meta = match self.store.stat(at, rel)? {
+            Some(m) => m,
             None => return Ok(()),
         };
-        if Kind::from_mode(st.st_mode) == Kind::Dir {
-            let sub = rustix::fs::openat(
-                dirfd,
-                rel,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-            )?;
-            let names: Vec<OsString> = {
-                let p = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&sub)));
-                std::fs::read_dir(&p)
-                    .map_err(|e| Error::io("readdir", rel, e))?
-                    .flatten()
-                    .map(|e| e.file_name())
-                    .collect()
-            };
-            for name in names {
-                self.remove_tree_at(&sub, Path::new(&name))?;
+        if meta.kind == Kind::Dir {
+            for (name, _) in self.store.read_dir(at, rel)? {
+                self.remove_tree_at(at, &rel.join(name))?;
             }
-            rustix::fs::unlinkat(dirfd, rel, AtFlags::REMOVEDIR)?;
+            self.store.rmdir(at, rel)?;
         } else {
-            rustix::fs::unlinkat(dirfd, rel, AtFlags::empty())?;
+            self.store.unlink(at, rel)?;
         }
         Ok(())
     }
@@ -319,14 +326,6 @@ impl Upper {
     pub fn tmp_name(&self) -> PathBuf {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         PathBuf::from(format!("#verlay.{}.{n:x}", std::process::id()))
-    }
-
-    fn work_proc(&self, tmp: &Path) -> PathBuf {
-        PathBuf::from(format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&self.work)
-        ))
-        .join(tmp)
     }
 
     /// The name mapping for this upper's namespace.
@@ -345,17 +344,15 @@ impl Upper {
     /// named `step` (`copy_up.rename`, ...). Over a directory it is `publish.exchange`
     /// (RENAME_EXCHANGE) then `publish.remove_old`, and `step` follows those.
     fn publish(&self, tmp: &Path, dst: &Path, occupant: Occupant, step: &'static str) -> Result<()> {
-        let dst = at_path(dst);
+        let st = &self.store;
         match occupant {
-            Occupant::Nothing => {
-                rustix::fs::renameat_with(&self.work, tmp, &self.dir.root, dst, RenameFlags::NOREPLACE)?
-            }
-            Occupant::NonDir => rustix::fs::renameat(&self.work, tmp, &self.dir.root, dst)?,
+            Occupant::Nothing => st.rename(Base::Work, tmp, Base::Upper, dst, RenameFlags::NOREPLACE)?,
+            Occupant::NonDir => st.rename(Base::Work, tmp, Base::Upper, dst, RenameFlags::empty())?,
             Occupant::Dir => {
-                rustix::fs::renameat_with(&self.work, tmp, &self.dir.root, dst, RenameFlags::EXCHANGE)?;
+                st.rename(Base::Work, tmp, Base::Upper, dst, RenameFlags::EXCHANGE)?;
                 crash_point("publish.exchange");
                 // The old directory (only whiteouts in it) is now in the work dir.
-                if let Err(e) = self.remove_tree_at(&self.work, tmp) {
+                if let Err(e) = self.remove_tree_at(Base::Work, tmp) {
                     warn!(step = "publish.remove_old", path = %dst.display(), error = %e,
                         "could not remove the replaced directory from the work dir; the next mount removes it");
                 }
@@ -367,19 +364,22 @@ impl Upper {
     }
 
     fn discard(&self, tmp: &Path) {
-        let _ = self.remove_tree_at(&self.work, tmp);
+        let _ = self.remove_tree_at(Base::Work, tmp);
     }
 
     /// Copy the xattrs of `src_path` (any layer, via /proc path) to `dst_path`, except the
     /// overlay's own.
-    fn copy_xattrs(&self, src_path: &Path, dst_path: &Path) -> Result<()> {
+    fn copy_xattrs(&self, src_path: &Path, tmp: &Path) -> Result<()> {
         let names = self.names();
         for name in list_xattr_path(src_path)? {
             if !names.is_user_data(&name) {
                 continue;
             }
             if let Some(v) = get_xattr_path(src_path, &name)? {
-                match rustix::fs::lsetxattr(dst_path, name.as_os_str(), &v, XattrFlags::empty()) {
+                match self
+                    .store
+                    .set_xattr(Base::Work, tmp, &name, &v, XattrFlags::empty())
+                {
                     Ok(()) => {}
                     // security.* may be refused (e.g. security.selinux without policy):
                     // the kernel skips such xattrs on copy-up too.
@@ -416,8 +416,18 @@ impl Upper {
         let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing, "copy_up.rename"));
         if r.is_err() {
             self.discard(&tmp);
+            return r;
         }
-        r
+        // copy_up.fsync_dir: make the published name durable. Without it a power loss can
+        // drop the new entry while the data an application then fsyncs lives only in the
+        // copy: the lower version would come back (found by the simulated store).
+        if self.fsync {
+            let parent = dst.parent().unwrap_or(Path::new(""));
+            self.sync_step("copy_up.fsync_dir", parent, || {
+                self.store.fsync_dir(Base::Upper, parent)
+            })?;
+        }
+        Ok(())
     }
 
     fn copy_up_to_tmp(
@@ -431,71 +441,61 @@ impl Upper {
     ) -> Result<()> {
         let kind = Kind::from_mode(st.st_mode);
         let perm = st.st_mode & 0o7777;
-        let mut file: Option<OwnedFd> = None;
+        let store = &self.store;
+        let mut file: Option<StoreFile> = None;
         match kind {
-            Kind::Dir => rustix::fs::mkdirat(&self.work, tmp, Mode::from_raw_mode(0o700))?,
+            Kind::Dir => store.mkdir(Base::Work, tmp, 0o700)?,
             Kind::File => {
-                let out = rustix::fs::openat(
-                    &self.work,
-                    tmp,
-                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )?;
+                let out = store.create_file(Base::Work, tmp, 0o600, OFlags::WRONLY)?;
                 crash_point("copy_up.create");
                 if with_data {
                     let input = src.open_file(src_rel, OFlags::RDONLY)?;
-                    copy_data(&input, &out, st.st_size as u64)?;
+                    store.copy_from(&out, input.as_fd(), st.st_size as u64)?;
                     crash_point("copy_up.data");
                 }
                 file = Some(out);
             }
             Kind::Symlink => {
                 let target = src.readlink(src_rel)?;
-                rustix::fs::symlinkat(target.as_os_str(), &self.work, tmp)?;
+                store.symlink(target.as_os_str(), Base::Work, tmp)?;
             }
             Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket => {
                 let ft = FileType::from_raw_mode(st.st_mode);
-                rustix::fs::mknodat(&self.work, tmp, ft, Mode::from_raw_mode(0o600), st.st_rdev)?;
+                store.mknod(Base::Work, tmp, ft, 0o600, st.st_rdev)?;
             }
         }
         if kind != Kind::File {
             crash_point("copy_up.create");
         }
-        let tmp_proc = self.work_proc(tmp);
-        self.copy_xattrs(&src.proc_path(src_rel), &tmp_proc)?;
+        self.copy_xattrs(&src.proc_path(src_rel), tmp)?;
         crash_point("copy_up.xattrs");
-        rustix::fs::chownat(
-            &self.work,
-            tmp,
-            uid(st.st_uid),
-            gid(st.st_gid),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        store.chown(Base::Work, tmp, Some(st.st_uid), Some(st.st_gid))?;
         crash_point("copy_up.owner");
         if kind != Kind::Symlink {
             // After chown, which clears setuid/setgid.
-            rustix::fs::chmodat(&self.work, tmp, Mode::from_raw_mode(perm), AtFlags::empty())?;
+            store.chmod(Base::Work, tmp, perm)?;
             crash_point("copy_up.mode");
         }
         if let Some(o) = origin_ino {
-            self.set_origin(&tmp_proc, o)?;
+            self.set_origin(Base::Work, tmp, o)?;
             crash_point("copy_up.origin");
         }
-        rustix::fs::utimensat(&self.work, tmp, &stat_times(st), AtFlags::SYMLINK_NOFOLLOW)?;
+        store.utimens(Base::Work, tmp, &stat_times(st))?;
         crash_point("copy_up.times");
         if let Some(f) = file {
             if self.fsync {
-                self.sync_step("copy_up.fsync", tmp, || rustix::fs::fsync(&f))?;
+                self.sync_step("copy_up.fsync", tmp, || store.fsync_file(&f))?;
                 crash_point("copy_up.fsync");
             }
         }
         Ok(())
     }
 
-    fn set_origin(&self, path: &Path, origin_ino: u64) -> Result<()> {
-        match rustix::fs::lsetxattr(
-            path,
-            self.origin_xattr,
+    fn set_origin(&self, at: Base, rel: &Path, origin_ino: u64) -> Result<()> {
+        match self.store.set_xattr(
+            at,
+            rel,
+            OsStr::new(self.origin_xattr),
             &origin_ino.to_le_bytes(),
             XattrFlags::empty(),
         ) {
@@ -519,7 +519,9 @@ impl Upper {
     pub fn whiteout(&self, rel: &Path, occupant: Occupant) -> Result<()> {
         self.check_writable()?;
         let tmp = self.tmp_name();
-        let r = rustix::fs::mknodat(&self.work, &tmp, FileType::CharacterDevice, Mode::empty(), 0)
+        let r = self
+            .store
+            .mknod(Base::Work, &tmp, FileType::CharacterDevice, 0, 0)
             .map_err(Error::from)
             .and_then(|()| {
                 crash_point("whiteout.mknod");
@@ -536,10 +538,10 @@ impl Upper {
     pub fn clear_whiteouts(&self, rel: &Path) -> Result<()> {
         self.check_writable()?;
         let mut whiteouts = Vec::new();
-        for e in self.dir.read_dir(rel)? {
-            let p = rel.join(&e.name);
-            if let Some(st) = self.dir.stat(&p)? {
-                if is_whiteout_stat(&st) {
+        for (name, _) in self.store.read_dir(Base::Upper, rel)? {
+            let p = rel.join(&name);
+            if let Some(m) = self.store.stat(Base::Upper, &p)? {
+                if m.is_whiteout() {
                     whiteouts.push(p);
                 }
             }
@@ -552,7 +554,7 @@ impl Upper {
         // show the deleted lower entries again (through its name or its redirect).
         self.set_ovl_xattr(rel, "opaque", b"y")?;
         for p in whiteouts {
-            rustix::fs::unlinkat(&self.dir.root, &p, AtFlags::empty())?;
+            self.store.unlink(Base::Upper, &p)?;
             crash_point("clear_whiteouts.unlink");
         }
         Ok(())
@@ -563,10 +565,10 @@ impl Upper {
         self.check_writable()?;
         if is_dir {
             self.clear_whiteouts(rel)?;
-            rustix::fs::unlinkat(&self.dir.root, rel, AtFlags::REMOVEDIR)?;
+            self.store.rmdir(Base::Upper, rel)?;
             crash_point("remove.rmdir");
         } else {
-            rustix::fs::unlinkat(&self.dir.root, rel, AtFlags::empty())?;
+            self.store.unlink(Base::Upper, rel)?;
             crash_point("remove.unlink");
         }
         Ok(())
@@ -603,58 +605,41 @@ impl Upper {
             occupant
         };
         let tmp = self.tmp_name();
-        let (dirfd, name): (&OwnedFd, &Path) = if direct {
-            (&self.dir.root, rel)
+        let (at, name): (Base, &Path) = if direct {
+            (Base::Upper, rel)
         } else {
-            (&self.work, &tmp)
+            (Base::Work, &tmp)
         };
-        let perm = Mode::from_raw_mode(mode & 0o7777);
+        let store = &self.store;
+        let perm = mode & 0o7777;
         let mut file = None;
         match kind {
-            Kind::File => {
-                let f = rustix::fs::openat(
-                    dirfd,
-                    name,
-                    open_flags | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-                    perm,
-                )?;
-                file = Some(f);
-            }
-            Kind::Dir => rustix::fs::mkdirat(dirfd, name, perm)?,
+            Kind::File => file = Some(store.create_file(at, name, perm, open_flags)?),
+            Kind::Dir => store.mkdir(at, name, perm)?,
             Kind::Symlink => {
                 let target = symlink_target.ok_or(Error::Errno(libc::EINVAL))?;
-                rustix::fs::symlinkat(target, dirfd, name)?
+                store.symlink(target, at, name)?
             }
             Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket => {
                 let ft = FileType::from_raw_mode(mode);
-                rustix::fs::mknodat(dirfd, name, ft, perm, rdev)?
+                store.mknod(at, name, ft, perm, rdev)?
             }
         }
         crash_point("create.make");
         let finish = || -> Result<()> {
             match &file {
-                Some(f) => rustix::fs::fchown(f, uid(owner.uid), gid(owner.gid))?,
-                None => rustix::fs::chownat(
-                    dirfd,
-                    name,
-                    uid(owner.uid),
-                    gid(owner.gid),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?,
+                Some(f) => store.fchown(f, owner.uid, owner.gid)?,
+                None => store.chown(at, name, Some(owner.uid), Some(owner.gid))?,
             }
             crash_point("create.owner");
             if kind != Kind::Symlink && mode & 0o7000 != 0 {
                 // chown cleared setuid/setgid that the caller asked for.
-                rustix::fs::chmodat(dirfd, name, perm, AtFlags::empty())?;
+                store.chmod(at, name, perm)?;
                 crash_point("create.mode");
             }
             if opaque {
-                let p = if direct {
-                    self.dir.proc_path(rel)
-                } else {
-                    self.work_proc(&tmp)
-                };
-                rustix::fs::lsetxattr(&p, self.ovl_xattr("opaque").as_str(), b"y", XattrFlags::empty())?;
+                let xname = self.ovl_xattr("opaque");
+                store.set_xattr(at, name, OsStr::new(&xname), b"y", XattrFlags::empty())?;
                 crash_point("create.opaque");
             }
             if !direct {
@@ -663,16 +648,16 @@ impl Upper {
             Ok(())
         };
         match finish() {
-            Ok(()) => Ok(file),
+            // Only a real store has an fd to hand to the union.
+            Ok(()) => Ok(file.and_then(StoreFile::into_fd)),
             Err(e) => {
                 drop(file);
                 if direct {
-                    let flag = if kind == Kind::Dir {
-                        AtFlags::REMOVEDIR
+                    let _ = if kind == Kind::Dir {
+                        store.rmdir(Base::Upper, rel)
                     } else {
-                        AtFlags::empty()
+                        store.unlink(Base::Upper, rel)
                     };
-                    let _ = rustix::fs::unlinkat(&self.dir.root, rel, flag);
                 } else {
                     self.discard(&tmp);
                 }
@@ -686,12 +671,14 @@ impl Upper {
     pub fn link(&self, src: &Path, dst: &Path, occupant: Occupant) -> Result<()> {
         self.check_writable()?;
         if occupant == Occupant::Nothing {
-            rustix::fs::linkat(&self.dir.root, src, &self.dir.root, dst, AtFlags::empty())?;
+            self.store.link(Base::Upper, src, Base::Upper, dst)?;
             crash_point("link.link");
             return Ok(());
         }
         let tmp = self.tmp_name();
-        let r = rustix::fs::linkat(&self.dir.root, src, &self.work, &tmp, AtFlags::empty())
+        let r = self
+            .store
+            .link(Base::Upper, src, Base::Work, &tmp)
             .map_err(Error::from)
             .and_then(|()| {
                 crash_point("link.link");
@@ -709,13 +696,10 @@ impl Upper {
     pub fn rename(&self, old: &Path, new: &Path, flags: RenameFlags, whiteout_old: bool) -> Result<()> {
         self.check_writable()?;
         if whiteout_old {
-            match rustix::fs::renameat_with(
-                &self.dir.root,
-                old,
-                &self.dir.root,
-                new,
-                flags | RenameFlags::WHITEOUT,
-            ) {
+            match self
+                .store
+                .rename(Base::Upper, old, Base::Upper, new, flags | RenameFlags::WHITEOUT)
+            {
                 Ok(()) => {
                     crash_point("rename.rename");
                     return Ok(());
@@ -723,13 +707,13 @@ impl Upper {
                 Err(rustix::io::Errno::INVAL | rustix::io::Errno::PERM) => {}
                 Err(e) => return Err(e.into()),
             }
-            rustix::fs::renameat_with(&self.dir.root, old, &self.dir.root, new, flags)?;
+            self.store.rename(Base::Upper, old, Base::Upper, new, flags)?;
             crash_point("rename.rename");
             self.whiteout(old, Occupant::Nothing)?;
             crash_point("rename.whiteout");
             Ok(())
         } else {
-            rustix::fs::renameat_with(&self.dir.root, old, &self.dir.root, new, flags)?;
+            self.store.rename(Base::Upper, old, Base::Upper, new, flags)?;
             crash_point("rename.rename");
             Ok(())
         }
@@ -738,12 +722,9 @@ impl Upper {
     /// Set an overlay xattr (`opaque`, `redirect`) on an upper object.
     pub fn set_ovl_xattr(&self, rel: &Path, short: &str, value: &[u8]) -> Result<()> {
         self.check_writable()?;
-        rustix::fs::lsetxattr(
-            self.dir.proc_path(rel),
-            self.ovl_xattr(short).as_str(),
-            value,
-            XattrFlags::empty(),
-        )?;
+        let name = self.ovl_xattr(short);
+        self.store
+            .set_xattr(Base::Upper, rel, OsStr::new(&name), value, XattrFlags::empty())?;
         match short {
             "opaque" => crash_point("set_ovl_xattr.opaque"),
             "redirect" => crash_point("set_ovl_xattr.redirect"),
@@ -775,54 +756,42 @@ impl Upper {
     /// User xattr write on an upper object.
     pub fn set_xattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: XattrFlags) -> Result<()> {
         self.check_writable()?;
-        rustix::fs::lsetxattr(self.dir.proc_path(rel), name, value, flags)?;
+        self.store.set_xattr(Base::Upper, rel, name, value, flags)?;
         Ok(())
     }
 
     /// User xattr removal on an upper object.
     pub fn remove_xattr(&self, rel: &Path, name: &OsStr) -> Result<()> {
         self.check_writable()?;
-        rustix::fs::lremovexattr(self.dir.proc_path(rel), name)?;
+        self.store.remove_xattr(Base::Upper, rel, name)?;
         Ok(())
     }
 
     /// chmod of an upper object.
     pub fn chmod(&self, rel: &Path, mode: u32) -> Result<()> {
         self.check_writable()?;
-        rustix::fs::chmodat(
-            &self.dir.root,
-            at_path(rel),
-            Mode::from_raw_mode(mode & 0o7777),
-            AtFlags::empty(),
-        )?;
+        self.store.chmod(Base::Upper, rel, mode & 0o7777)?;
         Ok(())
     }
 
     /// chown of an upper object (not following symlinks).
     pub fn chown(&self, rel: &Path, u: Option<u32>, g: Option<u32>) -> Result<()> {
         self.check_writable()?;
-        rustix::fs::chownat(
-            &self.dir.root,
-            at_path(rel),
-            u.map(Uid::from_raw),
-            g.map(Gid::from_raw),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        self.store.chown(Base::Upper, rel, u, g)?;
         Ok(())
     }
 
     /// utimensat of an upper object (not following symlinks).
     pub fn utimens(&self, rel: &Path, times: &Timestamps) -> Result<()> {
         self.check_writable()?;
-        rustix::fs::utimensat(&self.dir.root, at_path(rel), times, AtFlags::SYMLINK_NOFOLLOW)?;
+        self.store.utimens(Base::Upper, rel, times)?;
         Ok(())
     }
 
     /// truncate of an upper file by path.
     pub fn truncate(&self, rel: &Path, size: u64) -> Result<()> {
         self.check_writable()?;
-        let f = self.dir.open_file(rel, OFlags::WRONLY)?;
-        rustix::fs::ftruncate(&f, size)?;
+        self.store.truncate(Base::Upper, rel, size)?;
         Ok(())
     }
 
@@ -832,8 +801,7 @@ impl Upper {
         if !self.fsync {
             return Ok(());
         }
-        let f = self.dir.open_file(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
-        self.sync_step("fsyncdir", rel, || rustix::fs::fsync(&f))
+        self.sync_step("fsyncdir", rel, || self.store.fsync_dir(Base::Upper, rel))
     }
 
     /// fsync (or fdatasync) of an open upper file, for an application's fsync.
@@ -849,7 +817,7 @@ impl Upper {
     /// syncfs of the upper filesystem (an application's fsync of the mount's root).
     pub fn syncfs(&self) -> Result<()> {
         self.check_writable()?;
-        self.sync_step("syncfs", Path::new(""), || rustix::fs::syncfs(&self.dir.root))
+        self.sync_step("syncfs", Path::new(""), || self.store.syncfs())
     }
 
     /// Refuse every change once an fsync of the upper has failed.
@@ -931,7 +899,7 @@ impl Upper {
                 ));
             }
             let rel = Path::new(INCOMPAT_SUBDIR).join(VOLATILE_MARKER);
-            self.remove_tree_at(&self.work, &rel)?;
+            self.remove_tree_at(Base::Work, &rel)?;
             warn!(step = "volatile.recover", path = %incompat.join(VOLATILE_MARKER).display(),
                 "volatile_recover: accepting the upper of a volatile mount that was not stopped cleanly");
         }
@@ -944,15 +912,23 @@ impl Upper {
         let incompat = self.work_path.join(INCOMPAT_SUBDIR);
         let marker = incompat.join(VOLATILE_MARKER);
         let step = "volatile.mark";
-        for d in [&incompat, &marker] {
-            match rustix::fs::mkdir(d, Mode::from_raw_mode(0o700)) {
+        let rel_incompat = Path::new(INCOMPAT_SUBDIR);
+        let rel_marker = rel_incompat.join(VOLATILE_MARKER);
+        for (rel, d) in [(rel_incompat, &incompat), (rel_marker.as_path(), &marker)] {
+            match self.store.mkdir(Base::Work, rel, 0o700) {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(Error::io(step, d, e.into())),
             }
         }
-        for d in [&incompat, &self.work_path, &self.workdir().to_path_buf()] {
-            fsync_path(d).map_err(|e| Error::io(step, d, e.into()))?;
+        for (rel, d) in [(rel_incompat, &incompat), (Path::new(""), &self.work_path)] {
+            self.store
+                .fsync_dir(Base::Work, rel)
+                .map_err(|e| Error::io(step, d, e.into()))?;
         }
+        // The workdir itself (parent of `work`) is outside the store's bases; its fsync
+        // is the one sync made directly.
+        let wd = self.workdir().to_path_buf();
+        fsync_path(&wd).map_err(|e| Error::io(step, &wd, e.into()))?;
         info!(step, path = %marker.display(), "volatile mount: marker created");
         Ok(())
     }
@@ -962,17 +938,20 @@ impl Upper {
     /// syncfs or a poisoned upper keeps the marker, so the next mount refuses.
     pub fn remove_volatile_marker(&self) -> Result<()> {
         self.check_writable()?;
-        rustix::fs::syncfs(&self.dir.root)
+        self.store
+            .syncfs()
             .map_err(|e| Error::io("volatile.syncfs", &self.dir.path, e.into()))?;
         let step = "volatile.unmark";
         let incompat = Path::new(INCOMPAT_SUBDIR);
         for rel in [incompat.join(VOLATILE_MARKER), incompat.to_path_buf()] {
-            match rustix::fs::unlinkat(&self.work, &rel, AtFlags::REMOVEDIR) {
+            match self.store.rmdir(Base::Work, &rel) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => {}
                 Err(e) => return Err(Error::io(step, self.work_path.join(&rel), e.into())),
             }
         }
-        rustix::fs::fsync(&self.work).map_err(|e| Error::io(step, &self.work_path, e.into()))?;
+        self.store
+            .fsync_dir(Base::Work, Path::new(""))
+            .map_err(|e| Error::io(step, &self.work_path, e.into()))?;
         info!(step, "volatile mount ended cleanly: upper synced, marker removed");
         Ok(())
     }
