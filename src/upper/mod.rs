@@ -643,6 +643,22 @@ impl Upper {
                 crash_point("create.opaque");
             }
             if !direct {
+                // create.fsync: what was set on the temp (owner, mode, the opaque mark of a
+                // directory made over a whiteout) must be durable before the name points at it,
+                // or a power loss could publish a directory that lets deleted lower entries
+                // show through (found by the simulated store). Symlinks and device nodes have
+                // no fd to fsync; their metadata rides on the next syncfs.
+                if self.fsync {
+                    match (kind, &file) {
+                        (Kind::File, Some(f)) => {
+                            self.sync_step("create.fsync", rel, || store.fsync_file(f))?
+                        }
+                        (Kind::Dir, _) => {
+                            self.sync_step("create.fsync", rel, || store.fsync_dir(Base::Work, &tmp))?
+                        }
+                        _ => {}
+                    }
+                }
                 self.publish(&tmp, rel, occupant, "create.rename")?;
             }
             Ok(())

@@ -748,11 +748,11 @@ mod crash_tests {
         println!("crash points (power loss), create over a whiteout: {n}");
     }
 
-    /// The new directory's `overlay.opaque` (set in the work dir) is never fsynced before
-    /// the exchange publishes it: after the application's fsync of the parent, a power loss
-    /// can leave the directory without opaque, so the lower entries show through.
+    /// The new directory's `overlay.opaque` (set in the work dir) must be durable before the
+    /// exchange publishes it (create.fsync): otherwise, after the application's fsync of the
+    /// parent, a power loss could leave the directory without opaque and the lower entries
+    /// would show through. (A bug this test found; fixed.)
     #[test]
-    #[ignore = "bug: mkdir over a whiteout does not fsync the new directory (opaque xattr) before publishing it"]
     fn power_loss_mkdir_over_whiteout() {
         let n = create_over_whiteout_points(Kind::Dir);
         println!("crash points (power loss), mkdir over a whiteout: {n}");
