@@ -720,8 +720,16 @@ fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 } else {
                     ctx.root.join(path)
                 };
-                let rd = std::fs::read_dir(full).map_err(|e| e.raw_os_error().unwrap_or(0))?;
+                let rd = std::fs::read_dir(&full).map_err(|e| e.raw_os_error().unwrap_or(0))?;
                 let mut names = rd
+                    .filter(|e| {
+                        // Kernel overlayfs lists the whiteouts of a lower dir that is not
+                        // merged, though lookup says ENOENT: not an entry of the merged view.
+                        e.as_ref().map_or(true, |e| {
+                            std::fs::symlink_metadata(full.join(e.file_name()))
+                                .map_or_else(|err| err.raw_os_error() != Some(libc::ENOENT), |_| true)
+                        })
+                    })
                     .map(|e| e.map(|e| short_path(&e.file_name().to_string_lossy())))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.raw_os_error().unwrap_or(0))?;
