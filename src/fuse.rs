@@ -602,7 +602,7 @@ fn reply_xattr(reply: ReplyXattr, v: &[u8], size: u32) {
     if size == 0 {
         reply.size(v.len() as u32);
     } else if v.len() > size as usize {
-        reply.error(Errno::from_i32(libc::ERANGE));
+        reply.error(fail("xattr", 0, &Error::Errno(libc::ERANGE)));
     } else {
         reply.data(v);
     }

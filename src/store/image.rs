@@ -287,6 +287,29 @@ fn str_field<'v>(v: &'v Value, key: &str) -> Option<&'v str> {
 }
 
 /// The diff IDs of an image config.
+/// The layer list of an image manifest (`what` names it in errors) with the diff IDs of its
+/// config, which must pair up one to one.
+fn layers_and_diff_ids<'a>(
+    src: &Source,
+    cfg_bytes: &[u8],
+    layers: Option<&'a Value>,
+    what: &str,
+) -> Result<(&'a Vec<Value>, Vec<String>)> {
+    let config: Value = serde_json::from_slice(cfg_bytes).map_err(|e| src.bad(format!("config: {e}")))?;
+    let ids = diff_ids(src, &config)?;
+    let layers = layers
+        .and_then(Value::as_array)
+        .ok_or_else(|| src.bad(format!("{what} has no layers")))?;
+    if layers.len() != ids.len() {
+        return Err(src.bad(format!(
+            "{what} lists {} layers but the config {} diff_ids",
+            layers.len(),
+            ids.len()
+        )));
+    }
+    Ok((layers, ids))
+}
+
 fn diff_ids(src: &Source, config: &Value) -> Result<Vec<String>> {
     let ids = config
         .get("rootfs")
@@ -388,19 +411,7 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>> {
         .ok_or_else(|| src.bad("the manifest has no config".into()))?;
     let cfg_digest = str_field(cfg, "digest").ok_or_else(|| src.bad("the config has no digest".into()))?;
     let cfg_bytes = src.blob(cfg_digest, cfg.get("size").and_then(Value::as_u64))?;
-    let config: Value = serde_json::from_slice(&cfg_bytes).map_err(|e| src.bad(format!("config: {e}")))?;
-    let ids = diff_ids(src, &config)?;
-    let layers = manifest
-        .get("layers")
-        .and_then(Value::as_array)
-        .ok_or_else(|| src.bad("the manifest has no layers".into()))?;
-    if layers.len() != ids.len() {
-        return Err(src.bad(format!(
-            "the manifest lists {} layers but the config {} diff_ids",
-            layers.len(),
-            ids.len()
-        )));
-    }
+    let (layers, ids) = layers_and_diff_ids(src, &cfg_bytes, manifest.get("layers"), "the manifest")?;
     layers
         .iter()
         .zip(ids)
@@ -449,19 +460,7 @@ fn docker_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>>
     if let Some(d) = digest_in_name(cfg_name) {
         check_blob(src, cfg_name, &d, None, &cfg_bytes)?;
     }
-    let config: Value = serde_json::from_slice(&cfg_bytes).map_err(|e| src.bad(format!("config: {e}")))?;
-    let ids = diff_ids(src, &config)?;
-    let layers = image
-        .get("Layers")
-        .and_then(Value::as_array)
-        .ok_or_else(|| src.bad("manifest.json has no Layers".into()))?;
-    if layers.len() != ids.len() {
-        return Err(src.bad(format!(
-            "manifest.json lists {} layers but the config {} diff_ids",
-            layers.len(),
-            ids.len()
-        )));
-    }
+    let (layers, ids) = layers_and_diff_ids(src, &cfg_bytes, image.get("Layers"), "manifest.json")?;
     layers
         .iter()
         .zip(ids)
