@@ -230,6 +230,10 @@ enum State {
     File(Vec<u8>),
     /// a directory: its children's contents
     Dir(BTreeMap<String, Vec<u8>>),
+    /// a symlink: target and owner
+    Link(String, u32),
+    /// a fifo: permission bits and owner
+    Fifo(u32, u32),
 }
 
 /// Every state each name was given, in order, and the index of the last one acknowledged
@@ -242,6 +246,8 @@ struct Journal {
     /// temp names the workload made (they may survive a cut)
     temps: Vec<String>,
     ops: usize,
+    /// the error that ended the workload, and whether the power was already cut then
+    ended_by: Option<(String, bool)>,
 }
 
 impl Journal {
@@ -279,7 +285,26 @@ fn dir_children() -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// uid of the unprivileged caller, and owner of the lower symlinks and fifo: the daemon's
+/// own uid (0) on any of them after a cut would mean a temp was published before its chown.
+const USER: u32 = 1000;
+
 fn make_lower(lower: &Path) {
+    fs::set_permissions(lower, fs::Permissions::from_mode(0o777)).unwrap();
+    for s in ["s0", "s1"] {
+        std::os::unix::fs::symlink(format!("{s}-target-0"), lower.join(s)).unwrap();
+        std::os::unix::fs::lchown(lower.join(s), Some(USER), Some(USER)).unwrap();
+    }
+    let fifo = std::ffi::CString::new(lower.join("p0").into_os_string().into_encoded_bytes()).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        fifo.as_c_str(),
+        rustix::fs::FileType::Fifo,
+        0o640.into(),
+        0,
+    )
+    .unwrap();
+    std::os::unix::fs::lchown(lower.join("p0"), Some(USER), Some(USER)).unwrap();
     for n in lower_files() {
         fs::write(lower.join(&n), version(&n, 0)).unwrap();
     }
@@ -303,6 +328,11 @@ fn initial_journal() -> Journal {
     j.hist.insert("r1".into(), vec![State::Absent]);
     j.hist.insert("dl".into(), vec![State::Dir(dir_children())]);
     j.hist.insert("dm".into(), vec![State::Absent]);
+    for l in ["s0", "s1"] {
+        j.hist
+            .insert(l.into(), vec![State::Link(format!("{l}-target-0"), USER)]);
+    }
+    j.hist.insert("p0".into(), vec![State::Fifo(0o640, USER)]);
     for n in j.hist.keys().cloned().collect::<Vec<_>>() {
         j.durable.insert(n, 0);
     }
@@ -328,7 +358,7 @@ impl Rng {
 }
 
 /// Run operations on the merged root until one fails (the power is gone) or `stop`.
-fn workload(mnt: &Path, seed: u64, j: &Mutex<Journal>, stop: &AtomicBool) {
+fn workload(mnt: &Path, seed: u64, j: &Mutex<Journal>, stop: &AtomicBool, cut: &AtomicBool) {
     let mut rng = Rng(seed | 1);
     let mut n = 0usize;
     let files: Vec<String> = lower_files()
@@ -337,6 +367,15 @@ fn workload(mnt: &Path, seed: u64, j: &Mutex<Journal>, stop: &AtomicBool) {
         .collect();
     while !stop.load(Ordering::Relaxed) {
         n += 1;
+        if rng.below(4) == 0 {
+            let r = special_op(mnt, n, &mut rng, j);
+            j.lock().unwrap().ops = n;
+            if let Err(e) = r {
+                j.lock().unwrap().ended_by = Some((format!("op {n}: {e}"), cut.load(Ordering::SeqCst)));
+                return;
+            }
+            continue;
+        }
         let name = &files[rng.below(files.len() as u64) as usize];
         let p = mnt.join(name);
         let cur = j.lock().unwrap().current(name).clone();
@@ -397,7 +436,7 @@ fn workload(mnt: &Path, seed: u64, j: &Mutex<Journal>, stop: &AtomicBool) {
                     let mode = if rng.below(2) == 0 { 0o600 } else { 0o644 };
                     fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
                 }
-                (_, State::Dir(_)) => unreachable!(),
+                (_, State::Dir(_) | State::Link(..) | State::Fifo(..)) => unreachable!(),
             }
             // now and then, move a lower file and a lower dir to their other name
             if rng.below(4) == 0 {
@@ -422,8 +461,61 @@ fn workload(mnt: &Path, seed: u64, j: &Mutex<Journal>, stop: &AtomicBool) {
             Ok(())
         })();
         j.lock().unwrap().ops = n;
-        if res.is_err() {
+        if let Err(e) = res {
+            j.lock().unwrap().ended_by = Some((format!("op {n} on {name}: {e}"), cut.load(Ordering::SeqCst)));
             return;
+        }
+    }
+}
+
+/// Run `f` on a thread whose uid and gid are `USER` (FUSE requests carry the caller's ids).
+fn as_user(f: impl FnOnce() -> std::io::Result<()> + Send) -> std::io::Result<()> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(USER))?;
+            rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(USER))?;
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// Symlinks and a fifo: copy-up by lchown/chmod (no data, no fd to fsync), and a symlink
+/// replaced by the user (a whiteout, then a symlink built in the work dir with the user as
+/// owner and renamed over it). Owner and mode changes are never acknowledged durable (no
+/// syscall promises that for them), but the objects must never be torn: a symlink with the
+/// daemon's uid or a lost target would be.
+fn special_op(mnt: &Path, n: usize, rng: &mut Rng, j: &Mutex<Journal>) -> std::io::Result<()> {
+    let which = rng.below(3);
+    if which == 2 {
+        let mode = if rng.below(2) == 0 { 0o600 } else { 0o640 };
+        j.lock().unwrap().attempt("p0", State::Fifo(mode, USER));
+        return fs::set_permissions(mnt.join("p0"), fs::Permissions::from_mode(mode));
+    }
+    let name = if which == 0 { "s0" } else { "s1" };
+    let p = mnt.join(name);
+    let cur = j.lock().unwrap().current(name).clone();
+    match cur {
+        State::Link(t, _) if rng.below(2) == 0 => {
+            let uid = USER + 1 + rng.below(2) as u32;
+            j.lock().unwrap().attempt(name, State::Link(t, uid));
+            std::os::unix::fs::lchown(&p, Some(uid), None)
+        }
+        State::Link(..) => {
+            j.lock().unwrap().attempt(name, State::Absent);
+            fs::remove_file(&p)?;
+            fsync_dir(mnt)?;
+            j.lock().unwrap().ack(name);
+            Ok(())
+        }
+        _ => {
+            let t = format!("{name}-target-{n}");
+            j.lock().unwrap().attempt(name, State::Link(t.clone(), USER));
+            as_user(|| std::os::unix::fs::symlink(&t, &p))?;
+            fsync_dir(mnt)?;
+            j.lock().unwrap().ack(name);
+            Ok(())
         }
     }
 }
@@ -443,6 +535,14 @@ fn state_of(mnt: &Path, name: &str) -> State {
                 })
                 .collect(),
         ),
+        Ok(m) if m.file_type().is_symlink() => State::Link(
+            fs::read_link(&p).unwrap().to_string_lossy().into_owned(),
+            std::os::unix::fs::MetadataExt::uid(&m),
+        ),
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()) => State::Fifo(
+            std::os::unix::fs::MetadataExt::mode(&m) & 0o7777,
+            std::os::unix::fs::MetadataExt::uid(&m),
+        ),
         Ok(_) => State::File(fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))),
     }
 }
@@ -452,6 +552,8 @@ fn describe(s: &State) -> String {
         State::Absent => "absent".into(),
         State::File(d) => format!("file {:?}", String::from_utf8_lossy(&d[..d.len().min(24)])),
         State::Dir(c) => format!("dir {:?}", c.keys().collect::<Vec<_>>()),
+        State::Link(t, uid) => format!("symlink -> {t} uid {uid}"),
+        State::Fifo(mode, uid) => format!("fifo {mode:o} uid {uid}"),
     }
 }
 
@@ -459,7 +561,15 @@ fn lower_snapshot(lower: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v = Vec::new();
     for n in dir_names(lower) {
         let p = lower.join(&n);
-        if p.is_dir() {
+        let m = fs::symlink_metadata(&p).unwrap();
+        if !m.is_dir() && !m.is_file() {
+            let ft = format!(
+                "{:?} {:o}",
+                m.file_type(),
+                std::os::unix::fs::MetadataExt::mode(&m)
+            );
+            v.push((n.clone(), ft.into_bytes()));
+        } else if m.is_dir() {
             for c in dir_names(&p) {
                 v.push((format!("{n}/{c}"), fs::read(p.join(&c)).unwrap()));
             }
@@ -499,6 +609,8 @@ fn power_cut_under_a_live_mount_keeps_what_was_fsynced_and_tears_nothing() {
         );
         fs::create_dir(&upper).unwrap();
         fs::create_dir(&work).unwrap();
+        // the merged root takes the upper root's mode: let the user create in it
+        fs::set_permissions(&upper, fs::Permissions::from_mode(0o777)).unwrap();
         // The new dirs must survive the cut themselves.
         run("sync", &["-f", disk.at.to_str().unwrap()]);
         let opts = format!(
@@ -512,12 +624,14 @@ fn power_cut_under_a_live_mount_keeps_what_was_fsynced_and_tears_nothing() {
         let mut v = Verlay::start(&opts, &mnt, &log);
         let journal = Arc::new(Mutex::new(initial_journal()));
         let stop = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
         let worker = {
-            let (mnt, j, stop) = (mnt.clone(), journal.clone(), stop.clone());
-            std::thread::spawn(move || workload(&mnt, seed, &j, &stop))
+            let (mnt, j, stop, cut) = (mnt.clone(), journal.clone(), stop.clone(), cut.clone());
+            std::thread::spawn(move || workload(&mnt, seed, &j, &stop, &cut))
         };
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         std::thread::sleep(Duration::from_millis(50 + rng.below(500)));
+        cut.store(true, Ordering::SeqCst);
         disk.cut();
         let start = Instant::now();
         while !worker.is_finished() {
@@ -536,6 +650,9 @@ fn power_cut_under_a_live_mount_keeps_what_was_fsynced_and_tears_nothing() {
         let v = Verlay::start(&opts, &mnt, &log);
         let j = journal.lock().unwrap();
         total_ops += j.ops;
+        if let Some((e, false)) = &j.ended_by {
+            panic!("seed {seed}: the workload failed before the power cut: {e}");
+        }
         let mut bad = Vec::new();
         for name in j.hist.keys() {
             let got = state_of(&mnt, name);
