@@ -29,6 +29,7 @@ pub fn have(tool: &str) -> bool {
 }
 
 /// Skip the test (return from it) unless every tool is installed.
+#[allow(unused_macros)]
 macro_rules! require_tools {
     ($($tool:expr),+) => {
         for t in [$($tool),+] {
