@@ -66,12 +66,29 @@ impl Disk {
 
     /// Unmount the dead filesystem and mount it again, which replays its log.
     fn reboot(&mut self) {
-        self.mnt = None;
-        assert!(
-            !guard::is_mounted(&self.at),
-            "{} still mounted",
-            self.at.display()
-        );
+        // A lazy unmount would keep the dead superblock, and mounting the device again would
+        // reuse it, still shut down: insist on a real unmount.
+        let start = Instant::now();
+        let mut last = String::new();
+        while guard::is_mounted(&self.at) {
+            let o = Command::new("umount").arg(&self.at).output().unwrap();
+            if o.status.success() {
+                break;
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "cannot unmount {} after the cut: {last}",
+                self.at.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !last.is_empty() {
+            eprintln!("umount after the cut needed {:?} ({last})", start.elapsed());
+        }
+        if let Some(m) = self.mnt.take() {
+            std::mem::forget(m); // unmounted above
+        }
         self.mnt = Some(FsMount::new(&[&self.dev.0], &self.at));
     }
 }
