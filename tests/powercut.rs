@@ -485,19 +485,6 @@ fn workload(mnt: &Path, seed: u64, j: &Mutex<Journal>, stop: &AtomicBool, cut: &
     }
 }
 
-/// Run `f` on a thread whose uid and gid are `USER` (FUSE requests carry the caller's ids).
-fn as_user(f: impl FnOnce() -> std::io::Result<()> + Send) -> std::io::Result<()> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(USER))?;
-            rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(USER))?;
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 /// Symlinks and a fifo: copy-up by lchown/chmod (no data, no fd to fsync), and a symlink
 /// replaced by the user (a whiteout, then a symlink built in the work dir with the user as
 /// owner and renamed over it). Owner and mode changes are never acknowledged durable (no
@@ -529,7 +516,7 @@ fn special_op(mnt: &Path, n: usize, rng: &mut Rng, j: &Mutex<Journal>) -> std::i
         _ => {
             let t = format!("{name}-target-{n}");
             j.lock().unwrap().attempt(name, State::Link(t.clone(), USER));
-            as_user(|| std::os::unix::fs::symlink(&t, &p))?;
+            rig::as_user(USER, || std::os::unix::fs::symlink(&t, &p))?;
             fsync_dir(mnt)?;
             j.lock().unwrap().ack(name);
             Ok(())

@@ -232,3 +232,16 @@ impl Drop for Verlay {
         crate::guard::unmount_and_reap(&self.mnt, self.child.take(), WAIT);
     }
 }
+
+/// Run `f` on a thread whose uid and gid are `uid` (FUSE requests carry the caller's ids).
+pub fn as_user(uid: u32, f: impl FnOnce() -> std::io::Result<()> + Send) -> std::io::Result<()> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(uid))?;
+            rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(uid))?;
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
