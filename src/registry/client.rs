@@ -137,6 +137,9 @@ fn transport(e: &ureq::Error) -> Fail {
         ),
         ureq::Error::Timeout(t) => Fail::Transient(format!("timed out ({t:?})")),
         ureq::Error::ConnectionFailed => Fail::Transient("connection refused".into()),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Fail::Transient("connection refused".into())
+        }
         other => Fail::Transient(other.to_string()),
     }
 }
