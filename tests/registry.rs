@@ -611,7 +611,7 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
     let lower1 = import(&s1, &img, "test");
     let blobs = layout_blobs(&img);
     let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let (mut restarts, mut resumed_gets, mut exchanges) = (0usize, 0usize, 0usize);
+    let (mut restarts, mut resumed_gets, mut exchanges, mut resent) = (0usize, 0usize, 0usize, 0usize);
     for seed in 1..=4u64 {
         let faults = Faults {
             seed,
@@ -624,7 +624,7 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
             delay_ms: 20,
             ..Faults::default()
         };
-        let proxy = FaultProxy::start(reg.addr, faults);
+        let proxy = FaultProxy::start(reg.addr, faults.clone());
         let via = format!("{}/fault{seed}:1", proxy.addr);
         let common = ["--retries", "10", "--timeout", "1"];
         let mut args = vec![
@@ -644,6 +644,15 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
         let log = proxy.log();
         let sessions = assert_one_pass_per_session(&log);
         restarts += sessions.len().saturating_sub(blobs.len());
+        // a chunk tried again in the same session: the first try never reached the registry
+        // (refused, stalled) and the registry confirmed the offset before the second
+        let mut tries: BTreeMap<(String, u64), usize> = BTreeMap::new();
+        for e in log.iter().filter(|e| e.method == "PATCH") {
+            if let (Some(id), Some(start)) = (e.upload_id(), e.range_start()) {
+                *tries.entry((id.to_string(), start)).or_default() += 1;
+            }
+        }
+        resent += tries.values().filter(|n| **n > 1).count();
         assert_registry_has(&reg, &blobs);
         // the tag names the pushed manifest
         assert_eq!(
@@ -652,6 +661,11 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
         );
 
         proxy.clear();
+        // downloads: more cut bodies, to exercise Range resumption
+        proxy.set(Faults {
+            cut_response_body: 150,
+            ..faults.clone()
+        });
         let s2 = t.path().join(format!("pull{seed}"));
         let mut args = vec!["image", "pull", "--store", p(&s2)];
         args.extend(common);
@@ -678,6 +692,7 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
     }
     eprintln!(
         "fault rounds: {exchanges} exchanges, faults {seen:?}, {restarts} upload sessions restarted, \
+         {resent} chunks sent again in the same session after the registry confirmed the offset, \
          {resumed_gets} blob downloads resumed with Range"
     );
     for kind in [
@@ -693,6 +708,7 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
         );
     }
     assert!(resumed_gets > 0, "no cut download was resumed");
+    assert!(resent > 0, "no chunk was resumed in its session");
 }
 
 #[test]
@@ -839,4 +855,21 @@ fn failures_say_what_failed_and_publish_nothing() {
         http_status(reg.addr, "HEAD", "/v2/damaged/manifests/1"),
         Some(404)
     );
+}
+
+/// The check above is not vacuous: a client that resent a chunk blindly after a lost reply
+/// (same session, same range) is caught.
+#[test]
+#[should_panic(expected = "was sent bytes 0..100 twice")]
+fn the_one_pass_check_catches_a_blind_resend() {
+    let patch = |conn| Exchange {
+        conn,
+        method: "PATCH".into(),
+        path: "/v2/t/blobs/uploads/abc".into(),
+        content_range: Some("0-99".into()),
+        body_len: 100,
+        body_forwarded: 100,
+        ..Exchange::default()
+    };
+    assert_one_pass_per_session(&[patch(1), patch(2)]);
 }

@@ -42,11 +42,36 @@ fn hex_part(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
-/// Create `blobs/sha256`, `blobs/incoming` and `images` if missing.
+/// Prefix of a blob being copied in before its digest is known (`put_stream`).
+const STREAM_PREFIX: &str = "stream.";
+/// Infix of an image record being written.
+const RECORD_TMP: &str = ".json.tmp.";
+
+/// Create `blobs/sha256`, `blobs/incoming` and `images` if missing, and remove what an
+/// interrupted command left that nothing can resume: a blob copied in before its digest was
+/// known, a record half written. Safe because the caller holds the store lock. Partial
+/// downloads (`incoming/<hex>`) stay: the next pull continues them.
 pub fn ensure_dirs(store: &Store) -> Result<()> {
     for d in [BLOBS, INCOMING, IMAGES] {
         let p = store.root().join(d);
         std::fs::create_dir_all(&p).map_err(|e| Error::io("blobs.mkdir", &p, e))?;
+    }
+    for (dir, leftover) in [
+        (
+            INCOMING,
+            &(|n: &str| n.starts_with(STREAM_PREFIX)) as &dyn Fn(&str) -> bool,
+        ),
+        (IMAGES, &|n: &str| n.contains(RECORD_TMP)),
+    ] {
+        let d = store.root().join(dir);
+        for ent in std::fs::read_dir(&d).map_err(|e| Error::io("blobs.leftovers", &d, e))? {
+            let ent = ent.map_err(|e| Error::io("blobs.leftovers", &d, e))?;
+            if ent.file_name().to_str().is_some_and(leftover) {
+                let p = ent.path();
+                std::fs::remove_file(&p).map_err(|e| Error::io("blobs.remove_leftover", &p, e))?;
+                tracing::warn!(path = %p.display(), "removed the leftover of an interrupted command");
+            }
+        }
     }
     Ok(())
 }
@@ -146,7 +171,7 @@ pub fn put_stream(
     let p = store
         .root()
         .join(INCOMING)
-        .join(format!("stream.{}", std::process::id()));
+        .join(format!("{STREAM_PREFIX}{}", std::process::id()));
     let mut f = File::create(&p).map_err(|e| Error::io("blob.write", &p, e))?;
     let mut h = Sha256::new();
     let mut n = 0u64;
@@ -220,7 +245,7 @@ pub fn write_record(store: &Store, rec: &ImageRecord) -> Result<()> {
         "chain_ids": rec.chain_ids,
     });
     let p = record_path(store, &rec.name);
-    let tmp = p.with_extension(format!("json.tmp.{}", std::process::id()));
+    let tmp = p.with_extension(format!("{}{}", &RECORD_TMP[1..], std::process::id()));
     let mut text = serde_json::to_vec_pretty(&json)
         .map_err(|e| Error::io("image.record", &p, std::io::Error::other(e)))?;
     text.push(b'\n');

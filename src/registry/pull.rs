@@ -211,12 +211,21 @@ fn fetch_blob(store: &Store, client: &Client, desc: &Descriptor, out: &mut Pulle
             .metadata()
             .map_err(|e| Error::io("pull.blob_stat", &p, e))?
             .len();
-        if have >= desc.size {
-            // longer than the blob, or complete but never checked: start again
+        if have > desc.size {
             f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
             have = 0;
         }
         let mut h = hash_prefix(&mut f, have, &p)?;
+        if have == desc.size {
+            // downloaded whole by a pull that stopped before publishing it
+            if format!("sha256:{:x}", h.clone().finalize()) == desc.digest {
+                blobs::publish_incoming(store, &desc.digest)?;
+                return Ok(());
+            }
+            f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
+            have = 0;
+            h = Sha256::new();
+        }
         let range = format!("bytes={have}-");
         let headers: Vec<(&str, &str)> = if have > 0 {
             vec![("Range", range.as_str())]

@@ -135,7 +135,9 @@ mod tests {
     #[test]
     fn references_parse_like_docker() {
         let d = format!("sha256:{}", "a".repeat(64));
-        let cases: Vec<(String, (&str, &str, Option<&str>, Option<&str>))> = vec![
+        // reference -> (registry, repository, tag, digest)
+        type Parts<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+        let cases: Vec<(String, Parts)> = vec![
             (
                 "127.0.0.1:5000/test:1".into(),
                 ("127.0.0.1:5000", "test", Some("1"), None),

@@ -323,7 +323,7 @@ fn serve(
                 fault = Some(*name);
             }
         }
-        let cut_frac = ((r >> 20) % 1000) as u64; // where in a body a cut falls, per mille
+        let cut_frac = (r >> 20) % 1000; // where in a body a cut falls, per mille
         let delay = if f.delay_ms > 0 { (r >> 40) % f.delay_ms } else { 0 };
 
         if fault == Some("refuse") && up.is_none() {
