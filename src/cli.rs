@@ -266,6 +266,7 @@ USAGE:
     verlay [-f] [-d] -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,OPTION...] MOUNTPOINT
     verlay SOURCE MOUNTPOINT -o OPTIONS      (the form mount -t fuse3.verlay runs)
     verlay demo                              (mount throwaway layers to try verlay)
+    verlay layer|image|verify ...            (the layer store and registries, see below)
     verlay --help | --version
 
     -o may be given several times, anywhere, and glued (-oOPTIONS). SOURCE is any word
@@ -350,6 +351,25 @@ PASSED TO THE MOUNT:
     nofail comment=... x-...) are accepted and have no effect. Any other option name is
     ignored with a warning, as fuse-overlayfs does; a known option with a bad value is
     an error.
+
+LAYER STORE AND REGISTRIES:
+    verlay layer import --store S [--parent C] [--diff-id D] [--fsync-each] TAR
+                        import a layer tarball (tar, gzip, zstd); prints its chain ID
+    verlay layer path|ls|seal ...  see `verlay layer --help`
+    verlay image import --store S [--ref R] [--name N] OCI-DIR|OCI-TAR|DOCKER-TAR
+                        import an image; prints the lowerdir= value that mounts it
+    verlay image pull --store S [--plain-http] [--retries N] [--timeout SECS] REF
+                        pull REF (HOST[:PORT]/NAME[:TAG|@DIGEST]) from a registry over the
+                        OCI distribution API; resumes an interrupted pull; prints lowerdir=
+    verlay image push --store S [--image NAME] [--plain-http] [--retries N]
+                      [--timeout SECS] [--chunk-size BYTES] REF
+                        push an image the store holds (pulled or imported) to REF
+    verlay image ls --store S      the images the store can push
+    verlay verify [--store S] LAYER... | verlay verify --store S --all
+                        check layers against their manifests (exit 0 clean, 1 damage)
+    Registries are spoken to in plain HTTP (127.0.0.1 and localhost by default, others
+    with --plain-http); failed requests are retried --retries times (default 5) with
+    backoff, --timeout (default 30 s) bounds each connect, read and write.
 
 EXIT STATUS:
     0   success (the filesystem was unmounted cleanly; --help; --version)

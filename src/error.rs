@@ -35,6 +35,16 @@ pub enum Error {
         /// what the user should do
         fix: String,
     },
+    /// A registry (or the network to it) failed or refused a request, after the retries that
+    /// make sense: `what: why (fix)`. A runtime failure, not a usage error.
+    Remote {
+        /// the request or object, e.g. `blob sha256:... of 127.0.0.1:5000/test`
+        what: String,
+        /// why it failed
+        why: String,
+        /// what the user should do
+        fix: String,
+    },
     /// A lower file's content does not match its manifest digest.
     Corrupt {
         /// layer identifier
@@ -67,6 +77,15 @@ impl Error {
         }
     }
 
+    /// A registry failure in the `what: why (fix)` form.
+    pub fn remote(what: impl Into<String>, why: impl Into<String>, fix: impl Into<String>) -> Self {
+        Error::Remote {
+            what: what.into(),
+            why: why.into(),
+            fix: fix.into(),
+        }
+    }
+
     /// An I/O error from a syscall on `path` while doing `op`.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
@@ -82,6 +101,7 @@ impl Error {
             Error::Errno(e) => *e,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Usage { .. } => libc::EINVAL,
+            Error::Remote { .. } => libc::EIO,
             // A damaged layer must never look like a missing file: EIO, not ENOENT.
             Error::Corrupt { .. } | Error::MissingInLayer { .. } | Error::UpperPoisoned => libc::EIO,
         }
@@ -121,7 +141,7 @@ impl Error {
                         | libc::EAGAIN
                 )
             ),
-            Error::Usage { .. } => false,
+            Error::Usage { .. } | Error::Remote { .. } => false,
             Error::Corrupt { .. } | Error::MissingInLayer { .. } | Error::UpperPoisoned => true,
         }
     }
@@ -134,7 +154,9 @@ impl fmt::Display for Error {
             Error::Io { op, path, source } => {
                 write!(f, "{op} {}: {source}", path.display())
             }
-            Error::Usage { what, why, fix } => write!(f, "{what}: {why} ({fix})"),
+            Error::Usage { what, why, fix } | Error::Remote { what, why, fix } => {
+                write!(f, "{what}: {why} ({fix})")
+            }
             Error::Corrupt {
                 layer,
                 path,

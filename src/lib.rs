@@ -8,6 +8,8 @@
 //! - [`union`]: kernel-overlayfs semantics (lookup, copy-up, whiteouts, redirects); no fuser.
 //! - [`fuse`]: the thin FUSE adapter over the union.
 //! - [`mount`]: daemonizing and the FUSE session.
+//! - [`store`]: the layer store (crash-safe layer and image import).
+//! - [`registry`]: image pull and push over the OCI distribution API.
 //! - [`sys`]: the only `unsafe` code.
 //!
 //! Invariants: nothing is ever written to a lower layer; every new upper object is built in
@@ -21,6 +23,7 @@ pub mod layer;
 pub mod logging;
 pub mod lower;
 pub mod mount;
+pub mod registry;
 pub mod store;
 pub mod sys;
 pub mod union;

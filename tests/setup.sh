@@ -7,7 +7,8 @@
 # installed only when absent, the dummy user "tests" only created when missing.
 #   - Debian packages: fuse3 (fusermount3), attr, and the container stack the podman
 #     e2e test drives (podman, runc, crun, uidmap, slirp4netns, fuse-overlayfs, catatonit,
-#     busybox-static, jq, skopeo, umoci).
+#     busybox-static, jq, skopeo, umoci), and docker-registry (distribution 2.8) for
+#     tests/registry.rs (image pull/push against a local registry; started by the test).
 #   - pjdfstest 0.2.2 (crates.io) for tests/e2e/pjdfstest.sh.
 #   - the user "tests", one of pjdfstest's two dummy users (the other is "nobody").
 #   - cargo build --release --all-targets (skipped with --no-build).
@@ -22,7 +23,7 @@ need_root
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup; see rust-version in Cargo.toml)"
 
 PKGS=(fuse3 attr podman runc crun uidmap slirp4netns fuse-overlayfs catatonit
-      busybox-static jq skopeo umoci procps util-linux passwd
+      busybox-static jq skopeo umoci docker-registry procps util-linux passwd
       strace xfsprogs e2fsprogs dosfstools zstd tar)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -11,7 +11,13 @@ const LAYER_USAGE: &str =
      verlay layer path --store DIR CHAIN_ID\n\
      verlay layer ls --store DIR [--no-trunc]\n\
      verlay layer seal DIR";
-const IMAGE_USAGE: &str = "verlay image import --store DIR [--ref NAME] SOURCE";
+const IMAGE_USAGE: &str = "verlay image import --store DIR [--ref NAME] [--name NAME] SOURCE\n\
+     verlay image pull --store DIR [--plain-http] [--retries N] [--timeout SECS] REF\n\
+     verlay image push --store DIR [--image NAME] [--plain-http] [--retries N] [--timeout SECS]\n\
+     \x20                 [--chunk-size BYTES] REF\n\
+     verlay image ls --store DIR";
+/// The valued options of `image push`.
+const PUSH_VALUED: &[&str] = &["--store", "--retries", "--timeout", "--chunk-size", "--image"];
 
 /// Parsed options of one subcommand: `--name VALUE` / `--name=VALUE`, flags and positionals.
 struct Opts {
@@ -209,11 +215,61 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
     let rest = args.get(1..).unwrap_or_default();
     match sub.as_str() {
         "import" => {
-            let o = Opts::parse("verlay image import", rest, &["--store", "--ref"], &[])?;
+            let o = Opts::parse("verlay image import", rest, &["--store", "--ref", "--name"], &[])?;
             let src = PathBuf::from(&o.positionals(1, "one SOURCE (OCI layout dir or image tar)")?[0]);
             let store = o.store()?;
-            let chains = image::import_image(&store, &src, o.value("--ref"))?;
+            let chains = image::import_image(&store, &src, o.value("--ref"), o.value("--name"))?;
             println!("{}", image::lowerdir(&store, &chains)?);
+            Ok(())
+        }
+        "pull" => {
+            let o = Opts::parse(
+                "verlay image pull",
+                rest,
+                &["--store", "--retries", "--timeout"],
+                &["--plain-http"],
+            )?;
+            let (reference, opts) = registry_args(&o)?;
+            let store = o.store()?;
+            let got = crate::registry::pull::pull(&store, &reference, &opts)?;
+            eprintln!(
+                "verlay: pulled {} (manifest {}): {} layers, {} new; {} blobs fetched ({} bytes), {} already in the store",
+                got.name,
+                got.manifest,
+                got.chain_ids.len(),
+                got.layers_imported,
+                got.blobs_fetched,
+                got.bytes_fetched,
+                got.blobs_present
+            );
+            println!("{}", image::lowerdir(&store, &got.chain_ids)?);
+            Ok(())
+        }
+        "push" => {
+            let o = Opts::parse("verlay image push", rest, PUSH_VALUED, &["--plain-http"])?;
+            let (reference, opts) = registry_args(&o)?;
+            let store = o.store()?;
+            let source = o
+                .value("--image")
+                .map(str::to_owned)
+                .unwrap_or_else(|| reference.to_string());
+            let got = crate::registry::push::push(&store, &source, &reference, &opts)?;
+            eprintln!(
+                "verlay: pushed {source} to {reference} (manifest {}): {} blobs uploaded in {} sessions \
+                 ({} bytes sent), {} already in the registry",
+                got.manifest, got.blobs_uploaded, got.sessions, got.bytes_sent, got.blobs_present
+            );
+            println!("{reference}@{}", got.manifest);
+            Ok(())
+        }
+        "ls" => {
+            let o = Opts::parse("verlay image ls", rest, &["--store"], &[])?;
+            o.positionals(0, "no arguments")?;
+            let store = o.store()?;
+            println!("{:40}  {:71}  LAYERS", "NAME", "MANIFEST");
+            for r in crate::registry::blobs::list_records(&store)? {
+                println!("{:40}  {:71}  {}", r.name, r.manifest, r.chain_ids.len());
+            }
             Ok(())
         }
         "" | "-h" | "--help" | "help" => {
@@ -226,6 +282,34 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
             format!("usage:\n{IMAGE_USAGE}"),
         )),
     }
+}
+
+/// The reference and the transfer options of `image pull|push`.
+fn registry_args(o: &Opts) -> Result<(crate::registry::Reference, crate::registry::Options)> {
+    let r = o.positionals(1, "one REF (HOST[:PORT]/NAME[:TAG])")?[0].to_string_lossy();
+    let reference = crate::registry::Reference::parse(&r)?;
+    let mut opts = crate::registry::Options {
+        plain_http: o.flag("--plain-http"),
+        ..Default::default()
+    };
+    let num = |k: &str, min: u64| -> Result<Option<u64>> {
+        o.value(k)
+            .map(|v| match v.parse::<u64>() {
+                Ok(n) if n >= min => Ok(n),
+                _ => Err(o.usage(format!("{k} {v}: not a whole number >= {min}"))),
+            })
+            .transpose()
+    };
+    if let Some(n) = num("--retries", 0)? {
+        opts.retries = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+    if let Some(n) = num("--timeout", 1)? {
+        opts.timeout = std::time::Duration::from_secs(n);
+    }
+    if let Some(n) = num("--chunk-size", 1)? {
+        opts.chunk_size = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    Ok((reference, opts))
 }
 
 /// Bytes in binary units, one decimal.

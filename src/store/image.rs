@@ -383,12 +383,30 @@ fn pick<'v>(src: &Source, index: &'v Value, reference: Option<&str>) -> Result<&
     }
 }
 
+/// What the store keeps of an imported image besides its layers, so that `verlay image push`
+/// can send it (see [`crate::registry::blobs`]): the manifest (the layout's own, or one made
+/// for a docker-archive, which has none), its media type, and the config.
+struct Kept {
+    /// the layout's manifest bytes and media type; `None` for a docker-archive
+    manifest: Option<(Vec<u8>, String)>,
+    config: Vec<u8>,
+    /// the name the image has in the source (OCI ref name, docker RepoTag)
+    name: Option<String>,
+}
+
 /// The layers of an OCI layout (index.json at the top of the source).
-fn oci_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>> {
+fn oci_layers(src: &Source, reference: Option<&str>) -> Result<(Vec<LayerRef>, Kept)> {
     let mut index = src.json("index.json")?;
     let mut depth = 0;
-    let manifest = loop {
+    let mut name = None;
+    let (manifest, manifest_bytes, manifest_mt) = loop {
         let desc = pick(src, &index, if depth == 0 { reference } else { None })?.clone();
+        if depth == 0 {
+            name = desc
+                .get("annotations")
+                .and_then(|a| str_field(a, "org.opencontainers.image.ref.name"))
+                .map(str::to_owned);
+        }
         let digest =
             str_field(&desc, "digest").ok_or_else(|| src.bad("a descriptor has no digest".into()))?;
         let size = desc.get("size").and_then(Value::as_u64);
@@ -404,7 +422,10 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>> {
             index = doc;
             continue;
         }
-        break doc;
+        let mt = mt
+            .unwrap_or(crate::registry::manifest::MT_OCI_MANIFEST)
+            .to_string();
+        break (doc, bytes, mt);
     };
     let cfg = manifest
         .get("config")
@@ -412,7 +433,7 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>> {
     let cfg_digest = str_field(cfg, "digest").ok_or_else(|| src.bad("the config has no digest".into()))?;
     let cfg_bytes = src.blob(cfg_digest, cfg.get("size").and_then(Value::as_u64))?;
     let (layers, ids) = layers_and_diff_ids(src, &cfg_bytes, manifest.get("layers"), "the manifest")?;
-    layers
+    let refs = layers
         .iter()
         .zip(ids)
         .map(|(l, diff_id)| {
@@ -424,11 +445,17 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>> {
                 diff_id,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let kept = Kept {
+        manifest: Some((manifest_bytes, manifest_mt)),
+        config: cfg_bytes,
+        name,
+    };
+    Ok((refs, kept))
 }
 
 /// The layers of a docker-archive (manifest.json at the top of the source).
-fn docker_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>> {
+fn docker_layers(src: &Source, reference: Option<&str>) -> Result<(Vec<LayerRef>, Kept)> {
     let manifest = src.json("manifest.json")?;
     let images = manifest
         .as_array()
@@ -461,7 +488,7 @@ fn docker_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>>
         check_blob(src, cfg_name, &d, None, &cfg_bytes)?;
     }
     let (layers, ids) = layers_and_diff_ids(src, &cfg_bytes, image.get("Layers"), "manifest.json")?;
-    layers
+    let refs = layers
         .iter()
         .zip(ids)
         .map(|(l, diff_id)| {
@@ -474,13 +501,105 @@ fn docker_layers(src: &Source, reference: Option<&str>) -> Result<Vec<LayerRef>>
                 diff_id,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let name = image
+        .get("RepoTags")
+        .and_then(Value::as_array)
+        .and_then(|t| t.first())
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let kept = Kept {
+        manifest: None,
+        config: cfg_bytes,
+        name,
+    };
+    Ok((refs, kept))
 }
 
-/// Import every layer of the image at `source`; returns the chain IDs, base layer first.
-pub fn import_image(store: &Store, source: &Path, reference: Option<&str>) -> Result<Vec<String>> {
+/// Keep the image's blobs in the store and record it under `name` (else its own name, else
+/// its manifest digest). A docker-archive gets an OCI manifest made from its config and
+/// layer blobs as they are in the archive.
+fn keep(
+    store: &Store,
+    src: &Source,
+    layers: &[LayerRef],
+    kept: Kept,
+    name: Option<&str>,
+    chains: &[String],
+) -> Result<()> {
+    use crate::registry::{blobs, manifest as rm};
+    let cfg_digest = sha256_digest(&kept.config);
+    blobs::put_bytes(store, &cfg_digest, &kept.config)?;
+    let mut descs = Vec::with_capacity(layers.len());
+    for l in layers {
+        let (mut r, size) = src.reader(&l.name)?;
+        let mut magic = [0u8; 4];
+        let n = read_prefix(&mut *r, &mut magic)
+            .map_err(|e| Error::io("image.keep", PathBuf::from(&l.name), e))?;
+        let mut whole = std::io::Read::chain(&magic[..n], r);
+        let digest = blobs::put_stream(store, l.blob_digest.as_deref(), Some(size), &mut whole)?;
+        descs.push(serde_json::json!({
+            "mediaType": rm::layer_media_type(&magic[..n]),
+            "digest": digest,
+            "size": size,
+        }));
+    }
+    let (bytes, media_type) = match kept.manifest {
+        Some(m) => m,
+        None => {
+            let m = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": rm::MT_OCI_MANIFEST,
+                "config": {"mediaType": rm::MT_OCI_CONFIG, "digest": cfg_digest, "size": kept.config.len()},
+                "layers": descs,
+            });
+            let bytes = serde_json::to_vec(&m)
+                .map_err(|e| Error::io("image.keep", PathBuf::from("manifest"), std::io::Error::other(e)))?;
+            (bytes, rm::MT_OCI_MANIFEST.to_string())
+        }
+    };
+    let manifest = sha256_digest(&bytes);
+    blobs::put_bytes(store, &manifest, &bytes)?;
+    blobs::write_record(
+        store,
+        &blobs::ImageRecord {
+            name: name
+                .map(str::to_owned)
+                .or(kept.name)
+                .unwrap_or_else(|| manifest.clone()),
+            manifest,
+            media_type,
+            config: cfg_digest,
+            chain_ids: chains.to_vec(),
+        },
+    )
+}
+
+/// Read up to `buf.len()` bytes (fewer only at the end of the stream).
+fn read_prefix(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Import every layer of the image at `source`; returns the chain IDs, base layer first. The
+/// image's blobs are kept in the store and it is recorded under `name` (default: its own
+/// name in the source), so that it can be pushed.
+pub fn import_image(
+    store: &Store,
+    source: &Path,
+    reference: Option<&str>,
+    name: Option<&str>,
+) -> Result<Vec<String>> {
     let src = Source::open(source)?;
-    let layers = if src.has("index.json") {
+    let (layers, kept) = if src.has("index.json") {
         oci_layers(&src, reference)?
     } else if src.has("manifest.json") {
         docker_layers(&src, reference)?
@@ -511,6 +630,7 @@ pub fn import_image(store: &Store, source: &Path, reference: Option<&str>) -> Re
         parent = Some(chain.clone());
         chains.push(chain);
     }
+    keep(store, &src, &layers, kept, name, &chains)?;
     Ok(chains)
 }
 

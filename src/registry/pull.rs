@@ -1,0 +1,326 @@
+//! `verlay image pull`: manifest, config and layer blobs from a registry into the store.
+//!
+//! Order (a kill at any instant leaves nothing half-done visible, and the next pull goes on
+//! where this one stopped):
+//! 1. `pull.manifest`: GET the manifest (an index is resolved to the linux image of this
+//!    machine's architecture); its bytes must hash to the digest asked for or announced.
+//! 2. `pull.blob`: each blob (config, then layers in order) is streamed into
+//!    `blobs/incoming/<hex>`, hashed as it arrives, and published under `blobs/sha256/` only
+//!    when the whole matches its digest and size. A blob already published is not fetched
+//!    again; a partial one is continued with an HTTP Range request after re-hashing what is
+//!    there (and fetched from the start if that does not add up).
+//! 3. `pull.import`: each layer not yet in the store goes through
+//!    [`Store::import_layer`] with the diffID of the config, on its parent.
+//! 4. `pull.record`: the image record (`images/<ref>.json`) is written last.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+
+use sha2::{Digest, Sha256};
+use ureq::http::Method;
+
+use super::blobs;
+use super::client::{Client, Fail, Options};
+use super::manifest::{self, Descriptor};
+use super::reference::Reference;
+use crate::error::{Error, Result};
+use crate::store::{chain_id, sha256_digest, ImportOptions, Store};
+
+/// What a pull did, for the summary line.
+#[derive(Debug, Default)]
+pub struct Pulled {
+    /// the record name
+    pub name: String,
+    /// manifest digest
+    pub manifest: String,
+    /// chain IDs, base first
+    pub chain_ids: Vec<String>,
+    /// blobs fetched (some or all of their bytes) by this run
+    pub blobs_fetched: usize,
+    /// body bytes received by this run
+    pub bytes_fetched: u64,
+    /// blobs that were already complete in the store
+    pub blobs_present: usize,
+    /// layers imported by this run
+    pub layers_imported: usize,
+}
+
+/// Pull `reference` into `store`.
+pub fn pull(store: &Store, reference: &Reference, opts: &Options) -> Result<Pulled> {
+    let client = Client::new(reference, opts)?;
+    blobs::ensure_dirs(store)?;
+    let mut out = Pulled {
+        name: reference.to_string(),
+        ..Pulled::default()
+    };
+
+    // step pull.manifest
+    let (mut bytes, mut mt, mut digest) =
+        fetch_manifest(&client, reference.manifest_ref(), reference.digest.as_deref())?;
+    if manifest::is_index(&mt) {
+        let chosen = manifest::pick_platform(&bytes, &format!("index {digest} of {reference}"))?;
+        (bytes, mt, digest) = fetch_manifest(&client, &chosen.digest, Some(&chosen.digest))?;
+        if manifest::is_index(&mt) {
+            return Err(Error::remote(
+                format!("image {reference}"),
+                "an index points to another index",
+                "pin the image's manifest digest with NAME@sha256:...",
+            ));
+        }
+    }
+    let what = format!("manifest {digest} of {reference}");
+    let m = manifest::parse(&bytes, &what)?;
+
+    // step pull.blob: the config first (it has the diff IDs), then the layers.
+    fetch_blob(store, &client, &m.config, &mut out)?;
+    let config = blobs::read_blob(store, &m.config.digest)?;
+    let diff_ids = manifest::diff_ids(&config, &format!("config {} of {reference}", m.config.digest))?;
+    if diff_ids.len() != m.layers.len() {
+        return Err(Error::remote(
+            what,
+            format!(
+                "{} layers but the config lists {} diff_ids",
+                m.layers.len(),
+                diff_ids.len()
+            ),
+            "the image is damaged in the registry; push it again",
+        ));
+    }
+    let mut parent: Option<String> = None;
+    for (i, (layer, diff_id)) in m.layers.iter().zip(&diff_ids).enumerate() {
+        let chain = chain_id(parent.as_deref(), diff_id);
+        fetch_blob(store, &client, layer, &mut out)?;
+        // step pull.import
+        if !store.has_layer(&chain) {
+            let p = blobs::blob_path(store, &layer.digest);
+            let mut f = File::open(&p).map_err(|e| Error::io("pull.import", &p, e))?;
+            let got = store.import_layer(
+                &mut f,
+                &ImportOptions {
+                    parent: parent.clone(),
+                    diff_id: Some(diff_id.clone()),
+                    blob_digest: Some(layer.digest.clone()),
+                    source: format!("{reference} layer {} ({})", i + 1, layer.digest),
+                    fsync_each: false,
+                },
+            )?;
+            out.layers_imported += usize::from(got.new);
+        }
+        tracing::info!(layer = %chain, index = i + 1, digest = %layer.digest, "pulled layer in the store");
+        parent = Some(chain.clone());
+        out.chain_ids.push(chain);
+    }
+    // The manifest is kept last among the blobs: push reads the image through it.
+    blobs::put_bytes(store, &digest, &bytes)?;
+
+    // step pull.record
+    blobs::write_record(
+        store,
+        &blobs::ImageRecord {
+            name: out.name.clone(),
+            manifest: digest.clone(),
+            media_type: mt,
+            config: m.config.digest.clone(),
+            chain_ids: out.chain_ids.clone(),
+        },
+    )?;
+    out.manifest = digest;
+    Ok(out)
+}
+
+/// GET a manifest by tag or digest; returns (bytes, media type, digest). Its bytes must
+/// hash to `pinned` when given, and to the registry's `Docker-Content-Digest` when sent.
+fn fetch_manifest(client: &Client, r: &str, pinned: Option<&str>) -> Result<(Vec<u8>, String, String)> {
+    let url = client.url(&format!("manifests/{r}"));
+    let what = format!("manifest of {}", client.reference);
+    client.with_retries(&what, || {
+        let reply = client.request(Method::GET, &url, &[("Accept", manifest::ACCEPT)], &[])?;
+        match reply.status {
+            200 => {}
+            404 => {
+                return Err(Fail::Fatal(Error::remote(
+                    format!("image {}", client.reference),
+                    format!("{r} not found in the registry ({})", reply.error_text()),
+                    "check the repository name and the tag (skopeo list-tags or the registry's /v2/REPO/tags/list)",
+                )))
+            }
+            _ => {
+                return Err(Fail::Fatal(Error::remote(
+                    what.clone(),
+                    reply.error_text(),
+                    "check the reference",
+                )))
+            }
+        }
+        let announced = reply.header("Docker-Content-Digest").map(str::to_owned);
+        let content_type = reply.header("Content-Type").map(str::to_owned);
+        let bytes = reply.bytes()?;
+        let got = sha256_digest(&bytes);
+        for want in pinned.iter().copied().chain(announced.as_deref()) {
+            if want != got {
+                return Err(Fail::Fatal(Error::remote(
+                    what.clone(),
+                    format!("digest mismatch: expected {want}, the manifest hashes to {got}"),
+                    "nothing was stored; the registry or something between it and us alters data",
+                )));
+            }
+        }
+        let mt = manifest::media_type(&bytes, content_type.as_deref());
+        Ok((bytes, mt, got))
+    })
+}
+
+/// sha256 of the first `n` bytes of `f`.
+fn hash_prefix(f: &mut File, n: u64, p: &std::path::Path) -> Result<Sha256> {
+    let mut h = Sha256::new();
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io("pull.rehash", p, e))?;
+    let mut r = f.take(n);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = r.read(&mut buf).map_err(|e| Error::io("pull.rehash", p, e))?;
+        if k == 0 {
+            return Ok(h);
+        }
+        h.update(&buf[..k]);
+    }
+}
+
+/// Make the blob `desc` complete and verified in the store (step `pull.blob`).
+fn fetch_blob(store: &Store, client: &Client, desc: &Descriptor, out: &mut Pulled) -> Result<()> {
+    if blobs::has_blob(store, &desc.digest) {
+        out.blobs_present += 1;
+        return Ok(());
+    }
+    out.blobs_fetched += 1;
+    let p = blobs::incoming_path(store, &desc.digest);
+    let url = client.url(&format!("blobs/{}", desc.digest));
+    let what = format!("blob {}", desc.digest);
+    // a resumed download that does not add up is fetched once more from the start
+    let mut restarted = false;
+    let mut fetched = 0u64;
+    let r = client.with_retries(&what, || {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(|e| Error::io("pull.blob_open", &p, e))?;
+        let mut have = f
+            .metadata()
+            .map_err(|e| Error::io("pull.blob_stat", &p, e))?
+            .len();
+        if have > desc.size {
+            f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
+            have = 0;
+        }
+        let mut h = hash_prefix(&mut f, have, &p)?;
+        if have == desc.size {
+            // downloaded whole by a pull that stopped before publishing it
+            if format!("sha256:{:x}", h.clone().finalize()) == desc.digest {
+                blobs::publish_incoming(store, &desc.digest)?;
+                return Ok(());
+            }
+            f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
+            have = 0;
+            h = Sha256::new();
+        }
+        let range = format!("bytes={have}-");
+        let headers: Vec<(&str, &str)> = if have > 0 {
+            vec![("Range", range.as_str())]
+        } else {
+            vec![]
+        };
+        let reply = client.request(Method::GET, &url, &headers, &[])?;
+        let start = match reply.status {
+            200 => 0,
+            206 => {
+                let cr = reply.header("Content-Range").unwrap_or("");
+                if !cr.starts_with(&format!("bytes {have}-")) {
+                    return Err(Fail::Transient(format!(
+                        "unexpected Content-Range \"{cr}\" for {range}"
+                    )));
+                }
+                have
+            }
+            404 => {
+                return Err(Fail::Fatal(Error::remote(
+                    format!("{what} of {}", client.reference),
+                    format!("not in the registry ({})", reply.error_text()),
+                    "the image is incomplete in the registry; push it again",
+                )))
+            }
+            416 => {
+                f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
+                return Err(Fail::Transient(format!(
+                    "range {range} refused; fetching from the start"
+                )));
+            }
+            _ => {
+                return Err(Fail::Fatal(Error::remote(
+                    format!("{what} of {}", client.reference),
+                    reply.error_text(),
+                    "check the registry",
+                )))
+            }
+        };
+        if start == 0 {
+            f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
+            h = Sha256::new();
+        }
+        f.seek(SeekFrom::Start(start))
+            .map_err(|e| Error::io("pull.blob_seek", &p, e))?;
+        if have > 0 && start == have {
+            tracing::info!(digest = %desc.digest, bytes = have, "resuming a partial blob download");
+        }
+        let mut pos = start;
+        let copied = Client::copy_body(reply.body, |chunk| {
+            pos += chunk.len() as u64;
+            if pos > desc.size {
+                return Err(Error::remote(
+                    format!("{what} of {}", client.reference),
+                    format!(
+                        "the registry sends more than the {} bytes of its descriptor",
+                        desc.size
+                    ),
+                    "nothing was stored; the registry or something between it and us alters data",
+                ));
+            }
+            h.update(chunk);
+            f.write_all(chunk)
+                .map_err(|e| Error::io("pull.blob_write", &p, e))
+        });
+        // count what arrived even when the connection then failed
+        fetched += pos - start;
+        copied?;
+        if pos < desc.size {
+            return Err(Fail::Transient(format!(
+                "the body ended at byte {pos} of {}",
+                desc.size
+            )));
+        }
+        let got = format!("sha256:{:x}", h.finalize());
+        if got != desc.digest {
+            let _ = std::fs::remove_file(&p);
+            if start > 0 && !restarted {
+                restarted = true;
+                return Err(Fail::Transient(format!(
+                    "the resumed download hashes to {got}; fetching it whole"
+                )));
+            }
+            return Err(Fail::Fatal(Error::remote(
+                format!("{what} of {}", client.reference),
+                format!(
+                    "digest mismatch: expected {}, received bytes hash to {got}",
+                    desc.digest
+                ),
+                "nothing was published; the registry or something between it and us alters data",
+            )));
+        }
+        blobs::publish_incoming(store, &desc.digest)?;
+        Ok(())
+    });
+    out.bytes_fetched += fetched;
+    r
+}

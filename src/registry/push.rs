@@ -1,0 +1,362 @@
+//! `verlay image push`: an image the store holds, to a registry.
+//!
+//! For each blob (layers, then config): HEAD says whether the registry has it (then it is
+//! skipped); otherwise one upload session sends it in chunks: POST starts the session, each
+//! PATCH carries `Content-Range: START-END` and the registry's `Range: 0-END` reply says how
+//! much it holds, and PUT `?digest=` closes it; the registry's `Docker-Content-Digest` must be
+//! the blob's. The manifest is PUT by tag last, so the tag never names an image whose blobs
+//! are not all there.
+//!
+//! Retries never append the same bytes twice. After a chunk fails (timeout, dropped
+//! connection, 5xx) the client does not resend blindly: it asks the registry where the
+//! upload stands (GET on the upload URL, `Range` header) and continues from that offset. If
+//! the registry no longer knows the session (distribution 2.x cancels a session whose stored
+//! size differs from the offset in its upload state, which is what a chunk cut halfway
+//! leaves), a new session starts from byte 0; the old one is abandoned, never written to
+//! again. The bytes of a session are hashed in order as they are confirmed, so a damaged
+//! store blob is caught before the digest is claimed.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use sha2::{Digest, Sha256};
+use ureq::http::Method;
+
+use super::blobs::{self, ImageRecord};
+use super::client::{backoff, Client, Fail, Options};
+use super::manifest::{self, Descriptor};
+use super::reference::Reference;
+use crate::error::{Error, Result};
+
+/// What a push did, for the summary line and the tests.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// blobs uploaded
+    pub blobs_uploaded: usize,
+    /// blobs the registry already had
+    pub blobs_present: usize,
+    /// PATCH body bytes sent (attempts included)
+    pub bytes_sent: u64,
+    /// upload sessions started
+    pub sessions: usize,
+    /// the manifest digest the registry reported
+    pub manifest: String,
+}
+
+/// Push the image recorded under `source` to `target`.
+pub fn push(store: &crate::store::Store, source: &str, target: &Reference, opts: &Options) -> Result<Pushed> {
+    let rec: ImageRecord = blobs::find_record(store, source)?;
+    let bytes = blobs::read_blob(store, &rec.manifest)?;
+    let m = manifest::parse(&bytes, &format!("manifest {} of {}", rec.manifest, rec.name))?;
+    if let Some(d) = &target.digest {
+        if *d != rec.manifest {
+            return Err(Error::usage(
+                format!("image reference \"{target}\""),
+                format!("pins {d} but the image's manifest is {}", rec.manifest),
+                "push by tag, or pin the image's own manifest digest",
+            ));
+        }
+    }
+    let all: Vec<&Descriptor> = m.layers.iter().chain(std::iter::once(&m.config)).collect();
+    for d in &all {
+        if !blobs::has_blob(store, &d.digest) {
+            return Err(Error::usage(
+                format!("image \"{}\"", rec.name),
+                format!("blob {} is not in the store", d.digest),
+                "pull or import the image again",
+            ));
+        }
+    }
+    let client = Client::new(target, opts)?;
+    let mut out = Pushed::default();
+    for d in all {
+        push_blob(store, &client, d, &mut out)?;
+    }
+
+    let tag = target.manifest_ref().to_string();
+    let url = client.url(&format!("manifests/{tag}"));
+    let what = format!("manifest {} as {tag}", rec.manifest);
+    out.manifest = client.with_retries(&what, || {
+        let reply = client.request(Method::PUT, &url, &[("Content-Type", &rec.media_type)], &bytes)?;
+        if reply.status != 201 {
+            return Err(Fail::Fatal(Error::remote(
+                format!("{what} to {}", client.reference),
+                reply.error_text(),
+                "check the registry's log; the blobs are there, pushing again is safe",
+            )));
+        }
+        let got = reply.header("Docker-Content-Digest").unwrap_or("").to_string();
+        if got != rec.manifest {
+            return Err(Fail::Fatal(Error::remote(
+                format!("{what} to {}", client.reference),
+                format!("the registry stored it as \"{got}\""),
+                "the registry altered the manifest; check it",
+            )));
+        }
+        Ok(got)
+    })?;
+    Ok(out)
+}
+
+/// HEAD the blob: does the registry have it?
+fn registry_has(client: &Client, d: &Descriptor) -> Result<bool> {
+    let url = client.url(&format!("blobs/{}", d.digest));
+    client.with_retries(&format!("check of blob {}", d.digest), || {
+        let reply = client.request(Method::HEAD, &url, &[], &[])?;
+        match reply.status {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(Fail::Fatal(Error::remote(
+                format!("blob {} of {}", d.digest, client.reference),
+                reply.error_text(),
+                "check the registry",
+            ))),
+        }
+    })
+}
+
+/// Where an upload session stands.
+enum Status {
+    /// the registry holds this many bytes; continue at the new location
+    At(u64, String),
+    /// the registry no longer knows the session
+    Gone,
+}
+
+/// The offset in a `Range: 0-END` header. distribution answers `0-0` both for an empty
+/// session and for one byte; `hint` (what we believe) decides between the two.
+fn range_end(h: Option<&str>, hint: u64) -> Option<u64> {
+    let end: u64 = h?.trim().strip_prefix("0-")?.parse().ok()?;
+    Some(if end == 0 && hint == 0 { 0 } else { end + 1 })
+}
+
+/// GET the upload URL: the registry's offset for the session.
+fn status(client: &Client, loc: &str, hint: u64, what: &str) -> Result<Status> {
+    client.with_retries(&format!("status of the upload of {what}"), || {
+        let reply = client.request(Method::GET, loc, &[], &[])?;
+        match reply.status {
+            204 | 200 => {
+                let at = range_end(reply.header("Range"), hint);
+                let next = reply.header("Location").map(|l| client.resolve(l)).transpose()?;
+                match (at, next) {
+                    (Some(at), Some(next)) => Ok(Status::At(at, next)),
+                    (Some(at), None) => Ok(Status::At(at, loc.to_string())),
+                    (None, _) => Ok(Status::Gone),
+                }
+            }
+            400 | 404 => Ok(Status::Gone),
+            _ => Err(Fail::Fatal(Error::remote(
+                format!("upload of {what} to {}", client.reference),
+                reply.error_text(),
+                "check the registry",
+            ))),
+        }
+    })
+}
+
+/// `loc` with a query parameter added.
+fn with_param(loc: &str, kv: &str) -> String {
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    format!("{loc}{sep}{kv}")
+}
+
+fn read_at(f: &mut File, p: &std::path::Path, off: u64, buf: &mut [u8]) -> Result<()> {
+    f.seek(SeekFrom::Start(off))
+        .map_err(|e| Error::io("push.read", p, e))?;
+    f.read_exact(buf).map_err(|e| Error::io("push.read", p, e))
+}
+
+/// Upload one blob unless the registry has it.
+fn push_blob(store: &crate::store::Store, client: &Client, d: &Descriptor, out: &mut Pushed) -> Result<()> {
+    if registry_has(client, d)? {
+        tracing::info!(digest = %d.digest, "registry has the blob; skipped");
+        out.blobs_present += 1;
+        return Ok(());
+    }
+    let p = blobs::blob_path(store, &d.digest);
+    let mut f = File::open(&p).map_err(|e| Error::io("push.open", &p, e))?;
+    let size = f.metadata().map_err(|e| Error::io("push.stat", &p, e))?.len();
+    if size != d.size {
+        return Err(Error::usage(
+            format!("store blob {}", p.display()),
+            format!("{size} bytes, the manifest says {}", d.size),
+            "remove it and pull or import the image again",
+        ));
+    }
+    let what = format!("blob {}", d.digest);
+    let retries = client.opts.retries;
+    let chunk_size = client.opts.chunk_size.max(1) as u64;
+    let mut buf = vec![0u8; chunk_size.min(size.max(1)) as usize];
+    let start_url = client.url("blobs/uploads/");
+    let mut sessions = 0u32;
+    let mut last = String::new();
+    'session: loop {
+        if sessions > retries {
+            return Err(client.gave_up(&format!("upload of {what}"), &last));
+        }
+        if sessions > 0 {
+            tracing::warn!(digest = %d.digest, session = sessions + 1, error = %last, "starting the upload again in a new session");
+            std::thread::sleep(backoff(sessions));
+        }
+        sessions += 1;
+        out.sessions += 1;
+        let mut loc = client.with_retries(&format!("start of the upload of {what}"), || {
+            let reply = client.request(Method::POST, &start_url, &[], &[])?;
+            match (reply.status, reply.header("Location")) {
+                (202, Some(l)) => client.resolve(l),
+                _ => Err(Fail::Fatal(Error::remote(
+                    format!("upload of {what} to {}", client.reference),
+                    reply.error_text(),
+                    "check the registry (is it read-only?)",
+                ))),
+            }
+        })?;
+        // bytes the registry has confirmed, in order, and their hash
+        let mut offset = 0u64;
+        let mut hashed = Sha256::new();
+        let mut failures = 0u32;
+        while offset < size {
+            let len = chunk_size.min(size - offset);
+            let chunk = &mut buf[..len as usize];
+            read_at(&mut f, &p, offset, chunk)?;
+            let range = format!("{}-{}", offset, offset + len - 1);
+            out.bytes_sent += len;
+            let sent = client.request(
+                Method::PATCH,
+                &loc,
+                &[
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Range", &range),
+                ],
+                chunk,
+            );
+            let why = match sent {
+                Ok(reply) if reply.status == 202 => {
+                    let next = reply.header("Location").map(|l| client.resolve(l)).transpose();
+                    match (range_end(reply.header("Range"), offset + len), next) {
+                        (Some(at), Ok(Some(next))) if at == offset + len => {
+                            hashed.update(&*chunk);
+                            offset = at;
+                            loc = next;
+                            failures = 0;
+                            continue;
+                        }
+                        (at, _) => format!("PATCH {range} answered with Range {at:?}"),
+                    }
+                }
+                Ok(reply) if matches!(reply.status, 400 | 404 | 416) => reply.error_text(),
+                Ok(reply) => {
+                    // 413: the registry (or a proxy in front of it) limits request bodies
+                    let fix = if reply.status == 413 {
+                        "lower --chunk-size"
+                    } else {
+                        "check the registry"
+                    };
+                    return Err(Error::remote(
+                        format!("upload of {what} to {}", client.reference),
+                        reply.error_text(),
+                        fix,
+                    ));
+                }
+                Err(Fail::Fatal(e)) => return Err(e),
+                Err(Fail::Transient(why)) => why,
+            };
+            failures += 1;
+            last = format!("PATCH {range}: {why}");
+            tracing::warn!(digest = %d.digest, range = %range, attempt = failures, error = %why, "upload chunk failed; asking the registry where the upload stands");
+            if failures > retries {
+                return Err(client.gave_up(&format!("upload of {what}"), &last));
+            }
+            std::thread::sleep(backoff(failures));
+            match status(client, &loc, offset, &what)? {
+                Status::At(at, next) if at == offset => loc = next,
+                Status::At(at, next) if at > offset && at <= offset + len => {
+                    // the registry kept a prefix of the chunk: continue after it
+                    hashed.update(&chunk[..(at - offset) as usize]);
+                    offset = at;
+                    loc = next;
+                }
+                Status::At(at, _) => {
+                    last = format!("{last}; the registry holds {at} bytes of a session at {offset}");
+                    continue 'session;
+                }
+                Status::Gone => {
+                    last = format!("{last}; the registry dropped the upload session");
+                    continue 'session;
+                }
+            }
+        }
+        let sent = format!("sha256:{:x}", hashed.finalize());
+        if sent != d.digest {
+            return Err(Error::usage(
+                format!("store blob {}", p.display()),
+                format!("damaged: it hashes to {sent}"),
+                "remove it and pull or import the image again; nothing was pushed for it",
+            ));
+        }
+        // close the session; an unknown outcome is settled by asking whether the blob exists
+        let mut put = with_param(&loc, &format!("digest={}", d.digest));
+        let mut put_failures = 0u32;
+        loop {
+            let why = match client.request(Method::PUT, &put, &[], &[]) {
+                Ok(reply) if reply.status == 201 => {
+                    let got = reply.header("Docker-Content-Digest").unwrap_or("");
+                    if got != d.digest {
+                        return Err(Error::remote(
+                            format!("upload of {what} to {}", client.reference),
+                            format!("the registry stored it as \"{got}\""),
+                            "the registry altered the data; check it",
+                        ));
+                    }
+                    out.blobs_uploaded += 1;
+                    return Ok(());
+                }
+                Ok(reply) if matches!(reply.status, 400 | 404) => reply.error_text(),
+                Ok(reply) => {
+                    return Err(Error::remote(
+                        format!("upload of {what} to {}", client.reference),
+                        reply.error_text(),
+                        "check the registry",
+                    ))
+                }
+                Err(Fail::Fatal(e)) => return Err(e),
+                Err(Fail::Transient(why)) => why,
+            };
+            put_failures += 1;
+            last = format!("PUT ?digest=: {why}");
+            if put_failures > retries {
+                return Err(client.gave_up(&format!("upload of {what}"), &last));
+            }
+            std::thread::sleep(backoff(put_failures));
+            if registry_has(client, d)? {
+                out.blobs_uploaded += 1;
+                return Ok(());
+            }
+            match status(client, &loc, size, &what)? {
+                Status::At(at, next) if at == size => {
+                    put = with_param(&next, &format!("digest={}", d.digest))
+                }
+                _ => continue 'session,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_ranges_read_like_distribution() {
+        assert_eq!(range_end(Some("0-0"), 0), Some(0));
+        assert_eq!(range_end(Some("0-0"), 1), Some(1));
+        assert_eq!(range_end(Some("0-1023"), 0), Some(1024));
+        assert_eq!(range_end(Some("bytes=0-9"), 0), None);
+        assert_eq!(range_end(None, 0), None);
+        assert_eq!(
+            with_param("http://h/u?_state=x", "digest=d"),
+            "http://h/u?_state=x&digest=d"
+        );
+        assert_eq!(with_param("/u", "digest=d"), "/u?digest=d");
+    }
+}

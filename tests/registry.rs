@@ -1,0 +1,875 @@
+//! `verlay image pull` / `verlay image push` against a real registry (Debian's
+//! docker-registry, distribution 2.8, started on a free 127.0.0.1 port per test and killed by
+//! PID on drop): what is pushed is byte-identical in the registry and pulls back to the same
+//! layers; skopeo agrees in both directions; a pull killed with SIGKILL publishes nothing
+//! half-done and resumes; pushes and pulls through a fault-injecting proxy (tests/faultproxy)
+//! succeed, and no upload session is ever sent the same byte range twice; failures say what
+//! failed and publish nothing.
+//!
+//! Needs docker-registry and skopeo (bash tests/setup.sh installs them) and the shared test
+//! image recipe (../shared/recipes, or $VERLAY_SHARED).
+
+mod faultproxy;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use faultproxy::{Exchange, FaultProxy, Faults};
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_verlay");
+/// How long one verlay command may take before the test kills it and fails.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn shared() -> PathBuf {
+    std::env::var_os("VERLAY_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("verlay-registry-{tag}-"))
+        .tempdir()
+        .expect("tempdir")
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A docker-registry process storing under `dir/data`; killed by PID on drop.
+struct Registry {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        assert!(
+            have("docker-registry"),
+            "docker-registry is not installed (bash tests/setup.sh installs it)"
+        );
+        let port = free_port();
+        fs::create_dir_all(dir.join("data")).expect("mkdir data");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+             delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nhealth:\n  storagedriver:\n    enabled: false\n",
+            dir.join("data").display()
+        );
+        fs::write(dir.join("config.yml"), config).expect("config");
+        let log = fs::File::create(dir.join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        let mut reg = Registry {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if http_status(reg.addr, "GET", "/v2/") == Some(200) {
+                return reg;
+            }
+            if let Ok(Some(st)) = reg.child.try_wait() {
+                panic!(
+                    "docker-registry exited ({st}):\n{}",
+                    fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer on {}",
+                reg.addr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The registry's own copy of a blob.
+    fn blob(&self, digest: &str) -> Option<Vec<u8>> {
+        let hex = digest.trim_start_matches("sha256:");
+        fs::read(
+            self.dir
+                .join("data/docker/registry/v2/blobs/sha256")
+                .join(&hex[..2])
+                .join(hex)
+                .join("data"),
+        )
+        .ok()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // by PID: Child::kill signals exactly the process we started
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status code of a bodyless request, by hand (HTTP/1.0, so the server closes).
+fn http_status(addr: SocketAddr, method: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    // distribution hides an OCI manifest from a client that does not accept the type
+    let accept =
+        "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+}
+
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn ok(&self, what: &str) -> &Self {
+        assert_eq!(self.code, Some(0), "{what} failed:\n{}", self.stderr);
+        self
+    }
+}
+
+fn wait_out(mut child: Child, what: &str) -> Out {
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} took more than {COMMAND_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run verlay")
+}
+
+fn verlay(args: &[&str]) -> Out {
+    wait_out(spawn(args, &[]), &format!("verlay {}", args.join(" ")))
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// The test image (../shared/recipes/make-test-image.sh) in `dir/img`; returns its env.
+fn test_image(dir: &Path) -> BTreeMap<String, String> {
+    let img = dir.join("img");
+    let out = Command::new("bash")
+        .arg(shared().join("recipes/make-test-image.sh"))
+        .arg(&img)
+        .output()
+        .expect("make-test-image.sh");
+    assert!(
+        out.status.success(),
+        "make-test-image.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::read_to_string(img.join("image.env"))
+        .expect("image.env")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches(['"', '\'']).to_string()))
+        .collect()
+}
+
+/// Import the test image's OCI layout into `store` under `name`; returns the lowerdir.
+fn import(store: &Path, img: &Path, name: &str) -> String {
+    verlay(&[
+        "image",
+        "import",
+        "--store",
+        p(store),
+        "--name",
+        name,
+        p(&img.join("oci")),
+    ])
+    .ok("image import")
+    .stdout
+    .trim()
+    .to_string()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(b))
+}
+
+/// Chain IDs of a lowerdir (top first), as hex.
+fn chains(lowerdir: &str) -> Vec<String> {
+    lowerdir
+        .split(':')
+        .map(|d| {
+            Path::new(d)
+                .parent()
+                .and_then(|l| l.file_name())
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The blobs of the test image's OCI layout: digest -> bytes.
+fn layout_blobs(img: &Path) -> BTreeMap<String, Vec<u8>> {
+    let dir = img.join("oci/blobs/sha256");
+    names(&dir)
+        .into_iter()
+        .map(|n| {
+            let b = fs::read(dir.join(&n)).expect("layout blob");
+            (format!("sha256:{n}"), b)
+        })
+        .collect()
+}
+
+/// Every blob of the layout is in the registry, byte for byte.
+fn assert_registry_has(reg: &Registry, blobs: &BTreeMap<String, Vec<u8>>) {
+    for (d, want) in blobs {
+        let got = reg.blob(d).unwrap_or_else(|| panic!("registry lacks blob {d}"));
+        assert!(
+            got == *want,
+            "registry's blob {d} differs from the source ({} vs {} bytes)",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// The promise of a store after anything, even a kill: every published blob hashes to its
+/// name, every published layer verifies, and `images/` holds only complete records.
+fn assert_store_consistent(store: &Path) {
+    for n in names(&store.join("blobs/sha256")) {
+        let b = fs::read(store.join("blobs/sha256").join(&n)).expect("blob");
+        assert_eq!(sha256_hex(&b), n, "published blob {n} does not hash to its name");
+    }
+    if !names(&store.join("layers")).is_empty() {
+        verlay(&["verify", "--store", p(store), "--all"]).ok("verify of the published layers");
+    }
+}
+
+/// No upload session was sent the same byte range twice: per session id, the PATCH body
+/// bytes the proxy forwarded to the registry cover disjoint ranges.
+fn assert_one_pass_per_session(log: &[Exchange]) -> BTreeMap<String, Vec<(u64, u64)>> {
+    let mut sessions: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for e in log.iter().filter(|e| e.method == "PATCH") {
+        let id = e.upload_id().expect("PATCH on an upload URL").to_string();
+        let start = e
+            .range_start()
+            .unwrap_or_else(|| panic!("PATCH without Content-Range: {e:?}"));
+        if e.body_forwarded > 0 {
+            sessions
+                .entry(id)
+                .or_default()
+                .push((start, start + e.body_forwarded));
+        }
+    }
+    for (id, ranges) in &mut sessions {
+        ranges.sort();
+        for w in ranges.windows(2) {
+            assert!(
+                w[1].0 >= w[0].1,
+                "upload session {id} was sent bytes {}..{} twice (ranges {ranges:?})",
+                w[1].0,
+                w[0].1.min(w[1].1)
+            );
+        }
+    }
+    sessions
+}
+
+#[test]
+fn push_then_pull_gives_identical_blobs_layers_and_chain_ids() {
+    let t = tempdir("roundtrip");
+    let env = test_image(t.path());
+    let img = t.path().join("img");
+    let reg = Registry::start(&t.path().join("reg"));
+    let (s1, s2) = (t.path().join("s1"), t.path().join("s2"));
+    let lower1 = import(&s1, &img, "test");
+    let target = format!("{}/test:1", reg.addr);
+
+    let out = verlay(&[
+        "image",
+        "push",
+        "--store",
+        p(&s1),
+        "--image",
+        "test",
+        "--chunk-size",
+        "100000",
+        &target,
+    ]);
+    out.ok("push");
+    let manifest = &env["MANIFEST_DIGEST"];
+    assert_eq!(out.stdout.trim(), format!("{target}@{manifest}"));
+    assert_registry_has(&reg, &layout_blobs(&img));
+
+    // a second push finds every blob in the registry and uploads nothing
+    let again = verlay(&["image", "push", "--store", p(&s1), "--image", "test", &target]);
+    assert!(
+        again
+            .ok("second push")
+            .stderr
+            .contains("0 blobs uploaded in 0 sessions"),
+        "{}",
+        again.stderr
+    );
+
+    let pulled = verlay(&["image", "pull", "--store", p(&s2), &target]);
+    let lower2 = pulled.ok("pull").stdout.trim().to_string();
+    assert_eq!(
+        chains(&lower2),
+        chains(&lower1),
+        "pulled chain IDs differ from the imported ones"
+    );
+    assert!(
+        lower2.starts_with(p(&s2.canonicalize().expect("canonical"))),
+        "{lower2}"
+    );
+    assert_store_consistent(&s2);
+    let ls = verlay(&["image", "ls", "--store", p(&s2)]);
+    assert!(
+        ls.ok("ls").stdout.contains(&target) && ls.stdout.contains(manifest),
+        "{}",
+        ls.stdout
+    );
+
+    // pulling again fetches nothing
+    let again = verlay(&["image", "pull", "--store", p(&s2), &target]);
+    assert!(
+        again
+            .ok("second pull")
+            .stderr
+            .contains("0 blobs fetched (0 bytes), 4 already in the store"),
+        "{}",
+        again.stderr
+    );
+
+    // a docker-archive has no registry manifest: verlay makes one, and the layers are the same
+    let s3 = t.path().join("s3");
+    verlay(&[
+        "image",
+        "import",
+        "--store",
+        p(&s3),
+        "--name",
+        "d",
+        p(&img.join("image.docker.tar")),
+    ])
+    .ok("import docker-archive");
+    let target_d = format!("{}/fromdocker:1", reg.addr);
+    verlay(&["image", "push", "--store", p(&s3), "--image", "d", &target_d]).ok("push docker-archive image");
+    let s4 = t.path().join("s4");
+    let lower4 = verlay(&["image", "pull", "--store", p(&s4), &target_d])
+        .ok("pull")
+        .stdout
+        .trim()
+        .to_string();
+    assert_eq!(chains(&lower4), chains(&lower1));
+}
+
+#[test]
+fn skopeo_reads_what_verlay_pushed_and_verlay_reads_what_skopeo_pushed() {
+    assert!(
+        have("skopeo"),
+        "skopeo is not installed (bash tests/setup.sh installs it)"
+    );
+    let t = tempdir("skopeo");
+    let env = test_image(t.path());
+    let img = t.path().join("img");
+    let reg = Registry::start(&t.path().join("reg"));
+    let s1 = t.path().join("s1");
+    let lower1 = import(&s1, &img, "test");
+    let skopeo = |args: &[&str]| {
+        // the recipe keeps skopeo's root-only blob-info cache under the given dir
+        let out = Command::new("bash")
+            .arg(shared().join("recipes/registry-env.sh"))
+            .arg("skopeo")
+            .arg(t.path().join("skopeo"))
+            .args(args)
+            .output()
+            .expect("skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    let pushed = format!("{}/byverlay:1", reg.addr);
+    verlay(&["image", "push", "--store", p(&s1), "--image", "test", &pushed]).ok("push");
+    let out = t.path().join("skopeo-out");
+    skopeo(&[
+        "copy",
+        "-q",
+        "--src-tls-verify=false",
+        &format!("docker://{pushed}"),
+        &format!("oci:{}:1", p(&out)),
+    ]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("index.json")).expect("index.json")).expect("json");
+    assert_eq!(
+        index["manifests"][0]["digest"].as_str(),
+        Some(env["MANIFEST_DIGEST"].as_str())
+    );
+
+    let by_skopeo = format!("{}/byskopeo:1", reg.addr);
+    skopeo(&[
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:1", p(&img.join("oci"))),
+        &format!("docker://{by_skopeo}"),
+    ]);
+    let s2 = t.path().join("s2");
+    let lower2 = verlay(&["image", "pull", "--store", p(&s2), &by_skopeo])
+        .ok("pull")
+        .stdout
+        .trim()
+        .to_string();
+    assert_eq!(chains(&lower2), chains(&lower1));
+}
+
+#[test]
+fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() {
+    let t = tempdir("kill");
+    let env = test_image(t.path());
+    let img = t.path().join("img");
+    let reg = Registry::start(&t.path().join("reg"));
+    let s1 = t.path().join("s1");
+    let lower1 = import(&s1, &img, "test");
+    let target = format!("{}/test:1", reg.addr);
+    verlay(&["image", "push", "--store", p(&s1), "--image", "test", &target]).ok("push");
+
+    // slow responses, so the kill lands in the middle of a blob
+    let proxy = FaultProxy::start(
+        reg.addr,
+        Faults {
+            throttle: Some(400_000),
+            ..Faults::default()
+        },
+    );
+    let via = format!("{}/test:1", proxy.addr);
+    let s2 = t.path().join("s2");
+    let child = spawn(&["image", "pull", "--store", p(&s2), &via], &[]);
+    let incoming = s2.join("blobs/incoming");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut child = child;
+    let partial = loop {
+        let big = names(&incoming)
+            .into_iter()
+            .map(|n| (fs::metadata(incoming.join(&n)).map(|m| m.len()).unwrap_or(0), n))
+            .find(|(len, _)| *len > 200_000);
+        if let Some(found) = big {
+            break found;
+        }
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the pull ended before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "no partial blob appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill().expect("kill -9 the pull");
+    let _ = child.wait();
+    let (_, partial_hex) = partial;
+    let partial_len = fs::metadata(incoming.join(&partial_hex)).expect("partial").len();
+    let total = layout_blobs(&img)[&format!("sha256:{partial_hex}")].len() as u64;
+    assert!(partial_len < total, "the blob was complete when killed");
+
+    // nothing half-done: the partial blob is not published, no image is recorded
+    assert!(
+        !s2.join("blobs/sha256").join(&partial_hex).exists(),
+        "a partial blob was published"
+    );
+    assert_eq!(
+        names(&s2.join("images")),
+        Vec::<String>::new(),
+        "an image was recorded"
+    );
+    assert_store_consistent(&s2);
+
+    // the next pull continues the partial blob with a Range request
+    proxy.set(Faults::default());
+    proxy.clear();
+    let out = verlay(&["image", "pull", "--store", p(&s2), &via]);
+    let lower2 = out.ok("resumed pull").stdout.trim().to_string();
+    assert_eq!(chains(&lower2), chains(&lower1));
+    let get = proxy
+        .log()
+        .into_iter()
+        .find(|e| e.method == "GET" && e.path.ends_with(&partial_hex))
+        .expect("a GET of the partial blob");
+    assert_eq!(
+        get.range.as_deref(),
+        Some(format!("bytes={partial_len}-").as_str()),
+        "{get:?}"
+    );
+    assert_eq!(get.status, Some(206));
+    assert_eq!(
+        get.response_forwarded,
+        total - partial_len,
+        "bytes fetched again for the partial blob"
+    );
+    assert_store_consistent(&s2);
+    assert!(!incoming.join(&partial_hex).exists());
+    let _ = env;
+
+    // a pull killed inside a layer import (after the manifest is sealed) leaves no layer
+    // that looks complete; the next pull imports it
+    let s3 = t.path().join("s3");
+    let crashed = wait_out(
+        spawn(
+            &["image", "pull", "--store", p(&s3), &target],
+            &[("VERLAY_CRASH_AT", "import.seal")],
+        ),
+        "pull with a crash point",
+    );
+    assert_ne!(crashed.code, Some(0));
+    assert_eq!(names(&s3.join("layers")), Vec::<String>::new());
+    assert_eq!(names(&s3.join("images")), Vec::<String>::new());
+    let lower3 = verlay(&["image", "pull", "--store", p(&s3), &target])
+        .ok("pull after crash")
+        .stdout
+        .trim()
+        .to_string();
+    assert_eq!(chains(&lower3), chains(&lower1));
+    assert_store_consistent(&s3);
+}
+
+#[test]
+fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_once() {
+    let t = tempdir("faults");
+    let _env = test_image(t.path());
+    let img = t.path().join("img");
+    let reg = Registry::start(&t.path().join("reg"));
+    let s1 = t.path().join("s1");
+    let lower1 = import(&s1, &img, "test");
+    let blobs = layout_blobs(&img);
+    let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let (mut restarts, mut resumed_gets, mut exchanges, mut resent) = (0usize, 0usize, 0usize, 0usize);
+    for seed in 1..=4u64 {
+        let faults = Faults {
+            seed,
+            refuse: 30,
+            stall: 10,
+            cut_request_body: 40,
+            drop_response: 30,
+            cut_response_body: 60,
+            stall_ms: 1500,
+            delay_ms: 20,
+            ..Faults::default()
+        };
+        let proxy = FaultProxy::start(reg.addr, faults.clone());
+        let via = format!("{}/fault{seed}:1", proxy.addr);
+        let common = ["--retries", "10", "--timeout", "1"];
+        let mut args = vec![
+            "image",
+            "push",
+            "--store",
+            p(&s1),
+            "--image",
+            "test",
+            "--chunk-size",
+            "131072",
+        ];
+        args.extend(common);
+        args.push(&via);
+        let out = verlay(&args);
+        out.ok(&format!("push with seed {seed}"));
+        let log = proxy.log();
+        let sessions = assert_one_pass_per_session(&log);
+        restarts += sessions.len().saturating_sub(blobs.len());
+        // a chunk tried again in the same session: the first try never reached the registry
+        // (refused, stalled) and the registry confirmed the offset before the second
+        let mut tries: BTreeMap<(String, u64), usize> = BTreeMap::new();
+        for e in log.iter().filter(|e| e.method == "PATCH") {
+            if let (Some(id), Some(start)) = (e.upload_id(), e.range_start()) {
+                *tries.entry((id.to_string(), start)).or_default() += 1;
+            }
+        }
+        resent += tries.values().filter(|n| **n > 1).count();
+        assert_registry_has(&reg, &blobs);
+        // the tag names the pushed manifest
+        assert_eq!(
+            http_status(reg.addr, "HEAD", &format!("/v2/fault{seed}/manifests/1")),
+            Some(200)
+        );
+
+        proxy.clear();
+        // downloads: more cut bodies, to exercise Range resumption
+        proxy.set(Faults {
+            cut_response_body: 150,
+            ..faults.clone()
+        });
+        let s2 = t.path().join(format!("pull{seed}"));
+        let mut args = vec!["image", "pull", "--store", p(&s2)];
+        args.extend(common);
+        args.push(&via);
+        let pulled = verlay(&args);
+        let lower2 = pulled
+            .ok(&format!("pull with seed {seed}"))
+            .stdout
+            .trim()
+            .to_string();
+        assert_eq!(chains(&lower2), chains(&lower1), "seed {seed}");
+        assert_store_consistent(&s2);
+        let plog = proxy.log();
+        resumed_gets += plog
+            .iter()
+            .filter(|e| e.range.is_some() && e.status == Some(206))
+            .count();
+        for e in log.iter().chain(&plog) {
+            exchanges += 1;
+            if let Some(f) = e.fault {
+                *seen.entry(f).or_default() += 1;
+            }
+        }
+    }
+    eprintln!(
+        "fault rounds: {exchanges} exchanges, faults {seen:?}, {restarts} upload sessions restarted, \
+         {resent} chunks sent again in the same session after the registry confirmed the offset, \
+         {resumed_gets} blob downloads resumed with Range"
+    );
+    for kind in [
+        "refuse",
+        "stall",
+        "cut_request_body",
+        "drop_response",
+        "cut_response_body",
+    ] {
+        assert!(
+            seen.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind} fault was injected: {seen:?}"
+        );
+    }
+    assert!(resumed_gets > 0, "no cut download was resumed");
+    assert!(resent > 0, "no chunk was resumed in its session");
+}
+
+#[test]
+fn failures_say_what_failed_and_publish_nothing() {
+    let t = tempdir("errors");
+    let _env = test_image(t.path());
+    let img = t.path().join("img");
+    let reg = Registry::start(&t.path().join("reg"));
+    let s1 = t.path().join("s1");
+    import(&s1, &img, "test");
+    let target = format!("{}/test:1", reg.addr);
+    verlay(&["image", "push", "--store", p(&s1), "--image", "test", &target]).ok("push");
+    let nothing_published = |store: &Path| {
+        assert_eq!(
+            names(&store.join("layers")),
+            Vec::<String>::new(),
+            "a layer was published"
+        );
+        assert_eq!(
+            names(&store.join("images")),
+            Vec::<String>::new(),
+            "an image was recorded"
+        );
+        assert_store_consistent(store);
+    };
+
+    // unreachable registry: bounded retries, then what failed and what to do
+    let s = t.path().join("unreachable");
+    let dead = format!("127.0.0.1:{}/test:1", free_port());
+    let out = verlay(&["image", "pull", "--store", p(&s), "--retries", "2", &dead]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    for want in [
+        "connection refused",
+        "gave up after 3 attempts",
+        "check that the registry at 127.0.0.1:",
+    ] {
+        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
+    }
+    nothing_published(&s);
+
+    // unknown tag
+    let s = t.path().join("unknown");
+    let out = verlay(&[
+        "image",
+        "pull",
+        "--store",
+        p(&s),
+        &format!("{}/test:nope", reg.addr),
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    for want in [
+        "nope not found in the registry",
+        "MANIFEST_UNKNOWN",
+        "check the repository name and the tag",
+    ] {
+        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
+    }
+    nothing_published(&s);
+
+    // a blob altered on the way is refused, and no layer is made of it
+    let proxy = FaultProxy::start(
+        reg.addr,
+        Faults {
+            tamper_blobs: true,
+            ..Faults::default()
+        },
+    );
+    let s = t.path().join("tampered");
+    let out = verlay(&[
+        "image",
+        "pull",
+        "--store",
+        p(&s),
+        &format!("{}/test:1", proxy.addr),
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    for want in ["digest mismatch: expected sha256:", "nothing was published"] {
+        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
+    }
+    nothing_published(&s);
+    assert!(proxy.log().iter().any(|e| e.fault == Some("tamper")));
+    assert_eq!(
+        names(&s.join("blobs/incoming")),
+        Vec::<String>::new(),
+        "the bad download was kept"
+    );
+
+    // a registry that wants a login
+    proxy.set(Faults {
+        require_auth: true,
+        ..Faults::default()
+    });
+    let s = t.path().join("auth");
+    let out = verlay(&[
+        "image",
+        "pull",
+        "--store",
+        p(&s),
+        &format!("{}/test:1", proxy.addr),
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    for want in [
+        "HTTP 401",
+        "UNAUTHORIZED",
+        "Bearer realm",
+        "verlay does not log in",
+    ] {
+        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
+    }
+    nothing_published(&s);
+
+    // pushing an image the store does not hold
+    let out = verlay(&["image", "push", "--store", p(&s1), "--image", "nosuch", &target]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("image \"nosuch\": not in the store"),
+        "{}",
+        out.stderr
+    );
+
+    // a damaged blob in the store is caught before its digest is claimed, and the tag is
+    // not pushed
+    let big = layout_blobs(&img)
+        .into_iter()
+        .max_by_key(|(_, b)| b.len())
+        .map(|(d, _)| d)
+        .expect("a blob");
+    let path = s1.join("blobs/sha256").join(big.trim_start_matches("sha256:"));
+    let mut bytes = fs::read(&path).expect("store blob");
+    bytes[1000] ^= 1;
+    fs::write(&path, &bytes).expect("damage the store blob");
+    let out = verlay(&[
+        "image",
+        "push",
+        "--store",
+        p(&s1),
+        "--image",
+        "test",
+        &format!("{}/damaged:1", reg.addr),
+    ]);
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("damaged: it hashes to"), "{}", out.stderr);
+    assert_eq!(
+        http_status(reg.addr, "HEAD", "/v2/damaged/manifests/1"),
+        Some(404)
+    );
+}
+
+/// The check above is not vacuous: a client that resent a chunk blindly after a lost reply
+/// (same session, same range) is caught.
+#[test]
+#[should_panic(expected = "was sent bytes 0..100 twice")]
+fn the_one_pass_check_catches_a_blind_resend() {
+    let patch = |conn| Exchange {
+        conn,
+        method: "PATCH".into(),
+        path: "/v2/t/blobs/uploads/abc".into(),
+        content_range: Some("0-99".into()),
+        body_len: 100,
+        body_forwarded: 100,
+        ..Exchange::default()
+    };
+    assert_one_pass_per_session(&[patch(1), patch(2)]);
+}
