@@ -24,8 +24,9 @@
 //!   in one transaction (`commit.db`). A crash before `commit.db` leaves the active snapshot as
 //!   it was (containerd unpacks the layer again); after it, the layer is complete and verified
 //!   on every read.
-//! - Remove deletes the record first, then the directory: a crash in between leaves garbage
-//!   for Cleanup, never a record without its directory.
+//! - Remove deletes the record first, then renames the directory to `<id>.removing` and
+//!   deletes it: a crash in between leaves garbage for Cleanup, never a record without its
+//!   directory.
 //!
 //! Must not: hand out a mount of a committed layer that skips verification, or record a
 //! snapshot as committed before its data and manifest are durable.
@@ -580,8 +581,13 @@ impl Snapshots {
         };
         tx.commit().map_err(|e| Error::db("remove", e))?;
         crash_point("remove.db");
+        // One rename takes the snapshot out of sight before its files go one by one: nobody
+        // (a scrub, a debugging user) sees a half-removed layer under its id, and a crash
+        // leaves a name Cleanup removes (not a number, so no record can name it).
         let dir = self.dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
+        let doomed = self.root.join("snapshots").join(format!("{id}.removing"));
+        let gone = std::fs::rename(&dir, &doomed).and_then(|()| std::fs::remove_dir_all(&doomed));
+        if let Err(e) = gone {
             // The record is gone; Cleanup removes what is left.
             warn!(key, path = %dir.display(), error = %e, "could not remove a snapshot directory; Cleanup will");
         }
