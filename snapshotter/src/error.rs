@@ -30,8 +30,8 @@ pub enum Error {
     Db {
         /// what was being done, e.g. "prepare.insert"
         op: &'static str,
-        /// redb's error
-        source: redb::Error,
+        /// redb's error (boxed: it is several times larger than every other variant)
+        source: Box<redb::Error>,
     },
     /// A record in the database does not decode (or encode).
     BadRecord {
@@ -70,7 +70,10 @@ pub enum Error {
 impl Error {
     /// A database error during `op`.
     pub fn db(op: &'static str, e: impl Into<redb::Error>) -> Self {
-        Error::Db { op, source: e.into() }
+        Error::Db {
+            op,
+            source: Box::new(e.into()),
+        }
     }
 
     /// An I/O error during `op` on `path`.

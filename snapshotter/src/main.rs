@@ -48,9 +48,11 @@ fn parse() -> Result<Option<Args>, Error> {
             _ => (a.clone(), None),
         };
         let mut value = |what: &str| {
-            inline.clone().map(PathBuf::from).or_else(|| args.next().map(PathBuf::from)).ok_or_else(|| {
-                Error::usage(what.to_string(), "needs a value", format!("write {what} PATH"))
-            })
+            inline
+                .clone()
+                .map(PathBuf::from)
+                .or_else(|| args.next().map(PathBuf::from))
+                .ok_or_else(|| Error::usage(what.to_string(), "needs a value", format!("write {what} PATH")))
         };
         match flag.as_str() {
             "--root" => root = Some(value("--root")?),
@@ -64,7 +66,13 @@ fn parse() -> Result<Option<Args>, Error> {
                 println!("verlay-snapshotter {}", env!("CARGO_PKG_VERSION"));
                 return Ok(None);
             }
-            _ => return Err(Error::usage(format!("argument {a:?}"), "not understood", "see --help")),
+            _ => {
+                return Err(Error::usage(
+                    format!("argument {a:?}"),
+                    "not understood",
+                    "see --help",
+                ))
+            }
         }
     }
     let missing = |w: &str| Error::usage(w.to_string(), "is required", "see --help");
@@ -83,10 +91,15 @@ fn init_logging(debug: bool) {
         "verlay_snapshotter=info,verlay=warn"
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if let Some(path) = std::env::var_os("VERLAY_LOG_FILE") {
         if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
-            let _ = builder.with_writer(std::sync::Mutex::new(f)).with_ansi(false).try_init();
+            let _ = builder
+                .with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false)
+                .try_init();
             return;
         }
     }
@@ -103,7 +116,8 @@ async fn serve(args: Args) -> Result<(), Error> {
         }
         _ => {}
     }
-    let listener = UnixListener::bind(&args.address).map_err(|e| Error::io("serve.bind", &args.address, e))?;
+    let listener =
+        UnixListener::bind(&args.address).map_err(|e| Error::io("serve.bind", &args.address, e))?;
     info!(address = %args.address.display(), "serving containerd snapshots API");
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -114,7 +128,9 @@ async fn serve(args: Args) -> Result<(), Error> {
         info!("signal received: stopping");
     };
     let r = Server::builder()
-        .add_service(containerd_snapshots::server(std::sync::Arc::new(Service::new(snapshots))))
+        .add_service(containerd_snapshots::server(std::sync::Arc::new(Service::new(
+            snapshots,
+        ))))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&args.address);

@@ -69,7 +69,8 @@ impl Snapshotter for Service {
 
     async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Status> {
         let key = info.name.clone();
-        self.call("update", &key, move |s| s.update(info, fieldpaths)).await
+        self.call("update", &key, move |s| s.update(info, fieldpaths))
+            .await
     }
 
     async fn usage(&self, key: String) -> Result<Usage, Status> {
@@ -106,7 +107,8 @@ impl Snapshotter for Service {
 
     async fn commit(&self, name: String, key: String, labels: HashMap<String, String>) -> Result<(), Status> {
         let k = key.clone();
-        self.call("commit", &key, move |s| s.commit(&name, &k, labels)).await
+        self.call("commit", &key, move |s| s.commit(&name, &k, labels))
+            .await
     }
 
     async fn remove(&self, key: String) -> Result<(), Status> {
@@ -124,4 +126,3 @@ impl Snapshotter for Service {
         Ok(tokio_stream::iter(items))
     }
 }
-

@@ -196,10 +196,14 @@ impl Snapshots {
         let tx = db.begin_write().map_err(|e| Error::db("open", e))?;
         {
             let mut meta = tx.open_table(META).map_err(|e| Error::db("open", e))?;
-            let version = meta.get("version").map_err(|e| Error::db("open", e))?.map(|v| v.value());
+            let version = meta
+                .get("version")
+                .map_err(|e| Error::db("open", e))?
+                .map(|v| v.value());
             match version {
                 None => {
-                    meta.insert("version", DB_VERSION).map_err(|e| Error::db("open", e))?;
+                    meta.insert("version", DB_VERSION)
+                        .map_err(|e| Error::db("open", e))?;
                 }
                 Some(v) if v > DB_VERSION => {
                     return Err(Error::usage(
@@ -262,18 +266,23 @@ impl Snapshots {
         let mut out = Vec::new();
         let mut next = parent.to_string();
         while !next.is_empty() {
-            let r = self
-                .get(&next)?
-                .ok_or_else(|| Error::NotFound(format!("parent snapshot {next} does not exist: not found")))?;
+            let r = self.get(&next)?.ok_or_else(|| {
+                Error::NotFound(format!("parent snapshot {next} does not exist: not found"))
+            })?;
             out.push(self.fs(r.id));
             next = r.parent;
         }
         Ok(out)
     }
 
-    fn mounts_of(&self, r: &Record) -> Result<Vec<Mount>> {
+    fn mounts_of(&self, key: &str, r: &Record) -> Result<Vec<Mount>> {
         let lowers = self.lowers(&r.parent)?;
-        let join = |ps: &[PathBuf]| ps.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+        let join = |ps: &[PathBuf]| {
+            ps.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        };
         let fs = self.fs(r.id);
         let m = match (r.kind, lowers.is_empty()) {
             // No parent: the snapshot is its own directory; containerd writes the base layer
@@ -310,7 +319,7 @@ impl Snapshots {
             },
             (RecordKind::Committed, _) => {
                 return Err(Error::FailedPrecondition(format!(
-                    "snapshot is committed, not active or view: failed precondition"
+                    "snapshot {key} is committed, not active or view: failed precondition"
                 )))
             }
         };
@@ -328,7 +337,11 @@ impl Snapshots {
         if key.is_empty() {
             return Err(Error::InvalidArgument("snapshot key must not be empty".into()));
         }
-        let kind = if kind_view { RecordKind::View } else { RecordKind::Active };
+        let kind = if kind_view {
+            RecordKind::View
+        } else {
+            RecordKind::Active
+        };
         let op = if kind_view { "view" } else { "prepare" };
         let tx = self.db.begin_write().map_err(|e| Error::db(op, e))?;
         let rec = {
@@ -354,7 +367,11 @@ impl Snapshots {
                 }
             }
             let mut meta = tx.open_table(META).map_err(|e| Error::db(op, e))?;
-            let id = meta.get("next_id").map_err(|e| Error::db(op, e))?.map(|v| v.value()).unwrap_or(1);
+            let id = meta
+                .get("next_id")
+                .map_err(|e| Error::db(op, e))?
+                .map(|v| v.value())
+                .unwrap_or(1);
             meta.insert("next_id", id + 1).map_err(|e| Error::db(op, e))?;
             // step create.mkdir: before the record, so a record always has its directory.
             let dir = self.dir(id);
@@ -364,7 +381,8 @@ impl Snapshots {
             }
             std::fs::create_dir(&dir).map_err(|e| Error::io("create.mkdir", &dir, e))?;
             for sub in ["fs", "work"] {
-                std::fs::create_dir(dir.join(sub)).map_err(|e| Error::io("create.mkdir", dir.join(sub), e))?;
+                std::fs::create_dir(dir.join(sub))
+                    .map_err(|e| Error::io("create.mkdir", dir.join(sub), e))?;
             }
             fsync_dir(&self.root.join("snapshots"), "create.fsync_dir")?;
             crash_point("create.mkdir");
@@ -379,19 +397,20 @@ impl Snapshots {
                 usage: None,
                 manifest_digest: None,
             };
-            t.insert(key, encode(key, &rec)?.as_slice()).map_err(|e| Error::db(op, e))?;
+            t.insert(key, encode(key, &rec)?.as_slice())
+                .map_err(|e| Error::db(op, e))?;
             rec
         };
         // step create.record
         tx.commit().map_err(|e| Error::db(op, e))?;
         info!(op, key, parent, id = rec.id, "snapshot created");
-        self.mounts_of(&rec)
+        self.mounts_of(key, &rec)
     }
 
     /// The mounts of an active snapshot or a view.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let r = self.must_get(key)?;
-        self.mounts_of(&r)
+        self.mounts_of(key, &r)
     }
 
     /// Stat: the snapshot's info.
@@ -407,7 +426,11 @@ impl Snapshots {
             let mut t = tx.open_table(SNAPSHOTS).map_err(|e| Error::db("update", e))?;
             let mut rec = match t.get(key.as_str()).map_err(|e| Error::db("update", e))? {
                 Some(v) => decode(&key, v.value())?,
-                None => return Err(Error::NotFound(format!("snapshot {key} does not exist: not found"))),
+                None => {
+                    return Err(Error::NotFound(format!(
+                        "snapshot {key} does not exist: not found"
+                    )))
+                }
             };
             let new: BTreeMap<String, String> = info.labels.into_iter().collect();
             match fieldpaths.filter(|f| !f.is_empty()) {
@@ -463,7 +486,9 @@ impl Snapshots {
             )));
         }
         if self.get(name)?.is_some() {
-            return Err(Error::AlreadyExists(format!("snapshot {name} already exists: already exists")));
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {name} already exists: already exists"
+            )));
         }
         let started = Instant::now();
         let fs = self.fs(r.id);
@@ -501,10 +526,14 @@ impl Snapshots {
         {
             let mut t = tx.open_table(SNAPSHOTS).map_err(|e| Error::db("commit", e))?;
             if t.get(name).map_err(|e| Error::db("commit", e))?.is_some() {
-                return Err(Error::AlreadyExists(format!("snapshot {name} already exists: already exists")));
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name} already exists: already exists"
+                )));
             }
             if t.remove(key).map_err(|e| Error::db("commit", e))?.is_none() {
-                return Err(Error::NotFound(format!("snapshot {key} does not exist: not found")));
+                return Err(Error::NotFound(format!(
+                    "snapshot {key} does not exist: not found"
+                )));
             }
             let mut merged: BTreeMap<String, String> = r
                 .labels
@@ -524,7 +553,8 @@ impl Snapshots {
                 usage: Some((size, inodes)),
                 manifest_digest: Some(digest.clone()),
             };
-            t.insert(name, encode(name, &rec)?.as_slice()).map_err(|e| Error::db("commit", e))?;
+            t.insert(name, encode(name, &rec)?.as_slice())
+                .map_err(|e| Error::db("commit", e))?;
         }
         tx.commit().map_err(|e| Error::db("commit", e))?;
         crash_point("commit.db");
@@ -563,7 +593,11 @@ impl Snapshots {
             let mut t = tx.open_table(SNAPSHOTS).map_err(|e| Error::db("remove", e))?;
             let r = match t.get(key).map_err(|e| Error::db("remove", e))? {
                 Some(v) => decode(key, v.value())?,
-                None => return Err(Error::NotFound(format!("snapshot {key} does not exist: not found"))),
+                None => {
+                    return Err(Error::NotFound(format!(
+                        "snapshot {key} does not exist: not found"
+                    )))
+                }
             };
             // A scan: parents are few and removals rare; an index would be one more thing
             // to keep consistent across crashes.
@@ -633,7 +667,10 @@ impl Snapshots {
         for ent in std::fs::read_dir(&base).map_err(|e| Error::io("cleanup.readdir", &base, e))? {
             let ent = ent.map_err(|e| Error::io("cleanup.readdir", &base, e))?;
             let name = ent.file_name();
-            let known = name.to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|id| ids.contains(&id));
+            let known = name
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|id| ids.contains(&id));
             if known {
                 continue;
             }
@@ -688,8 +725,10 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
         path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
     ));
     let mut f = File::create(&tmp).map_err(|e| Error::io("commit.record", &tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io("commit.record", &tmp, e))?;
-    f.sync_all().map_err(|e| Error::io("commit.record_fsync", &tmp, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("commit.record", &tmp, e))?;
+    f.sync_all()
+        .map_err(|e| Error::io("commit.record_fsync", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io("commit.record_rename", path, e))?;
     fsync_dir(dir, "commit.record_fsync_dir")
 }

@@ -43,7 +43,11 @@ impl Snapshotter {
         let child = cmd.spawn().expect("spawn verlay-snapshotter");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
-            assert!(Instant::now() < deadline, "socket {} did not appear", sock.display());
+            assert!(
+                Instant::now() < deadline,
+                "socket {} did not appear",
+                sock.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Snapshotter { child, root, sock }
@@ -63,7 +67,10 @@ impl Snapshotter {
     fn wait_dead(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "snapshotter did not stop at its crash point");
+            assert!(
+                Instant::now() < deadline,
+                "snapshotter did not stop at its crash point"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -86,7 +93,10 @@ impl Drop for Snapshotter {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 async fn prepare(c: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
@@ -212,24 +222,55 @@ async fn refused_calls_carry_containerds_status_codes() {
     let mut c = s.client().await;
 
     prepare(&mut c, "a", "").await.expect("prepare a");
-    assert_eq!(code(prepare(&mut c, "a", "").await), Code::AlreadyExists, "duplicate prepare");
-    assert_eq!(code(view(&mut c, "a", "").await), Code::AlreadyExists, "view on a taken key");
-    assert_eq!(code(prepare(&mut c, "b", "nope").await), Code::NotFound, "missing parent");
-    assert_eq!(code(prepare(&mut c, "b", "a").await), Code::InvalidArgument, "active parent");
+    assert_eq!(
+        code(prepare(&mut c, "a", "").await),
+        Code::AlreadyExists,
+        "duplicate prepare"
+    );
+    assert_eq!(
+        code(view(&mut c, "a", "").await),
+        Code::AlreadyExists,
+        "view on a taken key"
+    );
+    assert_eq!(
+        code(prepare(&mut c, "b", "nope").await),
+        Code::NotFound,
+        "missing parent"
+    );
+    assert_eq!(
+        code(prepare(&mut c, "b", "a").await),
+        Code::InvalidArgument,
+        "active parent"
+    );
     assert_eq!(code(stat(&mut c, "nope").await), Code::NotFound);
     assert_eq!(code(remove(&mut c, "nope").await), Code::NotFound);
-    assert_eq!(code(commit(&mut c, "x", "nope", HashMap::new()).await), Code::NotFound);
+    assert_eq!(
+        code(commit(&mut c, "x", "nope", HashMap::new()).await),
+        Code::NotFound
+    );
 
     view(&mut c, "v", "").await.expect("view v");
-    assert_eq!(code(commit(&mut c, "x", "v", HashMap::new()).await), Code::FailedPrecondition, "commit of a view");
+    assert_eq!(
+        code(commit(&mut c, "x", "v", HashMap::new()).await),
+        Code::FailedPrecondition,
+        "commit of a view"
+    );
     commit(&mut c, "c1", "a", HashMap::new()).await.expect("commit a");
     prepare(&mut c, "a2", "c1").await.expect("prepare a2");
-    assert_eq!(code(commit(&mut c, "c1", "a2", HashMap::new()).await), Code::AlreadyExists, "commit onto a taken name");
+    assert_eq!(
+        code(commit(&mut c, "c1", "a2", HashMap::new()).await),
+        Code::AlreadyExists,
+        "commit onto a taken name"
+    );
     let mounts = c.mounts(MountsRequest {
         snapshotter: "verlay".into(),
         key: "c1".into(),
     });
-    assert_eq!(code(mounts.await), Code::FailedPrecondition, "mounts of a committed snapshot");
+    assert_eq!(
+        code(mounts.await),
+        Code::FailedPrecondition,
+        "mounts of a committed snapshot"
+    );
     // the refused calls changed nothing
     assert_eq!(walk(&mut c, &[]).await.expect("walk"), ["a2", "c1", "v"]);
 }
@@ -240,7 +281,10 @@ async fn commit_seals_the_layer_and_inherits_only_snapshot_labels() {
     let s = Snapshotter::start(tmp.path(), None);
     let mut c = s.client().await;
 
-    let l = labels(&[("containerd.io/snapshot/keep", "1"), ("containerd.io/gc.root", "drop")]);
+    let l = labels(&[
+        ("containerd.io/snapshot/keep", "1"),
+        ("containerd.io/gc.root", "drop"),
+    ]);
     let m = prepare_labels(&mut c, "a", "", l).await.expect("prepare");
     assert_eq!(m[0].options, ["rbind", "rw"]);
     let fs = bind_source(&m);
@@ -248,31 +292,52 @@ async fn commit_seals_the_layer_and_inherits_only_snapshot_labels() {
     let active_usage = usage(&mut c, "a").await;
     assert_eq!(active_usage.1, 4, "root, etc, etc/motd, big");
 
-    commit(&mut c, "c1", "a", labels(&[("new", "2")])).await.expect("commit");
-    assert_eq!(code(stat(&mut c, "a").await), Code::NotFound, "commit removes the active key");
+    commit(&mut c, "c1", "a", labels(&[("new", "2")]))
+        .await
+        .expect("commit");
+    assert_eq!(
+        code(stat(&mut c, "a").await),
+        Code::NotFound,
+        "commit removes the active key"
+    );
     let info = stat(&mut c, "c1").await.expect("stat c1");
     assert_eq!(info.kind, 3, "committed");
     assert_eq!(info.parent, "");
-    assert_eq!(info.labels, labels(&[("containerd.io/snapshot/keep", "1"), ("new", "2")]));
-    assert_eq!(usage(&mut c, "c1").await, active_usage, "usage recorded at commit");
+    assert_eq!(
+        info.labels,
+        labels(&[("containerd.io/snapshot/keep", "1"), ("new", "2")])
+    );
+    assert_eq!(
+        usage(&mut c, "c1").await,
+        active_usage,
+        "usage recorded at commit"
+    );
 
     // sealed: a manifest beside the layer whose digest the record names
     let manifest = verlay::lower::manifest::Manifest::open_beside(&fs)
         .expect("open manifest")
         .expect("a committed layer has a manifest");
     manifest.check().expect("manifest intact");
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fs.parent().expect("dir").join("layer.json")).expect("layer.json"))
-            .expect("json");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fs.parent().expect("dir").join("layer.json")).expect("layer.json"),
+    )
+    .expect("json");
     assert_eq!(record["manifest_digest"], manifest.digest());
     assert!(manifest.lookup(Path::new("etc/motd")).expect("lookup").is_some());
-    assert!(!fs.parent().expect("dir").join("work").exists(), "workdir of a committed snapshot removed");
+    assert!(
+        !fs.parent().expect("dir").join("work").exists(),
+        "workdir of a committed snapshot removed"
+    );
 
     // a child is a verlay mount over the parent; its usage excludes the parent
     let m = prepare(&mut c, "b", "c1").await.expect("prepare b");
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].r#type, "fuse3.verlay");
-    let upper = m[0].options.iter().find_map(|o| o.strip_prefix("upperdir=")).expect("upperdir");
+    let upper = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .expect("upperdir");
     assert!(m[0].options.iter().any(|o| o.starts_with("workdir=")));
     assert_eq!(
         m[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")),
@@ -287,7 +352,11 @@ async fn commit_seals_the_layer_and_inherits_only_snapshot_labels() {
     // a view of committed layers is a read-only verlay mount (verified), lowers top first
     let m = view(&mut c, "v", "c2").await.expect("view");
     assert_eq!(m[0].r#type, "fuse3.verlay");
-    let lowers = m[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")).expect("lowerdir");
+    let lowers = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .expect("lowerdir");
     assert_eq!(lowers, format!("{}:{}", Path::new(upper).display(), fs.display()));
     assert!(!m[0].options.iter().any(|o| o.starts_with("upperdir=")));
     let again = c
@@ -314,11 +383,19 @@ async fn a_parent_with_children_cannot_be_removed() {
     view(&mut c, "v", "c1").await.expect("view child");
     assert_eq!(code(remove(&mut c, "c1").await), Code::FailedPrecondition);
     remove(&mut c, "b").await.expect("remove b");
-    assert_eq!(code(remove(&mut c, "c1").await), Code::FailedPrecondition, "the view is a child too");
+    assert_eq!(
+        code(remove(&mut c, "c1").await),
+        Code::FailedPrecondition,
+        "the view is a child too"
+    );
     remove(&mut c, "v").await.expect("remove v");
     remove(&mut c, "c1").await.expect("remove c1");
     assert_eq!(walk(&mut c, &[]).await.expect("walk"), Vec::<String>::new());
-    assert_eq!(s.snapshot_dirs(), Vec::<String>::new(), "directories removed with their records");
+    assert_eq!(
+        s.snapshot_dirs(),
+        Vec::<String>::new(),
+        "directories removed with their records"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,7 +419,10 @@ async fn update_follows_field_paths_and_walk_filters() {
     };
     // labels.y absent from the request: removed; labels.z present: set; x untouched
     let got = c
-        .update(update(labels(&[("z", "3"), ("x", "ignored")]), &["labels.y", "labels.z"]))
+        .update(update(
+            labels(&[("z", "3"), ("x", "ignored")]),
+            &["labels.y", "labels.z"],
+        ))
         .await
         .expect("update")
         .into_inner()
@@ -351,17 +431,32 @@ async fn update_follows_field_paths_and_walk_filters() {
     assert_eq!(got.labels, labels(&[("x", "1"), ("z", "3")]));
     assert_eq!(got.kind, 2, "kind unchanged");
     // "labels" replaces them all
-    c.update(update(labels(&[("only", "1")]), &["labels"])).await.expect("update all");
-    assert_eq!(stat(&mut c, "a").await.expect("stat").labels, labels(&[("only", "1")]));
+    c.update(update(labels(&[("only", "1")]), &["labels"]))
+        .await
+        .expect("update all");
+    assert_eq!(
+        stat(&mut c, "a").await.expect("stat").labels,
+        labels(&[("only", "1")])
+    );
     let bad = c.update(update(HashMap::new(), &["parent"])).await;
     assert_eq!(code(bad), Code::InvalidArgument, "parent is immutable");
 
-    commit(&mut c, "c1", "a", labels(&[("containerd.io/gc.root", "t")])).await.expect("commit");
+    commit(&mut c, "c1", "a", labels(&[("containerd.io/gc.root", "t")]))
+        .await
+        .expect("commit");
     prepare(&mut c, "b", "c1").await.expect("prepare b");
     assert_eq!(walk(&mut c, &["kind==committed"]).await.expect("walk"), ["c1"]);
     assert_eq!(walk(&mut c, &["parent==c1"]).await.expect("walk"), ["b"]);
-    assert_eq!(walk(&mut c, &[r#"labels."containerd.io/gc.root""#]).await.expect("walk"), ["c1"]);
-    assert_eq!(walk(&mut c, &["kind==active", "name==c1"]).await.expect("walk"), ["b", "c1"]);
+    assert_eq!(
+        walk(&mut c, &[r#"labels."containerd.io/gc.root""#])
+            .await
+            .expect("walk"),
+        ["c1"]
+    );
+    assert_eq!(
+        walk(&mut c, &["kind==active", "name==c1"]).await.expect("walk"),
+        ["b", "c1"]
+    );
     assert_eq!(code(walk(&mut c, &["name~=c.*"]).await), Code::InvalidArgument);
 }
 
@@ -379,7 +474,11 @@ async fn cleanup_removes_directories_no_record_names() {
     })
     .await
     .expect("cleanup");
-    assert_eq!(s.snapshot_dirs(), ["1"], "the orphan is gone, the live snapshot stays");
+    assert_eq!(
+        s.snapshot_dirs(),
+        ["1"],
+        "the orphan is gone, the live snapshot stays"
+    );
     stat(&mut c, "a").await.expect("a is intact");
 }
 
@@ -401,7 +500,10 @@ async fn a_killed_commit_leaves_the_active_snapshot_or_a_sealed_layer() {
             let fs = bind_source(&prepare(&mut c, "a", "").await.expect("prepare"));
             write_layer(&fs);
             let r = commit(&mut c, "c1", "a", HashMap::new()).await;
-            assert!(r.is_err(), "{step}: the commit call must fail when the process dies");
+            assert!(
+                r.is_err(),
+                "{step}: the commit call must fail when the process dies"
+            );
             s.wait_dead();
             fs
         };
@@ -411,9 +513,19 @@ async fn a_killed_commit_leaves_the_active_snapshot_or_a_sealed_layer() {
             assert_eq!(code(stat(&mut c, "a").await), Code::NotFound, "{step}");
             assert_eq!(stat(&mut c, "c1").await.expect("c1").kind, 3, "{step}");
         } else {
-            assert_eq!(stat(&mut c, "a").await.expect("a").kind, 2, "{step}: still active");
-            assert_eq!(code(stat(&mut c, "c1").await), Code::NotFound, "{step}: nothing half-committed");
-            commit(&mut c, "c1", "a", HashMap::new()).await.expect("commit again");
+            assert_eq!(
+                stat(&mut c, "a").await.expect("a").kind,
+                2,
+                "{step}: still active"
+            );
+            assert_eq!(
+                code(stat(&mut c, "c1").await),
+                Code::NotFound,
+                "{step}: nothing half-committed"
+            );
+            commit(&mut c, "c1", "a", HashMap::new())
+                .await
+                .expect("commit again");
         }
         let m = verlay::lower::manifest::Manifest::open_beside(&fs)
             .expect("manifest")
@@ -438,7 +550,11 @@ async fn a_killed_prepare_leaves_no_snapshot_and_no_directory() {
     let s = Snapshotter::start(tmp.path(), None);
     let mut c = s.client().await;
     assert_eq!(code(stat(&mut c, "a").await), Code::NotFound);
-    assert_eq!(s.snapshot_dirs(), Vec::<String>::new(), "startup cleanup removed it");
+    assert_eq!(
+        s.snapshot_dirs(),
+        Vec::<String>::new(),
+        "startup cleanup removed it"
+    );
     prepare(&mut c, "a", "").await.expect("the key is free");
 }
 
