@@ -44,6 +44,7 @@ const XFS_IMAGE_BYTES: u64 = 320 << 20;
 struct Disk {
     mnt: Option<FsMount>,
     dev: LoopDev,
+    image: PathBuf,
     at: PathBuf,
 }
 
@@ -55,6 +56,7 @@ impl Disk {
         Disk {
             mnt: Some(mnt),
             dev,
+            image: image.to_path_buf(),
             at: at.to_path_buf(),
         }
     }
@@ -89,6 +91,10 @@ impl Disk {
         if let Some(m) = self.mnt.take() {
             std::mem::forget(m); // unmounted above
         }
+        // The image goes on a new loop device: a mount namespace made while the filesystem
+        // was mounted (containerd's, podman's) keeps the shut-down superblock alive, and
+        // mounting the same device again would hand back that dead superblock.
+        self.dev = LoopDev::attach(&self.image);
         self.mnt = Some(FsMount::new(&[&self.dev.0], &self.at));
     }
 }

@@ -89,6 +89,11 @@ pub struct LoopDev(pub String);
 impl LoopDev {
     pub fn new(image: &Path, bytes: u64) -> LoopDev {
         File::create(image).unwrap().set_len(bytes).unwrap();
+        LoopDev::attach(image)
+    }
+
+    /// A loop device over an existing image, as it is.
+    pub fn attach(image: &Path) -> LoopDev {
         let out = Command::new("losetup")
             .args(["-f", "--show"])
             .arg(image)
