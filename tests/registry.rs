@@ -612,7 +612,22 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
     let blobs = layout_blobs(&img);
     let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
     let (mut restarts, mut resumed_gets, mut exchanges, mut resent) = (0usize, 0usize, 0usize, 0usize);
-    for seed in 1..=4u64 {
+    // VERLAY_REGISTRY_SEEDS=N runs seeds 1..=N (a longer soak); VERLAY_REGISTRY_SEED=S one seed
+    let seeds: Vec<u64> = match (
+        std::env::var("VERLAY_REGISTRY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok()),
+        std::env::var("VERLAY_REGISTRY_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok()),
+    ) {
+        (Some(one), _) => vec![one],
+        (None, Some(n)) => (1..=n).collect(),
+        (None, None) => (1..=4).collect(),
+    };
+    // the default seeds are known to inject every kind of fault; a single seed may not
+    let all_kinds = seeds.len() >= 4;
+    for &seed in &seeds {
         let faults = Faults {
             seed,
             refuse: 30,
@@ -695,20 +710,22 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
          {resent} chunks sent again in the same session after the registry confirmed the offset, \
          {resumed_gets} blob downloads resumed with Range"
     );
-    for kind in [
-        "refuse",
-        "stall",
-        "cut_request_body",
-        "drop_response",
-        "cut_response_body",
-    ] {
-        assert!(
-            seen.get(kind).copied().unwrap_or(0) > 0,
-            "no {kind} fault was injected: {seen:?}"
-        );
+    if all_kinds {
+        for kind in [
+            "refuse",
+            "stall",
+            "cut_request_body",
+            "drop_response",
+            "cut_response_body",
+        ] {
+            assert!(
+                seen.get(kind).copied().unwrap_or(0) > 0,
+                "no {kind} fault was injected: {seen:?}"
+            );
+        }
+        assert!(resumed_gets > 0, "no cut download was resumed");
+        assert!(resent > 0, "no chunk was resumed in its session");
     }
-    assert!(resumed_gets > 0, "no cut download was resumed");
-    assert!(resent > 0, "no chunk was resumed in its session");
 }
 
 #[test]
@@ -740,6 +757,7 @@ fn failures_say_what_failed_and_publish_nothing() {
     let dead = format!("127.0.0.1:{}/test:1", free_port());
     let out = verlay(&["image", "pull", "--store", p(&s), "--retries", "2", &dead]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
+    eprintln!("{}", out.stderr.trim());
     for want in [
         "connection refused",
         "gave up after 3 attempts",
@@ -759,6 +777,7 @@ fn failures_say_what_failed_and_publish_nothing() {
         &format!("{}/test:nope", reg.addr),
     ]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
+    eprintln!("{}", out.stderr.trim());
     for want in [
         "nope not found in the registry",
         "MANIFEST_UNKNOWN",
@@ -785,6 +804,7 @@ fn failures_say_what_failed_and_publish_nothing() {
         &format!("{}/test:1", proxy.addr),
     ]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
+    eprintln!("{}", out.stderr.trim());
     for want in ["digest mismatch: expected sha256:", "nothing was published"] {
         assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
     }
@@ -810,6 +830,7 @@ fn failures_say_what_failed_and_publish_nothing() {
         &format!("{}/test:1", proxy.addr),
     ]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
+    eprintln!("{}", out.stderr.trim());
     for want in [
         "HTTP 401",
         "UNAUTHORIZED",
