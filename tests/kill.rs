@@ -40,6 +40,8 @@
 mod common;
 #[path = "common/guard.rs"]
 mod guard;
+#[path = "common/rig.rs"]
+mod rig;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -429,19 +431,6 @@ fn append(p: &Path, data: &[u8]) -> std::io::Result<()> {
 /// uid and gid of the unprivileged caller (FUSE requests carry the caller's ids).
 const USER: u32 = 1000;
 
-/// Run `f` on a thread whose uid and gid are `USER`.
-fn as_user(f: impl FnOnce() -> std::io::Result<()> + Send) -> std::io::Result<()> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(USER))?;
-            rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(USER))?;
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 fn create_excl(p: &Path, mode: u32) -> std::io::Result<()> {
     OpenOptions::new()
         .write(true)
@@ -482,8 +471,10 @@ const WORKLOADS: &[Workload] = &[
             ("copy_up.times:1", Expect::Old),
             ("copy_up.rename:1", Expect::Old),
             ("copy_up.rename:2", Expect::Old),
-            ("copy_up.data:1", Expect::Old),
             ("copy_up.fsync:1", Expect::Old),
+            ("copy_up.fsync:2", Expect::Old),
+            ("copy_up.data:1", Expect::Old),
+            ("copy_up.fsync:3", Expect::Old),
             ("copy_up.rename:3", Expect::Old),
         ],
     },
@@ -548,7 +539,7 @@ const WORKLOADS: &[Workload] = &[
     Workload {
         name: CREATE_AS_USER,
         setup: nothing,
-        op: |m| as_user(|| create_excl(&m.join("pub/n4"), 0o644)),
+        op: |m| rig::as_user(USER, || create_excl(&m.join("pub/n4"), 0o644)),
         points: &[
             ("create.make", Expect::Old),
             ("create.owner", Expect::Old),

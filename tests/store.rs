@@ -8,6 +8,12 @@
 //! the tar crate's raw headers. Ownership and device cases need root: the tests say when
 //! they skip.
 
+#[path = "common/guard.rs"]
+mod guard;
+#[macro_use]
+#[path = "common/rig.rs"]
+mod rig;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -840,4 +846,101 @@ fn import_crashed_after_each_step_leaves_no_layer_or_a_complete_one() {
             "{step}: re-imported layer verifies clean"
         );
     }
+}
+
+/// An unprivileged user can import layers (podman rootless keeps its store under $HOME):
+/// owners are the importer's, whiteouts stay in OCI form (no mknod without CAP_MKNOD), opaque
+/// dirs get `user.overlay.opaque`; the layer verifies clean and mounts with the whiteout and
+/// the opaque dir applied.
+#[test]
+fn unprivileged_import_verifies_and_mounts_with_whiteouts_and_opaque_dirs() {
+    if !is_root() {
+        eprintln!("SKIP: needs root to switch to an unprivileged uid and to mount");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let t = tempfile::Builder::new()
+        .prefix("verlay-store.")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = t.path();
+    fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap();
+    sh(&format!(
+        "cd {}; mkdir -p base/dir top/dir mnt
+         echo a > base/a; echo gone > base/gone; echo x > base/dir/x
+         echo y > top/dir/y; : > top/.wh.gone; : > top/dir/.wh..wh..opq
+         tar --sort=name --owner=1234 --group=1234 -C base -cf base.tar .
+         tar --sort=name -C top -cf top.tar .
+         chmod 0644 base.tar top.tar",
+        d.display()
+    ));
+    let as_nobody = |args: &[&OsStr]| {
+        use std::os::unix::process::CommandExt;
+        let out = Command::new(BIN)
+            .args(args)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+            out.status.success(),
+        )
+    };
+    let store = d.join("store");
+    let imp = |tar: &str, parent: Option<&str>| {
+        let mut a: Vec<&OsStr> = vec![
+            "layer".as_ref(),
+            "import".as_ref(),
+            "--store".as_ref(),
+            store.as_os_str(),
+        ];
+        if let Some(p) = parent {
+            a.push("--parent".as_ref());
+            a.push(p.as_ref());
+        }
+        let tar = d.join(tar);
+        a.push(tar.as_os_str());
+        let (out, err, ok) = as_nobody(&a);
+        assert!(ok, "unprivileged import of {tar:?}: {err}");
+        out
+    };
+    let base = imp("base.tar", None);
+    let top = imp("top.tar", Some(&base));
+    for chain in [&base, &top] {
+        let diff = diff_dir(&store, chain);
+        let (out, err, ok) = as_nobody(&["verify".as_ref(), diff.as_os_str()]);
+        assert!(ok, "verify {chain}: {out}{err}");
+        let m = fs::symlink_metadata(diff.join(if chain == &base { "a" } else { "dir/y" })).unwrap();
+        assert_eq!(m.uid(), NOBODY, "the importer owns what it unpacked");
+    }
+    // Linux >= 5.8 lets anyone make a char 0/0 whiteout; older kernels keep the OCI form.
+    let top_diff = diff_dir(&store, &top);
+    let kernel_wh = fs::symlink_metadata(top_diff.join("gone"))
+        .is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == 0);
+    assert!(
+        kernel_wh || top_diff.join(".wh.gone").is_file(),
+        "the whiteout is kept"
+    );
+    assert_eq!(
+        xattr(&diff_dir(&store, &top).join("dir"), "user.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    let mnt = d.join("mnt");
+    let opts = format!(
+        "lowerdir={}:{}",
+        diff_dir(&store, &top).display(),
+        diff_dir(&store, &base).display()
+    );
+    let v = rig::Verlay::start(&opts, &mnt, &d.join("verlay.log"));
+    assert_eq!(fs::read(mnt.join("a")).unwrap(), b"a\n");
+    assert!(!mnt.join("gone").exists(), "the whiteout hides gone");
+    assert_eq!(
+        dir_names(&mnt.join("dir")),
+        vec!["y".to_string()],
+        "dir is opaque"
+    );
+    assert!(!v.log().contains("ERROR"), "{}", v.log());
+    drop(v);
 }

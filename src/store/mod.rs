@@ -306,9 +306,10 @@ impl Store {
     /// of interrupted imports.
     pub fn open(root: &Path) -> Result<Store> {
         let what = || format!("store \"{}\"", root.display());
+        let mut created = false;
         for d in [root.to_path_buf(), root.join(LAYERS), root.join(TMP)] {
             match std::fs::create_dir(&d) {
-                Ok(()) => {}
+                Ok(()) => created = true,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => {
                     return Err(Error::usage(
@@ -322,6 +323,14 @@ impl Store {
         let root = root
             .canonicalize()
             .map_err(|e| Error::io("store.open", root, e))?;
+        if created {
+            // The new dirs must be durable before a layer is published into them (the publish
+            // fsyncs layers/, not the store root or the root's parent).
+            fsync_path(&root, "store.fsync_root")?;
+            if let Some(parent) = root.parent() {
+                fsync_path(parent, "store.fsync_root")?;
+            }
+        }
         let lock_path = root.join(LOCK);
         let lock = OpenOptions::new()
             .create(true)

@@ -482,10 +482,23 @@ impl Upper {
         }
         store.utimens(Base::Work, tmp, &stat_times(st))?;
         crash_point("copy_up.times");
-        if let Some(f) = file {
-            if self.fsync {
-                self.sync_step("copy_up.fsync", tmp, || store.fsync_file(&f))?;
-                crash_point("copy_up.fsync");
+        if self.fsync {
+            match (kind, file) {
+                (Kind::File, Some(f)) => {
+                    self.sync_step("copy_up.fsync", tmp, || store.fsync_file(&f))?;
+                    crash_point("copy_up.fsync");
+                }
+                // A directory's owner, mode and xattrs must be durable before its name is:
+                // otherwise a power loss can publish it as the daemon's 0700 temp, locking its
+                // owner out (found by the simulated store). One fsync per copied-up
+                // directory, which happens once per directory.
+                (Kind::Dir, _) => {
+                    self.sync_step("copy_up.fsync", tmp, || store.fsync_dir(Base::Work, tmp))?;
+                    crash_point("copy_up.fsync");
+                }
+                // Symlinks and special files have no fd to fsync: their metadata rides on the
+                // filesystem's ordered metadata journal (docs/ordering.md, "Assumptions").
+                _ => {}
             }
         }
         Ok(())
