@@ -433,7 +433,7 @@ fn push_then_pull_gives_identical_blobs_layers_and_chain_ids() {
 }
 
 #[test]
-fn skopeo_reads_what_verlay_pushed_and_verlay_reads_what_skopeo_pushed() {
+fn skopeo_and_verlay_read_each_others_pushes_oci_docker_v2s2_and_index() {
     assert!(
         have("skopeo"),
         "skopeo is not installed (bash tests/setup.sh installs it)"
@@ -492,6 +492,115 @@ fn skopeo_reads_what_verlay_pushed_and_verlay_reads_what_skopeo_pushed() {
         .trim()
         .to_string();
     assert_eq!(chains(&lower2), chains(&lower1));
+
+    // Docker v2 schema 2 (skopeo converts the media types): pulled, and pushed on unchanged
+    let v2s2 = format!("{}/v2s2:1", reg.addr);
+    skopeo(&[
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        &format!("oci:{}:1", p(&img.join("oci"))),
+        &format!("docker://{v2s2}"),
+    ]);
+    let s3 = t.path().join("s3");
+    let pulled = verlay(&["image", "pull", "--store", p(&s3), &v2s2]);
+    assert_eq!(chains(pulled.ok("pull v2s2").stdout.trim()), chains(&lower1));
+    let digest = manifest_in_summary(&pulled.stderr);
+    assert_ne!(
+        digest, env["MANIFEST_DIGEST"],
+        "skopeo did not convert the manifest"
+    );
+    let rec = fs::read_to_string(
+        s3.join("images")
+            .join(format!("{}.json", v2s2.replace(':', "%3A").replace('/', "%2F"))),
+    )
+    .expect("image record");
+    assert!(
+        rec.contains("application/vnd.docker.distribution.manifest.v2+json"),
+        "{rec}"
+    );
+    let again = format!("{}/v2s2-again:1", reg.addr);
+    let pushed = verlay(&["image", "push", "--store", p(&s3), "--image", &v2s2, &again]);
+    assert_eq!(pushed.ok("push v2s2").stdout.trim(), format!("{again}@{digest}"));
+
+    // an index with two platforms: the linux image of this machine's architecture is chosen
+    let multi = multi_arch_layout(&img, t.path(), &env["MANIFEST_DIGEST"]);
+    let by_index = format!("{}/multi:1", reg.addr);
+    skopeo(&[
+        "copy",
+        "-q",
+        "--all",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:1", p(&multi)),
+        &format!("docker://{by_index}"),
+    ]);
+    let s4 = t.path().join("s4");
+    let pulled = verlay(&["image", "pull", "--store", p(&s4), &by_index]);
+    assert_eq!(chains(pulled.ok("pull index").stdout.trim()), chains(&lower1));
+    assert_eq!(manifest_in_summary(&pulled.stderr), env["MANIFEST_DIGEST"]);
+}
+
+/// The manifest digest in pull's summary line `... (manifest sha256:HEX): ...`.
+fn manifest_in_summary(stderr: &str) -> String {
+    let at = stderr.find("(manifest sha256:").expect("summary line") + "(manifest ".len();
+    stderr[at..at + 71].to_string()
+}
+
+/// An OCI layout whose index.json names an image index of two platforms: an s390x variant
+/// (the test image with another config) and the test image itself for this machine.
+fn multi_arch_layout(img: &Path, dir: &Path, manifest: &str) -> PathBuf {
+    let out = dir.join("multi");
+    let blobs = out.join("blobs/sha256");
+    fs::create_dir_all(&blobs).expect("mkdir");
+    for (d, b) in layout_blobs(img) {
+        fs::write(blobs.join(d.trim_start_matches("sha256:")), b).expect("copy blob");
+    }
+    fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
+    let put = |b: &[u8]| {
+        let hex = sha256_hex(b);
+        fs::write(blobs.join(&hex), b).expect("blob");
+        format!("sha256:{hex}")
+    };
+    let read = |d: &str| fs::read(blobs.join(d.trim_start_matches("sha256:"))).expect("blob");
+    let man_bytes = read(manifest);
+    let mut man: serde_json::Value = serde_json::from_slice(&man_bytes).expect("manifest");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&read(man["config"]["digest"].as_str().expect("config"))).expect("config");
+    cfg["architecture"] = "s390x".into();
+    let cfg2 = serde_json::to_vec(&cfg).expect("json");
+    man["config"]["digest"] = put(&cfg2).into();
+    man["config"]["size"] = cfg2.len().into();
+    let man2 = serde_json::to_vec(&man).expect("json");
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": mt, "digest": put(&man2), "size": man2.len(),
+             "platform": {"os": "linux", "architecture": "s390x"}},
+            {"mediaType": mt, "digest": manifest, "size": man_bytes.len(),
+             "platform": {"os": "linux", "architecture": arch}},
+        ],
+    });
+    let index = serde_json::to_vec(&index).expect("json");
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": put(&index),
+            "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "1"},
+        }],
+    });
+    fs::write(out.join("index.json"), serde_json::to_vec(&top).expect("json")).expect("index.json");
+    out
 }
 
 #[test]
