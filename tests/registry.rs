@@ -711,6 +711,105 @@ fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() 
 }
 
 #[test]
+fn a_killed_push_continues_its_upload_session_and_sends_no_range_twice() {
+    let t = tempdir("killpush");
+    let _env = test_image(t.path());
+    let img = t.path().join("img");
+    let reg = Registry::start(&t.path().join("reg"));
+    let s1 = t.path().join("s1");
+    let lower1 = import(&s1, &img, "test");
+    const CHUNK: u64 = 65536;
+    const CONFIRMED: u64 = 5;
+    // after five chunks the proxy holds the next request, unread: the kill then finds no
+    // chunk in flight at the registry
+    let proxy = FaultProxy::start(
+        reg.addr,
+        Faults {
+            hold_after_patches: Some(CONFIRMED),
+            stall_ms: 30_000,
+            ..Faults::default()
+        },
+    );
+    let via = format!("{}/killed:1", proxy.addr);
+    let chunk = CHUNK.to_string();
+    let args = [
+        "image",
+        "push",
+        "--store",
+        p(&s1),
+        "--image",
+        "test",
+        "--chunk-size",
+        &chunk,
+        &via,
+    ];
+    let mut child = spawn(&args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !proxy.log().iter().any(|e| e.fault == Some("hold")) {
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the push ended before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "the push was never held");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("kill -9 the push");
+    let _ = child.wait();
+    let saved = names(&s1.join("uploads"));
+    assert_eq!(saved.len(), 1, "one open upload session is saved: {saved:?}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&fs::read(s1.join("uploads").join(&saved[0])).expect("saved session"))
+            .expect("json");
+    assert_eq!(rec["offset"].as_u64(), Some(CONFIRMED * CHUNK), "{rec}");
+    assert_eq!(
+        http_status(reg.addr, "HEAD", "/v2/killed/manifests/1"),
+        Some(404),
+        "a tag was pushed"
+    );
+
+    proxy.set(Faults::default());
+    let before = proxy.log().len();
+    let first_id = proxy
+        .log()
+        .iter()
+        .find(|e| e.method == "PATCH")
+        .and_then(|e| e.upload_id().map(str::to_owned))
+        .expect("a PATCH before the kill");
+    verlay(&args).ok("push after the kill");
+    let log = proxy.log();
+    let resumed = log[before..]
+        .iter()
+        .find(|e| e.method == "PATCH")
+        .expect("a PATCH after the kill");
+    assert_eq!(
+        resumed.upload_id(),
+        Some(first_id.as_str()),
+        "the session was not continued"
+    );
+    assert_eq!(resumed.range_start(), Some(CONFIRMED * CHUNK));
+    assert_one_pass_per_session(&log);
+    assert_registry_has(&reg, &layout_blobs(&img));
+    assert_eq!(
+        names(&s1.join("uploads")),
+        Vec::<String>::new(),
+        "a finished session is still saved"
+    );
+    let s2 = t.path().join("s2");
+    let lower2 = verlay(&[
+        "image",
+        "pull",
+        "--store",
+        p(&s2),
+        &format!("{}/killed:1", reg.addr),
+    ])
+    .ok("pull")
+    .stdout
+    .trim()
+    .to_string();
+    assert_eq!(chains(&lower2), chains(&lower1));
+}
+
+#[test]
 fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_once() {
     let t = tempdir("faults");
     let _env = test_image(t.path());
