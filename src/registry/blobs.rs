@@ -395,17 +395,12 @@ pub fn find_record(store: &Store, name: &str) -> Result<ImageRecord> {
 mod tests {
     #[test]
     fn record_names_are_one_path_component() {
-        let s = crate::store::Store::open(&tempdir()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::store::Store::open(dir.path()).unwrap();
         let p = super::record_path(&s, "127.0.0.1:5000/a/b:1");
         assert_eq!(
             p.file_name().and_then(|n| n.to_str()),
             Some("127.0.0.1%3A5000%2Fa%2Fb%3A1.json")
         );
-    }
-
-    fn tempdir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("verlay-blobs-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
     }
 }
