@@ -68,46 +68,52 @@ impl Registry {
             have("docker-registry"),
             "docker-registry is not installed (bash tests/setup.sh installs it)"
         );
-        let port = free_port();
         fs::create_dir_all(dir.join("data")).expect("mkdir data");
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-             delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nhealth:\n  storagedriver:\n    enabled: false\n",
-            dir.join("data").display()
-        );
-        fs::write(dir.join("config.yml"), config).expect("config");
-        let log = fs::File::create(dir.join("registry.log")).expect("log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.join("config.yml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start docker-registry");
-        let mut reg = Registry {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir: dir.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if http_status(reg.addr, "GET", "/v2/") == Some(200) {
-                return reg;
-            }
-            if let Ok(Some(st)) = reg.child.try_wait() {
-                panic!(
-                    "docker-registry exited ({st}):\n{}",
-                    fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not answer on {}",
-                reg.addr
+        // The free port is found by binding and closing it, so another process may take it
+        // before the registry binds it: try a few ports.
+        for attempt in 1..=3 {
+            let port = free_port();
+            let config = format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+                 delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nhealth:\n  storagedriver:\n    enabled: false\n",
+                dir.join("data").display()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            fs::write(dir.join("config.yml"), config).expect("config");
+            let log = fs::File::create(dir.join("registry.log")).expect("log");
+            let child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(dir.join("config.yml"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log fd"))
+                .stderr(log)
+                .spawn()
+                .expect("start docker-registry");
+            let mut reg = Registry {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                dir: dir.to_path_buf(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if http_status(reg.addr, "GET", "/v2/") == Some(200) {
+                    return reg;
+                }
+                if let Ok(Some(st)) = reg.child.try_wait() {
+                    let log = fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
+                    if attempt < 3 && log.contains("address already in use") {
+                        break;
+                    }
+                    panic!("docker-registry exited ({st}):\n{log}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "docker-registry did not answer on {}",
+                    reg.addr
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// The registry's own copy of a blob.
