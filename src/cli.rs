@@ -53,6 +53,9 @@ pub enum Command {
     Image(Vec<OsString>),
     /// `verlay verify ...`: the rest of the arguments, parsed by the scrub command.
     Verify(Vec<OsString>),
+    /// `verlay snapshotter ...`: the rest of the arguments, for the `verlay-snapshotter`
+    /// binary (a separate crate, so the core does not link gRPC).
+    Snapshotter(Vec<OsString>),
 }
 
 /// Arguments of the mount command.
@@ -204,9 +207,9 @@ pub enum RedirectDir {
     On,
 }
 
-/// Subcommand words. Only `demo` exists in this version; the others are reserved so
+/// Subcommand words not implemented yet; they are reserved so
 /// that a later version can add them without changing what an old command line means.
-const RESERVED_SUBCOMMANDS: &[&str] = &["commit", "snapshotter"];
+const RESERVED_SUBCOMMANDS: &[&str] = &["commit"];
 
 /// Bare kernel/FUSE mount options passed through to the mount.
 const FUSE_FLAG_OPTIONS: &[&str] = &[
@@ -266,7 +269,11 @@ USAGE:
     verlay [-f] [-d] -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,OPTION...] MOUNTPOINT
     verlay SOURCE MOUNTPOINT -o OPTIONS      (the form mount -t fuse3.verlay runs)
     verlay demo                              (mount throwaway layers to try verlay)
+<<<<<<< HEAD
     verlay layer|image|verify ...            (the layer store and registries, see below)
+=======
+    verlay snapshotter --root DIR --address SOCK   (containerd proxy snapshotter; --help)
+>>>>>>> snapshotter
     verlay --help | --version
 
     -o may be given several times, anywhere, and glued (-oOPTIONS). SOURCE is any word
@@ -408,6 +415,7 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
             "layer" => return Ok(Command::Layer(rest())),
             "image" => return Ok(Command::Image(rest())),
             "verify" => return Ok(Command::Verify(rest())),
+            "snapshotter" => return Ok(Command::Snapshotter(rest())),
             _ => {}
         }
         if RESERVED_SUBCOMMANDS.contains(&first) {
@@ -1104,6 +1112,10 @@ mod tests {
             (&["--version"], Command::Version),
             (&["-V"], Command::Version),
             (&["demo"], Command::Demo),
+            (
+                &["snapshotter", "--root", "r"],
+                Command::Snapshotter(argv(&["--root", "r"])),
+            ),
         ];
         for (args, want) in cases {
             assert_eq!(parse_args(args).ok().as_ref(), Some(want), "{args:?}");
@@ -1464,6 +1476,7 @@ mod tests {
             "--help",
             "--version",
             "demo",
+            "snapshotter",
             "SOURCE MOUNTPOINT",
             "EXIT STATUS",
             "EXAMPLES",

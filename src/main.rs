@@ -46,6 +46,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Snapshotter(args) => snapshotter(args),
         Command::Mount(m) => {
             verlay::logging::init(m.debug);
             // New files get exactly the mode the kernel sends (already under the caller's
@@ -54,6 +55,25 @@ fn main() -> ExitCode {
             finish("verlay", verlay::mount::run(m))
         }
     }
+}
+
+/// `verlay snapshotter ...` runs `verlay-snapshotter` from beside this binary (else from the
+/// PATH): the gRPC stack lives in that crate, not in verlay.
+fn snapshotter(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    const BIN: &str = "verlay-snapshotter";
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(BIN)))
+        .filter(|p| p.is_file());
+    let program = sibling.unwrap_or_else(|| BIN.into());
+    // exec only returns on failure
+    let e = std::process::Command::new(&program).args(args).exec();
+    eprintln!(
+        "verlay snapshotter: {}: {e} (build it with `cargo build --release`; it is installed beside verlay)",
+        program.display()
+    );
+    ExitCode::from(1)
 }
 
 /// Print a subcommand's error once; usage errors exit 2, others 1.

@@ -26,6 +26,24 @@ use crate::upper::Upper;
 /// the daemon, which keeps the kernel's view right, so long lifetimes are safe.
 const DEFAULT_TTL: Duration = Duration::from_secs(86400);
 
+/// How long a mount waits for the upper's lock before refusing. The daemon of a mount that
+/// was just unmounted holds it until it has exited; containerd unmounts a snapshot and
+/// mounts it again right away (ctr's temp-mount to read /etc/passwd, then the shim's).
+const UPPER_LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Take the upper's lock, waiting up to [`UPPER_LOCK_WAIT`] for an exiting daemon.
+fn lock_upper(root: &std::os::fd::OwnedFd) -> rustix::io::Result<()> {
+    let deadline = std::time::Instant::now() + UPPER_LOCK_WAIT;
+    loop {
+        match rustix::fs::flock(root, FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Default number of FUSE worker threads.
 const DEFAULT_THREADS: usize = 4;
 
@@ -40,7 +58,7 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
     let upper = match (&layers.upper, &layers.work) {
         (Some(u), Some(w)) => {
             let up = Upper::open(u, w, o.fsync && !o.volatile)?;
-            if let Err(e) = rustix::fs::flock(&up.dir.root, FlockOperation::NonBlockingLockExclusive) {
+            if let Err(e) = lock_upper(&up.dir.root) {
                 return Err(Error::usage(
                     format!("upperdir \"{}\"", u.display()),
                     format!("already in use by another verlay mount ({e})"),

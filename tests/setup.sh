@@ -7,8 +7,9 @@
 # installed only when absent, the dummy user "tests" only created when missing.
 #   - Debian packages: fuse3 (fusermount3), attr, and the container stack the podman
 #     e2e test drives (podman, runc, crun, uidmap, slirp4netns, fuse-overlayfs, catatonit,
-#     busybox-static, jq, skopeo, umoci), and docker-registry (distribution 2.8) for
-#     tests/registry.rs (image pull/push against a local registry; started by the test).
+#     busybox-static, jq, skopeo, umoci); docker-registry (distribution 2.8) for
+#     tests/registry.rs and the containerd e2e test, containerd and curl for the latter, and
+#     protobuf-compiler (protoc), which builds the snapshotter's gRPC code.
 #   - pjdfstest 0.2.2 (crates.io) for tests/e2e/pjdfstest.sh.
 #   - the user "tests", one of pjdfstest's two dummy users (the other is "nobody").
 #   - cargo build --release --all-targets (skipped with --no-build).
@@ -23,8 +24,9 @@ need_root
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup; see rust-version in Cargo.toml)"
 
 PKGS=(fuse3 attr podman runc crun uidmap slirp4netns fuse-overlayfs catatonit
-      busybox-static jq skopeo umoci docker-registry procps util-linux passwd
-      strace xfsprogs e2fsprogs dosfstools zstd tar)
+      busybox-static jq skopeo umoci procps util-linux passwd
+      strace xfsprogs e2fsprogs dosfstools zstd tar
+      containerd docker-registry curl protobuf-compiler)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
