@@ -31,7 +31,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Layer(args) => finish("verlay layer", verlay::store::cmd::layer(args)),
-        Command::Image(args) => finish("verlay image", verlay::store::cmd::image(args)),
+        Command::Image(args) => {
+            // pull and push report each failed attempt as it happens (warn), not only the last
+            if args.first().is_some_and(|a| a == "pull" || a == "push") {
+                verlay::logging::init(false);
+            }
+            finish("verlay image", verlay::store::cmd::image(args))
+        }
         Command::Verify(args) => match verlay::lower::cmd::verify(args) {
             // The scrub's own exit code: 0 clean, 1 damage found.
             Ok(code) => ExitCode::from(code),

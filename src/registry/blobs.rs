@@ -10,6 +10,9 @@
 //!                               before it is published
 //! STORE/images/<name>.json      an image record: name, manifest digest and media type,
 //!                               config digest, layer chain IDs
+//! STORE/uploads/<hex>.json      an upload session of a push in progress (registry, location,
+//!                               confirmed offset): a hint for the next push, which asks the
+//!                               registry before it believes it
 //! ```
 //!
 //! Publishing a blob or a record is write, fsync, rename, fsync of the directory, so a crash
@@ -34,6 +37,7 @@ use crate::store::{parse_digest, Store};
 const BLOBS: &str = "blobs/sha256";
 const INCOMING: &str = "blobs/incoming";
 const IMAGES: &str = "images";
+const UPLOADS: &str = "uploads";
 /// Format version of an image record.
 const IMAGE_RECORD_VERSION: u64 = 1;
 const COPY_BUF: usize = 1 << 20;
@@ -52,7 +56,7 @@ const RECORD_TMP: &str = ".json.tmp.";
 /// known, a record half written. Safe because the caller holds the store lock. Partial
 /// downloads (`incoming/<hex>`) stay: the next pull continues them.
 pub fn ensure_dirs(store: &Store) -> Result<()> {
-    for d in [BLOBS, INCOMING, IMAGES] {
+    for d in [BLOBS, INCOMING, IMAGES, UPLOADS] {
         let p = store.root().join(d);
         std::fs::create_dir_all(&p).map_err(|e| Error::io("blobs.mkdir", &p, e))?;
     }
@@ -62,6 +66,7 @@ pub fn ensure_dirs(store: &Store) -> Result<()> {
             &(|n: &str| n.starts_with(STREAM_PREFIX)) as &dyn Fn(&str) -> bool,
         ),
         (IMAGES, &|n: &str| n.contains(RECORD_TMP)),
+        (UPLOADS, &|n: &str| n.contains(RECORD_TMP)),
     ] {
         let d = store.root().join(dir);
         for ent in std::fs::read_dir(&d).map_err(|e| Error::io("blobs.leftovers", &d, e))? {
@@ -202,6 +207,50 @@ pub fn put_stream(
     std::fs::rename(&p, &inc).map_err(|e| Error::io("blob.write", &inc, e))?;
     publish_incoming(store, &got)?;
     Ok(got)
+}
+
+/// An upload session a push left open: where it was and how far the registry confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedUpload {
+    /// `registry/repository` it belongs to
+    pub target: String,
+    /// the upload URL (with the registry's state) after the last confirmed chunk
+    pub location: String,
+    /// bytes the registry confirmed
+    pub offset: u64,
+}
+
+fn upload_path(store: &Store, digest: &str) -> PathBuf {
+    store
+        .root()
+        .join(UPLOADS)
+        .join(format!("{}.json", hex_part(digest)))
+}
+
+/// Remember an open upload session. Not fsynced: it is only a hint, checked against the
+/// registry before use, and losing it costs a new session, never wrong data.
+pub fn save_upload(store: &Store, digest: &str, s: &SavedUpload) -> Result<()> {
+    let p = upload_path(store, digest);
+    let tmp = p.with_extension(format!("{}{}", &RECORD_TMP[1..], std::process::id()));
+    let json = serde_json::json!({"target": s.target, "location": s.location, "offset": s.offset});
+    std::fs::write(&tmp, json.to_string()).map_err(|e| Error::io("upload.save", &tmp, e))?;
+    std::fs::rename(&tmp, &p).map_err(|e| Error::io("upload.save", &p, e))
+}
+
+/// The upload session saved for `digest`, if any and readable.
+pub fn load_upload(store: &Store, digest: &str) -> Option<SavedUpload> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(upload_path(store, digest)).ok()?).ok()?;
+    Some(SavedUpload {
+        target: v.get("target")?.as_str()?.to_string(),
+        location: v.get("location")?.as_str()?.to_string(),
+        offset: v.get("offset")?.as_u64()?,
+    })
+}
+
+/// Forget the upload session of `digest` (done, or abandoned).
+pub fn forget_upload(store: &Store, digest: &str) {
+    let _ = std::fs::remove_file(upload_path(store, digest));
 }
 
 /// An image the store can push: what its record holds.
@@ -346,17 +395,12 @@ pub fn find_record(store: &Store, name: &str) -> Result<ImageRecord> {
 mod tests {
     #[test]
     fn record_names_are_one_path_component() {
-        let s = crate::store::Store::open(&tempdir()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::store::Store::open(dir.path()).unwrap();
         let p = super::record_path(&s, "127.0.0.1:5000/a/b:1");
         assert_eq!(
             p.file_name().and_then(|n| n.to_str()),
             Some("127.0.0.1%3A5000%2Fa%2Fb%3A1.json")
         );
-    }
-
-    fn tempdir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("verlay-blobs-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
     }
 }

@@ -260,7 +260,9 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(Fail::Fatal(e)) => return Err(e),
                 Err(Fail::Transient(why)) => {
-                    tracing::warn!(op = what, attempt = n + 1, error = %why, "registry request failed; retrying");
+                    if n < self.opts.retries {
+                        tracing::warn!(op = what, attempt = n + 1, error = %why, "registry request failed; retrying");
+                    }
                     last = why;
                 }
             }

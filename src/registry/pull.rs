@@ -132,7 +132,7 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options) -> Result<Pull
 /// hash to `pinned` when given, and to the registry's `Docker-Content-Digest` when sent.
 fn fetch_manifest(client: &Client, r: &str, pinned: Option<&str>) -> Result<(Vec<u8>, String, String)> {
     let url = client.url(&format!("manifests/{r}"));
-    let what = format!("manifest of {}", client.reference);
+    let what = format!("manifest {r}");
     client.with_retries(&what, || {
         let reply = client.request(Method::GET, &url, &[("Accept", manifest::ACCEPT)], &[])?;
         match reply.status {
@@ -141,7 +141,7 @@ fn fetch_manifest(client: &Client, r: &str, pinned: Option<&str>) -> Result<(Vec
                 return Err(Fail::Fatal(Error::remote(
                     format!("image {}", client.reference),
                     format!("{r} not found in the registry ({})", reply.error_text()),
-                    "check the repository name and the tag (skopeo list-tags or the registry's /v2/REPO/tags/list)",
+                    "check the repository name and the tag; GET /v2/NAME/tags/list on the registry lists the tags",
                 )))
             }
             _ => {

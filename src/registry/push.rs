@@ -15,6 +15,10 @@
 //! leaves), a new session starts from byte 0; the old one is abandoned, never written to
 //! again. The bytes of a session are hashed in order as they are confirmed, so a damaged
 //! store blob is caught before the digest is claimed.
+//!
+//! After each confirmed chunk the session (upload URL, offset) is saved in
+//! `STORE/uploads/<hex>.json`; a push killed halfway is continued by the next one in the same
+//! session, from the offset the registry reports for it (the saved offset is only a hint).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -160,6 +164,22 @@ fn with_param(loc: &str, kv: &str) -> String {
     format!("{loc}{sep}{kv}")
 }
 
+/// sha256 of the first `n` bytes of `f`.
+fn hash_prefix(f: &mut File, p: &std::path::Path, n: u64) -> Result<Sha256> {
+    let mut h = Sha256::new();
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io("push.rehash", p, e))?;
+    let mut r = Read::take(&mut *f, n);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = r.read(&mut buf).map_err(|e| Error::io("push.rehash", p, e))?;
+        if k == 0 {
+            return Ok(h);
+        }
+        h.update(&buf[..k]);
+    }
+}
+
 fn read_at(f: &mut File, p: &std::path::Path, off: u64, buf: &mut [u8]) -> Result<()> {
     f.seek(SeekFrom::Start(off))
         .map_err(|e| Error::io("push.read", p, e))?;
@@ -190,30 +210,52 @@ fn push_blob(store: &crate::store::Store, client: &Client, d: &Descriptor, out: 
     let start_url = client.url("blobs/uploads/");
     let mut sessions = 0u32;
     let mut last = String::new();
+    let target = format!("{}/{}", client.reference.registry, client.reference.repository);
+    let mut saved = blobs::load_upload(store, &d.digest).filter(|s| s.target == target);
     'session: loop {
         if sessions > retries {
             return Err(client.gave_up(&format!("upload of {what}"), &last));
         }
         if sessions > 0 {
+            blobs::forget_upload(store, &d.digest);
             tracing::warn!(digest = %d.digest, session = sessions + 1, error = %last, "starting the upload again in a new session");
             std::thread::sleep(backoff(sessions));
         }
         sessions += 1;
         out.sessions += 1;
-        let mut loc = client.with_retries(&format!("start of the upload of {what}"), || {
-            let reply = client.request(Method::POST, &start_url, &[], &[])?;
-            match (reply.status, reply.header("Location")) {
-                (202, Some(l)) => client.resolve(l),
-                _ => Err(Fail::Fatal(Error::remote(
-                    format!("upload of {what} to {}", client.reference),
-                    reply.error_text(),
-                    "check the registry (is it read-only?)",
-                ))),
-            }
-        })?;
+        // A session a killed push left open is continued where the registry says it stands
+        // (the saved offset is only a hint); one the registry no longer knows is dropped.
+        let resumed = match saved.take() {
+            Some(s) => match status(client, &s.location, s.offset, &what)? {
+                Status::At(at, next) if at <= size => {
+                    tracing::info!(digest = %d.digest, bytes = at, "continuing the upload session of an earlier push");
+                    Some((next, at))
+                }
+                _ => {
+                    blobs::forget_upload(store, &d.digest);
+                    None
+                }
+            },
+            None => None,
+        };
         // bytes the registry has confirmed, in order, and their hash
-        let mut offset = 0u64;
-        let mut hashed = Sha256::new();
+        let (mut loc, mut offset, mut hashed) = match resumed {
+            Some((loc, at)) => (loc, at, hash_prefix(&mut f, &p, at)?),
+            None => {
+                let loc = client.with_retries(&format!("start of the upload of {what}"), || {
+                    let reply = client.request(Method::POST, &start_url, &[], &[])?;
+                    match (reply.status, reply.header("Location")) {
+                        (202, Some(l)) => client.resolve(l),
+                        _ => Err(Fail::Fatal(Error::remote(
+                            format!("upload of {what} to {}", client.reference),
+                            reply.error_text(),
+                            "check the registry (is it read-only?)",
+                        ))),
+                    }
+                })?;
+                (loc, 0u64, Sha256::new())
+            }
+        };
         let mut failures = 0u32;
         while offset < size {
             let len = chunk_size.min(size - offset);
@@ -239,6 +281,14 @@ fn push_blob(store: &crate::store::Store, client: &Client, d: &Descriptor, out: 
                             offset = at;
                             loc = next;
                             failures = 0;
+                            let keep = blobs::SavedUpload {
+                                target: target.clone(),
+                                location: loc.clone(),
+                                offset,
+                            };
+                            if let Err(e) = blobs::save_upload(store, &d.digest, &keep) {
+                                tracing::warn!(digest = %d.digest, error = %e, "could not save the upload session");
+                            }
                             continue;
                         }
                         (at, _) => format!("PATCH {range} answered with Range {at:?}"),
@@ -308,6 +358,7 @@ fn push_blob(store: &crate::store::Store, client: &Client, d: &Descriptor, out: 
                             "the registry altered the data; check it",
                         ));
                     }
+                    blobs::forget_upload(store, &d.digest);
                     out.blobs_uploaded += 1;
                     return Ok(());
                 }
@@ -329,6 +380,7 @@ fn push_blob(store: &crate::store::Store, client: &Client, d: &Descriptor, out: 
             }
             std::thread::sleep(backoff(put_failures));
             if registry_has(client, d)? {
+                blobs::forget_upload(store, &d.digest);
                 out.blobs_uploaded += 1;
                 return Ok(());
             }

@@ -4,7 +4,9 @@
 //! Owns: reading image metadata (index.json → manifest → config, or docker's
 //! manifest.json), checking every blob against its digest and every layer's diffID against
 //! the config's `rootfs.diff_ids`. The layers themselves go through
-//! [`Store::import_layer`], so each one is published whole or not at all.
+//! [`Store::import_layer`], so each one is published whole or not at all. Afterwards the
+//! image's manifest, config and layer blobs are kept in the store with an image record
+//! ([`crate::registry::blobs`]), so that `verlay image push` can send the very same image.
 //!
 //! Must not: trust a name from the image to point anywhere but inside the source.
 

@@ -47,6 +47,10 @@ pub struct Faults {
     pub tamper_blobs: bool,
     /// answer every request 401 with a bearer challenge, as a registry that wants a login
     pub require_auth: bool,
+    /// once this many PATCH requests have been forwarded whole, hold every new exchange
+    /// (read nothing of it, forward nothing) for `stall_ms`: a client killed then has no
+    /// chunk in flight at the registry
+    pub hold_after_patches: Option<u64>,
 }
 
 /// One request/response exchange as the proxy saw it.
@@ -116,7 +120,8 @@ impl FaultProxy {
         let faults = Arc::new(Mutex::new(faults));
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let exchanges = Arc::new(AtomicU64::new(0));
+        // PATCH requests forwarded whole so far
+        let patches = Arc::new(AtomicU64::new(0));
         let (f2, l2, s2) = (faults.clone(), log.clone(), stop.clone());
         let accept = std::thread::spawn(move || {
             let mut conn = 0u64;
@@ -124,7 +129,7 @@ impl FaultProxy {
                 match listener.accept() {
                     Ok((client, _)) => {
                         conn += 1;
-                        let (f, l, x) = (f2.clone(), l2.clone(), exchanges.clone());
+                        let (f, l, x) = (f2.clone(), l2.clone(), patches.clone());
                         std::thread::spawn(move || {
                             let _ = serve(conn, client, upstream, &f, &l, &x);
                         });
@@ -292,7 +297,7 @@ fn serve(
     upstream: SocketAddr,
     faults: &Mutex<Faults>,
     log: &Mutex<Vec<Exchange>>,
-    exchanges: &AtomicU64,
+    patches: &AtomicU64,
 ) -> std::io::Result<()> {
     client.set_nonblocking(false)?;
     client.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -304,10 +309,8 @@ fn serve(
         let f = faults.lock().expect("faults lock").clone();
         // one draw per exchange: connection number (accept order) and exchange number in the
         // connection, so the draws do not depend on thread timing
-        let n = exchanges.fetch_add(1, Ordering::SeqCst);
         let r = draw(f.seed, conn * 1024 + k);
         k += 1;
-        let _ = n;
         let roll = (r % 1000) as u32;
         let mut acc = 0;
         let mut fault = None;
@@ -326,6 +329,18 @@ fn serve(
         let cut_frac = (r >> 20) % 1000; // where in a body a cut falls, per mille
         let delay = if f.delay_ms > 0 { (r >> 40) % f.delay_ms } else { 0 };
 
+        if f.hold_after_patches
+            .is_some_and(|n| patches.load(Ordering::SeqCst) >= n)
+        {
+            log.lock().expect("log").push(Exchange {
+                conn,
+                fault: Some("hold"),
+                ..Exchange::default()
+            });
+            std::thread::sleep(Duration::from_millis(f.stall_ms));
+            let _ = client.shutdown(Shutdown::Both);
+            return Ok(());
+        }
         if fault == Some("refuse") && up.is_none() {
             log.lock().expect("log").push(Exchange {
                 conn,
@@ -403,6 +418,9 @@ fn serve(
             }
         })?;
         ex.body_forwarded = sent;
+        if method == "PATCH" && sent == body_len && cut_at.is_none() {
+            patches.fetch_add(1, Ordering::SeqCst);
+        }
         if cut_at.is_some() {
             ex.fault = fault;
             record(ex);
