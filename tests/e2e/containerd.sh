@@ -12,6 +12,7 @@
 #                    own overlayfs snapshotter; its timings are printed
 #   import, run      ctr image import, ctr run checking the whiteout, the opaque dir, a write
 #   sealed           every committed layer has a manifest and `verlay verify` finds it clean
+#   view             `ctr snapshots view` of the top layer: a read-only verlay mount, merged right
 #   restart-running  kill -9 of the snapshotter while a container runs, restart: the container
 #                    still reads and writes its rootfs; a new container runs
 #   kill-import-STEP the snapshotter killed (kill -9 from inside, VERLAY_SNAPSHOTTER_CRASH_AT)
@@ -164,6 +165,30 @@ run_semantics() { expect_line semantics-ok run_ "$M" "$REF" "$1" sh -c "$CHECK";
 check run run_semantics c-run
 sealed() { local n; n=$(verify_sealed "$M") || return 1; echo "$n layers sealed and clean"; [ "$n" -ge 3 ]; }
 check sealed sealed
+
+# --- a View of the image's top layer, mounted as `ctr snapshots mounts` says (a read-only
+# verlay mount of the three committed layers)
+view() {
+  local top cmd
+  top=$(ctr_ "$M" snapshots --snapshotter verlay ls | awk '
+    NR > 1 && $3 == "Committed" { c[$1] = 1; if ($2 != "") p[$2] = 1 }
+    END { for (k in c) if (!(k in p)) print k }')
+  [ -n "$top" ] || { echo "no top committed snapshot"; return 1; }
+  mkdir -p "$WORK/view"
+  ctr_ "$M" snapshots --snapshotter verlay view v-test "$top" >/dev/null
+  cmd=$(ctr_ "$M" snapshots --snapshotter verlay mounts "$WORK/view" v-test)
+  echo "$cmd"
+  case "$cmd" in "mount -t fuse3.verlay "*lowerdir=*) ;; *) echo "not a verlay mount"; return 1 ;; esac
+  # mount(8) passes -t fuse3.verlay on to mount.fuse3, which then looks for a program of that
+  # name; containerd runs mount.fuse3 with -t verlay, and so do we
+  mount.fuse3 overlay "$WORK/view" -o "${cmd##* -o }" -t verlay
+  expect_line "motd from layer2" cat "$WORK/view/etc/motd"
+  if touch "$WORK/view/new" 2>/dev/null; then echo "a view is writable"; umount "$WORK/view"; return 1; fi
+  test ! -e "$WORK/view/etc/remove-me"
+  umount "$WORK/view"
+  ctr_ "$M" snapshots --snapshotter verlay rm v-test
+}
+check view view
 
 # --- restart of the snapshotter while a container runs
 restart_running() {
