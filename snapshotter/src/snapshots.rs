@@ -169,6 +169,13 @@ impl Drop for BusyGuard<'_> {
 impl Snapshots {
     /// Open (or create) the root: take its lock, open the database, remove crash leftovers.
     pub fn open(root: &Path) -> Result<Snapshots> {
+        std::fs::create_dir_all(root.join("snapshots"))
+            .map_err(|e| Error::io("open.mkdir", root.join("snapshots"), e))?;
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::io("open.canonicalize", root, e))?;
+        // Mount options name snapshot paths unescaped (containerd and mount.fuse3 pass them on
+        // as they are), so the resolved root must not contain the list separators.
         let text = root.to_string_lossy();
         if text.contains(',') || text.contains(':') {
             return Err(Error::usage(
@@ -177,11 +184,6 @@ impl Snapshots {
                 "choose a root path without them",
             ));
         }
-        std::fs::create_dir_all(root.join("snapshots"))
-            .map_err(|e| Error::io("open.mkdir", root.join("snapshots"), e))?;
-        let root = root
-            .canonicalize()
-            .map_err(|e| Error::io("open.canonicalize", root, e))?;
         let lock_path = root.join("lock");
         let lock = File::create(&lock_path).map_err(|e| Error::io("open.lock", &lock_path, e))?;
         if let Err(e) = rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
