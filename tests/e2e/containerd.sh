@@ -75,9 +75,12 @@ trap 'exit 130' INT TERM
 snap_start() {
   local d=$1 i; shift
   mkdir -p "$d"
-  env "$@" VERLAY_LOG_FILE= setsid "$SNAP" --root "$d/root" --address "$d/snap.sock" \
+  # `verlay snapshotter` execs verlay-snapshotter from beside it: same PID
+  env "$@" VERLAY_LOG_FILE= setsid "$BIN" snapshotter --root "$d/root" --address "$d/snap.sock" \
     >>"$d/snap.log" 2>&1 </dev/null &
   echo $! > "$d/snap.pid"
+  # no "Killed" job report from the shell when a test kills it
+  disown $!
   echo $! >> "$WORK/snap-pids"
   for i in $(seq 100); do [ -S "$d/snap.sock" ] && return 0; sleep 0.05; done
   log "snapshotter in $d did not start:"; tail -5 "$d/snap.log" >&2
