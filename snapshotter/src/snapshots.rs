@@ -512,16 +512,19 @@ impl Snapshots {
         })?;
         crash_point("commit.seal");
         // step commit.record: the digest where every verlay mount of the layer checks it.
+        // The file and field name are the layer store's (`store/mod.rs`), which
+        // `lower::verify` reads at every mount of the layer.
         let dir = self.dir(r.id);
-        write_durably(
-            &dir.join("layer.json"),
-            &serde_json::to_vec_pretty(&serde_json::json!({
-                "version": 1,
-                "snapshot": name,
-                "manifest_digest": digest,
-            }))
-            .unwrap_or_default(),
-        )?;
+        let record = serde_json::to_vec_pretty(&serde_json::json!({
+            "version": 1,
+            "snapshot": name,
+            "manifest_digest": digest,
+        }))
+        .map_err(|e| Error::BadRecord {
+            key: name.to_string(),
+            why: e.to_string(),
+        })?;
+        write_durably(&dir.join("layer.json"), &record)?;
         crash_point("commit.record");
         // step commit.db: one transaction swaps the active record for the committed one.
         let tx = self.db.begin_write().map_err(|e| Error::db("commit", e))?;
