@@ -21,7 +21,8 @@
 #   kill-import-timed  kill -9 from outside at a random moment of an import; same checks
 #   corrupt-eio      a byte changed in a committed layer: reading the file in a container
 #                    fails (EIO) and the verlay log names the file
-#   pull             ctr image pull --plain-http from a local docker-registry, then run
+#   registry, pull   ctr image pull --plain-http from a local docker-registry, then run
+#   pull-killed      the snapshotter killed at commit.seal during a pull; restart, pull, run
 #   timing           ctr run on verlay vs overlayfs, 5 runs each, medians
 # Needs root; containerd, runc, busybox-static, jq, docker-registry, skopeo (tests/setup.sh).
 # Env: CONTAINERD_TIMEOUT (s, per step, default 120), KEEP=1 keeps the work dir.
@@ -253,20 +254,42 @@ for step in commit.syncfs commit.seal commit.db timed; do
   "$C" stop "$WORK/kill-$step/ctd" >/dev/null 2>&1 || true
 done
 
-# --- pull from a local registry
+# --- pull from a local registry; then a pull during which the snapshotter dies at the
+# commit.seal step of the first layer, is restarted, and the pull is repeated
+REG=$WORK/reg
+PORT=$(shuf -i 20000-40000 -n 1)
+registry() {
+  echo "$REG" >> "$WORK/regs"
+  timeout "$TO" "$RECIPES/registry-env.sh" start "$REG" "$PORT" >/dev/null
+  timeout "$TO" "$RECIPES/registry-env.sh" push "$REG" "$IMG/oci:1" test:1 >/dev/null
+}
 pull() {
-  local d=$WORK/pull port
-  port=$(shuf -i 20000-40000 -n 1)
-  echo "$d/reg" >> "$WORK/regs"
-  timeout "$TO" "$RECIPES/registry-env.sh" start "$d/reg" "$port" >/dev/null
-  timeout "$TO" "$RECIPES/registry-env.sh" push "$d/reg" "$IMG/oci:1" test:1 >/dev/null
+  local d=$WORK/pull
   snap_start "$d"
   ctd_start "$d"
-  ctr_ "$d" image pull --plain-http --snapshotter verlay "127.0.0.1:$port/test:1" >/dev/null
-  expect_line semantics-ok run_ "$d" "127.0.0.1:$port/test:1" c-pull sh -c "$CHECK"
+  ctr_ "$d" image pull --plain-http --snapshotter verlay "127.0.0.1:$PORT/test:1" >/dev/null
+  expect_line semantics-ok run_ "$d" "127.0.0.1:$PORT/test:1" c-pull sh -c "$CHECK"
   verify_sealed "$d" >/dev/null
 }
+pull_killed() {
+  local d=$WORK/pull-killed n
+  snap_start "$d" VERLAY_SNAPSHOTTER_CRASH_AT=commit.seal
+  ctd_start "$d"
+  if ctr_ "$d" image pull --plain-http --snapshotter verlay "127.0.0.1:$PORT/test:1" >/dev/null 2>&1; then
+    echo "the pull succeeded although the snapshotter was to die at commit.seal"; return 1
+  fi
+  snap_wait_dead "$d"
+  snap_start "$d"
+  ctd_reconnect "$d"
+  n=$(verify_sealed "$d")
+  echo "after the kill: $n sealed layers, all clean"
+  ctr_ "$d" image pull --plain-http --snapshotter verlay "127.0.0.1:$PORT/test:1" >/dev/null
+  expect_line semantics-ok run_ "$d" "127.0.0.1:$PORT/test:1" c-pull sh -c "$CHECK"
+  verify_sealed "$d" >/dev/null
+}
+if check registry registry; then :; fi
 check pull pull
+check pull-killed pull_killed
 
 # --- timing: ctr run on verlay vs containerd's overlayfs snapshotter (same containerd)
 timing() {
