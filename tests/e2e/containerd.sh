@@ -110,7 +110,22 @@ ctd_reconnect() {
   done
   echo "containerd did not reconnect to the restarted snapshotter in 10 s"; return 1
 }
-run_() { local d=$1; shift; timeout "$TO" "$C" run "$d/ctd" --snapshotter verlay "$@"; }
+# run_sn DIR SNAPSHOTTER CTR-RUN-ARGS...: ctr run --rm. containerd 1.6's shim sometimes loses
+# the exit status of a mount helper to its own child reaper and gives up with "mount helper
+# ... failed with ECHILD (retired 10 times)" (containerd#4387; seen here about once in 300
+# runs, under load): that one error is retried once, and said so.
+run_sn() {
+  local d=$1 sn=$2 out rc=0; shift 2
+  out=$(timeout "$TO" "$C" run "$d/ctd" --snapshotter "$sn" "$@" 2>&1) || rc=$?
+  if [ "$rc" != 0 ] && grep -q "failed with ECHILD" <<<"$out"; then
+    echo "containerd lost the mount helper's exit status (ECHILD, containerd#4387): retrying once" >&2
+    rc=0
+    out=$(timeout "$TO" "$C" run "$d/ctd" --snapshotter "$sn" "$@" 2>&1) || rc=$?
+  fi
+  printf '%s\n' "$out"
+  return "$rc"
+}
+run_() { local d=$1; shift; run_sn "$d" verlay "$@"; }
 # every layer the snapshotter sealed verifies clean (an active snapshot has no manifest)
 verify_sealed() {
   local d=$1 n=0 m
@@ -190,7 +205,10 @@ view() {
   if touch "$WORK/view/new" 2>/dev/null; then echo "a view is writable"; umount "$WORK/view"; return 1; fi
   test ! -e "$WORK/view/etc/remove-me"
   umount "$WORK/view"
-  ctr_ "$M" snapshots --snapshotter verlay rm v-test
+  # ctr's lease ends with the view command, so containerd's GC may have removed the view
+  # already (the mount is of its parents only, so it was not disturbed)
+  local out
+  out=$(ctr_ "$M" snapshots --snapshotter verlay rm v-test 2>&1) || grep -q "not found" <<<"$out"
 }
 check view view
 
@@ -213,10 +231,11 @@ corrupt_eio() {
   local blob
   blob=$(ls "$M"/root/snapshots/*/fs/data/blob | head -1)
   printf 'X' | dd of="$blob" bs=1 seek=70000 conv=notrunc status=none
-  if run_ "$M" "$REF" c-corrupt cat /data/blob > /dev/null 2>"$WORK/corrupt.err"; then
+  local out
+  if out=$(run_ "$M" "$REF" c-corrupt cat /data/blob); then
     echo "reading a corrupted layer file succeeded"; return 1
   fi
-  cat "$WORK/corrupt.err"
+  grep "Input/output error" <<<"$out"
   grep -q "data/blob" "$M/verlay.log" && grep -q "does not match its manifest" "$M/verlay.log"
 }
 check corrupt-eio corrupt_eio
@@ -298,7 +317,7 @@ timing() {
   for sn in verlay overlayfs; do
     for i in 1 2 3 4 5; do
       a=$(now)
-      timeout "$TO" "$C" run "$M/ctd" --snapshotter "$sn" "$REF" "t-$sn-$i" cat /etc/motd >/dev/null
+      run_sn "$M" "$sn" "$REF" "t-$sn-$i" cat /etc/motd >/dev/null
       b=$(now)
       awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f\n", b - a }'
     done | sort -n | awk -v sn="$sn" '{ v[NR] = $1 } END { printf "timing: ctr run (%s): median %s s, min %s s, max %s s\n", sn, v[3], v[1], v[5] }'
