@@ -28,7 +28,8 @@
 //!   deletes it: a crash in between leaves garbage for Cleanup, never a record without its
 //!   directory.
 //!
-//! Must not: hand out a mount of a committed layer that skips verification, or record a
+//! Must not: hand out a mount of a committed layer that skips verification (mounts say
+//! `verify=require`), or record a
 //! snapshot as committed before its data and manifest are durable.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -61,6 +62,10 @@ pub const INHERITED_LABEL_PREFIX: &str = "containerd.io/snapshot/";
 /// The mount type handed to containerd: it runs `mount.fuse3 overlay TARGET -o ... -t verlay`,
 /// which runs `verlay overlay TARGET -o ...` (verlay must be in containerd's PATH).
 pub const MOUNT_TYPE: &str = "fuse3.verlay";
+/// Every lower of a verlay mount handed out is a committed, sealed snapshot: `require` makes a
+/// layer whose manifest went missing refuse to mount, where `on` (the default) would serve it
+/// unchecked.
+const VERIFY_OPTION: &str = "verify=require";
 /// How long Commit waits for the verlay daemon of the upper to exit after containerd's
 /// unmount (the daemon holds a flock on the upper until it has finished every request).
 const UPPER_RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -309,6 +314,7 @@ impl Snapshots {
                     format!("workdir={}", self.dir(r.id).join("work").display()),
                     format!("upperdir={}", fs.display()),
                     format!("lowerdir={}", join(&lowers)),
+                    VERIFY_OPTION.into(),
                 ],
             },
             // A view of committed layers is a read-only verlay mount, even for one layer: a
@@ -317,7 +323,11 @@ impl Snapshots {
                 r#type: MOUNT_TYPE.into(),
                 source: "overlay".into(),
                 target: String::new(),
-                options: vec![format!("lowerdir={}", join(&lowers)), "ro".into()],
+                options: vec![
+                    format!("lowerdir={}", join(&lowers)),
+                    VERIFY_OPTION.into(),
+                    "ro".into(),
+                ],
             },
             (RecordKind::Committed, _) => {
                 return Err(Error::FailedPrecondition(format!(

@@ -142,6 +142,10 @@ async fn commit_seals_the_layer_and_inherits_only_snapshot_labels() {
         m[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")),
         Some(fs.to_str().expect("utf-8"))
     );
+    assert!(
+        m[0].options.iter().any(|o| o == "verify=require"),
+        "committed lowers are always verified: {m:?}"
+    );
     assert_eq!(usage(&mut c, "b").await.1, 1, "only the child's own root dir");
     std::fs::write(Path::new(upper).join("x"), b"x").expect("write upper");
     commit(&mut c, "c2", "b", HashMap::new()).await.expect("commit b");
@@ -158,6 +162,7 @@ async fn commit_seals_the_layer_and_inherits_only_snapshot_labels() {
         .expect("lowerdir");
     assert_eq!(lowers, format!("{}:{}", Path::new(upper).display(), fs.display()));
     assert!(!m[0].options.iter().any(|o| o.starts_with("upperdir=")));
+    assert!(m[0].options.iter().any(|o| o == "verify=require"), "{m:?}");
     let again = c
         .mounts(MountsRequest {
             snapshotter: "verlay".into(),

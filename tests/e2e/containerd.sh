@@ -21,6 +21,7 @@
 #   kill-import-timed  kill -9 from outside at a random moment of an import; same checks
 #   corrupt-eio      a byte changed in a committed layer: reading the file in a container
 #                    fails (EIO) and the verlay log names the file
+#   unsealed-refused a committed layer's manifest removed: the container does not start
 #   registry, pull   ctr image pull --plain-http from a local docker-registry, then run
 #   pull-killed      the snapshotter killed at commit.seal during a pull; restart, pull, run
 #   timing           ctr run on verlay vs overlayfs, 5 runs each, medians
@@ -239,6 +240,20 @@ corrupt_eio() {
   grep -q "data/blob" "$M/verlay.log" && grep -q "does not match its manifest" "$M/verlay.log"
 }
 check corrupt-eio corrupt_eio
+
+# --- a committed layer whose manifest went missing is refused (mounts say verify=require),
+# not served unchecked
+unsealed_refused() {
+  local man out
+  man=$(ls "$M"/root/snapshots/*/fs.verlay-manifest | head -1)
+  mv "$man" "$man.away"
+  if out=$(run_ "$M" "$REF" c-unsealed true); then
+    mv "$man.away" "$man"; echo "a layer without its manifest was mounted"; return 1
+  fi
+  mv "$man.away" "$man"
+  grep "no manifest and verify=require" <<<"$out"
+}
+check unsealed-refused unsealed_refused
 
 # --- kill -9 of the snapshotter during an import, at named commit steps and at a random time
 kill_import() {  # kill_import DIR STEP|timed
