@@ -28,7 +28,8 @@
 //!   deletes it: a crash in between leaves garbage for Cleanup, never a record without its
 //!   directory.
 //!
-//! Must not: hand out a mount of a committed layer that skips verification, or record a
+//! Must not: hand out a mount of a committed layer that skips verification (mounts say
+//! `verify=require`), or record a
 //! snapshot as committed before its data and manifest are durable.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -61,6 +62,10 @@ pub const INHERITED_LABEL_PREFIX: &str = "containerd.io/snapshot/";
 /// The mount type handed to containerd: it runs `mount.fuse3 overlay TARGET -o ... -t verlay`,
 /// which runs `verlay overlay TARGET -o ...` (verlay must be in containerd's PATH).
 pub const MOUNT_TYPE: &str = "fuse3.verlay";
+/// Every lower of a verlay mount handed out is a committed, sealed snapshot: `require` makes a
+/// layer whose manifest went missing refuse to mount, where `on` (the default) would serve it
+/// unchecked.
+const VERIFY_OPTION: &str = "verify=require";
 /// How long Commit waits for the verlay daemon of the upper to exit after containerd's
 /// unmount (the daemon holds a flock on the upper until it has finished every request).
 const UPPER_RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,6 +174,13 @@ impl Drop for BusyGuard<'_> {
 impl Snapshots {
     /// Open (or create) the root: take its lock, open the database, remove crash leftovers.
     pub fn open(root: &Path) -> Result<Snapshots> {
+        std::fs::create_dir_all(root.join("snapshots"))
+            .map_err(|e| Error::io("open.mkdir", root.join("snapshots"), e))?;
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::io("open.canonicalize", root, e))?;
+        // Mount options name snapshot paths unescaped (containerd and mount.fuse3 pass them on
+        // as they are), so the resolved root must not contain the list separators.
         let text = root.to_string_lossy();
         if text.contains(',') || text.contains(':') {
             return Err(Error::usage(
@@ -177,11 +189,6 @@ impl Snapshots {
                 "choose a root path without them",
             ));
         }
-        std::fs::create_dir_all(root.join("snapshots"))
-            .map_err(|e| Error::io("open.mkdir", root.join("snapshots"), e))?;
-        let root = root
-            .canonicalize()
-            .map_err(|e| Error::io("open.canonicalize", root, e))?;
         let lock_path = root.join("lock");
         let lock = File::create(&lock_path).map_err(|e| Error::io("open.lock", &lock_path, e))?;
         if let Err(e) = rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive) {
@@ -307,6 +314,7 @@ impl Snapshots {
                     format!("workdir={}", self.dir(r.id).join("work").display()),
                     format!("upperdir={}", fs.display()),
                     format!("lowerdir={}", join(&lowers)),
+                    VERIFY_OPTION.into(),
                 ],
             },
             // A view of committed layers is a read-only verlay mount, even for one layer: a
@@ -315,7 +323,11 @@ impl Snapshots {
                 r#type: MOUNT_TYPE.into(),
                 source: "overlay".into(),
                 target: String::new(),
-                options: vec![format!("lowerdir={}", join(&lowers)), "ro".into()],
+                options: vec![
+                    format!("lowerdir={}", join(&lowers)),
+                    VERIFY_OPTION.into(),
+                    "ro".into(),
+                ],
             },
             (RecordKind::Committed, _) => {
                 return Err(Error::FailedPrecondition(format!(
@@ -510,16 +522,19 @@ impl Snapshots {
         })?;
         crash_point("commit.seal");
         // step commit.record: the digest where every verlay mount of the layer checks it.
+        // The file and field name are the layer store's (`store/mod.rs`), which
+        // `lower::verify` reads at every mount of the layer.
         let dir = self.dir(r.id);
-        write_durably(
-            &dir.join("layer.json"),
-            &serde_json::to_vec_pretty(&serde_json::json!({
-                "version": 1,
-                "snapshot": name,
-                "manifest_digest": digest,
-            }))
-            .unwrap_or_default(),
-        )?;
+        let record = serde_json::to_vec_pretty(&serde_json::json!({
+            "version": 1,
+            "snapshot": name,
+            "manifest_digest": digest,
+        }))
+        .map_err(|e| Error::BadRecord {
+            key: name.to_string(),
+            why: e.to_string(),
+        })?;
+        write_durably(&dir.join("layer.json"), &record)?;
         crash_point("commit.record");
         // step commit.db: one transaction swaps the active record for the committed one.
         let tx = self.db.begin_write().map_err(|e| Error::db("commit", e))?;

@@ -3,217 +3,16 @@
 //! updates, walk filters, cleanup of leftovers, and the ordering of Commit under a kill -9 at
 //! every named step (a killed process keeps the page cache: this models a crash of the
 //! snapshotter, not a power cut).
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
-use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
 use containerd_snapshots::api::snapshots::v1::*;
-use containerd_snapshots::api::types::Mount;
-use containerd_snapshots::tonic::transport::{Channel, Endpoint, Uri};
-use containerd_snapshots::tonic::{Code, Status};
-use tokio::net::UnixStream;
+use containerd_snapshots::tonic::Code;
 
-/// A snapshotter process over a root; killed by PID and reaped on drop.
-struct Snapshotter {
-    child: Child,
-    root: PathBuf,
-    sock: PathBuf,
-}
-
-impl Snapshotter {
-    fn start(dir: &Path, crash_at: Option<&str>) -> Snapshotter {
-        let root = dir.join("root");
-        let sock = dir.join("snap.sock");
-        let _ = std::fs::remove_file(&sock);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_verlay-snapshotter"));
-        cmd.arg("--root")
-            .arg(&root)
-            .arg("--address")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .env("RUST_LOG", "verlay_snapshotter=warn")
-            .env_remove("VERLAY_SNAPSHOTTER_CRASH_AT");
-        if let Some(step) = crash_at {
-            cmd.env("VERLAY_SNAPSHOTTER_CRASH_AT", step);
-        }
-        let child = cmd.spawn().expect("spawn verlay-snapshotter");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "socket {} did not appear",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Snapshotter { child, root, sock }
-    }
-
-    async fn client(&self) -> SnapshotsClient<Channel> {
-        let sock = self.sock.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")
-            .expect("static uri")
-            .connect_with_connector(tower::service_fn(move |_: Uri| UnixStream::connect(sock.clone())))
-            .await
-            .expect("connect to the snapshotter");
-        SnapshotsClient::new(channel)
-    }
-
-    /// Wait for the process to die by itself (a crash point); panics after 10 s.
-    fn wait_dead(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "snapshotter did not stop at its crash point"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn snapshot_dirs(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.root.join("snapshots"))
-            .expect("readdir snapshots")
-            .map(|e| e.expect("dirent").file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for Snapshotter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-async fn prepare(c: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
-    prepare_labels(c, key, parent, HashMap::new()).await
-}
-
-async fn prepare_labels(
-    c: &mut SnapshotsClient<Channel>,
-    key: &str,
-    parent: &str,
-    labels: HashMap<String, String>,
-) -> Result<Vec<Mount>, Status> {
-    let r = c
-        .prepare(PrepareSnapshotRequest {
-            snapshotter: "verlay".into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels,
-        })
-        .await?;
-    Ok(r.into_inner().mounts)
-}
-
-async fn view(c: &mut SnapshotsClient<Channel>, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
-    let r = c
-        .view(ViewSnapshotRequest {
-            snapshotter: "verlay".into(),
-            key: key.into(),
-            parent: parent.into(),
-            labels: HashMap::new(),
-        })
-        .await?;
-    Ok(r.into_inner().mounts)
-}
-
-async fn commit(
-    c: &mut SnapshotsClient<Channel>,
-    name: &str,
-    key: &str,
-    labels: HashMap<String, String>,
-) -> Result<(), Status> {
-    c.commit(CommitSnapshotRequest {
-        snapshotter: "verlay".into(),
-        name: name.into(),
-        key: key.into(),
-        labels,
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn stat(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<Info, Status> {
-    let r = c
-        .stat(StatSnapshotRequest {
-            snapshotter: "verlay".into(),
-            key: key.into(),
-        })
-        .await?;
-    Ok(r.into_inner().info.expect("stat returns info"))
-}
-
-async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), Status> {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: "verlay".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn usage(c: &mut SnapshotsClient<Channel>, key: &str) -> (i64, i64) {
-    let r = c
-        .usage(UsageRequest {
-            snapshotter: "verlay".into(),
-            key: key.into(),
-        })
-        .await
-        .expect("usage")
-        .into_inner();
-    (r.size, r.inodes)
-}
-
-async fn walk(c: &mut SnapshotsClient<Channel>, filters: &[&str]) -> Result<Vec<String>, Status> {
-    let mut stream = c
-        .list(ListSnapshotsRequest {
-            snapshotter: "verlay".into(),
-            filters: filters.iter().map(|s| s.to_string()).collect(),
-        })
-        .await?
-        .into_inner();
-    let mut names = Vec::new();
-    while let Some(batch) = stream.message().await? {
-        names.extend(batch.info.into_iter().map(|i| i.name));
-    }
-    names.sort();
-    Ok(names)
-}
-
-fn code<T: std::fmt::Debug>(r: Result<T, Status>) -> Code {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(s) => s.code(),
-    }
-}
-
-/// The source directory of a bind mount.
-fn bind_source(m: &[Mount]) -> PathBuf {
-    assert_eq!(m.len(), 1, "{m:?}");
-    assert_eq!(m[0].r#type, "bind", "{m:?}");
-    PathBuf::from(&m[0].source)
-}
-
-fn write_layer(dir: &Path) {
-    std::fs::create_dir_all(dir.join("etc")).expect("mkdir");
-    std::fs::write(dir.join("etc/motd"), b"hello\n").expect("write");
-    std::fs::write(dir.join("big"), vec![7u8; 200_000]).expect("write");
-}
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_calls_carry_containerds_status_codes() {
@@ -343,6 +142,10 @@ async fn commit_seals_the_layer_and_inherits_only_snapshot_labels() {
         m[0].options.iter().find_map(|o| o.strip_prefix("lowerdir=")),
         Some(fs.to_str().expect("utf-8"))
     );
+    assert!(
+        m[0].options.iter().any(|o| o == "verify=require"),
+        "committed lowers are always verified: {m:?}"
+    );
     assert_eq!(usage(&mut c, "b").await.1, 1, "only the child's own root dir");
     std::fs::write(Path::new(upper).join("x"), b"x").expect("write upper");
     commit(&mut c, "c2", "b", HashMap::new()).await.expect("commit b");
@@ -359,6 +162,7 @@ async fn commit_seals_the_layer_and_inherits_only_snapshot_labels() {
         .expect("lowerdir");
     assert_eq!(lowers, format!("{}:{}", Path::new(upper).display(), fs.display()));
     assert!(!m[0].options.iter().any(|o| o.starts_with("upperdir=")));
+    assert!(m[0].options.iter().any(|o| o == "verify=require"), "{m:?}");
     let again = c
         .mounts(MountsRequest {
             snapshotter: "verlay".into(),
