@@ -269,11 +269,8 @@ USAGE:
     verlay [-f] [-d] -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,OPTION...] MOUNTPOINT
     verlay SOURCE MOUNTPOINT -o OPTIONS      (the form mount -t fuse3.verlay runs)
     verlay demo                              (mount throwaway layers to try verlay)
-<<<<<<< HEAD
     verlay layer|image|verify ...            (the layer store and registries, see below)
-=======
     verlay snapshotter --root DIR --address SOCK   (containerd proxy snapshotter; --help)
->>>>>>> snapshotter
     verlay --help | --version
 
     -o may be given several times, anywhere, and glued (-oOPTIONS). SOURCE is any word
