@@ -10,6 +10,11 @@
 //! image recipe (../shared/recipes, or $VERLAY_SHARED).
 
 mod faultproxy;
+#[path = "common/guard.rs"]
+mod guard;
+#[macro_use]
+#[path = "common/rig.rs"]
+mod rig;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,33 +24,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultproxy::{Exchange, FaultProxy, Faults};
+use rig::{have, shared};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
 /// How long one verlay command may take before the test kills it and fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn shared() -> PathBuf {
-    std::env::var_os("VERLAY_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-}
-
 fn tempdir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(&format!("verlay-registry-{tag}-"))
         .tempdir()
         .expect("tempdir")
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 fn free_port() -> u16 {

@@ -1,7 +1,7 @@
 //! Real-filesystem rigs shared by the test binaries that spawn verlay daemons themselves
 //! (`#[path = "common/guard.rs"] mod guard;` then `#[macro_use] #[path = "common/rig.rs"] mod rig;`):
-//! tools present or not, filesystems on loop devices, and a foreground verlay daemon. Every
-//! guard undoes what it made on Drop, also when a test panics.
+//! tools present or not, the shared recipes, filesystems on loop devices, and a foreground
+//! verlay daemon. Every guard undoes what it made on Drop, also when a test panics.
 #![allow(dead_code)]
 
 use std::fs::{self, File};
@@ -16,6 +16,14 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn verlay_bin() -> &'static str {
     env!("CARGO_BIN_EXE_verlay")
+}
+
+/// The shared test recipes (the test image, the registry tools' wrapper): `../shared` beside
+/// the repository (as in CI), or `$VERLAY_SHARED`.
+pub fn shared() -> PathBuf {
+    std::env::var_os("VERLAY_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
 pub fn have(tool: &str) -> bool {
