@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 
 use crate::guard::is_mounted;
 
+// Only std, so the snapshotter crate's tests include it too (rig needs verlay's binary).
+#[path = "tools.rs"]
+mod tools;
+#[allow(unused_imports)] // each test binary uses a subset
+pub use tools::{have, run};
+
 /// How long a mount may take to appear, and a daemon to exit after its unmount.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -26,16 +32,6 @@ pub fn shared() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 /// Skip the test (return from it) unless every tool is installed.
 #[allow(unused_macros)]
 macro_rules! require_tools {
@@ -47,19 +43,6 @@ macro_rules! require_tools {
             }
         }
     };
-}
-
-pub fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A filesystem mounted by the test (tmpfs or a loop device); unmounted on drop.
