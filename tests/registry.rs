@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultproxy::{Exchange, FaultProxy, Faults};
-use rig::{have, shared};
+use rig::{dir_names, have, shared};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
@@ -332,22 +332,10 @@ fn chains(lowerdir: &str) -> Vec<String> {
         .collect()
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// The blobs of the test image's OCI layout: digest -> bytes.
 fn layout_blobs(img: &Path) -> BTreeMap<String, Vec<u8>> {
     let dir = img.join("oci/blobs/sha256");
-    names(&dir)
+    dir_names(&dir)
         .into_iter()
         .map(|n| {
             let b = fs::read(dir.join(&n)).expect("layout blob");
@@ -372,11 +360,11 @@ fn assert_registry_has(reg: &Registry, blobs: &BTreeMap<String, Vec<u8>>) {
 /// The promise of a store after anything, even a kill: every published blob hashes to its
 /// name, every published layer verifies, and `images/` holds only complete records.
 fn assert_store_consistent(store: &Path) {
-    for n in names(&store.join("blobs/sha256")) {
+    for n in dir_names(&store.join("blobs/sha256")) {
         let b = fs::read(store.join("blobs/sha256").join(&n)).expect("blob");
         assert_eq!(sha256_hex(&b), n, "published blob {n} does not hash to its name");
     }
-    if !names(&store.join("layers")).is_empty() {
+    if !dir_names(&store.join("layers")).is_empty() {
         verlay(&["verify", "--store", p(store), "--all"]).ok("verify of the published layers");
     }
 }
@@ -391,12 +379,12 @@ fn assert_pull_fails(store: &Path, args: &[&str], wants: &[&str]) {
         assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
     }
     assert_eq!(
-        names(&store.join("layers")),
+        dir_names(&store.join("layers")),
         Vec::<String>::new(),
         "a layer was published"
     );
     assert_eq!(
-        names(&store.join("images")),
+        dir_names(&store.join("images")),
         Vec::<String>::new(),
         "an image was recorded"
     );
@@ -685,7 +673,7 @@ fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() 
     let mut child = spawn(&["image", "pull", "--store", p(&s2), &via], &[]);
     let incoming = s2.join("blobs/incoming");
     let (_, partial_hex) = kill_when(&mut child, "pull", "no partial blob appeared", || {
-        names(&incoming)
+        dir_names(&incoming)
             .into_iter()
             .map(|n| (fs::metadata(incoming.join(&n)).map(|m| m.len()).unwrap_or(0), n))
             .find(|(len, _)| *len > 200_000)
@@ -700,7 +688,7 @@ fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() 
         "a partial blob was published"
     );
     assert_eq!(
-        names(&s2.join("images")),
+        dir_names(&s2.join("images")),
         Vec::<String>::new(),
         "an image was recorded"
     );
@@ -741,8 +729,8 @@ fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() 
         "pull with a crash point",
     );
     assert_ne!(crashed.code, Some(0));
-    assert_eq!(names(&s3.join("layers")), Vec::<String>::new());
-    assert_eq!(names(&s3.join("images")), Vec::<String>::new());
+    assert_eq!(dir_names(&s3.join("layers")), Vec::<String>::new());
+    assert_eq!(dir_names(&s3.join("images")), Vec::<String>::new());
     let lower3 = pull(&s3, &[&target]).printed("pull after crash");
     assert_eq!(chains(&lower3), chains(&x.lower1));
     assert_store_consistent(&s3);
@@ -780,7 +768,7 @@ fn a_killed_push_continues_its_upload_session_and_sends_no_range_twice() {
     kill_when(&mut child, "push", "the push was never held", || {
         proxy.log().iter().any(|e| e.fault == Some("hold")).then_some(())
     });
-    let saved = names(&x.s1.join("uploads"));
+    let saved = dir_names(&x.s1.join("uploads"));
     assert_eq!(saved.len(), 1, "one open upload session is saved: {saved:?}");
     let rec: serde_json::Value =
         serde_json::from_slice(&fs::read(x.s1.join("uploads").join(&saved[0])).expect("saved session"))
@@ -815,7 +803,7 @@ fn a_killed_push_continues_its_upload_session_and_sends_no_range_twice() {
     assert_one_pass_per_session(&log);
     assert_registry_has(&x.reg, &layout_blobs(&x.img));
     assert_eq!(
-        names(&x.s1.join("uploads")),
+        dir_names(&x.s1.join("uploads")),
         Vec::<String>::new(),
         "a finished session is still saved"
     );
@@ -977,7 +965,7 @@ fn failures_say_what_failed_and_publish_nothing() {
     );
     assert!(proxy.log().iter().any(|e| e.fault == Some("tamper")));
     assert_eq!(
-        names(&s.join("blobs/incoming")),
+        dir_names(&s.join("blobs/incoming")),
         Vec::<String>::new(),
         "the bad download was kept"
     );

@@ -32,6 +32,19 @@ pub fn shared() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
+/// The names in `p`, sorted; none if it cannot be read (such as when it does not exist).
+pub fn dir_names(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// Skip the test (return from it) unless every tool is installed.
 #[allow(unused_macros)]
 macro_rules! require_tools {
