@@ -1,10 +1,15 @@
-//! Installs the tracing subscriber (only the binary calls this; the library only emits).
+//! Installs the tracing subscriber (only the binaries call this; the library only emits).
 use tracing_subscriber::EnvFilter;
 
 /// Log to stderr (or to `$VERLAY_LOG_FILE` when set, which survives daemonizing), at
 /// `RUST_LOG` or, with `-d`, debug.
 pub fn init(debug: bool) {
-    let default = if debug { "verlay=debug" } else { "verlay=warn" };
+    init_with_default(if debug { "verlay=debug" } else { "verlay=warn" });
+}
+
+/// [`init`] with `default` as the filter when `RUST_LOG` is unset (another binary built on
+/// the library, such as the snapshotter, names its own crate there).
+pub fn init_with_default(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

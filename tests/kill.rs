@@ -118,15 +118,7 @@ impl Dirs {
 
     /// Names left in `workdir/work`.
     fn work_entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.work.join("work"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        rig::dir_names(&self.work.join("work"))
     }
 }
 

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rig::{run, verlay_bin, FsMount, LoopDev, Stop, Verlay};
+use rig::{dir_names, run, verlay_bin, FsMount, LoopDev, Stop, Verlay};
 
 /// The smallest filesystem mkfs.xfs accepts (300 MB), as a sparse image.
 const XFS_IMAGE_BYTES: u64 = 320 << 20;
@@ -125,18 +125,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn dir_names(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 fn assert_verifies(diff: &Path, what: &str) {

@@ -10,6 +10,11 @@
 //! image recipe (../shared/recipes, or $VERLAY_SHARED).
 
 mod faultproxy;
+#[path = "common/guard.rs"]
+mod guard;
+#[macro_use]
+#[path = "common/rig.rs"]
+mod rig;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,33 +24,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultproxy::{Exchange, FaultProxy, Faults};
+use rig::{dir_names, have, shared};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
 /// How long one verlay command may take before the test kills it and fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn shared() -> PathBuf {
-    std::env::var_os("VERLAY_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
-}
-
 fn tempdir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(&format!("verlay-registry-{tag}-"))
         .tempdir()
         .expect("tempdir")
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 fn free_port() -> u16 {
@@ -170,6 +160,11 @@ impl Out {
         assert_eq!(self.code, Some(0), "{what} failed:\n{}", self.stderr);
         self
     }
+
+    /// What a successful command printed (import and pull: the lowerdir), trimmed.
+    fn printed(&self, what: &str) -> String {
+        self.ok(what).stdout.trim().to_string()
+    }
 }
 
 fn wait_out(mut child: Child, what: &str) -> Out {
@@ -204,8 +199,39 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
         .expect("run verlay")
 }
 
+/// Poll `ready` while `child` (a verlay `what`) runs, for up to a minute; when it gives a
+/// value, kill -9 the child by its handle and return the value. Fails with `never` if the
+/// minute passes first.
+fn kill_when<T>(child: &mut Child, what: &str, never: &str, mut ready: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let found = loop {
+        if let Some(found) = ready() {
+            break found;
+        }
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the {what} ended before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "{never}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill().unwrap_or_else(|e| panic!("kill -9 the {what}: {e}"));
+    let _ = child.wait();
+    found
+}
+
 fn verlay(args: &[&str]) -> Out {
     wait_out(spawn(args, &[]), &format!("verlay {}", args.join(" ")))
+}
+
+/// `verlay image pull --store STORE ARGS...` (the reference last in `args`).
+fn pull(store: &Path, args: &[&str]) -> Out {
+    verlay(&[&["image", "pull", "--store", p(store)], args].concat())
+}
+
+/// `verlay image push --store STORE --image IMAGE ARGS...` (the target last in `args`).
+fn push(store: &Path, image: &str, args: &[&str]) -> Out {
+    verlay(&[&["image", "push", "--store", p(store), "--image", image], args].concat())
 }
 
 fn p(path: &Path) -> &str {
@@ -244,10 +270,47 @@ fn import(store: &Path, img: &Path, name: &str) -> String {
         name,
         p(&img.join("oci")),
     ])
-    .ok("image import")
-    .stdout
-    .trim()
-    .to_string()
+    .printed("image import")
+}
+
+/// What most tests start from. Fields drop in order: the registry is killed before its
+/// directory is removed.
+struct Scratch {
+    reg: Registry,
+    /// the test image's image.env
+    env: BTreeMap<String, String>,
+    /// the test image (`make-test-image.sh` output)
+    img: PathBuf,
+    /// a store holding the test image as "test"
+    s1: PathBuf,
+    /// the lowerdir of "test" in `s1`
+    lower1: String,
+    t: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// The test image, a registry and a store with the image imported, in a new temp dir.
+    fn new(tag: &str) -> Scratch {
+        let t = tempdir(tag);
+        let env = test_image(t.path());
+        let img = t.path().join("img");
+        let reg = Registry::start(&t.path().join("reg"));
+        let s1 = t.path().join("s1");
+        let lower1 = import(&s1, &img, "test");
+        Scratch {
+            reg,
+            env,
+            img,
+            s1,
+            lower1,
+            t,
+        }
+    }
+
+    /// `name` in the temp dir.
+    fn path(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.t.path().join(name)
+    }
 }
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -269,22 +332,10 @@ fn chains(lowerdir: &str) -> Vec<String> {
         .collect()
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// The blobs of the test image's OCI layout: digest -> bytes.
 fn layout_blobs(img: &Path) -> BTreeMap<String, Vec<u8>> {
     let dir = img.join("oci/blobs/sha256");
-    names(&dir)
+    dir_names(&dir)
         .into_iter()
         .map(|n| {
             let b = fs::read(dir.join(&n)).expect("layout blob");
@@ -309,13 +360,35 @@ fn assert_registry_has(reg: &Registry, blobs: &BTreeMap<String, Vec<u8>>) {
 /// The promise of a store after anything, even a kill: every published blob hashes to its
 /// name, every published layer verifies, and `images/` holds only complete records.
 fn assert_store_consistent(store: &Path) {
-    for n in names(&store.join("blobs/sha256")) {
+    for n in dir_names(&store.join("blobs/sha256")) {
         let b = fs::read(store.join("blobs/sha256").join(&n)).expect("blob");
         assert_eq!(sha256_hex(&b), n, "published blob {n} does not hash to its name");
     }
-    if !names(&store.join("layers")).is_empty() {
+    if !dir_names(&store.join("layers")).is_empty() {
         verlay(&["verify", "--store", p(store), "--all"]).ok("verify of the published layers");
     }
+}
+
+/// A pull (`args`: options, then the reference) into `store` fails with exit code 1, says
+/// each of `wants`, and publishes nothing.
+fn assert_pull_fails(store: &Path, args: &[&str], wants: &[&str]) {
+    let out = pull(store, args);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    eprintln!("{}", out.stderr.trim());
+    for want in wants {
+        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
+    }
+    assert_eq!(
+        dir_names(&store.join("layers")),
+        Vec::<String>::new(),
+        "a layer was published"
+    );
+    assert_eq!(
+        dir_names(&store.join("images")),
+        Vec::<String>::new(),
+        "an image was recorded"
+    );
+    assert_store_consistent(store);
 }
 
 /// No upload session was sent the same byte range twice: per session id, the PATCH body
@@ -350,32 +423,18 @@ fn assert_one_pass_per_session(log: &[Exchange]) -> BTreeMap<String, Vec<(u64, u
 
 #[test]
 fn push_then_pull_gives_identical_blobs_layers_and_chain_ids() {
-    let t = tempdir("roundtrip");
-    let env = test_image(t.path());
-    let img = t.path().join("img");
-    let reg = Registry::start(&t.path().join("reg"));
-    let (s1, s2) = (t.path().join("s1"), t.path().join("s2"));
-    let lower1 = import(&s1, &img, "test");
-    let target = format!("{}/test:1", reg.addr);
+    let x = Scratch::new("roundtrip");
+    let s2 = x.path("s2");
+    let target = format!("{}/test:1", x.reg.addr);
 
-    let out = verlay(&[
-        "image",
-        "push",
-        "--store",
-        p(&s1),
-        "--image",
-        "test",
-        "--chunk-size",
-        "100000",
-        &target,
-    ]);
+    let out = push(&x.s1, "test", &["--chunk-size", "100000", &target]);
     out.ok("push");
-    let manifest = &env["MANIFEST_DIGEST"];
+    let manifest = &x.env["MANIFEST_DIGEST"];
     assert_eq!(out.stdout.trim(), format!("{target}@{manifest}"));
-    assert_registry_has(&reg, &layout_blobs(&img));
+    assert_registry_has(&x.reg, &layout_blobs(&x.img));
 
     // a second push finds every blob in the registry and uploads nothing
-    let again = verlay(&["image", "push", "--store", p(&s1), "--image", "test", &target]);
+    let again = push(&x.s1, "test", &[&target]);
     assert!(
         again
             .ok("second push")
@@ -385,11 +444,10 @@ fn push_then_pull_gives_identical_blobs_layers_and_chain_ids() {
         again.stderr
     );
 
-    let pulled = verlay(&["image", "pull", "--store", p(&s2), &target]);
-    let lower2 = pulled.ok("pull").stdout.trim().to_string();
+    let lower2 = pull(&s2, &[&target]).printed("pull");
     assert_eq!(
         chains(&lower2),
-        chains(&lower1),
+        chains(&x.lower1),
         "pulled chain IDs differ from the imported ones"
     );
     assert!(
@@ -405,7 +463,7 @@ fn push_then_pull_gives_identical_blobs_layers_and_chain_ids() {
     );
 
     // pulling again fetches nothing
-    let again = verlay(&["image", "pull", "--store", p(&s2), &target]);
+    let again = pull(&s2, &[&target]);
     assert!(
         again
             .ok("second pull")
@@ -416,7 +474,7 @@ fn push_then_pull_gives_identical_blobs_layers_and_chain_ids() {
     );
 
     // a docker-archive has no registry manifest: verlay makes one, and the layers are the same
-    let s3 = t.path().join("s3");
+    let s3 = x.path("s3");
     verlay(&[
         "image",
         "import",
@@ -424,18 +482,14 @@ fn push_then_pull_gives_identical_blobs_layers_and_chain_ids() {
         p(&s3),
         "--name",
         "d",
-        p(&img.join("image.docker.tar")),
+        p(&x.img.join("image.docker.tar")),
     ])
     .ok("import docker-archive");
-    let target_d = format!("{}/fromdocker:1", reg.addr);
-    verlay(&["image", "push", "--store", p(&s3), "--image", "d", &target_d]).ok("push docker-archive image");
-    let s4 = t.path().join("s4");
-    let lower4 = verlay(&["image", "pull", "--store", p(&s4), &target_d])
-        .ok("pull")
-        .stdout
-        .trim()
-        .to_string();
-    assert_eq!(chains(&lower4), chains(&lower1));
+    let target_d = format!("{}/fromdocker:1", x.reg.addr);
+    push(&s3, "d", &[&target_d]).ok("push docker-archive image");
+    let s4 = x.path("s4");
+    let lower4 = pull(&s4, &[&target_d]).printed("pull");
+    assert_eq!(chains(&lower4), chains(&x.lower1));
 }
 
 #[test]
@@ -444,18 +498,13 @@ fn skopeo_and_verlay_read_each_others_pushes_oci_docker_v2s2_and_index() {
         have("skopeo"),
         "skopeo is not installed (bash tests/setup.sh installs it)"
     );
-    let t = tempdir("skopeo");
-    let env = test_image(t.path());
-    let img = t.path().join("img");
-    let reg = Registry::start(&t.path().join("reg"));
-    let s1 = t.path().join("s1");
-    let lower1 = import(&s1, &img, "test");
+    let x = Scratch::new("skopeo");
     let skopeo = |args: &[&str]| {
         // the recipe keeps skopeo's root-only blob-info cache under the given dir
         let out = Command::new("bash")
             .arg(shared().join("recipes/registry-env.sh"))
             .arg("skopeo")
-            .arg(t.path().join("skopeo"))
+            .arg(x.path("skopeo"))
             .args(args)
             .output()
             .expect("skopeo");
@@ -466,9 +515,9 @@ fn skopeo_and_verlay_read_each_others_pushes_oci_docker_v2s2_and_index() {
         );
     };
 
-    let pushed = format!("{}/byverlay:1", reg.addr);
-    verlay(&["image", "push", "--store", p(&s1), "--image", "test", &pushed]).ok("push");
-    let out = t.path().join("skopeo-out");
+    let pushed = format!("{}/byverlay:1", x.reg.addr);
+    push(&x.s1, "test", &[&pushed]).ok("push");
+    let out = x.path("skopeo-out");
     skopeo(&[
         "copy",
         "-q",
@@ -480,42 +529,38 @@ fn skopeo_and_verlay_read_each_others_pushes_oci_docker_v2s2_and_index() {
         serde_json::from_slice(&fs::read(out.join("index.json")).expect("index.json")).expect("json");
     assert_eq!(
         index["manifests"][0]["digest"].as_str(),
-        Some(env["MANIFEST_DIGEST"].as_str())
+        Some(x.env["MANIFEST_DIGEST"].as_str())
     );
 
-    let by_skopeo = format!("{}/byskopeo:1", reg.addr);
+    let by_skopeo = format!("{}/byskopeo:1", x.reg.addr);
     skopeo(&[
         "copy",
         "-q",
         "--dest-tls-verify=false",
-        &format!("oci:{}:1", p(&img.join("oci"))),
+        &format!("oci:{}:1", p(&x.img.join("oci"))),
         &format!("docker://{by_skopeo}"),
     ]);
-    let s2 = t.path().join("s2");
-    let lower2 = verlay(&["image", "pull", "--store", p(&s2), &by_skopeo])
-        .ok("pull")
-        .stdout
-        .trim()
-        .to_string();
-    assert_eq!(chains(&lower2), chains(&lower1));
+    let s2 = x.path("s2");
+    let lower2 = pull(&s2, &[&by_skopeo]).printed("pull");
+    assert_eq!(chains(&lower2), chains(&x.lower1));
 
     // Docker v2 schema 2 (skopeo converts the media types): pulled, and pushed on unchanged
-    let v2s2 = format!("{}/v2s2:1", reg.addr);
+    let v2s2 = format!("{}/v2s2:1", x.reg.addr);
     skopeo(&[
         "copy",
         "-q",
         "--dest-tls-verify=false",
         "--format",
         "v2s2",
-        &format!("oci:{}:1", p(&img.join("oci"))),
+        &format!("oci:{}:1", p(&x.img.join("oci"))),
         &format!("docker://{v2s2}"),
     ]);
-    let s3 = t.path().join("s3");
-    let pulled = verlay(&["image", "pull", "--store", p(&s3), &v2s2]);
-    assert_eq!(chains(pulled.ok("pull v2s2").stdout.trim()), chains(&lower1));
+    let s3 = x.path("s3");
+    let pulled = pull(&s3, &[&v2s2]);
+    assert_eq!(chains(&pulled.printed("pull v2s2")), chains(&x.lower1));
     let digest = manifest_in_summary(&pulled.stderr);
     assert_ne!(
-        digest, env["MANIFEST_DIGEST"],
+        digest, x.env["MANIFEST_DIGEST"],
         "skopeo did not convert the manifest"
     );
     let rec = fs::read_to_string(
@@ -527,13 +572,13 @@ fn skopeo_and_verlay_read_each_others_pushes_oci_docker_v2s2_and_index() {
         rec.contains("application/vnd.docker.distribution.manifest.v2+json"),
         "{rec}"
     );
-    let again = format!("{}/v2s2-again:1", reg.addr);
-    let pushed = verlay(&["image", "push", "--store", p(&s3), "--image", &v2s2, &again]);
-    assert_eq!(pushed.ok("push v2s2").stdout.trim(), format!("{again}@{digest}"));
+    let again = format!("{}/v2s2-again:1", x.reg.addr);
+    let pushed = push(&s3, &v2s2, &[&again]);
+    assert_eq!(pushed.printed("push v2s2"), format!("{again}@{digest}"));
 
     // an index with two platforms: the linux image of this machine's architecture is chosen
-    let multi = multi_arch_layout(&img, t.path(), &env["MANIFEST_DIGEST"]);
-    let by_index = format!("{}/multi:1", reg.addr);
+    let multi = multi_arch_layout(&x.img, x.t.path(), &x.env["MANIFEST_DIGEST"]);
+    let by_index = format!("{}/multi:1", x.reg.addr);
     skopeo(&[
         "copy",
         "-q",
@@ -542,10 +587,10 @@ fn skopeo_and_verlay_read_each_others_pushes_oci_docker_v2s2_and_index() {
         &format!("oci:{}:1", p(&multi)),
         &format!("docker://{by_index}"),
     ]);
-    let s4 = t.path().join("s4");
-    let pulled = verlay(&["image", "pull", "--store", p(&s4), &by_index]);
-    assert_eq!(chains(pulled.ok("pull index").stdout.trim()), chains(&lower1));
-    assert_eq!(manifest_in_summary(&pulled.stderr), env["MANIFEST_DIGEST"]);
+    let s4 = x.path("s4");
+    let pulled = pull(&s4, &[&by_index]);
+    assert_eq!(chains(&pulled.printed("pull index")), chains(&x.lower1));
+    assert_eq!(manifest_in_summary(&pulled.stderr), x.env["MANIFEST_DIGEST"]);
 }
 
 /// The manifest digest in pull's summary line `... (manifest sha256:HEX): ...`.
@@ -611,49 +656,30 @@ fn multi_arch_layout(img: &Path, dir: &Path, manifest: &str) -> PathBuf {
 
 #[test]
 fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() {
-    let t = tempdir("kill");
-    let env = test_image(t.path());
-    let img = t.path().join("img");
-    let reg = Registry::start(&t.path().join("reg"));
-    let s1 = t.path().join("s1");
-    let lower1 = import(&s1, &img, "test");
-    let target = format!("{}/test:1", reg.addr);
-    verlay(&["image", "push", "--store", p(&s1), "--image", "test", &target]).ok("push");
+    let x = Scratch::new("kill");
+    let target = format!("{}/test:1", x.reg.addr);
+    push(&x.s1, "test", &[&target]).ok("push");
 
     // slow responses, so the kill lands in the middle of a blob
     let proxy = FaultProxy::start(
-        reg.addr,
+        x.reg.addr,
         Faults {
             throttle: Some(400_000),
             ..Faults::default()
         },
     );
     let via = format!("{}/test:1", proxy.addr);
-    let s2 = t.path().join("s2");
-    let child = spawn(&["image", "pull", "--store", p(&s2), &via], &[]);
+    let s2 = x.path("s2");
+    let mut child = spawn(&["image", "pull", "--store", p(&s2), &via], &[]);
     let incoming = s2.join("blobs/incoming");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut child = child;
-    let partial = loop {
-        let big = names(&incoming)
+    let (_, partial_hex) = kill_when(&mut child, "pull", "no partial blob appeared", || {
+        dir_names(&incoming)
             .into_iter()
             .map(|n| (fs::metadata(incoming.join(&n)).map(|m| m.len()).unwrap_or(0), n))
-            .find(|(len, _)| *len > 200_000);
-        if let Some(found) = big {
-            break found;
-        }
-        assert!(
-            child.try_wait().expect("try_wait").is_none(),
-            "the pull ended before it could be killed"
-        );
-        assert!(Instant::now() < deadline, "no partial blob appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    child.kill().expect("kill -9 the pull");
-    let _ = child.wait();
-    let (_, partial_hex) = partial;
+            .find(|(len, _)| *len > 200_000)
+    });
     let partial_len = fs::metadata(incoming.join(&partial_hex)).expect("partial").len();
-    let total = layout_blobs(&img)[&format!("sha256:{partial_hex}")].len() as u64;
+    let total = layout_blobs(&x.img)[&format!("sha256:{partial_hex}")].len() as u64;
     assert!(partial_len < total, "the blob was complete when killed");
 
     // nothing half-done: the partial blob is not published, no image is recorded
@@ -662,7 +688,7 @@ fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() 
         "a partial blob was published"
     );
     assert_eq!(
-        names(&s2.join("images")),
+        dir_names(&s2.join("images")),
         Vec::<String>::new(),
         "an image was recorded"
     );
@@ -671,9 +697,8 @@ fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() 
     // the next pull continues the partial blob with a Range request
     proxy.set(Faults::default());
     proxy.clear();
-    let out = verlay(&["image", "pull", "--store", p(&s2), &via]);
-    let lower2 = out.ok("resumed pull").stdout.trim().to_string();
-    assert_eq!(chains(&lower2), chains(&lower1));
+    let lower2 = pull(&s2, &[&via]).printed("resumed pull");
+    assert_eq!(chains(&lower2), chains(&x.lower1));
     let get = proxy
         .log()
         .into_iter()
@@ -692,11 +717,10 @@ fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() 
     );
     assert_store_consistent(&s2);
     assert!(!incoming.join(&partial_hex).exists());
-    let _ = env;
 
     // a pull killed inside a layer import (after the manifest is sealed) leaves no layer
     // that looks complete; the next pull imports it
-    let s3 = t.path().join("s3");
+    let s3 = x.path("s3");
     let crashed = wait_out(
         spawn(
             &["image", "pull", "--store", p(&s3), &target],
@@ -705,31 +729,22 @@ fn a_killed_pull_publishes_nothing_half_done_and_resumes_with_a_range_request() 
         "pull with a crash point",
     );
     assert_ne!(crashed.code, Some(0));
-    assert_eq!(names(&s3.join("layers")), Vec::<String>::new());
-    assert_eq!(names(&s3.join("images")), Vec::<String>::new());
-    let lower3 = verlay(&["image", "pull", "--store", p(&s3), &target])
-        .ok("pull after crash")
-        .stdout
-        .trim()
-        .to_string();
-    assert_eq!(chains(&lower3), chains(&lower1));
+    assert_eq!(dir_names(&s3.join("layers")), Vec::<String>::new());
+    assert_eq!(dir_names(&s3.join("images")), Vec::<String>::new());
+    let lower3 = pull(&s3, &[&target]).printed("pull after crash");
+    assert_eq!(chains(&lower3), chains(&x.lower1));
     assert_store_consistent(&s3);
 }
 
 #[test]
 fn a_killed_push_continues_its_upload_session_and_sends_no_range_twice() {
-    let t = tempdir("killpush");
-    let _env = test_image(t.path());
-    let img = t.path().join("img");
-    let reg = Registry::start(&t.path().join("reg"));
-    let s1 = t.path().join("s1");
-    let lower1 = import(&s1, &img, "test");
+    let x = Scratch::new("killpush");
     const CHUNK: u64 = 65536;
     const CONFIRMED: u64 = 5;
     // after five chunks the proxy holds the next request, unread: the kill then finds no
     // chunk in flight at the registry
     let proxy = FaultProxy::start(
-        reg.addr,
+        x.reg.addr,
         Faults {
             hold_after_patches: Some(CONFIRMED),
             stall_ms: 30_000,
@@ -742,7 +757,7 @@ fn a_killed_push_continues_its_upload_session_and_sends_no_range_twice() {
         "image",
         "push",
         "--store",
-        p(&s1),
+        p(&x.s1),
         "--image",
         "test",
         "--chunk-size",
@@ -750,25 +765,17 @@ fn a_killed_push_continues_its_upload_session_and_sends_no_range_twice() {
         &via,
     ];
     let mut child = spawn(&args, &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !proxy.log().iter().any(|e| e.fault == Some("hold")) {
-        assert!(
-            child.try_wait().expect("try_wait").is_none(),
-            "the push ended before it could be killed"
-        );
-        assert!(Instant::now() < deadline, "the push was never held");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().expect("kill -9 the push");
-    let _ = child.wait();
-    let saved = names(&s1.join("uploads"));
+    kill_when(&mut child, "push", "the push was never held", || {
+        proxy.log().iter().any(|e| e.fault == Some("hold")).then_some(())
+    });
+    let saved = dir_names(&x.s1.join("uploads"));
     assert_eq!(saved.len(), 1, "one open upload session is saved: {saved:?}");
     let rec: serde_json::Value =
-        serde_json::from_slice(&fs::read(s1.join("uploads").join(&saved[0])).expect("saved session"))
+        serde_json::from_slice(&fs::read(x.s1.join("uploads").join(&saved[0])).expect("saved session"))
             .expect("json");
     assert_eq!(rec["offset"].as_u64(), Some(CONFIRMED * CHUNK), "{rec}");
     assert_eq!(
-        http_status(reg.addr, "HEAD", "/v2/killed/manifests/1"),
+        http_status(x.reg.addr, "HEAD", "/v2/killed/manifests/1"),
         Some(404),
         "a tag was pushed"
     );
@@ -794,36 +801,21 @@ fn a_killed_push_continues_its_upload_session_and_sends_no_range_twice() {
     );
     assert_eq!(resumed.range_start(), Some(CONFIRMED * CHUNK));
     assert_one_pass_per_session(&log);
-    assert_registry_has(&reg, &layout_blobs(&img));
+    assert_registry_has(&x.reg, &layout_blobs(&x.img));
     assert_eq!(
-        names(&s1.join("uploads")),
+        dir_names(&x.s1.join("uploads")),
         Vec::<String>::new(),
         "a finished session is still saved"
     );
-    let s2 = t.path().join("s2");
-    let lower2 = verlay(&[
-        "image",
-        "pull",
-        "--store",
-        p(&s2),
-        &format!("{}/killed:1", reg.addr),
-    ])
-    .ok("pull")
-    .stdout
-    .trim()
-    .to_string();
-    assert_eq!(chains(&lower2), chains(&lower1));
+    let s2 = x.path("s2");
+    let lower2 = pull(&s2, &[&format!("{}/killed:1", x.reg.addr)]).printed("pull");
+    assert_eq!(chains(&lower2), chains(&x.lower1));
 }
 
 #[test]
 fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_once() {
-    let t = tempdir("faults");
-    let _env = test_image(t.path());
-    let img = t.path().join("img");
-    let reg = Registry::start(&t.path().join("reg"));
-    let s1 = t.path().join("s1");
-    let lower1 = import(&s1, &img, "test");
-    let blobs = layout_blobs(&img);
+    let x = Scratch::new("faults");
+    let blobs = layout_blobs(&x.img);
     let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
     let (mut restarts, mut resumed_gets, mut exchanges, mut resent) = (0usize, 0usize, 0usize, 0usize);
     // VERLAY_REGISTRY_SEEDS=N runs seeds 1..=N (a longer soak); VERLAY_REGISTRY_SEED=S one seed
@@ -853,22 +845,14 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
             delay_ms: 20,
             ..Faults::default()
         };
-        let proxy = FaultProxy::start(reg.addr, faults.clone());
+        let proxy = FaultProxy::start(x.reg.addr, faults.clone());
         let via = format!("{}/fault{seed}:1", proxy.addr);
         let common = ["--retries", "10", "--timeout", "1"];
-        let mut args = vec![
-            "image",
-            "push",
-            "--store",
-            p(&s1),
-            "--image",
+        let out = push(
+            &x.s1,
             "test",
-            "--chunk-size",
-            "131072",
-        ];
-        args.extend(common);
-        args.push(&via);
-        let out = verlay(&args);
+            &[&["--chunk-size", "131072"], &common[..], &[&via]].concat(),
+        );
         out.ok(&format!("push with seed {seed}"));
         let log = proxy.log();
         let sessions = assert_one_pass_per_session(&log);
@@ -882,10 +866,10 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
             }
         }
         resent += tries.values().filter(|n| **n > 1).count();
-        assert_registry_has(&reg, &blobs);
+        assert_registry_has(&x.reg, &blobs);
         // the tag names the pushed manifest
         assert_eq!(
-            http_status(reg.addr, "HEAD", &format!("/v2/fault{seed}/manifests/1")),
+            http_status(x.reg.addr, "HEAD", &format!("/v2/fault{seed}/manifests/1")),
             Some(200)
         );
 
@@ -895,17 +879,9 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
             cut_response_body: 150,
             ..faults.clone()
         });
-        let s2 = t.path().join(format!("pull{seed}"));
-        let mut args = vec!["image", "pull", "--store", p(&s2)];
-        args.extend(common);
-        args.push(&via);
-        let pulled = verlay(&args);
-        let lower2 = pulled
-            .ok(&format!("pull with seed {seed}"))
-            .stdout
-            .trim()
-            .to_string();
-        assert_eq!(chains(&lower2), chains(&lower1), "seed {seed}");
+        let s2 = x.path(format!("pull{seed}"));
+        let lower2 = pull(&s2, &[&common[..], &[&via]].concat()).printed(&format!("pull with seed {seed}"));
+        assert_eq!(chains(&lower2), chains(&x.lower1), "seed {seed}");
         assert_store_consistent(&s2);
         let plog = proxy.log();
         resumed_gets += plog
@@ -944,88 +920,52 @@ fn pushes_and_pulls_through_a_faulty_network_arrive_whole_and_send_each_range_on
 
 #[test]
 fn failures_say_what_failed_and_publish_nothing() {
-    let t = tempdir("errors");
-    let _env = test_image(t.path());
-    let img = t.path().join("img");
-    let reg = Registry::start(&t.path().join("reg"));
-    let s1 = t.path().join("s1");
-    import(&s1, &img, "test");
-    let target = format!("{}/test:1", reg.addr);
-    verlay(&["image", "push", "--store", p(&s1), "--image", "test", &target]).ok("push");
-    let nothing_published = |store: &Path| {
-        assert_eq!(
-            names(&store.join("layers")),
-            Vec::<String>::new(),
-            "a layer was published"
-        );
-        assert_eq!(
-            names(&store.join("images")),
-            Vec::<String>::new(),
-            "an image was recorded"
-        );
-        assert_store_consistent(store);
-    };
+    let x = Scratch::new("errors");
+    let target = format!("{}/test:1", x.reg.addr);
+    push(&x.s1, "test", &[&target]).ok("push");
 
     // unreachable registry: bounded retries, then what failed and what to do
-    let s = t.path().join("unreachable");
+    let s = x.path("unreachable");
     let dead = format!("127.0.0.1:{}/test:1", free_port());
-    let out = verlay(&["image", "pull", "--store", p(&s), "--retries", "2", &dead]);
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
-    eprintln!("{}", out.stderr.trim());
-    for want in [
-        "connection refused",
-        "gave up after 3 attempts",
-        "check that the registry at 127.0.0.1:",
-    ] {
-        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
-    }
-    nothing_published(&s);
+    assert_pull_fails(
+        &s,
+        &["--retries", "2", &dead],
+        &[
+            "connection refused",
+            "gave up after 3 attempts",
+            "check that the registry at 127.0.0.1:",
+        ],
+    );
 
     // unknown tag
-    let s = t.path().join("unknown");
-    let out = verlay(&[
-        "image",
-        "pull",
-        "--store",
-        p(&s),
-        &format!("{}/test:nope", reg.addr),
-    ]);
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
-    eprintln!("{}", out.stderr.trim());
-    for want in [
-        "nope not found in the registry",
-        "MANIFEST_UNKNOWN",
-        "check the repository name and the tag",
-    ] {
-        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
-    }
-    nothing_published(&s);
+    let s = x.path("unknown");
+    assert_pull_fails(
+        &s,
+        &[&format!("{}/test:nope", x.reg.addr)],
+        &[
+            "nope not found in the registry",
+            "MANIFEST_UNKNOWN",
+            "check the repository name and the tag",
+        ],
+    );
 
     // a blob altered on the way is refused, and no layer is made of it
     let proxy = FaultProxy::start(
-        reg.addr,
+        x.reg.addr,
         Faults {
             tamper_blobs: true,
             ..Faults::default()
         },
     );
-    let s = t.path().join("tampered");
-    let out = verlay(&[
-        "image",
-        "pull",
-        "--store",
-        p(&s),
-        &format!("{}/test:1", proxy.addr),
-    ]);
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
-    eprintln!("{}", out.stderr.trim());
-    for want in ["digest mismatch: expected sha256:", "nothing was published"] {
-        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
-    }
-    nothing_published(&s);
+    let s = x.path("tampered");
+    assert_pull_fails(
+        &s,
+        &[&format!("{}/test:1", proxy.addr)],
+        &["digest mismatch: expected sha256:", "nothing was published"],
+    );
     assert!(proxy.log().iter().any(|e| e.fault == Some("tamper")));
     assert_eq!(
-        names(&s.join("blobs/incoming")),
+        dir_names(&s.join("blobs/incoming")),
         Vec::<String>::new(),
         "the bad download was kept"
     );
@@ -1035,28 +975,20 @@ fn failures_say_what_failed_and_publish_nothing() {
         require_auth: true,
         ..Faults::default()
     });
-    let s = t.path().join("auth");
-    let out = verlay(&[
-        "image",
-        "pull",
-        "--store",
-        p(&s),
-        &format!("{}/test:1", proxy.addr),
-    ]);
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
-    eprintln!("{}", out.stderr.trim());
-    for want in [
-        "HTTP 401",
-        "UNAUTHORIZED",
-        "Bearer realm",
-        "verlay does not log in",
-    ] {
-        assert!(out.stderr.contains(want), "missing {want:?} in: {}", out.stderr);
-    }
-    nothing_published(&s);
+    let s = x.path("auth");
+    assert_pull_fails(
+        &s,
+        &[&format!("{}/test:1", proxy.addr)],
+        &[
+            "HTTP 401",
+            "UNAUTHORIZED",
+            "Bearer realm",
+            "verlay does not log in",
+        ],
+    );
 
     // pushing an image the store does not hold
-    let out = verlay(&["image", "push", "--store", p(&s1), "--image", "nosuch", &target]);
+    let out = push(&x.s1, "nosuch", &[&target]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(
         out.stderr.contains("image \"nosuch\": not in the store"),
@@ -1066,28 +998,20 @@ fn failures_say_what_failed_and_publish_nothing() {
 
     // a damaged blob in the store is caught before its digest is claimed, and the tag is
     // not pushed
-    let big = layout_blobs(&img)
+    let big = layout_blobs(&x.img)
         .into_iter()
         .max_by_key(|(_, b)| b.len())
         .map(|(d, _)| d)
         .expect("a blob");
-    let path = s1.join("blobs/sha256").join(big.trim_start_matches("sha256:"));
+    let path = x.s1.join("blobs/sha256").join(big.trim_start_matches("sha256:"));
     let mut bytes = fs::read(&path).expect("store blob");
     bytes[1000] ^= 1;
     fs::write(&path, &bytes).expect("damage the store blob");
-    let out = verlay(&[
-        "image",
-        "push",
-        "--store",
-        p(&s1),
-        "--image",
-        "test",
-        &format!("{}/damaged:1", reg.addr),
-    ]);
+    let out = push(&x.s1, "test", &[&format!("{}/damaged:1", x.reg.addr)]);
     assert_ne!(out.code, Some(0));
     assert!(out.stderr.contains("damaged: it hashes to"), "{}", out.stderr);
     assert_eq!(
-        http_status(reg.addr, "HEAD", "/v2/damaged/manifests/1"),
+        http_status(x.reg.addr, "HEAD", "/v2/damaged/manifests/1"),
         Some(404)
     );
 }

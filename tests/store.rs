@@ -22,16 +22,13 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use rig::{have, shared};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
-/// The shared test-image recipe: `../shared` beside the repository (as in CI), or
-/// `$VERLAY_SHARED`.
+/// The shared test-image recipe.
 fn recipe() -> PathBuf {
-    let shared = std::env::var_os("VERLAY_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    shared.join("recipes/make-test-image.sh")
+    shared().join("recipes/make-test-image.sh")
 }
 
 fn verlay(args: &[&OsStr]) -> Output {
@@ -49,16 +46,6 @@ fn sh(script: &str) {
         "script failed: {script}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 fn is_root() -> bool {

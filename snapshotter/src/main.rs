@@ -9,7 +9,6 @@ use containerd_snapshots::tonic::transport::Server;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::info;
-use tracing_subscriber::EnvFilter;
 use verlay_snapshotter::error::Error;
 use verlay_snapshotter::service::Service;
 use verlay_snapshotter::snapshots::Snapshots;
@@ -85,25 +84,11 @@ fn parse() -> Result<Option<Args>, Error> {
 }
 
 fn init_logging(debug: bool) {
-    let default = if debug {
+    verlay::logging::init_with_default(if debug {
         "verlay_snapshotter=debug,verlay=info"
     } else {
         "verlay_snapshotter=info,verlay=warn"
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    if let Some(path) = std::env::var_os("VERLAY_LOG_FILE") {
-        if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
-            let _ = builder
-                .with_writer(std::sync::Mutex::new(f))
-                .with_ansi(false)
-                .try_init();
-            return;
-        }
-    }
-    let _ = builder.with_writer(std::io::stderr).try_init();
+    });
 }
 
 async fn serve(args: Args) -> Result<(), Error> {

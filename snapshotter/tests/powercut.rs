@@ -7,6 +7,8 @@
 //! `commit.syncfs` this test fails at `commit.db`: every file of the layer comes back empty,
 //! which is what a snapshotter whose Commit syncs nothing leaves behind.)
 mod common;
+#[path = "../../tests/common/tools.rs"]
+mod tools;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,33 +18,13 @@ use std::process::{Command, Stdio};
 use containerd_snapshots::tonic::Code;
 
 use common::*;
+use tools::{have, run};
 
 /// Large enough for mkfs.xfs's minimum; the image is sparse.
 const XFS_IMAGE_BYTES: u64 = 320 << 20;
 /// Files of the test layer, each of [`FILE_BYTES`].
 const FILES: usize = 64;
 const FILE_BYTES: usize = 100_000;
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// XFS on a loop device over a sparse image, mounted at `mnt`; unmounted and detached on drop.
 struct LoopXfs {

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use super::{chain_id, parse_digest, sha256_digest, ImportOptions, Store};
 use crate::error::{Error, Result};
+use crate::registry::manifest::host_arch;
 
 /// Largest JSON document (index, manifest, config) we read into memory.
 const MAX_JSON: u64 = 16 << 20;
@@ -327,17 +328,6 @@ fn diff_ids(src: &Source, config: &Value) -> Result<Vec<String>> {
         .collect()
 }
 
-/// The architecture name OCI uses for this machine.
-fn oci_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        a => a,
-    }
-}
-
 /// Pick one manifest descriptor out of an OCI index.
 fn pick<'v>(src: &Source, index: &'v Value, reference: Option<&str>) -> Result<&'v Value> {
     let all: Vec<&Value> = index
@@ -366,7 +356,7 @@ fn pick<'v>(src: &Source, index: &'v Value, reference: Option<&str>) -> Result<&
         .filter(|m| {
             m.get("platform")
                 .map(|p| {
-                    str_field(p, "os") == Some("linux") && str_field(p, "architecture") == Some(oci_arch())
+                    str_field(p, "os") == Some("linux") && str_field(p, "architecture") == Some(host_arch())
                 })
                 .unwrap_or(false)
         })

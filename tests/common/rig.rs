@@ -1,7 +1,7 @@
 //! Real-filesystem rigs shared by the test binaries that spawn verlay daemons themselves
 //! (`#[path = "common/guard.rs"] mod guard;` then `#[macro_use] #[path = "common/rig.rs"] mod rig;`):
-//! tools present or not, filesystems on loop devices, and a foreground verlay daemon. Every
-//! guard undoes what it made on Drop, also when a test panics.
+//! tools present or not, the shared recipes, filesystems on loop devices, and a foreground
+//! verlay daemon. Every guard undoes what it made on Drop, also when a test panics.
 #![allow(dead_code)]
 
 use std::fs::{self, File};
@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 
 use crate::guard::is_mounted;
 
+// Only std, so the snapshotter crate's tests include it too (rig needs verlay's binary).
+#[path = "tools.rs"]
+mod tools;
+#[allow(unused_imports)] // each test binary uses a subset
+pub use tools::{have, run};
+
 /// How long a mount may take to appear, and a daemon to exit after its unmount.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -18,14 +24,25 @@ pub fn verlay_bin() -> &'static str {
     env!("CARGO_BIN_EXE_verlay")
 }
 
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+/// The shared test recipes (the test image, the registry tools' wrapper): `../shared` beside
+/// the repository (as in CI), or `$VERLAY_SHARED`.
+pub fn shared() -> PathBuf {
+    std::env::var_os("VERLAY_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+/// The names in `p`, sorted; none if it cannot be read (such as when it does not exist).
+pub fn dir_names(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 /// Skip the test (return from it) unless every tool is installed.
@@ -39,19 +56,6 @@ macro_rules! require_tools {
             }
         }
     };
-}
-
-pub fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A filesystem mounted by the test (tmpfs or a loop device); unmounted on drop.
