@@ -53,6 +53,8 @@ pub enum Command {
     Image(Vec<OsString>),
     /// `verlay verify ...`: the rest of the arguments, parsed by the scrub command.
     Verify(Vec<OsString>),
+    /// `verlay commit ...`: the rest of the arguments, parsed by [`crate::commit::parse`].
+    Commit(Vec<OsString>),
 }
 
 /// Arguments of the mount command.
@@ -204,9 +206,9 @@ pub enum RedirectDir {
     On,
 }
 
-/// Subcommand words. Only `demo` exists in this version; the others are reserved so
-/// that a later version can add them without changing what an old command line means.
-const RESERVED_SUBCOMMANDS: &[&str] = &["commit", "snapshotter"];
+/// Subcommand words reserved so that a later version can add them without changing what an
+/// old command line means.
+const RESERVED_SUBCOMMANDS: &[&str] = &["snapshotter"];
 
 /// Bare kernel/FUSE mount options passed through to the mount.
 const FUSE_FLAG_OPTIONS: &[&str] = &[
@@ -266,6 +268,10 @@ USAGE:
     verlay [-f] [-d] -o lowerdir=L1[:L2...][,upperdir=U,workdir=W][,OPTION...] MOUNTPOINT
     verlay SOURCE MOUNTPOINT -o OPTIONS      (the form mount -t fuse3.verlay runs)
     verlay demo                              (mount throwaway layers to try verlay)
+    verlay commit MOUNTPOINT --store DIR [--parent CHAIN_ID] [--output layer.tar]
+                                             (the upper of a live mount becomes a new
+                                             layer of the store; writers pause briefly;
+                                             prints its chain ID and diffID)
     verlay --help | --version
 
     -o may be given several times, anywhere, and glued (-oOPTIONS). SOURCE is any word
@@ -388,6 +394,7 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
             "layer" => return Ok(Command::Layer(rest())),
             "image" => return Ok(Command::Image(rest())),
             "verify" => return Ok(Command::Verify(rest())),
+            "commit" => return Ok(Command::Commit(rest())),
             _ => {}
         }
         if RESERVED_SUBCOMMANDS.contains(&first) {

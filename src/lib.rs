@@ -8,12 +8,16 @@
 //! - [`union`]: kernel-overlayfs semantics (lookup, copy-up, whiteouts, redirects); no fuser.
 //! - [`fuse`]: the thin FUSE adapter over the union.
 //! - [`mount`]: daemonizing and the FUSE session.
+//! - [`control`]: the daemon's control socket (how `verlay commit` pauses writers).
+//! - [`commit`]: `verlay commit`, a live upper into a new layer of the store.
 //! - [`sys`]: the only `unsafe` code.
 //!
 //! Invariants: nothing is ever written to a lower layer; every new upper object is built in
 //! the work dir and published by one rename; an errno is chosen only in `error.rs`.
 pub mod cli;
+pub mod commit;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod error;
 pub mod fuse;

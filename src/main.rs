@@ -30,6 +30,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Commit(args) => {
+            verlay::logging::init(false);
+            finish("verlay commit", verlay::commit::cmd(args))
+        }
         Command::Layer(args) => finish("verlay layer", verlay::store::cmd::layer(args)),
         Command::Image(args) => finish("verlay image", verlay::store::cmd::image(args)),
         Command::Verify(args) => match verlay::lower::cmd::verify(args) {

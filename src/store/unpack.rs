@@ -176,6 +176,16 @@ impl<'s> Unpacker<'s> {
         })
     }
 
+    /// The overlay namespace of the layers this import makes (`trusted.overlay.`, or
+    /// `user.overlay.` when not root).
+    fn own_namespace(&self) -> &'static str {
+        if self.is_root {
+            "trusted.overlay."
+        } else {
+            "user.overlay."
+        }
+    }
+
     /// A refusal: the tarball is hostile or malformed.
     fn refuse(&self, name: &[u8], why: impl std::fmt::Display) -> Error {
         Error::usage(
@@ -247,6 +257,13 @@ impl<'s> Unpacker<'s> {
                 } else if let Some(x) = key.strip_prefix(PAX_XATTR_PREFIX.as_bytes()) {
                     if x == b"trusted.overlay.opaque" || x == b"user.overlay.opaque" {
                         opaque = ext.value_bytes() == b"y";
+                    } else if let Some(rest) = x.strip_prefix(self.own_namespace().as_bytes()) {
+                        // A user's own xattr in the overlay namespace (what a mount shows
+                        // of an escaped `trusted.overlay.overlay.*`; `verlay commit` writes
+                        // it so): stored escaped, as kernel overlayfs stores it, so it
+                        // means nothing to the overlay and the merged view shows it again.
+                        let escaped = [self.own_namespace().as_bytes(), b"overlay.", rest].concat();
+                        xattrs.push((escaped, ext.value_bytes().to_vec()));
                     } else if overlay_xattr(x) {
                         tracing::warn!(
                             path = %show(name),
