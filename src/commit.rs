@@ -149,7 +149,10 @@ pub fn parse(args: &[OsString]) -> Result<CommitArgs> {
 
 /// `verlay commit ...`: commit, then print the chain ID and the diffID.
 pub fn cmd(args: Vec<OsString>) -> Result<()> {
-    if matches!(args.first().and_then(|a| a.to_str()), Some("-h" | "--help" | "help")) {
+    if matches!(
+        args.first().and_then(|a| a.to_str()),
+        Some("-h" | "--help" | "help")
+    ) {
         println!("{USAGE}");
         return Ok(());
     }
@@ -367,7 +370,8 @@ impl Snapshotter<'_> {
                 {
                     self.redirects = true;
                 }
-                let mut names: Vec<OsString> = self.upper.read_dir(rel)?.into_iter().map(|e| e.name).collect();
+                let mut names: Vec<OsString> =
+                    self.upper.read_dir(rel)?.into_iter().map(|e| e.name).collect();
                 names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
                 for n in names {
                     let child = self.walk(&rel.join(&n), n)?;
@@ -454,9 +458,15 @@ enum ItemKind {
 enum Data {
     None,
     /// `staging/data/ID`
-    Staged { id: u64, size: u64 },
+    Staged {
+        id: u64,
+        size: u64,
+    },
     /// a node of the read-only union over the staging copy and the lowers
-    Union { node: u64, size: u64 },
+    Union {
+        node: u64,
+        size: u64,
+    },
 }
 
 /// One entry of the layer, in tar order.
@@ -580,7 +590,8 @@ impl Translator<'_> {
         if !opaque && has_redirect(&s.xattrs) && !path.is_empty() {
             // OCI has no redirects: the renamed directory goes in whole, opaque, as the
             // merged view shows it.
-            self.items.push(Item::marker(path, OCI_OPAQUE_MARKER.as_bytes(), ItemKind::Opaque));
+            self.items
+                .push(Item::marker(path, OCI_OPAQUE_MARKER.as_bytes(), ItemKind::Opaque));
             return self.merged_dir(path);
         }
         let mut kids: Vec<(Vec<u8>, &Snap)> = s.children.iter().map(|c| (tar_name(c), c)).collect();
@@ -591,7 +602,8 @@ impl Translator<'_> {
         for (tname, c) in kids {
             let cpath = join(path, &tname);
             if std::ptr::eq(c, s) {
-                self.items.push(Item::marker(path, OCI_OPAQUE_MARKER.as_bytes(), ItemKind::Opaque));
+                self.items
+                    .push(Item::marker(path, OCI_OPAQUE_MARKER.as_bytes(), ItemKind::Opaque));
                 continue;
             }
             if c.name.as_bytes().starts_with(OCI_WHITEOUT_PREFIX.as_bytes()) {
@@ -646,9 +658,13 @@ impl Translator<'_> {
 
     /// The children of the merged directory at `path`, from the union.
     fn merged_dir(&mut self, path: &[u8]) -> Result<()> {
-        let u = self
-            .merged
-            .ok_or_else(|| Error::io("commit.merged", bytes_path(path), io::Error::other("no merged view")))?;
+        let u = self.merged.ok_or_else(|| {
+            Error::io(
+                "commit.merged",
+                bytes_path(path),
+                io::Error::other("no merged view"),
+            )
+        })?;
         let mut id = crate::union::inode::ROOT_ID;
         for c in path.split(|b| *b == b'/') {
             id = u.lookup(id, OsStr::from_bytes(c))?.id;
@@ -762,7 +778,8 @@ fn materialize(dir: &OwnedFd, data: &OwnedFd, rel: &Path, s: &Snap, root: bool) 
                 Kind::Socket => FileType::Socket,
                 _ => FileType::Fifo,
             };
-            rustix::fs::mknodat(dir, at, ft, Mode::from_raw_mode(0o600), s.rdev).map_err(err("commit.mknod"))?;
+            rustix::fs::mknodat(dir, at, ft, Mode::from_raw_mode(0o600), s.rdev)
+                .map_err(err("commit.mknod"))?;
         }
     }
     let uid = Some(rustix::fs::Uid::from_raw(s.uid));
@@ -774,12 +791,19 @@ fn materialize(dir: &OwnedFd, data: &OwnedFd, rel: &Path, s: &Snap, root: bool) 
         }
     }
     if s.kind != Kind::Symlink {
-        rustix::fs::chmodat(dir, at, Mode::from_raw_mode(s.perm), AtFlags::empty()).map_err(err("commit.chmod"))?;
-        let fd = rustix::fs::openat(dir, at, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            .map_err(err("commit.open"))?;
+        rustix::fs::chmodat(dir, at, Mode::from_raw_mode(s.perm), AtFlags::empty())
+            .map_err(err("commit.chmod"))?;
+        let fd = rustix::fs::openat(
+            dir,
+            at,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err("commit.open"))?;
         let p = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)));
         for (n, v) in &s.xattrs {
-            rustix::fs::setxattr(&p, n.as_os_str(), v, XattrFlags::empty()).map_err(err("commit.setxattr"))?;
+            rustix::fs::setxattr(&p, n.as_os_str(), v, XattrFlags::empty())
+                .map_err(err("commit.setxattr"))?;
         }
     }
     let times = Timestamps {
@@ -809,8 +833,27 @@ fn put_num(field: &mut [u8], v: u64) {
     }
 }
 
+/// The numeric fields of a header.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fields {
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: i64,
+    rdev: u64,
+}
+
 /// A ustar header block with fixed fields: no user or group names, no sub-second times.
-fn header(name: &[u8], typeflag: u8, perm: u32, uid: u32, gid: u32, size: u64, mtime: i64, link: &[u8], rdev: u64) -> [u8; BLOCK] {
+fn header(name: &[u8], typeflag: u8, link: &[u8], f: Fields) -> [u8; BLOCK] {
+    let Fields {
+        perm,
+        uid,
+        gid,
+        size,
+        mtime,
+        rdev,
+    } = f;
     let mut h = [0u8; BLOCK];
     let n = name.len().min(USTAR_NAME_MAX);
     h[..n].copy_from_slice(&name[..n]);
@@ -880,7 +923,14 @@ impl<W: Write> TarWriter<W> {
     }
 
     /// Header (with a PAX header before it when a field does not fit or xattrs exist).
-    fn entry(&mut self, it: &Item, typeflag: u8, link: &[u8], size: u64, with_xattrs: bool) -> io::Result<()> {
+    fn entry(
+        &mut self,
+        it: &Item,
+        typeflag: u8,
+        link: &[u8],
+        size: u64,
+        with_xattrs: bool,
+    ) -> io::Result<()> {
         let name = match it.kind {
             ItemKind::Dir if it.path.is_empty() => b"./".to_vec(),
             ItemKind::Dir => [it.path.as_slice(), b"/"].concat(),
@@ -899,12 +949,25 @@ impl<W: Write> TarWriter<W> {
             }
         }
         if !pax.is_empty() {
-            let h = header(PAX_HEADER_NAME, b'x', 0o644, 0, 0, pax.len() as u64, 0, b"", 0);
+            let f = Fields {
+                perm: 0o644,
+                size: pax.len() as u64,
+                ..Fields::default()
+            };
+            let h = header(PAX_HEADER_NAME, b'x', b"", f);
             self.put(&h)?;
             self.put(&pax)?;
             self.pad(pax.len() as u64)?;
         }
-        let h = header(&name, typeflag, it.perm, it.uid, it.gid, size, it.mtime, link, it.rdev);
+        let f = Fields {
+            perm: it.perm,
+            uid: it.uid,
+            gid: it.gid,
+            size,
+            mtime: it.mtime,
+            rdev: it.rdev,
+        };
+        let h = header(&name, typeflag, link, f);
         self.put(&h)
     }
 }
@@ -1003,7 +1066,11 @@ fn copy_item_data<W: Write>(
         }
         Data::Union { node, .. } => {
             let u = merged.ok_or_else(|| short(0))?;
-            let ctx = crate::union::Ctx { uid: 0, gid: 0, pid: 0 };
+            let ctx = crate::union::Ctx {
+                uid: 0,
+                gid: 0,
+                pid: 0,
+            };
             let fh = u.open(&ctx, node, libc::O_RDONLY)?;
             let mut done = 0u64;
             let r = (|| {
@@ -1066,7 +1133,9 @@ impl Output {
     /// fsync, give it its name (over an older file), fsync the directory.
     fn publish(self) -> Result<()> {
         let dest = &self.dest;
-        self.file.sync_all().map_err(|e| Error::io("commit.output_fsync", dest, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("commit.output_fsync", dest, e))?;
         let tmp = match &self.named {
             Some(t) => t.clone(),
             None => {
@@ -1088,8 +1157,12 @@ impl Output {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let d = rustix::fs::open(&dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| Error::io("commit.output_fsync_dir", &dir, e.into()))?;
+        let d = rustix::fs::open(
+            &dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("commit.output_fsync_dir", &dir, e.into()))?;
         rustix::fs::fsync(&d).map_err(|e| Error::io("commit.output_fsync_dir", &dir, e.into()))
     }
 }
@@ -1131,7 +1204,13 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
     let store_what = || format!("store \"{}\"", a.store.display());
     let sst = match rustix::fs::stat(&a.store) {
         Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => st,
-        Ok(_) => return Err(Error::usage(store_what(), "not a directory", "give --store a layer store directory")),
+        Ok(_) => {
+            return Err(Error::usage(
+                store_what(),
+                "not a directory",
+                "give --store a layer store directory",
+            ))
+        }
         Err(e) => {
             return Err(Error::usage(
                 store_what(),
@@ -1148,11 +1227,18 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
         ));
     }
     if let Some(o) = &a.output {
-        let parent = o.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = o
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !parent.is_dir() || o.is_dir() {
             return Err(Error::usage(
                 format!("--output \"{}\"", o.display()),
-                if o.is_dir() { "is a directory" } else { "its directory does not exist" },
+                if o.is_dir() {
+                    "is a directory"
+                } else {
+                    "its directory does not exist"
+                },
                 "give the path of a file to write the layer tarball to",
             ));
         }
@@ -1230,7 +1316,9 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
         Error::io(
             "commit.thaw",
             &daemon.socket,
-            io::Error::other(format!("the daemon did not confirm the freeze held ({e}); nothing was committed")),
+            io::Error::other(format!(
+                "the daemon did not confirm the freeze held ({e}); nothing was committed"
+            )),
         )
     })?;
     crash_point("commit.thaw");
@@ -1254,8 +1342,12 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
     let merged = if redirects {
         let tree = staging.0.join("upper");
         std::fs::create_dir(&tree).map_err(|e| Error::io("commit.materialize", &tree, e))?;
-        let tree_fd = rustix::fs::open(&tree, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| Error::io("commit.materialize", &tree, e.into()))?;
+        let tree_fd = rustix::fs::open(
+            &tree,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("commit.materialize", &tree, e.into()))?;
         materialize(&tree_fd, &data_dir, Path::new(""), &snap, true)?;
         crash_point("commit.materialize");
         Some(merged_view(&tree, &desc.lowers)?)
@@ -1273,7 +1365,9 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
 
     // 7. the tarball, into the import (and the output file).
     let mut output = a.output.as_deref().map(Output::create).transpose()?;
-    let (mut reader, writer) = std::io::pipe().map_err(|e| Error::io("commit.pipe", "", e))?;
+    // A socket pair as the pipe (std::io::pipe needs a newer Rust than our MSRV): EOF when
+    // the writer is done, EPIPE for the writer when the import stopped reading.
+    let (mut reader, writer) = UnixStream::pair().map_err(|e| Error::io("commit.pipe", "", e))?;
     let source = format!("commit of {}", a.mountpoint.display());
     let opts = ImportOptions {
         parent: parent.clone(),
@@ -1305,9 +1399,13 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
         let imported = store.import_layer(&mut reader, &opts);
         // Unblocks a producer still writing when the import stopped early.
         drop(reader);
-        let written = producer
-            .join()
-            .unwrap_or_else(|_| Err(Error::io("commit.tar", "", io::Error::other("the tar writer panicked"))));
+        let written = producer.join().unwrap_or_else(|_| {
+            Err(Error::io(
+                "commit.tar",
+                "",
+                io::Error::other("the tar writer panicked"),
+            ))
+        });
         (imported, written)
     });
     // A failed writer explains a failed import (a cut stream), so it is reported first.
@@ -1362,7 +1460,9 @@ fn merged_view(tree: &Path, lowers: &[PathBuf]) -> Result<crate::union::Union> {
     let mut verified = vec![None];
     for (i, l) in lowers.iter().enumerate() {
         layers.push(LayerDir::open(l, i + 2, format!("lower{i}"))?);
-        verified.push(crate::lower::verify::VerifiedLayer::open(l, crate::lower::verify::VerifyMode::On)?.map(Arc::new));
+        verified.push(
+            crate::lower::verify::VerifiedLayer::open(l, crate::lower::verify::VerifyMode::On)?.map(Arc::new),
+        );
     }
     crate::union::Union::new(
         layers,
@@ -1412,7 +1512,10 @@ mod tests {
 
     #[test]
     fn pax_record_length_counts_itself() {
-        for (k, v) in [(&b"path"[..], &b"x"[..]), (b"SCHILY.xattr.user.k", &[b'v'; 95][..])] {
+        for (k, v) in [
+            (&b"path"[..], &b"x"[..]),
+            (b"SCHILY.xattr.user.k", &[b'v'; 95][..]),
+        ] {
             let mut out = Vec::new();
             pax_record(&mut out, k, v);
             let (len, _) = out.split_at(out.iter().position(|b| *b == b' ').unwrap());
@@ -1438,7 +1541,10 @@ mod tests {
         .map(|(n, v)| (OsString::from(n), v.as_bytes().to_vec()))
         .collect();
         let got = layer_xattrs("trusted.overlay.", &raw);
-        let names: Vec<String> = got.iter().map(|(n, _)| String::from_utf8_lossy(n).into_owned()).collect();
+        let names: Vec<String> = got
+            .iter()
+            .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+            .collect();
         assert_eq!(names, ["security.capability", "trusted.overlay.mine", "user.k"]);
     }
 

@@ -135,8 +135,8 @@ pub fn serve(union: Arc<Union>, mountpoint: &Path) -> Result<ControlSocket> {
     // request to ourselves before the session serves any.
     let dev = mounts()?
         .into_iter()
-        .filter(|m| m.mount_point == mountpoint && m.fstype.starts_with("fuse"))
-        .last()
+        .rev()
+        .find(|m| m.mount_point == mountpoint && m.fstype.starts_with("fuse"))
         .map(|m| m.dev)
         .ok_or_else(|| {
             Error::io(
@@ -233,9 +233,10 @@ fn serve_one(union: &Union, conn: UnixStream) -> std::io::Result<()> {
                     "writers resumed after a commit's freeze"
                 );
                 match next {
-                    Some(Ok(l)) if l.contains("thaw") => {
-                        send(&mut w, &json!({"ok": true, "paused_us": paused.as_micros() as u64}))?
-                    }
+                    Some(Ok(l)) if l.contains("thaw") => send(
+                        &mut w,
+                        &json!({"ok": true, "paused_us": paused.as_micros() as u64}),
+                    )?,
                     _ => return Ok(()),
                 }
             }

@@ -79,7 +79,11 @@ impl Daemon {
             if let Ok(Some(st)) = g.child.as_mut().unwrap().try_wait() {
                 panic!("verlay -o {opts} exited with {st}: {}", g.log());
             }
-            assert!(start.elapsed() < WAIT, "verlay -o {opts} did not mount: {}", g.log());
+            assert!(
+                start.elapsed() < WAIT,
+                "verlay -o {opts} did not mount: {}",
+                g.log()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         g
@@ -162,7 +166,11 @@ impl Rig {
 
     /// Mount the lowers with the committed layer on top, read-only.
     fn mount_layer(&self, chain: &str, name: &str) -> Daemon {
-        let diff = self.store.join("layers").join(chain.trim_start_matches("sha256:")).join("diff");
+        let diff = self
+            .store
+            .join("layers")
+            .join(chain.trim_start_matches("sha256:"))
+            .join("diff");
         assert!(diff.is_dir(), "no layer dir {}", diff.display());
         let opts = format!("lowerdir={}:{}", diff.display(), self.lower.display());
         Daemon::start(&opts, &self.p(name), None)
@@ -181,12 +189,21 @@ fn verlay(args: &[&str], crash_at: Option<&str>) -> Output {
 
 /// `verlay commit` that must succeed: (chain ID, diffID, pause in ms).
 fn commit(r: &Rig, extra: &[&str]) -> (String, String, f64) {
-    let mut args = vec!["commit", r.mnt.to_str().unwrap(), "--store", r.store.to_str().unwrap()];
+    let mut args = vec![
+        "commit",
+        r.mnt.to_str().unwrap(),
+        "--store",
+        r.store.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let o = verlay(&args, None);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "verlay commit failed: {}\n{out}{err}", o.status);
+    assert!(
+        o.status.success(),
+        "verlay commit failed: {}\n{out}{err}",
+        o.status
+    );
     let field = |k: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(k))
@@ -222,8 +239,9 @@ fn verify_layer(r: &Rig, chain: &str) {
 type View = BTreeMap<String, String>;
 
 fn fnv(data: &[u8]) -> u64 {
-    data.iter()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn xattrs(p: &Path) -> Vec<(String, String)> {
@@ -258,10 +276,18 @@ fn view(root: &Path) -> View {
 }
 
 fn walk(root: &Path, rel: &str, out: &mut View, inos: &mut HashMap<u64, Vec<String>>) {
-    let p = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+    let p = if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
     let m = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
     let ft = m.file_type();
-    let key = if rel.is_empty() { "/".to_string() } else { rel.to_string() };
+    let key = if rel.is_empty() {
+        "/".to_string()
+    } else {
+        rel.to_string()
+    };
     let what = if ft.is_dir() {
         "d".to_string()
     } else if ft.is_file() {
@@ -310,7 +336,9 @@ fn diff(want: &View, got: &View) -> String {
 fn listing(root: &Path) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     fn go(root: &Path, rel: &Path, out: &mut BTreeMap<String, u64>) {
-        let Ok(rd) = fs::read_dir(root.join(rel)) else { return };
+        let Ok(rd) = fs::read_dir(root.join(rel)) else {
+            return;
+        };
         for e in rd.flatten() {
             let r = rel.join(e.file_name());
             let m = e.path().symlink_metadata().unwrap();
@@ -344,11 +372,22 @@ fn lower_fixture(l: &Path) {
     fs::write(l.join("hl1"), "lower link\n").unwrap();
     fs::hard_link(l.join("hl1"), l.join("hl2")).unwrap();
     fs::write(l.join("big"), vec![7u8; 300_000]).unwrap();
-    rustix::fs::lsetxattr(l.join("keep/k"), "user.lower", b"1", rustix::fs::XattrFlags::empty()).unwrap();
+    rustix::fs::lsetxattr(
+        l.join("keep/k"),
+        "user.lower",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
 }
 
 fn sh(cmd: &str, cwd: &Path) {
-    let st = Command::new("sh").arg("-c").arg(cmd).current_dir(cwd).status().unwrap();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(cwd)
+        .status()
+        .unwrap();
     assert!(st.success(), "{cmd}: {st}");
 }
 
@@ -405,7 +444,10 @@ fn committed_layer_over_the_lowers_shows_the_merged_view_of_the_commit_instant()
     let _l = r.mount_layer(&chain, "check");
     let got = view(&r.p("check"));
     let d = diff(&want, &got);
-    assert!(d.is_empty(), "lowers + committed layer differ from the merged view:\n{d}");
+    assert!(
+        d.is_empty(),
+        "lowers + committed layer differ from the merged view:\n{d}"
+    );
 
     // The tarball speaks OCI: whiteouts and opaque markers, no overlay or verlay metadata.
     let tar = fs::read(&out).unwrap();
@@ -422,13 +464,26 @@ fn committed_layer_over_the_lowers_shows_the_merged_view_of_the_commit_instant()
     ] {
         assert!(text.contains(needle), "tarball lacks {needle:?}");
     }
-    for banned in ["overlay.redirect", "overlay.origin", "overlay.impure", "verlay.origin", "overlay.opaque", "overlay.overlay."] {
+    for banned in [
+        "overlay.redirect",
+        "overlay.origin",
+        "overlay.impure",
+        "verlay.origin",
+        "overlay.opaque",
+        "overlay.overlay.",
+    ] {
         assert!(!text.contains(banned), "tarball leaks {banned:?}");
     }
     let list = Command::new("tar").arg("tvf").arg(&out).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
-    assert!(list.contains("new-link link to new"), "hard link not kept as a tar link:\n{list}");
-    assert!(list.contains("renamed/inner/") == false && list.contains("moved-inner/c"), "{list}");
+    assert!(
+        list.contains("new-link link to new"),
+        "hard link not kept as a tar link:\n{list}"
+    );
+    assert!(
+        !list.contains("renamed/inner/") && list.contains("moved-inner/c"),
+        "{list}"
+    );
 }
 
 #[test]
@@ -469,7 +524,9 @@ fn record(t: u64, i: u64) -> Vec<u8> {
 /// Version `n` of rewritten file `t`: a header with its length and digest, then a body
 /// whose length varies with `n`.
 fn version(t: u64, n: u64) -> Vec<u8> {
-    let body: Vec<u8> = (0..(1000 + (n * 977) % 60_000)).map(|k| (k * (n + t + 1) % 251) as u8).collect();
+    let body: Vec<u8> = (0..(1000 + (n * 977) % 60_000))
+        .map(|k| (k * (n + t + 1) % 251) as u8)
+        .collect();
     let mut v = format!("v{n} len={} fnv={:016x}\n", body.len(), fnv(&body)).into_bytes();
     v.extend_from_slice(&body);
     v
@@ -523,7 +580,10 @@ fn writers_are_paused_not_failed_and_every_file_is_one_whole_version() {
                         let f = match &mut app {
                             Some(f) => f,
                             None => app.insert(
-                                OpenOptions::new().create(true).append(true).open(m.join(format!("app{t}")))?,
+                                OpenOptions::new()
+                                    .create(true)
+                                    .append(true)
+                                    .open(m.join(format!("app{t}")))?,
                             ),
                         };
                         f.write_all(&record(t, n))
@@ -567,7 +627,11 @@ fn writers_are_paused_not_failed_and_every_file_is_one_whole_version() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(errors.load(Ordering::Relaxed), 0, "a writer saw an error during commits");
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "a writer saw an error during commits"
+    );
     eprintln!(
         "{} writer ops, longest op {} us; commit pauses (ms): {pauses:?}",
         ops.load(Ordering::Relaxed),
@@ -575,7 +639,11 @@ fn writers_are_paused_not_failed_and_every_file_is_one_whole_version() {
     );
     for chain in &chains {
         verify_layer(&r, chain);
-        let diff = r.store.join("layers").join(chain.trim_start_matches("sha256:")).join("diff");
+        let diff = r
+            .store
+            .join("layers")
+            .join(chain.trim_start_matches("sha256:"))
+            .join("diff");
         for e in fs::read_dir(&diff).unwrap().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let data = fs::read(e.path()).unwrap();
@@ -616,7 +684,11 @@ fn points_in(src: &str) -> BTreeSet<String> {
 /// Does the store hold exactly `chains` as layers, and nothing in `tmp/`?
 fn store_layers(store: &Path) -> BTreeSet<String> {
     fs::read_dir(store.join("layers"))
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -644,7 +716,15 @@ fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
     // The layer a commit makes of this state.
     let refstore = r.p("refstore");
     fs::create_dir(&refstore).unwrap();
-    let o = verlay(&["commit", r.mnt.to_str().unwrap(), "--store", refstore.to_str().unwrap()], None);
+    let o = verlay(
+        &[
+            "commit",
+            r.mnt.to_str().unwrap(),
+            "--store",
+            refstore.to_str().unwrap(),
+        ],
+        None,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let want_chain = store_layers(&refstore);
     assert_eq!(want_chain.len(), 1);
@@ -678,7 +758,10 @@ fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
         let ls = verlay(&["layer", "ls", "--store", store.to_str().unwrap()], None);
         assert!(ls.status.success(), "{point}: {ls:?}");
         let tmp: Vec<_> = fs::read_dir(store.join("tmp")).unwrap().flatten().collect();
-        assert!(tmp.is_empty(), "{point}: leftovers in tmp/ after a store operation");
+        assert!(
+            tmp.is_empty(),
+            "{point}: leftovers in tmp/ after a store operation"
+        );
         let layers = store_layers(&store);
         if published.contains(&point.as_str()) {
             // Not the reference's chain ID: the probe writes above changed the root's mtime.
@@ -691,7 +774,10 @@ fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
         }
         // Whatever the output file holds is a whole tarball, or there is none.
         if out.exists() {
-            assert!(point == "commit.output" || point == "commit.cleanup", "{point}: output written early");
+            assert!(
+                point == "commit.output" || point == "commit.cleanup",
+                "{point}: output written early"
+            );
         }
         let left: Vec<String> = fs::read_dir(r.dir.path())
             .unwrap()
@@ -701,20 +787,43 @@ fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
             .collect();
         assert!(left.is_empty(), "{point}: temp output files left: {left:?}");
     }
-    for p in ["commit.freeze", "commit.snapshot", "commit.thaw", "commit.materialize", "import.publish"] {
-        assert!(client_points.iter().chain(store_points.iter()).any(|x| x == p), "{p} not enumerated");
+    for p in [
+        "commit.freeze",
+        "commit.snapshot",
+        "commit.thaw",
+        "commit.materialize",
+        "import.publish",
+    ] {
+        assert!(
+            client_points.iter().chain(store_points.iter()).any(|x| x == p),
+            "{p} not enumerated"
+        );
     }
 
     // The daemon killed while it holds, or just released, the gate: no layer; the same upper
     // mounts again and shows the same view; a commit then works.
     let daemon_points = points_in("src/control.rs");
-    assert_eq!(daemon_points, ["gate.freeze", "gate.thaw"].iter().map(|s| s.to_string()).collect());
+    assert_eq!(
+        daemon_points,
+        ["gate.freeze", "gate.thaw"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
     for point in &daemon_points {
         drop(d.take());
         let mut killed = Daemon::start(&r.opts(), &r.mnt, Some(point));
         let store = r.p(&format!("store-{point}"));
         fs::create_dir(&store).unwrap();
-        let o = verlay(&["commit", r.mnt.to_str().unwrap(), "--store", store.to_str().unwrap()], None);
+        let o = verlay(
+            &[
+                "commit",
+                r.mnt.to_str().unwrap(),
+                "--store",
+                store.to_str().unwrap(),
+            ],
+            None,
+        );
         assert_eq!(o.status.code(), Some(1), "{point}: {o:?}");
         n += 1;
         killed.wait_dead();
@@ -722,7 +831,10 @@ fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
         let ls = verlay(&["layer", "ls", "--store", store.to_str().unwrap()], None);
         assert!(ls.status.success());
         assert!(store_layers(&store).is_empty(), "{point}: a layer was published");
-        assert!(fs::read_dir(store.join("tmp")).unwrap().next().is_none(), "{point}: leftovers");
+        assert!(
+            fs::read_dir(store.join("tmp")).unwrap().next().is_none(),
+            "{point}: leftovers"
+        );
         d = Some(r.mount());
         let again = view(&r.mnt);
         let dd = diff(&reference, &again);
@@ -742,11 +854,18 @@ fn refused(args: &[&str], why: &str) {
     let o = verlay(args, None);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
-    assert!(o.stdout.is_empty(), "{args:?}: printed {:?}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.stdout.is_empty(),
+        "{args:?}: printed {:?}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let line = err.trim_end();
     assert!(!line.contains('\n'), "{args:?}: more than one line: {err}");
     assert!(
-        line.starts_with("verlay commit: ") && line.contains(": ") && line.ends_with(')') && line.contains(" ("),
+        line.starts_with("verlay commit: ")
+            && line.contains(": ")
+            && line.ends_with(')')
+            && line.contains(" ("),
         "{args:?}: not `what: why (fix)`: {line}"
     );
     assert!(line.contains(why), "{args:?}: {line} does not say {why:?}");
@@ -770,20 +889,53 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
     let store_before = listing(&r.store);
     let bogus = format!("sha256:{}", "ab".repeat(32));
 
-    refused(&["commit", plain.to_str().unwrap(), "--store", s], "not a verlay mount");
+    refused(
+        &["commit", plain.to_str().unwrap(), "--store", s],
+        "not a verlay mount",
+    );
     refused(&["commit", "/", "--store", s], "not a verlay mount");
-    refused(&["commit", r.mnt.join("lower-dir-inside").to_str().unwrap(), "--store", s], "mount");
+    refused(
+        &[
+            "commit",
+            r.mnt.join("lower-dir-inside").to_str().unwrap(),
+            "--store",
+            s,
+        ],
+        "mount",
+    );
     fs::create_dir(r.mnt.join("sub")).unwrap();
-    refused(&["commit", r.mnt.join("sub").to_str().unwrap(), "--store", s], "not a verlay mount");
-    refused(&["commit", ro_mnt.to_str().unwrap(), "--store", s], "no upper layer");
-    refused(&["commit", m, "--store", s, "--parent", &bogus], "not in the store");
-    refused(&["commit", m, "--store", missing.to_str().unwrap()], "No such file");
-    refused(&["commit", m, "--store", inside.to_str().unwrap()], "inside the mount");
+    refused(
+        &["commit", r.mnt.join("sub").to_str().unwrap(), "--store", s],
+        "not a verlay mount",
+    );
+    refused(
+        &["commit", ro_mnt.to_str().unwrap(), "--store", s],
+        "no upper layer",
+    );
+    refused(
+        &["commit", m, "--store", s, "--parent", &bogus],
+        "not in the store",
+    );
+    refused(
+        &["commit", m, "--store", missing.to_str().unwrap()],
+        "No such file",
+    );
+    refused(
+        &["commit", m, "--store", inside.to_str().unwrap()],
+        "inside the mount",
+    );
     refused(&["commit", m], "--store DIR is required");
     refused(&["commit", "--store", s], "MOUNTPOINT is required");
     refused(&["commit", m, "--store", s, "--bogus"], "unknown option");
     refused(
-        &["commit", m, "--store", s, "--output", r.p("nodir/x.tar").to_str().unwrap()],
+        &[
+            "commit",
+            m,
+            "--store",
+            s,
+            "--output",
+            r.p("nodir/x.tar").to_str().unwrap(),
+        ],
         "does not exist",
     );
 
@@ -804,7 +956,10 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
 /// bound beyond "well under the time to write that data again".
 #[test]
 fn pause_for_a_large_upper_is_reported() {
-    let mib: u64 = std::env::var("VERLAY_COMMIT_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let mib: u64 = std::env::var("VERLAY_COMMIT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let r = Rig::new("pause");
     let _d = r.mount();
     let chunk = vec![0x5au8; 1 << 20];
@@ -824,7 +979,11 @@ fn pause_for_a_large_upper_is_reported() {
         total.as_secs_f64()
     );
     assert!(pause > 0.0 && pause < total.as_secs_f64() * 1000.0);
-    let diff = r.store.join("layers").join(chain.trim_start_matches("sha256:")).join("diff");
+    let diff = r
+        .store
+        .join("layers")
+        .join(chain.trim_start_matches("sha256:"))
+        .join("diff");
     let mut f = File::open(diff.join("f0")).unwrap();
     let mut first = [0u8; 4];
     f.read_exact(&mut first).unwrap();
