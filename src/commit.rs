@@ -1282,6 +1282,18 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
     .map_err(|e| Error::io("commit.staging", &data_path, e.into()))?;
     let upper = LayerDir::open(&desc.upper, 0, "upper".into())?;
 
+    // Pages a program dirtied through a shared mmap reach the daemon only at writeback:
+    // syncfs of the mount sends them now, so the snapshot holds what was written before the
+    // commit began. (Not while frozen: those writes would wait for the gate we hold.)
+    let mp_fd = rustix::fs::open(
+        &a.mountpoint,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("commit.syncfs", &a.mountpoint, e.into()))?;
+    rustix::fs::syncfs(&mp_fd).map_err(|e| Error::io("commit.syncfs", &a.mountpoint, e.into()))?;
+    drop(mp_fd);
+
     // 3-5. freeze, snapshot, thaw.
     let asked = Instant::now();
     let frozen = daemon
@@ -1322,6 +1334,7 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
         )
     })?;
     crash_point("commit.thaw");
+    drop(daemon);
     let paused_us = thawed
         .get("paused_us")
         .and_then(Value::as_u64)

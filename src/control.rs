@@ -164,10 +164,19 @@ pub fn serve(union: Arc<Union>, mountpoint: &Path) -> Result<ControlSocket> {
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    // One client at a time: a second commit waits for the first.
+                    // A thread per client: one that sits idle must not keep another from
+                    // being answered. Freezes still come one at a time (the gate).
                     Ok(c) => {
-                        if let Err(e) = serve_one(&union, c) {
-                            warn!(error = %e, "control connection failed");
+                        let union = union.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("verlay-control-client".into())
+                            .spawn(move || {
+                                if let Err(e) = serve_one(&union, c) {
+                                    warn!(error = %e, "control connection failed");
+                                }
+                            });
+                        if let Err(e) = spawned {
+                            warn!(error = %e, "no thread for a control connection");
                         }
                     }
                     Err(e) => warn!(error = %e, "control socket accept failed"),

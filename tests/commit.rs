@@ -885,6 +885,14 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
     let missing = r.p("no-such-store");
     let inside = r.mnt.join("store-inside");
     fs::create_dir(&inside).unwrap();
+    // One store already initialised (layers/, tmp/, lock), one an empty directory.
+    let fresh = r.p("fresh-store");
+    fs::create_dir(&fresh).unwrap();
+    assert!(
+        verlay(&["layer", "ls", "--store", r.store.to_str().unwrap()], None)
+            .status
+            .success()
+    );
     let upper_before = listing(&r.upper);
     let store_before = listing(&r.store);
     let bogus = format!("sha256:{}", "ab".repeat(32));
@@ -917,6 +925,21 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
         "not in the store",
     );
     refused(
+        &[
+            "commit",
+            m,
+            "--store",
+            fresh.to_str().unwrap(),
+            "--parent",
+            &bogus,
+        ],
+        "not in the store",
+    );
+    refused(
+        &["commit", m, "--store", s, "--parent", "xyz"],
+        "not in the store",
+    );
+    refused(
         &["commit", m, "--store", missing.to_str().unwrap()],
         "No such file",
     );
@@ -946,6 +969,7 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
     upper_before.retain(|k, _| k != "store-inside");
     assert_eq!(listing(&r.upper), upper_before, "the upper changed");
     assert_eq!(listing(&r.store), store_before, "the store changed");
+    assert!(listing(&fresh).is_empty(), "an empty directory was made a store");
 }
 
 // ---------------------------------------------------------------------------------------------
