@@ -11,6 +11,9 @@
 //! Needs root and /dev/fuse. Every daemon is unmounted and reaped by a Drop guard (by PID),
 //! also when a test panics.
 
+// The shared-mmap test maps a file (memmap2's map_mut is unsafe).
+#![allow(unsafe_code)]
+
 #[path = "common/guard.rs"]
 mod guard;
 
@@ -507,6 +510,39 @@ fn output_tarball_is_byte_identical_across_commits_of_the_same_state() {
     let (c3, d3, _) = commit(&r, &["--parent", &c1]);
     assert_ne!(c3, d3, "a layer with a parent has a chain ID of its own");
     verify_layer(&r, &c3);
+}
+
+/// Data written through a shared mmap reaches the daemon only when the kernel writes the
+/// page back; the commit flushes the mount first, so it is in the layer. (FUSE's small
+/// dirty limits usually start that writeback at once, so this passes without the flush
+/// too; it guards the outcome, not the mechanism.)
+#[test]
+fn shared_mmap_writes_made_before_the_commit_are_in_the_layer() {
+    let r = Rig::new("mmap");
+    fs::write(r.lower.join("lowerfile"), vec![b'l'; 8192]).unwrap();
+    let _d = r.mount();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(r.mnt.join("lowerfile"))
+        .unwrap();
+    // SAFETY: the file is ours and nothing else maps or truncates it while mapped.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
+    map[100..109].copy_from_slice(b"via mmap!");
+    let (chain, _, _) = commit(&r, &[]);
+    drop(map);
+    let diff = r
+        .store
+        .join("layers")
+        .join(chain.trim_start_matches("sha256:"))
+        .join("diff");
+    let data = fs::read(diff.join("lowerfile")).unwrap();
+    assert_eq!(
+        &data[100..109],
+        b"via mmap!",
+        "the mmap write is not in the layer"
+    );
+    assert_eq!(data.len(), 8192);
 }
 
 // ---------------------------------------------------------------------------------------------
