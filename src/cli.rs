@@ -1095,6 +1095,10 @@ mod tests {
         for (args, want) in cases {
             assert_eq!(parse_args(args).ok().as_ref(), Some(want), "{args:?}");
         }
+        assert_eq!(
+            parse_args(&["commit", "/m", "--store", "/s"]).ok(),
+            Some(Command::Commit(vec!["/m".into(), "--store".into(), "/s".into()]))
+        );
         for word in RESERVED_SUBCOMMANDS {
             let (what, why, _) = usage_error(&[word, "x"]);
             assert_eq!(what, format!("verlay {word}"));

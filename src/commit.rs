@@ -1562,6 +1562,38 @@ mod tests {
     }
 
     #[test]
+    fn command_line_is_parsed_or_refused() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let a = parse(&os(&[
+            "/m",
+            "--store",
+            "/s",
+            "--parent=sha256:ab",
+            "--output",
+            "o.tar",
+        ]))
+        .unwrap();
+        assert_eq!(a.mountpoint, PathBuf::from("/m"));
+        assert_eq!(a.store, PathBuf::from("/s"));
+        assert_eq!(a.parent.as_deref(), Some("sha256:ab"));
+        assert_eq!(a.output, Some(PathBuf::from("o.tar")));
+        let a = parse(&os(&["--store", "/s", "--", "--odd-mountpoint"])).unwrap();
+        assert_eq!(a.mountpoint, PathBuf::from("--odd-mountpoint"));
+        for (args, why) in [
+            (&["/m"][..], "--store DIR is required"),
+            (&["--store", "/s"][..], "MOUNTPOINT is required"),
+            (&["/m", "/n", "--store", "/s"][..], "expected one MOUNTPOINT"),
+            (&["/m", "--store"][..], "--store needs a value"),
+            (&["/m", "--store", "/s", "--force"][..], "unknown option --force"),
+        ] {
+            match parse(&os(args)) {
+                Err(Error::Usage { why: w, .. }) => assert_eq!(w, why, "{args:?}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn numbers_too_big_for_octal_use_base_256() {
         let mut f = [0u8; 8];
         put_num(&mut f, 0o755);
