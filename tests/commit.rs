@@ -445,6 +445,31 @@ fn committed_layer_over_the_lowers_shows_the_merged_view_of_the_commit_instant()
 
     verify_layer(&r, &chain);
     let _l = r.mount_layer(&chain, "check");
+
+    // The same through kernel overlayfs: the layer is plain kernel format, no verlay needed.
+    let kmnt = r.p("kernel");
+    fs::create_dir(&kmnt).unwrap();
+    let diff_dir = r
+        .store
+        .join("layers")
+        .join(chain.trim_start_matches("sha256:"))
+        .join("diff");
+    let opts = format!("lowerdir={}:{}", diff_dir.display(), r.lower.display());
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&kmnt)
+        .status();
+    if st.map(|s| s.success()).unwrap_or(false) {
+        let got = view(&kmnt);
+        let _ = Command::new("umount").arg(&kmnt).status();
+        let d = diff(&want, &got);
+        assert!(
+            d.is_empty(),
+            "kernel overlayfs over lowers + committed layer differs:\n{d}"
+        );
+    } else {
+        eprintln!("kernel overlayfs not available here: only verlay checked the layer");
+    }
     let got = view(&r.p("check"));
     let d = diff(&want, &got);
     assert!(
@@ -596,6 +621,11 @@ fn check_appended(t: u64, data: &[u8]) -> Result<(), String> {
 fn writers_are_paused_not_failed_and_every_file_is_one_whole_version() {
     let r = Rig::new("writers");
     fs::write(r.lower.join("seed"), "seed").unwrap();
+    // The appenders' files start in the lower layer (record 0), so their first append is a
+    // copy-up racing with the commits.
+    for t in [0u64, 3] {
+        fs::write(r.lower.join(format!("app{t}")), record(t, 0)).unwrap();
+    }
     let _d = r.mount();
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -606,7 +636,8 @@ fn writers_are_paused_not_failed_and_every_file_is_one_whole_version() {
         let (stop, errors, max_op_us, ops) = (stop.clone(), errors.clone(), max_op_us.clone(), ops.clone());
         let m = r.mnt.clone();
         threads.push(std::thread::spawn(move || {
-            let mut n = 0u64;
+            // Appenders continue after the lower's record 0.
+            let mut n = u64::from(t % 3 == 0);
             let mut app: Option<File> = None;
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();

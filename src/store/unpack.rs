@@ -3,7 +3,11 @@
 //!
 //! Owns: turning tar entries into objects under the layer root, with their owners, modes,
 //! times and xattrs; mapping OCI whiteouts (`.wh.NAME` → char 0/0 device, `.wh..wh..opq` →
-//! opaque xattr on the directory).
+//! opaque xattr on the directory). Xattrs in the overlay namespace are overlay metadata only
+//! in the opaque form; any other is a user's own xattr of that name (as `verlay commit`
+//! writes it) and is stored escaped (`trusted.overlay.X` → `trusted.overlay.overlay.X`, as
+//! kernel overlayfs stores it), or dropped when it is the other namespace's, so a tarball
+//! can never forge a redirect or an origin.
 //!
 //! Must not: follow a symlink while extracting, or write anything outside the layer root.
 //! Every path is resolved relative to the root fd with `openat2(RESOLVE_BENEATH |
