@@ -594,18 +594,20 @@ impl Translator<'_> {
                 .push(Item::marker(path, OCI_OPAQUE_MARKER.as_bytes(), ItemKind::Opaque));
             return self.merged_dir(path);
         }
-        let mut kids: Vec<(Vec<u8>, &Snap)> = s.children.iter().map(|c| (tar_name(c), c)).collect();
+        // The opaque marker (None) sorts among the entries by its name, like any other.
+        let mut kids: Vec<(Vec<u8>, Option<&Snap>)> =
+            s.children.iter().map(|c| (tar_name(c), Some(c))).collect();
         if opaque && !path.is_empty() {
-            kids.push((OCI_OPAQUE_MARKER.as_bytes().to_vec(), s));
+            kids.push((OCI_OPAQUE_MARKER.as_bytes().to_vec(), None));
         }
         kids.sort_by(|a, b| a.0.cmp(&b.0));
         for (tname, c) in kids {
             let cpath = join(path, &tname);
-            if std::ptr::eq(c, s) {
+            let Some(c) = c else {
                 self.items
                     .push(Item::marker(path, OCI_OPAQUE_MARKER.as_bytes(), ItemKind::Opaque));
                 continue;
-            }
+            };
             if c.name.as_bytes().starts_with(OCI_WHITEOUT_PREFIX.as_bytes()) {
                 return Err(Error::usage(
                     format!("upper entry \"{}\"", String::from_utf8_lossy(&cpath)),
