@@ -26,7 +26,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -159,6 +159,9 @@ pub fn serve(union: Arc<Union>, mountpoint: &Path) -> Result<ControlSocket> {
         .map_err(|e| Error::io("control.chmod", &tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io("control.publish", &path, e))?;
     info!(path = %path.display(), "control socket ready");
+    // Weak: the union (and with it the upper's lock) must go when the session ends, not
+    // when this thread does; a remount right after the unmount needs that lock.
+    let union = Arc::downgrade(&union);
     std::thread::Builder::new()
         .name("verlay-control".into())
         .spawn(move || {
@@ -212,11 +215,17 @@ fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {
     w.write_all(line.as_bytes())
 }
 
-fn serve_one(union: &Union, conn: UnixStream) -> std::io::Result<()> {
+fn serve_one(union: &Weak<Union>, conn: UnixStream) -> std::io::Result<()> {
     let mut w = conn.try_clone()?;
     let mut lines = BufReader::new(conn).lines();
     while let Some(line) = lines.next() {
         let req: Value = serde_json::from_str(&line?).unwrap_or(Value::Null);
+        // Held for one request only (a freeze included): an idle client must not keep the
+        // union, and the upper's lock, alive after the session ended.
+        let Some(union) = union.upgrade() else {
+            return send(&mut w, &json!({"ok": false, "error": "unmounted"}));
+        };
+        let union = &*union;
         match req.get("op").and_then(Value::as_str) {
             Some("info") => send(&mut w, &describe(union))?,
             Some("freeze") if union.upper.is_none() => {
