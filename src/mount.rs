@@ -298,6 +298,11 @@ pub fn run(args: MountArgs) -> Result<()> {
     // The session ended normally (fusermount3 -u, umount, or a signal handled above): a
     // clean stop. A killed daemon never gets here, so its marker stays.
     end_volatile(&args, &union);
+    if let Some(up) = &union.upper {
+        // Released now, not when the last of our threads has exited: the unmount is already
+        // visible, and a remount of this upper right after it must find the lock free.
+        let _ = rustix::fs::flock(&up.dir.root, FlockOperation::Unlock);
+    }
     Ok(())
 }
 
