@@ -119,6 +119,17 @@ impl Drop for Daemon {
     }
 }
 
+/// A kernel overlayfs mount, unmounted on Drop (also when a check panics).
+struct KernelMount(PathBuf);
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+}
+
 /// A lower layer, an upper, a store, and a read-write mount of them.
 struct Rig {
     dir: tempfile::TempDir,
@@ -460,8 +471,8 @@ fn committed_layer_over_the_lowers_shows_the_merged_view_of_the_commit_instant()
         .arg(&kmnt)
         .status();
     if st.map(|s| s.success()).unwrap_or(false) {
+        let _unmount = KernelMount(kmnt.clone());
         let got = view(&kmnt);
-        let _ = Command::new("umount").arg(&kmnt).status();
         let d = diff(&want, &got);
         assert!(
             d.is_empty(),
