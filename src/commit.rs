@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
@@ -304,20 +304,102 @@ struct Snap {
     children: Vec<Snap>,
 }
 
+/// Where a regular file's frozen data is in the staging dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataLoc {
+    /// `data/ID`, a reflink of the upper file
+    File,
+    /// at this offset of `data/packed`
+    Packed(u64),
+}
+
+/// The frozen data of one upper inode (hard links share it).
 #[derive(Debug, Clone, Copy)]
 struct DataFile {
+    /// one per upper inode, so it names a link group
     id: u64,
+    loc: DataLoc,
     size: u64,
-    /// st_ino of the staging data file: one per upper inode, so it names a link group
-    ino: u64,
     /// links of the upper inode
     nlink: u64,
+}
+
+/// Offsets in `data/packed` are multiples of this (a filesystem block), so each file's
+/// holes stay holes and its data is block-aligned.
+const PACK_ALIGN: u64 = 4096;
+
+/// The staging copy of the upper's file data: `data/ID` files (reflinks) and one packed
+/// file holding every copied file at its own offset. Packing keeps the freeze to one
+/// create in all, where a file per copy costs a create (and a journal entry) each.
+struct Staged {
+    dir: OwnedFd,
+    packed: OwnedFd,
+}
+
+impl Staged {
+    fn open_file(&self, id: u64) -> rustix::io::Result<OwnedFd> {
+        rustix::fs::openat(
+            &self.dir,
+            id.to_string().as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    }
+}
+
+/// Copy `len` bytes from `src` at `src_off` to `dst` at `dst_off`, skipping holes
+/// (SEEK_DATA/SEEK_HOLE) and letting the kernel copy (copy_file_range), with a read/write
+/// fallback across filesystems.
+fn copy_range(src: &OwnedFd, src_off: u64, dst: &OwnedFd, dst_off: u64, len: u64) -> rustix::io::Result<()> {
+    use rustix::io::Errno;
+    let end = src_off + len;
+    let mut pos = src_off;
+    let mut buf = Vec::new();
+    while pos < end {
+        let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(Errno::NXIO) => break, // only a hole remains
+            Err(Errno::INVAL | Errno::NOTSUP) => pos,
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
+        let mut off_in = data;
+        let mut off_out = dst_off + (data - src_off);
+        while off_in < hole {
+            let want = (hole - off_in).min(1 << 30) as usize;
+            match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
+                Ok(0) => return Err(Errno::NODATA), // shorter than it said: never when frozen
+                Ok(_) => {}
+                Err(Errno::XDEV | Errno::NOSYS | Errno::INVAL | Errno::OPNOTSUPP) => {
+                    buf.resize(COPY_BUF, 0);
+                    let n = rustix::io::pread(src, &mut buf[..want.min(COPY_BUF)], off_in)?;
+                    if n == 0 {
+                        return Err(Errno::NODATA);
+                    }
+                    let mut done = 0;
+                    while done < n {
+                        done += rustix::io::pwrite(dst, &buf[done..n], off_out + done as u64)?;
+                    }
+                    off_in += n as u64;
+                    off_out += n as u64;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        pos = hole;
+    }
+    Ok(())
 }
 
 /// State of the walk that takes the snapshot.
 struct Snapshotter<'a> {
     upper: &'a LayerDir,
-    data_dir: OwnedFd,
+    data: Staged,
+    /// end of the data in `data/packed`
+    packed_end: u64,
     /// upper st_ino -> its data file, for hard links
     copied: HashMap<u64, DataFile>,
     next_id: u64,
@@ -393,46 +475,60 @@ impl Snapshotter<'_> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let src = self.upper.open_file(rel, OFlags::RDONLY)?;
-        let name = id.to_string();
-        let dst = rustix::fs::openat(
-            &self.data_dir,
-            name.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| Error::io("commit.snapshot", rel, e.into()))?;
+        let ioerr = |e: rustix::io::Errno| Error::io("commit.snapshot", rel, e.into());
+        let src = self.upper.open_file(rel, OFlags::RDONLY).map_err(|e| match e {
+            Error::Errno(n) => Error::io("commit.snapshot", rel, io::Error::from_raw_os_error(n)),
+            e => e,
+        })?;
         // The size is the upper file's while frozen; the copy is what the layer gets.
-        let size = rustix::fs::fstat(&src)?.st_size as u64;
-        let cloned = self.reflinks && rustix::fs::ioctl_ficlone(&dst, &src).is_ok();
-        if !cloned {
-            // No reflink here (ext4, tmpfs, another filesystem): stop trying after the
-            // first refusal and copy, holes kept.
-            self.reflinks = false;
-            crate::upper::copy_data(&src, &dst, size).map_err(|e| match e {
-                Error::Errno(n) => Error::io("commit.copy", rel, io::Error::from_raw_os_error(n)),
-                e => e,
-            })?;
+        let size = rustix::fs::fstat(&src).map_err(ioerr)?.st_size as u64;
+        let mut loc = None;
+        if self.reflinks {
+            let name = id.to_string();
+            let dst = rustix::fs::openat(
+                &self.data.dir,
+                name.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(ioerr)?;
+            if rustix::fs::ioctl_ficlone(&dst, &src).is_ok() {
+                loc = Some(DataLoc::File);
+            } else {
+                // No reflink here (ext4, tmpfs, another filesystem): stop trying after the
+                // first refusal, and pack copies instead.
+                self.reflinks = false;
+                drop(dst);
+                rustix::fs::unlinkat(&self.data.dir, name.as_str(), AtFlags::empty()).map_err(ioerr)?;
+            }
         }
-        let got = rustix::fs::fstat(&dst)?;
-        if got.st_size as u64 != size {
-            return Err(Error::io(
-                "commit.copy",
-                rel,
-                io::Error::other(format!("copied {} of {size} bytes", got.st_size)),
-            ));
-        }
+        let loc = match loc {
+            Some(l) => l,
+            None => {
+                let off = self.packed_end.next_multiple_of(PACK_ALIGN);
+                copy_range(&src, 0, &self.data.packed, off, size)
+                    .map_err(|e| Error::io("commit.copy", rel, io::Error::from(e)))?;
+                self.packed_end = off + size;
+                DataLoc::Packed(off)
+            }
+        };
         self.bytes += size;
         let d = DataFile {
             id,
+            loc,
             size,
-            ino: got.st_ino,
             nlink: st.st_nlink,
         };
         if st.st_nlink > 1 {
             self.copied.insert(st.st_ino, d);
         }
         Ok(d)
+    }
+
+    /// Give `data/packed` its full length (a trailing hole of the last file included).
+    fn finish(&self) -> Result<()> {
+        rustix::fs::ftruncate(&self.data.packed, self.packed_end)
+            .map_err(|e| Error::io("commit.snapshot", "data/packed", e.into()))
     }
 }
 
@@ -457,11 +553,8 @@ enum ItemKind {
 #[derive(Debug, Clone, Copy)]
 enum Data {
     None,
-    /// `staging/data/ID`
-    Staged {
-        id: u64,
-        size: u64,
-    },
+    /// the staging copy
+    Staged(DataFile),
     /// a node of the read-only union over the staging copy and the lowers
     Union {
         node: u64,
@@ -553,6 +646,8 @@ struct Translator<'a> {
     own: &'static str,
     /// for directories with a redirect: the merged view at the commit instant
     merged: Option<&'a crate::union::Union>,
+    /// staged inode id -> st_ino of its file in the staging tree (with a merged view)
+    tree_inos: HashMap<u64, u64>,
     items: Vec<Item>,
 }
 
@@ -624,11 +719,8 @@ impl Translator<'_> {
                 Kind::File => {
                     let mut it = self.base(cpath, c, ItemKind::File);
                     if let Some(d) = c.data {
-                        it.data = Data::Staged {
-                            id: d.id,
-                            size: d.size,
-                        };
-                        it.link_key = (d.nlink > 1).then(|| self.staging_key(d.ino));
+                        it.data = Data::Staged(d);
+                        it.link_key = (d.nlink > 1).then(|| self.staging_key(d.id));
                     }
                     self.items.push(it);
                 }
@@ -649,12 +741,13 @@ impl Translator<'_> {
         Ok(())
     }
 
-    /// Link key of a staging data file, the same number the union reports for it.
-    fn staging_key(&self, ino: u64) -> u64 {
-        match self.merged {
+    /// Link key of a staged inode: with a merged view, the number the union reports for
+    /// its file in the staging tree (a link group may span a renamed directory and the rest).
+    fn staging_key(&self, id: u64) -> u64 {
+        match (self.merged, self.tree_inos.get(&id)) {
             // The staging tree is the union's top layer (index 1: 0 would be an upper).
-            Some(u) => u.map_ino(1, ino),
-            None => ino,
+            (Some(u), Some(ino)) => u.map_ino(1, *ino),
+            _ => id,
         }
     }
 
@@ -753,7 +846,14 @@ fn bytes_path(b: &[u8]) -> PathBuf {
 
 /// Lay the snapshot out as an upper tree at `dir/rel` (owners, modes, raw xattrs, times),
 /// file data hard-linked from `data/` (so hard links stay links).
-fn materialize(dir: &OwnedFd, data: &OwnedFd, rel: &Path, s: &Snap, root: bool) -> Result<()> {
+fn materialize(
+    dir: &OwnedFd,
+    data: &Staged,
+    rel: &Path,
+    s: &Snap,
+    root: bool,
+    made: &mut HashMap<u64, (PathBuf, u64)>,
+) -> Result<()> {
     let at = if root { Path::new(".") } else { rel };
     let err = |op: &'static str| move |e: rustix::io::Errno| Error::io(op, rel, e.into());
     match s.kind {
@@ -762,12 +862,40 @@ fn materialize(dir: &OwnedFd, data: &OwnedFd, rel: &Path, s: &Snap, root: bool) 
                 rustix::fs::mkdirat(dir, at, Mode::from_raw_mode(0o700)).map_err(err("commit.mkdir"))?;
             }
             for c in &s.children {
-                materialize(dir, data, &rel.join(&c.name), c, false)?;
+                materialize(dir, data, &rel.join(&c.name), c, false, made)?;
             }
         }
         Kind::File => {
-            let id = s.data.map(|d| d.id).unwrap_or_default().to_string();
-            rustix::fs::linkat(data, id.as_str(), dir, at, AtFlags::empty()).map_err(err("commit.link"))?;
+            let d = s
+                .data
+                .ok_or_else(|| Error::io("commit.materialize", rel, io::Error::other("no data")))?;
+            if let Some((first, _)) = made.get(&d.id) {
+                // Another name of an inode already laid out: a hard link again.
+                rustix::fs::linkat(dir, first.as_path(), dir, at, AtFlags::empty())
+                    .map_err(err("commit.link"))?;
+            } else {
+                match d.loc {
+                    DataLoc::File => {
+                        rustix::fs::linkat(&data.dir, d.id.to_string().as_str(), dir, at, AtFlags::empty())
+                            .map_err(err("commit.link"))?
+                    }
+                    DataLoc::Packed(off) => {
+                        let f = rustix::fs::openat(
+                            dir,
+                            at,
+                            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                            Mode::from_raw_mode(0o600),
+                        )
+                        .map_err(err("commit.create"))?;
+                        copy_range(&data.packed, off, &f, 0, d.size).map_err(err("commit.copy"))?;
+                        rustix::fs::ftruncate(&f, d.size).map_err(err("commit.copy"))?;
+                    }
+                }
+                let ino = rustix::fs::statat(dir, at, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(err("commit.stat"))?
+                    .st_ino;
+                made.insert(d.id, (rel.to_path_buf(), ino));
+            }
         }
         Kind::Symlink => {
             let t = s.target.clone().unwrap_or_default();
@@ -978,7 +1106,7 @@ impl<W: Write> TarWriter<W> {
 fn write_tar<W: Write>(
     w: &mut TarWriter<W>,
     items: &[Item],
-    data_dir: &OwnedFd,
+    data: &Staged,
     merged: Option<&crate::union::Union>,
 ) -> Result<()> {
     let ioerr = |p: &[u8]| {
@@ -1011,11 +1139,11 @@ fn write_tar<W: Write>(
                     first.insert(k, it.path.clone());
                 }
                 let size = match it.data {
-                    Data::Staged { size, .. } | Data::Union { size, .. } => size,
+                    Data::Staged(DataFile { size, .. }) | Data::Union { size, .. } => size,
                     Data::None => 0,
                 };
                 w.entry(it, b'0', b"", size, true).map_err(ioerr(&it.path))?;
-                copy_item_data(w, it, size, data_dir, merged, &mut buf)?;
+                copy_item_data(w, it, size, data, merged, &mut buf)?;
                 w.pad(size).map_err(ioerr(&it.path))?;
             }
         }
@@ -1031,7 +1159,7 @@ fn copy_item_data<W: Write>(
     w: &mut TarWriter<W>,
     it: &Item,
     size: u64,
-    data_dir: &OwnedFd,
+    data: &Staged,
     merged: Option<&crate::union::Union>,
     buf: &mut [u8],
 ) -> Result<()> {
@@ -1045,19 +1173,22 @@ fn copy_item_data<W: Write>(
     let e = |x: io::Error| Error::io("commit.tar", bytes_path(&it.path), x);
     match it.data {
         Data::None => Ok(()),
-        Data::Staged { id, .. } => {
-            let fd = rustix::fs::openat(
-                data_dir,
-                id.to_string().as_str(),
-                OFlags::RDONLY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|x| Error::io("commit.tar", bytes_path(&it.path), x.into()))?;
-            let mut f = std::fs::File::from(fd);
+        Data::Staged(d) => {
+            let (fd, base) = match d.loc {
+                DataLoc::File => (
+                    Some(
+                        data.open_file(d.id)
+                            .map_err(|x| Error::io("commit.tar", bytes_path(&it.path), x.into()))?,
+                    ),
+                    0,
+                ),
+                DataLoc::Packed(off) => (None, off),
+            };
+            let fd = fd.as_ref().unwrap_or(&data.packed);
             let mut done = 0u64;
             while done < size {
                 let want = ((size - done) as usize).min(buf.len());
-                let n = f.read(&mut buf[..want]).map_err(e)?;
+                let n = rustix::io::pread(fd, &mut buf[..want], base + done).map_err(|x| e(x.into()))?;
                 if n == 0 {
                     return Err(short(done));
                 }
@@ -1282,6 +1413,13 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
         Mode::empty(),
     )
     .map_err(|e| Error::io("commit.staging", &data_path, e.into()))?;
+    let packed = rustix::fs::openat(
+        &data_dir,
+        "packed",
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| Error::io("commit.staging", &data_path, e.into()))?;
     let upper = LayerDir::open(&desc.upper, 0, "upper".into())?;
 
     // Pages a program dirtied through a shared mmap reach the daemon only at writeback:
@@ -1312,7 +1450,11 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
     crash_point("commit.freeze");
     let mut snapper = Snapshotter {
         upper: &upper,
-        data_dir,
+        data: Staged {
+            dir: data_dir,
+            packed,
+        },
+        packed_end: 0,
         copied: HashMap::new(),
         next_id: 0,
         entries: 0,
@@ -1320,7 +1462,9 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
         redirects: false,
         reflinks: true,
     };
-    let snap = snapper.walk(Path::new(""), OsString::new());
+    let snap = snapper
+        .walk(Path::new(""), OsString::new())
+        .and_then(|s| snapper.finish().map(|()| s));
     crash_point("commit.snapshot");
     let thawed = daemon.request(json!({"op": "thaw"}));
     let client_pause = held.elapsed();
@@ -1351,7 +1495,8 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
         "snapshot of the upper taken; writers resumed"
     );
     let (entries, bytes, redirects) = (snapper.entries, snapper.bytes, snapper.redirects);
-    let data_dir = snapper.data_dir;
+    let data = snapper.data;
+    let mut made = HashMap::new();
 
     // 6. the merged view, for renamed directories.
     let merged = if redirects {
@@ -1363,7 +1508,7 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
             Mode::empty(),
         )
         .map_err(|e| Error::io("commit.materialize", &tree, e.into()))?;
-        materialize(&tree_fd, &data_dir, Path::new(""), &snap, true)?;
+        materialize(&tree_fd, &data, Path::new(""), &snap, true, &mut made)?;
         crash_point("commit.materialize");
         Some(merged_view(&tree, &desc.lowers)?)
     } else {
@@ -1372,6 +1517,7 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
     let mut tr = Translator {
         own,
         merged: merged.as_ref(),
+        tree_inos: made.into_iter().map(|(id, (_, ino))| (id, ino)).collect(),
         items: Vec::new(),
     };
     tr.dir(b"", &snap)?;
@@ -1394,7 +1540,7 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
     let (imported, written) = std::thread::scope(|scope| {
         let out_file = output.as_mut().map(|o| &mut o.file);
         let items = &items;
-        let data_dir = &data_dir;
+        let data = &data;
         let merged = merged.as_ref();
         let producer = scope.spawn(move || -> Result<(String, u64)> {
             let sink = Tee {
@@ -1406,7 +1552,7 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
                 hasher: Sha256::new(),
                 bytes: 0,
             };
-            write_tar(&mut w, items, data_dir, merged)?;
+            write_tar(&mut w, items, data, merged)?;
             w.out.flush().map_err(|e| Error::io("commit.tar", "", e))?;
             let digest = format!("sha256:{}", hex(&w.hasher.finalize()));
             Ok((digest, w.bytes))

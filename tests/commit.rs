@@ -420,7 +420,7 @@ fn change_everything(m: &Path) {
          mv ren renamed
          rm renamed/a && echo added > renamed/added && echo more >> renamed/b
          mv renamed/inner moved-inner
-         ln new new-link && ln newdir/a/b/f newdir/f-link
+         ln new new-link && ln newdir/a/b/f newdir/f-link && ln newdir/a/b/f renamed/f-link
          echo touched >> hl1
          ln -s /nonexistent-verlay/target sym
          ln -s ../file newdir/rel-sym
