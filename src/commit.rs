@@ -1433,6 +1433,10 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
     .map_err(|e| Error::io("commit.syncfs", &a.mountpoint, e.into()))?;
     rustix::fs::syncfs(&mp_fd).map_err(|e| Error::io("commit.syncfs", &a.mountpoint, e.into()))?;
     drop(mp_fd);
+    // Write the upper's dirty pages back now, outside the freeze: the copy under the freeze
+    // makes as many dirty pages again, and with both the kernel throttles the copier
+    // (balance_dirty_pages), which lengthens the pause (seen: 2.8 s instead of 0.4 s, 1 GiB).
+    rustix::fs::syncfs(&upper.root).map_err(|e| Error::io("commit.syncfs", &desc.upper, e.into()))?;
 
     // 3-5. freeze, snapshot, thaw.
     let asked = Instant::now();
