@@ -14,8 +14,9 @@
 //! 3. `commit.freeze`: the daemon holds the gate exclusive: no change to the upper runs.
 //! 4. `commit.snapshot`: the upper's tree (names, types, modes, owners, times, xattrs,
 //!    symlink targets, device numbers, hard links) is read into memory and every regular
-//!    file's data is copied into `staging/data/N` (FICLONE reflink when the filesystem can,
-//!    else copy_file_range with holes kept). One copy per inode.
+//!    file's data is copied into the staging dir, once per inode: a FICLONE reflink into
+//!    `data/N` when the filesystem can, else copy_file_range (holes kept) into one file,
+//!    `data/packed`, at a block-aligned offset (one create for all: the freeze is shorter).
 //! 5. `commit.thaw`: the daemon releases the gate; writers go on. Everything after this
 //!    reads only the staging copy and the lower layers, which never change.
 //! 6. `commit.materialize` (only when a directory carries `overlay.redirect`): the snapshot
