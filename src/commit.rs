@@ -11,6 +11,9 @@
 //!    they pass.
 //! 2. the store is opened (its lock held to the end; leftovers of earlier runs removed) and
 //!    a staging dir `STORE/tmp/commit-PID-NANOS` is made, on the store's filesystem.
+//!    Then, still outside the freeze, a syncfs of the mount (shared-mmap writes reach the
+//!    daemon) and of the upper's filesystem (the copy below is not throttled behind its
+//!    dirty pages).
 //! 3. `commit.freeze`: the daemon holds the gate exclusive: no change to the upper runs.
 //! 4. `commit.snapshot`: the upper's tree (names, types, modes, owners, times, xattrs,
 //!    symlink targets, device numbers, hard links) is read into memory and every regular
