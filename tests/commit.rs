@@ -1040,6 +1040,11 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
         "does not exist",
     );
 
+    // A name an OCI layer would read as a whiteout: refused, nothing published.
+    fs::write(r.mnt.join(".wh.x"), "").unwrap();
+    refused(&["commit", m, "--store", s], "starts with .wh.");
+    fs::remove_file(r.mnt.join(".wh.x")).unwrap();
+
     assert!(!missing.exists(), "a missing store was created");
     fs::remove_dir(r.mnt.join("sub")).unwrap();
     fs::remove_dir(&inside).unwrap();
