@@ -56,6 +56,8 @@ pub enum Command {
     /// `verlay snapshotter ...`: the rest of the arguments, for the `verlay-snapshotter`
     /// binary (a separate crate, so the core does not link gRPC).
     Snapshotter(Vec<OsString>),
+    /// `verlay commit ...`: the rest of the arguments, parsed by [`crate::commit::parse`].
+    Commit(Vec<OsString>),
 }
 
 /// Arguments of the mount command.
@@ -207,9 +209,9 @@ pub enum RedirectDir {
     On,
 }
 
-/// Subcommand words not implemented yet; they are reserved so
-/// that a later version can add them without changing what an old command line means.
-const RESERVED_SUBCOMMANDS: &[&str] = &["commit"];
+/// Subcommand words reserved so that a later version can add them without changing what an
+/// old command line means (none at the moment).
+const RESERVED_SUBCOMMANDS: &[&str] = &[];
 
 /// Bare kernel/FUSE mount options passed through to the mount.
 const FUSE_FLAG_OPTIONS: &[&str] = &[
@@ -271,6 +273,10 @@ USAGE:
     verlay demo                              (mount throwaway layers to try verlay)
     verlay layer|image|verify ...            (the layer store and registries, see below)
     verlay snapshotter --root DIR --address SOCK   (containerd proxy snapshotter; --help)
+    verlay commit MOUNTPOINT --store DIR [--parent CHAIN_ID] [--output layer.tar]
+                                             (the upper of a live mount becomes a new
+                                             layer of the store; writers pause briefly;
+                                             prints its chain ID and diffID)
     verlay --help | --version
 
     -o may be given several times, anywhere, and glued (-oOPTIONS). SOURCE is any word
@@ -413,6 +419,7 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
             "image" => return Ok(Command::Image(rest())),
             "verify" => return Ok(Command::Verify(rest())),
             "snapshotter" => return Ok(Command::Snapshotter(rest())),
+            "commit" => return Ok(Command::Commit(rest())),
             _ => {}
         }
         if RESERVED_SUBCOMMANDS.contains(&first) {
@@ -1117,6 +1124,10 @@ mod tests {
         for (args, want) in cases {
             assert_eq!(parse_args(args).ok().as_ref(), Some(want), "{args:?}");
         }
+        assert_eq!(
+            parse_args(&["commit", "/m", "--store", "/s"]).ok(),
+            Some(Command::Commit(vec!["/m".into(), "--store".into(), "/s".into()]))
+        );
         for word in RESERVED_SUBCOMMANDS {
             let (what, why, _) = usage_error(&[word, "x"]);
             assert_eq!(what, format!("verlay {word}"));

@@ -30,6 +30,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Commit(args) => {
+            verlay::logging::init(false);
+            finish("verlay commit", verlay::commit::cmd(args))
+        }
         Command::Layer(args) => finish("verlay layer", verlay::store::cmd::layer(args)),
         Command::Image(args) => {
             // pull and push report each failed attempt as it happens (warn), not only the last

@@ -241,6 +241,9 @@ pub fn run(args: MountArgs) -> Result<()> {
         }
     }
     let union = Arc::new(union);
+    // Resolved now: once mounted, a stat of the mountpoint would ask this very daemon,
+    // which serves nothing until the session runs.
+    let canonical_mp = std::fs::canonicalize(&args.mountpoint).unwrap_or_else(|_| args.mountpoint.clone());
     let fs = VerlayFs::new(union.clone(), ttl);
     let session = match fuser::Session::new(fs, &args.mountpoint, &cfg) {
         Ok(s) => s,
@@ -266,6 +269,14 @@ pub fn run(args: MountArgs) -> Result<()> {
         // offset -1: attributes only, no page-cache pages (safe inside a request).
         let _ = notifier.inval_inode(fuser::INodeNo(id), -1, 0);
     })));
+    // Held for the life of the session; dropping it removes the socket.
+    let _control = match crate::control::serve(union.clone(), &canonical_mp) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "no control socket: verlay commit will not find this mount");
+            None
+        }
+    };
     info!(mountpoint = %args.mountpoint.display(), "mounted");
     if let Some(mut r) = report.take() {
         let _ = crate::sys::detach_stdio();
@@ -305,6 +316,11 @@ pub fn run(args: MountArgs) -> Result<()> {
     // The session ended normally (fusermount3 -u, umount, or a signal handled above): a
     // clean stop. A killed daemon never gets here, so its marker stays.
     end_volatile(&args, &union);
+    if let Some(up) = &union.upper {
+        // Released now, not when the last of our threads has exited: the unmount is already
+        // visible, and a remount of this upper right after it must find the lock free.
+        let _ = rustix::fs::flock(&up.dir.root, FlockOperation::Unlock);
+    }
     Ok(())
 }
 

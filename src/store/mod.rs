@@ -5,6 +5,8 @@
 //! ```text
 //! STORE/lock                                 flock(LOCK_EX) held by every store operation
 //! STORE/tmp/<unique>/                        an import in progress (never read by anyone)
+//! STORE/tmp/commit-PID-NANOS/                `verlay commit`'s staging copy of an upper
+//!                                            (src/commit.rs), removed like the others
 //! STORE/layers/<chain-hex>/diff/             the layer, in kernel overlayfs format: pass it
 //!                                            in lowerdir= (whiteouts are char 0/0 devices,
 //!                                            opaque dirs carry trusted.overlay.opaque=y, or

@@ -3,7 +3,11 @@
 //!
 //! Owns: turning tar entries into objects under the layer root, with their owners, modes,
 //! times and xattrs; mapping OCI whiteouts (`.wh.NAME` → char 0/0 device, `.wh..wh..opq` →
-//! opaque xattr on the directory).
+//! opaque xattr on the directory). Xattrs in the overlay namespace are overlay metadata only
+//! in the opaque form; any other is a user's own xattr of that name (as `verlay commit`
+//! writes it) and is stored escaped (`trusted.overlay.X` → `trusted.overlay.overlay.X`, as
+//! kernel overlayfs stores it), or dropped when it is the other namespace's, so a tarball
+//! can never forge a redirect or an origin.
 //!
 //! Must not: follow a symlink while extracting, or write anything outside the layer root.
 //! Every path is resolved relative to the root fd with `openat2(RESOLVE_BENEATH |
@@ -176,6 +180,16 @@ impl<'s> Unpacker<'s> {
         })
     }
 
+    /// The overlay namespace of the layers this import makes (`trusted.overlay.`, or
+    /// `user.overlay.` when not root).
+    fn own_namespace(&self) -> &'static str {
+        if self.is_root {
+            "trusted.overlay."
+        } else {
+            "user.overlay."
+        }
+    }
+
     /// A refusal: the tarball is hostile or malformed.
     fn refuse(&self, name: &[u8], why: impl std::fmt::Display) -> Error {
         Error::usage(
@@ -247,6 +261,13 @@ impl<'s> Unpacker<'s> {
                 } else if let Some(x) = key.strip_prefix(PAX_XATTR_PREFIX.as_bytes()) {
                     if x == b"trusted.overlay.opaque" || x == b"user.overlay.opaque" {
                         opaque = ext.value_bytes() == b"y";
+                    } else if let Some(rest) = x.strip_prefix(self.own_namespace().as_bytes()) {
+                        // A user's own xattr in the overlay namespace (what a mount shows
+                        // of an escaped `trusted.overlay.overlay.*`; `verlay commit` writes
+                        // it so): stored escaped, as kernel overlayfs stores it, so it
+                        // means nothing to the overlay and the merged view shows it again.
+                        let escaped = [self.own_namespace().as_bytes(), b"overlay.", rest].concat();
+                        xattrs.push((escaped, ext.value_bytes().to_vec()));
                     } else if overlay_xattr(x) {
                         tracing::warn!(
                             path = %show(name),

@@ -231,6 +231,35 @@ pub struct Union {
     invalidator: std::sync::OnceLock<Invalidator>,
     /// nodes forgotten so far (drives returning memory to the system)
     forgotten: AtomicU64,
+    /// The commit gate: every change to the upper holds it shared ([`Union::hold_changes`]),
+    /// `verlay commit` holds it exclusive while it copies the upper ([`Union::freeze`]), so
+    /// the copy is the upper at one instant (docs/ordering.md, "commit").
+    commit_gate: RwLock<()>,
+}
+
+thread_local! {
+    /// Address of the commit gate this thread holds shared (0: none). A change that calls
+    /// another (open -> copy-up) must not take the gate twice: parking_lot blocks a second
+    /// shared lock while a commit waits for the exclusive one, which would deadlock.
+    static GATE_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A shared hold of the commit gate for one change to the upper (see [`Union::hold_changes`]).
+pub struct ChangeGuard<'a> {
+    _shared: Option<parking_lot::RwLockReadGuard<'a, ()>>,
+    prev: usize,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        GATE_HELD.with(|h| h.set(self.prev));
+    }
+}
+
+/// The exclusive hold of the commit gate: no change to the upper runs or starts while it
+/// lives; changes that arrive wait (they are paused, never failed).
+pub struct Frozen<'a> {
+    _exclusive: parking_lot::RwLockWriteGuard<'a, ()>,
 }
 
 /// Drops the kernel's cached attributes of a node id.
@@ -330,6 +359,7 @@ impl Union {
             same_dev,
             invalidator: std::sync::OnceLock::new(),
             forgotten: AtomicU64::new(0),
+            commit_gate: RwLock::new(()),
         };
         // The root merges every layer's root, unless the upper root is opaque.
         let root = u.node(ROOT_ID)?;
@@ -353,6 +383,33 @@ impl Union {
         root.ino.store(root_ino, Ordering::Relaxed);
         let _ = &mut u;
         Ok(u)
+    }
+
+    /// Hold the commit gate shared for one change to the upper (a no-op when this thread
+    /// already holds it). Every public method that may write to the upper or the work dir
+    /// takes it first, so a commit's copy never sees half of a change.
+    fn hold_changes(&self) -> ChangeGuard<'_> {
+        let me = &self.commit_gate as *const RwLock<()> as usize;
+        let prev = GATE_HELD.with(|h| h.get());
+        if prev == me {
+            return ChangeGuard { _shared: None, prev };
+        }
+        let g = self.commit_gate.read();
+        GATE_HELD.with(|h| h.set(me));
+        ChangeGuard {
+            _shared: Some(g),
+            prev,
+        }
+    }
+
+    /// Stop every change to the upper until the returned guard is dropped: waits for the
+    /// changes in flight to finish; later ones block (parking_lot's lock is fair, so a
+    /// steady stream of writers cannot starve a commit). Reads go on. Must not be called
+    /// from a thread that is inside a change.
+    pub fn freeze(&self) -> Frozen<'_> {
+        Frozen {
+            _exclusive: self.commit_gate.write(),
+        }
     }
 
     /// Number of nodes the kernel holds references to.
@@ -978,6 +1035,7 @@ impl Union {
 
     /// Copy a node (and its parents first) up to the upper, once.
     pub fn copy_up(&self, node: &Arc<Node>) -> Result<()> {
+        let _changes = self.hold_changes();
         self.copy_up_with(node, true)
     }
 
@@ -1068,6 +1126,7 @@ impl Union {
 
     /// FUSE setattr.
     pub fn setattr(&self, ctx: &Ctx, id: u64, fh: Option<u64>, sa: SetAttr) -> Result<Attr> {
+        let _changes = self.hold_changes();
         let node = self.node(id)?;
         let _ = ctx;
         let unlinked = node.state.read().unlinked;
@@ -1162,6 +1221,7 @@ impl Union {
         target: Option<&OsStr>,
         open_flags: OFlags,
     ) -> Result<(Entry, Option<OwnedFd>)> {
+        let _changes = self.hold_changes();
         let parent = self.node(parent_id)?;
         if parent.kind != Kind::Dir {
             return errno(libc::ENOTDIR);
@@ -1302,6 +1362,7 @@ impl Union {
 
     /// FUSE link.
     pub fn link(&self, _ctx: &Ctx, id: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
+        let _changes = self.hold_changes();
         let node = self.node(id)?;
         if node.kind == Kind::Dir {
             return errno(libc::EPERM);
@@ -1342,6 +1403,7 @@ impl Union {
     /// Remove `name` from the merged view of `parent`, leaving a whiteout when a lower
     /// layer still has the name.
     fn remove(&self, parent_id: u64, name: &OsStr, want_dir: bool) -> Result<()> {
+        let _changes = self.hold_changes();
         let parent = self.node(parent_id)?;
         let (r, path) = self.peek(&parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
         let is_dir = r.kind == Kind::Dir;
@@ -1451,6 +1513,7 @@ impl Union {
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
+        let _changes = self.hold_changes();
         let flags = RenameFlags::from_bits_retain(flags);
         if flags.contains(RenameFlags::WHITEOUT) {
             return errno(libc::EINVAL);
@@ -1726,6 +1789,8 @@ impl Union {
         let writable = oflags.contains(OFlags::WRONLY)
             || oflags.contains(OFlags::RDWR)
             || oflags.contains(OFlags::TRUNC);
+        // A read-only open changes nothing; a writable one may copy up or truncate.
+        let _changes = writable.then(|| self.hold_changes());
         if writable {
             // After a failed fsync nothing may change the upper, an O_TRUNC included.
             self.upper()?.check_writable()?;
@@ -1816,6 +1881,7 @@ impl Union {
 
     /// FUSE write.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let _changes = self.hold_changes();
         let h = self.file(fh)?;
         if !h.writable {
             return errno(libc::EBADF);
@@ -1856,6 +1922,7 @@ impl Union {
 
     /// FUSE fallocate.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let _changes = self.hold_changes();
         let h = self.file(fh)?;
         if !h.writable {
             return errno(libc::EBADF);
@@ -2015,6 +2082,7 @@ impl Union {
 
     /// FUSE setxattr.
     pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let _changes = self.hold_changes();
         let disk = self
             .xattr_names()
             .to_disk(name)
@@ -2028,6 +2096,7 @@ impl Union {
 
     /// FUSE removexattr.
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
+        let _changes = self.hold_changes();
         let disk = self
             .xattr_names()
             .to_disk(name)

@@ -69,7 +69,7 @@ fn crash_at() -> Option<&'static CrashAt> {
 /// A failpoint after a named step: with `VERLAY_CRASH_AT=<step>[:N]` the process kills itself
 /// with SIGKILL right after the step completed (its N-th time), as a crash of the daemon
 /// would. tests/kill.rs enumerates these points; docs/ordering.md lists them.
-fn crash_point(step: &str) {
+pub(crate) fn crash_point(step: &str) {
     let Some(c) = crash_at() else { return };
     if c.step != step || c.reached.fetch_add(1, Ordering::AcqRel) + 1 != c.nth {
         return;
