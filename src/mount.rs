@@ -97,7 +97,18 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
         }
         verified.push(v.map(Arc::new));
     }
-    Union::new(lowers, upper, UnionOptions { ids, verified })
+    // Passthrough needs CAP_SYS_ADMIN (FUSE_DEV_IOC_BACKING_OPEN); rootless mounts serve
+    // every read and write in the daemon.
+    let passthrough = o.passthrough && rustix::process::geteuid().is_root();
+    Union::new(
+        lowers,
+        upper,
+        UnionOptions {
+            ids,
+            verified,
+            passthrough,
+        },
+    )
 }
 
 fn fuse_config(args: &MountArgs, read_only: bool) -> Config {

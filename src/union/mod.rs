@@ -183,6 +183,9 @@ pub struct UnionOptions {
     pub ids: IdMap,
     /// per lower layer (same order): its manifest, when it is verified
     pub verified: Vec<Option<Arc<VerifiedLayer>>>,
+    /// offer FUSE passthrough for open files (the adapter turns it off when the kernel or
+    /// the daemon's privileges do not allow it)
+    pub passthrough: bool,
 }
 
 /// An open file.
@@ -196,6 +199,9 @@ pub struct FileHandle {
     on_upper: std::sync::atomic::AtomicBool,
     /// a lower file of a verified layer: what to check its reads against
     verify: Option<HandleVerify>,
+    /// the kernel reads and writes this file itself, through a passthrough backing file
+    /// on `fd`'s file; reads and writes of the handle never come to the daemon
+    passthrough: std::sync::atomic::AtomicBool,
 }
 
 /// What a handle on a verified lower file checks each read against.
@@ -231,6 +237,8 @@ pub struct Union {
     invalidator: std::sync::OnceLock<Invalidator>,
     /// nodes forgotten so far (drives returning memory to the system)
     forgotten: AtomicU64,
+    /// FUSE passthrough may be offered (see [`Union::open`])
+    passthrough: std::sync::atomic::AtomicBool,
 }
 
 /// Drops the kernel's cached attributes of a node id.
@@ -326,10 +334,11 @@ impl Union {
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            opts,
             same_dev,
             invalidator: std::sync::OnceLock::new(),
             forgotten: AtomicU64::new(0),
+            passthrough: std::sync::atomic::AtomicBool::new(opts.passthrough),
+            opts,
         };
         // The root merges every layer's root, unless the upper root is opaque.
         let root = u.node(ROOT_ID)?;
@@ -1296,7 +1305,7 @@ impl Union {
         )?;
         let fd = fd.ok_or(Error::Errno(libc::EIO))?;
         let node = self.node(entry.id)?;
-        let fh = self.add_file(node, fd, true);
+        let fh = self.add_file(node, fd, true, true, None)?;
         Ok((entry, fh))
     }
 
@@ -1643,32 +1652,115 @@ impl Union {
 
     // ---------------------------------------------------------------- files
 
-    fn add_file(&self, node: Arc<Node>, fd: OwnedFd, writable: bool) -> u64 {
-        self.add_file_verified(node, fd, writable, None)
-    }
-
-    fn add_file_verified(
+    /// Register an open file; `on_upper`: `fd` is on the upper object.
+    ///
+    /// Done under the node's handle lock, which a copy-up's handle switch also takes: a
+    /// copy-up that finished after `fd` was opened on the lower is never missed (the handle
+    /// is opened again on the upper copy, and has nothing left to verify). The passthrough
+    /// choice is made under the same lock (see [`Union::wants_passthrough`]).
+    fn add_file(
         &self,
         node: Arc<Node>,
         fd: OwnedFd,
+        on_upper: bool,
         writable: bool,
         verify: Option<HandleVerify>,
-    ) -> u64 {
-        let on_upper = node.state.read().upper;
+    ) -> Result<u64> {
+        let mut hs = node.handles.lock();
+        hs.retain(|w| w.strong_count() > 0);
+        let (fd, on_upper, verify) = if !on_upper && node.state.read().upper {
+            let path = self.path_of(&node)?;
+            (self.upper()?.dir.open_file(&path, OFlags::RDONLY)?, true, None)
+        } else {
+            (fd, on_upper, verify)
+        };
+        let passthrough = self.wants_passthrough(&node, &hs, on_upper, verify.is_some());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h = Arc::new(FileHandle {
             fd: RwLock::new(Arc::new(fd)),
             writable,
             on_upper: std::sync::atomic::AtomicBool::new(on_upper),
             verify,
+            passthrough: std::sync::atomic::AtomicBool::new(passthrough),
         });
-        {
-            let mut hs = node.handles.lock();
-            hs.retain(|w| w.strong_count() > 0);
-            hs.push(Arc::downgrade(&h));
-        }
+        hs.push(Arc::downgrade(&h));
+        drop(hs);
         self.files.write().insert(fh, h);
-        fh
+        Ok(fh)
+    }
+
+    /// Should a new handle of `node` use FUSE passthrough? `others`: the node's handles.
+    ///
+    /// - The kernel requires one mode for all open files of an inode: passthrough with one
+    ///   backing file, or its page cache (fuse_file_io_open fails the open with EIO
+    ///   otherwise). So a node with open handles keeps their mode.
+    /// - An upper file: yes. The upper object never changes identity while open (rename and
+    ///   unlink keep it), so the backing file stays the right one.
+    /// - A lower file under an upper: no. The backing file is fixed at open, so a reader
+    ///   would keep the lower after a copy-up (verlay switches it to the copy, as kernel
+    ///   overlayfs does), and the write-open that copies up would have to share the lower
+    ///   backing file: its writes would reach the lower layer (fuse-overlayfs 2.0's bug).
+    /// - A lower file of a read-only mount (no copy-up ever): yes, unless a manifest must
+    ///   check its reads (passthrough reads never reach the daemon).
+    fn wants_passthrough(
+        &self,
+        node: &Node,
+        others: &[std::sync::Weak<FileHandle>],
+        on_upper: bool,
+        verified: bool,
+    ) -> bool {
+        if node.kind != Kind::File || !self.passthrough.load(Ordering::Relaxed) {
+            return false;
+        }
+        if let Some(other) = others.iter().find_map(|w| w.upgrade()) {
+            return other.passthrough.load(Ordering::Acquire);
+        }
+        if on_upper {
+            true
+        } else {
+            self.upper.is_none() && !verified
+        }
+    }
+
+    /// The fd a passthrough handle's backing file is made from, or None for a handle the
+    /// daemon serves (reads, writes and the kernel's page cache).
+    pub fn passthrough_fd(&self, fh: u64) -> Option<Arc<OwnedFd>> {
+        let h = self.file(fh).ok()?;
+        if h.passthrough.load(Ordering::Acquire) {
+            Some(h.fd.read().clone())
+        } else {
+            None
+        }
+    }
+
+    /// The kernel refused a backing file (no CAP_SYS_ADMIN, or a stacking limit): serve
+    /// `fh` through the daemon, and stop offering passthrough for this mount.
+    pub fn passthrough_refused(&self, fh: u64) {
+        self.passthrough.store(false, Ordering::Relaxed);
+        if let Ok(h) = self.file(fh) {
+            h.passthrough.store(false, Ordering::Release);
+        }
+    }
+
+    /// Is passthrough wanted (and not yet turned off)?
+    pub fn passthrough_offered(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Turn passthrough off for this mount (the kernel did not offer it).
+    pub fn disable_passthrough(&self) {
+        self.passthrough.store(false, Ordering::Relaxed);
+    }
+
+    /// Open handles whose writes go straight to the upper file (passthrough), never
+    /// through the daemon: anything that must stop all writers (a point-in-time capture of
+    /// the upper) cannot pause these and has to wait for them to close.
+    pub fn passthrough_writers(&self) -> usize {
+        self.files
+            .read()
+            .values()
+            .filter(|h| h.writable && h.passthrough.load(Ordering::Acquire))
+            .count()
     }
 
     /// For a lower file of a verified layer: the chunk digests its reads are checked against.
@@ -1736,7 +1828,7 @@ impl Union {
             oflags.remove(OFlags::WRONLY);
             oflags.insert(OFlags::RDWR);
         }
-        let fd = self.open_real(&node, oflags)?;
+        let (fd, on_upper) = self.open_real(&node, oflags)?;
         if oflags.contains(OFlags::TRUNC) && ctx.uid != 0 {
             // The kernel leaves O_TRUNC to us (atomic_o_trunc), and the daemon truncates as
             // root; a truncation by an unprivileged caller must still drop setuid, and
@@ -1750,15 +1842,20 @@ impl Union {
                 rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode & 0o7777 & !kill))?;
             }
         }
-        let verify = self.handle_verify(&node, &fd)?;
-        Ok(self.add_file_verified(node, fd, writable, verify))
+        let verify = if on_upper {
+            None
+        } else {
+            self.handle_verify(&node, &fd)?
+        };
+        self.add_file(node, fd, on_upper, writable, verify)
     }
 
-    fn open_real(&self, node: &Node, oflags: OFlags) -> Result<OwnedFd> {
+    /// Open the object of `node`; true when the fd is on the upper object.
+    fn open_real(&self, node: &Node, oflags: OFlags) -> Result<(OwnedFd, bool)> {
         let st = node.snapshot();
         if st.upper {
             let path = self.path_of(node)?;
-            match self.upper()?.dir.open_file(&path, oflags) {
+            let fd = match self.upper()?.dir.open_file(&path, oflags) {
                 Err(e) if e.errno() == libc::EACCES && oflags.contains(OFlags::RDWR) => {
                     // An upgraded WRONLY open on a write-only file: open as asked.
                     let mut f = oflags;
@@ -1767,13 +1864,15 @@ impl Union {
                     self.upper()?.dir.open_file(&path, f)
                 }
                 r => r,
-            }
+            }?;
+            Ok((fd, true))
         } else {
             let l = st.lower.ok_or(Error::Errno(libc::ENOENT))?;
-            self.lowers[l.layer].open_file(
+            let fd = self.lowers[l.layer].open_file(
                 &l.path,
                 oflags & !(OFlags::RDWR | OFlags::WRONLY | OFlags::TRUNC | OFlags::APPEND),
-            )
+            )?;
+            Ok((fd, false))
         }
     }
 
