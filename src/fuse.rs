@@ -24,7 +24,7 @@ use crate::layer::Kind;
 use crate::union::{Attr, Ctx, SetAttr, Union};
 
 /// Largest write the kernel may send in one request (fuser's buffer holds 16 MiB).
-const MAX_WRITE: u32 = 1 << 20;
+pub const MAX_WRITE: u32 = 1 << 20;
 
 /// Stacking depth of the backing files passthrough accepts: 1 lets the upper be on any
 /// plain filesystem, and keeps verlay itself usable as a layer of kernel overlayfs (the
