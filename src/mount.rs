@@ -5,8 +5,8 @@
 //! reports the mount live.
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -519,13 +519,14 @@ impl Union {
 
     /// Find `name` under a parent whose merged path is `ppath` and whose lower dirs are
     /// `plowers`. ENOENT when nothing (or a whiteout) is there.
-    fn resolve(&self, ppath: &Path, plowers: &[LowerRef], name: &OsStr) -> Result<Resolved> {
-        self.resolve_hinted(ppath, plowers, name, None)
+    fn resolve(&self, ppath: &Path, pupper: bool, plowers: &[LowerRef], name: &OsStr) -> Result<Resolved> {
+        self.resolve_hinted(ppath, pupper, plowers, name, None)
     }
 
     fn resolve_hinted(
         &self,
         ppath: &Path,
+        pupper: bool,
         plowers: &[LowerRef],
         name: &OsStr,
         hint: Option<LowerHint>,
@@ -543,7 +544,9 @@ impl Union {
                 path: p.path.join(name),
             })
             .collect();
-        if let Some(up) = &self.upper {
+        // A parent that is not in the upper has nothing under it there: no upper stat (a
+        // cold walk of a lower tree then costs one stat per name, not two).
+        if let Some(up) = self.upper.as_ref().filter(|_| pupper) {
             if let Some(st) = up.dir.stat(&path)? {
                 if is_whiteout_stat(&st) {
                     return errno(libc::ENOENT);
@@ -767,8 +770,11 @@ impl Union {
             return errno(libc::ENOTDIR);
         }
         let ppath = self.path_of(parent)?;
-        let plowers = parent.state.read().lowers.clone();
-        let mut r = self.resolve_hinted(&ppath, &plowers, name, hint)?;
+        let (pupper, plowers) = {
+            let s = parent.state.read();
+            (s.upper, s.lowers.clone())
+        };
+        let mut r = self.resolve_hinted(&ppath, pupper, &plowers, name, hint)?;
         let st = r.st.take();
         let from_upper = r.upper;
         let node = self.install(parent, name, r)?;
@@ -806,8 +812,11 @@ impl Union {
     fn peek(&self, parent: &Arc<Node>, name: &OsStr) -> Result<Option<(Resolved, PathBuf)>> {
         check_name(name)?;
         let ppath = self.path_of(parent)?;
-        let plowers = parent.state.read().lowers.clone();
-        match self.resolve(&ppath, &plowers, name) {
+        let (pupper, plowers) = {
+            let s = parent.state.read();
+            (s.upper, s.lowers.clone())
+        };
+        match self.resolve(&ppath, pupper, &plowers, name) {
             Ok(r) => Ok(Some((r, ppath.join(name)))),
             Err(e) if e.errno() == libc::ENOENT => Ok(None),
             Err(e) => Err(e),
