@@ -91,6 +91,24 @@ impl VerlayFs {
         Some(b)
     }
 
+    /// A directory read at `offset`: the listing, the index to start at and the generation
+    /// for the entries' offsets. Handle 0 is a read without OPENDIR (the kernel's mode after
+    /// our ENOSYS); a real handle keeps its own snapshot (generation 0: offset = index + 1).
+    fn dir_read(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+    ) -> Result<(Arc<Vec<crate::union::dir::DirEntry>>, usize, u32), Error> {
+        if fh == 0 {
+            let r = self.union.readdir_at(ino, offset)?;
+            Ok((r.entries, r.start, r.gen))
+        } else {
+            let entries = self.union.readdir(ino, fh, offset)?;
+            Ok((entries, offset as usize, 0))
+        }
+    }
+
     fn release_backing(&self, ino: u64, fh: u64) {
         let Some(b) = self.backings.by_handle.lock().remove(&fh) else {
             return;
@@ -451,24 +469,22 @@ impl Filesystem for VerlayFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.union.opendir(ino.0) {
-            // The kernel may cache the listing and keep it across opens: every change to a
-            // directory's entries goes through this daemon, and the kernel drops the cache
-            // itself when it changes the directory (fuse_dir_changed).
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(fail("opendir", ino.0, &e)),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two requests for every
+        // directory a walk opens), reads directories with file handle 0 (served by
+        // Union::readdir_at) and caches listings (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE are its
+        // defaults then). The cache is right: every change to a directory's entries goes
+        // through this daemon, and the kernel drops the cache itself when it changes the
+        // directory (fuse_dir_changed). The kernel checks that the node is a directory.
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.union.readdir(ino.0, fh.0, offset) {
-            Ok(entries) => {
-                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(e.ino.max(1)), i as u64 + 1, file_type(e.kind), &e.name) {
+        match self.dir_read(ino.0, fh.0, offset) {
+            Ok((entries, start, gen)) => {
+                for (i, e) in entries.iter().enumerate().skip(start) {
+                    let next = crate::union::dir_cookie(gen, i + 1);
+                    if reply.add(INodeNo(e.ino.max(1)), next, file_type(e.kind), &e.name) {
                         break;
                     }
                 }
@@ -489,12 +505,12 @@ impl Filesystem for VerlayFs {
         // Entries come with their attributes, so `ls -l` and `find` need no LOOKUP each. Every
         // entry the kernel links takes a lookup reference; "." and ".." (node id 0) and
         // entries that do not fit take none.
-        let entries = match self.union.readdir(ino.0, fh.0, offset) {
-            Ok(e) => e,
+        let (entries, start, gen) = match self.dir_read(ino.0, fh.0, offset) {
+            Ok(r) => r,
             Err(e) => return reply.error(fail("readdirplus", ino.0, &e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let next = i as u64 + 1;
+        for (i, e) in entries.iter().enumerate().skip(start) {
+            let next = crate::union::dir_cookie(gen, i + 1);
             let dot = e.name == "." || e.name == "..";
             let looked_up = if dot {
                 None

@@ -219,6 +219,36 @@ pub struct DirHandle {
     entries: Mutex<Option<Arc<Vec<dir::DirEntry>>>>,
 }
 
+/// A merged listing read without a directory handle (see [`Union::readdir_at`]).
+#[derive(Debug)]
+struct Listing {
+    gen: u32,
+    entries: Arc<Vec<dir::DirEntry>>,
+}
+
+/// Listings kept per directory for readers without a handle: the newest ones, so a reader
+/// that started on an older snapshot still finds it after another reader started anew.
+const LISTINGS_PER_DIR: usize = 2;
+
+/// A position in a listing read without a handle: the snapshot's generation in the high
+/// 32 bits, the index of the next entry in the low 32. Generations stay below 2^31, so the
+/// offset is a positive loff_t.
+pub fn dir_cookie(gen: u32, next: usize) -> u64 {
+    (u64::from(gen) << 32) | next as u64
+}
+
+/// What a handle-less readdir returns: the listing, where to start in it, and its
+/// generation (for the cookies of the entries sent).
+#[derive(Debug)]
+pub struct DirRead {
+    /// the whole snapshot
+    pub entries: Arc<Vec<dir::DirEntry>>,
+    /// index of the first entry to send
+    pub start: usize,
+    /// generation of the snapshot, for [`dir_cookie`]
+    pub gen: u32,
+}
+
 /// The union filesystem.
 #[derive(Debug)]
 pub struct Union {
@@ -229,6 +259,9 @@ pub struct Union {
     nodes: NodeTable,
     files: RwLock<HashMap<u64, Arc<FileHandle>>>,
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
+    /// directory id -> listings being read without a handle, newest last
+    listings: Mutex<HashMap<u64, Vec<Listing>>>,
+    next_listing: std::sync::atomic::AtomicU32,
     next_fh: AtomicU64,
     opts: UnionOptions,
     /// all layers on one filesystem: real inode numbers are unique as they are
@@ -333,6 +366,8 @@ impl Union {
             }),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
+            next_listing: std::sync::atomic::AtomicU32::new(1),
             next_fh: AtomicU64::new(1),
             same_dev,
             invalidator: std::sync::OnceLock::new(),
@@ -852,6 +887,9 @@ impl Union {
     /// Drop `n` references; true when the node went away.
     fn forget_node(&self, id: u64, n: u64) -> bool {
         if let Some(node) = self.nodes.forget(id, n) {
+            if node.kind == Kind::Dir {
+                self.listings.lock().remove(&id);
+            }
             let st = node.state.read();
             if let Some(parent) = self.nodes.get(st.parent) {
                 let mut ch = parent.children.lock();
@@ -2030,6 +2068,62 @@ impl Union {
             *slot = Some(Arc::new(self.merged_entries(&node)?));
         }
         Ok(slot.clone().unwrap_or_default())
+    }
+
+    /// FUSE readdir without a directory handle, at `cookie` (0, or one made by
+    /// [`dir_cookie`] for an entry sent earlier).
+    ///
+    /// The FUSE adapter answers OPENDIR with ENOSYS, so the kernel sends no OPENDIR or
+    /// RELEASEDIR (two requests per directory a walk opens) and caches listings itself
+    /// (FOPEN_CACHE_DIR is the kernel's default without opendir). A read from 0 takes a
+    /// fresh snapshot of the merged listing; later reads name their snapshot by the
+    /// generation in the cookie, so offsets stay stable while the directory changes, as
+    /// with a handle. A snapshot is dropped when a read reaches its end (the kernel's last,
+    /// empty read), when newer ones push it out ([`LISTINGS_PER_DIR`]) or when the kernel
+    /// forgets the directory; a reader whose snapshot is gone continues at its index in a
+    /// fresh one.
+    pub fn readdir_at(&self, id: u64, cookie: u64) -> Result<DirRead> {
+        let node = self.node(id)?;
+        if node.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        let gen = (cookie >> 32) as u32;
+        let start = (cookie & u64::from(u32::MAX)) as usize;
+        if cookie != 0 {
+            let mut all = self.listings.lock();
+            if let Some(list) = all.get_mut(&id) {
+                if let Some(i) = list.iter().position(|l| l.gen == gen) {
+                    let entries = list[i].entries.clone();
+                    if start >= entries.len() {
+                        list.remove(i);
+                        if list.is_empty() {
+                            all.remove(&id);
+                        }
+                    }
+                    return Ok(DirRead { entries, start, gen });
+                }
+            }
+        }
+        let entries = Arc::new(self.merged_entries(&node)?);
+        let gen = loop {
+            // Below 2^31 and never 0 (see dir_cookie).
+            let g = self.next_listing.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            if g != 0 {
+                break g;
+            }
+        };
+        if start < entries.len() {
+            let mut all = self.listings.lock();
+            let list = all.entry(id).or_default();
+            if list.len() >= LISTINGS_PER_DIR {
+                list.remove(0);
+            }
+            list.push(Listing {
+                gen,
+                entries: entries.clone(),
+            });
+        }
+        Ok(DirRead { entries, start, gen })
     }
 
     /// FUSE releasedir.
