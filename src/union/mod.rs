@@ -1756,11 +1756,16 @@ impl Union {
         on_upper: bool,
         verified: bool,
     ) -> bool {
-        if node.kind != Kind::File || !self.passthrough.load(Ordering::Relaxed) {
+        if node.kind != Kind::File {
             return false;
         }
+        // Before the mount-wide switch: a node whose handles use passthrough must go on
+        // using it even after a later refusal turned passthrough off for new nodes.
         if let Some(other) = others.iter().find_map(|w| w.upgrade()) {
             return other.passthrough.load(Ordering::Acquire);
+        }
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return false;
         }
         if on_upper {
             true
