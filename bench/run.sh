@@ -11,7 +11,8 @@
 #   --reps N      run the mode sequence N times, interleaved: kernel, 1.10, 2.0,
 #                 verlay, then again kernel, 1.10, ... (default 1)
 #   --out FILE    markdown results file (default BENCH_ROOT/verlay-bench/<time>/results.md)
-#   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlay,verlayv (default all)
+#   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlay,verlayv,verlaynp
+#                 (default all but verlaynp; verlay and verlayv use passthrough=1, verlaynp not)
 #   --no-scaling  skip the create/unlink scaling workload
 #   --scaling-only  run only the scaling workload (no overlay-bench.sh, no RSS rows
 #                 but the scaling mount's)
@@ -104,15 +105,19 @@ declare -A SPEC OPTS LABEL VERSION
 SPEC[kernel]=kernel;               OPTS[kernel]="";         LABEL[kernel]="kernel overlayfs"
 SPEC[fo110]=fuse:$FO_C;            OPTS[fo110]="";          LABEL[fo110]="fuse-overlayfs 1.10"
 SPEC[fo20]=fuse:$FO_RS;            OPTS[fo20]="";           LABEL[fo20]="fuse-overlayfs 2.0"
-SPEC[verlay]=fuse:$VERLAY;         OPTS[verlay]=verify=off; LABEL[verlay]="verlay verify=off"
-SPEC[verlayv]=fuse:$VERLAY;        OPTS[verlayv]=verify=on; LABEL[verlayv]="verlay verify=on"
+# verlay and verlayv run with FUSE passthrough (opt-in); verlaynp is verlay's default
+# (every write through the daemon: strict fsync-failure refusal and commit pauses).
+SPEC[verlay]=fuse:$VERLAY;   OPTS[verlay]=verify=off,passthrough=1; LABEL[verlay]="verlay verify=off"
+SPEC[verlayv]=fuse:$VERLAY;  OPTS[verlayv]=verify=on,passthrough=1; LABEL[verlayv]="verlay verify=on"
+SPEC[verlaynp]=fuse:$VERLAY; OPTS[verlaynp]=verify=off;             LABEL[verlaynp]="verlay verify=off passthrough=0"
 VERSION[kernel]="overlay params: $(for p in /sys/module/overlay/parameters/*; do printf '%s=%s ' "$(basename "$p")" "$(cat "$p" 2>/dev/null)"; done)"
 VERSION[fo110]=$("$FO_C" --version 2>&1 | grep -v 'unknown argument' | head -2 | tr '\n' ' ')
 VERSION[fo20]=$("$FO_RS" --version 2>&1 | grep -v 'unknown argument' | head -2 | tr '\n' ' ')
 VERSION[verlay]="verlay $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo '?'), release build"
 VERSION[verlayv]="${VERSION[verlay]}; layers sealed with verlay layer seal (manifests beside them)"
+VERSION[verlaynp]=${VERSION[verlay]}
 IFS=, read -r -a MODE_IDS <<< "$MODES"
-for m in "${MODE_IDS[@]}"; do [ -n "${SPEC[$m]:-}" ] || die "unknown mode '$m' (kernel,fo110,fo20,verlay,verlayv)"; done
+for m in "${MODE_IDS[@]}"; do [ -n "${SPEC[$m]:-}" ] || die "unknown mode '$m' (kernel,fo110,fo20,verlay,verlayv,verlaynp)"; done
 # verify=on needs manifests beside the cached layers (sealing reads them; it changes nothing
 # in them). verify=off ignores the manifests.
 if [[ ",$MODES," == *,verlayv,* ]]; then

@@ -117,8 +117,11 @@ pub struct OverlayOptions {
     pub noacl: bool,
     /// `noxattrs=1`: refuse extended attributes (ENOTSUP).
     pub noxattrs: bool,
-    /// `writeback=0|1`: the kernel's writeback cache; default on.
+    /// `writeback=0|1`: accepted for fuse-overlayfs compatibility and ignored: verlay never
+    /// turns on the kernel's writeback cache (docs/benchmarks.md says why).
     pub writeback: bool,
+    /// `passthrough=0|1`: FUSE passthrough for open upper files (root only); default off.
+    pub passthrough: bool,
     /// `fast_ino=0|1`: fuse-overlayfs's cheaper inode numbering; accepted for
     /// compatibility, the union decides whether it matters.
     pub fast_ino: bool,
@@ -155,6 +158,7 @@ impl Default for OverlayOptions {
             noacl: false,
             noxattrs: false,
             writeback: true,
+            passthrough: false,
             fast_ino: false,
             xattr_permissions: 0,
             fuse_options: Vec::new(),
@@ -316,7 +320,9 @@ DURABILITY:
                         removed (after one syncfs) at a clean unmount; a mount that finds
                         it after an unclean stop (daemon killed, crash) refuses.
     volatile_recover    accept such an upper as it is: remove the marker and mount.
-    writeback=0|1       let the kernel cache writes (default 1).
+    writeback=0|1       accepted for fuse-overlayfs compatibility; verlay never lets
+                        the kernel hold dirty pages of the upper (writes reach the
+                        daemon, or the upper file directly with passthrough).
 
 OWNERSHIP:
     uidmapping=C:H:L[:C:H:L...]
@@ -345,6 +351,12 @@ BEHAVIOUR:
     static_nlink        report nlink 1 for directories (cheaper, like fuse-overlayfs).
     noacl               do not support POSIX ACLs.
     noxattrs=0|1        1: refuse extended attributes.
+    passthrough=0|1     1: as root, reads and writes of open upper files go straight to
+                        the upper file in the kernel (FUSE passthrough): near-kernel write
+                        speed, but writes through files already open can then be neither
+                        refused after a failed fsync nor paused by verlay commit (which
+                        refuses while such files are open). 0 (default): every write
+                        goes through the daemon.
     timeout=SECONDS     how long the kernel may cache names and attributes (e.g. 1.5).
     threaded=N          N worker threads; 0 single-threaded; 1 the default count.
     fast_ino=0|1        accepted for fuse-overlayfs compatibility.
@@ -632,6 +644,7 @@ fn apply_option(
             opts.volatile_recover = true;
         }
         "writeback" => opts.writeback = opt.bool01()?,
+        "passthrough" => opts.passthrough = opt.bool01()?,
         "uidmapping" => opts.uid_mappings = opt.mappings()?,
         "gidmapping" => opts.gid_mappings = opt.mappings()?,
         "squash_to_root" => {

@@ -1447,6 +1447,17 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
     let frozen = daemon
         .request(json!({"op": "freeze"}))
         .map_err(|e| Error::io("commit.freeze", &daemon.socket, e))?;
+    if frozen.get("error").and_then(Value::as_str) == Some("passthrough-writers") {
+        let n = frozen.get("count").and_then(Value::as_u64).unwrap_or(0);
+        return Err(Error::usage(
+            format!("verlay commit {}", a.mountpoint.display()),
+            format!(
+                "{n} file(s) are open for writing on a mount with passthrough=1: their writes go \
+                 straight to the upper file and cannot be paused for a point-in-time copy"
+            ),
+            "close them and commit again, or remount without passthrough=1",
+        ));
+    }
     if frozen.get("ok").and_then(Value::as_bool) != Some(true) {
         return Err(Error::io(
             "commit.freeze",
@@ -1639,6 +1650,7 @@ fn merged_view(tree: &Path, lowers: &[PathBuf]) -> Result<crate::union::Union> {
         crate::union::UnionOptions {
             ids: Default::default(),
             verified,
+            passthrough: false,
         },
     )
 }

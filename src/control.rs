@@ -234,6 +234,16 @@ fn serve_one(union: &Weak<Union>, conn: UnixStream) -> std::io::Result<()> {
             Some("freeze") => {
                 let asked = Instant::now();
                 let frozen = union.freeze();
+                // Writable opens hold the gate, so no new passthrough writer appears now; those
+                // already open write straight to the upper file and cannot be paused.
+                let bypassing = union.passthrough_writers();
+                if bypassing > 0 {
+                    drop(frozen);
+                    return send(
+                        &mut w,
+                        &json!({"ok": false, "error": "passthrough-writers", "count": bypassing}),
+                    );
+                }
                 let held = Instant::now();
                 crate::upper::crash_point("gate.freeze");
                 let mut answer = describe(union);

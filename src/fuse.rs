@@ -3,38 +3,123 @@
 //! No overlay decisions are made here. Errors become errnos through [`Error::errno`] in
 //! [`fail`], the one place that happens.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use parking_lot::Mutex;
 use rustix::fs::Timespec;
-use tracing::{debug, error, trace};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::error::Error;
 use crate::layer::Kind;
 use crate::union::{Attr, Ctx, SetAttr, Union};
 
 /// Largest write the kernel may send in one request (fuser's buffer holds 16 MiB).
-const MAX_WRITE: u32 = 1 << 20;
+pub const MAX_WRITE: u32 = 1 << 20;
+
+/// Stacking depth of the backing files passthrough accepts: 1 lets the upper be on any
+/// plain filesystem, and keeps verlay itself usable as a layer of kernel overlayfs (the
+/// kernel gives the FUSE mount this depth, and allows 2 in all).
+const PASSTHROUGH_STACK_DEPTH: u32 = 1;
 
 /// The FUSE filesystem: a union plus the cache lifetimes we promise the kernel.
 #[derive(Debug)]
 pub struct VerlayFs {
     union: Arc<Union>,
     ttl: Duration,
+    backings: Backings,
+}
+
+/// Passthrough backing files. The kernel wants one backing file per inode for as long as
+/// any passthrough file of the inode is open, so open handles share it; it is closed
+/// (FUSE_DEV_IOC_BACKING_CLOSE, on drop) when the inode's last passthrough handle is
+/// released. Open files keep their own reference in the kernel.
+#[derive(Debug, Default)]
+struct Backings {
+    /// node id -> the backing file its open handles share
+    by_node: Mutex<HashMap<u64, Weak<BackingId>>>,
+    /// file handle -> its reference
+    by_handle: Mutex<HashMap<u64, Arc<BackingId>>>,
 }
 
 impl VerlayFs {
     /// Serve `union`, letting the kernel cache entries and attributes for `ttl`.
     pub fn new(union: Arc<Union>, ttl: Duration) -> VerlayFs {
-        VerlayFs { union, ttl }
+        VerlayFs {
+            union,
+            ttl,
+            backings: Backings::default(),
+        }
+    }
+
+    /// The backing file for passthrough handle `fh` of node `ino`: the node's shared one,
+    /// or a new one from the handle's fd. None for a handle the daemon serves, or when
+    /// the kernel refuses (then the handle and the mount fall back to the daemon).
+    fn backing(
+        &self,
+        ino: u64,
+        fh: u64,
+        open: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let fd = self.union.passthrough_fd(fh)?;
+        let mut by_node = self.backings.by_node.lock();
+        let b = match by_node.get(&ino).and_then(Weak::upgrade) {
+            Some(b) => b,
+            None => match open(&fd) {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    by_node.insert(ino, Arc::downgrade(&b));
+                    b
+                }
+                Err(e) => {
+                    warn!(ino, error = %e, "kernel refused a passthrough backing file; serving reads and writes in the daemon");
+                    self.union.passthrough_refused(fh);
+                    return None;
+                }
+            },
+        };
+        self.backings.by_handle.lock().insert(fh, b.clone());
+        Some(b)
+    }
+
+    /// A directory read at `offset`: the listing, the index to start at and the generation
+    /// for the entries' offsets. Handle 0 is a read without OPENDIR (the kernel's mode after
+    /// our ENOSYS); a real handle keeps its own snapshot (generation 0: offset = index + 1).
+    fn dir_read(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+    ) -> Result<(Arc<Vec<crate::union::dir::DirEntry>>, usize, u32), Error> {
+        if fh == 0 {
+            let r = self.union.readdir_at(ino, offset)?;
+            Ok((r.entries, r.start, r.gen))
+        } else {
+            let entries = self.union.readdir(ino, fh, offset)?;
+            Ok((entries, offset as usize, 0))
+        }
+    }
+
+    fn release_backing(&self, ino: u64, fh: u64) {
+        let Some(b) = self.backings.by_handle.lock().remove(&fh) else {
+            return;
+        };
+        let mut by_node = self.backings.by_node.lock();
+        if Arc::strong_count(&b) == 1 {
+            by_node.remove(&ino);
+        }
+        // The last reference closes the backing id (under the lock, so an open of the same
+        // node never finds a closed one).
+        drop(b);
     }
 }
 
@@ -143,6 +228,16 @@ impl Filesystem for VerlayFs {
         }
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
+        // Passthrough excludes the writeback cache, which verlay never asks for anyway.
+        let passthrough = self.union.passthrough_offered()
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(PASSTHROUGH_STACK_DEPTH).is_ok();
+        if passthrough {
+            info!("FUSE passthrough on for open upper files");
+        } else {
+            self.union.disable_passthrough();
+        }
         Ok(())
     }
 
@@ -290,6 +385,9 @@ impl Filesystem for VerlayFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.union.open(&ctx(req), ino.0, flags.0) {
             Ok(fh) => {
+                if let Some(b) = self.backing(ino.0, fh, |fd| reply.open_backing(fd)) {
+                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
+                }
                 let flags = if self.union.keep_cache(fh) {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {
@@ -344,13 +442,15 @@ impl Filesystem for VerlayFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close (no writeback cache, no POSIX locks in the daemon), and
+        // ENOSYS makes the kernel stop sending FLUSH: one request less per close(2).
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -358,6 +458,7 @@ impl Filesystem for VerlayFs {
         reply: ReplyEmpty,
     ) {
         self.union.release(fh.0);
+        self.release_backing(ino.0, fh.0);
         reply.ok();
     }
 
@@ -368,24 +469,22 @@ impl Filesystem for VerlayFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.union.opendir(ino.0) {
-            // The kernel may cache the listing and keep it across opens: every change to a
-            // directory's entries goes through this daemon, and the kernel drops the cache
-            // itself when it changes the directory (fuse_dir_changed).
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(fail("opendir", ino.0, &e)),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two requests for every
+        // directory a walk opens), reads directories with file handle 0 (served by
+        // Union::readdir_at) and caches listings (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE are its
+        // defaults then). The cache is right: every change to a directory's entries goes
+        // through this daemon, and the kernel drops the cache itself when it changes the
+        // directory (fuse_dir_changed). The kernel checks that the node is a directory.
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.union.readdir(ino.0, fh.0, offset) {
-            Ok(entries) => {
-                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(e.ino.max(1)), i as u64 + 1, file_type(e.kind), &e.name) {
+        match self.dir_read(ino.0, fh.0, offset) {
+            Ok((entries, start, gen)) => {
+                for (i, e) in entries.iter().enumerate().skip(start) {
+                    let next = crate::union::dir_cookie(gen, i + 1);
+                    if reply.add(INodeNo(e.ino.max(1)), next, file_type(e.kind), &e.name) {
                         break;
                     }
                 }
@@ -406,12 +505,12 @@ impl Filesystem for VerlayFs {
         // Entries come with their attributes, so `ls -l` and `find` need no LOOKUP each. Every
         // entry the kernel links takes a lookup reference; "." and ".." (node id 0) and
         // entries that do not fit take none.
-        let entries = match self.union.readdir(ino.0, fh.0, offset) {
-            Ok(e) => e,
+        let (entries, start, gen) = match self.dir_read(ino.0, fh.0, offset) {
+            Ok(r) => r,
             Err(e) => return reply.error(fail("readdirplus", ino.0, &e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let next = i as u64 + 1;
+        for (i, e) in entries.iter().enumerate().skip(start) {
+            let next = crate::union::dir_cookie(gen, i + 1);
             let dot = e.name == "." || e.name == "..";
             let looked_up = if dot {
                 None
@@ -533,14 +632,25 @@ impl Filesystem for VerlayFs {
         reply: ReplyCreate,
     ) {
         match self.union.create(&ctx(req), parent.0, name, mode, flags) {
-            Ok((e, fh)) => reply.created_with_nodeid(
-                &self.ttl,
-                INodeNo(e.id),
-                &fuse_attr(&e.attr),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((e, fh)) => match self.backing(e.id, fh, |fd| reply.open_backing(fd)) {
+                Some(b) => reply.created_with_nodeid_passthrough(
+                    &self.ttl,
+                    INodeNo(e.id),
+                    &fuse_attr(&e.attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    &b,
+                ),
+                None => reply.created_with_nodeid(
+                    &self.ttl,
+                    INodeNo(e.id),
+                    &fuse_attr(&e.attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+            },
             Err(e) => reply.error(fail("create", parent.0, &e)),
         }
     }

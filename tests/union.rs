@@ -2007,3 +2007,42 @@ fn layer_spec_builds_kernel_and_oci_forms() {
         Some(255)
     );
 }
+
+/// Reads without a directory handle (the kernel after OPENDIR answered ENOSYS) name their
+/// snapshot in the offset: a reader keeps its listing while the directory changes (no entry
+/// skipped or repeated), a read from 0 sees the change, and the snapshot goes at its end.
+#[test]
+fn readdir_without_handle_keeps_its_snapshot_across_changes() {
+    let fx = Fx::new(Some("d d; f d/a; f d/b"), &["f d/c; f d/e"]);
+    let id = fx.id("d").expect("lookup d");
+    let names = |r: &verlay::union::DirRead| -> Vec<String> {
+        r.entries[r.start..]
+            .iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect()
+    };
+    let first = fx.u.readdir_at(id, 0).expect("readdir_at 0");
+    let all = names(&first);
+    assert_eq!(all.len(), 6, "{all:?}"); // . .. a b c e
+    let (dir, base) = fx.parent("d/a").expect("parent");
+    fx.u.unlink(&ROOT, dir, name(&base)).expect("unlink d/a");
+    let cont =
+        fx.u.readdir_at(id, verlay::union::dir_cookie(first.gen, 3))
+            .expect("readdir_at 3");
+    assert_eq!(cont.gen, first.gen, "the reader keeps its snapshot");
+    assert_eq!(names(&cont), all[3..].to_vec());
+    let fresh = fx.u.readdir_at(id, 0).expect("readdir_at 0 again");
+    assert_ne!(fresh.gen, first.gen);
+    assert!(!names(&fresh).contains(&"a".to_string()), "{:?}", names(&fresh));
+    // The kernel's last read (past the end) drops the snapshot; a late reader continues at
+    // its index in a new one.
+    let end =
+        fx.u.readdir_at(id, verlay::union::dir_cookie(first.gen, all.len()))
+            .expect("readdir_at end");
+    assert_eq!(end.start, end.entries.len());
+    let late =
+        fx.u.readdir_at(id, verlay::union::dir_cookie(first.gen, 2))
+            .expect("readdir_at late");
+    assert_ne!(late.gen, first.gen);
+    assert_eq!(names(&late).len(), 3, "{:?}", names(&late));
+}

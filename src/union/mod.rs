@@ -183,6 +183,9 @@ pub struct UnionOptions {
     pub ids: IdMap,
     /// per lower layer (same order): its manifest, when it is verified
     pub verified: Vec<Option<Arc<VerifiedLayer>>>,
+    /// offer FUSE passthrough for open files (the adapter turns it off when the kernel or
+    /// the daemon's privileges do not allow it)
+    pub passthrough: bool,
 }
 
 /// An open file.
@@ -196,6 +199,9 @@ pub struct FileHandle {
     on_upper: std::sync::atomic::AtomicBool,
     /// a lower file of a verified layer: what to check its reads against
     verify: Option<HandleVerify>,
+    /// the kernel reads and writes this file itself, through a passthrough backing file
+    /// on `fd`'s file; reads and writes of the handle never come to the daemon
+    passthrough: std::sync::atomic::AtomicBool,
 }
 
 /// What a handle on a verified lower file checks each read against.
@@ -213,6 +219,36 @@ pub struct DirHandle {
     entries: Mutex<Option<Arc<Vec<dir::DirEntry>>>>,
 }
 
+/// A merged listing read without a directory handle (see [`Union::readdir_at`]).
+#[derive(Debug)]
+struct Listing {
+    gen: u32,
+    entries: Arc<Vec<dir::DirEntry>>,
+}
+
+/// Listings kept per directory for readers without a handle: the newest ones, so a reader
+/// that started on an older snapshot still finds it after another reader started anew.
+const LISTINGS_PER_DIR: usize = 2;
+
+/// A position in a listing read without a handle: the snapshot's generation in the high
+/// 32 bits, the index of the next entry in the low 32. Generations stay below 2^31, so the
+/// offset is a positive loff_t.
+pub fn dir_cookie(gen: u32, next: usize) -> u64 {
+    (u64::from(gen) << 32) | next as u64
+}
+
+/// What a handle-less readdir returns: the listing, where to start in it, and its
+/// generation (for the cookies of the entries sent).
+#[derive(Debug)]
+pub struct DirRead {
+    /// the whole snapshot
+    pub entries: Arc<Vec<dir::DirEntry>>,
+    /// index of the first entry to send
+    pub start: usize,
+    /// generation of the snapshot, for [`dir_cookie`]
+    pub gen: u32,
+}
+
 /// The union filesystem.
 #[derive(Debug)]
 pub struct Union {
@@ -223,6 +259,9 @@ pub struct Union {
     nodes: NodeTable,
     files: RwLock<HashMap<u64, Arc<FileHandle>>>,
     dirs: RwLock<HashMap<u64, Arc<DirHandle>>>,
+    /// directory id -> listings being read without a handle, newest last
+    listings: Mutex<HashMap<u64, Vec<Listing>>>,
+    next_listing: std::sync::atomic::AtomicU32,
     next_fh: AtomicU64,
     opts: UnionOptions,
     /// all layers on one filesystem: real inode numbers are unique as they are
@@ -231,6 +270,8 @@ pub struct Union {
     invalidator: std::sync::OnceLock<Invalidator>,
     /// nodes forgotten so far (drives returning memory to the system)
     forgotten: AtomicU64,
+    /// FUSE passthrough may be offered (see [`Union::open`])
+    passthrough: std::sync::atomic::AtomicBool,
     /// The commit gate: every change to the upper holds it shared ([`Union::hold_changes`]),
     /// `verlay commit` holds it exclusive while it copies the upper ([`Union::freeze`]), so
     /// the copy is the upper at one instant (docs/ordering.md, "commit").
@@ -354,12 +395,15 @@ impl Union {
             }),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
+            next_listing: std::sync::atomic::AtomicU32::new(1),
             next_fh: AtomicU64::new(1),
-            opts,
             same_dev,
             invalidator: std::sync::OnceLock::new(),
             forgotten: AtomicU64::new(0),
             commit_gate: RwLock::new(()),
+            passthrough: std::sync::atomic::AtomicBool::new(opts.passthrough),
+            opts,
         };
         // The root merges every layer's root, unless the upper root is opaque.
         let root = u.node(ROOT_ID)?;
@@ -567,13 +611,14 @@ impl Union {
 
     /// Find `name` under a parent whose merged path is `ppath` and whose lower dirs are
     /// `plowers`. ENOENT when nothing (or a whiteout) is there.
-    fn resolve(&self, ppath: &Path, plowers: &[LowerRef], name: &OsStr) -> Result<Resolved> {
-        self.resolve_hinted(ppath, plowers, name, None)
+    fn resolve(&self, ppath: &Path, pupper: bool, plowers: &[LowerRef], name: &OsStr) -> Result<Resolved> {
+        self.resolve_hinted(ppath, pupper, plowers, name, None)
     }
 
     fn resolve_hinted(
         &self,
         ppath: &Path,
+        pupper: bool,
         plowers: &[LowerRef],
         name: &OsStr,
         hint: Option<LowerHint>,
@@ -591,7 +636,9 @@ impl Union {
                 path: p.path.join(name),
             })
             .collect();
-        if let Some(up) = &self.upper {
+        // A parent that is not in the upper has nothing under it there: no upper stat (a
+        // cold walk of a lower tree then costs one stat per name, not two).
+        if let Some(up) = self.upper.as_ref().filter(|_| pupper) {
             if let Some(st) = up.dir.stat(&path)? {
                 if is_whiteout_stat(&st) {
                     return errno(libc::ENOENT);
@@ -815,8 +862,11 @@ impl Union {
             return errno(libc::ENOTDIR);
         }
         let ppath = self.path_of(parent)?;
-        let plowers = parent.state.read().lowers.clone();
-        let mut r = self.resolve_hinted(&ppath, &plowers, name, hint)?;
+        let (pupper, plowers) = {
+            let s = parent.state.read();
+            (s.upper, s.lowers.clone())
+        };
+        let mut r = self.resolve_hinted(&ppath, pupper, &plowers, name, hint)?;
         let st = r.st.take();
         let from_upper = r.upper;
         let node = self.install(parent, name, r)?;
@@ -854,8 +904,11 @@ impl Union {
     fn peek(&self, parent: &Arc<Node>, name: &OsStr) -> Result<Option<(Resolved, PathBuf)>> {
         check_name(name)?;
         let ppath = self.path_of(parent)?;
-        let plowers = parent.state.read().lowers.clone();
-        match self.resolve(&ppath, &plowers, name) {
+        let (pupper, plowers) = {
+            let s = parent.state.read();
+            (s.upper, s.lowers.clone())
+        };
+        match self.resolve(&ppath, pupper, &plowers, name) {
             Ok(r) => Ok(Some((r, ppath.join(name)))),
             Err(e) if e.errno() == libc::ENOENT => Ok(None),
             Err(e) => Err(e),
@@ -891,6 +944,9 @@ impl Union {
     /// Drop `n` references; true when the node went away.
     fn forget_node(&self, id: u64, n: u64) -> bool {
         if let Some(node) = self.nodes.forget(id, n) {
+            if node.kind == Kind::Dir {
+                self.listings.lock().remove(&id);
+            }
             let st = node.state.read();
             if let Some(parent) = self.nodes.get(st.parent) {
                 let mut ch = parent.children.lock();
@@ -1356,7 +1412,7 @@ impl Union {
         )?;
         let fd = fd.ok_or(Error::Errno(libc::EIO))?;
         let node = self.node(entry.id)?;
-        let fh = self.add_file(node, fd, true);
+        let fh = self.add_file(node, fd, true, true, None)?;
         Ok((entry, fh))
     }
 
@@ -1706,32 +1762,120 @@ impl Union {
 
     // ---------------------------------------------------------------- files
 
-    fn add_file(&self, node: Arc<Node>, fd: OwnedFd, writable: bool) -> u64 {
-        self.add_file_verified(node, fd, writable, None)
-    }
-
-    fn add_file_verified(
+    /// Register an open file; `on_upper`: `fd` is on the upper object.
+    ///
+    /// Done under the node's handle lock, which a copy-up's handle switch also takes: a
+    /// copy-up that finished after `fd` was opened on the lower is never missed (the handle
+    /// is opened again on the upper copy, and has nothing left to verify). The passthrough
+    /// choice is made under the same lock (see [`Union::wants_passthrough`]).
+    fn add_file(
         &self,
         node: Arc<Node>,
         fd: OwnedFd,
+        on_upper: bool,
         writable: bool,
         verify: Option<HandleVerify>,
-    ) -> u64 {
-        let on_upper = node.state.read().upper;
+    ) -> Result<u64> {
+        let mut hs = node.handles.lock();
+        hs.retain(|w| w.strong_count() > 0);
+        let (fd, on_upper, verify) = if !on_upper && node.state.read().upper {
+            let path = self.path_of(&node)?;
+            (self.upper()?.dir.open_file(&path, OFlags::RDONLY)?, true, None)
+        } else {
+            (fd, on_upper, verify)
+        };
+        let passthrough = self.wants_passthrough(&node, &hs, on_upper, verify.is_some());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h = Arc::new(FileHandle {
             fd: RwLock::new(Arc::new(fd)),
             writable,
             on_upper: std::sync::atomic::AtomicBool::new(on_upper),
             verify,
+            passthrough: std::sync::atomic::AtomicBool::new(passthrough),
         });
-        {
-            let mut hs = node.handles.lock();
-            hs.retain(|w| w.strong_count() > 0);
-            hs.push(Arc::downgrade(&h));
-        }
+        hs.push(Arc::downgrade(&h));
+        drop(hs);
         self.files.write().insert(fh, h);
-        fh
+        Ok(fh)
+    }
+
+    /// Should a new handle of `node` use FUSE passthrough? `others`: the node's handles.
+    ///
+    /// - The kernel requires one mode for all open files of an inode: passthrough with one
+    ///   backing file, or its page cache (fuse_file_io_open fails the open with EIO
+    ///   otherwise). So a node with open handles keeps their mode.
+    /// - An upper file: yes. The upper object never changes identity while open (rename and
+    ///   unlink keep it), so the backing file stays the right one.
+    /// - A lower file under an upper: no. The backing file is fixed at open, so a reader
+    ///   would keep the lower after a copy-up (verlay switches it to the copy, as kernel
+    ///   overlayfs does), and the write-open that copies up would have to share the lower
+    ///   backing file: its writes would reach the lower layer (fuse-overlayfs 2.0's bug).
+    /// - A lower file of a read-only mount (no copy-up ever): yes, unless a manifest must
+    ///   check its reads (passthrough reads never reach the daemon).
+    fn wants_passthrough(
+        &self,
+        node: &Node,
+        others: &[std::sync::Weak<FileHandle>],
+        on_upper: bool,
+        verified: bool,
+    ) -> bool {
+        if node.kind != Kind::File {
+            return false;
+        }
+        // Before the mount-wide switch: a node whose handles use passthrough must go on
+        // using it even after a later refusal turned passthrough off for new nodes.
+        if let Some(other) = others.iter().find_map(|w| w.upgrade()) {
+            return other.passthrough.load(Ordering::Acquire);
+        }
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return false;
+        }
+        if on_upper {
+            true
+        } else {
+            self.upper.is_none() && !verified
+        }
+    }
+
+    /// The fd a passthrough handle's backing file is made from, or None for a handle the
+    /// daemon serves (reads, writes and the kernel's page cache).
+    pub fn passthrough_fd(&self, fh: u64) -> Option<Arc<OwnedFd>> {
+        let h = self.file(fh).ok()?;
+        if h.passthrough.load(Ordering::Acquire) {
+            Some(h.fd.read().clone())
+        } else {
+            None
+        }
+    }
+
+    /// The kernel refused a backing file (no CAP_SYS_ADMIN, or a stacking limit): serve
+    /// `fh` through the daemon, and stop offering passthrough for this mount.
+    pub fn passthrough_refused(&self, fh: u64) {
+        self.passthrough.store(false, Ordering::Relaxed);
+        if let Ok(h) = self.file(fh) {
+            h.passthrough.store(false, Ordering::Release);
+        }
+    }
+
+    /// Is passthrough wanted (and not yet turned off)?
+    pub fn passthrough_offered(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Turn passthrough off for this mount (the kernel did not offer it).
+    pub fn disable_passthrough(&self) {
+        self.passthrough.store(false, Ordering::Relaxed);
+    }
+
+    /// Open handles whose writes go straight to the upper file (passthrough), never
+    /// through the daemon: anything that must stop all writers (a point-in-time capture of
+    /// the upper) cannot pause these and has to wait for them to close.
+    pub fn passthrough_writers(&self) -> usize {
+        self.files
+            .read()
+            .values()
+            .filter(|h| h.writable && h.passthrough.load(Ordering::Acquire))
+            .count()
     }
 
     /// For a lower file of a verified layer: the chunk digests its reads are checked against.
@@ -1801,7 +1945,7 @@ impl Union {
             oflags.remove(OFlags::WRONLY);
             oflags.insert(OFlags::RDWR);
         }
-        let fd = self.open_real(&node, oflags)?;
+        let (fd, on_upper) = self.open_real(&node, oflags)?;
         if oflags.contains(OFlags::TRUNC) && ctx.uid != 0 {
             // The kernel leaves O_TRUNC to us (atomic_o_trunc), and the daemon truncates as
             // root; a truncation by an unprivileged caller must still drop setuid, and
@@ -1815,15 +1959,20 @@ impl Union {
                 rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode & 0o7777 & !kill))?;
             }
         }
-        let verify = self.handle_verify(&node, &fd)?;
-        Ok(self.add_file_verified(node, fd, writable, verify))
+        let verify = if on_upper {
+            None
+        } else {
+            self.handle_verify(&node, &fd)?
+        };
+        self.add_file(node, fd, on_upper, writable, verify)
     }
 
-    fn open_real(&self, node: &Node, oflags: OFlags) -> Result<OwnedFd> {
+    /// Open the object of `node`; true when the fd is on the upper object.
+    fn open_real(&self, node: &Node, oflags: OFlags) -> Result<(OwnedFd, bool)> {
         let st = node.snapshot();
         if st.upper {
             let path = self.path_of(node)?;
-            match self.upper()?.dir.open_file(&path, oflags) {
+            let fd = match self.upper()?.dir.open_file(&path, oflags) {
                 Err(e) if e.errno() == libc::EACCES && oflags.contains(OFlags::RDWR) => {
                     // An upgraded WRONLY open on a write-only file: open as asked.
                     let mut f = oflags;
@@ -1832,13 +1981,15 @@ impl Union {
                     self.upper()?.dir.open_file(&path, f)
                 }
                 r => r,
-            }
+            }?;
+            Ok((fd, true))
         } else {
             let l = st.lower.ok_or(Error::Errno(libc::ENOENT))?;
-            self.lowers[l.layer].open_file(
+            let fd = self.lowers[l.layer].open_file(
                 &l.path,
                 oflags & !(OFlags::RDWR | OFlags::WRONLY | OFlags::TRUNC | OFlags::APPEND),
-            )
+            )?;
+            Ok((fd, false))
         }
     }
 
@@ -1989,6 +2140,62 @@ impl Union {
             *slot = Some(Arc::new(self.merged_entries(&node)?));
         }
         Ok(slot.clone().unwrap_or_default())
+    }
+
+    /// FUSE readdir without a directory handle, at `cookie` (0, or one made by
+    /// [`dir_cookie`] for an entry sent earlier).
+    ///
+    /// The FUSE adapter answers OPENDIR with ENOSYS, so the kernel sends no OPENDIR or
+    /// RELEASEDIR (two requests per directory a walk opens) and caches listings itself
+    /// (FOPEN_CACHE_DIR is the kernel's default without opendir). A read from 0 takes a
+    /// fresh snapshot of the merged listing; later reads name their snapshot by the
+    /// generation in the cookie, so offsets stay stable while the directory changes, as
+    /// with a handle. A snapshot is dropped when a read reaches its end (the kernel's last,
+    /// empty read), when newer ones push it out ([`LISTINGS_PER_DIR`]) or when the kernel
+    /// forgets the directory; a reader whose snapshot is gone continues at its index in a
+    /// fresh one.
+    pub fn readdir_at(&self, id: u64, cookie: u64) -> Result<DirRead> {
+        let node = self.node(id)?;
+        if node.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        let gen = (cookie >> 32) as u32;
+        let start = (cookie & u64::from(u32::MAX)) as usize;
+        if cookie != 0 {
+            let mut all = self.listings.lock();
+            if let Some(list) = all.get_mut(&id) {
+                if let Some(i) = list.iter().position(|l| l.gen == gen) {
+                    let entries = list[i].entries.clone();
+                    if start >= entries.len() {
+                        list.remove(i);
+                        if list.is_empty() {
+                            all.remove(&id);
+                        }
+                    }
+                    return Ok(DirRead { entries, start, gen });
+                }
+            }
+        }
+        let entries = Arc::new(self.merged_entries(&node)?);
+        let gen = loop {
+            // Below 2^31 and never 0 (see dir_cookie).
+            let g = self.next_listing.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            if g != 0 {
+                break g;
+            }
+        };
+        if start < entries.len() {
+            let mut all = self.listings.lock();
+            let list = all.entry(id).or_default();
+            if list.len() >= LISTINGS_PER_DIR {
+                list.remove(0);
+            }
+            list.push(Listing {
+                gen,
+                entries: entries.clone(),
+            });
+        }
+        Ok(DirRead { entries, start, gen })
     }
 
     /// FUSE releasedir.

@@ -863,6 +863,10 @@ impl Subject {
     }
 }
 
+thread_local! {
+    static EXTRA_OPTS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::new();
@@ -965,6 +969,11 @@ impl MountGuard {
     }
 
     /// Spawn the subject binary; panics with its stderr if the mount does not appear in time.
+    /// Options the subject mounts of this thread add (e.g. `passthrough=1`).
+    pub fn set_extra_opts(opts: &str) {
+        EXTRA_OPTS.with(|o| *o.borrow_mut() = opts.to_string());
+    }
+
     pub fn fuse(
         bin: &Path,
         lowers: &[PathBuf],
@@ -974,12 +983,18 @@ impl MountGuard {
         log: &Path,
     ) -> MountGuard {
         let lower: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
-        let opts = format!(
+        let mut opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.join(":"),
             upper.display(),
             work.display()
         );
+        EXTRA_OPTS.with(|o| {
+            if !o.borrow().is_empty() {
+                opts.push(',');
+                opts.push_str(&o.borrow());
+            }
+        });
         let err = std::fs::File::create(log).unwrap();
         let mut child = Command::new(bin)
             .arg("-o")

@@ -561,6 +561,30 @@ impl ReplyCreate {
         ));
     }
 
+    /// Reply to a create with a node id that differs from `attr.ino` and a passthrough
+    /// backing file (verlay patch; see `created_with_nodeid` and `created_passthrough`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn created_with_nodeid_passthrough(
+        self,
+        ttl: &Duration,
+        nodeid: INodeNo,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: ll::FileHandle,
+        flags: FopenFlags,
+        backing_id: &BackingId,
+    ) {
+        self.reply.send_ll(&ll::ResponseStruct::new_create_with_nodeid(
+            nodeid.0,
+            ttl,
+            &attr.into(),
+            generation,
+            fh,
+            flags | FopenFlags::FOPEN_PASSTHROUGH,
+            backing_id.backing_id,
+        ));
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: Errno) {
         self.reply.error(err);
