@@ -1096,3 +1096,34 @@ fn pause_for_a_large_upper_is_reported() {
     f.read_exact(&mut first).unwrap();
     assert_eq!(first, [0x5a; 4]);
 }
+
+/// With `passthrough=1` writes through an open file go straight to the upper file and
+/// cannot be paused: a commit while such a file is open refuses (exit 2, `what: why (fix)`,
+/// no layer), and works again once it is closed.
+#[test]
+fn passthrough_writers_make_commit_refuse_until_closed() {
+    let r = Rig::new("passthrough");
+    lower_fixture(&r.lower);
+    let _d = Daemon::start(&format!("{},passthrough=1", r.opts()), &r.mnt, None);
+    let mut f = fs::File::create(r.mnt.join("log")).unwrap();
+    f.write_all(b"first line\n").unwrap();
+    let args = [
+        "commit",
+        r.mnt.to_str().unwrap(),
+        "--store",
+        r.store.to_str().unwrap(),
+    ];
+    let o = verlay(&args, None);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("passthrough=1") && err.contains("open for writing"),
+        "the refusal says why: {err}"
+    );
+    assert_eq!(store_layers(&r.store), BTreeSet::new(), "no layer published");
+    // The mount was thawed at once: the writer goes on.
+    f.write_all(b"second line\n").unwrap();
+    drop(f);
+    let (chain, _, _) = commit(&r, &[]);
+    verify_layer(&r, &chain);
+}
