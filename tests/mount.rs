@@ -1780,3 +1780,28 @@ fn st_ino_is_stable_across_copy_up_rename_and_remount() {
         ],
     );
 }
+
+/// fstat of an open directory after its rmdir: the kernel reports the lower directory's own
+/// nlink when it lives in one lower layer (it is still there), 1 for a merged one and 0 for
+/// an upper one (seed 30060 found verlay reporting 0 for the first).
+#[test]
+fn fstat_of_a_removed_open_dir_matches_the_kernel() {
+    case(
+        "fstat_removed_dir",
+        &["d only; d merged; f merged/x", "d merged; f merged/y"],
+        &[
+            "mkdir up 0755 umask=022",
+            "open 1 only r",
+            "open 2 merged r",
+            "open 3 up r",
+            "rmdir only",
+            "unlink merged/x",
+            "unlink merged/y",
+            "rmdir merged",
+            "rmdir up",
+            "fstat 1",
+            "fstat 2",
+            "fstat 3",
+        ],
+    );
+}

@@ -1034,9 +1034,11 @@ impl Union {
         if unlinked {
             if node.kind == Kind::Dir {
                 // A removed directory that is still open: what it was. The kernel reports
-                // nlink 1 for a merged one (its rule for merged dirs) and 0 for an upper one.
+                // nlink 1 for a merged one (its rule for merged dirs), 0 for an upper one, and
+                // the lower directory's own count for one that lives in a single lower layer
+                // (that directory is still there).
                 let mut a = *node.gone_attr.lock().clone().ok_or(Error::Errno(libc::ENOENT))?;
-                if a.nlink != 1 {
+                if a.nlink != 1 && node.state.read().upper {
                     a.nlink = 0;
                 }
                 return Ok(a);
