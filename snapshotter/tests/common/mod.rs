@@ -41,11 +41,13 @@ impl Snapshotter {
             cmd.env("VERLAY_SNAPSHOTTER_CRASH_AT", step);
         }
         let child = cmd.spawn().expect("spawn verlay-snapshotter");
+        // Wait for a connection to succeed, not for the file: bind(2) creates the file a
+        // moment before listen(2), and a connect in between is refused.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "socket {} did not appear",
+                "socket {} did not accept a connection",
                 sock.display()
             );
             std::thread::sleep(Duration::from_millis(10));
