@@ -60,11 +60,19 @@ def find_daemons(root_run):
 def rss_watch(out_path):
     root_run = os.path.join(os.environ.get("BENCH_ROOT", "/tmp/bl"), "run")
     hwm = {}          # pid -> last VmHWM seen (KiB)
+    anon = {}         # pid -> largest RssAnon seen (KiB): the daemon's own memory, without
+                      # file pages it has mapped (a verified layer's manifest, shared with
+                      # the page cache and reclaimable)
     alive = set()
     per_workload = {}
     order = []        # daemons in the order seen
     stdin = sys.stdin.buffer
     buf = b""
+
+    def see_anon(pid):
+        a = proc_status_kib(pid, "RssAnon")
+        if a is not None:
+            anon[pid] = max(anon.get(pid, 0), a)
 
     def refresh():
         for pid in list(alive):
@@ -73,6 +81,7 @@ def rss_watch(out_path):
                 alive.discard(pid)
             else:
                 hwm[pid] = max(hwm.get(pid, 0), v)
+                see_anon(pid)
         if not alive:
             for pid in find_daemons(root_run):
                 v = proc_status_kib(pid, "VmHWM")
@@ -81,6 +90,7 @@ def rss_watch(out_path):
                     if pid not in hwm:
                         order.append(pid)
                     hwm[pid] = max(hwm.get(pid, 0), v)
+                    see_anon(pid)
 
     pending = []      # (workload, pids) waiting for the daemons' final value
     eof = False
@@ -102,11 +112,16 @@ def rss_watch(out_path):
         refresh()
     if buf:
         sys.stdout.buffer.write(buf)
+    per_workload_anon = {}
     for name, pids in pending:
         vals = [hwm[p] for p in pids if p in hwm]
         if vals:
             per_workload[name] = max(vals)
+        vals = [anon[p] for p in pids if p in anon]
+        if vals:
+            per_workload_anon[name] = max(vals)
     json.dump({"per_workload_kib": per_workload,
+               "per_workload_anon_kib": per_workload_anon,
                "daemons": [{"pid": p, "vmhwm_kib": hwm[p]} for p in order],
                "max_kib": max(hwm.values()) if hwm else None},
               open(out_path, "w"), indent=1)
@@ -295,6 +310,12 @@ def table(run_path):
             if any(x["per_workload_kib"].get(w) for i in ids for x in rss[i]):
                 out.append(rss_row(f"**{title}**" if w == "statwalk-warm" else title,
                                    lambda i, w=w: [x["per_workload_kib"].get(w) for x in rss[i]]))
+            if w == "statwalk-warm" and any(x.get("per_workload_anon_kib", {}).get(w)
+                                            for i in ids for x in rss[i]):
+                out.append(rss_row("daemon peak anonymous RSS (RssAnon, without mapped files) "
+                                   "after the stat walks, MiB",
+                                   lambda i: [x.get("per_workload_anon_kib", {}).get("statwalk-warm")
+                                              for x in rss[i]]))
         out.append(rss_row("daemon peak RSS, largest over all mounts of the workload set, MiB",
                            lambda i: [x.get("max_kib") for x in rss[i]]))
     if any(sc_rss[i] for i in ids):

@@ -317,3 +317,124 @@ fn verify_require_refuses_a_layer_without_manifest_and_off_serves_damage() {
     .unwrap();
     assert_eq!(fs::read(m.mnt.join("big")).unwrap().len(), 1_000_000);
 }
+
+/// pread of `len` bytes at `at` with readahead off, so the daemon sees exactly this read.
+fn pread_at(f: &fs::File, at: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    let n = f.read_at(&mut buf, at)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn open_random(p: &Path) -> fs::File {
+    let f = fs::File::open(p).unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random).unwrap();
+    f
+}
+
+/// With 4 KiB chunks (what `layer seal` writes), a damaged byte fails only reads of its own
+/// 4 KiB chunk; reads of the neighbours, aligned or not, crossing chunk boundaries and the
+/// end of the file, return exactly the layer's bytes.
+#[test]
+fn damage_fails_only_its_own_4k_chunk_and_reads_around_it_are_exact() {
+    const AT: usize = 600_000; // chunk 146: bytes 598016..602112
+    let m = setup(
+        standard,
+        |_, base| {
+            let mut b = big(1);
+            b[AT] ^= 0x40;
+            fs::write(base.join("big"), b).unwrap();
+        },
+        "",
+    )
+    .unwrap();
+    let want = big(1);
+    let f = open_random(&m.mnt.join("big"));
+    let bad = 598_016u64..602_112;
+    eio(pread_at(&f, bad.start, 4096), "read of the damaged chunk");
+    eio(
+        pread_at(&f, 599_000, 100),
+        "unaligned read inside the damaged chunk",
+    );
+    // The kernel reads page by page: a read crossing into the damaged chunk returns the
+    // verified bytes before it (a short read), or EIO; never a damaged byte.
+    match pread_at(&f, bad.start - 10, 20) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "crossing read: {e}"),
+        Ok(got) => assert_eq!(
+            got,
+            want[bad.start as usize - 10..bad.start as usize],
+            "crossing read"
+        ),
+    }
+    let mut seed = 12345u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut cases: Vec<(u64, usize)> = vec![
+        (bad.start - 4096, 4096),
+        (bad.end, 4096),
+        (bad.end + 1, 8191),
+        (0, 1),
+        (999_999, 10),
+        (995_000, 65_536),
+        (1_000_000, 4096),
+    ];
+    for _ in 0..300 {
+        cases.push((next() % 1_000_100, (next() % 20_000) as usize + 1));
+    }
+    for (at, len) in cases {
+        let end = at + len as u64;
+        if at < bad.end && end > bad.start {
+            continue;
+        }
+        let lo = (at as usize).min(want.len());
+        let hi = (end as usize).min(want.len());
+        assert_eq!(
+            pread_at(&f, at, len).unwrap_or_else(|e| panic!("read {len} at {at}: {e}")),
+            want[lo..hi],
+            "read {len} at {at}"
+        );
+    }
+    logged(&m, "/base", "big");
+}
+
+/// A manifest of the first format (64 KiB chunks, no feature flag) still verifies: a damaged
+/// byte fails its whole 64 KiB chunk and nothing else.
+#[test]
+fn manifest_with_64k_chunks_still_verifies() {
+    use verlay::lower::manifest::{seal_with_chunk_size, Manifest, LEGACY_CHUNK_SIZE};
+    const AT: usize = 600_000; // chunk 9 of 64 KiB: bytes 589824..655360
+    let m = setup(
+        standard,
+        |_, base| {
+            seal_with_chunk_size(base, LEGACY_CHUNK_SIZE).unwrap();
+            let mut b = big(1);
+            b[AT] ^= 0x40;
+            fs::write(base.join("big"), b).unwrap();
+        },
+        "",
+    )
+    .unwrap();
+    let base = m._tmp.path().join("base");
+    let manifest = Manifest::open_beside(&base).unwrap().unwrap();
+    assert_eq!(manifest.chunk_size(), LEGACY_CHUNK_SIZE);
+    let want = big(1);
+    let f = open_random(&m.mnt.join("big"));
+    eio(
+        pread_at(&f, 590_000, 4096),
+        "read 10 KiB before the damage, same 64 KiB chunk",
+    );
+    eio(
+        pread_at(&f, 650_000, 10),
+        "read after the damage, same 64 KiB chunk",
+    );
+    assert_eq!(pread_at(&f, 585_728, 4096).unwrap(), want[585_728..589_824]);
+    assert_eq!(pread_at(&f, 655_360, 70_000).unwrap(), want[655_360..725_360]);
+    others_fine(&m, &["big"]);
+    logged(&m, "/base", "big");
+    scrub_reports(&base, "big");
+}

@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 use crate::lower::manifest::{self, Manifest};
 
 const VERIFY_USAGE: &str = "verlay verify [--store DIR] LAYER... | verlay verify --store DIR --all";
-const SEAL_USAGE: &str = "verlay layer seal DIR";
+const SEAL_USAGE: &str = "verlay layer seal [--chunk-size BYTES] DIR\n  \
+    --chunk-size BYTES  bytes per hashed chunk, a power of two from 4096 to 1048576 (default 4096; \
+    65536 writes the first manifest format, as older verlay did)";
 
 /// Length of the hex part of a `sha256:` chain ID.
 const SHA256_HEX_LEN: usize = 64;
@@ -257,11 +259,32 @@ pub fn verify(args: Vec<OsString>) -> Result<u8> {
 /// `verlay layer seal DIR`: writes `DIR.verlay-manifest` and prints `DIGEST MANIFEST_PATH`.
 pub fn seal(args: Vec<OsString>) -> Result<()> {
     let mut dirs = Vec::new();
-    for a in args {
+    let mut chunk_size = manifest::CHUNK_SIZE;
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
         match a.to_str() {
             Some("-h" | "--help") => {
                 println!("usage: {SEAL_USAGE}");
                 return Ok(());
+            }
+            Some("--chunk-size") => {
+                let v = args
+                    .next()
+                    .and_then(|v| v.to_str().and_then(|v| v.parse::<u64>().ok()));
+                chunk_size =
+                    match v {
+                        Some(n)
+                            if n.is_power_of_two()
+                                && (manifest::MIN_CHUNK_SIZE..=manifest::MAX_CHUNK_SIZE).contains(&n) =>
+                        {
+                            n
+                        }
+                        _ => return Err(Error::usage(
+                            "verlay layer seal --chunk-size",
+                            "needs a power of two from 4096 to 1048576",
+                            "leave it out for the default 4096, or pass 65536 for the first manifest format",
+                        )),
+                    };
             }
             Some(s) if s.starts_with('-') && s != "-" => {
                 return Err(Error::usage(
@@ -287,7 +310,7 @@ pub fn seal(args: Vec<OsString>) -> Result<()> {
             "pass the layer's directory (the one given in lowerdir=)",
         ));
     }
-    let digest = manifest::seal(dir)?;
+    let digest = manifest::seal_with_chunk_size(dir, chunk_size)?;
     println!("{digest} {}", manifest::manifest_path(dir).display());
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The layer manifest: what a lower layer must hold, entry by entry, and the sha256 of every
-//! 64 KiB chunk of every regular file. Its own sha256 is the layer's verity digest.
+//! chunk (4 KiB as written now; 64 KiB in older manifests) of every regular file. Its own
+//! sha256 is the layer's verity digest.
 //!
 //! Owns the on-disk format (byte by byte in `docs/layer-format.md`): [`build`] walks a layer
 //! and writes it, [`Manifest`] reads it through an mmap without parsing it up front (the
@@ -27,8 +28,23 @@ use crate::layer::{Kind, LayerDir};
 
 /// The manifest of `DIR` is the file `DIR.verlay-manifest` beside it.
 pub const MANIFEST_SUFFIX: &str = ".verlay-manifest";
-/// Size of a content chunk: each has its own sha256, so a random read verifies only what it touches.
-pub const CHUNK_SIZE: u64 = 64 * 1024;
+/// Size of a content chunk in the manifests this verlay writes: each chunk has its own
+/// sha256, so a read verifies only the chunks it touches. 4 KiB, the page size, so a random
+/// 4 KiB read reads and hashes nothing it was not asked for; the digests cost 32 bytes per
+/// 4 KiB (0.8 % of the layer, as for fs-verity's leaves).
+pub const CHUNK_SIZE: u64 = 4096;
+/// The chunk size of manifests without [`INCOMPAT_CHUNK_SIZE`] (the first format): still read.
+pub const LEGACY_CHUNK_SIZE: u64 = 64 * 1024;
+/// Smallest and largest chunk size a manifest may declare (powers of two in between).
+pub const MIN_CHUNK_SIZE: u64 = 4096;
+/// See [`MIN_CHUNK_SIZE`].
+pub const MAX_CHUNK_SIZE: u64 = 1024 * 1024;
+/// Incompat feature: the header's `chunk_size` is honoured (a power of two from
+/// [`MIN_CHUNK_SIZE`] to [`MAX_CHUNK_SIZE`]). Without it, chunks are [`LEGACY_CHUNK_SIZE`].
+/// Incompat because a reader that assumed 64 KiB would check the wrong bytes against each digest.
+pub const INCOMPAT_CHUNK_SIZE: u32 = 0x1;
+/// How much of a file is read at once to hash it (many chunks per read).
+const HASH_BLOCK: usize = 1024 * 1024;
 
 /// First 8 bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"VERLAYM\0";
@@ -41,7 +57,7 @@ pub const COMPAT_KNOWN: u32 = 0;
 pub const RO_COMPAT_KNOWN: u32 = 0;
 /// Incompat features this reader knows. An unknown one refuses the open: the file would be
 /// misread.
-pub const INCOMPAT_KNOWN: u32 = 0;
+pub const INCOMPAT_KNOWN: u32 = INCOMPAT_CHUNK_SIZE;
 
 /// Size of the header written by this version; readers accept a larger `header_size`.
 const HEADER_SIZE: usize = 128;
@@ -134,13 +150,22 @@ pub struct ManifestEntry {
     pub xattrs: Vec<(OsString, Vec<u8>)>,
     /// 0 = not hard-linked; entries sharing an inode share a non-zero group
     pub link_group: u32,
-    /// sha256 of each CHUNK_SIZE chunk of a regular file (last one short); empty for an empty file
+    /// sha256 of each chunk of a regular file (last one short); empty for an empty file, and
+    /// for entries read with [`Manifest::lookup_meta`] (see `chunk_first`)
     pub chunks: Vec<[u8; 32]>,
+    /// index of the file's first digest in the manifest's digest table (see
+    /// [`Manifest::chunk_digest`]); 0 for an entry not read from a manifest
+    pub chunk_first: u64,
 }
 
 /// Number of chunks of a regular file of `size` bytes.
-pub fn chunk_count(size: u64) -> u64 {
-    size.div_ceil(CHUNK_SIZE)
+pub fn chunk_count(size: u64, chunk_size: u64) -> u64 {
+    size.div_ceil(chunk_size)
+}
+
+/// The sha256 of each `chunk_size` piece of `data` (the last one may be short).
+pub fn chunk_digests(data: &[u8], chunk_size: u64) -> impl Iterator<Item = [u8; 32]> + '_ {
+    data.chunks(chunk_size as usize).map(chunk_digest)
 }
 
 /// sha256 of one chunk.
@@ -263,6 +288,7 @@ pub struct Manifest {
     strings: Section,
     digests: Section,
     ro_compat: u32,
+    chunk_size: u64,
     digest: OnceLock<String>,
 }
 
@@ -342,10 +368,16 @@ impl Manifest {
                 "use a newer verlay, or seal the layer again with this one",
             ));
         }
-        let chunk = le_u32(h, hdr::CHUNK_SIZE);
-        if u64::from(chunk) != CHUNK_SIZE {
+        let chunk_size = u64::from(le_u32(h, hdr::CHUNK_SIZE));
+        if incompat & INCOMPAT_CHUNK_SIZE == 0 {
+            if chunk_size != LEGACY_CHUNK_SIZE {
+                return Err(bad(format!(
+                    "chunk size {chunk_size} without the chunk-size feature, which means {LEGACY_CHUNK_SIZE}"
+                )));
+            }
+        } else if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
             return Err(bad(format!(
-                "chunk size {chunk}, version {VERSION} uses {CHUNK_SIZE}"
+                "chunk size {chunk_size}: not a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
             )));
         }
         let file_len = le_u64(h, hdr::FILE_LEN);
@@ -401,6 +433,7 @@ impl Manifest {
             strings,
             digests,
             ro_compat,
+            chunk_size,
             digest: OnceLock::new(),
             bytes,
         })
@@ -410,6 +443,25 @@ impl Manifest {
     /// first call (it reads every byte), then remembered.
     pub fn digest(&self) -> String {
         self.digest.get_or_init(|| sha256_id(&self.bytes)).clone()
+    }
+
+    /// Bytes per content chunk: each chunk of a regular file has its own digest.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// Digest number `index` of the digest table (an entry's chunk `i` is at
+    /// `chunk_first + i`), read in place: opening a file need not copy its digests.
+    pub fn chunk_digest(&self, index: u64) -> Result<[u8; 32]> {
+        let total = (self.digests.len / DIGEST_SIZE) as u64;
+        if index >= total {
+            return Err(self.corrupt(format!("digest {index} past the digest table ({total})")));
+        }
+        // In range: index < total, and the section check bounded the table by the file.
+        let at = self.digests.off + index as usize * DIGEST_SIZE;
+        let mut d = [0u8; 32];
+        d.copy_from_slice(&self.bytes[at..at + DIGEST_SIZE]);
+        Ok(d)
     }
 
     /// The manifest file.
@@ -498,13 +550,25 @@ impl Manifest {
     /// when the manifest does not list it (also for paths with `..` or a leading `/`, which
     /// no entry can have). O(log n).
     pub fn lookup(&self, rel: &Path) -> Result<Option<ManifestEntry>> {
+        self.find(rel)?.map(|i| self.entry(i)).transpose()
+    }
+
+    /// [`Manifest::lookup`] without copying the chunk digests (`chunks` is empty; they are
+    /// read in place with [`Manifest::chunk_digest`] from `chunk_first`). What a mount uses:
+    /// a 1 GiB file has 256 Ki digests.
+    pub fn lookup_meta(&self, rel: &Path) -> Result<Option<ManifestEntry>> {
+        self.find(rel)?.map(|i| self.decode(i, false)).transpose()
+    }
+
+    /// Index of the entry for `rel`.
+    fn find(&self, rel: &Path) -> Result<Option<usize>> {
         let Some((parent, name)) = split_key(rel) else {
             return Ok(None);
         };
         let key = (parent.as_slice(), name);
         let i = self.partition(0, self.count, |p, n| (p, n) < key)?;
         if i < self.count && self.key(i)? == key {
-            return self.entry(i).map(Some);
+            return Ok(Some(i));
         }
         Ok(None)
     }
@@ -527,6 +591,11 @@ impl Manifest {
         self.child_range(dir)?.map(|i| self.entry(i)).collect()
     }
 
+    /// [`Manifest::children`] without the chunk digests (as [`Manifest::lookup_meta`]).
+    pub fn children_meta(&self, dir: &Path) -> Result<Vec<ManifestEntry>> {
+        self.child_range(dir)?.map(|i| self.decode(i, false)).collect()
+    }
+
     /// Every entry, sorted by (parent path, name): a directory always comes before what it holds.
     pub fn iter(&self) -> impl Iterator<Item = Result<ManifestEntry>> + '_ {
         (0..self.count).map(move |i| self.entry(i))
@@ -534,6 +603,12 @@ impl Manifest {
 
     /// Decode entry `i`, checking every reference.
     pub fn entry(&self, i: usize) -> Result<ManifestEntry> {
+        self.decode(i, true)
+    }
+
+    /// Decode entry `i`; its digests are copied only `with_digests` (their range is checked
+    /// either way).
+    fn decode(&self, i: usize, with_digests: bool) -> Result<ManifestEntry> {
         let r = self.record(i)?;
         let parent = self.string(r, rec::PARENT, "parent")?;
         let name = self.string(r, rec::NAME, "name")?;
@@ -580,7 +655,11 @@ impl Manifest {
             let v = self.string(xr, 8, "xattr value")?;
             xattrs.push((OsStr::from_bytes(n).to_os_string(), v.to_vec()));
         }
-        let nchunks = if kind == Kind::File { chunk_count(size) } else { 0 };
+        let nchunks = if kind == Kind::File {
+            chunk_count(size, self.chunk_size)
+        } else {
+            0
+        };
         let first = le_u64(r, rec::CHUNK_FIRST);
         let digest_total = (self.digests.len / DIGEST_SIZE) as u64;
         if first.checked_add(nchunks).is_none_or(|end| end > digest_total) {
@@ -590,7 +669,8 @@ impl Manifest {
         }
         // In range: first + nchunks <= digest_total, which the section check bounded.
         let start = self.digests.off + first as usize * DIGEST_SIZE;
-        let table = &self.bytes[start..start + nchunks as usize * DIGEST_SIZE];
+        let take = if with_digests { nchunks as usize } else { 0 };
+        let table = &self.bytes[start..start + take * DIGEST_SIZE];
         let chunks = table
             .chunks_exact(DIGEST_SIZE)
             .map(|c| {
@@ -615,6 +695,7 @@ impl Manifest {
             xattrs,
             link_group: le_u32(r, rec::LINK_GROUP),
             chunks,
+            chunk_first: if kind == Kind::File { first } else { 0 },
         })
     }
 
@@ -747,13 +828,16 @@ fn st_size(st: &Stat) -> u64 {
 }
 
 /// Hash a regular file chunk by chunk; an error if its size changed under us.
-fn hash_file(layer: &LayerDir, rel: &Path, size: u64) -> Result<Vec<[u8; 32]>> {
+fn hash_file(layer: &LayerDir, rel: &Path, size: u64, chunk_size: u64) -> Result<Vec<[u8; 32]>> {
     let fd = layer
         .open_file(rel, OFlags::RDONLY)
         .map_err(|e| Error::io("open", rel, std::io::Error::from_raw_os_error(e.errno())))?;
     let mut f = std::fs::File::from(fd);
-    let mut buf = vec![0u8; CHUNK_SIZE as usize];
-    let mut out = Vec::with_capacity(chunk_count(size) as usize);
+    // Whole chunks per read (HASH_BLOCK and every chunk size are powers of two), and no
+    // bigger buffer than the file needs: most files of a layer are small.
+    let fits = size.div_ceil(chunk_size).max(1) * chunk_size;
+    let mut buf = vec![0u8; (HASH_BLOCK as u64).max(chunk_size).min(fits) as usize];
+    let mut out = Vec::with_capacity(chunk_count(size, chunk_size) as usize);
     let mut total = 0u64;
     loop {
         let n = read_full(&mut f, &mut buf).map_err(|e| Error::io("read", rel, e))?;
@@ -761,7 +845,7 @@ fn hash_file(layer: &LayerDir, rel: &Path, size: u64) -> Result<Vec<[u8; 32]>> {
             break;
         }
         total += n as u64;
-        out.push(chunk_digest(&buf[..n]));
+        out.extend(chunk_digests(&buf[..n], chunk_size));
         if n < buf.len() {
             break;
         }
@@ -815,9 +899,24 @@ fn read_xattrs(layer: &LayerDir, rel: &Path) -> Result<Vec<(OsString, Vec<u8>)>>
 }
 
 /// Walk a layer directory (not following symlinks, not crossing filesystems) and build the
-/// manifest bytes; deterministic (same tree => same bytes => same digest). Times are not
-/// recorded, so touching a file does not change the digest.
+/// manifest bytes with [`CHUNK_SIZE`] chunks; deterministic (same tree => same bytes => same
+/// digest). Times are not recorded, so touching a file does not change the digest.
 pub fn build(layer_dir: &Path) -> Result<Vec<u8>> {
+    build_with_chunk_size(layer_dir, CHUNK_SIZE)
+}
+
+/// [`build`] with another chunk size: [`LEGACY_CHUNK_SIZE`] gives exactly the first format
+/// (no feature flag), so an older layer's digest can be reproduced.
+pub fn build_with_chunk_size(layer_dir: &Path, chunk_size: u64) -> Result<Vec<u8>> {
+    if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(Error::usage(
+            "verlay layer seal",
+            format!(
+                "chunk size {chunk_size} is not a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+            ),
+            "use the default",
+        ));
+    }
     let layer = LayerDir::open(layer_dir, 0, "seal".into())?;
     let mut found = Vec::new();
     // Content of hard-linked files is hashed once per inode.
@@ -843,6 +942,7 @@ pub fn build(layer_dir: &Path) -> Result<Vec<u8>> {
             xattrs: read_xattrs(&layer, &rel)?,
             link_group: 0,
             chunks: Vec::new(),
+            chunk_first: 0,
         };
         match kind {
             Kind::Dir => {
@@ -869,7 +969,7 @@ pub fn build(layer_dir: &Path) -> Result<Vec<u8>> {
                 entry.chunks = match inode.and_then(|i| hashed.get(&i)) {
                     Some(c) => c.clone(),
                     None => {
-                        let c = hash_file(&layer, &rel, entry.size)?;
+                        let c = hash_file(&layer, &rel, entry.size, chunk_size)?;
                         if let Some(i) = inode {
                             hashed.insert(i, c.clone());
                         }
@@ -893,7 +993,7 @@ pub fn build(layer_dir: &Path) -> Result<Vec<u8>> {
     }
     found.sort_by(|a, b| (&a.parent, &a.name).cmp(&(&b.parent, &b.name)));
     assign_link_groups(&mut found);
-    encode(&found)
+    encode(&found, chunk_size)
 }
 
 /// Link groups numbered 1, 2, ... in entry order, only for inodes that appear at least twice
@@ -956,7 +1056,7 @@ impl Tables {
     }
 }
 
-fn encode(found: &[Found]) -> Result<Vec<u8>> {
+fn encode(found: &[Found], chunk_size: u64) -> Result<Vec<u8>> {
     let mut t = Tables::default();
     let mut entries = vec![0u8; found.len() * ENTRY_SIZE];
     for (f, r) in found.iter().zip(entries.chunks_exact_mut(ENTRY_SIZE)) {
@@ -997,8 +1097,14 @@ fn encode(found: &[Found]) -> Result<Vec<u8>> {
     put_u32(&mut out, hdr::HEADER_SIZE, HEADER_SIZE as u32);
     put_u32(&mut out, hdr::COMPAT, 0);
     put_u32(&mut out, hdr::RO_COMPAT, 0);
-    put_u32(&mut out, hdr::INCOMPAT, 0);
-    put_u32(&mut out, hdr::CHUNK_SIZE, CHUNK_SIZE as u32);
+    let incompat = if chunk_size == LEGACY_CHUNK_SIZE {
+        0
+    } else {
+        INCOMPAT_CHUNK_SIZE
+    };
+    put_u32(&mut out, hdr::INCOMPAT, incompat);
+    // Fits: at most MAX_CHUNK_SIZE (build_with_chunk_size checked it).
+    put_u32(&mut out, hdr::CHUNK_SIZE, chunk_size as u32);
     put_u64(&mut out, hdr::ENTRY_COUNT, found.len() as u64);
     put_u32(&mut out, hdr::ENTRY_SIZE, ENTRY_SIZE as u32);
     put_u64(&mut out, hdr::ENTRIES_OFF, entries_off as u64);
@@ -1027,7 +1133,12 @@ fn encode(found: &[Found]) -> Result<Vec<u8>> {
 /// write, fsync, rename over the old manifest, fsync the dir. A crash leaves the old manifest
 /// or the new one, never a torn one (at worst a stale `.NAME.tmp.PID` file). Returns the digest.
 pub fn seal(layer_dir: &Path) -> Result<String> {
-    let bytes = build(layer_dir)?;
+    seal_with_chunk_size(layer_dir, CHUNK_SIZE)
+}
+
+/// [`seal`] with [`build_with_chunk_size`].
+pub fn seal_with_chunk_size(layer_dir: &Path, chunk_size: u64) -> Result<String> {
+    let bytes = build_with_chunk_size(layer_dir, chunk_size)?;
     let target = manifest_path(layer_dir);
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -1088,8 +1199,10 @@ pub enum Problem {
     Content {
         /// path in the layer
         path: PathBuf,
-        /// chunk index (byte offset = chunk * CHUNK_SIZE)
+        /// chunk index (byte offset = chunk * chunk_size)
         chunk: u64,
+        /// the manifest's chunk size
+        chunk_size: u64,
         /// "sha256:<hex>" from the manifest
         expected: String,
         /// "sha256:<hex>" of what is on disk, or why it could not be read
@@ -1139,14 +1252,15 @@ impl fmt::Display for Problem {
             Problem::Content {
                 path,
                 chunk,
+                chunk_size,
                 expected,
                 actual,
             } => write!(
                 f,
                 "{}: chunk {chunk} (bytes {}..{}) does not match (expected {expected}, found {actual})",
                 show(path),
-                chunk * CHUNK_SIZE,
-                (chunk + 1) * CHUNK_SIZE
+                chunk * chunk_size,
+                (chunk + 1) * chunk_size
             ),
             Problem::Metadata { path, what } => write!(f, "{}: {what}", show(path)),
         }
@@ -1214,7 +1328,8 @@ pub fn scrub(
     // Hard links: inode -> (group, first path), and group -> inode.
     let mut inode_group: HashMap<(u64, u64), (u32, PathBuf)> = HashMap::new();
     let mut group_inode: HashMap<u32, ((u64, u64), PathBuf)> = HashMap::new();
-    let mut buf = vec![0u8; CHUNK_SIZE as usize];
+    let chunk_size = manifest.chunk_size();
+    let mut buf = vec![0u8; HASH_BLOCK.max(chunk_size as usize)];
     for e in manifest.iter() {
         let e = e?;
         let meta = |what: String| Problem::Metadata {
@@ -1295,7 +1410,7 @@ pub fn scrub(
                     done += e.size;
                     progress(done, total);
                 } else {
-                    scrub_content(&layer, &e, &mut buf, &mut problems, &mut |n| {
+                    scrub_content(&layer, &e, chunk_size, &mut buf, &mut problems, &mut |n| {
                         done += n;
                         progress(done, total);
                     });
@@ -1361,21 +1476,26 @@ fn link_problems(
 }
 
 /// Hash a file chunk by chunk against its manifest digests; one problem per bad chunk.
+/// Reads `buf.len()` bytes at a time (a multiple of the chunk size).
 fn scrub_content(
     layer: &LayerDir,
     e: &ManifestEntry,
+    chunk_size: u64,
     buf: &mut [u8],
     out: &mut Vec<Problem>,
     advance: &mut dyn FnMut(u64),
 ) {
+    let expected = |chunk: u64| {
+        e.chunks
+            .get(chunk as usize)
+            .map(|d| format!("sha256:{}", hex(d)))
+            .unwrap_or_default()
+    };
     let unreadable = |chunk: u64, why: String| Problem::Content {
         path: e.path.clone(),
         chunk,
-        expected: e
-            .chunks
-            .get(chunk as usize)
-            .map(|d| format!("sha256:{}", hex(d)))
-            .unwrap_or_default(),
+        chunk_size,
+        expected: expected(chunk),
         actual: format!("unreadable ({why})"),
     };
     let mut f = match layer.open_file(&e.path, OFlags::RDONLY) {
@@ -1387,28 +1507,35 @@ fn scrub_content(
         }
     };
     let mut left = e.size;
-    for (i, want) in e.chunks.iter().enumerate() {
-        let len = left.min(CHUNK_SIZE) as usize;
-        let chunk = &mut buf[..len];
-        match read_full(&mut f, chunk) {
+    let mut chunk = 0u64;
+    while left > 0 {
+        let len = left.min(buf.len() as u64) as usize;
+        let block = &mut buf[..len];
+        match read_full(&mut f, block) {
             Ok(n) if n == len => {
-                let got = chunk_digest(chunk);
-                if &got != want {
-                    out.push(Problem::Content {
-                        path: e.path.clone(),
-                        chunk: i as u64,
-                        expected: format!("sha256:{}", hex(want)),
-                        actual: format!("sha256:{}", hex(&got)),
-                    });
+                for (got, want) in chunk_digests(block, chunk_size).zip(&e.chunks[chunk as usize..]) {
+                    if &got != want {
+                        out.push(Problem::Content {
+                            path: e.path.clone(),
+                            chunk,
+                            chunk_size,
+                            expected: format!("sha256:{}", hex(want)),
+                            actual: format!("sha256:{}", hex(&got)),
+                        });
+                    }
+                    chunk += 1;
                 }
             }
             Ok(n) => {
-                out.push(unreadable(i as u64, format!("ends {} bytes early", len - n)));
+                out.push(unreadable(
+                    chunk + n as u64 / chunk_size,
+                    format!("ends {} bytes early", left - n as u64),
+                ));
                 advance(left);
                 return;
             }
             Err(err) => {
-                out.push(unreadable(i as u64, err.to_string()));
+                out.push(unreadable(chunk, err.to_string()));
                 advance(left);
                 return;
             }
@@ -1437,7 +1564,7 @@ mod tests {
             (CHUNK_SIZE + 1, 2),
             (3 * CHUNK_SIZE, 3),
         ] {
-            assert_eq!(chunk_count(size), n, "size {size}");
+            assert_eq!(chunk_count(size, CHUNK_SIZE), n, "size {size}");
         }
     }
 

@@ -3,15 +3,18 @@
 //! Nothing is hashed up front. Lookup checks an entry's metadata against the manifest (a
 //! file the manifest lists but the layer lacks is EIO, never ENOENT; an entry it does not
 //! list is hidden). The first read of each content chunk hashes it; a match is remembered in a
-//! bounded LRU so later reads cost nothing, a mismatch is EIO every time and one log line
-//! naming the layer and the file. Copy-up verifies the whole file first, so a corrupt lower
-//! never becomes a good-looking upper file.
+//! per-file bitmap (kept for a bounded number of files) so later reads cost nothing, a
+//! mismatch is EIO every time and one log line naming the layer and the file. A read is
+//! served from the very bytes that were hashed: the lower file is read once. Copy-up
+//! verifies the whole file first, so a corrupt lower never becomes a good-looking upper file.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -20,11 +23,17 @@ use tracing::{error, warn};
 
 use crate::error::{Error, Result};
 use crate::layer::{Kind, LayerDir};
-use crate::lower::manifest::{chunk_digest, hex, Manifest, ManifestEntry, CHUNK_SIZE};
+use crate::lower::manifest::{chunk_count, chunk_digest, hex, Manifest, ManifestEntry};
 
-/// Chunks remembered as verified per layer: 64 Ki chunks of 64 KiB cover 4 GiB of data
-/// read, in about 5 MiB of memory.
-const VERDICT_CACHE: usize = 64 * 1024;
+/// Verdict bitmaps kept per layer, in 64-bit words: 512 Ki words (4 MiB) remember 32 Mi
+/// chunks, 128 GiB of data read at 4 KiB chunks. Past that (or past `VERDICT_FILES` files)
+/// the least recently opened files' bitmaps are dropped, and their chunks are hashed again
+/// when next read from disk (the page cache serves most re-reads without asking).
+const VERDICT_WORDS: usize = 512 * 1024;
+/// Files whose verdict bitmaps are kept per layer.
+const VERDICT_FILES: usize = 64 * 1024;
+/// Largest read of the lower file made to verify a run of chunks.
+const VERIFY_BLOCK: u64 = 1024 * 1024;
 /// (layer, path) pairs whose integrity error was already logged.
 const LOGGED_CACHE: usize = 4096;
 
@@ -46,8 +55,8 @@ pub struct VerifiedLayer {
     manifest: Manifest,
     /// the layer directory, named in every error
     layer: String,
-    /// (st_ino, chunk) of chunks whose content matched
-    verified: Mutex<LruCache<(u64, u64), ()>>,
+    /// st_ino -> which of the file's chunks matched
+    verified: Mutex<Verdicts>,
     logged: Mutex<LruCache<(PathBuf, String), ()>>,
 }
 
@@ -78,7 +87,10 @@ impl VerifiedLayer {
         Ok(Some(VerifiedLayer {
             manifest,
             layer: dir.display().to_string(),
-            verified: Mutex::new(LruCache::new(cap(VERDICT_CACHE))),
+            verified: Mutex::new(Verdicts {
+                files: LruCache::new(cap(VERDICT_FILES)),
+                words: 0,
+            }),
             logged: Mutex::new(LruCache::new(cap(LOGGED_CACHE))),
         }))
     }
@@ -118,16 +130,53 @@ impl VerifiedLayer {
         e
     }
 
-    /// The manifest's entry for `rel`.
+    /// The manifest's entry for `rel`, without its digests (they are read in place).
     pub fn entry(&self, rel: &Path) -> Result<Option<ManifestEntry>> {
-        self.manifest.lookup(rel)
+        self.manifest.lookup_meta(rel)
+    }
+
+    /// What reads of the regular file `entry` (whose lower file has inode `ino`) check
+    /// against; `None` for anything but a regular file.
+    pub fn file_chunks(&self, entry: &ManifestEntry, ino: u64) -> Option<FileChunks> {
+        if entry.kind != Kind::File {
+            return None;
+        }
+        let count = chunk_count(entry.size, self.manifest.chunk_size());
+        let words = count.div_ceil(64) as usize;
+        let mut v = self.verified.lock();
+        let bits = match v.files.get(&ino) {
+            Some(b) if b.words.len() == words => b.clone(),
+            _ => {
+                let b = Arc::new(ChunkBits {
+                    words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+                });
+                if let Some((_, old)) = v.files.push(ino, b.clone()) {
+                    v.words -= old.words.len();
+                }
+                v.words += words;
+                // Keep the newest even if it alone is over the budget.
+                while v.words > VERDICT_WORDS && v.files.len() > 1 {
+                    match v.files.pop_lru() {
+                        Some((_, old)) => v.words -= old.words.len(),
+                        None => break,
+                    }
+                }
+                b
+            }
+        };
+        Some(FileChunks {
+            first: entry.chunk_first,
+            count,
+            size: entry.size,
+            bits,
+        })
     }
 
     /// Check what the layer has at `rel` (`st`: its lstat, None when absent) against the
     /// manifest. Returns the stat when the entry is visible, None when it is absent or not
     /// listed (hidden, logged), and EIO when it is missing or its metadata differs.
     pub fn check(&self, layer: &LayerDir, rel: &Path, st: Option<Stat>) -> Result<Option<Stat>> {
-        let entry = self.manifest.lookup(rel)?;
+        let entry = self.manifest.lookup_meta(rel)?;
         match (entry, st) {
             (None, None) => Ok(None),
             (None, Some(_)) => {
@@ -163,67 +212,186 @@ impl VerifiedLayer {
     pub fn listed(&self, rel: &Path) -> Result<HashMap<OsString, Kind>> {
         Ok(self
             .manifest
-            .children(rel)?
+            .children_meta(rel)?
             .into_iter()
             .filter_map(|e| e.path.file_name().map(|n| (n.to_os_string(), e.kind)))
             .collect())
     }
 
-    /// Verify the chunks of the file `rel` (open as `fd`, inode `ino`) that
-    /// `[offset, offset + len)` touches.
-    pub fn verify_range(
-        &self,
-        rel: &Path,
-        chunks: &[[u8; 32]],
-        fd: impl AsFd,
-        ino: u64,
-        offset: u64,
-        len: u64,
-    ) -> Result<()> {
-        if len == 0 || chunks.is_empty() {
-            return Ok(());
-        }
-        let first = offset / CHUNK_SIZE;
-        let last = ((offset + len - 1) / CHUNK_SIZE).min(chunks.len() as u64 - 1);
-        let mut buf = Vec::new();
-        for c in first..=last {
-            if self.verified.lock().get(&(ino, c)).is_some() {
+    /// Check `data`, read from byte `first * chunk_size` of the file, against the digests of
+    /// chunks `first..` it covers, and remember each match. `data` must end at a chunk
+    /// boundary or at the file's size; a short read fails the chunks it does not cover.
+    fn check_chunks(&self, rel: &Path, fc: &FileChunks, first: u64, data: &[u8], want: u64) -> Result<()> {
+        let cs = self.manifest.chunk_size();
+        let end = (first + want.div_ceil(cs)).min(fc.count);
+        for c in first..end {
+            if fc.bits.get(c) {
                 continue;
             }
-            buf.resize(CHUNK_SIZE as usize, 0);
-            let mut got = 0;
-            while got < buf.len() {
-                let n = rustix::io::pread(fd.as_fd(), &mut buf[got..], c * CHUNK_SIZE + got as u64)?;
-                if n == 0 {
-                    break;
-                }
-                got += n;
-            }
-            let actual = chunk_digest(&buf[..got]);
-            let expected = chunks[c as usize];
+            let at = ((c - first) * cs) as usize;
+            let piece = data
+                .get(at..(at + cs as usize).min(data.len()))
+                .unwrap_or_default();
+            let actual = chunk_digest(piece);
+            let expected = self.manifest.chunk_digest(fc.first + c)?;
             if actual != expected {
-                return Err(self.corrupt(
-                    rel,
-                    format!("chunk {c} sha256:{}", hex(&expected)),
-                    format!("sha256:{}", hex(&actual)),
-                ));
+                let found = if (piece.len() as u64) < cs.min(fc.size - c * cs) {
+                    format!("{} of its bytes, sha256:{}", piece.len(), hex(&actual))
+                } else {
+                    format!("sha256:{}", hex(&actual))
+                };
+                return Err(self.corrupt(rel, format!("chunk {c} sha256:{}", hex(&expected)), found));
             }
-            self.verified.lock().put((ino, c), ());
+            fc.bits.set(c);
         }
         Ok(())
     }
 
+    /// Verify the chunks of the file `rel` (open as `fd`) that `[offset, offset + len)`
+    /// touches, reading runs of unverified chunks up to 1 MiB at a time.
+    pub fn verify_range(
+        &self,
+        rel: &Path,
+        fc: &FileChunks,
+        fd: impl AsFd,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        if len == 0 || fc.count == 0 || offset >= fc.size {
+            return Ok(());
+        }
+        let cs = self.manifest.chunk_size();
+        let last = ((offset + len - 1) / cs).min(fc.count - 1);
+        let per_block = (VERIFY_BLOCK / cs).max(1);
+        let mut buf = Vec::new();
+        let mut c = offset / cs;
+        while c <= last {
+            if fc.bits.get(c) {
+                c += 1;
+                continue;
+            }
+            let mut end = c + 1;
+            while end <= last && end - c < per_block && !fc.bits.get(end) {
+                end += 1;
+            }
+            let want = (end * cs).min(fc.size) - c * cs;
+            buf.resize(want as usize, 0);
+            let got = pread_full(fd.as_fd(), &mut buf, c * cs)?;
+            self.check_chunks(rel, fc, c, &buf[..got], want)?;
+            c = end;
+        }
+        Ok(())
+    }
+
+    /// Read `[offset, offset + size)` of the file `rel` (open as `fd`), verifying the chunks
+    /// it touches first. The chunks not yet verified are read whole, once: the reply is cut
+    /// from the bytes that were hashed, so nothing is read twice and nothing unverified is
+    /// served.
+    pub fn read(
+        &self,
+        rel: &Path,
+        fc: &FileChunks,
+        fd: impl AsFd,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        let end = (offset + u64::from(size)).min(fc.size);
+        if fc.count == 0 || offset >= end {
+            return read_at(fd, offset, size);
+        }
+        let cs = self.manifest.chunk_size();
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        if (first..=last).all(|c| fc.bits.get(c)) {
+            return read_at(fd, offset, size);
+        }
+        let start = first * cs;
+        let want = ((last + 1) * cs).min(fc.size) - start;
+        let mut buf = vec![0u8; want as usize];
+        let got = pread_full(fd.as_fd(), &mut buf, start)?;
+        self.check_chunks(rel, fc, first, &buf[..got], want)?;
+        buf.truncate(got.min((end - start) as usize));
+        buf.drain(..((offset - start) as usize).min(buf.len()));
+        Ok(buf)
+    }
+
     /// Verify a whole file (before a copy-up).
     pub fn verify_file(&self, layer: &LayerDir, rel: &Path, st: &Stat) -> Result<()> {
-        let Some(e) = self.manifest.lookup(rel)? else {
+        let Some(e) = self.manifest.lookup_meta(rel)? else {
             return Ok(());
         };
         if Kind::from_mode(st.st_mode) != Kind::File {
             return Ok(());
         }
+        let Some(fc) = self.file_chunks(&e, st.st_ino) else {
+            return Ok(());
+        };
         let f = layer.open_file(rel, rustix::fs::OFlags::RDONLY)?;
-        self.verify_range(rel, &e.chunks, &f, st.st_ino, 0, st.st_size as u64)
+        self.verify_range(rel, &fc, &f, 0, st.st_size as u64)
     }
+}
+
+/// Verdict bitmaps of the files of one layer, least recently opened first out.
+#[derive(Debug)]
+struct Verdicts {
+    files: LruCache<u64, Arc<ChunkBits>>,
+    /// total words of all bitmaps in `files`
+    words: usize,
+}
+
+/// Which chunks of one lower file matched their digests: a bit per chunk, only ever set
+/// (the lower layer is read-only, so a verdict never goes stale). Lock-free: reads on many
+/// threads check and set bits of the same file.
+#[derive(Debug)]
+pub struct ChunkBits {
+    words: Box<[AtomicU64]>,
+}
+
+impl ChunkBits {
+    fn get(&self, chunk: u64) -> bool {
+        self.words
+            .get((chunk / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (chunk % 64)) != 0)
+    }
+
+    fn set(&self, chunk: u64) {
+        if let Some(w) = self.words.get((chunk / 64) as usize) {
+            w.fetch_or(1 << (chunk % 64), Ordering::Relaxed);
+        }
+    }
+}
+
+/// What reads of one verified lower file check against: where its digests are in the
+/// manifest, and which chunks already matched.
+#[derive(Debug)]
+pub struct FileChunks {
+    /// index of the file's first digest in the manifest's digest table
+    first: u64,
+    /// number of chunks (and digests)
+    count: u64,
+    /// the file's size in the manifest
+    size: u64,
+    bits: Arc<ChunkBits>,
+}
+
+/// pread until `buf` is full or EOF; the bytes read.
+fn pread_full(fd: impl AsFd, buf: &mut [u8], offset: u64) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = rustix::io::pread(fd.as_fd(), &mut buf[got..], offset + got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(got)
+}
+
+/// A plain read of up to `size` bytes at `offset`.
+fn read_at(fd: impl AsFd, offset: u64, size: u32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; size as usize];
+    let got = pread_full(fd, &mut buf, offset)?;
+    buf.truncate(got);
+    Ok(buf)
 }
 
 /// What differs between the manifest's entry and the object on disk, as (expected, actual).

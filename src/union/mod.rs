@@ -209,8 +209,7 @@ pub struct FileHandle {
 struct HandleVerify {
     layer: Arc<VerifiedLayer>,
     path: PathBuf,
-    chunks: Vec<[u8; 32]>,
-    ino: u64,
+    chunks: crate::lower::verify::FileChunks,
 }
 
 /// An open directory: a snapshot of the merged listing, so offsets stay stable.
@@ -1894,11 +1893,13 @@ impl Union {
             return Ok(None);
         };
         let ino = rustix::fs::fstat(fd)?.st_ino;
+        let Some(chunks) = v.file_chunks(&entry, ino) else {
+            return Ok(None);
+        };
         Ok(Some(HandleVerify {
             layer: v.clone(),
             path: l.path,
-            chunks: entry.chunks,
-            ino,
+            chunks,
         }))
     }
 
@@ -1911,8 +1912,12 @@ impl Union {
                 continue;
             }
             let fd = self.upper()?.dir.open_file(path, OFlags::RDONLY)?;
-            *h.fd.write() = Arc::new(fd);
+            // Both under the lock: a read takes the fd and the flag together, so it never
+            // checks the upper copy's bytes against the lower file's digests.
+            let mut slot = h.fd.write();
+            *slot = Arc::new(fd);
             h.on_upper.store(true, Ordering::Release);
+            drop(slot);
         }
         Ok(())
     }
@@ -2012,12 +2017,12 @@ impl Union {
     /// FUSE read.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file(fh)?;
-        let fd = self.handle_fd(&h)?;
-        if let Some(v) = &h.verify {
-            if !h.on_upper.load(Ordering::Acquire) {
-                v.layer
-                    .verify_range(&v.path, &v.chunks, &*fd, v.ino, offset, u64::from(size))?;
-            }
+        let (fd, on_upper) = {
+            let slot = h.fd.read();
+            (slot.clone(), h.on_upper.load(Ordering::Acquire))
+        };
+        if let (Some(v), false) = (&h.verify, on_upper) {
+            return v.layer.read(&v.path, &v.chunks, &*fd, offset, size);
         }
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
