@@ -331,6 +331,9 @@ pub fn run(args: MountArgs) -> Result<()> {
     info!("unmounted");
     // The session ended normally (fusermount3 -u, umount, or a signal handled above): a
     // clean stop. A killed daemon never gets here, so its marker stays.
+    if let Some(up) = &union.upper {
+        up.release_shared_whiteout();
+    }
     end_volatile(&args, &union);
     if let Some(up) = &union.upper {
         // Released now, not when the last of our threads has exited: the unmount is already

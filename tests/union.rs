@@ -624,10 +624,19 @@ impl Fx {
             );
         }
         if self.upper.is_some() {
-            let left: Vec<String> = std::fs::read_dir(self.work.join("work"))
-                .expect("read workdir/work")
-                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-                .collect();
+            // Only the shared whiteout stays, as kernel overlayfs keeps its own: a char 0/0
+            // device that every whiteout of the upper is a hard link to.
+            let mut left = Vec::new();
+            for e in std::fs::read_dir(self.work.join("work")).expect("read workdir/work") {
+                let e = e.expect("entry");
+                let name = e.file_name().to_string_lossy().into_owned();
+                let st = rustix::fs::lstat(e.path()).expect("lstat");
+                let whiteout =
+                    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0;
+                if !(name.starts_with(verlay::upper::SHARED_WHITEOUT_PREFIX) && whiteout) {
+                    left.push(name);
+                }
+            }
             assert!(left.is_empty(), "{what}: left in workdir/work: {left:?}");
         }
     }
@@ -2045,4 +2054,35 @@ fn readdir_without_handle_keeps_its_snapshot_across_changes() {
             .expect("readdir_at late");
     assert_ne!(late.gen, first.gen);
     assert_eq!(names(&late).len(), 3, "{:?}", names(&late));
+}
+
+/// Whiteouts are hard links to one shared whiteout inode in the work dir (as kernel
+/// overlayfs makes them), not an inode each; when the shared one disappears (the next mount
+/// clears the work dir), the next whiteout makes a new one.
+#[test]
+fn whiteouts_share_one_inode_and_survive_losing_the_shared_one() {
+    let fx = Fx::new(Some(""), &["f a=1; f b=2; f c=3; d d; f d/e=4"]);
+    fx.run_all("unlinks", "unlink a; unlink b; unlink d/e");
+    let ino = |rel: &str| {
+        let st = rustix::fs::lstat(fx.up(rel)).expect("lstat");
+        assert_eq!(
+            (FileType::from_raw_mode(st.st_mode), st.st_rdev),
+            (FileType::CharacterDevice, 0),
+            "{rel} is a whiteout"
+        );
+        (st.st_ino, st.st_nlink)
+    };
+    let (first, nlink) = ino("a");
+    assert_eq!(ino("b").0, first, "b shares a's whiteout inode");
+    assert_eq!(ino("d/e").0, first, "d/e shares it too");
+    assert_eq!(nlink, 4, "three whiteouts and the shared one in the work dir");
+    // Lose the shared whiteout behind verlay's back: the next whiteout still works.
+    for e in std::fs::read_dir(fx.work.join("work")).expect("read work") {
+        std::fs::remove_file(e.expect("entry").path()).expect("remove shared whiteout");
+    }
+    fx.run_all("unlink after the shared whiteout went", "unlink c");
+    let (other, _) = ino("c");
+    assert_ne!(other, first, "a new shared whiteout");
+    assert_eq!(fx.merged(), vec!["d/".to_string()]);
+    fx.finish("whiteouts share an inode");
 }
