@@ -492,6 +492,13 @@ fn exercise(bytes: Vec<u8>) -> bool {
         let _ = m.lookup(Path::new(p));
         let _ = m.children(Path::new(p));
         let _ = m.children_meta(Path::new(p));
+        if let (Ok(kinds), Ok(full)) = (m.child_kinds(Path::new(p)), m.children(Path::new(p))) {
+            let want: Vec<(OsString, Kind)> = full
+                .iter()
+                .map(|e| (e.path.file_name().unwrap_or_default().to_os_string(), e.kind))
+                .collect();
+            assert_eq!(kinds, want, "child_kinds of {p:?} agrees with children");
+        }
         if let Ok(Some(e)) = m.lookup_meta(Path::new(p)) {
             let n = e.size.div_ceil(m.chunk_size());
             for i in [0, n.saturating_sub(1), n, u64::MAX - e.chunk_first] {

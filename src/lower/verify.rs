@@ -210,12 +210,7 @@ impl VerifiedLayer {
 
     /// Names the manifest lists in directory `rel`, with their kinds.
     pub fn listed(&self, rel: &Path) -> Result<HashMap<OsString, Kind>> {
-        Ok(self
-            .manifest
-            .children_meta(rel)?
-            .into_iter()
-            .filter_map(|e| e.path.file_name().map(|n| (n.to_os_string(), e.kind)))
-            .collect())
+        Ok(self.manifest.child_kinds(rel)?.into_iter().collect())
     }
 
     /// Check `data`, read from byte `first * chunk_size` of the file, against the digests of
