@@ -197,6 +197,30 @@ impl LayerDir {
 
     /// One xattr's value, `None` when absent (ENODATA) or unsupported.
     pub fn get_xattr(&self, rel: &Path, name: &OsStr) -> Result<Option<Vec<u8>>> {
+        // getxattrat walks only `rel`; the /proc/self/fd path costs a walk through procfs
+        // (pid and fd revalidation) on every call.
+        if let (Ok(path), Ok(cname)) = (
+            std::ffi::CString::new(at_path(rel).as_os_str().as_bytes()),
+            std::ffi::CString::new(name.as_bytes()),
+        ) {
+            let mut buf = vec![0u8; 256];
+            // None: the kernel lacks getxattrat; fall through to the /proc path.
+            while let Some(r) = crate::sys::getxattrat(self.root.as_fd(), &path, &cname, &mut buf) {
+                match r {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        return Ok(Some(buf));
+                    }
+                    Err(rustix::io::Errno::RANGE) => {
+                        let n = crate::sys::getxattrat(self.root.as_fd(), &path, &cname, &mut [])
+                            .unwrap_or(Ok(0))?;
+                        buf = vec![0u8; n.max(1)];
+                    }
+                    Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         let p = self.proc_path(rel);
         get_xattr_path(&p, name)
     }
@@ -251,4 +275,39 @@ pub fn list_xattr_path(p: &Path) -> Result<Vec<OsString>> {
         .filter(|s| !s.is_empty())
         .map(|s| OsStr::from_bytes(s).to_os_string())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_xattr_reads_values_of_any_size_and_never_follows_a_final_symlink() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        std::fs::create_dir(root.join("d")).expect("mkdir");
+        std::fs::write(root.join("d/f"), b"x").expect("write");
+        std::os::unix::fs::symlink("f", root.join("d/s")).expect("symlink");
+        let big: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        for (p, v) in [("", &b"root"[..]), ("d/f", &big[..])] {
+            rustix::fs::lsetxattr(root.join(p), "user.t", v, rustix::fs::XattrFlags::empty())
+                .expect("lsetxattr");
+        }
+        let layer = LayerDir::open(root, 1, "l".into()).expect("open");
+        let get = |p: &str| layer.get_xattr(Path::new(p), OsStr::new("user.t")).expect(p);
+        assert_eq!(get("").as_deref(), Some(&b"root"[..]), "the layer root");
+        assert_eq!(
+            get("d/f"),
+            Some(big.clone()),
+            "a value larger than the first buffer"
+        );
+        assert_eq!(get("d"), None, "absent");
+        assert_eq!(get("d/s"), None, "the symlink itself, not its target");
+        assert!(
+            layer
+                .get_xattr(Path::new("d/nope"), OsStr::new("user.t"))
+                .is_err(),
+            "a missing path is an error, not an absent xattr"
+        );
+    }
 }

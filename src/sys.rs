@@ -60,3 +60,62 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// Syscall number of getxattrat(2) (Linux 6.13): new syscalls share one number on every
+/// architecture, and libc 0.2 does not name this one yet.
+const SYS_GETXATTRAT: libc::c_long = 464;
+
+/// getxattrat's argument block (`struct xattr_args` in linux/xattr.h).
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+/// Set once the kernel has answered ENOSYS: older kernels and seccomp filters that do not
+/// know the call; callers then go through /proc/self/fd.
+static NO_GETXATTRAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// getxattrat(2) of `path` under `dir`, not following a final symlink: the xattr's size
+/// (with an empty `buf`: the size it needs). `None` when the kernel lacks the call.
+pub fn getxattrat(
+    dir: std::os::fd::BorrowedFd<'_>,
+    path: &std::ffi::CStr,
+    name: &std::ffi::CStr,
+    buf: &mut [u8],
+) -> Option<Result<usize, rustix::io::Errno>> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
+    if NO_GETXATTRAT.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut args = XattrArgs {
+        value: buf.as_mut_ptr() as u64,
+        size: buf.len() as u32,
+        flags: 0,
+    };
+    // SAFETY: `path` and `name` are NUL-terminated and live across the call; `args` points
+    // at `buf`, which the kernel writes at most `args.size` = buf.len() bytes into; the
+    // size passed is the struct's own, as the syscall's extensible-struct ABI wants.
+    let r = unsafe {
+        libc::syscall(
+            SYS_GETXATTRAT,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW as libc::c_uint,
+            name.as_ptr(),
+            &mut args as *mut XattrArgs,
+            std::mem::size_of::<XattrArgs>(),
+        )
+    };
+    if r >= 0 {
+        return Some(Ok(r as usize));
+    }
+    let e = rustix::io::Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(rustix::io::Errno::IO);
+    if e == rustix::io::Errno::NOSYS {
+        NO_GETXATTRAT.store(true, Ordering::Relaxed);
+        return None;
+    }
+    Some(Err(e))
+}

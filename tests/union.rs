@@ -1923,6 +1923,49 @@ fn user_set_overlay_xattrs_are_stored_escaped_and_private_ones_never_listed() {
     fx.finish("xattrs");
 }
 
+/// File capabilities (VFS_CAP_REVISION_2): CAP_NET_BIND_SERVICE permitted.
+const CAPS_V2: [u8; 20] = [0, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+#[test]
+fn absent_file_capabilities_are_remembered_until_something_adds_them() {
+    // The kernel asks for security.capability before every write; its absence is cached
+    // per node, and every way of giving the object capabilities must show through.
+    // Node ids are looked up once, as the kernel does while it holds the inode: a fresh
+    // lookup would forget the cached answer anyway.
+    let fx = Fx::new(Some(""), &["f a=1; f b=2; f c=3"]);
+    let caps = |id: u64| -> Result<Vec<u8>, String> { ok(fx.u.getxattr(id, name("security.capability"))) };
+    let (a, b) = (fx.id("a").expect("a"), fx.id("b").expect("b"));
+    for id in [a, b] {
+        assert_eq!(caps(id), Err("ENODATA".into()), "{id}: a lower file without caps");
+        assert_eq!(caps(id), Err("ENODATA".into()), "{id}: asked again (cached)");
+    }
+    // setxattr (with its copy-up) and removexattr through the union.
+    fx.u.setxattr(a, name("security.capability"), &CAPS_V2, 0)
+        .expect("setxattr");
+    assert_eq!(caps(a), Ok(CAPS_V2.to_vec()), "set after a cached miss");
+    fx.u.removexattr(a, name("security.capability"))
+        .expect("removexattr");
+    assert_eq!(caps(a), Err("ENODATA".into()), "removed");
+    assert_eq!(caps(a), Err("ENODATA".into()), "removed, cached");
+    fx.u.setxattr(a, name("security.capability"), &CAPS_V2, 0)
+        .expect("setxattr on the upper copy");
+    assert_eq!(
+        caps(a),
+        Ok(CAPS_V2.to_vec()),
+        "set on the upper after a cached miss"
+    );
+    // Another object with caps takes the name of one known to have none.
+    let c = fx.id("c").expect("c");
+    assert_eq!(caps(c), Err("ENODATA".into()), "c");
+    fx.run_all("rename", "rename a c");
+    let c = fx.id("c").expect("c after rename");
+    assert_eq!(caps(c), Ok(CAPS_V2.to_vec()), "renamed over a cached miss");
+    // Copy-up carries the lower's (absent) caps; the cache stays right.
+    fx.run_all("chmod", "chmod b 0600");
+    assert_eq!(caps(b), Err("ENODATA".into()), "after copy-up");
+    fx.finish("caps");
+}
+
 // ------------------------------------------------------------------------------------------
 // read-only
 

@@ -70,12 +70,44 @@ pub struct Node {
     pub gone_attr: Mutex<Option<Box<crate::union::Attr>>>,
     /// directories: live child nodes by name, so a name keeps its node while known
     pub children: Mutex<ChildMap>,
+    /// whether the object is known to have no `security.capability` xattr (see
+    /// [`crate::union::KILLPRIV_XATTR`]): an epoch in the high bits, bumped by anything
+    /// that could add one, and the "known absent" bit in bit 0
+    pub no_caps: AtomicU64,
 }
 
 impl Node {
     /// st_ino shown to users.
     pub fn ino(&self) -> u64 {
         self.ino.load(Ordering::Relaxed)
+    }
+
+    /// Is the object known to have no `security.capability`?
+    pub fn no_caps_known(&self) -> bool {
+        self.no_caps.load(Ordering::Acquire) & 1 == 1
+    }
+
+    /// The epoch to pass to [`Node::note_no_caps`], read before looking.
+    pub fn caps_epoch(&self) -> u64 {
+        self.no_caps.load(Ordering::Acquire) & !1
+    }
+
+    /// Record that a look that started at `epoch` found no `security.capability`; ignored
+    /// when something changed the object since (the look may predate the change).
+    pub fn note_no_caps(&self, epoch: u64) {
+        let _ = self
+            .no_caps
+            .compare_exchange(epoch, epoch | 1, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// The object's xattrs may have changed (setxattr, removexattr, copy-up, another
+    /// object under the node): look again next time.
+    pub fn forget_no_caps(&self) {
+        let _ = self
+            .no_caps
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                Some((v & !1).wrapping_add(2))
+            });
     }
 
     /// Snapshot of the state.

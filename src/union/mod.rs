@@ -225,6 +225,11 @@ struct Listing {
     entries: Arc<Vec<dir::DirEntry>>,
 }
 
+/// The xattr the kernel reads before every write to a regular file (file_remove_privs:
+/// FUSE never sets SB_NOSEC, so the kernel cannot remember that a file has none). Its
+/// absence is cached per node, so that request costs no syscall.
+pub const KILLPRIV_XATTR: &str = "security.capability";
+
 /// Listings kept per directory for readers without a handle: the newest ones, so a reader
 /// that started on an older snapshot still finds it after another reader started anew.
 const LISTINGS_PER_DIR: usize = 2;
@@ -391,6 +396,7 @@ impl Union {
                 handles: Mutex::new(Vec::new()),
                 gone_attr: Mutex::new(None),
                 children: Mutex::new(inode::ChildMap::default()),
+                no_caps: AtomicU64::new(0),
             }),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
@@ -811,6 +817,8 @@ impl Union {
                         st.lowers = r.lowers;
                     }
                     drop(st);
+                    // The name may now lead to another object of the same type.
+                    node.forget_no_caps();
                     return Ok(node);
                 }
                 // Same name, another object: the old node stays for its open fds.
@@ -838,6 +846,7 @@ impl Union {
             handles: Mutex::new(Vec::new()),
             gone_attr: Mutex::new(None),
             children: Mutex::new(inode::ChildMap::default()),
+            no_caps: AtomicU64::new(0),
         });
         self.nodes.insert(node.clone());
         children.insert(shared_name, id);
@@ -1157,6 +1166,7 @@ impl Union {
             let mut w = node.state.write();
             w.upper = true;
         }
+        node.forget_no_caps();
         if node.kind == Kind::File {
             self.switch_handles_to_upper(node, &dst)?;
         }
@@ -2270,13 +2280,22 @@ impl Union {
 
     /// FUSE getxattr.
     pub fn getxattr(&self, id: u64, name: &OsStr) -> Result<Vec<u8>> {
+        let node = self.node(id)?;
+        let killpriv = name == KILLPRIV_XATTR;
+        if killpriv && node.no_caps_known() && !node.state.read().unlinked {
+            return errno(libc::ENODATA);
+        }
+        let epoch = node.caps_epoch();
         let disk = self
             .xattr_names()
             .to_disk(name)
             .ok_or(Error::Errno(libc::ENODATA))?;
-        let node = self.node(id)?;
         let (layer, path) = self.xattr_source(&node)?;
-        layer.get_xattr(&path, &disk)?.ok_or(Error::Errno(libc::ENODATA))
+        let v = layer.get_xattr(&path, &disk)?;
+        if killpriv && v.is_none() {
+            node.note_no_caps(epoch);
+        }
+        v.ok_or(Error::Errno(libc::ENODATA))
     }
 
     /// FUSE listxattr: the names, each followed by a NUL.
@@ -2304,8 +2323,11 @@ impl Union {
         let node = self.node(id)?;
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
-        self.upper()?
-            .set_xattr(&path, &disk, value, XattrFlags::from_bits_retain(flags as u32))
+        let r = self
+            .upper()?
+            .set_xattr(&path, &disk, value, XattrFlags::from_bits_retain(flags as u32));
+        node.forget_no_caps();
+        r
     }
 
     /// FUSE removexattr.
@@ -2323,7 +2345,9 @@ impl Union {
         }
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
-        self.upper()?.remove_xattr(&path, &disk)
+        let r = self.upper()?.remove_xattr(&path, &disk);
+        node.forget_no_caps();
+        r
     }
 
     /// st_ino of a known child, for readdir's d_ino.
