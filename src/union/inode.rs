@@ -44,7 +44,7 @@ pub struct NodeState {
     pub lowers: Vec<LowerRef>,
     /// other names of the same upper object (hard links made through this mount), so the
     /// node stays reachable when its first name goes away
-    pub aliases: Vec<(u64, OsString)>,
+    pub aliases: ThinVec<(u64, OsString)>,
 }
 
 /// One merged object known to the kernel.
@@ -65,7 +65,7 @@ pub struct Node {
     pub copy_up: Mutex<()>,
     /// open file handles of this node: switched to the upper copy by a copy-up, and used for
     /// fstat/fchmod of an unlinked file (the kernel sends those without a file handle)
-    pub handles: Mutex<Vec<std::sync::Weak<crate::union::FileHandle>>>,
+    pub handles: Mutex<ThinVec<std::sync::Weak<crate::union::FileHandle>>>,
     /// attributes of a removed directory (reported with nlink 0 while it is still open)
     pub gone_attr: Mutex<Option<Box<crate::union::Attr>>>,
     /// directories: live child nodes by name, so a name keeps its node while known
@@ -214,5 +214,85 @@ impl NodeTable {
     /// Number of live nodes (the root included, so never zero).
     pub fn count(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}
+
+/// A list that costs one pointer while empty: most nodes never get an open handle or a second
+/// name, and a node table of 100,000 entries pays for every empty `Vec` (24 bytes each).
+#[derive(Clone, Debug)]
+// The box is the point, as for ChildMap: an empty Vec is 24 bytes inline, a None is 8.
+#[allow(clippy::box_collection)]
+pub struct ThinVec<T>(Option<Box<Vec<T>>>);
+
+impl<T> Default for ThinVec<T> {
+    fn default() -> Self {
+        ThinVec(None)
+    }
+}
+
+impl<T> std::ops::Deref for ThinVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.0.as_deref().map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+impl<T> std::ops::DerefMut for ThinVec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.0.as_deref_mut().map(Vec::as_mut_slice).unwrap_or(&mut [])
+    }
+}
+
+impl<T> ThinVec<T> {
+    /// Append.
+    pub fn push(&mut self, v: T) {
+        self.0.get_or_insert_with(Default::default).push(v);
+    }
+
+    /// Remove the last element; the list goes back to one pointer when it empties.
+    pub fn pop(&mut self) -> Option<T> {
+        let v = self.0.as_mut()?.pop();
+        self.shrink();
+        v
+    }
+
+    /// Keep what `f` accepts.
+    pub fn retain(&mut self, f: impl FnMut(&T) -> bool) {
+        if let Some(v) = self.0.as_mut() {
+            v.retain(f);
+        }
+        self.shrink();
+    }
+
+    fn shrink(&mut self) {
+        if self.0.as_ref().is_some_and(|v| v.is_empty()) {
+            self.0 = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ThinVec;
+
+    #[test]
+    fn thin_vec_is_one_pointer_and_frees_its_list_when_empty() {
+        assert_eq!(std::mem::size_of::<ThinVec<(u64, std::ffi::OsString)>>(), 8);
+        let mut v: ThinVec<u32> = ThinVec::default();
+        assert!(v.is_empty() && v.0.is_none());
+        v.push(1);
+        v.push(2);
+        v.push(3);
+        assert_eq!(&*v, &[1, 2, 3]);
+        v.retain(|x| *x != 2);
+        assert_eq!(&*v, &[1, 3]);
+        v.iter_mut().for_each(|x| *x *= 10);
+        assert_eq!(v.pop(), Some(30));
+        v.retain(|x| *x != 10);
+        assert!(v.0.is_none(), "emptied by retain: back to no allocation");
+        v.push(4);
+        assert_eq!(v.pop(), Some(4));
+        assert!(v.0.is_none(), "emptied by pop: back to no allocation");
+        assert_eq!(v.pop(), None);
     }
 }
