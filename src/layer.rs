@@ -212,11 +212,18 @@ impl LayerDir {
                         return Ok(Some(buf));
                     }
                     Err(rustix::io::Errno::RANGE) => {
-                        let n = crate::sys::getxattrat(self.root.as_fd(), &path, &cname, &mut [])
-                            .unwrap_or(Ok(0))?;
+                        // Sized again and retried; what that sizing call meets is handled by
+                        // the next round (gone: NODATA; refused: PERM).
+                        let n = match crate::sys::getxattrat(self.root.as_fd(), &path, &cname, &mut []) {
+                            Some(Ok(n)) => n,
+                            _ => buf.len() * 2,
+                        };
                         buf = vec![0u8; n.max(1)];
                     }
                     Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => return Ok(None),
+                    // Older seccomp profiles refuse unknown syscalls with EPERM, not ENOSYS:
+                    // ask again the old way, which gives the real answer either way.
+                    Err(rustix::io::Errno::PERM) => break,
                     Err(e) => return Err(e.into()),
                 }
             }
