@@ -284,6 +284,27 @@ pub fn list_xattr_path(p: &Path) -> Result<Vec<OsString>> {
         .collect())
 }
 
+/// pread of any fd until `buf` is full or EOF; the bytes read.
+pub fn pread_full(fd: impl AsFd, buf: &mut [u8], offset: u64) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = rustix::io::pread(fd.as_fd(), &mut buf[got..], offset + got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(got)
+}
+
+/// A plain read of up to `size` bytes at `offset`.
+pub fn read_at(fd: impl AsFd, offset: u64, size: u32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; size as usize];
+    let got = pread_full(fd, &mut buf, offset)?;
+    buf.truncate(got);
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

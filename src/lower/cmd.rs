@@ -273,12 +273,7 @@ pub fn seal(args: Vec<OsString>) -> Result<()> {
                     .and_then(|v| v.to_str().and_then(|v| v.parse::<u64>().ok()));
                 chunk_size =
                     match v {
-                        Some(n)
-                            if n.is_power_of_two()
-                                && (manifest::MIN_CHUNK_SIZE..=manifest::MAX_CHUNK_SIZE).contains(&n) =>
-                        {
-                            n
-                        }
+                        Some(n) if manifest::valid_chunk_size(n) => n,
                         _ => return Err(Error::usage(
                             "verlay layer seal --chunk-size",
                             "needs a power of two from 4096 to 1048576",

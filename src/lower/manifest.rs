@@ -43,6 +43,12 @@ pub const MAX_CHUNK_SIZE: u64 = 1024 * 1024;
 /// [`MIN_CHUNK_SIZE`] to [`MAX_CHUNK_SIZE`]). Without it, chunks are [`LEGACY_CHUNK_SIZE`].
 /// Incompat because a reader that assumed 64 KiB would check the wrong bytes against each digest.
 pub const INCOMPAT_CHUNK_SIZE: u32 = 0x1;
+/// A chunk size a manifest may declare: a power of two from [`MIN_CHUNK_SIZE`] to
+/// [`MAX_CHUNK_SIZE`].
+pub fn valid_chunk_size(n: u64) -> bool {
+    n.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&n)
+}
+
 /// How much of a file is read at once to hash it (many chunks per read).
 const HASH_BLOCK: usize = 1024 * 1024;
 
@@ -375,7 +381,7 @@ impl Manifest {
                     "chunk size {chunk_size} without the chunk-size feature, which means {LEGACY_CHUNK_SIZE}"
                 )));
             }
-        } else if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        } else if !valid_chunk_size(chunk_size) {
             return Err(bad(format!(
                 "chunk size {chunk_size}: not a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
             )));
@@ -927,7 +933,7 @@ pub fn build(layer_dir: &Path) -> Result<Vec<u8>> {
 /// [`build`] with another chunk size: [`LEGACY_CHUNK_SIZE`] gives exactly the first format
 /// (no feature flag), so an older layer's digest can be reproduced.
 pub fn build_with_chunk_size(layer_dir: &Path, chunk_size: u64) -> Result<Vec<u8>> {
-    if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+    if !valid_chunk_size(chunk_size) {
         return Err(Error::usage(
             "verlay layer seal",
             format!(

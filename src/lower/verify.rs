@@ -22,7 +22,7 @@ use rustix::fs::Stat;
 use tracing::{error, warn};
 
 use crate::error::{Error, Result};
-use crate::layer::{Kind, LayerDir};
+use crate::layer::{pread_full, read_at, Kind, LayerDir};
 use crate::lower::manifest::{chunk_count, chunk_digest, hex, Manifest, ManifestEntry};
 
 /// Verdict bitmaps kept per layer, in 64-bit words: 512 Ki words (4 MiB) remember 32 Mi
@@ -366,27 +366,6 @@ pub struct FileChunks {
     /// the file's size in the manifest
     size: u64,
     bits: Arc<ChunkBits>,
-}
-
-/// pread until `buf` is full or EOF; the bytes read.
-fn pread_full(fd: impl AsFd, buf: &mut [u8], offset: u64) -> Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        let n = rustix::io::pread(fd.as_fd(), &mut buf[got..], offset + got as u64)?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    Ok(got)
-}
-
-/// A plain read of up to `size` bytes at `offset`.
-fn read_at(fd: impl AsFd, offset: u64, size: u32) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; size as usize];
-    let got = pread_full(fd, &mut buf, offset)?;
-    buf.truncate(got);
-    Ok(buf)
 }
 
 /// What differs between the manifest's entry and the object on disk, as (expected, actual).

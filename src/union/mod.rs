@@ -2034,17 +2034,7 @@ impl Union {
         if let (Some(v), false) = (&h.verify, on_upper) {
             return v.layer.read(&v.path, &v.chunks, &*fd, offset, size);
         }
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = rustix::io::pread(&*fd, &mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        buf.truncate(done);
-        Ok(buf)
+        crate::layer::read_at(&*fd, offset, size)
     }
 
     /// FUSE write.
