@@ -203,29 +203,16 @@ impl LayerDir {
             std::ffi::CString::new(at_path(rel).as_os_str().as_bytes()),
             std::ffi::CString::new(name.as_bytes()),
         ) {
-            let mut buf = vec![0u8; 256];
-            // None: the kernel lacks getxattrat; fall through to the /proc path.
-            while let Some(r) = crate::sys::getxattrat(self.root.as_fd(), &path, &cname, &mut buf) {
-                match r {
-                    Ok(n) => {
-                        buf.truncate(n);
-                        return Ok(Some(buf));
-                    }
-                    Err(rustix::io::Errno::RANGE) => {
-                        // Sized again and retried; what that sizing call meets is handled by
-                        // the next round (gone: NODATA; refused: PERM).
-                        let n = match crate::sys::getxattrat(self.root.as_fd(), &path, &cname, &mut []) {
-                            Some(Ok(n)) => n,
-                            _ => buf.len() * 2,
-                        };
-                        buf = vec![0u8; n.max(1)];
-                    }
-                    Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => return Ok(None),
-                    // Older seccomp profiles refuse unknown syscalls with EPERM, not ENOSYS:
-                    // ask again the old way, which gives the real answer either way.
-                    Err(rustix::io::Errno::PERM) => break,
-                    Err(e) => return Err(e.into()),
-                }
+            // A kernel without getxattrat (ENOSYS) falls through to the /proc path.
+            let got = xattr_sized(XATTR_SIZE_MAX, rel, "getxattrat", |buf| {
+                crate::sys::getxattrat(self.root.as_fd(), &path, &cname, buf)
+                    .unwrap_or(Err(rustix::io::Errno::NOSYS))
+            });
+            match absent_as_none(got) {
+                // Older seccomp profiles refuse unknown syscalls with EPERM, not ENOSYS:
+                // ask again the old way, which gives the real answer either way.
+                Err(Error::Errno(libc::ENOSYS | libc::EPERM)) => {}
+                r => return r,
             }
         }
         let p = self.proc_path(rel);
@@ -244,40 +231,75 @@ impl LayerDir {
     }
 }
 
-/// lgetxattr with sizing; ENODATA / ENOTSUP → None.
-pub fn get_xattr_path(p: &Path, name: &OsStr) -> Result<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; 256];
-    loop {
-        match rustix::fs::lgetxattr(p, name, &mut buf[..]) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(Some(buf));
-            }
-            Err(rustix::io::Errno::RANGE) => {
-                let n = rustix::fs::lgetxattr(p, name, &mut [0u8; 0][..])?;
-                buf = vec![0u8; n.max(1)];
-            }
-            Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::NOTSUP) => return Ok(None),
-            Err(e) => return Err(e.into()),
+/// Linux's cap on one xattr value (XATTR_SIZE_MAX in linux/limits.h): a buffer this large
+/// always holds any value the kernel can return.
+pub const XATTR_SIZE_MAX: usize = 65536;
+/// Linux's cap on an object's list of xattr names (XATTR_LIST_MAX).
+pub const XATTR_LIST_MAX: usize = 65536;
+/// First buffer for a value or a list: most objects have none or short ones, and a call with
+/// a small buffer is as cheap as a size query, so sizing costs a second call only for long ones.
+const XATTR_FIRST_BUF: usize = 1024;
+
+/// Runs an xattr call that fills a buffer, at most twice: with a small buffer, then (after
+/// ERANGE) with the kernel's maximum, which no value or list can exceed. No size query: a
+/// query's answer can be stale by the next call (a concurrent setxattr), and retrying until
+/// the sizes agree is a loop without a bound. A second ERANGE is EIO with one log line.
+fn xattr_sized(
+    max: usize,
+    rel: &Path,
+    op: &'static str,
+    mut call: impl FnMut(&mut [u8]) -> std::result::Result<usize, rustix::io::Errno>,
+) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; XATTR_FIRST_BUF];
+    match call(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            return Ok(buf);
         }
+        Err(rustix::io::Errno::RANGE) => {}
+        Err(e) => return Err(Error::Errno(e.raw_os_error())),
+    }
+    buf = vec![0u8; max];
+    match call(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(buf)
+        }
+        Err(rustix::io::Errno::RANGE) => {
+            tracing::error!(op, path = %rel.display(), bytes = max, "xattr larger than the kernel's maximum buffer");
+            Err(Error::Errno(libc::EIO))
+        }
+        Err(e) => Err(Error::Errno(e.raw_os_error())),
     }
 }
 
-/// llistxattr with sizing, split into names.
+/// ENODATA (no such xattr) and ENOTSUP (the filesystem has none) as `None`.
+fn absent_as_none(got: Result<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+    match got {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::Errno(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// lgetxattr of a path (here always a /proc/self/fd/N/... path), sized by [`xattr_sized`];
+/// ENODATA / ENOTSUP → None.
+pub fn get_xattr_path(p: &Path, name: &OsStr) -> Result<Option<Vec<u8>>> {
+    absent_as_none(xattr_sized(XATTR_SIZE_MAX, p, "lgetxattr", |buf| {
+        rustix::fs::lgetxattr(p, name, buf)
+    }))
+}
+
+/// llistxattr of a path, sized by [`xattr_sized`], split into names; ENOTSUP → no names.
 pub fn list_xattr_path(p: &Path) -> Result<Vec<OsString>> {
-    let mut buf = vec![0u8; 1024];
-    let n = loop {
-        match rustix::fs::llistxattr(p, &mut buf[..]) {
-            Ok(n) => break n,
-            Err(rustix::io::Errno::RANGE) => {
-                let n = rustix::fs::llistxattr(p, &mut [0u8; 0][..])?;
-                buf = vec![0u8; n.max(1)];
-            }
-            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        }
+    let buf = match xattr_sized(XATTR_LIST_MAX, p, "llistxattr", |buf| {
+        rustix::fs::llistxattr(p, buf)
+    }) {
+        Ok(v) => v,
+        Err(Error::Errno(libc::EOPNOTSUPP)) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
     };
-    Ok(buf[..n]
+    Ok(buf
         .split(|b| *b == 0)
         .filter(|s| !s.is_empty())
         .map(|s| OsStr::from_bytes(s).to_os_string())
@@ -337,5 +359,63 @@ mod tests {
                 .is_err(),
             "a missing path is an error, not an absent xattr"
         );
+    }
+
+    /// The copy-up livelock (issue 13): after ERANGE, rustix's slice API answers a size query
+    /// with an empty buffer by 0, so the old sizing loop retried with a 1-byte buffer forever.
+    /// Values past the first buffer, up to the largest one ext4 keeps in an inode, and name
+    /// lists past 1 KiB, through the /proc path copy-up uses and through getxattrat.
+    #[test]
+    fn xattr_values_and_name_lists_of_any_size_come_back_whole() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        // ext4 keeps all of an inode's xattrs in one 4 KiB block: one value per file.
+        let sizes = [0usize, 1, 255, 256, 257, 300, 1023, 1024, 1025, 2000, 3900];
+        for size in sizes {
+            let f = root.join(format!("v{size}"));
+            std::fs::write(&f, b"x").expect("write");
+            let v: Vec<u8> = (0..size).map(|j| (j % 251) as u8).collect();
+            rustix::fs::lsetxattr(&f, "user.v", &v, rustix::fs::XattrFlags::empty()).expect("lsetxattr");
+        }
+        // 30 names of ~100 bytes: a list of ~3 KiB
+        std::fs::write(root.join("f"), b"x").expect("write");
+        let names: Vec<String> = (0..30).map(|i| format!("user.{i:0>95}")).collect();
+        for name in &names {
+            rustix::fs::lsetxattr(
+                root.join("f"),
+                name.as_str(),
+                b"",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .expect("lsetxattr");
+        }
+        let layer = LayerDir::open(root, 1, "l".into()).expect("open");
+        for size in sizes {
+            let rel = format!("v{size}");
+            let want: Vec<u8> = (0..size).map(|j| (j % 251) as u8).collect();
+            let proc = layer.proc_path(Path::new(&rel));
+            let n = OsStr::new("user.v");
+            assert_eq!(
+                get_xattr_path(&proc, n).expect("get"),
+                Some(want.clone()),
+                "{size} bytes via /proc"
+            );
+            assert_eq!(
+                layer.get_xattr(Path::new(&rel), n).expect("get"),
+                Some(want),
+                "{size} bytes via getxattrat"
+            );
+        }
+        let proc = layer.proc_path(Path::new("f"));
+        let listed = list_xattr_path(&proc).expect("list");
+        let total: usize = listed.iter().map(|n| n.len() + 1).sum();
+        assert!(
+            total > 1024,
+            "the list is longer than the first buffer ({total} bytes)"
+        );
+        assert_eq!(listed.len(), names.len(), "every name listed");
+        for name in &names {
+            assert!(listed.iter().any(|n| n == OsStr::new(name)), "{name} listed");
+        }
     }
 }
