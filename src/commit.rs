@@ -175,6 +175,11 @@ pub fn cmd(args: Vec<OsString>) -> Result<()> {
 
 // ------------------------------------------------------------------------------ the mount
 
+/// Longest wait for one answer of the daemon (see `connect`).
+const DAEMON_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Longest answer line read from the daemon: `info` is a few paths.
+const MAX_ANSWER_LINE: u64 = 1 << 20;
+
 /// A connection to the daemon of the mount being committed.
 struct Daemon {
     stream: UnixStream,
@@ -184,12 +189,12 @@ struct Daemon {
 
 impl Daemon {
     fn request(&mut self, v: Value) -> io::Result<Value> {
-        use std::io::BufRead;
+        use std::io::{BufRead, Read};
         let mut line = v.to_string();
         line.push('\n');
         self.stream.write_all(line.as_bytes())?;
         let mut answer = String::new();
-        if self.lines.read_line(&mut answer)? == 0 {
+        if (&mut self.lines).take(MAX_ANSWER_LINE).read_line(&mut answer)? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the daemon closed the control connection",
@@ -257,6 +262,11 @@ fn connect(mp: &Path) -> Result<(Daemon, u64, MountDesc)> {
             "it may have been mounted by an older verlay, by another user, or its daemon died; remount it",
         )
     })?;
+    // A daemon answers at once, or after in-flight requests leave the gate (freeze); one
+    // that says nothing for this long is wedged, and a commit must fail, not wait with it.
+    stream
+        .set_read_timeout(Some(DAEMON_ANSWER_WAIT))
+        .map_err(|e| Error::io("commit.connect", &socket, e))?;
     let lines = io::BufReader::new(
         stream
             .try_clone()

@@ -22,18 +22,21 @@
 //! Must not: touch the upper (the commit process copies it), or block FUSE workers beyond
 //! the gate.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::union::Union;
+
+/// Pause after a failed accept before the next.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// The directory of control sockets for this user.
 pub fn socket_dir() -> PathBuf {
@@ -182,7 +185,12 @@ pub fn serve(union: Arc<Union>, mountpoint: &Path) -> Result<ControlSocket> {
                             warn!(error = %e, "no thread for a control connection");
                         }
                     }
-                    Err(e) => warn!(error = %e, "control socket accept failed"),
+                    // EMFILE and the like persist for a while: without the pause this
+                    // loop would spin (and log) until they clear.
+                    Err(e) => {
+                        warn!(error = %e, "control socket accept failed");
+                        std::thread::sleep(ACCEPT_RETRY_PAUSE);
+                    }
                 }
             }
         })
@@ -215,11 +223,46 @@ fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {
     w.write_all(line.as_bytes())
 }
 
+/// Longest request line read: every request is a few dozen bytes, and a client that sends
+/// more must not make the daemon buffer it.
+const MAX_REQUEST_LINE: u64 = 4096;
+/// Longest a client may hold a freeze: every writer of the mount waits meanwhile, and a
+/// commit copies only the files changed since the last one under it. A client silent for
+/// longer is stuck (stopped, or wedged on its disk); the mount thaws, and its `thaw` is
+/// answered as a failure, so the commit publishes nothing.
+const MAX_FREEZE: Duration = Duration::from_secs(600);
+
+/// One line of `r` without its newline: `None` at EOF, an error for a line over `cap`
+/// bytes (nothing past the cap is buffered).
+fn read_line_capped(r: &mut impl BufRead, cap: u64) -> Option<std::io::Result<String>> {
+    let mut line = Vec::new();
+    match r.by_ref().take(cap + 1).read_until(b'\n', &mut line) {
+        Ok(0) => None,
+        Ok(_) if line.last() == Some(&b'\n') => {
+            line.pop();
+            Some(String::from_utf8(line).map_err(std::io::Error::other))
+        }
+        Ok(n) if n as u64 > cap => Some(Err(std::io::Error::other(format!(
+            "request line longer than {cap} bytes"
+        )))),
+        // The last line, without a newline before EOF.
+        Ok(_) => Some(String::from_utf8(line).map_err(std::io::Error::other)),
+        Err(e) => Some(Err(e)),
+    }
+}
+
 fn serve_one(union: &Weak<Union>, conn: UnixStream) -> std::io::Result<()> {
     let mut w = conn.try_clone()?;
-    let mut lines = BufReader::new(conn).lines();
-    while let Some(line) = lines.next() {
-        let req: Value = serde_json::from_str(&line?).unwrap_or(Value::Null);
+    let reader = conn.try_clone()?;
+    let mut lines = BufReader::new(conn);
+    let mut next_line = |freeze: bool| {
+        // Between requests a client may idle as long as it likes (it holds nothing); a
+        // frozen mount waits for its thaw at most MAX_FREEZE.
+        reader.set_read_timeout(freeze.then_some(MAX_FREEZE))?;
+        read_line_capped(&mut lines, MAX_REQUEST_LINE).transpose()
+    };
+    while let Some(line) = next_line(false)? {
+        let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         // Held for one request only (a freeze included): an idle client must not keep the
         // union, and the upper's lock, alive after the session ended.
         let Some(union) = union.upgrade() else {
@@ -251,7 +294,11 @@ fn serve_one(union: &Weak<Union>, conn: UnixStream) -> std::io::Result<()> {
                 let sent = send(&mut w, &answer);
                 // Held until the client says thaw, or is gone (EOF, error, or a send that
                 // failed because it died).
-                let next = if sent.is_ok() { lines.next() } else { None };
+                let next = if sent.is_ok() {
+                    next_line(true).transpose()
+                } else {
+                    None
+                };
                 drop(frozen);
                 let paused = held.elapsed();
                 crate::upper::crash_point("gate.thaw");
@@ -265,6 +312,14 @@ fn serve_one(union: &Weak<Union>, conn: UnixStream) -> std::io::Result<()> {
                         &mut w,
                         &json!({"ok": true, "paused_us": paused.as_micros() as u64}),
                     )?,
+                    Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        warn!(
+                            step = "commit.thaw",
+                            paused_us = paused.as_micros() as u64,
+                            "a commit held the freeze past its limit; writers resumed"
+                        );
+                        return send(&mut w, &json!({"ok": false, "error": "freeze-timeout"}));
+                    }
                     _ => return Ok(()),
                 }
             }
@@ -277,6 +332,26 @@ fn serve_one(union: &Weak<Union>, conn: UnixStream) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_lines_are_capped() {
+        let read = |input: &[u8]| {
+            let mut r = BufReader::new(input);
+            let mut out = Vec::new();
+            while let Some(l) = read_line_capped(&mut r, 8) {
+                out.push(l.map_err(|e| e.to_string()));
+            }
+            out
+        };
+        assert_eq!(read(b"a\nbb\n"), [Ok("a".into()), Ok("bb".into())]);
+        assert_eq!(read(b"12345678\nlast"), [Ok("12345678".into()), Ok("last".into())]);
+        let long = read(&[b'x'; 100_000]);
+        assert!(
+            matches!(&long[0], Err(e) if e.contains("longer than 8")),
+            "{:?}",
+            &long[0]
+        );
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {

@@ -331,6 +331,30 @@ pub fn read_at(fd: impl AsFd, offset: u64, size: u32) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// The bound of the sizing: a call that keeps answering ERANGE (a value that grows past
+    /// every buffer) is made twice, then EIO; never a third call.
+    #[test]
+    fn xattr_sizing_makes_at_most_two_calls() {
+        let mut sizes = Vec::new();
+        let got = xattr_sized(XATTR_SIZE_MAX, Path::new("f"), "test", |buf| {
+            sizes.push(buf.len());
+            Err(rustix::io::Errno::RANGE)
+        });
+        assert!(matches!(got, Err(Error::Errno(libc::EIO))), "{got:?}");
+        assert_eq!(sizes, [XATTR_FIRST_BUF, XATTR_SIZE_MAX], "the calls made");
+        let mut calls = 0;
+        let got = xattr_sized(XATTR_LIST_MAX, Path::new("f"), "test", |buf| {
+            calls += 1;
+            if buf.len() < 2000 {
+                return Err(rustix::io::Errno::RANGE);
+            }
+            buf[..2000].fill(b'a');
+            Ok(2000)
+        });
+        assert_eq!(got.expect("second call fits").len(), 2000);
+        assert_eq!(calls, 2);
+    }
+
     #[test]
     fn get_xattr_reads_values_of_any_size_and_never_follows_a_final_symlink() {
         let tmp = tempfile::tempdir().expect("tempdir");

@@ -45,6 +45,12 @@ fn lock_upper(root: &std::os::fd::OwnedFd) -> rustix::io::Result<()> {
     }
 }
 
+/// How long a daemonizing mount waits for its child to report the mount live. The child's
+/// part is mount(2), the control socket and the report: milliseconds.
+const MOUNT_REPORT_WAIT: Duration = Duration::from_secs(60);
+/// Longest report read from the child (a one-line error message).
+const MOUNT_REPORT_MAX: u64 = 64 * 1024;
+
 /// Default number of FUSE worker threads.
 const DEFAULT_THREADS: usize = 4;
 
@@ -231,12 +237,27 @@ pub fn run(args: MountArgs) -> Result<()> {
     if !foreground {
         let (mut parent_end, child_end) = UnixStream::pair().map_err(|e| Error::io("socketpair", "", e))?;
         match crate::sys::fork().map_err(|e| Error::io("fork", "", e))? {
-            crate::sys::Forked::Parent(_pid) => {
+            crate::sys::Forked::Parent(pid) => {
                 drop(child_end);
                 let mut msg = String::new();
-                let _ = parent_end.read_to_string(&mut msg);
+                // The child reports at once after mount(2); a caller (podman, containerd)
+                // must not wait forever on a child wedged before that. Bounded, and at
+                // most MOUNT_REPORT_MAX bytes.
+                let _ = parent_end.set_read_timeout(Some(MOUNT_REPORT_WAIT));
+                let read = (&mut parent_end).take(MOUNT_REPORT_MAX).read_to_string(&mut msg);
                 if msg == "ok" {
                     std::process::exit(0);
+                }
+                if let Err(e) = read {
+                    if e.kind() == std::io::ErrorKind::WouldBlock {
+                        if let Some(child) = rustix::process::Pid::from_raw(pid) {
+                            let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
+                        }
+                        msg = format!(
+                            "the daemon did not report a live mount within {} s; killed it (run with -f -d to see where it stops)",
+                            MOUNT_REPORT_WAIT.as_secs()
+                        );
+                    }
                 }
                 if msg.is_empty() {
                     msg = "the daemon exited before the mount was live (run with -f -d to see why)".into();

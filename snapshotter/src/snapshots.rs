@@ -271,8 +271,16 @@ impl Snapshots {
     /// The fs directories of `parent` and its ancestors, nearest first.
     fn lowers(&self, parent: &str) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
+        let mut seen = HashSet::new();
         let mut next = parent.to_string();
         while !next.is_empty() {
+            // Parents are set at prepare and never change, so a chain cannot loop; a damaged
+            // database could, and the walk (and this list) would then never end.
+            if !seen.insert(next.clone()) {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {next} is its own ancestor (the database is damaged): failed precondition"
+                )));
+            }
             let r = self.get(&next)?.ok_or_else(|| {
                 Error::NotFound(format!("parent snapshot {next} does not exist: not found"))
             })?;
@@ -757,10 +765,13 @@ fn disk_usage(root: &Path) -> Result<(i64, i64)> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
         let m = std::fs::symlink_metadata(&p).map_err(|e| Error::io("usage.lstat", &p, e))?;
-        if seen.insert((m.dev(), m.ino())) {
+        let first = seen.insert((m.dev(), m.ino()));
+        if first {
             size += (m.blocks() as i64) * 512;
         }
-        if m.is_dir() && m.dev() == top.dev() {
+        // A directory seen before is a bind mount of the tree inside itself: its walk
+        // would never end.
+        if first && m.is_dir() && m.dev() == top.dev() {
             for ent in std::fs::read_dir(&p).map_err(|e| Error::io("usage.readdir", &p, e))? {
                 stack.push(ent.map_err(|e| Error::io("usage.readdir", &p, e))?.path());
             }

@@ -854,8 +854,10 @@ fn st_size(st: &Stat) -> u64 {
 
 /// Hash a regular file chunk by chunk; an error if its size changed under us.
 fn hash_file(layer: &LayerDir, rel: &Path, size: u64, chunk_size: u64) -> Result<Vec<[u8; 32]>> {
+    // NONBLOCK: if a FIFO replaced the file since its lstat, open(2) must not wait for a
+    // writer (the read then fails with EAGAIN). No effect on a regular file.
     let fd = layer
-        .open_file(rel, OFlags::RDONLY)
+        .open_file(rel, OFlags::RDONLY | OFlags::NONBLOCK)
         .map_err(|e| Error::io("open", rel, std::io::Error::from_raw_os_error(e.errno())))?;
     let mut f = std::fs::File::from(fd);
     // Whole chunks per read (HASH_BLOCK and every chunk size are powers of two), and no
@@ -870,6 +872,11 @@ fn hash_file(layer: &LayerDir, rel: &Path, size: u64, chunk_size: u64) -> Result
             break;
         }
         total += n as u64;
+        // A file that keeps growing (a writer appending) would otherwise be read, and its
+        // digests kept, for as long as it grows.
+        if total > size {
+            return Err(changed(layer, rel));
+        }
         out.extend(chunk_digests(&buf[..n], chunk_size));
         if n < buf.len() {
             break;
@@ -946,6 +953,7 @@ pub fn build_with_chunk_size(layer_dir: &Path, chunk_size: u64) -> Result<Vec<u8
     let mut found = Vec::new();
     // Content of hard-linked files is hashed once per inode.
     let mut hashed: HashMap<(u64, u64), Vec<[u8; 32]>> = HashMap::new();
+    let mut dirs_seen = HashSet::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let st = layer
@@ -971,7 +979,9 @@ pub fn build_with_chunk_size(layer_dir: &Path, chunk_size: u64) -> Result<Vec<u8
         };
         match kind {
             Kind::Dir => {
-                if st.st_dev != layer.dev {
+                // A directory is reached once unless a bind mount puts a tree inside itself
+                // (same st_dev), whose walk would never end.
+                if st.st_dev != layer.dev || !dirs_seen.insert(st.st_ino) {
                     return Err(Error::usage(
                         format!("layer {}: {}", layer.path.display(), show(&rel)),
                         "is a mount point; a layer must be one filesystem",

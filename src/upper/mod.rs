@@ -1080,8 +1080,11 @@ pub fn copy_data(input: &impl AsFd, out: &impl AsFd, len: u64) -> Result<()> {
             {
                 Ok(n) => n,
                 Err(rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
+                    // Copies up to the hole or to EOF: either way this extent is done. Asking
+                    // copy_file_range again after a short read (the file shrank) would be
+                    // answered EXDEV again, forever.
                     copy_by_read(input, out, &mut off_in, &mut off_out, hole)?;
-                    continue;
+                    break;
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -1112,7 +1115,12 @@ fn copy_by_read(
         }
         let mut done = 0;
         while done < n {
-            done += rustix::io::pwrite(out, &buf[done..n], *off_out + done as u64)?;
+            match rustix::io::pwrite(out, &buf[done..n], *off_out + done as u64)? {
+                // A regular file never takes 0 of a non-empty write; if one did, retrying
+                // would spin.
+                0 => return Err(Error::Errno(libc::EIO)),
+                k => done += k,
+            }
         }
         *off_in += n as u64;
         *off_out += n as u64;
