@@ -2129,3 +2129,40 @@ fn whiteouts_share_one_inode_and_survive_losing_the_shared_one() {
     assert_eq!(fx.merged(), vec!["d/".to_string()]);
     fx.finish("whiteouts share an inode");
 }
+
+/// While the kernel holds a reference to a name's node, every lookup of the name returns that
+/// node id, however lookups and forgets interleave on many threads; once every reference is
+/// forgotten, no node is left. One object behind two node ids would be two kernel inodes, and
+/// what the kernel checks on one inode (ETXTBSY, locks, leases) would miss the other.
+#[test]
+fn concurrent_lookups_and_forgets_of_one_name_give_one_node_id() {
+    let fx = Fx::new(Some("f up=u"), &["f low=l; f dir/x=1"]);
+    let u = &fx.u;
+    for n in ["up", "low", "dir"] {
+        let held = ok(u.lookup(ROOT_ID, name(n))).expect("lookup").id;
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..2000 {
+                        let e = u.lookup(ROOT_ID, name(n)).expect("lookup");
+                        assert_eq!(e.id, held, "{n}: a second node id while one is held");
+                        u.forget(e.id, 1);
+                    }
+                });
+            }
+        });
+        u.forget(held, 1);
+        // No reference held: lookups and forgets racing may make new nodes, but never leak.
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..2000 {
+                        let e = u.lookup(ROOT_ID, name(n)).expect("lookup");
+                        u.forget(e.id, 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(u.node_count(), 1, "{n}: nodes left after every reference was forgotten");
+    }
+}

@@ -202,7 +202,14 @@ pub struct FileHandle {
     /// the kernel reads and writes this file itself, through a passthrough backing file
     /// on `fd`'s file; reads and writes of the handle never come to the daemon
     passthrough: std::sync::atomic::AtomicBool,
+    /// opened by execve (or for a program's interpreter): the kernel denies writes to the
+    /// file while it runs, and keeps this handle open until the program is gone
+    exec: bool,
 }
+
+/// `__FMODE_EXEC`: the kernel's own opens for execve carry it in the FUSE open flags
+/// (0x20, a bit userspace open(2) cannot set).
+const FMODE_EXEC_FLAG: i32 = 0x20;
 
 /// What a handle on a verified lower file checks each read against.
 #[derive(Debug)]
@@ -1787,6 +1794,18 @@ impl Union {
         writable: bool,
         verify: Option<HandleVerify>,
     ) -> Result<u64> {
+        self.add_file_exec(node, fd, on_upper, writable, verify, false)
+    }
+
+    fn add_file_exec(
+        &self,
+        node: Arc<Node>,
+        fd: OwnedFd,
+        on_upper: bool,
+        writable: bool,
+        verify: Option<HandleVerify>,
+        exec: bool,
+    ) -> Result<u64> {
         let mut hs = node.handles.lock();
         hs.retain(|w| w.strong_count() > 0);
         let (fd, on_upper, verify) = if !on_upper && node.state.read().upper {
@@ -1803,6 +1822,7 @@ impl Union {
             on_upper: std::sync::atomic::AtomicBool::new(on_upper),
             verify,
             passthrough: std::sync::atomic::AtomicBool::new(passthrough),
+            exec,
         });
         hs.push(Arc::downgrade(&h));
         drop(hs);
@@ -1947,6 +1967,13 @@ impl Union {
             return errno(libc::EISDIR);
         }
         let oflags = open_flags(flags);
+        // The kernel refuses a writable open of a running program (ETXTBSY) before asking us,
+        // but checks O_RDONLY|O_TRUNC only after this OPEN has truncated (atomic_o_trunc): the
+        // program's text would be cut under it (SIGBUS, SIGSEGV), and if it died fast enough
+        // the open even succeeded. Its exec opens come here, so the check can be made here.
+        if oflags.contains(OFlags::TRUNC) && self.executing(&node) {
+            return errno(libc::ETXTBSY);
+        }
         let writable = oflags.contains(OFlags::WRONLY)
             || oflags.contains(OFlags::RDWR)
             || oflags.contains(OFlags::TRUNC);
@@ -1981,7 +2008,19 @@ impl Union {
         } else {
             self.handle_verify(&node, &fd)?
         };
-        self.add_file(node, fd, on_upper, writable, verify)
+        let exec = flags & FMODE_EXEC_FLAG != 0;
+        self.add_file_exec(node, fd, on_upper, writable, verify, exec)
+    }
+
+    /// Does a running program have this file as its executable (an exec open of it is live)?
+    /// Its handle is released when the program has exited; until the daemon has seen that
+    /// release, an O_TRUNC open still finds it running.
+    fn executing(&self, node: &Node) -> bool {
+        node.handles
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|h| h.exec)
     }
 
     /// Open the object of `node`; true when the fd is on the upper object.
