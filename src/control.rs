@@ -344,7 +344,10 @@ mod tests {
             out
         };
         assert_eq!(read(b"a\nbb\n"), [Ok("a".into()), Ok("bb".into())]);
-        assert_eq!(read(b"12345678\nlast"), [Ok("12345678".into()), Ok("last".into())]);
+        assert_eq!(
+            read(b"12345678\nlast"),
+            [Ok("12345678".into()), Ok("last".into())]
+        );
         let long = read(&[b'x'; 100_000]);
         assert!(
             matches!(&long[0], Err(e) if e.contains("longer than 8")),

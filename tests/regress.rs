@@ -180,10 +180,7 @@ const COMMIT_LIMIT: Duration = Duration::from_secs(30);
 /// [`HANG_LIMIT`]. A hung thread stays blocked in the kernel until the daemon is gone: the
 /// caller's panic drops the [`rig::Verlay`] guard, which unmounts and kills the daemon, and
 /// the stuck request then fails with ENOTCONN.
-fn within<T: Send + 'static>(
-    what: &str,
-    op: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> T {
+fn within<T: Send + 'static>(what: &str, op: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(op());
@@ -280,10 +277,20 @@ fn long_xattr_lower(l: &Path) -> Vec<(&'static str, Vec<(String, Vec<u8>)>)> {
         fs::write(l.join(name).join("inner"), "inner\n").unwrap();
         set_xattr(&l.join(name), "user.long", &long_value(len, 1));
     }
-    ["append", "moved", "chmod", "touched", "setx", "untouched", "names", "dir300", "dir3900"]
-        .into_iter()
-        .map(|n| (n, user_xattrs(&l.join(n))))
-        .collect()
+    [
+        "append",
+        "moved",
+        "chmod",
+        "touched",
+        "setx",
+        "untouched",
+        "names",
+        "dir300",
+        "dir3900",
+    ]
+    .into_iter()
+    .map(|n| (n, user_xattrs(&l.join(n))))
+    .collect()
 }
 
 /// A foreground daemon over `t/{l,u,w}` at `t/m`, stopped by the rig's guard.
@@ -337,7 +344,12 @@ fn long_xattr_values_and_name_lists_never_hang_copy_up_getxattr_or_listxattr() {
                 let (p, n) = (p.clone(), n.clone());
                 move || get_xattr(&p, &n)
             });
-            assert!(got == *v, "getxattr {name} {n}: {} bytes, want {}", got.len(), v.len());
+            assert!(
+                got == *v,
+                "getxattr {name} {n}: {} bytes, want {}",
+                got.len(),
+                v.len()
+            );
         }
     }
 
@@ -384,25 +396,45 @@ fn long_xattr_values_and_name_lists_never_hang_copy_up_getxattr_or_listxattr() {
 
     // The results, through the mount and in the upper: every value byte for byte.
     let u = t.join("u");
-    assert_eq!(fs::read_to_string(m.join("append")).unwrap(), "append content\nx\n");
-    assert_eq!(fs::read_to_string(m.join("dst/moved")).unwrap(), "moved content\n");
+    assert_eq!(
+        fs::read_to_string(m.join("append")).unwrap(),
+        "append content\nx\n"
+    );
+    assert_eq!(
+        fs::read_to_string(m.join("dst/moved")).unwrap(),
+        "moved content\n"
+    );
     assert!(!m.join("moved").exists(), "moved is gone from its old place");
     let mut with_new = want.iter().find(|(n, _)| *n == "setx").unwrap().1.clone();
     with_new.push(("user.new".into(), new_value));
     with_new.sort();
     for (name, xattrs) in &want {
-        let xattrs = if *name == "setx" { with_new.clone() } else { xattrs.clone() };
+        let xattrs = if *name == "setx" {
+            with_new.clone()
+        } else {
+            xattrs.clone()
+        };
         let copied = *name != "untouched";
-        let rel = if *name == "moved" { "dst/moved".to_string() } else { name.to_string() };
+        let rel = if *name == "moved" {
+            "dst/moved".to_string()
+        } else {
+            name.to_string()
+        };
         let merged = m.join(&rel);
         let got = within(&format!("getxattr/listxattr {rel} after copy-up"), move || {
             Ok(user_xattrs(&merged))
         });
-        assert!(got == xattrs, "{rel} through the mount after copy-up: xattrs differ");
+        assert!(
+            got == xattrs,
+            "{rel} through the mount after copy-up: xattrs differ"
+        );
         if copied {
             let up = u.join(&rel);
             assert!(up.exists(), "{rel} was copied up");
-            assert!(user_xattrs(&up) == xattrs, "{rel} in the upper: xattrs differ from the lower's");
+            assert!(
+                user_xattrs(&up) == xattrs,
+                "{rel} in the upper: xattrs differ from the lower's"
+            );
         }
     }
     assert!(!u.join("untouched").exists(), "untouched stays in the lower only");
@@ -429,8 +461,13 @@ fn commit_keeps_long_xattr_values_in_the_layer() {
         within(&format!("setxattr {p}"), {
             let p = m.join(p);
             move || {
-                rustix::fs::lsetxattr(&p, "user.long", &long_value_for_tar(len, 5), rustix::fs::XattrFlags::empty())
-                    .map_err(std::io::Error::from)
+                rustix::fs::lsetxattr(
+                    &p,
+                    "user.long",
+                    &long_value_for_tar(len, 5),
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .map_err(std::io::Error::from)
             }
         });
     }
@@ -538,7 +575,10 @@ fn truncating_open_of_a_running_program_is_etxtbsy_and_leaves_it_whole() {
         let _ = run.kill();
         let _ = run.wait();
         assert!(alive.is_none(), "round {i}: the program died: {alive:?}");
-        assert!(fs::read(&p).unwrap() == prog, "round {i}: the program's file changed");
+        assert!(
+            fs::read(&p).unwrap() == prog,
+            "round {i}: the program's file changed"
+        );
     }
     // A file no program runs is still truncated by the same open.
     let p = m.join("plain");

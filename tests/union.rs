@@ -2163,6 +2163,10 @@ fn concurrent_lookups_and_forgets_of_one_name_give_one_node_id() {
                 });
             }
         });
-        assert_eq!(u.node_count(), 1, "{n}: nodes left after every reference was forgotten");
+        assert_eq!(
+            u.node_count(),
+            1,
+            "{n}: nodes left after every reference was forgotten"
+        );
     }
 }
