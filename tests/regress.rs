@@ -233,8 +233,11 @@ fn list_xattrs(p: &Path) -> std::io::Result<Vec<String>> {
     Ok(names)
 }
 
+/// Names and values of xattrs, sorted by name.
+type Xattrs = Vec<(String, Vec<u8>)>;
+
 /// Every `user.*` xattr of `p`, sorted by name: what users see of it.
-fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+fn user_xattrs(p: &Path) -> Xattrs {
     list_xattrs(p)
         .unwrap_or_else(|e| panic!("llistxattr {}: {e}", p.display()))
         .into_iter()
@@ -254,7 +257,7 @@ fn many_names() -> Vec<String> {
 /// The lower tree of the long-xattr tests: files and dirs whose values cross the old 256-byte
 /// sizing bug, up to the ~3.9 KiB ext4 keeps in an inode's one xattr block, and a file whose
 /// name list is longer than 1 KiB.
-fn long_xattr_lower(l: &Path) -> Vec<(&'static str, Vec<(String, Vec<u8>)>)> {
+fn long_xattr_lower(l: &Path) -> Vec<(&'static str, Xattrs)> {
     fs::create_dir(l.join("dst")).unwrap();
     for (name, len) in [
         ("append", 300),
@@ -484,7 +487,7 @@ fn commit_keeps_long_xattr_values_in_the_layer() {
         let p = m.join("low");
         move || fs::set_permissions(&p, fs::Permissions::from_mode(0o640))
     });
-    let want: Vec<(&str, Vec<(String, Vec<u8>)>)> = ["new300", "newdir", "low"]
+    let want: Vec<(&str, Xattrs)> = ["new300", "newdir", "low"]
         .into_iter()
         .map(|n| (n, user_xattrs(&m.join(n))))
         .collect();
