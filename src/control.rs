@@ -11,13 +11,20 @@
 //! mounts are reused once a mount is gone, so a daemon replaces a stale socket of that name
 //! at start (a killed daemon leaves one), and removes its own at a clean stop.
 //!
-//! Protocol (one JSON object per line, each request answered by one line):
-//! - `{"op":"info"}` -> `{"ok":true,"read_only":B,"upper":P,"lowers":[P...],"xattr_prefix":S}`
-//! - `{"op":"freeze"}` -> the same once the commit gate is held exclusive ([`Union::freeze`]),
-//!   plus `"waited_us"`; or `{"ok":false,"error":"read-only"}`. The gate stays held until
-//!   the next line (`{"op":"thaw"}`) or until the connection ends, so a commit process that
-//!   dies (kill -9 included) never leaves the mount frozen; the answer to `thaw` carries
-//!   `"paused_us"`.
+//! Protocol ([`PROTOCOL_VERSION`] 1): one JSON [`Request`] per line, each answered by one
+//! [`Response`] line; both carry the version `v`, and a daemon refuses any other version
+//! ([`Refusal::Version`]) before it reads the rest. Requests match exactly (serde, unknown
+//! fields refused); a line that is not one is refused with [`Refusal::BadRequest`]. Lines
+//! are capped ([`MAX_REQUEST_LINE`], [`MAX_RESPONSE_LINE`]): a longer one ends the
+//! connection.
+//! - `{"v":1,"op":"info"}` -> [`Reply::Mount`]: the lowers, and the upper unless read-only.
+//! - `{"v":1,"op":"freeze"}` -> [`Reply::Frozen`] once the commit gate is held exclusive
+//!   ([`Union::freeze`]), with `waited_us`; or [`Refusal::ReadOnly`] /
+//!   [`Refusal::PassthroughWriters`]. The gate stays held until the next line or until the
+//!   connection ends, so a commit process that dies (kill -9 included) never leaves the mount
+//!   frozen. That next line releases the gate whatever it says; only an exact
+//!   `{"v":1,"op":"thaw"}` is answered [`Reply::Thawed`] (with `paused_us`), anything else
+//!   with a refusal, and the connection ends.
 //!
 //! Must not: touch the upper (the commit process copies it), or block FUSE workers beyond
 //! the gate.
@@ -29,11 +36,166 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::union::Union;
+
+/// The version of the protocol this daemon and this client speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line the daemon reads: requests are a few dozen bytes.
+pub const MAX_REQUEST_LINE: usize = 4096;
+/// Longest answer line the client reads: an answer lists the lower paths (up to PATH_MAX,
+/// 4 KiB, each), so this allows thousands of lowers.
+pub const MAX_RESPONSE_LINE: usize = 16 << 20;
+
+/// What a client asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// describe the mount
+    Info,
+    /// hold the commit gate until the next line
+    Freeze,
+    /// the line that ends a freeze
+    Thaw,
+}
+
+/// One request line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// [`PROTOCOL_VERSION`]
+    pub v: u32,
+    /// what is asked
+    pub op: Op,
+}
+
+/// One answer line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    /// [`PROTOCOL_VERSION`]
+    pub v: u32,
+    /// the answer
+    pub reply: Reply,
+}
+
+/// The answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// to `info`
+    Mount(MountDesc),
+    /// to `freeze`: the gate is held from now until the next line
+    Frozen {
+        /// the mount, as `info` describes it
+        mount: MountDesc,
+        /// how long taking the gate waited for running changes
+        waited_us: u64,
+    },
+    /// to the `thaw` that ended a freeze
+    Thawed {
+        /// how long the gate was held
+        paused_us: u64,
+    },
+    /// the request was not carried out
+    Refused(Refusal),
+}
+
+/// Why a request was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// `freeze` on a mount without an upper
+    ReadOnly,
+    /// `freeze` while files opened for writing bypass the daemon (FUSE passthrough)
+    PassthroughWriters {
+        /// how many
+        count: u64,
+    },
+    /// the mount's session ended
+    Unmounted,
+    /// the request's `v` is not [`PROTOCOL_VERSION`]
+    Version {
+        /// the version asked for
+        got: u32,
+        /// the version this daemon speaks
+        speaks: u32,
+    },
+    /// the line is not a request (or not the one expected)
+    BadRequest {
+        /// what is wrong with it
+        why: String,
+    },
+}
+
+/// A mount as its daemon describes it. Paths are sent as (lossy) UTF-8 strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountDesc {
+    /// the lower directories, top first
+    pub lowers: Vec<String>,
+    /// the upper, unless the mount is read-only
+    pub upper: Option<UpperDesc>,
+}
+
+/// The upper of a mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpperDesc {
+    /// the upper directory
+    pub dir: String,
+    /// `trusted.overlay.` or `user.overlay.`
+    pub xattr_prefix: String,
+}
+
+/// Parse one request line: the version first (so a newer client is told the version, not
+/// that its request is garbage), then the request, exactly.
+pub fn parse_request(line: &[u8]) -> std::result::Result<Op, Refusal> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        v: u32,
+    }
+    let bad = |e: serde_json::Error| Refusal::BadRequest { why: e.to_string() };
+    let Versioned { v } = serde_json::from_slice(line).map_err(bad)?;
+    if v != PROTOCOL_VERSION {
+        return Err(Refusal::Version {
+            got: v,
+            speaks: PROTOCOL_VERSION,
+        });
+    }
+    let req: Request = serde_json::from_slice(line).map_err(bad)?;
+    Ok(req.op)
+}
+
+/// Read one line of at most `max` bytes (newline not counted); `None` at the end of the
+/// stream. A longer line is an `InvalidData` error: the reader stops there, so a peer
+/// cannot make it buffer without bound.
+pub fn read_line(r: &mut impl BufRead, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    let n = std::io::Read::take(&mut *r, max as u64 + 1).read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("control line longer than {max} bytes"),
+        ));
+    }
+    Ok(Some(buf))
+}
+
+/// Write one JSON line.
+pub fn write_line(w: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)
+}
 
 /// The directory of control sockets for this user.
 pub fn socket_dir() -> PathBuf {
@@ -191,87 +353,143 @@ pub fn serve(union: Arc<Union>, mountpoint: &Path) -> Result<ControlSocket> {
 }
 
 /// What a client needs to know about the mount.
-fn describe(union: &Union) -> Value {
-    let lowers: Vec<String> = union
-        .lowers
-        .iter()
-        .map(|l| l.path.to_string_lossy().into_owned())
-        .collect();
-    match &union.upper {
-        Some(up) => json!({
-            "ok": true,
-            "read_only": false,
-            "upper": up.dir.path.to_string_lossy(),
-            "lowers": lowers,
-            "xattr_prefix": up.xattr_prefix,
+fn describe(union: &Union) -> MountDesc {
+    MountDesc {
+        lowers: union
+            .lowers
+            .iter()
+            .map(|l| l.path.to_string_lossy().into_owned())
+            .collect(),
+        upper: union.upper.as_ref().map(|up| UpperDesc {
+            dir: up.dir.path.to_string_lossy().into_owned(),
+            xattr_prefix: up.xattr_prefix.to_string(),
         }),
-        None => json!({"ok": true, "read_only": true, "lowers": lowers}),
     }
 }
 
-fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {
-    let mut line = v.to_string();
-    line.push('\n');
-    w.write_all(line.as_bytes())
+fn send(w: &mut UnixStream, reply: Reply) -> std::io::Result<()> {
+    write_line(
+        w,
+        &Response {
+            v: PROTOCOL_VERSION,
+            reply,
+        },
+    )
+}
+
+fn refuse(w: &mut UnixStream, r: Refusal) -> std::io::Result<()> {
+    send(w, Reply::Refused(r))
 }
 
 fn serve_one(union: &Weak<Union>, conn: UnixStream) -> std::io::Result<()> {
     let mut w = conn.try_clone()?;
-    let mut lines = BufReader::new(conn).lines();
-    while let Some(line) = lines.next() {
-        let req: Value = serde_json::from_str(&line?).unwrap_or(Value::Null);
+    let mut r = BufReader::new(conn);
+    loop {
+        let line = match read_line(&mut r, MAX_REQUEST_LINE) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(()),
+            // Too long: the rest of it cannot be told from the next request.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return refuse(&mut w, Refusal::BadRequest { why: e.to_string() })
+            }
+            Err(e) => return Err(e),
+        };
         // Held for one request only (a freeze included): an idle client must not keep the
         // union, and the upper's lock, alive after the session ended.
         let Some(union) = union.upgrade() else {
-            return send(&mut w, &json!({"ok": false, "error": "unmounted"}));
+            return refuse(&mut w, Refusal::Unmounted);
         };
-        let union = &*union;
-        match req.get("op").and_then(Value::as_str) {
-            Some("info") => send(&mut w, &describe(union))?,
-            Some("freeze") if union.upper.is_none() => {
-                send(&mut w, &json!({"ok": false, "error": "read-only"}))?
-            }
-            Some("freeze") => {
-                let asked = Instant::now();
-                let frozen = union.freeze();
-                // Writable opens hold the gate, so no new passthrough writer appears now; those
-                // already open write straight to the upper file and cannot be paused.
-                let bypassing = union.passthrough_writers();
-                if bypassing > 0 {
-                    drop(frozen);
-                    return send(
-                        &mut w,
-                        &json!({"ok": false, "error": "passthrough-writers", "count": bypassing}),
-                    );
-                }
-                let held = Instant::now();
-                crate::upper::crash_point("gate.freeze");
-                let mut answer = describe(union);
-                answer["waited_us"] = json!(held.duration_since(asked).as_micros() as u64);
-                let sent = send(&mut w, &answer);
-                // Held until the client says thaw, or is gone (EOF, error, or a send that
-                // failed because it died).
-                let next = if sent.is_ok() { lines.next() } else { None };
-                drop(frozen);
-                let paused = held.elapsed();
-                crate::upper::crash_point("gate.thaw");
-                info!(
-                    step = "commit.thaw",
-                    paused_us = paused.as_micros() as u64,
-                    "writers resumed after a commit's freeze"
-                );
-                match next {
-                    Some(Ok(l)) if l.contains("thaw") => send(
-                        &mut w,
-                        &json!({"ok": true, "paused_us": paused.as_micros() as u64}),
-                    )?,
-                    _ => return Ok(()),
+        match parse_request(&line) {
+            Ok(Op::Info) => send(&mut w, Reply::Mount(describe(&union)))?,
+            Ok(Op::Freeze) => {
+                if !hold_freeze(&union, &mut w, &mut r)? {
+                    return Ok(());
                 }
             }
-            _ => send(&mut w, &json!({"ok": false, "error": "unknown request"}))?,
+            Ok(Op::Thaw) => refuse(
+                &mut w,
+                Refusal::BadRequest {
+                    why: "thaw without a freeze".into(),
+                },
+            )?,
+            Err(why) => refuse(&mut w, why)?,
         }
     }
-    Ok(())
+}
+
+/// Answer a freeze: hold the gate until the next line (or the end of the connection),
+/// then release it. Returns whether the connection goes on.
+fn hold_freeze(union: &Union, w: &mut UnixStream, r: &mut impl BufRead) -> std::io::Result<bool> {
+    if union.upper.is_none() {
+        refuse(w, Refusal::ReadOnly)?;
+        return Ok(true);
+    }
+    let asked = Instant::now();
+    let frozen = union.freeze();
+    // Writable opens hold the gate, so no new passthrough writer appears now; those
+    // already open write straight to the upper file and cannot be paused.
+    let bypassing = union.passthrough_writers();
+    if bypassing > 0 {
+        drop(frozen);
+        refuse(
+            w,
+            Refusal::PassthroughWriters {
+                count: bypassing as u64,
+            },
+        )?;
+        return Ok(false);
+    }
+    let held = Instant::now();
+    crate::upper::crash_point("gate.freeze");
+    let sent = send(
+        w,
+        Reply::Frozen {
+            mount: describe(union),
+            waited_us: held.duration_since(asked).as_micros() as u64,
+        },
+    );
+    // Held until the client's next line, or until it is gone (EOF, error, or a send that
+    // failed because it died).
+    let next = if sent.is_ok() {
+        read_line(r, MAX_REQUEST_LINE).ok().flatten()
+    } else {
+        None
+    };
+    drop(frozen);
+    let paused = held.elapsed();
+    crate::upper::crash_point("gate.thaw");
+    info!(
+        step = "commit.thaw",
+        paused_us = paused.as_micros() as u64,
+        "writers resumed after a commit's freeze"
+    );
+    let Some(next) = next else {
+        return Ok(false);
+    };
+    match parse_request(&next) {
+        Ok(Op::Thaw) => {
+            send(
+                w,
+                Reply::Thawed {
+                    paused_us: paused.as_micros() as u64,
+                },
+            )?;
+            Ok(true)
+        }
+        Ok(op) => {
+            refuse(
+                w,
+                Refusal::BadRequest {
+                    why: format!("expected thaw after freeze, got {op:?}"),
+                },
+            )?;
+            Ok(false)
+        }
+        Err(why) => {
+            refuse(w, why)?;
+            Ok(false)
+        }
+    }
 }
 
 #[cfg(test)]
