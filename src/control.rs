@@ -495,11 +495,161 @@ fn hold_freeze(union: &Union, w: &mut UnixStream, r: &mut impl BufRead) -> std::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape_mountinfo("/a\\040b"), PathBuf::from("/a b"));
         assert_eq!(unescape_mountinfo("/a\\134b"), PathBuf::from("/a\\b"));
         assert_eq!(unescape_mountinfo("/plain"), PathBuf::from("/plain"));
+    }
+
+    /// A real union (a lower, an upper) served on one end of a socket pair; the other end
+    /// is the client, with a read timeout as the watchdog.
+    struct Served {
+        _tmp: tempfile::TempDir,
+        union: Arc<Union>,
+        client: BufReader<UnixStream>,
+        server: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    }
+
+    fn served() -> Served {
+        let tmp = tempfile::tempdir().unwrap();
+        let (lower, upper, work) = (tmp.path().join("l"), tmp.path().join("u"), tmp.path().join("w"));
+        for d in [&lower, &upper, &work] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let layers = vec![crate::layer::LayerDir::open(&lower, 1, "lower0".into()).unwrap()];
+        let up = crate::upper::Upper::open(&upper, &work, false).unwrap();
+        let union = Arc::new(Union::new(layers, Some(up), Default::default()).unwrap());
+        let (client, server) = UnixStream::pair().unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let weak = Arc::downgrade(&union);
+        let server = std::thread::spawn(move || serve_one(&weak, server));
+        Served {
+            _tmp: tmp,
+            union,
+            client: BufReader::new(client),
+            server: Some(server),
+        }
+    }
+
+    impl Served {
+        /// Send one raw line, read the answer (None: the daemon closed the connection).
+        fn ask(&mut self, line: &[u8]) -> Option<Reply> {
+            let mut l = line.to_vec();
+            l.push(b'\n');
+            self.client.get_mut().write_all(&l).unwrap();
+            let answer = read_line(&mut self.client, MAX_RESPONSE_LINE).unwrap()?;
+            let r: Response = serde_json::from_slice(&answer).unwrap();
+            assert_eq!(r.v, PROTOCOL_VERSION);
+            Some(r.reply)
+        }
+
+        fn closed(&mut self) -> bool {
+            let ended = read_line(&mut self.client, MAX_RESPONSE_LINE).unwrap().is_none();
+            self.server.take().unwrap().join().unwrap().unwrap();
+            ended
+        }
+
+        /// The gate is free: a freeze from here is taken at once.
+        fn assert_thawed(&self) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let u = self.union.clone();
+            std::thread::spawn(move || {
+                drop(u.freeze());
+                let _ = tx.send(());
+            });
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("the commit gate is still held");
+        }
+    }
+
+    fn bad_request(r: Option<Reply>) -> String {
+        match r {
+            Some(Reply::Refused(Refusal::BadRequest { why })) => why,
+            other => panic!("not a bad-request refusal: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_protocol_version_is_refused() {
+        let mut s = served();
+        assert_eq!(
+            s.ask(br#"{"v":2,"op":"info"}"#),
+            Some(Reply::Refused(Refusal::Version { got: 2, speaks: 1 }))
+        );
+        // Refused before the rest is read: a newer client's new op is a version matter.
+        assert_eq!(
+            s.ask(br#"{"v":2,"op":"snapshot","x":1}"#),
+            Some(Reply::Refused(Refusal::Version { got: 2, speaks: 1 }))
+        );
+        // The connection goes on.
+        match s.ask(br#"{"v":1,"op":"info"}"#) {
+            Some(Reply::Mount(m)) => {
+                assert_eq!(m.lowers.len(), 1);
+                assert!(m.upper.unwrap().dir.ends_with("/u"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_lines_are_refused_with_an_error_reply() {
+        let mut s = served();
+        for line in [
+            &b"garbage"[..],
+            b"",
+            br#"{"op":"info"}"#,
+            br#"{"v":1,"op":"Info"}"#,
+            br#"{"v":1,"op":"info","extra":true}"#,
+            br#"{"v":1,"op":"xthawx"}"#,
+            b"{\"v\":1,\"op\":\"info\"}\xff",
+        ] {
+            let why = bad_request(s.ask(line));
+            assert!(!why.is_empty(), "{}", String::from_utf8_lossy(line));
+        }
+        // A thaw outside a freeze is refused too.
+        bad_request(s.ask(br#"{"v":1,"op":"thaw"}"#));
+        assert!(matches!(s.ask(br#"{"v":1,"op":"info"}"#), Some(Reply::Mount(_))));
+        // A line over the cap: refused, and the connection ends (no resynchronising).
+        let long = vec![b' '; MAX_REQUEST_LINE + 1];
+        assert!(bad_request(s.ask(&long)).contains("longer than"));
+        assert!(s.closed());
+    }
+
+    #[test]
+    fn only_an_exact_thaw_is_answered_thawed() {
+        let mut s = served();
+        assert!(matches!(
+            s.ask(br#"{"v":1,"op":"freeze"}"#),
+            Some(Reply::Frozen { .. })
+        ));
+        match s.ask(br#"{"v":1,"op":"thaw"}"#) {
+            Some(Reply::Thawed { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        s.assert_thawed();
+        // The next line after a freeze releases the gate whatever it is; a line that only
+        // contains "thaw" is refused, not answered as a thaw, and the connection ends.
+        assert!(matches!(
+            s.ask(br#"{"v":1,"op":"freeze"}"#),
+            Some(Reply::Frozen { .. })
+        ));
+        bad_request(s.ask(b"xthawx"));
+        s.assert_thawed();
+        assert!(s.closed());
+    }
+
+    #[test]
+    fn a_freeze_ends_with_the_connection() {
+        let mut s = served();
+        assert!(matches!(
+            s.ask(br#"{"v":1,"op":"freeze"}"#),
+            Some(Reply::Frozen { .. })
+        ));
+        s.client.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(s.closed());
+        s.assert_thawed();
     }
 }

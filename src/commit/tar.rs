@@ -512,3 +512,100 @@ impl<A: Write, B: Write> Write for Tee<A, B> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_record_length_counts_itself() {
+        for (k, v) in [
+            (&b"path"[..], &b"x"[..]),
+            (b"SCHILY.xattr.user.k", &[b'v'; 95][..]),
+        ] {
+            let mut out = Vec::new();
+            pax_record(&mut out, k, v);
+            let (len, _) = out.split_at(out.iter().position(|b| *b == b' ').unwrap());
+            let len: usize = std::str::from_utf8(len).unwrap().parse().unwrap();
+            assert_eq!(len, out.len(), "{}", String::from_utf8_lossy(&out));
+        }
+    }
+
+    #[test]
+    fn numbers_too_big_for_octal_use_base_256() {
+        let mut f = [0u8; 8];
+        put_num(&mut f, 0o755);
+        assert_eq!(&f, b"0000755\0");
+        let mut f = [0u8; 8];
+        put_num(&mut f, 1 << 40);
+        assert_eq!(f[0] & 0x80, 0x80);
+    }
+
+    fn item(path: &[u8], kind: ItemKind, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Item {
+        Item {
+            path: path.to_vec(),
+            kind,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 1_700_000_000,
+            rdev: 0,
+            xattrs,
+            target: Vec::new(),
+            data: Data::None,
+            link_key: None,
+        }
+    }
+
+    /// What the module doc says the `tar` crate's builder cannot write: a `SCHILY.xattr.`
+    /// record whose name is not UTF-8 (its PAX keys are `&str`), plus a path and a hard
+    /// link target over 100 bytes as PAX records. The crate's reader reads all of it back.
+    #[test]
+    fn pax_xattr_with_a_name_that_is_not_utf8_reads_back() {
+        let name = b"user.caf\xe9".to_vec();
+        assert!(std::str::from_utf8(&name).is_err());
+        let long = [b'd'; 150].to_vec();
+        let mut w = TarWriter {
+            out: Vec::new(),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        let dir = item(b"d", ItemKind::Dir, vec![(name.clone(), b"v\0\xff".to_vec())]);
+        w.entry(&dir, b'5', b"", 0, true).unwrap();
+        let file = item(&long, ItemKind::File, Vec::new());
+        w.entry(&file, b'0', b"", 0, true).unwrap();
+        let link = item(b"l", ItemKind::File, Vec::new());
+        w.entry(&link, b'1', &long, 0, false).unwrap();
+        w.put(&[0u8; 2 * BLOCK]).unwrap();
+        assert_eq!(w.bytes, w.out.len() as u64);
+        assert_eq!(
+            crate::digest::sha256_id(&w.hasher.finalize()),
+            crate::digest::sha256_digest(&w.out)
+        );
+
+        let mut ar = ::tar::Archive::new(&w.out[..]);
+        let mut entries = ar.entries().unwrap();
+        let mut d = entries.next().unwrap().unwrap();
+        assert_eq!(&*d.path_bytes(), b"d/");
+        let pax: Vec<(Vec<u8>, Vec<u8>)> = d
+            .pax_extensions()
+            .unwrap()
+            .unwrap()
+            .map(|x| {
+                let x = x.unwrap();
+                (x.key_bytes().to_vec(), x.value_bytes().to_vec())
+            })
+            .collect();
+        assert_eq!(
+            pax,
+            [([b"SCHILY.xattr.".as_slice(), &name].concat(), b"v\0\xff".to_vec())]
+        );
+        assert_eq!(d.header().mode().unwrap(), 0o755);
+        assert_eq!(d.header().mtime().unwrap(), 1_700_000_000);
+        let f = entries.next().unwrap().unwrap();
+        assert_eq!(&*f.path_bytes(), long.as_slice());
+        let l = entries.next().unwrap().unwrap();
+        assert_eq!(l.header().entry_type(), ::tar::EntryType::Link);
+        assert_eq!(&*l.link_name_bytes().unwrap(), long.as_slice());
+        assert!(entries.next().is_none());
+    }
+}

@@ -348,3 +348,31 @@ pub(super) fn bytes_path(b: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(b))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_xattrs_are_dropped_and_escaped_ones_unescaped() {
+        let raw: Vec<(OsString, Vec<u8>)> = [
+            ("trusted.overlay.opaque", "y"),
+            ("trusted.overlay.redirect", "/a"),
+            ("trusted.overlay.overlay.mine", "1"),
+            ("trusted.verlay.origin", "9"),
+            ("user.verlay.origin", "9"),
+            ("user.overlay.opaque", "y"),
+            ("user.fuseoverlayfs.opaque", "y"),
+            ("user.k", "v"),
+            ("security.capability", "c"),
+        ]
+        .iter()
+        .map(|(n, v)| (OsString::from(n), v.as_bytes().to_vec()))
+        .collect();
+        let got = layer_xattrs("trusted.overlay.", &raw);
+        let names: Vec<String> = got
+            .iter()
+            .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        assert_eq!(names, ["security.capability", "trusted.overlay.mine", "user.k"]);
+    }
+}
