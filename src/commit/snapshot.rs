@@ -218,8 +218,7 @@ pub(super) struct Taken {
 }
 
 /// Steps 3-5: freeze the mount, snapshot the upper into `data`, thaw.
-pub(super) fn take(daemon: Daemon, upper: &LayerDir, data: &Staged, mountpoint: &Path) -> Result<Taken> {
-    let mut daemon = daemon;
+pub(super) fn take(mut daemon: Daemon, upper: &LayerDir, data: &Staged, mountpoint: &Path) -> Result<Taken> {
     let asked = Instant::now();
     let frozen = daemon
         .request(Op::Freeze)
