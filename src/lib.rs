@@ -11,16 +11,20 @@
 //! - [`store`]: the layer store (crash-safe layer and image import).
 //! - [`registry`]: image pull and push over the OCI distribution API.
 //! - [`control`]: the daemon's control socket (how `verlay commit` pauses writers).
-//! - [`commit`]: `verlay commit`, a live upper into a new layer of the store.
+//! - [`commit`]: a live upper into a new layer of the store (snapshot, translate, stage, tar).
+//! - [`cmd`]: parsing and printing of subcommands (`verlay commit`), over the domain modules.
+//! - [`digest`]: hex and `sha256:` ids, used by the store, the registry, lowers and commit.
 //! - [`sys`]: the only `unsafe` code.
 //!
 //! Invariants: nothing is ever written to a lower layer; every new upper object is built in
 //! the work dir and published by one rename; an errno is chosen only in `error.rs`.
 pub mod cli;
+pub mod cmd;
 pub mod commit;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod digest;
 pub mod error;
 pub mod fuse;
 pub mod layer;

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         },
         Command::Commit(args) => {
             verlay::logging::init(false);
-            finish("verlay commit", verlay::commit::cmd(args))
+            finish("verlay commit", verlay::cmd::commit::run(args))
         }
         Command::Layer(args) => finish("verlay layer", verlay::store::cmd::layer(args)),
         Command::Image(args) => {

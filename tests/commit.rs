@@ -749,9 +749,19 @@ fn writers_are_paused_not_failed_and_every_file_is_one_whole_version() {
 // ---------------------------------------------------------------------------------------------
 // crash points
 
-/// The `crash_point("...")` names in a source file.
+/// The `crash_point("...")` names in a source file, or in the files of a source directory.
 fn points_in(src: &str) -> BTreeSet<String> {
-    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(src)).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(src);
+    let text = if path.is_dir() {
+        let mut files: Vec<PathBuf> = fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| fs::read_to_string(f).unwrap())
+            .collect::<String>()
+    } else {
+        fs::read_to_string(&path).unwrap()
+    };
     text.split("crash_point(\"")
         .skip(1)
         .filter_map(|s| s.split('"').next())
@@ -808,7 +818,7 @@ fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
     assert_eq!(want_chain.len(), 1);
     fs::remove_file(r.mnt.join("probe")).ok();
 
-    let client_points: Vec<String> = points_in("src/commit.rs").into_iter().collect();
+    let client_points: Vec<String> = points_in("src/commit").into_iter().collect();
     let store_points = points_in("src/store/mod.rs");
     // Steps the commit reaches after which the layer is published.
     let published = ["import.publish", "commit.output", "commit.cleanup"];

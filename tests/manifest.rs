@@ -15,9 +15,10 @@ use std::time::Instant;
 
 use rustix::fs::{FileType, Mode, XattrFlags, CWD};
 use sha2::{Digest, Sha256};
+use verlay::digest::hex;
 use verlay::error::Error;
 use verlay::layer::Kind;
-use verlay::lower::manifest::{self, chunk_digest, hex, manifest_path, Manifest, Problem, CHUNK_SIZE};
+use verlay::lower::manifest::{self, chunk_digest, manifest_path, Manifest, Problem, CHUNK_SIZE};
 
 /// Size of the multi-chunk file: three full chunks and a short fourth.
 const BIG: usize = 3 * CHUNK_SIZE as usize + 1000;

@@ -8,6 +8,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::digest::is_sha256_hex;
 use crate::error::{Error, Result};
 use crate::lower::manifest::{self, Manifest};
 
@@ -16,8 +17,6 @@ const SEAL_USAGE: &str = "verlay layer seal [--chunk-size BYTES] DIR\n  \
     --chunk-size BYTES  bytes per hashed chunk, a power of two from 4096 to 1048576 (default 4096; \
     65536 writes the first manifest format, as older verlay did)";
 
-/// Length of the hex part of a `sha256:` chain ID.
-const SHA256_HEX_LEN: usize = 64;
 /// How often the progress line is redrawn.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
@@ -25,12 +24,6 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 struct Target {
     label: String,
     dir: PathBuf,
-}
-
-fn is_sha256_hex(s: &str) -> bool {
-    s.len() == SHA256_HEX_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A layer's directory in the store: `STORE/layers/<hex>/diff`.

@@ -23,6 +23,7 @@ use std::sync::OnceLock;
 use rustix::fs::{OFlags, Stat};
 use sha2::{Digest, Sha256};
 
+use crate::digest::{hex, sha256_digest as sha256_id};
 use crate::error::{Error, Result};
 use crate::layer::{Kind, LayerDir};
 
@@ -177,22 +178,6 @@ pub fn chunk_digests(data: &[u8], chunk_size: u64) -> impl Iterator<Item = [u8; 
 /// sha256 of one chunk.
 pub fn chunk_digest(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
-}
-
-/// Lower-case hex.
-pub fn hex(d: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(d.len() * 2);
-    for b in d {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    s
-}
-
-/// "sha256:<hex>" of some bytes.
-fn sha256_id(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(bytes)))
 }
 
 fn kind_code(k: Kind) -> u8 {

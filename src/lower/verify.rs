@@ -21,9 +21,10 @@ use parking_lot::Mutex;
 use rustix::fs::Stat;
 use tracing::{error, warn};
 
+use crate::digest::hex;
 use crate::error::{Error, Result};
 use crate::layer::{pread_full, read_at, Kind, LayerDir};
-use crate::lower::manifest::{chunk_count, chunk_digest, hex, Manifest, ManifestEntry};
+use crate::lower::manifest::{chunk_count, chunk_digest, Manifest, ManifestEntry};
 
 /// Verdict bitmaps kept per layer, in 64-bit words: 512 Ki words (4 MiB) remember 32 Mi
 /// chunks, 128 GiB of data read at 4 KiB chunks. Past that (or past `VERDICT_FILES` files)

@@ -31,8 +31,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::digest::{hex_part, parse_digest, sha256_digest};
 use crate::error::{Error, NotFoundOk, Result};
-use crate::store::{parse_digest, Store};
+use crate::store::Store;
 
 const BLOBS: &str = "blobs/sha256";
 const INCOMING: &str = "blobs/incoming";
@@ -41,10 +42,6 @@ const UPLOADS: &str = "uploads";
 /// Format version of an image record.
 const IMAGE_RECORD_VERSION: u64 = 1;
 const COPY_BUF: usize = 1 << 20;
-
-fn hex_part(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
-}
 
 /// Prefix of a blob being copied in before its digest is known (`put_stream`).
 const STREAM_PREFIX: &str = "stream.";
@@ -109,7 +106,7 @@ pub fn blob_size(store: &Store, digest: &str) -> Result<u64> {
 pub fn read_blob(store: &Store, digest: &str) -> Result<Vec<u8>> {
     let p = blob_path(store, digest);
     let bytes = std::fs::read(&p).map_err(|e| Error::io("blobs.read", &p, e))?;
-    let got = crate::store::sha256_digest(&bytes);
+    let got = sha256_digest(&bytes);
     if got != digest {
         return Err(Error::usage(
             format!("store blob {}", p.display()),
@@ -139,7 +136,7 @@ pub fn publish_incoming(store: &Store, digest: &str) -> Result<()> {
 
 /// Store `bytes` as the blob `digest` (checked first).
 pub fn put_bytes(store: &Store, digest: &str, bytes: &[u8]) -> Result<()> {
-    let got = crate::store::sha256_digest(bytes);
+    let got = sha256_digest(bytes);
     if got != digest {
         return Err(Error::usage(
             format!("blob {digest}"),

@@ -4,8 +4,8 @@
 
 use serde_json::Value;
 
+use crate::digest::parse_digest;
 use crate::error::{Error, Result};
-use crate::store::parse_digest;
 
 /// OCI image manifest.
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

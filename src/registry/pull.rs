@@ -23,8 +23,9 @@ use super::blobs;
 use super::client::{Client, Fail, Options};
 use super::manifest::{self, Descriptor};
 use super::reference::Reference;
+use crate::digest::sha256_digest;
 use crate::error::{Error, Result};
-use crate::store::{chain_id, sha256_digest, ImportOptions, Store};
+use crate::store::{chain_id, ImportOptions, Store};
 
 /// What a pull did, for the summary line.
 #[derive(Debug, Default)]

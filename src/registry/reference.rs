@@ -4,8 +4,8 @@
 //! `:`, or is `localhost` (docker's rule); otherwise the image is on docker.io and a
 //! one-component name gets docker's `library/` prefix.
 
+use crate::digest::parse_digest;
 use crate::error::{Error, Result};
-use crate::store::parse_digest;
 
 /// The registry docker uses for names without a host.
 const DOCKER_HUB: &str = "docker.io";

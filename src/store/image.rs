@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{chain_id, parse_digest, sha256_digest, ImportOptions, Store};
+use super::{chain_id, ImportOptions, Store};
+use crate::digest::{parse_digest, sha256_digest};
 use crate::error::{Error, Result};
 use crate::registry::manifest::host_arch;
 

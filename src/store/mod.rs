@@ -51,6 +51,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use sha2::{Digest, Sha256};
 
+use crate::digest::{hex_part as hex_of, parse_digest, sha256_digest, sha256_id};
 use crate::error::{Error, Result};
 
 /// Name of the store lock file.
@@ -116,19 +117,6 @@ pub struct LayerInfo {
     pub state: &'static str,
 }
 
-/// sha256 of bytes as `sha256:HEX`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(bytes)))
-}
-
-fn hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
-        let _ = write!(s, "{x:02x}");
-        s
-    })
-}
-
 /// The chain ID of a layer (docker/containerd): the diffID for a base layer, else
 /// sha256(parentChainID + " " + diffID).
 pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
@@ -136,25 +124,6 @@ pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
         None => diff_id.to_string(),
         Some(p) => sha256_digest(format!("{p} {diff_id}").as_bytes()),
     }
-}
-
-/// Normalise a `sha256:HEX` (or bare 64-hex) id; `what` names it in the error.
-pub fn parse_digest(s: &str, what: &str) -> Result<String> {
-    let hexpart = s.strip_prefix("sha256:").unwrap_or(s);
-    if hexpart.len() == 64 && hexpart.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(format!("sha256:{}", hexpart.to_ascii_lowercase()))
-    } else {
-        Err(Error::usage(
-            format!("{what} \"{s}\""),
-            "not a sha256 digest",
-            "give it as sha256: followed by 64 hex digits",
-        ))
-    }
-}
-
-/// The hex part of a `sha256:HEX` id.
-fn hex_of(id: &str) -> &str {
-    id.strip_prefix("sha256:").unwrap_or(id)
 }
 
 /// Counts and hashes the bytes read through it.
@@ -172,7 +141,7 @@ impl Tally {
     }
 
     pub(crate) fn digest(&self) -> String {
-        format!("sha256:{}", hex(&self.hasher.clone().finalize()))
+        sha256_id(&self.hasher.clone().finalize())
     }
 }
 
