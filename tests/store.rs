@@ -1241,6 +1241,10 @@ fn replace_with(p: &Path, kind: &str) {
     fs::remove_file(p).unwrap();
     match kind {
         "symlink-to-dev-zero" => std::os::unix::fs::symlink("/dev/zero", p).unwrap(),
+        "symlink-up-to-dev-zero" => {
+            std::os::unix::fs::symlink("../../../../../../../../dev/zero", p).unwrap()
+        }
+        "symlink-loop" => std::os::unix::fs::symlink(p.file_name().unwrap(), p).unwrap(),
         "fifo" => rustix::fs::mknodat(
             rustix::fs::CWD,
             p,
@@ -1275,6 +1279,19 @@ fn hostile_oci_layouts_are_refused_in_bounded_memory_and_time() {
         "intact layout: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A symlink that stays inside the layout is followed, as docker save's duplicate layers
+    // need: the layer blob linked to a copy of itself elsewhere in the layout.
+    let linked = d.join("linked");
+    let l = oci_layout(&linked, None);
+    fs::create_dir(linked.join("elsewhere")).unwrap();
+    fs::rename(&l.layer, linked.join("elsewhere/layer.tar")).unwrap();
+    std::os::unix::fs::symlink("../../elsewhere/layer.tar", &l.layer).unwrap();
+    let out = image_import(&d.join("store-linked"), &linked);
+    assert!(
+        out.status.success(),
+        "layout with an inner symlink: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     type Pick = fn(&Layout) -> &Path;
     let index: Pick = |l| &l.index;
@@ -1289,7 +1306,19 @@ fn hostile_oci_layouts_are_refused_in_bounded_memory_and_time() {
             "index-symlink",
             index,
             "symlink-to-dev-zero",
-            "\"index.json\" is a symlink",
+            "\"index.json\" is a symlink out of the image (to /dev/zero)",
+        ),
+        (
+            "index-symlink-up",
+            index,
+            "symlink-up-to-dev-zero",
+            "is a symlink out of the image",
+        ),
+        (
+            "index-symlink-loop",
+            index,
+            "symlink-loop",
+            "is a chain of more than 8 symlinks",
         ),
         (
             "manifest-symlink",

@@ -206,9 +206,30 @@ impl Source {
     fn reader(&self, name: &str) -> Result<(Box<dyn Read + Send + '_>, u64)> {
         match self {
             Source::Dir(d) => {
-                let n = clean(name).ok_or_else(|| self.missing(name))?;
-                let (f, size) = self.open_regular(&d.join(n), name)?;
-                Ok((Box::new(f), size))
+                let mut n = clean(name).ok_or_else(|| self.missing(name))?;
+                for _ in 0..MAX_LINK_HOPS {
+                    let p = d.join(&n);
+                    if let Some((f, size)) = self.open_regular(&p, name)? {
+                        return Ok((Box::new(f), size));
+                    }
+                    // A symlink that stays inside the source is followed here, by name, as
+                    // in an archive (docker save links duplicate layers); the kernel never
+                    // follows one, so /dev/zero or a FIFO outside is never opened.
+                    let target = std::fs::read_link(&p).map_err(|e| Error::io("image.readlink", &p, e))?;
+                    let t = target.to_string_lossy();
+                    let joined = match n.rsplit_once('/') {
+                        Some((dir, _)) => format!("{dir}/{t}"),
+                        None => t.to_string(),
+                    };
+                    n = Some(joined)
+                        .filter(|_| !t.starts_with('/'))
+                        .and_then(|j| clean_dots(&j))
+                        .filter(|j| !j.is_empty())
+                        .ok_or_else(|| {
+                            self.not_regular(name, format!("is a symlink out of the image (to {t})"))
+                        })?;
+                }
+                Err(self.not_regular(name, format!("is a chain of more than {MAX_LINK_HOPS} symlinks")))
             }
             Source::Tar { file, path, .. } => {
                 let (off, size) = self.locate(name).ok_or_else(|| self.missing(name))?;
@@ -223,30 +244,32 @@ impl Source {
     /// Open a file of a layout directory: only a regular file is a blob or a document. A
     /// symlink is not followed (`/dev/zero` would be endless), and the open does not block
     /// (a FIFO would wait for a writer forever); fstat then tells what was opened.
-    fn open_regular(&self, p: &Path, name: &str) -> Result<(File, u64)> {
+    /// `None` when `p` is a symlink.
+    fn open_regular(&self, p: &Path, name: &str) -> Result<Option<(File, u64)>> {
         use rustix::fs::{FileType, Mode, OFlags};
-        let refuse = |why: String| {
-            Error::usage(
-                format!("image \"{}\"", self.describe()),
-                format!("\"{name}\" {why}"),
-                "blobs and metadata must be regular files; copy the layout with cp -L or export it again",
-            )
-        };
         let fd = match rustix::fs::open(
             p,
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(rustix::io::Errno::LOOP) => return Err(refuse("is a symlink".into())),
+            Err(rustix::io::Errno::LOOP) => return Ok(None),
             Err(rustix::io::Errno::NOENT) => return Err(self.missing(name)),
             Err(e) => return Err(Error::io("image.open", p, e.into())),
         };
         let st = rustix::fs::fstat(&fd).map_err(|e| Error::io("image.stat", p, e.into()))?;
         match FileType::from_raw_mode(st.st_mode) {
-            FileType::RegularFile => Ok((File::from(fd), st.st_size as u64)),
-            t => Err(refuse(format!("is not a regular file ({t:?})"))),
+            FileType::RegularFile => Ok(Some((File::from(fd), st.st_size as u64))),
+            t => Err(self.not_regular(name, format!("is not a regular file ({t:?})"))),
         }
+    }
+
+    fn not_regular(&self, name: &str, why: String) -> Error {
+        Error::usage(
+            format!("image \"{}\"", self.describe()),
+            format!("\"{name}\" {why}"),
+            "blobs and metadata must be regular files inside the image; copy it with cp -L or export it again",
+        )
     }
 
     /// A small member, read whole, at most [`MAX_JSON`] bytes.
