@@ -4,7 +4,9 @@
 //! layers; skopeo agrees in both directions; a pull killed with SIGKILL publishes nothing
 //! half-done and resumes; pushes and pulls through a fault-injecting proxy (tests/faultproxy)
 //! succeed, and no upload session is ever sent the same byte range twice; failures say what
-//! failed and publish nothing.
+//! failed and publish nothing. Against a tiny loopback server in the test: redirects are
+//! followed only to hosts the first request may reach (refused before connecting, loops
+//! bounded), and absurd descriptor sizes are refused before any blob is fetched.
 //!
 //! Needs docker-registry and skopeo (bash tests/setup.sh installs them) and the shared test
 //! image recipe (../shared/recipes, or $VERLAY_SHARED).

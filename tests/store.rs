@@ -2,6 +2,10 @@
 //! format (whiteouts, opaque dirs, hard links, xattrs, owners, modes, mtimes), chain IDs are
 //! docker's, and nothing is ever published from a hostile, truncated, mismatching or
 //! interrupted import (leftovers are removed, and reported, by the next store command).
+//! Hostile input (768 MiB PAX and GNU long-name headers, blobs that are symlinks to
+//! /dev/zero, devices or FIFOs, absurd descriptor sizes) is refused with exit 2 in bounded
+//! memory and time: each such run is measured with /usr/bin/time (Debian package `time`)
+//! and killed by coreutils `timeout` if it hangs.
 //!
 //! Tarballs are made with the `tar` command (and `zstd`, `gzip`), the image with
 //! ../shared/recipes/make-test-image.sh; hostile entries tar refuses to write are made with
