@@ -358,7 +358,7 @@ BEHAVIOUR:
                         refuses while such files are open). 0 (default): every write
                         goes through the daemon.
     timeout=SECONDS     how long the kernel may cache names and attributes (e.g. 1.5).
-    threaded=N          N worker threads; 0 single-threaded; 1 the default count.
+    threaded=N          N worker threads (at most 256); 0 single-threaded; 1 the default count.
     fast_ino=0|1        accepted for fuse-overlayfs compatibility.
     debug               same as -d.
 
@@ -578,6 +578,16 @@ fn parse_options(
     }
     opts.fsync = fsync_option && !opts.volatile;
 
+    if opts.lowerdirs.len() > MAX_LOWERS {
+        return Err(Error::usage(
+            "lowerdir",
+            format!(
+                "{} lower layers; at most {MAX_LOWERS} are allowed (kernel overlayfs's limit)",
+                opts.lowerdirs.len()
+            ),
+            "merge layers (verlay commit) or mount fewer",
+        ));
+    }
     if opts.lowerdirs.is_empty() {
         return Err(Error::usage(
             "lowerdir",
@@ -828,10 +838,11 @@ impl OptionText<'_> {
         let text = self.text()?;
         text.parse::<f64>()
             .ok()
+            .filter(|secs| *secs <= MAX_TIMEOUT_SECS)
             .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
             .ok_or_else(|| {
                 self.error(
-                    "not a number of seconds (finite, not negative)",
+                    format!("not a number of seconds from 0 to {MAX_TIMEOUT_SECS:.0}"),
                     "write timeout=SECONDS, e.g. timeout=1.5",
                 )
             })
@@ -847,6 +858,14 @@ impl OptionText<'_> {
                     "write threaded=N, e.g. threaded=4 (0: single-threaded)",
                 )
             })?;
+        if n > MAX_THREADS {
+            return Err(self.error(
+                format!(
+                    "{n} threads is more than the {MAX_THREADS} allowed (each holds a /dev/fuse descriptor)"
+                ),
+                format!("write threaded=N with N from 0 to {MAX_THREADS}, e.g. threaded=4"),
+            ));
+        }
         Ok(match n {
             // fuse-overlayfs: threaded=0 is its single-threaded loop and threaded=1
             // its multi-threaded loop with libfuse's default thread count.
@@ -870,6 +889,15 @@ impl OptionText<'_> {
                 format!(
                     "{} numbers; a mapping is a multiple of three (container:host:length)",
                     if body.is_empty() { 0 } else { fields.len() }
+                ),
+                fix,
+            ));
+        }
+        if fields.len() / 3 > MAX_MAPPINGS {
+            return Err(self.error(
+                format!(
+                    "{} ranges; at most {MAX_MAPPINGS} are allowed (the kernel's limit for an id map)",
+                    fields.len() / 3
                 ),
                 fix,
             ));
@@ -931,6 +959,21 @@ fn parse_decimal_u32(s: &str) -> Option<u32> {
     }
     s.parse().ok()
 }
+
+/// Most worker threads `threaded=N` may ask for. Each one holds its own /dev/fuse clone fd,
+/// so a count near the descriptor limit (1024 by default) made the daemon die with EMFILE
+/// after the mount was made, leaving a dead mount; 256 is far more than the CPUs of any
+/// machine this serves and leaves the rest of the limit to the layers.
+pub const MAX_THREADS: usize = 256;
+/// Longest `timeout=` in seconds (about 31 years): longer is forever to a cache, and the
+/// bound keeps every addition to a clock or to jiffies from overflowing.
+pub const MAX_TIMEOUT_SECS: f64 = 1e9;
+/// Most lower layers: kernel overlayfs's own limit (OVL_MAX_STACK). Each one holds open
+/// directory fds for the whole mount.
+pub const MAX_LOWERS: usize = 500;
+/// Most ranges in one `uidmapping=` / `gidmapping=`: the kernel's limit for a user
+/// namespace map (/proc/PID/uid_map takes 340 extents).
+pub const MAX_MAPPINGS: usize = 340;
 
 /// Split on `sep` where it is not preceded by an escaping backslash. Escapes stay in the
 /// pieces, so that an option can be split on `,` and its value again on `:`.
@@ -1300,13 +1343,22 @@ mod tests {
     fn malformed_values_are_errors() {
         // (option, why); `what` quotes the option as written.
         let cases: &[(&str, &str)] = &[
-            ("timeout=abc", "not a number of seconds (finite, not negative)"),
-            ("timeout=-1", "not a number of seconds (finite, not negative)"),
-            ("timeout=inf", "not a number of seconds (finite, not negative)"),
+            ("timeout=abc", "not a number of seconds from 0 to 1000000000"),
+            ("timeout=-1", "not a number of seconds from 0 to 1000000000"),
+            ("timeout=inf", "not a number of seconds from 0 to 1000000000"),
             ("timeout=", "needs a value"),
             ("timeout", "needs a value"),
             ("threaded=x", "not a number of threads"),
             ("threaded=-1", "not a number of threads"),
+            ("timeout=1e10", "not a number of seconds from 0 to 1000000000"),
+            (
+                "threaded=1000000000",
+                "1000000000 threads is more than the 256 allowed (each holds a /dev/fuse descriptor)",
+            ),
+            (
+                "threaded=257",
+                "257 threads is more than the 256 allowed (each holds a /dev/fuse descriptor)",
+            ),
             ("verify=maybe", "expected on, off or require"),
             ("redirect_dir=yes", "expected off, follow, nofollow or on"),
             (
@@ -1440,7 +1492,7 @@ mod tests {
         let err = parse_args(&["-o", "lowerdir=/l,timeout=abc", "/m"]).err();
         assert_eq!(
             err.map(|e| e.to_string()).as_deref(),
-            Some("-o timeout=abc: not a number of seconds (finite, not negative) (write timeout=SECONDS, e.g. timeout=1.5)")
+            Some("-o timeout=abc: not a number of seconds from 0 to 1000000000 (write timeout=SECONDS, e.g. timeout=1.5)")
         );
     }
 

@@ -681,6 +681,64 @@ fn refusal_missing_lowerdir_option() {
     assert_refused(&sb, &o_args(&opts, &sb.p("m")), &["lowerdir"]);
 }
 
+/// Out-of-range option values are refused before anything is mounted. `threaded=1000000000`
+/// used to mount, then the daemon died with EMFILE opening its /dev/fuse clone fds and left
+/// a dead mount ("Transport endpoint is not connected").
+#[test]
+fn refusal_option_values_out_of_range_before_mounting() {
+    let sb = Sandbox::new();
+    sb.mkdir("l1");
+    sb.mkdir("l2");
+    sb.mkdir("u");
+    sb.mkdir("w");
+    sb.mkdir("m");
+    let many_lowers = vec![sb.p("l1").display().to_string(); 501].join(":");
+    let many_ranges = (0..341)
+        .map(|i| format!("{}:{}:1", i, 100_000 + i))
+        .collect::<Vec<_>>()
+        .join(":");
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            "threaded=1000000000".into(),
+            vec![
+                "-o threaded=1000000000",
+                "more than the 256 allowed",
+                "threaded=N with N from 0 to 256",
+            ],
+        ),
+        (
+            "threaded=257".into(),
+            vec!["-o threaded=257", "more than the 256 allowed"],
+        ),
+        (
+            "timeout=1e12".into(),
+            vec!["-o timeout=1e12", "from 0 to 1000000000"],
+        ),
+        (
+            format!("uidmapping={many_ranges}"),
+            vec!["341 ranges; at most 340 are allowed"],
+        ),
+        (
+            format!("gidmapping={many_ranges}"),
+            vec!["341 ranges; at most 340 are allowed"],
+        ),
+    ];
+    for (opt, needles) in &cases {
+        let opts = format!("{},{opt}", sb.rw_opts());
+        assert_refused(&sb, &o_args(&opts, &sb.p("m")), needles);
+    }
+    let opts = format!(
+        "lowerdir={many_lowers},upperdir={},workdir={}",
+        sb.p("u").display(),
+        sb.p("w").display()
+    );
+    assert_refused(
+        &sb,
+        &o_args(&opts, &sb.p("m")),
+        &["lowerdir", "501 lower layers; at most 500 are allowed"],
+    );
+}
+
 #[test]
 fn refusal_lowerdir_that_does_not_exist() {
     let sb = Sandbox::new();

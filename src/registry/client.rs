@@ -16,13 +16,16 @@ use std::time::Duration;
 
 use ureq::http::{self, HeaderMap, Method, Response};
 
-use super::reference::Reference;
+use super::reference::{is_loopback_host, Reference};
 use crate::error::{Error, Result};
 
 /// The longest JSON document (manifest, index, error body) read into memory.
 pub const MAX_DOC: u64 = 8 << 20;
 /// Backoff after the first failed attempt; it doubles each time up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Redirects followed for one request. A registry redirects a blob once, to its storage;
+/// ureq's own following is off, so that every hop passes the same host rule as the first.
+const MAX_REDIRECTS: u32 = 5;
 /// Longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(3);
 
@@ -156,6 +159,7 @@ impl Client {
         }
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .max_redirects(0)
             .proxy(None)
             .max_idle_connections(0)
             .max_idle_connections_per_host(0)
@@ -179,10 +183,15 @@ impl Client {
 
     /// Resolve a `Location` header: absolute, or a path on the registry.
     pub fn resolve(&self, location: &str) -> std::result::Result<String, Fail> {
+        self.resolve_from(&self.base, location)
+    }
+
+    /// Resolve a `Location` header of a reply from `origin` (`http://host:port`).
+    fn resolve_from(&self, origin: &str, location: &str) -> std::result::Result<String, Fail> {
         if location.starts_with("http://") || location.starts_with("https://") {
             Ok(location.to_string())
         } else if location.starts_with('/') {
-            Ok(format!("{}{location}", self.base))
+            Ok(format!("{origin}{location}"))
         } else {
             Err(Fail::Fatal(Error::remote(
                 format!("registry {}", self.reference.registry),
@@ -192,9 +201,71 @@ impl Client {
         }
     }
 
-    /// Send one request. Status codes are returned, not turned into errors, except 401
-    /// (no authentication is supported) and 5xx/429 (transient).
+    /// May a request go to `url`? Without `--plain-http` only to this machine: the rule
+    /// [`Client::new`] applies to the registry holds for every URL it sends us to, upload
+    /// locations and redirects alike, and is checked before any connection is made.
+    /// Returns the URL's origin (`http://host:port`), against which its redirects resolve.
+    fn check_host(&self, url: &str) -> std::result::Result<String, Fail> {
+        let uri: http::Uri = url.parse().map_err(|e| {
+            Fail::Fatal(Error::remote(
+                format!("registry {}", self.reference.registry),
+                format!("sends us to \"{url}\", which is not a URL ({e})"),
+                "the registry does not follow the distribution API",
+            ))
+        })?;
+        let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
+            return Err(Fail::Fatal(Error::remote(
+                format!("registry {}", self.reference.registry),
+                format!("sends us to \"{url}\", which names no host"),
+                "the registry does not follow the distribution API",
+            )));
+        };
+        if !self.opts.plain_http && !is_loopback_host(host) {
+            return Err(Fail::Fatal(Error::usage(
+                format!("registry {}", self.reference.registry),
+                format!("sends us to {url}, which is not on this machine; plain HTTP goes to other hosts only with --plain-http"),
+                "pass --plain-http if that host is meant to be reached without TLS",
+            )));
+        }
+        Ok(format!("{}://{authority}", uri.scheme_str().unwrap_or("http")))
+    }
+
+    /// Send one request, following at most [`MAX_REDIRECTS`] redirects of a GET or HEAD,
+    /// each to a URL that passes [`Client::check_host`]. Status codes are returned, not
+    /// turned into errors, except 401 (no authentication is supported) and 5xx/429
+    /// (transient).
     pub fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::result::Result<Reply, Fail> {
+        let mut url = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let origin = self.check_host(&url)?;
+            let reply = self.request_once(method.clone(), &url, headers, body)?;
+            let redirect = matches!(reply.status, 301 | 302 | 303 | 307 | 308)
+                && (method == Method::GET || method == Method::HEAD);
+            if !redirect {
+                return Ok(reply);
+            }
+            let Some(location) = reply.header("Location") else {
+                return Ok(reply);
+            };
+            let next = self.resolve_from(&origin, location)?;
+            tracing::debug!(op = %method, url, location = next, "registry redirect");
+            url = next;
+        }
+        Err(Fail::Fatal(Error::remote(
+            format!("{method} {url}"),
+            format!("more than {MAX_REDIRECTS} redirects"),
+            "the registry redirects in a loop; check its storage configuration",
+        )))
+    }
+
+    /// One request and its reply, no redirect followed.
+    fn request_once(
         &self,
         method: Method,
         url: &str,

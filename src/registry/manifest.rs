@@ -58,11 +58,27 @@ fn descriptor(v: &Value, what: &str) -> Result<Descriptor> {
     Ok(Descriptor {
         media_type: s("mediaType").unwrap_or_default().to_string(),
         digest: parse_digest(digest, "descriptor digest")?,
-        size: v
-            .get("size")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad(what, "a descriptor has no size"))?,
+        size: descriptor_size(v).map_err(|why| bad(what, why))?,
     })
+}
+
+/// Largest blob a descriptor may announce: 1 TiB, far above any real layer (registries cap
+/// layers at tens of GiB). A larger size is forged or corrupt, and is refused when parsed
+/// rather than carried along to a later push.
+pub const MAX_BLOB_SIZE: u64 = 1 << 40;
+
+/// The `size` of a descriptor: present, an integer, from 0 to [`MAX_BLOB_SIZE`]. The error
+/// is the reason, for the caller to wrap.
+pub fn descriptor_size(v: &Value) -> std::result::Result<u64, String> {
+    let Some(size) = v.get("size") else {
+        return Err("a descriptor has no size".into());
+    };
+    match size.as_u64() {
+        Some(n) if n <= MAX_BLOB_SIZE => Ok(n),
+        _ => Err(format!(
+            "a descriptor's size {size} is not a byte count from 0 to {MAX_BLOB_SIZE} (1 TiB)"
+        )),
+    }
 }
 
 /// The media type of a manifest document: the `Content-Type` the registry sent, else the

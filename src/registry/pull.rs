@@ -72,6 +72,18 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options) -> Result<Pull
     let what = format!("manifest {digest} of {reference}");
     let m = manifest::parse(&bytes, &what)?;
 
+    // The config is read whole into memory: a document, capped like one.
+    if m.config.size > super::client::MAX_DOC {
+        return Err(Error::remote(
+            what,
+            format!(
+                "the config is {} bytes, larger than the {} bytes an image document may have",
+                m.config.size,
+                super::client::MAX_DOC
+            ),
+            "the registry serves something that is not an image this verlay understands",
+        ));
+    }
     // step pull.blob: the config first (it has the diff IDs), then the layers.
     fetch_blob(store, &client, &m.config, &mut out)?;
     let config = blobs::read_blob(store, &m.config.digest)?;

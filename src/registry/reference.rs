@@ -111,8 +111,13 @@ impl Reference {
             Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
             _ => &self.registry,
         };
-        host == "localhost" || host.starts_with("127.") || host == "[::1]"
+        is_loopback_host(host)
     }
+}
+
+/// Is `host` (a name or address, IPv6 in brackets, no port) this machine?
+pub fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.starts_with("127.") || host == "[::1]" || host == "::1"
 }
 
 impl std::fmt::Display for Reference {

@@ -17,13 +17,17 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::unpack::PATH_MAX;
 use super::{chain_id, ImportOptions, Store};
 use crate::digest::{parse_digest, sha256_digest};
 use crate::error::{Error, Result};
 use crate::registry::manifest::host_arch;
 
-/// Largest JSON document (index, manifest, config) we read into memory.
-const MAX_JSON: u64 = 16 << 20;
+/// Largest JSON document (index, manifest, config, docker's manifest.json) read into
+/// memory: the same cap as for a document from a registry, so that what imports can be
+/// pushed and pulled again. Real ones are a few KiB (a config with a long history, a
+/// multi-arch index: a few hundred KiB).
+const MAX_JSON: u64 = crate::registry::client::MAX_DOC;
 /// Symlink hops followed inside a docker-archive (legacy archives link duplicate layers).
 const MAX_LINK_HOPS: usize = 8;
 /// Index nesting followed in an OCI layout (an index may point to another index).
@@ -101,9 +105,31 @@ impl Source {
                 "give an OCI image layout directory or a docker-archive / oci-archive tar",
             )
         };
-        let mut archive = tar::Archive::new(&file);
-        for entry in archive.entries_with_seek().map_err(bad)? {
-            let entry = entry.map_err(bad)?;
+        let stream = super::unpack::HeaderBudget::new(&file);
+        let budget = stream.state();
+        let mut archive = tar::Archive::new(stream);
+        let mut entries = archive.entries_with_seek().map_err(bad)?;
+        while let Some(entry) = budget.next_entry(&mut entries) {
+            let entry = entry.map_err(|e| {
+                if budget.exceeded() {
+                    Error::usage(
+                        format!("image archive \"{}\"", path.display()),
+                        super::unpack::BudgetState::why(),
+                        "refusing to import it, nothing was published; check where the archive came from",
+                    )
+                } else {
+                    bad(e)
+                }
+            })?;
+            if entry.path_bytes().len() > PATH_MAX
+                || entry.link_name_bytes().is_some_and(|l| l.len() > PATH_MAX)
+            {
+                return Err(Error::usage(
+                    format!("image archive \"{}\"", path.display()),
+                    format!("a member name or link target is longer than PATH_MAX ({PATH_MAX})"),
+                    "refusing to import it, nothing was published; check where the archive came from",
+                ));
+            }
             let Ok(name) = std::str::from_utf8(&entry.path_bytes()).map(str::to_owned) else {
                 continue;
             };
@@ -146,7 +172,11 @@ impl Source {
     /// Does the source hold `name`?
     fn has(&self, name: &str) -> bool {
         match self {
-            Source::Dir(d) => clean(name).map(|n| d.join(n).is_file()).unwrap_or(false),
+            // Present in any form: a symlink or a device is refused, with its reason, when
+            // it is opened, rather than reported as missing.
+            Source::Dir(d) => clean(name)
+                .map(|n| d.join(n).symlink_metadata().is_ok())
+                .unwrap_or(false),
             Source::Tar { .. } => self.locate(name).is_some(),
         }
     }
@@ -177,11 +207,30 @@ impl Source {
     fn reader(&self, name: &str) -> Result<(Box<dyn Read + Send + '_>, u64)> {
         match self {
             Source::Dir(d) => {
-                let n = clean(name).ok_or_else(|| self.missing(name))?;
-                let p = d.join(n);
-                let f = File::open(&p).map_err(|_| self.missing(name))?;
-                let size = f.metadata().map_err(|e| Error::io("image.read", &p, e))?.len();
-                Ok((Box::new(f), size))
+                let mut n = clean(name).ok_or_else(|| self.missing(name))?;
+                for _ in 0..MAX_LINK_HOPS {
+                    let p = d.join(&n);
+                    if let Some((f, size)) = self.open_regular(&p, name)? {
+                        return Ok((Box::new(f), size));
+                    }
+                    // A symlink that stays inside the source is followed here, by name, as
+                    // in an archive (docker save links duplicate layers); the kernel never
+                    // follows one, so /dev/zero or a FIFO outside is never opened.
+                    let target = std::fs::read_link(&p).map_err(|e| Error::io("image.readlink", &p, e))?;
+                    let t = target.to_string_lossy();
+                    let joined = match n.rsplit_once('/') {
+                        Some((dir, _)) => format!("{dir}/{t}"),
+                        None => t.to_string(),
+                    };
+                    n = Some(joined)
+                        .filter(|_| !t.starts_with('/'))
+                        .and_then(|j| clean_dots(&j))
+                        .filter(|j| !j.is_empty())
+                        .ok_or_else(|| {
+                            self.not_regular(name, format!("is a symlink out of the image (to {t})"))
+                        })?;
+                }
+                Err(self.not_regular(name, format!("is a chain of more than {MAX_LINK_HOPS} symlinks")))
             }
             Source::Tar { file, path, .. } => {
                 let (off, size) = self.locate(name).ok_or_else(|| self.missing(name))?;
@@ -193,20 +242,66 @@ impl Source {
         }
     }
 
-    /// A small member, read whole.
+    /// Open a file of a layout directory: only a regular file is a blob or a document. A
+    /// symlink is not followed (`/dev/zero` would be endless), and the open does not block
+    /// (a FIFO would wait for a writer forever); fstat then tells what was opened.
+    /// `None` when `p` is a symlink.
+    fn open_regular(&self, p: &Path, name: &str) -> Result<Option<(File, u64)>> {
+        use rustix::fs::{FileType, Mode, OFlags};
+        let fd = match rustix::fs::open(
+            p,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::LOOP) => return Ok(None),
+            Err(rustix::io::Errno::NOENT) => return Err(self.missing(name)),
+            Err(e) => return Err(Error::io("image.open", p, e.into())),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| Error::io("image.stat", p, e.into()))?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::RegularFile => Ok(Some((File::from(fd), st.st_size as u64))),
+            t => Err(self.not_regular(name, format!("is not a regular file ({t:?})"))),
+        }
+    }
+
+    fn not_regular(&self, name: &str, why: String) -> Error {
+        Error::usage(
+            format!("image \"{}\"", self.describe()),
+            format!("\"{name}\" {why}"),
+            "blobs and metadata must be regular files inside the image; copy it with cp -L or export it again",
+        )
+    }
+
+    /// A small member, read whole, at most [`MAX_JSON`] bytes.
     fn read(&self, name: &str) -> Result<Vec<u8>> {
-        let (mut r, size) = self.reader(name)?;
-        if size > MAX_JSON {
-            return Err(Error::usage(
+        let (r, size) = self.reader(name)?;
+        let too_large = |size: u64| {
+            Error::usage(
                 format!("image \"{}\"", self.describe()),
-                format!("\"{name}\" is {size} bytes, too large for image metadata"),
-                "check the image",
-            ));
+                format!(
+                    "\"{name}\" is {size} bytes, larger than the {MAX_JSON} bytes image metadata may have"
+                ),
+                "check where the image came from",
+            )
+        };
+        if size > MAX_JSON {
+            return Err(too_large(size));
         }
         let mut buf = Vec::with_capacity(size as usize);
-        r.read_to_end(&mut buf)
+        // The size was taken before reading; a file that grows since is still cut here.
+        r.take(MAX_JSON + 1)
+            .read_to_end(&mut buf)
             .map_err(|e| Error::io("image.read", PathBuf::from(name), e))?;
+        if buf.len() as u64 > MAX_JSON {
+            return Err(too_large(buf.len() as u64));
+        }
         Ok(buf)
+    }
+
+    /// The `size` of a descriptor (`what` names it), which must be there and plausible.
+    fn desc_size(&self, desc: &Value, what: &str) -> Result<u64> {
+        crate::registry::manifest::descriptor_size(desc).map_err(|why| self.bad(format!("{what}: {why}")))
     }
 
     fn json(&self, name: &str) -> Result<Value> {
@@ -222,12 +317,12 @@ impl Source {
         )
     }
 
-    /// A blob of an OCI layout, checked against its digest (and size, if known).
-    fn blob(&self, digest: &str, size: Option<u64>) -> Result<Vec<u8>> {
+    /// A blob of an OCI layout, checked against its digest and size.
+    fn blob(&self, digest: &str, size: u64) -> Result<Vec<u8>> {
         let digest = parse_digest(digest, "blob digest")?;
         let name = blob_name(&digest);
         let bytes = self.read(&name)?;
-        check_blob(self, &name, &digest, size, &bytes)?;
+        check_blob(self, &name, &digest, Some(size), &bytes)?;
         Ok(bytes)
     }
 }
@@ -272,6 +367,8 @@ fn check_blob(src: &Source, name: &str, digest: &str, size: Option<u64>, bytes: 
 /// One layer to import: where its blob is and what digests it must have.
 struct LayerRef {
     name: String,
+    /// the size its descriptor gives (an OCI layout's; a docker-archive has none)
+    size: Option<u64>,
     blob_digest: Option<String>,
     diff_id: String,
 }
@@ -402,7 +499,7 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<(Vec<LayerRef>, K
         }
         let digest =
             str_field(&desc, "digest").ok_or_else(|| src.bad("a descriptor has no digest".into()))?;
-        let size = desc.get("size").and_then(Value::as_u64);
+        let size = src.desc_size(&desc, &format!("manifest {digest}"))?;
         let bytes = src.blob(digest, size)?;
         let doc: Value =
             serde_json::from_slice(&bytes).map_err(|e| src.bad(format!("manifest {digest}: {e}")))?;
@@ -424,7 +521,7 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<(Vec<LayerRef>, K
         .get("config")
         .ok_or_else(|| src.bad("the manifest has no config".into()))?;
     let cfg_digest = str_field(cfg, "digest").ok_or_else(|| src.bad("the config has no digest".into()))?;
-    let cfg_bytes = src.blob(cfg_digest, cfg.get("size").and_then(Value::as_u64))?;
+    let cfg_bytes = src.blob(cfg_digest, src.desc_size(cfg, "the config")?)?;
     let (layers, ids) = layers_and_diff_ids(src, &cfg_bytes, manifest.get("layers"), "the manifest")?;
     let refs = layers
         .iter()
@@ -434,6 +531,7 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<(Vec<LayerRef>, K
             let d = parse_digest(d, "layer digest")?;
             Ok(LayerRef {
                 name: blob_name(&d),
+                size: Some(src.desc_size(l, &format!("layer {d}"))?),
                 blob_digest: Some(d),
                 diff_id,
             })
@@ -490,6 +588,7 @@ fn docker_layers(src: &Source, reference: Option<&str>) -> Result<(Vec<LayerRef>
                 .ok_or_else(|| src.bad("a layer name in manifest.json is not a string".into()))?;
             Ok(LayerRef {
                 name: name.to_string(),
+                size: None,
                 blob_digest: digest_in_name(name),
                 diff_id,
             })
@@ -525,9 +624,11 @@ fn keep(
     blobs::put_bytes(store, &cfg_digest, &kept.config)?;
     let mut descs = Vec::with_capacity(layers.len());
     for l in layers {
-        let (mut r, size) = src.reader(&l.name)?;
+        let (r, size) = src.reader(&l.name)?;
+        check_layer_size(src, l, size)?;
+        let mut r = r.take(size);
         let mut magic = [0u8; 4];
-        let n = read_prefix(&mut *r, &mut magic)
+        let n = read_prefix(&mut r, &mut magic)
             .map_err(|e| Error::io("image.keep", PathBuf::from(&l.name), e))?;
         let mut whole = std::io::Read::chain(&magic[..n], r);
         let digest = blobs::put_stream(store, l.blob_digest.as_deref(), Some(size), &mut whole)?;
@@ -566,6 +667,18 @@ fn keep(
             chain_ids: chains.to_vec(),
         },
     )
+}
+
+/// A layer blob must have the size its descriptor gives: the manifest that says so is kept
+/// and pushed as it is.
+fn check_layer_size(src: &Source, l: &LayerRef, size: u64) -> Result<()> {
+    match l.size {
+        Some(want) if want != size => Err(src.bad(format!(
+            "layer {}: the blob has {size} bytes, its descriptor says {want}",
+            l.name
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Read up to `buf.len()` bytes (fewer only at the end of the stream).
@@ -608,7 +721,10 @@ pub fn import_image(
     for (i, l) in layers.iter().enumerate() {
         let chain = chain_id(parent.as_deref(), &l.diff_id);
         if !store.has_layer(&chain) {
-            let (mut r, _) = src.reader(&l.name)?;
+            let (r, size) = src.reader(&l.name)?;
+            check_layer_size(&src, l, size)?;
+            // Bytes past the size are never read, so the count and the digest agree.
+            let mut r = r.take(size);
             let opts = ImportOptions {
                 parent: parent.clone(),
                 diff_id: Some(l.diff_id.clone()),

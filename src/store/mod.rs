@@ -570,16 +570,18 @@ impl Store {
             std::thread::scope(|scope| -> Result<unpack::Unpacked> {
                 let (tx, rx) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
                 scope.spawn(move || pump(HashReader::new(decoded, tally), tx));
-                let mut archive = tar::Archive::new(ChannelReader {
+                let stream = unpack::HeaderBudget::new(ChannelReader {
                     rx,
                     chunk: Vec::new(),
                     pos: 0,
                     total: 0,
                 });
+                let budget = stream.state();
+                let mut archive = tar::Archive::new(stream);
                 let mut unpacker = unpack::Unpacker::new(&diff, source)?;
-                let end = unpacker.unpack(&mut archive)?;
+                let end = unpacker.unpack(&mut archive, &budget)?;
                 // The diffID covers the whole uncompressed stream, padding included.
-                let mut rest = archive.into_inner();
+                let mut rest = archive.into_inner().into_inner();
                 io::copy(&mut rest, &mut io::sink()).map_err(|e| unpack::Unpacker::malformed(source, e))?;
                 // A tar ends with zero blocks; a stream that stops right after an entry was cut.
                 if rest.total < end + 512 {

@@ -41,6 +41,18 @@ const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
 const DIR_CREATE_MODE: u32 = 0o700;
 /// Mode of parent directories the tarball does not list (what docker and containerd use).
 const IMPLICIT_DIR_MODE: u32 = 0o755;
+/// Longest entry or link name accepted, the kernel's PATH_MAX: a longer name could not be
+/// created or resolved anyway (ENAMETOOLONG).
+pub const PATH_MAX: usize = 4096;
+/// Largest PAX extended header of one entry. Real layers carry a few hundred bytes (times,
+/// long names, a few xattrs); 4 MiB still holds 64 xattr values at the kernel's 64 KiB
+/// maximum (XATTR_SIZE_MAX), so no layer a Linux filesystem can produce is refused.
+pub const MAX_PAX_RECORDS: u64 = 4 << 20;
+/// Bytes the tar crate may read while it assembles one entry (between our requests for the
+/// next one): the PAX header, a GNU long name and long link (each at most PATH_MAX plus its
+/// header), the headers themselves, and the extension blocks of a GNU sparse map. 1 MiB of
+/// room beyond the PAX cap holds all but the PAX header many times over.
+pub const MAX_ENTRY_HEADERS: u64 = MAX_PAX_RECORDS + (1 << 20);
 
 /// What an unpack produced.
 #[derive(Debug, Default, Clone, Copy)]
@@ -153,6 +165,99 @@ fn overlay_xattr(name: &[u8]) -> bool {
     name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
 }
 
+/// A reader between a tar stream and the tar crate that limits how much the crate reads
+/// while it assembles one entry.
+///
+/// The tar crate reads a PAX header, a GNU long name and a GNU long link whole into memory
+/// (`read_to_end`, no limit), before it yields the entry they describe: a header claiming
+/// 768 MiB made an import grow by 768 MiB (several GiB for long names). Its raw mode
+/// (`Entries::raw(true)`) would leave those entries to us, but also drops what it does well
+/// for us (the PAX `size`, `uid`, `gid` overrides that keep the stream in step, GNU sparse
+/// maps). So the crate keeps parsing, and this reader is armed with a byte budget around each
+/// `Entries::next` call: data of the previous entry has been drained by then, so everything
+/// the crate reads in that call is headers, and more than [`MAX_ENTRY_HEADERS`] is an error
+/// before memory grows further.
+pub struct HeaderBudget<R> {
+    inner: R,
+    budget: Rc<BudgetState>,
+}
+
+/// The shared half of a [`HeaderBudget`]: armed or not, and whether it ran out.
+#[derive(Default)]
+pub struct BudgetState {
+    /// bytes the crate may still read; `None` when not armed
+    left: std::cell::Cell<Option<u64>>,
+    exceeded: std::cell::Cell<bool>,
+}
+
+impl BudgetState {
+    /// Did the crate try to read past the budget (a PAX or long-name header too large)?
+    pub fn exceeded(&self) -> bool {
+        self.exceeded.get()
+    }
+
+    /// The next entry of `entries`, with at most [`MAX_ENTRY_HEADERS`] bytes read for it.
+    pub fn next_entry<'a, R: Read>(
+        &self,
+        entries: &mut tar::Entries<'a, R>,
+    ) -> Option<io::Result<tar::Entry<'a, R>>> {
+        self.left.set(Some(MAX_ENTRY_HEADERS));
+        let next = entries.next();
+        self.left.set(None);
+        next
+    }
+
+    /// Why the budget ran out, for a refusal.
+    pub fn why() -> String {
+        format!(
+            "an entry's extended headers (PAX records, GNU long name or long link) are larger \
+             than {} MiB",
+            MAX_ENTRY_HEADERS >> 20
+        )
+    }
+}
+
+impl<R> HeaderBudget<R> {
+    pub fn new(inner: R) -> HeaderBudget<R> {
+        HeaderBudget {
+            inner,
+            budget: Rc::new(BudgetState::default()),
+        }
+    }
+
+    /// The handle that arms the budget around each entry.
+    pub fn state(&self) -> Rc<BudgetState> {
+        self.budget.clone()
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: Read> Read for HeaderBudget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(left) = self.budget.left.get() else {
+            return self.inner.read(buf);
+        };
+        if left == 0 {
+            self.budget.exceeded.set(true);
+            return Err(io::Error::other(BudgetState::why()));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.budget.left.set(Some(left - n as u64));
+        Ok(n)
+    }
+}
+
+impl<R: io::Seek> io::Seek for HeaderBudget<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        // Seeking reads nothing into memory: the crate skips data this way.
+        self.inner.seek(pos)
+    }
+}
+
 impl<'s> Unpacker<'s> {
     /// An unpacker into the (empty) directory `root`.
     pub fn new(root: &Path, source: &'s str) -> Result<Unpacker<'s>> {
@@ -210,14 +315,31 @@ impl<'s> Unpacker<'s> {
 
     /// Unpack every entry of `archive`. Returns the end offset of the last entry's data, so
     /// the caller can check the end-of-archive marker followed it.
-    pub fn unpack<R: Read>(&mut self, archive: &mut tar::Archive<R>) -> Result<u64> {
+    pub fn unpack<R: Read>(
+        &mut self,
+        archive: &mut tar::Archive<HeaderBudget<R>>,
+        budget: &BudgetState,
+    ) -> Result<u64> {
         let mut end = 0u64;
-        let entries = archive.entries().map_err(|e| Self::malformed(self.source, e))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| Self::malformed(self.source, e))?;
+        let mut entries = archive.entries().map_err(|e| Self::malformed(self.source, e))?;
+        while let Some(entry) = budget.next_entry(&mut entries) {
+            let mut entry = entry.map_err(|e| {
+                if budget.exceeded() {
+                    Error::usage(
+                        format!("layer tarball {}", self.source),
+                        BudgetState::why(),
+                        "refusing to import it, nothing was published; check where the tarball came from",
+                    )
+                } else {
+                    Self::malformed(self.source, e)
+                }
+            })?;
             let size = entry.size();
             end = entry.raw_file_position() + size.div_ceil(BLOCK) * BLOCK;
             self.entry(&mut entry)?;
+            // Whatever data the entry has left (a whiteout's, a directory's) is read here,
+            // outside the header budget, so the next call reads headers only.
+            io::copy(&mut entry, &mut io::sink()).map_err(|e| Self::malformed(self.source, e))?;
         }
         self.finish_dirs()?;
         Ok(end)
@@ -298,6 +420,23 @@ impl<'s> Unpacker<'s> {
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
         let raw = entry.path_bytes().into_owned();
+        if raw.len() > PATH_MAX {
+            return Err(self.refuse(
+                &raw[..64],
+                format!("name of {} bytes is longer than PATH_MAX ({PATH_MAX})", raw.len()),
+            ));
+        }
+        if let Some(link) = entry.link_name_bytes() {
+            if link.len() > PATH_MAX {
+                return Err(self.refuse(
+                    &raw,
+                    format!(
+                        "link target of {} bytes is longer than PATH_MAX ({PATH_MAX})",
+                        link.len()
+                    ),
+                ));
+            }
+        }
         let comps = components(&raw).map_err(|why| self.refuse(&raw, why))?;
         let etype = entry.header().entry_type();
         if etype.is_pax_global_extensions() {
