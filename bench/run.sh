@@ -21,7 +21,7 @@
 #   1. installs what is missing (idempotent): Debian's fio, fuse3, fuse-overlayfs
 #      (C 1.10), python3, tar; fuse-overlayfs 2.0.0 from crates.io with
 #      `cargo install fuse-overlayfs --version 2.0.0 --locked --root /opt/fuse-overlayfs-rs`
-#      (about 1.5 min, skipped when present); builds verlay (`cargo build --release`);
+#      (about 1.5 min; only when mode fo20 is asked for and it is missing); builds verlay (`cargo build --release`);
 #      builds the cached layers (bench/workloads.sh --prepare, once, ~2 min).
 #   2. runs the workload set, bench/workloads.sh, once per mode: kernel | fuse:/usr/bin/fuse-overlayfs | fuse:/opt/fuse-overlayfs-rs/bin/fuse-overlayfs
 #      | fuse:target/release/verlay with BENCH_FUSE_OPTS=verify=off, and again with
@@ -83,7 +83,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >&2 \
     || die "apt-get install ${missing[*]} failed"
 fi
-if ! { [ -x "$FO_RS" ] && grep -q '"fuse-overlayfs 2.0.0 ' "$FO_RS_ROOT/.crates.toml" 2>/dev/null; }; then
+# fuse-overlayfs 2.0 only when its mode is asked for (the install takes minutes)
+if [[ ",$MODES," == *,fo20,* ]] &&
+   ! { [ -x "$FO_RS" ] && grep -q '"fuse-overlayfs 2.0.0 ' "$FO_RS_ROOT/.crates.toml" 2>/dev/null; }; then
   log "cargo install fuse-overlayfs 2.0.0 into $FO_RS_ROOT (about 1.5 min)"
   cargo install fuse-overlayfs --version 2.0.0 --locked --root "$FO_RS_ROOT" >&2 \
     || die "cargo install fuse-overlayfs 2.0.0 failed"
