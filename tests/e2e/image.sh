@@ -30,7 +30,7 @@ OUT=${1:?usage: image.sh OUT [NAME:TAG]}
 REF=${2:-localhost/verlay-test:1}
 NAME=${REF%:*}
 TAG=${REF##*:}
-[ "$NAME" != "$REF" ] && [ -n "$TAG" ] || die "NAME:TAG wanted, got '$REF'"
+if [ "$NAME" = "$REF" ] || [ -z "$TAG" ]; then die "NAME:TAG wanted, got '$REF'"; fi
 BUSYBOX=/bin/busybox
 # A fixed date for every entry, so that the digests depend on the content alone.
 MTIME=@1700000000

@@ -224,7 +224,7 @@ cleanup() {
     [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
   done
   if [ "$KEEP" = 0 ]; then
-    rm -rf "$WORK"/{root,runroot,tmp,home,xdg-run,networks,ns,image,image.tar,bin}
+    rm -rf "${WORK:?}"/{root,runroot,tmp,home,xdg-run,networks,ns,image,image.tar,bin}
   fi
   exit $rc
 }
