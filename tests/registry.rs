@@ -279,7 +279,7 @@ struct Scratch {
     reg: Registry,
     /// the test image's image.env
     env: BTreeMap<String, String>,
-    /// the test image (`make-test-image.sh` output)
+    /// the test image (`tests/e2e/image.sh` output)
     img: PathBuf,
     /// a store holding the test image as "test"
     s1: PathBuf,
