@@ -3,15 +3,14 @@
 #
 #   tests/e2e/podman.sh [BIN]           BIN: default ./target/release/verlay
 #
-# Calls the shared recipes (read-only; called, not copied):
-#   root      ../shared/recipes/podman-run.sh -x BIN
-#   rootless  ../shared/recipes/rootless-user.sh add verlayci, then
-#             ../shared/recipes/podman-run.sh -u verlayci -x BIN; the user is removed at the end
-#             (if this script created it)
-# podman-run.sh runs `podman run --rm` with overlay.mount_program=BIN on a 3-layer test image
-# (a whiteout, an opaque dir, a hard link), and with -x also create+start (write, delete, append,
-# mkdir in an opaque dir), diff, commit, a run of the committed image checking the result, and
-# as root podman mount/umount. Each step must succeed. podman calls BIN as `BIN -o OPTS MERGED`
+# Two parts, each one tests/e2e/podman-run.sh call with its own work dir:
+#   root      podman-run.sh -x BIN
+#   rootless  rootless-user.sh add verlayci, then podman-run.sh -u verlayci -x BIN; the user is
+#             removed at the end (if this script created it)
+# podman-run.sh runs `podman run --rm` with overlay.mount_program=BIN on the 3-layer test image
+# of tests/e2e/image.sh, checking its replaced file, whiteout and opaque dir; with -x also
+# create+start (write, delete, append, mkdir in an opaque dir), diff, commit, a run of the
+# committed image checking the result, and as root podman mount/umount. Each step must succeed. podman calls BIN as `BIN -o OPTS MERGED`
 # with empty options (",,", a trailing ","), "volatile", and a lowerdir-only mount for diff/commit.
 # Needs root; podman, runc, uidmap, busybox-static, jq (tests/setup.sh installs them).
 # Env: PODMAN_TIMEOUT (s, per part, default 120), KEEP=1 keeps the work dir.
@@ -21,8 +20,6 @@ set -euo pipefail
 
 need_root
 BIN=$(resolve_bin "${1:-}")
-RECIPES=$SHARED/recipes
-[ -x "$RECIPES/podman-run.sh" ] || die "$RECIPES/podman-run.sh not found (shared/ must sit beside the repository, or set VERLAY_SHARED)"
 command -v podman >/dev/null || die "podman missing: bash tests/setup.sh"
 ROOTLESS_USER=verlayci
 
@@ -32,7 +29,7 @@ CREATED_USER=0
 cleanup() {
   local rc=$?
   if [ "$CREATED_USER" = 1 ]; then
-    "$RECIPES/rootless-user.sh" remove "$ROOTLESS_USER" >/dev/null 2>&1 ||
+    bash "$E2E/rootless-user.sh" remove "$ROOTLESS_USER" >/dev/null 2>&1 ||
       { log "could not remove user $ROOTLESS_USER"; rc=1; }
   fi
   if [ "${KEEP:-0}" = 1 ] || [ "$rc" != 0 ]; then
@@ -49,7 +46,7 @@ part() {  # part NAME [podman-run.sh options]: one podman-run.sh call, its own w
   local name=$1 t rc=0; shift
   t=$(now)
   timeout --kill-after=10 "${PODMAN_TIMEOUT:-120}" \
-    "$RECIPES/podman-run.sh" -w "$WORK/$name" "$@" > "$WORK/$name.log" 2>&1 || rc=$?
+    bash "$E2E/podman-run.sh" -w "$WORK/$name" "$@" > "$WORK/$name.log" 2>&1 || rc=$?
   # podman-run.sh prints one timing line per podman step, then the mount program's argv shapes
   grep -E '^\[ *[0-9.]+s\] podman |^FAILED|^Error' "$WORK/$name.log" | sed 's/^/  /' || true
   if [ "$rc" = 0 ]; then
@@ -66,7 +63,7 @@ part root -x "$BIN"
 t=$(now)
 if id "$ROOTLESS_USER" >/dev/null 2>&1; then
   log "user $ROOTLESS_USER already exists: using it, not removing it"
-elif "$RECIPES/rootless-user.sh" add "$ROOTLESS_USER" > "$WORK/rootless-user.log" 2>&1; then
+elif bash "$E2E/rootless-user.sh" add "$ROOTLESS_USER" > "$WORK/rootless-user.log" 2>&1; then
   CREATED_USER=1
 else
   CREATED_USER=1
