@@ -70,6 +70,10 @@ check_installed() {
   grep -qx "ExecStart=$p/bin/verlay snapshotter --root /var/lib/verlay-snapshotter --address /run/verlay-snapshotter/verlay.sock" "$unit" ||
     { echo "$unit: ExecStart is not $p/bin/verlay snapshotter ..."; grep ExecStart "$unit"; return 1; }
   if command -v systemd-analyze >/dev/null; then systemd-analyze verify "$unit" || return 1; fi
+  # completions: installed when this verlay prints them
+  if "$p/bin/verlay" completions bash >/dev/null 2>&1; then
+    [ -s "$p/share/bash-completion/completions/verlay" ] || { echo "verlay completions bash works but none were installed"; return 1; }
+  fi
   for f in bin/verlay bin/verlay-snapshotter lib/systemd/system/verlay-snapshotter.service share/verlay/installed.txt; do
     grep -qx "file $p/$f" "$p/share/verlay/installed.txt" || { echo "installed.txt does not list $p/$f"; return 1; }
   done

@@ -2,7 +2,8 @@
 # containerd.sh: containerd 1.6 with verlay as its proxy snapshotter, end to end.
 #
 #   tests/e2e/containerd.sh [BIN]       BIN: default ./target/release/verlay
-#                                       (verlay-snapshotter must sit beside it)
+#                                       (verlay-snapshotter must sit beside it, as in an
+#                                       install.sh prefix: tests/run.sh passes PREFIX/bin/verlay)
 #
 # Each check runs its own `verlay snapshotter` (a snapshotter's state belongs to one containerd
 # root) and a private containerd (tests/e2e/containerd-env.sh), with BIN's directory first in

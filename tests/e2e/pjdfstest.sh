@@ -2,6 +2,7 @@
 # pjdfstest.sh: POSIX conformance of a verlay mount (pjdfstest 0.2.2), in two places.
 #
 #   tests/e2e/pjdfstest.sh [BIN]        BIN: default ./target/release/verlay
+#                                       (tests/run.sh passes an installed PREFIX/bin/verlay)
 #
 # Builds two lower layers and an empty upper and workdir, mounts
 #   BIN -o lowerdir=L1:L2,upperdir=U,workdir=W MNT

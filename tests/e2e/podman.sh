@@ -113,6 +113,7 @@ if [ "$USER_INSTALL" = 1 ]; then
 else
   RBIN=$(reach "$(dirname "$BIN")" "$(basename "$BIN")")/$(basename "$BIN")
 fi
+log "rootless mount program: $RBIN"
 part rootless -u "$ROOTLESS_USER" -x "$RBIN"
 
 if [ "$USER_INSTALL" = 1 ]; then
