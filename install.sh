@@ -58,29 +58,29 @@ PREFIX=${PREFIX%/}
 BINDIR=$PREFIX/bin
 MANIFEST=$PREFIX/share/verlay/installed.txt
 
-# --- uninstall: remove the files the manifest lists, then the directories install made
-# (when empty), deepest first. Nothing else is touched.
+# --- uninstall LIST: remove the files LIST (a manifest) names, then the directories install
+# made (when empty), deepest first. Nothing else is touched.
 uninstall() {
   local kind path n=0 lines=()
-  [ -f "$MANIFEST" ] || return 1
-  mapfile -t lines < "$MANIFEST"
+  mapfile -t lines < "$1"
   for ((i = ${#lines[@]} - 1; i >= 0; i--)); do
     kind=${lines[i]%% *} path=${lines[i]#* }
     case "$kind" in
       file)
         case "$path" in /*) ;; *) die "$MANIFEST: not an absolute path: $path" ;; esac
+        [ "$path" = "$MANIFEST" ] && [ -n "${2:-}" ] && continue
         if [ -e "$path" ] || [ -L "$path" ]; then rm -f -- "$path"; n=$((n + 1)); fi ;;
       dir) if [ -d "$path" ]; then rmdir -- "$path" 2>/dev/null || true; fi ;;
       '#'* | '') ;;
       *) die "$MANIFEST: unknown line: ${lines[i]}" ;;
     esac
   done
-  echo "$ME: removed $n files listed in $MANIFEST"
+  [ -n "${2:-}" ] || echo "$ME: removed $n files listed in $MANIFEST"
 }
 
 if [ "$UNINSTALL" = 1 ]; then
   [ -f "$MANIFEST" ] || die "$MANIFEST: no such file (nothing installed in $PREFIX by install.sh; give the same --prefix/--user as at install)"
-  uninstall
+  uninstall "$MANIFEST"
   exit 0
 fi
 
@@ -98,7 +98,7 @@ else
     if [ ! -x "$SRC/$b" ]; then
       stale="$SRC/$b is missing"
     elif [ -z "$stale" ]; then
-      newer=$(cd "$REPO" && find src snapshotter/src Cargo.toml Cargo.lock snapshotter/Cargo.toml \
+      newer=$(cd "$REPO" && find src snapshotter/src vendor Cargo.toml Cargo.lock snapshotter/Cargo.toml \
         -newer "$SRC/$b" -type f -print -quit 2>/dev/null || true)
       [ -n "$newer" ] && stale="$REPO/$newer is newer than $SRC/$b"
     fi
@@ -116,14 +116,18 @@ d=$PREFIX
 while [ ! -d "$d" ]; do d=$(dirname "$d"); done
 [ -w "$d" ] || die "$d: not writable by $(id -un) (run as root, or use --user for ~/.local, or --prefix DIR)"
 
+# --- install, recording every directory made and every file written. Over an earlier
+# installation: its directories stay listed, files are replaced by rename (a running verlay
+# keeps its inode, and the path never goes missing), and its files this one does not
+# install again are removed at the end.
+RECORD=$(mktemp "${TMPDIR:-/tmp}/verlay-install.XXXXXX")
+OLD=$(mktemp "${TMPDIR:-/tmp}/verlay-install-old.XXXXXX")
+trap 'rm -f "$RECORD" "$OLD"' EXIT
 if [ -f "$MANIFEST" ]; then
   echo "$ME: replacing the installation listed in $MANIFEST"
-  uninstall
+  cp "$MANIFEST" "$OLD"
+  grep '^dir /' "$OLD" >> "$RECORD" || true
 fi
-
-# --- install, recording every directory made and every file written
-RECORD=$(mktemp "${TMPDIR:-/tmp}/verlay-install.XXXXXX")
-trap 'rm -f "$RECORD"' EXIT
 mkdirs() {  # mkdirs DIR: mkdir -p, recording each directory it creates (parents first)
   local d=$1 missing=()
   while [ ! -d "$d" ]; do missing=("$d" "${missing[@]}"); d=$(dirname "$d"); done
@@ -141,7 +145,7 @@ put 0755 "$SRC/verlay-snapshotter" "$BINDIR/verlay-snapshotter"
 "$BINDIR/verlay" --version >/dev/null || die "$BINDIR/verlay --version failed"
 
 unit=$(mktemp "${TMPDIR:-/tmp}/verlay-unit.XXXXXX")
-trap 'rm -f "$RECORD" "$unit"' EXIT
+trap 'rm -f "$RECORD" "$OLD" "$unit"' EXIT
 [ -f "$UNIT_TEMPLATE" ] || die "$UNIT_TEMPLATE: missing (install.sh needs the packaging/ directory beside it)"
 sed "s#@BINDIR@#$BINDIR#g" "$UNIT_TEMPLATE" > "$unit"
 put 0644 "$unit" "$UNITDIR/verlay-snapshotter.service"
@@ -167,6 +171,9 @@ mkdirs "$(dirname "$MANIFEST")"
   echo "file $MANIFEST"
 } > "$MANIFEST.verlay-new"
 mv -f "$MANIFEST.verlay-new" "$MANIFEST"
+# the earlier installation's files that this one does not have
+grep -vxF -f "$MANIFEST" "$OLD" > "$unit" || true
+uninstall "$unit" stale
 
 # --- what the user does next
 if [ "$USER_MODE" = 1 ]; then
