@@ -2,13 +2,13 @@
 """Helpers for bench/run.sh (not meant to be called by hand).
 
   report.py rss-watch OUT.json
-      Reads overlay-bench.sh's stdout on stdin and passes it through unchanged.
-      Meanwhile it finds the FUSE daemon(s) serving overlay-bench.sh's mount (a
+      Reads workloads.sh's stdout on stdin and passes it through unchanged.
+      Meanwhile it finds the FUSE daemon(s) serving workloads.sh's mount (a
       process one of whose argv elements is BENCH_ROOT/run/<pid>/mnt) and reads
       VmHWM from /proc/PID/status every 0.1 s until the daemon exits, so the last
       value is read just before the unmount. Each workload line is attributed to
       the daemon(s) alive when it was printed: OUT.json maps workload -> peak
-      RSS in KiB of the daemon that served it. (Workloads that overlay-bench.sh
+      RSS in KiB of the daemon that served it. (Workloads that workloads.sh
       runs best-of-N print after their mounts are gone and get no value.)
 
   report.py table RUN.json

@@ -14,17 +14,16 @@
 #   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlay,verlayv,verlaynp
 #                 (default all but verlaynp; verlay and verlayv use passthrough=1, verlaynp not)
 #   --no-scaling  skip the create/unlink scaling workload
-#   --scaling-only  run only the scaling workload (no overlay-bench.sh, no RSS rows
+#   --scaling-only  run only the scaling workload (no workloads.sh, no RSS rows
 #                 but the scaling mount's)
 #
 # What it does:
 #   1. installs what is missing (idempotent): Debian's fio, fuse3, fuse-overlayfs
 #      (C 1.10), python3, tar; fuse-overlayfs 2.0.0 from crates.io with
 #      `cargo install fuse-overlayfs --version 2.0.0 --locked --root /opt/fuse-overlayfs-rs`
-#      (about 1.5 min, skipped when present); builds verlay (`cargo build --release`);
-#      builds the cached layers (overlay-bench.sh --prepare, once, ~2 min).
-#   2. runs ../shared/bench/overlay-bench.sh (read-only, called, not copied) once per
-#      mode: kernel | fuse:/usr/bin/fuse-overlayfs | fuse:/opt/fuse-overlayfs-rs/bin/fuse-overlayfs
+#      (about 1.5 min; only when mode fo20 is asked for and it is missing); builds verlay (`cargo build --release`);
+#      builds the cached layers (bench/workloads.sh --prepare, once, ~2 min).
+#   2. runs the workload set, bench/workloads.sh, once per mode: kernel | fuse:/usr/bin/fuse-overlayfs | fuse:/opt/fuse-overlayfs-rs/bin/fuse-overlayfs
 #      | fuse:target/release/verlay with BENCH_FUSE_OPTS=verify=off, and again with
 #      verify=on over the same layers sealed with `verlay layer seal` (mode verlayv).
 #   3. runs bench/scaling.sh per mode: create and unlink cost (µs/op) at 2.5k, 5k,
@@ -36,16 +35,14 @@
 #      verlay/fuse-overlayfs 1.10, verlay/fuse-overlayfs 2.0, peak RSS rows) with the
 #      command, date, kernel, CPUs and memory on top, and writes it as markdown.
 #
-# Environment: BENCH_ROOT (default /tmp/bl; ~10 GB free while running), VERLAY_SHARED
-# (the shared/ folder; default ../shared beside the repository), BENCH_REPS (overlay-bench's
-# best-of count for the data-heavy groups, default 3, 1 with --quick).
+# Environment: BENCH_ROOT (default /tmp/bl; ~10 GB free while running), BENCH_REPS
+# (workloads.sh's best-of count for the data-heavy groups, default 3, 1 with --quick).
 # Wall time: full run ~15 min per --reps on 2 cores; --quick ~5 min.
 set -Eeuo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-SHARED=${VERLAY_SHARED:-$REPO/../shared}
-OVB=$SHARED/bench/overlay-bench.sh
+OVB=$HERE/workloads.sh
 export BENCH_ROOT=${BENCH_ROOT:-/tmp/bl}
 FO_RS_ROOT=/opt/fuse-overlayfs-rs
 FO_RS=$FO_RS_ROOT/bin/fuse-overlayfs
@@ -72,7 +69,6 @@ while [ $# -gt 0 ]; do
 done
 [[ "$REPS" =~ ^[1-9][0-9]*$ ]] || die "--reps wants a positive number"
 [ "$(id -u)" = 0 ] || die "must run as root (mounts, drop_caches)"
-[ -r "$OVB" ] || die "shared workload set not found at $OVB (set VERLAY_SHARED)"
 command -v cargo >/dev/null || { [ -x "$HOME/.cargo/bin/cargo" ] && export PATH=$HOME/.cargo/bin:$PATH; } \
   || die "cargo not found"
 
@@ -87,7 +83,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >&2 \
     || die "apt-get install ${missing[*]} failed"
 fi
-if ! { [ -x "$FO_RS" ] && grep -q '"fuse-overlayfs 2.0.0 ' "$FO_RS_ROOT/.crates.toml" 2>/dev/null; }; then
+# fuse-overlayfs 2.0 only when its mode is asked for (the install takes minutes)
+if [[ ",$MODES," == *,fo20,* ]] &&
+   ! { [ -x "$FO_RS" ] && grep -q '"fuse-overlayfs 2.0.0 ' "$FO_RS_ROOT/.crates.toml" 2>/dev/null; }; then
   log "cargo install fuse-overlayfs 2.0.0 into $FO_RS_ROOT (about 1.5 min)"
   cargo install fuse-overlayfs --version 2.0.0 --locked --root "$FO_RS_ROOT" >&2 \
     || die "cargo install fuse-overlayfs 2.0.0 failed"
@@ -97,7 +95,7 @@ log "cargo build --release"
 VERLAY=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/verlay
 [ -x "$VERLAY" ] || die "verlay binary not found at $VERLAY"
-bash "$OVB" --prepare >&2 || die "overlay-bench.sh --prepare failed"
+bash "$OVB" --prepare >&2 || die "workloads.sh --prepare failed"
 log "set-up done in $(( $(date +%s) - t_install )) s"
 
 # ---------------------------------------------------------------- modes
@@ -171,7 +169,7 @@ run_mode() {  # id rep
     rc=${PIPESTATUS[0]}
     set -e
   fi
-  [ "$rc" = 0 ] || log "warning: overlay-bench.sh ${SPEC[$id]} exited with $rc"
+  [ "$rc" = 0 ] || log "warning: workloads.sh ${SPEC[$id]} exited with $rc"
   if [ "$SCALING" = 1 ]; then
     log "rep $rep: ${LABEL[$id]}: scaling ($SIZES entries, best of $TRIES)"
     BENCH_FUSE_OPTS=${OPTS[$id]} bash "$HERE/scaling.sh" "${SPEC[$id]}" --json "$sc" --sizes "$SIZES" --tries "$TRIES" \
@@ -207,7 +205,7 @@ PYEOF
   echo
   echo "$HEADER" | sed 's/$/  /'
   echo
-  echo "Workloads: ../shared/bench/overlay-bench.sh$([ "$QUICK" = 1 ] && echo " (--quick: BENCH_SHORT=1, --only $QUICK_WORKLOADS)")$([ "$SETS" = 0 ] && echo " not run (--scaling-only)"), then bench/scaling.sh (fastest of $TRIES tries per size); $REPS run(s) per mode, interleaved; one value per run (\"a / b\"), ratios of the means; ratio > 1 = verlay slower (randread: ratio of IOPS, same sense)."
+  echo "Workloads: bench/workloads.sh$([ "$QUICK" = 1 ] && echo " (--quick: BENCH_SHORT=1, --only $QUICK_WORKLOADS)")$([ "$SETS" = 0 ] && echo " not run (--scaling-only)"), then bench/scaling.sh (fastest of $TRIES tries per size); $REPS run(s) per mode, interleaved; one value per run (\"a / b\"), ratios of the means; ratio > 1 = verlay slower (randread: ratio of IOPS, same sense)."
   echo
   python3 "$HERE/report.py" table "$RES/run.json"
 } > "$OUT"

@@ -6,7 +6,7 @@
 # MODE: kernel | fuse:PROGRAM (PROGRAM -o lowerdir=...,upperdir=...,workdir=... MNT,
 #       plus BENCH_FUSE_OPTS if set; unmounted with fusermount3 -u).
 #
-# One fresh mount per call, on the cached layers of overlay-bench.sh
+# One fresh mount per call, on the cached layers of bench/workloads.sh
 # (lowerdir=BENCH_ROOT/layers/over:small:big, fresh empty upper and work), caches
 # dropped after mounting. For each size N, in a new directory of the merged root:
 # create N empty files (open O_CREAT|O_EXCL, close), then unlink them; µs/op is the
@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" = 0 ] || die "must run as root"
 [ -n "$MODE" ] && [ -n "$JSON" ] || die "usage: scaling.sh MODE --json FILE [--sizes LIST]"
-[ "$(cat "$LAYERS/.complete" 2>/dev/null)" != "" ] || die "no cached layers under $LAYERS (run overlay-bench.sh --prepare)"
+[ "$(cat "$LAYERS/.complete" 2>/dev/null)" != "" ] || die "no cached layers under $LAYERS (run bash bench/workloads.sh --prepare)"
 PROG=""
 case "$MODE" in
   kernel) ;;

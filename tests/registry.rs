@@ -8,8 +8,8 @@
 //! followed only to hosts the first request may reach (refused before connecting, loops
 //! bounded), and absurd descriptor sizes are refused before any blob is fetched.
 //!
-//! Needs docker-registry and skopeo (bash tests/setup.sh installs them) and the shared test
-//! image recipe (../shared/recipes, or $VERLAY_SHARED).
+//! Needs docker-registry and skopeo (bash tests/setup.sh installs them); the test image is
+//! tests/e2e/image.sh's.
 
 mod faultproxy;
 #[path = "common/guard.rs"]
@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultproxy::{Exchange, FaultProxy, Faults};
-use rig::{dir_names, have, shared};
+use rig::{dir_names, e2e_script, have};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
@@ -240,17 +240,17 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
-/// The test image (../shared/recipes/make-test-image.sh) in `dir/img`; returns its env.
+/// The test image (tests/e2e/image.sh) in `dir/img`; returns its env.
 fn test_image(dir: &Path) -> BTreeMap<String, String> {
     let img = dir.join("img");
     let out = Command::new("bash")
-        .arg(shared().join("recipes/make-test-image.sh"))
+        .arg(e2e_script("image.sh"))
         .arg(&img)
         .output()
-        .expect("make-test-image.sh");
+        .expect("image.sh");
     assert!(
         out.status.success(),
-        "make-test-image.sh: {}",
+        "image.sh: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     fs::read_to_string(img.join("image.env"))
@@ -281,7 +281,7 @@ struct Scratch {
     reg: Registry,
     /// the test image's image.env
     env: BTreeMap<String, String>,
-    /// the test image (`make-test-image.sh` output)
+    /// the test image (`tests/e2e/image.sh` output)
     img: PathBuf,
     /// a store holding the test image as "test"
     s1: PathBuf,
@@ -502,9 +502,9 @@ fn skopeo_and_verlay_read_each_others_pushes_oci_docker_v2s2_and_index() {
     );
     let x = Scratch::new("skopeo");
     let skopeo = |args: &[&str]| {
-        // the recipe keeps skopeo's root-only blob-info cache under the given dir
+        // registry-env.sh keeps skopeo's root-only blob-info cache under the given dir
         let out = Command::new("bash")
-            .arg(shared().join("recipes/registry-env.sh"))
+            .arg(e2e_script("registry-env.sh"))
             .arg("skopeo")
             .arg(x.path("skopeo"))
             .args(args)

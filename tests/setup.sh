@@ -7,7 +7,7 @@
 # installed only when absent, the dummy user "tests" only created when missing.
 #   - Debian packages: fuse3 (fusermount3), attr, and the container stack the podman
 #     e2e test drives (podman, runc, crun, uidmap, slirp4netns, fuse-overlayfs, catatonit,
-#     busybox-static, jq, skopeo, umoci); docker-registry (distribution 2.8) for
+#     busybox-static, jq, skopeo, umoci; python3 for tests/e2e/image.sh); docker-registry (distribution 2.8) for
 #     tests/registry.rs and the containerd e2e test, containerd and curl for the latter, and
 #     protobuf-compiler (protoc), which builds the snapshotter's gRPC code.
 #   - pjdfstest 0.2.2 (crates.io) for tests/e2e/pjdfstest.sh.
@@ -24,7 +24,7 @@ need_root
 command -v cargo >/dev/null || die "cargo not found (install Rust with rustup; see rust-version in Cargo.toml)"
 
 PKGS=(fuse3 attr podman runc crun uidmap slirp4netns fuse-overlayfs catatonit
-      busybox-static jq skopeo umoci procps util-linux passwd
+      busybox-static jq python3 skopeo umoci procps util-linux passwd
       strace xfsprogs e2fsprogs dosfstools zstd tar
       containerd docker-registry curl protobuf-compiler)
 missing=()

@@ -8,7 +8,7 @@
 //! and killed by coreutils `timeout` if it hangs.
 //!
 //! Tarballs are made with the `tar` command (and `zstd`, `gzip`), the image with
-//! ../shared/recipes/make-test-image.sh; hostile entries tar refuses to write are made with
+//! tests/e2e/image.sh; hostile entries tar refuses to write are made with
 //! the tar crate's raw headers. Ownership and device cases need root: the tests say when
 //! they skip.
 
@@ -26,13 +26,13 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use rig::{have, shared};
+use rig::{e2e_script, have};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
-/// The shared test-image recipe.
+/// The test image's builder.
 fn recipe() -> PathBuf {
-    shared().join("recipes/make-test-image.sh")
+    e2e_script("image.sh")
 }
 
 fn verlay(args: &[&OsStr]) -> Output {
@@ -489,7 +489,7 @@ fn test_image() -> Option<&'static Path> {
                 Path::new("/bin/busybox").exists(),
             ),
             ("jq", have("jq")),
-            ("the make-test-image.sh recipe", recipe().exists()),
+            ("tests/e2e/image.sh", recipe().exists()),
         ] {
             if !ok {
                 eprintln!("SKIP image tests: {what} missing");

@@ -1,6 +1,6 @@
 //! Real-filesystem rigs shared by the test binaries that spawn verlay daemons themselves
 //! (`#[path = "common/guard.rs"] mod guard;` then `#[macro_use] #[path = "common/rig.rs"] mod rig;`):
-//! tools present or not, the shared recipes, filesystems on loop devices, and a foreground
+//! tools present or not, the e2e harness scripts, filesystems on loop devices, and a foreground
 //! verlay daemon. Every guard undoes what it made on Drop, also when a test panics.
 #![allow(dead_code)]
 
@@ -24,12 +24,10 @@ pub fn verlay_bin() -> &'static str {
     env!("CARGO_BIN_EXE_verlay")
 }
 
-/// The shared test recipes (the test image, the registry tools' wrapper): `../shared` beside
-/// the repository (as in CI), or `$VERLAY_SHARED`.
-pub fn shared() -> PathBuf {
-    std::env::var_os("VERLAY_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+/// A harness script of the repository's `tests/e2e/` (`image.sh`: the test image;
+/// `registry-env.sh`: the registry and skopeo wrapper), run with `bash`.
+pub fn e2e_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e").join(name)
 }
 
 /// The names in `p`, sorted; none if it cannot be read (such as when it does not exist).

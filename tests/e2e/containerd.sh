@@ -2,14 +2,15 @@
 # containerd.sh: containerd 1.6 with verlay as its proxy snapshotter, end to end.
 #
 #   tests/e2e/containerd.sh [BIN]       BIN: default ./target/release/verlay
-#                                       (verlay-snapshotter must sit beside it)
+#                                       (verlay-snapshotter must sit beside it, as in an
+#                                       install.sh prefix: tests/run.sh passes PREFIX/bin/verlay)
 #
 # Each check runs its own `verlay snapshotter` (a snapshotter's state belongs to one containerd
-# root) and a private containerd from ../shared/recipes/containerd-env.sh, with BIN's directory
-# first in the PATH of containerd and ctr (containerd runs mount.fuse3 ... -t verlay). Checks:
-#   smoke            ../shared/recipes/containerd-smoke.sh -p verlay=SOCK verlay overlayfs:
-#                    import + run (whiteout, opaque dir, write) with verlay and with containerd's
-#                    own overlayfs snapshotter; its timings are printed
+# root) and a private containerd (tests/e2e/containerd-env.sh), with BIN's directory first in
+# the PATH of containerd and ctr (containerd runs mount.fuse3 ... -t verlay). The image is
+# tests/e2e/image.sh's. Checks:
+#   smoke            import + run (whiteout, opaque dir, write) with verlay and with containerd's
+#                    own overlayfs snapshotter in one containerd; the timings are printed
 #   import, run      ctr image import, ctr run checking the whiteout, the opaque dir, a write
 #   sealed           every committed layer has a manifest and `verlay verify` finds it clean
 #   view             `ctr snapshots view` of the top layer: a read-only verlay mount, merged right
@@ -22,7 +23,8 @@
 #   corrupt-eio      a byte changed in a committed layer: reading the file in a container
 #                    fails (EIO) and the verlay log names the file
 #   unsealed-refused a committed layer's manifest removed: the container does not start
-#   registry, pull   ctr image pull --plain-http from a local docker-registry, then run
+#   registry, pull   ctr image pull --plain-http from a local docker-registry
+#                    (tests/e2e/registry-env.sh), then run
 #   pull-killed      the snapshotter killed at commit.seal during a pull; restart, pull, run
 #   timing           ctr run on verlay vs overlayfs, 5 runs each, medians
 # Needs root; containerd, runc, busybox-static, jq, docker-registry, skopeo (tests/setup.sh).
@@ -36,10 +38,9 @@ BIN=$(resolve_bin "${1:-}")
 BINDIR=$(dirname "$BIN")
 SNAP=$BINDIR/verlay-snapshotter
 [ -x "$SNAP" ] || die "$SNAP not found (cargo build --release builds it beside verlay)"
-RECIPES=$SHARED/recipes
-[ -x "$RECIPES/containerd-env.sh" ] || die "$RECIPES/containerd-env.sh not found (shared/ must sit beside the repository, or set VERLAY_SHARED)"
 command -v containerd >/dev/null || die "containerd missing: bash tests/setup.sh"
-C=$RECIPES/containerd-env.sh
+C=$E2E/containerd-env.sh
+REGENV=$E2E/registry-env.sh
 TO=${CONTAINERD_TIMEOUT:-120}
 # containerd's mount.fuse3 and ctr's temp-mount both look for `verlay` in the PATH
 export PATH=$BINDIR:$PATH
@@ -49,8 +50,8 @@ WORK=$(mktemp -d /tmp/verlay-containerd.XXXXXX)
 touch "$WORK/ctds" "$WORK/regs" "$WORK/snap-pids"
 cleanup() {
   local rc=$? d p
-  while read -r d; do "$C" stop "$d" >/dev/null 2>&1 || true; done < "$WORK/ctds"
-  while read -r d; do "$RECIPES/registry-env.sh" stop "$d" >/dev/null 2>&1 || true; done < "$WORK/regs"
+  while read -r d; do bash "$C" stop "$d" >/dev/null 2>&1 || true; done < "$WORK/ctds"
+  while read -r d; do bash "$REGENV" stop "$d" >/dev/null 2>&1 || true; done < "$WORK/regs"
   for p in $(cat "$WORK/snap-pids"); do kill "$p" 2>/dev/null || true; done
   for p in $(cat "$WORK/snap-pids"); do
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -93,17 +94,17 @@ snap_wait_dead() { local p i; p=$(cat "$1/snap.pid"); for i in $(seq 200); do ki
 # ctd_start DIR: containerd on DIR/ctd with the snapshotter of DIR; FUSE daemons log to DIR/verlay.log
 ctd_start() {
   echo "$1/ctd" >> "$WORK/ctds"
-  VERLAY_LOG_FILE=$1/verlay.log timeout "$TO" "$C" start "$1/ctd" --proxy "verlay=$1/snap.sock" --path "$BINDIR" >/dev/null
+  VERLAY_LOG_FILE=$1/verlay.log timeout "$TO" bash "$C" start "$1/ctd" --proxy "verlay=$1/snap.sock" --path "$BINDIR" >/dev/null
 }
-ctr_() { local d=$1; shift; timeout "$TO" "$C" ctr "$d/ctd" "$@"; }
+ctr_() { local d=$1; shift; timeout "$TO" bash "$C" ctr "$d/ctd" "$@"; }
 # After a snapshotter restart containerd's gRPC client fails fast (Unavailable, "connection
 # closed") until its reconnect backoff dials again, about 1 s: wait until a Prepare reaches
 # the snapshotter, up to 10 s.
 ctd_reconnect() {
   local i
   for i in $(seq 100); do
-    if timeout "$TO" "$C" ctr "$1/ctd" snapshots --snapshotter verlay prepare "probe-$i" >/dev/null 2>&1; then
-      timeout "$TO" "$C" ctr "$1/ctd" snapshots --snapshotter verlay rm "probe-$i"
+    if timeout "$TO" bash "$C" ctr "$1/ctd" snapshots --snapshotter verlay prepare "probe-$i" >/dev/null 2>&1; then
+      timeout "$TO" bash "$C" ctr "$1/ctd" snapshots --snapshotter verlay rm "probe-$i"
       echo "containerd reached the restarted snapshotter after $i tries"
       return 0
     fi
@@ -117,11 +118,11 @@ ctd_reconnect() {
 # runs, under load): that one error is retried once, and said so.
 run_sn() {
   local d=$1 sn=$2 out rc=0; shift 2
-  out=$(timeout "$TO" "$C" run "$d/ctd" --snapshotter "$sn" "$@" 2>&1) || rc=$?
+  out=$(timeout "$TO" bash "$C" run "$d/ctd" --snapshotter "$sn" "$@" 2>&1) || rc=$?
   if [ "$rc" != 0 ] && grep -q "failed with ECHILD" <<<"$out"; then
     echo "containerd lost the mount helper's exit status (ECHILD, containerd#4387): retrying once" >&2
     rc=0
-    out=$(timeout "$TO" "$C" run "$d/ctd" --snapshotter "$sn" "$@" 2>&1) || rc=$?
+    out=$(timeout "$TO" bash "$C" run "$d/ctd" --snapshotter "$sn" "$@" 2>&1) || rc=$?
   fi
   printf '%s\n' "$out"
   return "$rc"
@@ -164,17 +165,31 @@ check() {
 }
 
 IMG=$WORK/image
-timeout "$TO" "$RECIPES/make-test-image.sh" "$IMG" >/dev/null
+timeout "$TO" bash "$E2E/image.sh" "$IMG" >/dev/null
 TAR=$IMG/image.oci.tar
 REF=localhost/verlay-test:1
 
-# --- smoke: the shared recipe, verlay next to containerd's overlayfs snapshotter
+# timed LABEL CMD...: CMD, then "[  T s] LABEL -> rc=N" on stderr; CMD's status
+timed() {
+  local a rc=0
+  a=$(now)
+  "${@:2}" || rc=$?
+  awk -v a="$a" -v b="$(now)" -v l="$1" -v r="$rc" 'BEGIN { printf "[%6.3fs] %s -> rc=%d\n", b - a, l, r }' >&2
+  return "$rc"
+}
+
+# --- smoke: verlay next to containerd's own overlayfs snapshotter, in one containerd
 smoke() {
-  snap_start "$WORK/smoke" || return 1
-  timeout "$TO" "$RECIPES/containerd-smoke.sh" -w "$WORK/smoke/run" -a "$TAR" -P "$BINDIR" \
-    -p "verlay=$WORK/smoke/snap.sock" verlay overlayfs
+  local d=$WORK/smoke sn
+  snap_start "$d"
+  ctd_start "$d"
+  for sn in verlay overlayfs; do
+    timed "import($sn)" ctr_ "$d" image import --snapshotter "$sn" "$TAR" >/dev/null
+    timed "run($sn)" expect_line semantics-ok run_sn "$d" "$sn" "$REF" "smoke-$sn" sh -c "$CHECK"
+  done
 }
 check smoke smoke
+bash "$C" stop "$WORK/smoke/ctd" >/dev/null 2>&1 || true
 grep -E '^\[ *[0-9.]+s\] (import|run)' "$WORK/smoke.out" | sed 's/^/  /' || true
 
 # --- import, run, sealed
@@ -285,7 +300,7 @@ kill_import() {  # kill_import DIR STEP|timed
 }
 for step in commit.syncfs commit.seal commit.db timed; do
   check "kill-import-$step" kill_import "$WORK/kill-$step" "$step"
-  "$C" stop "$WORK/kill-$step/ctd" >/dev/null 2>&1 || true
+  bash "$C" stop "$WORK/kill-$step/ctd" >/dev/null 2>&1 || true
 done
 
 # --- pull from a local registry; then a pull during which the snapshotter dies at the
@@ -294,8 +309,8 @@ REG=$WORK/reg
 PORT=$(shuf -i 20000-40000 -n 1)
 registry() {
   echo "$REG" >> "$WORK/regs"
-  timeout "$TO" "$RECIPES/registry-env.sh" start "$REG" "$PORT" >/dev/null
-  timeout "$TO" "$RECIPES/registry-env.sh" push "$REG" "$IMG/oci:1" test:1 >/dev/null
+  timeout "$TO" bash "$REGENV" start "$REG" "$PORT" >/dev/null
+  timeout "$TO" bash "$REGENV" push "$REG" "$IMG/oci:1" test:1 >/dev/null
 }
 pull() {
   local d=$WORK/pull

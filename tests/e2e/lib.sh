@@ -1,12 +1,14 @@
-# shellcheck shell=bash disable=SC2034  # sourced; SHARED, REPO and the counters are used by the sourcing scripts
+# shellcheck shell=bash disable=SC2034  # sourced; REPO, E2E and the counters are used by the sourcing scripts
 # lib.sh: helpers shared by tests/setup.sh, tests/run.sh and tests/e2e/*.sh (source it).
 #
 # Results: each e2e check prints one line "e2e: ok NAME (T s)" or "e2e: FAIL NAME (T s): WHY";
 # tests/run.sh counts those lines. Nothing here kills or unmounts anything it did not start.
 
-# The repository root and the read-only shared/ copy beside it (CI: ../shared).
+# The repository root, and this directory: the e2e scripts and the harnesses they call
+# (image.sh, registry-env.sh, containerd-env.sh, podman-run.sh, rootless-user.sh,
+# pjdfstest-run.sh). Nothing here reads a file outside the repository.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-SHARED=${VERLAY_SHARED:-$(cd "$REPO/.." && pwd)/shared}
+E2E=$REPO/tests/e2e
 
 # rustup installs into ~/.cargo/bin, which CI's environment may not have on PATH.
 case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) [ -d "$HOME/.cargo/bin" ] && PATH=$HOME/.cargo/bin:$PATH ;; esac

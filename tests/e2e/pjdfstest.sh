@@ -2,17 +2,19 @@
 # pjdfstest.sh: POSIX conformance of a verlay mount (pjdfstest 0.2.2), in two places.
 #
 #   tests/e2e/pjdfstest.sh [BIN]        BIN: default ./target/release/verlay
+#                                       (tests/run.sh passes an installed PREFIX/bin/verlay)
 #
 # Builds two lower layers and an empty upper and workdir, mounts
 #   BIN -o lowerdir=L1:L2,upperdir=U,workdir=W MNT
 # (as root verlay adds allow_other,default_permissions itself, like fuse-overlayfs), then runs
-# ../shared/bench/pjdfstest.sh twice, with --expected-failures tests/e2e/pjdfstest-expected.txt:
+# tests/e2e/pjdfstest-run.sh twice, with --expected-failures tests/e2e/pjdfstest-expected.txt:
 #   root      in MNT: pjdfstest's fresh temporary directory is made in the merged root
 #   existing  in MNT/existing, a directory that exists in both lower layers: its parent
 #             must be copied up before pjdfstest's temporary directory can be made in it
 # (pjdfstest only ever touches files it created itself; copy-up of lower files is covered by
 # the Rust integration tests, not here.)
-# Each fails if any test beyond the expected list fails (or an expected one passes).
+# Each fails if any case beyond the expected list fails (or an expected one passes); every case
+# runs once, nothing is re-run.
 # Also checks that the lower layers are byte-for-byte unchanged afterwards and that the
 # merged view of existing/ is right before the run.
 # Needs root; pjdfstest, fuse3 (tests/setup.sh installs them). Env: PJD_TIMEOUT (s, per
@@ -23,10 +25,8 @@ set -euo pipefail
 
 need_root
 BIN=$(resolve_bin "${1:-}")
-RUNNER=$SHARED/bench/pjdfstest.sh
-EXPECTED=$REPO/tests/e2e/pjdfstest-expected.txt
-FLAKY=$REPO/tests/e2e/pjdfstest-flaky.txt
-[ -x "$RUNNER" ] || die "$RUNNER not found (shared/ must sit beside the repository, or set VERLAY_SHARED)"
+RUNNER=$E2E/pjdfstest-run.sh
+EXPECTED=$E2E/pjdfstest-expected.txt
 command -v fusermount3 >/dev/null || die "fusermount3 missing: bash tests/setup.sh"
 
 WORK=$(mktemp -d /tmp/verlay-pjdfstest.XXXXXX)
@@ -88,7 +88,7 @@ run() {  # run NAME DIR
   local name=$1 dir=$2 t rc=0 counts
   t=$(now)
   timeout --kill-after=10 "${PJD_TIMEOUT:-120}" \
-    "$RUNNER" "$dir" --expected-failures "$EXPECTED" --log "$WORK/pjdfstest-$name.log" \
+    bash "$RUNNER" "$dir" --expected-failures "$EXPECTED" --log "$WORK/pjdfstest-$name.log" \
     > "$WORK/summary-$name.log" 2>&1 || rc=$?
   # failing names and the counts; the expected failures are in the log
   grep -Ev '^(expected failure: |[0-9]+ passed, )' "$WORK/summary-$name.log" | sed 's/^/  /' || true
@@ -96,28 +96,12 @@ run() {  # run NAME DIR
   if [ -n "$counts" ]; then
     echo "  pjdfstest in $name: $counts, $(grep -c '^expected failure: ' "$WORK/summary-$name.log" || true) expected failures"
   fi
-  # A failure of a test listed in pjdfstest-flaky.txt (each with its reason) is re-run alone,
-  # up to twice; it counts as passed only if it then passes, and says so.
-  if [ "$rc" = 1 ] && [ -n "$counts" ]; then
-    local failing retry_ok=1 f
-    failing=$(sed -n 's/^FAILED: //p' "$WORK/summary-$name.log")
-    for f in $failing; do
-      if ! grep -qxF "$f" <(grep -v '^#' "$FLAKY"); then retry_ok=0; break; fi
-      if "$RUNNER" "$dir" --expected-failures "$EXPECTED" "$f" > /dev/null 2>&1 \
-        || "$RUNNER" "$dir" --expected-failures "$EXPECTED" "$f" > /dev/null 2>&1; then
-        echo "  $f: failed in the full run, passed when re-run alone (listed in $(basename "$FLAKY"))"
-      else
-        retry_ok=0
-      fi
-    done
-    [ -n "$failing" ] && [ "$retry_ok" = 1 ] && rc=0
-  fi
   if [ "$rc" = 0 ]; then
     e2e_ok "pjdfstest-$name" "$(since "$t")"
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     e2e_fail "pjdfstest-$name" "$(since "$t")" "timed out after ${PJD_TIMEOUT:-120} s"
   else
-    local why="pjdfstest.sh exited $rc without a summary; see $WORK/summary-$name.log"
+    local why="pjdfstest-run.sh exited $rc without a summary; see $WORK/summary-$name.log"
     [ -n "$counts" ] && why="failures beyond $(basename "$EXPECTED"); log $WORK/pjdfstest-$name.log"
     e2e_fail "pjdfstest-$name" "$(since "$t")" "$why"
   fi
