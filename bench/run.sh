@@ -111,7 +111,7 @@ SPEC[verlaynp]=fuse:$VERLAY; OPTS[verlaynp]=verify=off;             LABEL[verlay
 VERSION[kernel]="overlay params: $(for p in /sys/module/overlay/parameters/*; do printf '%s=%s ' "$(basename "$p")" "$(cat "$p" 2>/dev/null)"; done)"
 # a program's first two --version lines; "not installed" when it is absent (fo20 is installed
 # only when its mode runs)
-prog_version() { if [ -x "$1" ]; then { "$1" --version 2>&1 || true; } | grep -v 'unknown argument' | head -2 | tr '\n' ' '; else echo "not installed"; fi; }
+prog_version() { if [ -x "$1" ]; then { "$1" --version 2>&1 || true; } | { grep -v 'unknown argument' || true; } | head -2 | tr '\n' ' '; else echo "not installed"; fi; }
 VERSION[fo110]=$(prog_version "$FO_C")
 VERSION[fo20]=$(prog_version "$FO_RS")
 VERSION[verlay]="verlay $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo '?'), release build"
