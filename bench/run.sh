@@ -109,8 +109,11 @@ SPEC[verlay]=fuse:$VERLAY;   OPTS[verlay]=verify=off,passthrough=1; LABEL[verlay
 SPEC[verlayv]=fuse:$VERLAY;  OPTS[verlayv]=verify=on,passthrough=1; LABEL[verlayv]="verlay verify=on"
 SPEC[verlaynp]=fuse:$VERLAY; OPTS[verlaynp]=verify=off;             LABEL[verlaynp]="verlay verify=off passthrough=0"
 VERSION[kernel]="overlay params: $(for p in /sys/module/overlay/parameters/*; do printf '%s=%s ' "$(basename "$p")" "$(cat "$p" 2>/dev/null)"; done)"
-VERSION[fo110]=$("$FO_C" --version 2>&1 | grep -v 'unknown argument' | head -2 | tr '\n' ' ')
-VERSION[fo20]=$("$FO_RS" --version 2>&1 | grep -v 'unknown argument' | head -2 | tr '\n' ' ')
+# a program's first two --version lines; "not installed" when it is absent (fo20 is installed
+# only when its mode runs)
+prog_version() { if [ -x "$1" ]; then { "$1" --version 2>&1 || true; } | { grep -v 'unknown argument' || true; } | head -2 | tr '\n' ' '; else echo "not installed"; fi; }
+VERSION[fo110]=$(prog_version "$FO_C")
+VERSION[fo20]=$(prog_version "$FO_RS")
 VERSION[verlay]="verlay $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo '?'), release build"
 VERSION[verlayv]="${VERSION[verlay]}; layers sealed with verlay layer seal (manifests beside them)"
 VERSION[verlaynp]=${VERSION[verlay]}

@@ -373,7 +373,8 @@ umount_fresh() {
       alive=0
       for p in /proc/[0-9]*; do
         [ "${p#/proc/}" = $$ ] && continue
-        mapfile -d '' args < "$p/cmdline" 2>/dev/null || continue
+        # a process may exit between the glob and the read
+        { mapfile -d '' args < "$p/cmdline"; } 2>/dev/null || continue
         for a in "${args[@]}"; do [ "$a" = "$MNT" ] && { alive=1; break 2; }; done
       done
       [ $alive = 0 ] && break
