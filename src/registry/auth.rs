@@ -109,7 +109,10 @@ fn parse_params(s: &str) -> Option<Vec<(String, String)>> {
 /// The scope verlay asks for when the challenge names none: `pull` for reads, `pull,push`
 /// for anything that writes.
 pub fn scope_for(repository: &str, write: bool) -> String {
-    format!("repository:{repository}:{}", if write { "pull,push" } else { "pull" })
+    format!(
+        "repository:{repository}:{}",
+        if write { "pull,push" } else { "pull" }
+    )
 }
 
 /// `REALM?service=S&scope=X`, percent-encoded.
@@ -143,7 +146,8 @@ fn percent_encode(s: &str) -> String {
 
 /// A token server's answer: the token and how many seconds it lives.
 pub fn parse_token(body: &[u8]) -> Result<(String, u64), String> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("answer is not JSON: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("answer is not JSON: {e}"))?;
     let token = ["token", "access_token"]
         .iter()
         .find_map(|k| v.get(*k).and_then(|t| t.as_str()).filter(|t| !t.is_empty()))
@@ -251,8 +255,14 @@ mod tests {
             "https://a/token?service=reg%20svc&scope=repository%3Ax%2Fy%3Apull%2Cpush"
         );
         assert_eq!(token_url("https://a/t?x=1", None, "s"), "https://a/t?x=1&scope=s");
-        assert_eq!(parse_token(br#"{"token":"abc","expires_in":300}"#), Ok(("abc".into(), 300)));
-        assert_eq!(parse_token(br#"{"access_token":"xyz"}"#), Ok(("xyz".into(), DEFAULT_TOKEN_SECS)));
+        assert_eq!(
+            parse_token(br#"{"token":"abc","expires_in":300}"#),
+            Ok(("abc".into(), 300))
+        );
+        assert_eq!(
+            parse_token(br#"{"access_token":"xyz"}"#),
+            Ok(("xyz".into(), DEFAULT_TOKEN_SECS))
+        );
         assert!(parse_token(br#"{"token":""}"#).is_err());
         assert!(parse_token(b"{\"token\":\"a\\nb\"}").is_err());
         assert!(parse_token(b"<html>").is_err());

@@ -330,9 +330,10 @@ impl Client {
         }
     }
 
-    /// Send one request, answering a 401 once (a token for the challenge, or the user's
-    /// basic credentials) and sending it again. Status codes are returned, not turned into
-    /// errors, except 401/403 after that (final, with what to do) and 5xx/429 (transient).
+    /// Send one request, answering a 401 (a token for the challenge, or the user's basic
+    /// credentials) and sending it again; a token the registry refuses is replaced once.
+    /// Status codes are returned, not turned into errors, except 401/403 after that (final,
+    /// with what to do) and 5xx/429 (transient).
     pub fn request(
         &self,
         method: Method,
@@ -341,6 +342,7 @@ impl Client {
         body: &[u8],
     ) -> std::result::Result<Reply, Fail> {
         let mut answered = false;
+        let mut refreshed = false;
         loop {
             let sent = self.authorization_for(url);
             let reply = self.send(&method, url, headers, body, sent.as_deref())?;
@@ -348,7 +350,8 @@ impl Client {
                 401 => {
                     let challenge = reply.header("WWW-Authenticate").unwrap_or("").to_string();
                     let text = reply.error_text();
-                    let refused = |why: String, fix: String| Fail::Fatal(Error::remote(self.what(), why, fix));
+                    let refused =
+                        |why: String, fix: String| Fail::Fatal(Error::remote(self.what(), why, fix));
                     let on_registry = auth::may_send_authorization(&self.base, url);
                     if !on_registry {
                         return Err(refused(
@@ -356,7 +359,12 @@ impl Client {
                             "the registry redirected to storage that wants its own credentials; report it to the registry's operator".into(),
                         ));
                     }
-                    if answered {
+                    // One answer per request, plus one token refresh when the registry refuses a
+                    // token it was sent (expired since it was fetched); then the request fails.
+                    let sent_bearer = sent.as_deref().is_some_and(|h| h.starts_with("Bearer "));
+                    if sent_bearer && !refreshed {
+                        refreshed = true;
+                    } else if answered || sent_bearer {
                         return Err(self.still_refused(&method, url, &text, sent.as_deref()));
                     }
                     match auth::parse_challenge(&challenge) {
@@ -372,10 +380,16 @@ impl Client {
                             };
                             *self.authz.lock() = Some(Authz::Basic(auth::basic(&c)));
                         }
-                        Some(Challenge::Bearer { realm, service, scope }) => {
+                        Some(Challenge::Bearer {
+                            realm,
+                            service,
+                            scope,
+                        }) => {
                             let write = !matches!(method, Method::GET | Method::HEAD);
-                            let scope = scope.unwrap_or_else(|| auth::scope_for(&self.reference.repository, write));
-                            let token = self.fetch_token(&realm, service.as_deref(), &scope, &text, &challenge)?;
+                            let scope =
+                                scope.unwrap_or_else(|| auth::scope_for(&self.reference.repository, write));
+                            let token =
+                                self.fetch_token(&realm, service.as_deref(), &scope, &text, &challenge)?;
                             *self.authz.lock() = Some(token);
                         }
                         None => {
@@ -401,7 +415,11 @@ impl Client {
                         format!("{method} {url} denied: {text}"),
                         format!(
                             "the account has no {} access to {}; check its permissions, or {}",
-                            if matches!(method, Method::GET | Method::HEAD) { "pull" } else { "push" },
+                            if matches!(method, Method::GET | Method::HEAD) {
+                                "pull"
+                            } else {
+                                "push"
+                            },
                             self.reference.repository,
                             self.login_fix()
                         ),
@@ -409,6 +427,25 @@ impl Client {
                 }
                 408 | 429 | 500..=599 => {
                     return Err(Fail::Transient(format!("{method} {url}: {}", reply.error_text())))
+                }
+                // Go's TLS server answers plain HTTP with a bare 400 and this sentence
+                400 if self.base.starts_with("http://") && reply.header("Content-Type").is_none() => {
+                    let text = String::from_utf8_lossy(&reply.bytes().unwrap_or_default()).into_owned();
+                    let (why, fix) = if text.contains("HTTP request to an HTTPS server") {
+                        (
+                            "it speaks HTTPS, and verlay spoke plain HTTP to it".to_string(),
+                            format!(
+                                "put its CA in /etc/containers/certs.d/{}/ca.crt, or pass --tls-verify (--tls-verify=false: unchecked)",
+                                self.reference.api_host()
+                            ),
+                        )
+                    } else {
+                        (
+                            format!("{method} {url}: HTTP 400 {}", text.trim()),
+                            "check the registry address".into(),
+                        )
+                    };
+                    return Err(Fail::Fatal(Error::remote(self.what(), why, fix)));
                 }
                 s => {
                     if sent.is_some() && s < 400 {
@@ -525,7 +562,10 @@ impl Client {
                     ))
                 })?;
                 tracing::debug!(registry = %self.reference.registry, scope, expires_in = secs, "registry token");
-                Ok(Authz::Bearer(format!("Bearer {token}"), started + Duration::from_secs(secs)))
+                Ok(Authz::Bearer(
+                    format!("Bearer {token}"),
+                    started + Duration::from_secs(secs),
+                ))
             }
             401 | 403 => {
                 let text = reply.error_text();

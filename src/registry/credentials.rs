@@ -157,7 +157,12 @@ fn read_json(file: &Path) -> Result<Option<serde_json::Value>> {
 }
 
 /// The entry for one of `wanted` in one auth file.
-fn from_doc(doc: &serde_json::Value, file: &Path, registry: &str, wanted: &[String]) -> Result<Option<Credentials>> {
+fn from_doc(
+    doc: &serde_json::Value,
+    file: &Path,
+    registry: &str,
+    wanted: &[String],
+) -> Result<Option<Credentials>> {
     let find = |section: &str| -> Option<(String, &serde_json::Value)> {
         let obj = doc.get(section)?.as_object()?;
         wanted.iter().find_map(|w| {
@@ -172,7 +177,11 @@ fn from_doc(doc: &serde_json::Value, file: &Path, registry: &str, wanted: &[Stri
         }
     }
     if let Some((key, entry)) = find("auths") {
-        if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()).filter(|a| !a.is_empty()) {
+        if let Some(auth) = entry
+            .get("auth")
+            .and_then(|a| a.as_str())
+            .filter(|a| !a.is_empty())
+        {
             let bad = |why: &str| {
                 Error::usage(
                     format!("auth file {}, entry {key}", file.display()),
@@ -184,7 +193,9 @@ fn from_doc(doc: &serde_json::Value, file: &Path, registry: &str, wanted: &[Stri
                 .decode(auth.trim())
                 .map_err(|_| bad("its auth is not base64"))?;
             let text = String::from_utf8(raw).map_err(|_| bad("its auth is not UTF-8"))?;
-            let (user, password) = text.split_once(':').ok_or_else(|| bad("its auth is not user:password"))?;
+            let (user, password) = text
+                .split_once(':')
+                .ok_or_else(|| bad("its auth is not user:password"))?;
             return Ok(Some(Credentials {
                 user: user.to_string(),
                 password: password.to_string(),
@@ -192,8 +203,16 @@ fn from_doc(doc: &serde_json::Value, file: &Path, registry: &str, wanted: &[Stri
             }));
         }
     }
-    if let Some(store) = doc.get("credsStore").and_then(|s| s.as_str()).filter(|s| !s.is_empty()) {
-        let server = if registry == "docker.io" { DOCKER_HUB_LEGACY_KEY } else { registry };
+    if let Some(store) = doc
+        .get("credsStore")
+        .and_then(|s| s.as_str())
+        .filter(|s| !s.is_empty())
+    {
+        let server = if registry == "docker.io" {
+            DOCKER_HUB_LEGACY_KEY
+        } else {
+            registry
+        };
         return helper_get(store, server, registry);
     }
     Ok(None)
@@ -205,7 +224,11 @@ fn helper_get(name: &str, server: &str, registry: &str) -> Result<Option<Credent
     let prog = format!("docker-credential-{name}");
     let what = || format!("credential helper {prog} for {registry}");
     if name.is_empty() || name.contains('/') {
-        return Err(Error::usage(what(), "not a helper name", "fix credHelpers/credsStore in the auth file"));
+        return Err(Error::usage(
+            what(),
+            "not a helper name",
+            "fix credHelpers/credsStore in the auth file",
+        ));
     }
     let mut child = Command::new(&prog)
         .arg("get")
@@ -260,7 +283,10 @@ fn helper_get(name: &str, server: &str, registry: &str) -> Result<Option<Credent
         }
         return Err(Error::remote(
             what(),
-            format!("failed ({status}): {}", text.trim().chars().take(200).collect::<String>()),
+            format!(
+                "failed ({status}): {}",
+                text.trim().chars().take(200).collect::<String>()
+            ),
             format!("log in again with `podman login {registry}`"),
         ));
     }
@@ -312,11 +338,17 @@ mod tests {
             "h.io/team": {"auth": b64("team:secret")},
         }});
         let f = Path::new("/nonexistent/auth.json");
-        let got = from_doc(&doc, f, "h.io", &keys("h.io", "team/app")).expect("ok").expect("some");
+        let got = from_doc(&doc, f, "h.io", &keys("h.io", "team/app"))
+            .expect("ok")
+            .expect("some");
         assert_eq!((got.user.as_str(), got.password.as_str()), ("team", "secret"));
-        let got = from_doc(&doc, f, "h.io", &keys("h.io", "x")).expect("ok").expect("some");
+        let got = from_doc(&doc, f, "h.io", &keys("h.io", "x"))
+            .expect("ok")
+            .expect("some");
         assert_eq!((got.user.as_str(), got.password.as_str()), ("u", "p:with:colons"));
-        assert!(from_doc(&doc, f, "g.io", &keys("g.io", "x")).expect("ok").is_none());
+        assert!(from_doc(&doc, f, "g.io", &keys("g.io", "x"))
+            .expect("ok")
+            .is_none());
         let bad = serde_json::json!({"auths": {"h.io": {"auth": "!!"}}});
         assert!(from_doc(&bad, f, "h.io", &keys("h.io", "x")).is_err());
     }

@@ -39,7 +39,12 @@ impl Transport {
     /// (127.0.0.0/8, localhost, ::1, as docker treats them as insecure) unless `--tls-verify`
     /// was given or a `certs.d` directory holds CA files for it; HTTPS otherwise.
     /// `--tls-verify=false` keeps HTTPS but accepts any certificate.
-    pub fn choose(host: &str, loopback: bool, plain_http: bool, tls_verify: Option<bool>) -> Result<Transport> {
+    pub fn choose(
+        host: &str,
+        loopback: bool,
+        plain_http: bool,
+        tls_verify: Option<bool>,
+    ) -> Result<Transport> {
         let ca_files = if plain_http { Vec::new() } else { ca_files(host)? };
         let http = plain_http || (loopback && tls_verify.is_none() && ca_files.is_empty());
         Ok(Transport {
@@ -63,7 +68,12 @@ impl Transport {
         for e in &native.errors {
             tracing::warn!(error = %e, "system CA certificates: a file could not be read");
         }
-        roots.extend(native.certs.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()));
+        roots.extend(
+            native
+                .certs
+                .iter()
+                .map(|c| Certificate::from_der(c.as_ref()).to_owned()),
+        );
         for f in &self.ca_files {
             let certs = read_pem_certs(f).map_err(|why| {
                 Error::usage(
@@ -155,8 +165,11 @@ fn read_pem_certs(path: &Path) -> std::result::Result<Vec<Certificate<'static>>,
 /// The words for a TLS failure talking to `host`, and what to do, if `e` is one.
 pub fn explain(e: &ureq::Error, host: &str) -> Option<(String, String)> {
     use rustls::{CertificateError, Error as TlsError};
-    let ureq::Error::Rustls(t) = e else {
-        return None;
+    // ureq hands rustls' errors over as they are, or wrapped in the io::Error of the stream
+    let t: &TlsError = match e {
+        ureq::Error::Rustls(t) => t,
+        ureq::Error::Io(io) => io.get_ref()?.downcast_ref::<TlsError>()?,
+        _ => return None,
     };
     let ca_hint = format!(
         "put the registry's CA in /etc/containers/certs.d/{host}/ca.crt (or ~/.config/containers/certs.d/{host}/), \

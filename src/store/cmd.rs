@@ -18,7 +18,15 @@ const IMAGE_USAGE: &str = "verlay image import --store DIR [--ref NAME] [--name 
      \x20 REGISTRY OPTIONS: --plain-http, --tls-verify[=true|false], --authfile FILE, --creds USER:PASSWORD\n\
      verlay image ls --store DIR";
 /// The valued options of `image push`.
-const PUSH_VALUED: &[&str] = &["--store", "--retries", "--timeout", "--chunk-size", "--image", "--authfile", "--creds"];
+const PUSH_VALUED: &[&str] = &[
+    "--store",
+    "--retries",
+    "--timeout",
+    "--chunk-size",
+    "--image",
+    "--authfile",
+    "--creds",
+];
 
 /// Parsed options of one subcommand: `--name VALUE` / `--name=VALUE`, flags and positionals.
 struct Opts {
@@ -257,7 +265,12 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
             Ok(())
         }
         "push" => {
-            let o = Opts::parse("verlay image push", rest, PUSH_VALUED, &["--plain-http", "--tls-verify"])?;
+            let o = Opts::parse(
+                "verlay image push",
+                rest,
+                PUSH_VALUED,
+                &["--plain-http", "--tls-verify"],
+            )?;
             let (reference, opts) = registry_args(&o)?;
             let store = o.store()?;
             let source = o
