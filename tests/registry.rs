@@ -1039,7 +1039,8 @@ fn the_one_pass_check_catches_a_blind_resend() {
 // VERLAY_CERTS_DIR; htpasswd basic auth with credentials written by `podman login`; token
 // auth with a token server in the test process issuing RS256 JWTs docker-registry checks
 // against the test's certificate. Every refusal is a clear error naming the registry and
-// what to do. Registries and token servers listen on 127.0.0.1 only.
+// what to do. Registries and token servers listen on 127.0.0.1 only. Needs openssl, htpasswd
+// (apache2-utils) and podman besides docker-registry (bash tests/setup.sh installs them).
 // ============================================================================================
 mod tls_auth {
     use super::*;
