@@ -1654,6 +1654,40 @@ mod tls_auth {
         anon.pull(&t.path().join("s2b"), &["--authfile", p(&authfile), &target])
             .ok("pull with --authfile");
 
+        // credHelpers: `docker-credential-NAME get` with the server on stdin
+        let bin = t.path().join("bin");
+        fs::create_dir_all(&bin).expect("mkdir bin");
+        let helper = bin.join("docker-credential-verlaytest");
+        let asked = t.path().join("helper-asked");
+        fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = get ] || exit 3\ncat > {}\n\
+                 printf '{{\"ServerURL\":\"%s\",\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}' \"$(cat {})\"\n",
+                asked.display(),
+                asked.display()
+            ),
+        )
+        .expect("helper");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&helper, fs::Permissions::from_mode(0o755)).expect("chmod helper");
+        }
+        let helper_auth = t.path().join("helper-auth.json");
+        fs::write(
+            &helper_auth,
+            format!(r#"{{"auths":{{}},"credHelpers":{{"{host}":"verlaytest"}}}}"#),
+        )
+        .expect("helper auth.json");
+        let mut env_helper = Env::new(&t.path().join("home"), Some(&certs), Some(&helper_auth));
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        env_helper.vars.push(("PATH".into(), path));
+        let lower3 = env_helper
+            .pull(&t.path().join("s3"), &[&target])
+            .printed("pull with a credential helper");
+        assert_eq!(chains(&lower3), chains(&lower1));
+        assert_eq!(fs::read_to_string(&asked).expect("the helper was asked"), host);
+
         // a wrong password in the auth file
         let bad = t.path().join("bad-auth.json");
         let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:wrong"));
