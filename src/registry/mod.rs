@@ -1,21 +1,27 @@
 //! Images from and to OCI registries: `verlay image pull` and `verlay image push` over the
-//! OCI distribution API (plain HTTP).
+//! OCI distribution API (HTTPS, or plain HTTP when asked and for loopback registries).
 //!
 //! - [`reference`]: `HOST[:PORT]/NAME[:TAG][@DIGEST]`, pure.
 //! - [`manifest`]: manifests, indexes, configs; pure.
-//! - [`client`]: HTTP, retries with backoff, error classification.
+//! - [`client`]: HTTP(S), retries with backoff, 401 answers, error classification.
+//! - [`tls`]: the scheme rule and the trusted roots (system + containers `certs.d`).
+//! - [`auth`]: challenges, the token flow, where `Authorization` may go; pure.
+//! - [`credentials`]: auth.json, docker's config.json, credential helpers.
 //! - [`blobs`]: the store's blobs (`STORE/blobs/`) and image records (`STORE/images/`).
 //! - [`pull`] and [`push`]: the two transfers, each a sequence of named steps.
 //!
 //! Invariants: a blob is published in the store only once it hashes to its digest; a layer
 //! reaches `STORE/layers/` only through [`crate::store::Store::import_layer`]; an upload
 //! never sends a byte range the registry may already hold in the same session.
+pub mod auth;
 pub mod blobs;
 pub mod client;
+pub mod credentials;
 pub mod manifest;
 pub mod pull;
 pub mod push;
 pub mod reference;
+pub mod tls;
 
 pub use client::Options;
 pub use reference::Reference;

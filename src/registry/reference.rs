@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 const DOCKER_HUB: &str = "docker.io";
 /// Where docker.io's API actually answers.
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
+/// Names docker also accepts for Docker Hub (`index.docker.io/alpine` is `docker.io/library/alpine`).
+const DOCKER_HUB_ALIASES: &[&str] = &["index.docker.io", "registry-1.docker.io"];
 /// The tag of a reference that names none.
 const DEFAULT_TAG: &str = "latest";
 
@@ -42,6 +44,8 @@ impl Reference {
             None => (s, None),
         };
         let (host, path) = match rest.split_once('/') {
+            // docker's other names for Docker Hub are Docker Hub
+            Some((h, p)) if DOCKER_HUB_ALIASES.contains(&h) => (DOCKER_HUB.to_string(), p),
             Some((h, p)) if h.contains('.') || h.contains(':') || h == "localhost" => (h.to_string(), p),
             _ => (DOCKER_HUB.to_string(), rest),
         };
@@ -149,6 +153,20 @@ mod tests {
             ),
             ("localhost/a/b".into(), ("localhost", "a/b", None, None)),
             ("busybox".into(), ("docker.io", "library/busybox", None, None)),
+            (
+                "alpine:3.20".into(),
+                ("docker.io", "library/alpine", Some("3.20"), None),
+            ),
+            (
+                "docker.io/alpine".into(),
+                ("docker.io", "library/alpine", None, None),
+            ),
+            (
+                "index.docker.io/alpine".into(),
+                ("docker.io", "library/alpine", None, None),
+            ),
+            ("docker.io/user/app".into(), ("docker.io", "user/app", None, None)),
+            ("localhost:5000/app".into(), ("localhost:5000", "app", None, None)),
             ("user/app:v2".into(), ("docker.io", "user/app", Some("v2"), None)),
             (format!("h.io/x@{d}"), ("h.io", "x", None, Some(d.as_str()))),
             (
@@ -190,6 +208,12 @@ mod tests {
                 .map(|r| r.manifest_ref().to_string())
                 .ok(),
             Some("latest".into())
+        );
+        // alpine -> docker.io/library/alpine:latest, spoken to at registry-1.docker.io
+        let a = Reference::parse("alpine").expect("alpine");
+        assert_eq!(
+            (a.api_host(), a.repository.as_str(), a.manifest_ref()),
+            ("registry-1.docker.io", "library/alpine", "latest")
         );
     }
 }

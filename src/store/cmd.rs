@@ -12,12 +12,21 @@ const LAYER_USAGE: &str =
      verlay layer ls --store DIR [--no-trunc]\n\
      verlay layer seal DIR";
 const IMAGE_USAGE: &str = "verlay image import --store DIR [--ref NAME] [--name NAME] SOURCE\n\
-     verlay image pull --store DIR [--plain-http] [--retries N] [--timeout SECS] REF\n\
-     verlay image push --store DIR [--image NAME] [--plain-http] [--retries N] [--timeout SECS]\n\
+     verlay image pull --store DIR [REGISTRY OPTIONS] [--retries N] [--timeout SECS] REF\n\
+     verlay image push --store DIR [--image NAME] [REGISTRY OPTIONS] [--retries N] [--timeout SECS]\n\
      \x20                 [--chunk-size BYTES] REF\n\
+     \x20 REGISTRY OPTIONS: --plain-http, --tls-verify[=true|false], --authfile FILE, --creds USER:PASSWORD\n\
      verlay image ls --store DIR";
 /// The valued options of `image push`.
-const PUSH_VALUED: &[&str] = &["--store", "--retries", "--timeout", "--chunk-size", "--image"];
+const PUSH_VALUED: &[&str] = &[
+    "--store",
+    "--retries",
+    "--timeout",
+    "--chunk-size",
+    "--image",
+    "--authfile",
+    "--creds",
+];
 
 /// Parsed options of one subcommand: `--name VALUE` / `--name=VALUE`, flags and positionals.
 struct Opts {
@@ -25,6 +34,8 @@ struct Opts {
     values: Vec<(&'static str, String)>,
     flags: Vec<&'static str>,
     positional: Vec<OsString>,
+    /// `--tls-verify[=BOOL]` (podman's spelling: a flag with an optional inline value)
+    tls_verify: Option<bool>,
 }
 
 impl Opts {
@@ -39,6 +50,7 @@ impl Opts {
             values: Vec::new(),
             flags: Vec::new(),
             positional: Vec::new(),
+            tls_verify: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -67,6 +79,13 @@ impl Opts {
                 };
                 o.values.push((k, v));
             } else if let Some(k) = flags.iter().find(|k| **k == name) {
+                if *k == "--tls-verify" {
+                    o.tls_verify = match inline.as_deref() {
+                        None | Some("true") => Some(true),
+                        Some("false") => Some(false),
+                        Some(v) => return Err(o.usage(format!("--tls-verify={v}: true or false"))),
+                    };
+                }
                 o.flags.push(k);
             } else {
                 return Err(o.usage(format!("unknown option {name}")));
@@ -226,8 +245,8 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
             let o = Opts::parse(
                 "verlay image pull",
                 rest,
-                &["--store", "--retries", "--timeout"],
-                &["--plain-http"],
+                &["--store", "--retries", "--timeout", "--authfile", "--creds"],
+                &["--plain-http", "--tls-verify"],
             )?;
             let (reference, opts) = registry_args(&o)?;
             let store = o.store()?;
@@ -246,7 +265,12 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
             Ok(())
         }
         "push" => {
-            let o = Opts::parse("verlay image push", rest, PUSH_VALUED, &["--plain-http"])?;
+            let o = Opts::parse(
+                "verlay image push",
+                rest,
+                PUSH_VALUED,
+                &["--plain-http", "--tls-verify"],
+            )?;
             let (reference, opts) = registry_args(&o)?;
             let store = o.store()?;
             let source = o
@@ -290,6 +314,9 @@ fn registry_args(o: &Opts) -> Result<(crate::registry::Reference, crate::registr
     let reference = crate::registry::Reference::parse(&r)?;
     let mut opts = crate::registry::Options {
         plain_http: o.flag("--plain-http"),
+        tls_verify: o.tls_verify,
+        authfile: o.value("--authfile").map(PathBuf::from),
+        creds: o.value("--creds").map(str::to_owned),
         ..Default::default()
     };
     let num = |k: &str, min: u64| -> Result<Option<u64>> {
