@@ -389,9 +389,11 @@ LAYER STORE AND REGISTRIES:
     verlay image ls --store S      the images the store can push
     verlay verify [--store S] LAYER... | verlay verify --store S --all
                         check layers against their manifests (exit 0 clean, 1 damage)
-    Registries are spoken to in plain HTTP (127.0.0.1 and localhost by default, others
-    with --plain-http); failed requests are retried --retries times (default 5) with
-    backoff, --timeout (default 30 s) bounds each connect, read and write.
+    Registries are spoken to over HTTPS (plain HTTP with --plain-http, and for 127.0.0.1
+    and localhost unless --tls-verify or a certs.d CA); logins from podman's auth.json or
+    docker's config.json (--authfile, --creds U:P); see docs/registry.md. Failed requests
+    are retried --retries times (default 5) with backoff, --timeout (default 30 s) bounds
+    each connect, read and write.
 
 EXIT STATUS:
     0   success (the filesystem was unmounted cleanly; --help; --version)
