@@ -26,7 +26,7 @@ command -v cargo >/dev/null || die "cargo not found (install Rust with rustup; s
 PKGS=(fuse3 attr podman runc crun uidmap slirp4netns fuse-overlayfs catatonit
       busybox-static jq python3 skopeo umoci procps util-linux passwd
       strace xfsprogs e2fsprogs dosfstools zstd tar
-      containerd docker-registry curl protobuf-compiler apache2-utils)
+      containerd docker-registry curl protobuf-compiler apache2-utils openssl time)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
