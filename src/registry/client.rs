@@ -367,7 +367,7 @@ impl Client {
                 return Err(Fail::Fatal(Error::usage(
                     self.what(),
                     format!(
-                        "sends us to {url}, plain HTTP to another machine; that goes only with --plain-http"
+                        "sends us to {url}, which is not on this machine; plain HTTP goes to other hosts only with --plain-http"
                     ),
                     "pass --plain-http if that host is meant to be reached without TLS",
                 )))
