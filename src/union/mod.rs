@@ -13,6 +13,7 @@
 //! - removing a name that exists below leaves a whiteout; a directory made over a whiteout
 //!   is opaque; a directory with lower parts is renamed with an `overlay.redirect`.
 
+pub mod acl;
 pub mod dir;
 pub mod inode;
 
@@ -32,6 +33,7 @@ use crate::error::{errno, Error, Result};
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
 use crate::lower::verify::VerifiedLayer;
 use crate::upper::{Occupant, Owner, Upper, XattrNames};
+use acl::{in_group_or_capable, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT, POSIX_ACL_PREFIX};
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 
 /// Longest redirect kernel overlayfs writes (module parameter redirect_max, default 256);
@@ -50,6 +52,9 @@ pub struct Ctx {
     pub gid: u32,
     /// caller's pid
     pub pid: u32,
+    /// caller's umask, for new objects: the kernel leaves it to us (FUSE_DONT_MASK), since a
+    /// parent's default ACL replaces it
+    pub umask: u32,
 }
 
 /// Attributes of a merged object, as users see them.
@@ -1319,10 +1324,29 @@ impl Union {
         };
         // Something below was deleted here: a new directory must not show it again.
         let opaque = kind == Kind::Dir && whiteout_here;
+        // posix_acl_create: a parent's default ACL replaces the umask and is inherited (as
+        // the access ACL, and by a directory as its own default ACL). The object may be made
+        // in the work dir, where the upper filesystem cannot inherit it, so it is set here.
+        let default_acl = if kind == Kind::Symlink {
+            None
+        } else {
+            up.dir.get_xattr(&ppath, OsStr::new(POSIX_ACL_DEFAULT))?
+        };
+        let (mode, access_acl) = match default_acl.as_deref().and_then(|d| acl::create_masq(d, mode)) {
+            Some((m, a)) => (m, a),
+            None if kind == Kind::Symlink => (mode, None),
+            None => (mode & !(ctx.umask & 0o777), None),
+        };
         let (owner, mode) = self.new_owner(ctx, &parent, kind, mode)?;
         let fd = up.create(
             &path, kind, mode, rdev, owner, target, open_flags, occupant, opaque,
         )?;
+        if let Some(a) = &access_acl {
+            up.set_xattr(&path, OsStr::new(POSIX_ACL_ACCESS), a, XattrFlags::empty())?;
+        }
+        if let (Kind::Dir, Some(d)) = (kind, &default_acl) {
+            up.set_xattr(&path, OsStr::new(POSIX_ACL_DEFAULT), d, XattrFlags::empty())?;
+        }
         trace!(op = "create", path = %path.display(), "created");
         // The new object is pure upper: nothing below shows through it (the name was free,
         // or a whiteout hid what is below and a directory made over it is opaque).
@@ -1713,6 +1737,13 @@ impl Union {
             }
         }
         if let Some(d) = &dst {
+            if d.kind != Kind::File {
+                // What the replaced object was, for fstat through an fd still open on it
+                // (generic/035): a regular file keeps its own fd, the others have none here.
+                if let Ok(a) = self.attr(d, None) {
+                    *d.gone_attr.lock() = Some(Box::new(a));
+                }
+            }
             let dst_upper = d.state.read().upper;
             if d.kind == Kind::Dir && dst_upper {
                 // The target is empty in the merged view; only whiteouts can be left in
@@ -2304,7 +2335,7 @@ impl Union {
     }
 
     /// FUSE setxattr.
-    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(&self, ctx: &Ctx, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let _changes = self.hold_changes();
         let disk = self
             .xattr_names()
@@ -2313,10 +2344,26 @@ impl Union {
         let node = self.node(id)?;
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
-        let r = self
-            .upper()?
-            .set_xattr(&path, &disk, value, XattrFlags::from_bits_retain(flags as u32));
+        let up = self.upper()?;
+        let is_acl = name.as_bytes().starts_with(POSIX_ACL_PREFIX.as_bytes());
+        if name == POSIX_ACL_ACCESS {
+            // Setting an access ACL is a chmod: the upper filesystem updates the mode bits,
+            // but it runs as the daemon and so never clears setgid for the caller. As
+            // ovl_set_or_remove_acl does, clear it first when the caller is neither in the
+            // file's group nor has CAP_FSETID.
+            if let Some(st) = up.dir.stat(&path)? {
+                let gid = self.opts.ids.gid_from_disk(st.st_gid);
+                if st.st_mode & libc::S_ISGID != 0 && !in_group_or_capable(ctx, gid) {
+                    up.chmod(&path, st.st_mode & 0o7777 & !libc::S_ISGID)?;
+                }
+            }
+        }
+        let r = up.set_xattr(&path, &disk, value, XattrFlags::from_bits_retain(flags as u32));
         node.forget_no_caps();
+        if is_acl {
+            // The mode changed with the ACL, behind the kernel's attribute cache.
+            self.invalidate(node.id);
+        }
         r
     }
 
