@@ -329,7 +329,10 @@ impl Filesystem for VerlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.union.mknod(&ctx_umask(req, umask), parent.0, name, mode, rdev as u64) {
+        match self
+            .union
+            .mknod(&ctx_umask(req, umask), parent.0, name, mode, rdev as u64)
+        {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("mknod", parent.0, &e)),
         }
@@ -641,7 +644,10 @@ impl Filesystem for VerlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.union.create(&ctx_umask(req, umask), parent.0, name, mode, flags) {
+        match self
+            .union
+            .create(&ctx_umask(req, umask), parent.0, name, mode, flags)
+        {
             Ok((e, fh)) => match self.backing(e.id, fh, |fd| reply.open_backing(fd)) {
                 Some(b) => reply.created_with_nodeid_passthrough(
                     &self.ttl,

@@ -2023,7 +2023,10 @@ fn read_only_union_refuses_every_change_with_erofs() {
         ("rename", fx.run("rename a n")),
         ("rename over", fx.run("rename a b")),
         ("exchange", fx.run("rename a b exchange")),
-        ("setxattr", ok(fx.u.setxattr(&ROOT, xattr_id, name("user.new"), b"1", 0))),
+        (
+            "setxattr",
+            ok(fx.u.setxattr(&ROOT, xattr_id, name("user.new"), b"1", 0)),
+        ),
         ("removexattr", ok(fx.u.removexattr(xattr_id, name("user.k")))),
     ];
     for (what, r) in changes {

@@ -45,9 +45,12 @@ pub fn create_masq(default_acl: &[u8], mode: u32) -> Option<(u32, Option<Vec<u8>
     let mut acl = default_acl.to_vec();
     let n = (acl.len() - HEADER) / ENTRY;
     let perm_at = |i: usize| HEADER + i * ENTRY + 2;
-    let tag = |acl: &[u8], i: usize| u16::from_le_bytes([acl[HEADER + i * ENTRY], acl[HEADER + i * ENTRY + 1]]);
+    let tag =
+        |acl: &[u8], i: usize| u16::from_le_bytes([acl[HEADER + i * ENTRY], acl[HEADER + i * ENTRY + 1]]);
     let get = |acl: &[u8], i: usize| u16::from_le_bytes([acl[perm_at(i)], acl[perm_at(i) + 1]]) as u32;
-    let set = |acl: &mut [u8], i: usize, v: u32| acl[perm_at(i)..perm_at(i) + 2].copy_from_slice(&(v as u16).to_le_bytes());
+    let set = |acl: &mut [u8], i: usize, v: u32| {
+        acl[perm_at(i)..perm_at(i) + 2].copy_from_slice(&(v as u16).to_le_bytes())
+    };
     // posix_acl_create_masq (fs/posix_acl.c), entry by entry.
     let mut m = mode;
     let (mut group_obj, mut mask_obj, mut not_equiv) = (None, None, false);
@@ -135,10 +138,22 @@ mod tests {
                 None,
             ),
             (
-                &acl(&[(USER_OBJ, 7, u), (USER, 7, 1000), (GROUP_OBJ, 5, u), (MASK, 7, u), (OTHER, 5, u)]),
+                &acl(&[
+                    (USER_OBJ, 7, u),
+                    (USER, 7, 1000),
+                    (GROUP_OBJ, 5, u),
+                    (MASK, 7, u),
+                    (OTHER, 5, u),
+                ]),
                 0o40750,
                 0o40750,
-                Some(acl(&[(USER_OBJ, 7, u), (USER, 7, 1000), (GROUP_OBJ, 5, u), (MASK, 5, u), (OTHER, 0, u)])),
+                Some(acl(&[
+                    (USER_OBJ, 7, u),
+                    (USER, 7, 1000),
+                    (GROUP_OBJ, 5, u),
+                    (MASK, 5, u),
+                    (OTHER, 0, u),
+                ])),
             ),
         ];
         for (i, (d, mode, want_mode, want_acl)) in cases.iter().enumerate() {

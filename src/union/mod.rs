@@ -2375,9 +2375,13 @@ impl Union {
             .to_disk(name)
             .ok_or(Error::Errno(libc::ENODATA))?;
         let node = self.node(id)?;
-        // Removing an xattr the object does not have must not copy it up.
+        // Removing an xattr the object does not have must not copy it up. An ACL is the
+        // exception once the object is upper: kernel overlayfs asks the upper filesystem to
+        // set "no ACL", which succeeds whether there was one or not (ovl_set_or_remove_acl
+        // checks only a lower object's ACL).
+        let is_acl = name.as_bytes().starts_with(POSIX_ACL_PREFIX.as_bytes());
         let (layer, path) = self.xattr_source(&node)?;
-        if layer.get_xattr(&path, &disk)?.is_none() {
+        if !(is_acl && node.state.read().upper) && layer.get_xattr(&path, &disk)?.is_none() {
             return errno(libc::ENODATA);
         }
         self.copy_up(&node)?;
