@@ -127,7 +127,8 @@ mod tests {
         let u = u32::MAX;
         let minimal = acl(&[(USER_OBJ, 7, u), (GROUP_OBJ, 7, u), (OTHER, 7, u)]);
         // (default ACL, requested mode, new mode, access ACL stored)
-        let cases: &[(&[u8], u32, u32, Option<Vec<u8>>)] = &[
+        type Case<'a> = (&'a [u8], u32, u32, Option<Vec<u8>>);
+        let cases: &[Case] = &[
             (&minimal, 0o40777, 0o40777, None),
             (&minimal, 0o100666, 0o100666, None),
             (&minimal, 0o102755, 0o102755, None),

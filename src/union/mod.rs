@@ -40,6 +40,11 @@ use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 /// a directory rename that would need a longer one fails with EXDEV, as in the kernel.
 pub const REDIRECT_MAX: usize = 256;
 
+/// Largest xattr value and name list the kernel passes (linux/limits.h XATTR_SIZE_MAX,
+/// XATTR_LIST_MAX).
+const XATTR_SIZE_MAX: usize = 65536;
+const XATTR_LIST_MAX: usize = 65536;
+
 /// Longest name a layer accepts (NAME_MAX); FUSE itself allows 1024.
 pub const NAME_MAX: usize = 255;
 
@@ -2311,21 +2316,57 @@ impl Union {
             .xattr_names()
             .to_disk(name)
             .ok_or(Error::Errno(libc::ENODATA))?;
-        let (layer, path) = self.xattr_source(&node)?;
-        let v = layer.get_xattr(&path, &disk)?;
+        let v = if node.state.read().unlinked {
+            self.unlinked_xattr(&node, &disk)?
+        } else {
+            let (layer, path) = self.xattr_source(&node)?;
+            layer.get_xattr(&path, &disk)?
+        };
         if killpriv && v.is_none() {
             node.note_no_caps(epoch);
         }
         v.ok_or(Error::Errno(libc::ENODATA))
     }
 
+    /// An xattr of an unlinked object, read through an fd still open on it (fgetxattr on
+    /// a removed file answers from the file, as on kernel overlayfs).
+    fn unlinked_xattr(&self, node: &Node, disk: &OsStr) -> Result<Option<Vec<u8>>> {
+        let fd = self.unlinked_fd(node, None, false)?;
+        let mut buf = vec![0u8; XATTR_SIZE_MAX];
+        match rustix::fs::fgetxattr(&*fd, disk, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                Ok(Some(buf))
+            }
+            Err(rustix::io::Errno::NODATA) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The xattr names of an unlinked object, through an fd still open on it.
+    fn unlinked_xattr_names(&self, node: &Node) -> Result<Vec<OsString>> {
+        let fd = self.unlinked_fd(node, None, false)?;
+        let mut buf = vec![0u8; XATTR_LIST_MAX];
+        let n = rustix::fs::flistxattr(&*fd, &mut buf)?;
+        Ok(buf[..n.min(buf.len())]
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| OsStr::from_bytes(n).to_os_string())
+            .collect())
+    }
+
     /// FUSE listxattr: the names, each followed by a NUL.
     pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
         let node = self.node(id)?;
-        let (layer, path) = self.xattr_source(&node)?;
+        let all = if node.state.read().unlinked {
+            self.unlinked_xattr_names(&node)?
+        } else {
+            let (layer, path) = self.xattr_source(&node)?;
+            layer.list_xattr(&path)?
+        };
         let names = self.xattr_names();
         let mut out = Vec::new();
-        for n in layer.list_xattr(&path)? {
+        for n in all {
             if let Some(shown) = names.from_disk(&n) {
                 out.extend_from_slice(shown.as_bytes());
                 out.push(0);
