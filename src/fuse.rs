@@ -128,7 +128,13 @@ fn ctx(req: &Request) -> Ctx {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        umask: 0,
     }
+}
+
+/// The caller of a request that makes an object, with the umask the kernel left to us.
+fn ctx_umask(req: &Request, umask: u32) -> Ctx {
+    Ctx { umask, ..ctx(req) }
 }
 
 /// The single place an [`Error`] becomes an errno for the kernel.
@@ -221,7 +227,11 @@ impl Filesystem for VerlayFs {
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            // The kernel checks POSIX ACLs (default_permissions alone sees only the mode
+            // bits) and sends the umask unapplied: a parent's default ACL replaces it.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK;
         let available = config.capabilities() & wanted;
         if let Err(missing) = config.add_capabilities(available) {
             debug!(?missing, "kernel lacks some FUSE capabilities");
@@ -315,18 +325,21 @@ impl Filesystem for VerlayFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.union.mknod(&ctx(req), parent.0, name, mode, rdev as u64) {
+        match self
+            .union
+            .mknod(&ctx_umask(req, umask), parent.0, name, mode, rdev as u64)
+        {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("mknod", parent.0, &e)),
         }
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        match self.union.mkdir(&ctx(req), parent.0, name, mode) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        match self.union.mkdir(&ctx_umask(req, umask), parent.0, name, mode) {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("mkdir", parent.0, &e)),
         }
@@ -581,7 +594,7 @@ impl Filesystem for VerlayFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -589,7 +602,7 @@ impl Filesystem for VerlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.union.setxattr(ino.0, name, value, flags) {
+        match self.union.setxattr(&ctx(req), ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("setxattr", ino.0, &e)),
         }
@@ -627,11 +640,14 @@ impl Filesystem for VerlayFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.union.create(&ctx(req), parent.0, name, mode, flags) {
+        match self
+            .union
+            .create(&ctx_umask(req, umask), parent.0, name, mode, flags)
+        {
             Ok((e, fh)) => match self.backing(e.id, fh, |fd| reply.open_backing(fd)) {
                 Some(b) => reply.created_with_nodeid_passthrough(
                     &self.ttl,

@@ -23,6 +23,7 @@ const ROOT: Ctx = Ctx {
     uid: 0,
     gid: 0,
     pid: 1,
+    umask: 0,
 };
 /// renameat2 flags (linux/fs.h).
 const RENAME_NOREPLACE: u32 = 1;
@@ -586,7 +587,7 @@ impl Fx {
             "setxattr" => {
                 let (k, v) = arg(2).split_once('=').expect("k=v");
                 let id = self.id(arg(1))?;
-                ok(self.u.setxattr(id, name(k), v.as_bytes(), 0))
+                ok(self.u.setxattr(&ROOT, id, name(k), v.as_bytes(), 0))
             }
             _ => panic!("unknown op {op:?}"),
         }
@@ -1841,9 +1842,9 @@ fn user_set_overlay_xattrs_are_stored_escaped_and_private_ones_never_listed() {
     };
     // A user's trusted.overlay.* is escaped on disk and read back by its own name.
     let id = fx.id("a").expect("a");
-    fx.u.setxattr(id, name("trusted.overlay.foo"), b"bar", 0)
+    fx.u.setxattr(&ROOT, id, name("trusted.overlay.foo"), b"bar", 0)
         .expect("setxattr");
-    fx.u.setxattr(id, name("trusted.overlay.opaque"), b"y", 0)
+    fx.u.setxattr(&ROOT, id, name("trusted.overlay.opaque"), b"y", 0)
         .expect("setxattr");
     let up = fx.up("a");
     assert_eq!(
@@ -1910,7 +1911,7 @@ fn user_set_overlay_xattrs_are_stored_escaped_and_private_ones_never_listed() {
     }
     let nid = fx.id("n").expect("n");
     assert_eq!(
-        ok(fx.u.setxattr(nid, name("trusted.verlay.origin"), b"1", 0)),
+        ok(fx.u.setxattr(&ROOT, nid, name("trusted.verlay.origin"), b"1", 0)),
         Err("EPERM".into())
     );
     // Removing an xattr the file lacks fails without copying it up.
@@ -1940,14 +1941,14 @@ fn absent_file_capabilities_are_remembered_until_something_adds_them() {
         assert_eq!(caps(id), Err("ENODATA".into()), "{id}: asked again (cached)");
     }
     // setxattr (with its copy-up) and removexattr through the union.
-    fx.u.setxattr(a, name("security.capability"), &CAPS_V2, 0)
+    fx.u.setxattr(&ROOT, a, name("security.capability"), &CAPS_V2, 0)
         .expect("setxattr");
     assert_eq!(caps(a), Ok(CAPS_V2.to_vec()), "set after a cached miss");
     fx.u.removexattr(a, name("security.capability"))
         .expect("removexattr");
     assert_eq!(caps(a), Err("ENODATA".into()), "removed");
     assert_eq!(caps(a), Err("ENODATA".into()), "removed, cached");
-    fx.u.setxattr(a, name("security.capability"), &CAPS_V2, 0)
+    fx.u.setxattr(&ROOT, a, name("security.capability"), &CAPS_V2, 0)
         .expect("setxattr on the upper copy");
     assert_eq!(
         caps(a),
@@ -2022,7 +2023,10 @@ fn read_only_union_refuses_every_change_with_erofs() {
         ("rename", fx.run("rename a n")),
         ("rename over", fx.run("rename a b")),
         ("exchange", fx.run("rename a b exchange")),
-        ("setxattr", ok(fx.u.setxattr(xattr_id, name("user.new"), b"1", 0))),
+        (
+            "setxattr",
+            ok(fx.u.setxattr(&ROOT, xattr_id, name("user.new"), b"1", 0)),
+        ),
         ("removexattr", ok(fx.u.removexattr(xattr_id, name("user.k")))),
     ];
     for (what, r) in changes {

@@ -357,6 +357,7 @@ fn copy_item_data<W: Write>(
                 uid: 0,
                 gid: 0,
                 pid: 0,
+                umask: 0,
             };
             let fh = u.open(&ctx, node, libc::O_RDONLY)?;
             let mut done = 0u64;

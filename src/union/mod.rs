@@ -13,6 +13,7 @@
 //! - removing a name that exists below leaves a whiteout; a directory made over a whiteout
 //!   is opaque; a directory with lower parts is renamed with an `overlay.redirect`.
 
+pub mod acl;
 pub mod dir;
 pub mod inode;
 
@@ -32,11 +33,17 @@ use crate::error::{errno, Error, Result};
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
 use crate::lower::verify::VerifiedLayer;
 use crate::upper::{Occupant, Owner, Upper, XattrNames};
+use acl::{in_group_or_capable, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT, POSIX_ACL_PREFIX};
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 
 /// Longest redirect kernel overlayfs writes (module parameter redirect_max, default 256);
 /// a directory rename that would need a longer one fails with EXDEV, as in the kernel.
 pub const REDIRECT_MAX: usize = 256;
+
+/// Largest xattr value and name list the kernel passes (linux/limits.h XATTR_SIZE_MAX,
+/// XATTR_LIST_MAX).
+const XATTR_SIZE_MAX: usize = 65536;
+const XATTR_LIST_MAX: usize = 65536;
 
 /// Longest name a layer accepts (NAME_MAX); FUSE itself allows 1024.
 pub const NAME_MAX: usize = 255;
@@ -50,6 +57,9 @@ pub struct Ctx {
     pub gid: u32,
     /// caller's pid
     pub pid: u32,
+    /// caller's umask, for new objects: the kernel leaves it to us (FUSE_DONT_MASK), since a
+    /// parent's default ACL replaces it
+    pub umask: u32,
 }
 
 /// Attributes of a merged object, as users see them.
@@ -1326,10 +1336,29 @@ impl Union {
         };
         // Something below was deleted here: a new directory must not show it again.
         let opaque = kind == Kind::Dir && whiteout_here;
+        // posix_acl_create: a parent's default ACL replaces the umask and is inherited (as
+        // the access ACL, and by a directory as its own default ACL). The object may be made
+        // in the work dir, where the upper filesystem cannot inherit it, so it is set here.
+        let default_acl = if kind == Kind::Symlink {
+            None
+        } else {
+            up.dir.get_xattr(&ppath, OsStr::new(POSIX_ACL_DEFAULT))?
+        };
+        let (mode, access_acl) = match default_acl.as_deref().and_then(|d| acl::create_masq(d, mode)) {
+            Some((m, a)) => (m, a),
+            None if kind == Kind::Symlink => (mode, None),
+            None => (mode & !(ctx.umask & 0o777), None),
+        };
         let (owner, mode) = self.new_owner(ctx, &parent, kind, mode)?;
         let fd = up.create(
             &path, kind, mode, rdev, owner, target, open_flags, occupant, opaque,
         )?;
+        if let Some(a) = &access_acl {
+            up.set_xattr(&path, OsStr::new(POSIX_ACL_ACCESS), a, XattrFlags::empty())?;
+        }
+        if let (Kind::Dir, Some(d)) = (kind, &default_acl) {
+            up.set_xattr(&path, OsStr::new(POSIX_ACL_DEFAULT), d, XattrFlags::empty())?;
+        }
         trace!(op = "create", path = %path.display(), "created");
         // The new object is pure upper: nothing below shows through it (the name was free,
         // or a whiteout hid what is below and a directory made over it is opaque).
@@ -1720,6 +1749,13 @@ impl Union {
             }
         }
         if let Some(d) = &dst {
+            if d.kind != Kind::File {
+                // What the replaced object was, for fstat through an fd still open on it
+                // (generic/035): a regular file keeps its own fd, the others have none here.
+                if let Ok(a) = self.attr(d, None) {
+                    *d.gone_attr.lock() = Some(Box::new(a));
+                }
+            }
             let dst_upper = d.state.read().upper;
             if d.kind == Kind::Dir && dst_upper {
                 // The target is empty in the merged view; only whiteouts can be left in
@@ -2319,21 +2355,57 @@ impl Union {
             .xattr_names()
             .to_disk(name)
             .ok_or(Error::Errno(libc::ENODATA))?;
-        let (layer, path) = self.xattr_source(&node)?;
-        let v = layer.get_xattr(&path, &disk)?;
+        let v = if node.state.read().unlinked {
+            self.unlinked_xattr(&node, &disk)?
+        } else {
+            let (layer, path) = self.xattr_source(&node)?;
+            layer.get_xattr(&path, &disk)?
+        };
         if killpriv && v.is_none() {
             node.note_no_caps(epoch);
         }
         v.ok_or(Error::Errno(libc::ENODATA))
     }
 
+    /// An xattr of an unlinked object, read through an fd still open on it (fgetxattr on
+    /// a removed file answers from the file, as on kernel overlayfs).
+    fn unlinked_xattr(&self, node: &Node, disk: &OsStr) -> Result<Option<Vec<u8>>> {
+        let fd = self.unlinked_fd(node, None, false)?;
+        let mut buf = vec![0u8; XATTR_SIZE_MAX];
+        match rustix::fs::fgetxattr(&*fd, disk, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                Ok(Some(buf))
+            }
+            Err(rustix::io::Errno::NODATA) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The xattr names of an unlinked object, through an fd still open on it.
+    fn unlinked_xattr_names(&self, node: &Node) -> Result<Vec<OsString>> {
+        let fd = self.unlinked_fd(node, None, false)?;
+        let mut buf = vec![0u8; XATTR_LIST_MAX];
+        let n = rustix::fs::flistxattr(&*fd, &mut buf)?;
+        Ok(buf[..n.min(buf.len())]
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| OsStr::from_bytes(n).to_os_string())
+            .collect())
+    }
+
     /// FUSE listxattr: the names, each followed by a NUL.
     pub fn listxattr(&self, id: u64) -> Result<Vec<u8>> {
         let node = self.node(id)?;
-        let (layer, path) = self.xattr_source(&node)?;
+        let all = if node.state.read().unlinked {
+            self.unlinked_xattr_names(&node)?
+        } else {
+            let (layer, path) = self.xattr_source(&node)?;
+            layer.list_xattr(&path)?
+        };
         let names = self.xattr_names();
         let mut out = Vec::new();
-        for n in layer.list_xattr(&path)? {
+        for n in all {
             if let Some(shown) = names.from_disk(&n) {
                 out.extend_from_slice(shown.as_bytes());
                 out.push(0);
@@ -2343,7 +2415,7 @@ impl Union {
     }
 
     /// FUSE setxattr.
-    pub fn setxattr(&self, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    pub fn setxattr(&self, ctx: &Ctx, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let _changes = self.hold_changes();
         let disk = self
             .xattr_names()
@@ -2352,10 +2424,26 @@ impl Union {
         let node = self.node(id)?;
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
-        let r = self
-            .upper()?
-            .set_xattr(&path, &disk, value, XattrFlags::from_bits_retain(flags as u32));
+        let up = self.upper()?;
+        let is_acl = name.as_bytes().starts_with(POSIX_ACL_PREFIX.as_bytes());
+        if name == POSIX_ACL_ACCESS {
+            // Setting an access ACL is a chmod: the upper filesystem updates the mode bits,
+            // but it runs as the daemon and so never clears setgid for the caller. As
+            // ovl_set_or_remove_acl does, clear it first when the caller is neither in the
+            // file's group nor has CAP_FSETID.
+            if let Some(st) = up.dir.stat(&path)? {
+                let gid = self.opts.ids.gid_from_disk(st.st_gid);
+                if st.st_mode & libc::S_ISGID != 0 && !in_group_or_capable(ctx, gid) {
+                    up.chmod(&path, st.st_mode & 0o7777 & !libc::S_ISGID)?;
+                }
+            }
+        }
+        let r = up.set_xattr(&path, &disk, value, XattrFlags::from_bits_retain(flags as u32));
         node.forget_no_caps();
+        if is_acl {
+            // The mode changed with the ACL, behind the kernel's attribute cache.
+            self.invalidate(node.id);
+        }
         r
     }
 
@@ -2367,9 +2455,13 @@ impl Union {
             .to_disk(name)
             .ok_or(Error::Errno(libc::ENODATA))?;
         let node = self.node(id)?;
-        // Removing an xattr the object does not have must not copy it up.
+        // Removing an xattr the object does not have must not copy it up. An ACL is the
+        // exception once the object is upper: kernel overlayfs asks the upper filesystem to
+        // set "no ACL", which succeeds whether there was one or not (ovl_set_or_remove_acl
+        // checks only a lower object's ACL).
+        let is_acl = name.as_bytes().starts_with(POSIX_ACL_PREFIX.as_bytes());
         let (layer, path) = self.xattr_source(&node)?;
-        if layer.get_xattr(&path, &disk)?.is_none() {
+        if !(is_acl && node.state.read().upper) && layer.get_xattr(&path, &disk)?.is_none() {
             return errno(libc::ENODATA);
         }
         self.copy_up(&node)?;

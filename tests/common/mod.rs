@@ -560,7 +560,7 @@ pub fn materialize(entries: &[Entry], dir: &Path, format: Format, salt: u64) {
                     lsetxattr(&p, "trusted.overlay.opaque", b"y");
                 }
             }
-            Entry::Xattr(_, k, v) => lsetxattr(&p, k, v.as_bytes()),
+            Entry::Xattr(_, k, v) => lsetxattr(&p, &expand_path(k), &xattr_value(v)),
             Entry::Meta(_, mode, owner) => {
                 let is_link = std::fs::symlink_metadata(&p)
                     .map(|m| m.file_type().is_symlink())
@@ -891,7 +891,7 @@ pub fn is_mounted(mnt: &Path) -> bool {
 }
 
 /// PIDs (not ours) whose command line has `mnt` as an argument: the daemon serving it.
-fn daemon_pids(mnt: &Path) -> Vec<i32> {
+pub fn daemon_pids(mnt: &Path) -> Vec<i32> {
     let me = std::process::id() as i32;
     let want = mnt.as_os_str().as_bytes();
     let mut out = Vec::new();
@@ -1330,7 +1330,24 @@ pub fn kind_of(mode: u32) -> char {
     }
 }
 
-/// user.* and security.* xattrs, sorted (trusted.* belongs to overlayfs and must stay hidden).
+/// An xattr value from its compact spec form: `hex:0a0b..` (binary, e.g. a POSIX ACL),
+/// `TEXT*N` (TEXT repeated N times: long values), else the text itself.
+pub fn xattr_value(v: &str) -> Vec<u8> {
+    if let Some(h) = v.strip_prefix("hex:") {
+        return (0..h.len() / 2)
+            .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).expect("hex xattr value"))
+            .collect();
+    }
+    match v.rsplit_once('*') {
+        Some((t, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            t.repeat(n.parse().expect("digits")).into_bytes()
+        }
+        _ => v.as_bytes().to_vec(),
+    }
+}
+
+/// user.*, security.* and system.posix_acl_* xattrs, sorted (trusted.* belongs to overlayfs
+/// and must stay hidden); values that are not UTF-8 (ACLs) shown in hex.
 pub fn user_xattrs(p: &Path) -> Result<Vec<(String, String)>, i32> {
     let c = cpath(p);
     let mut buf = vec![0u8; 65536];
@@ -1342,7 +1359,7 @@ pub fn user_xattrs(p: &Path) -> Result<Vec<(String, String)>, i32> {
     let mut out = Vec::new();
     for name in buf[..n as usize].split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let s = String::from_utf8_lossy(name).into_owned();
-        if !(s.starts_with("user.") || s.starts_with("security.")) {
+        if !(s.starts_with("user.") || s.starts_with("security.") || s.starts_with("system.posix_acl_")) {
             continue;
         }
         let cn = CString::new(name).unwrap();
@@ -1352,9 +1369,12 @@ pub fn user_xattrs(p: &Path) -> Result<Vec<(String, String)>, i32> {
         let val = if m < 0 {
             format!("<{}>", errname(last_errno()))
         } else {
-            String::from_utf8_lossy(&v[..m as usize]).into_owned()
+            match std::str::from_utf8(&v[..m as usize]) {
+                Ok(t) => t.to_string(),
+                Err(_) => v[..m as usize].iter().map(|b| format!("{b:02x}")).collect(),
+            }
         };
-        out.push((s, val));
+        out.push((short_path(&s), val));
     }
     out.sort();
     Ok(out)
