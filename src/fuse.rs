@@ -221,7 +221,10 @@ impl Filesystem for VerlayFs {
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            // file handles stay valid after the kernel drops the inode: it asks us with
+            // LOOKUP(id, ".") (see Union::lookup_export)
+            | InitFlags::FUSE_EXPORT_SUPPORT;
         let available = config.capabilities() & wanted;
         if let Err(missing) = config.add_capabilities(available) {
             debug!(?missing, "kernel lacks some FUSE capabilities");
@@ -242,7 +245,13 @@ impl Filesystem for VerlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.union.lookup(parent.0, name) {
+        // "." and "..": the kernel decoding a file handle (FUSE_EXPORT_SUPPORT)
+        let found = if name == "." || name == ".." {
+            self.union.lookup_export(parent.0, name)
+        } else {
+            self.union.lookup(parent.0, name)
+        };
+        match found {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("lookup", parent.0, &e)),
         }
