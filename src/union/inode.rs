@@ -368,7 +368,90 @@ impl<T> ThinVec<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::ThinVec;
+    use super::{Gone, Kind, Node, NodeTable, ThinVec, GONE_MAX, ROOT_ID};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    fn table() -> NodeTable {
+        NodeTable::new(Node {
+            id: ROOT_ID,
+            kind: Kind::Dir,
+            ino: AtomicU64::new(1),
+            lookups: AtomicU64::new(1),
+            state: parking_lot::RwLock::new(super::NodeState {
+                parent: ROOT_ID,
+                name: Arc::from(std::ffi::OsStr::new("")),
+                unlinked: false,
+                upper: false,
+                lower: None,
+                lowers: Vec::new(),
+                aliases: Default::default(),
+            }),
+            copy_up: parking_lot::Mutex::new(()),
+            handles: parking_lot::Mutex::new(Default::default()),
+            gone_attr: parking_lot::Mutex::new(None),
+            children: parking_lot::Mutex::new(Default::default()),
+            no_caps: AtomicU64::new(0),
+            pin: AtomicU64::new(0),
+        })
+    }
+
+    fn gone(ino: u64, kind: Kind) -> Gone {
+        Gone {
+            parent: ROOT_ID,
+            name: Arc::from(std::ffi::OsStr::new("f")),
+            ino,
+            kind,
+        }
+    }
+
+    #[test]
+    fn forgotten_object_gets_its_old_id_back_once_and_only_for_the_same_kind() {
+        let t = table();
+        let id = t.alloc_id();
+        t.note_gone(id, gone(77, Kind::File));
+        assert_eq!(t.gone(id).map(|g| g.ino), Some(77));
+        assert_ne!(
+            t.id_for(77, Kind::Dir),
+            id,
+            "another kind under that st_ino is another object"
+        );
+        assert_eq!(t.id_for(77, Kind::File), id);
+        assert!(t.gone(id).is_none(), "taken back: the record is gone");
+        assert_ne!(t.id_for(77, Kind::File), id, "an id is live at most once");
+    }
+
+    #[test]
+    fn a_new_object_with_a_reused_st_ino_gets_a_new_id() {
+        let t = table();
+        let id = t.alloc_id();
+        t.note_gone(id, gone(5, Kind::File));
+        t.drop_gone_ino(5);
+        assert!(t.gone(id).is_none());
+        assert_ne!(t.id_for(5, Kind::File), id);
+    }
+
+    #[test]
+    fn forgotten_records_are_bounded_oldest_first() {
+        let t = table();
+        let first = t.alloc_id();
+        t.note_gone(first, gone(1_000_000, Kind::File));
+        for i in 0..GONE_MAX as u64 + 10 {
+            let id = t.alloc_id();
+            t.note_gone(id, gone(i, Kind::File));
+        }
+        let g = t.gone.lock();
+        assert_eq!(g.by_id.len(), GONE_MAX);
+        assert!(g.by_ino.len() <= GONE_MAX);
+        assert!(g.order.len() <= 2 * GONE_MAX);
+        drop(g);
+        assert!(t.gone(first).is_none(), "the oldest record went first");
+        assert_ne!(
+            t.id_for(1_000_000, Kind::File),
+            first,
+            "its st_ino gets a fresh id"
+        );
+    }
 
     #[test]
     fn thin_vec_is_one_pointer_and_frees_its_list_when_empty() {
