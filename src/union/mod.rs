@@ -1673,15 +1673,16 @@ impl Union {
             return;
         };
         debug!(op = "unlink", ino = id, name = ?other.name, "node follows another name of its object");
+        // The node's state before the parent's child table, the order forget_node takes them.
+        let mut st = node.state.write();
+        if !st.unlinked {
+            return;
+        }
         let mut children = parent.children.lock();
         if let Some(&cid) = children.get(&other.name) {
             if cid != id && self.nodes.get(cid).is_some() {
                 return; // that name has its own node: the object is reachable through it
             }
-        }
-        let mut st = node.state.write();
-        if !st.unlinked {
-            return;
         }
         st.unlinked = false;
         st.parent = parent.id;
