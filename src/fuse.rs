@@ -231,7 +231,10 @@ impl Filesystem for VerlayFs {
             // The kernel checks POSIX ACLs (default_permissions alone sees only the mode
             // bits) and sends the umask unapplied: a parent's default ACL replaces it.
             | InitFlags::FUSE_POSIX_ACL
-            | InitFlags::FUSE_DONT_MASK;
+            | InitFlags::FUSE_DONT_MASK
+            // file handles stay valid after the kernel drops the inode: it asks us with
+            // LOOKUP(id, ".") (see Union::lookup_export)
+            | InitFlags::FUSE_EXPORT_SUPPORT;
         let available = config.capabilities() & wanted;
         if let Err(missing) = config.add_capabilities(available) {
             debug!(?missing, "kernel lacks some FUSE capabilities");
@@ -252,7 +255,13 @@ impl Filesystem for VerlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.union.lookup(parent.0, name) {
+        // "." and "..": the kernel decoding a file handle (FUSE_EXPORT_SUPPORT)
+        let found = if name == "." || name == ".." {
+            self.union.lookup_export(parent.0, name)
+        } else {
+            self.union.lookup(parent.0, name)
+        };
+        match found {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("lookup", parent.0, &e)),
         }

@@ -3,6 +3,13 @@
 //! A node is created by lookup (or create) and dropped when the kernel forgets it. Node ids
 //! are never reused during a mount, so a stale id can never name a different object. The
 //! st_ino users see is separate: stable across copy-up, rename and remount.
+//!
+//! File handles: FUSE encodes a handle in the kernel from the node id alone (fs/fuse/inode.c
+//! `fuse_encode_fh`: node id + generation, the daemon is not asked). To decode one whose
+//! inode it has dropped, the kernel sends LOOKUP(id, ".") (with FUSE_EXPORT_SUPPORT). So
+//! a forgotten node leaves a small record ([`Gone`]: parent id, name, st_ino) in a bounded
+//! table; the id can be revived from it, and a later lookup of the same object (same
+//! st_ino) gets the same id back, so the kernel never sees one object under two ids.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -66,6 +73,10 @@ pub struct Node {
     /// open file handles of this node: switched to the upper copy by a copy-up, and used for
     /// fstat/fchmod of an unlinked file (the kernel sends those without a file handle)
     pub handles: Mutex<ThinVec<std::sync::Weak<crate::union::FileHandle>>>,
+    /// the node this one holds one reference on (0: none). A node revived from a file
+    /// handle has no kernel dentry pinning its parent (the kernel's dentry is disconnected),
+    /// so it pins the parent itself, released when the kernel forgets this node.
+    pub pin: AtomicU64,
     /// attributes of a removed directory (reported with nlink 0 while it is still open)
     pub gone_attr: Mutex<Option<Box<crate::union::Attr>>>,
     /// directories: live child nodes by name, so a name keeps its node while known
@@ -147,11 +158,38 @@ impl ChildMap {
 
 const SHARDS: usize = 64;
 
+/// How many forgotten nodes are remembered for file handles. About 100 bytes each (the name
+/// is shared with the dropped node), so 6.5 MiB at most; beyond, the oldest handles go stale
+/// (ESTALE) once their inode has left the kernel's cache, as on NFS.
+pub const GONE_MAX: usize = 1 << 16;
+
+/// What is left of a forgotten node: enough to find it again by name.
+#[derive(Clone, Debug)]
+pub struct Gone {
+    /// parent node id when forgotten
+    pub parent: u64,
+    /// name in that parent
+    pub name: Arc<std::ffi::OsStr>,
+    /// st_ino shown to users: identifies the object when it is looked up again
+    pub ino: u64,
+    /// file type
+    pub kind: Kind,
+}
+
+/// Forgotten nodes by id and by st_ino, oldest first, at most [`GONE_MAX`].
+#[derive(Debug, Default)]
+struct GoneTable {
+    by_id: HashMap<u64, Gone>,
+    by_ino: HashMap<u64, u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
 /// All live nodes, sharded so lookups on many threads do not contend on one lock.
 #[derive(Debug)]
 pub struct NodeTable {
     shards: Vec<RwLock<HashMap<u64, Arc<Node>>>>,
     next_id: AtomicU64,
+    gone: Mutex<GoneTable>,
 }
 
 impl NodeTable {
@@ -164,6 +202,7 @@ impl NodeTable {
         NodeTable {
             shards,
             next_id: AtomicU64::new(ROOT_ID + 1),
+            gone: Mutex::new(GoneTable::default()),
         }
     }
 
@@ -209,6 +248,62 @@ impl NodeTable {
             return shard.remove(&id);
         }
         None
+    }
+
+    /// Remember a node the kernel forgot (not an unlinked one: its handles must go stale).
+    pub fn note_gone(&self, id: u64, g: Gone) {
+        let mut t = self.gone.lock();
+        if let Some(old) = t.by_ino.insert(g.ino, id) {
+            if old != id {
+                t.by_id.remove(&old);
+            }
+        }
+        if t.by_id.insert(id, g).is_none() {
+            t.order.push_back(id);
+        }
+        // Bounded: drop the oldest records (skipping ids already taken back).
+        while t.by_id.len() > GONE_MAX {
+            let Some(old) = t.order.pop_front() else { break };
+            if let Some(g) = t.by_id.remove(&old) {
+                if t.by_ino.get(&g.ino) == Some(&old) {
+                    t.by_ino.remove(&g.ino);
+                }
+            }
+        }
+        // The order queue keeps ids already taken back; keep it within twice the bound.
+        if t.order.len() > 2 * GONE_MAX {
+            let GoneTable { by_id, order, .. } = &mut *t;
+            order.retain(|i| by_id.contains_key(i));
+        }
+    }
+
+    /// What is left of forgotten node `id`.
+    pub fn gone(&self, id: u64) -> Option<Gone> {
+        self.gone.lock().by_id.get(&id).cloned()
+    }
+
+    /// The id a forgotten node of this object (st_ino and kind) had, taken back for a new
+    /// node of it; else a fresh id.
+    pub fn id_for(&self, ino: u64, kind: Kind) -> u64 {
+        let mut t = self.gone.lock();
+        if let Some(&id) = t.by_ino.get(&ino) {
+            if t.by_id.get(&id).is_some_and(|g| g.kind == kind) {
+                t.by_ino.remove(&ino);
+                t.by_id.remove(&id);
+                return id;
+            }
+        }
+        drop(t);
+        self.alloc_id()
+    }
+
+    /// Forget the record of an object that no longer exists (its handles must go stale,
+    /// and a new object given the same st_ino by the upper filesystem must get a new id).
+    pub fn drop_gone_ino(&self, ino: u64) {
+        let mut t = self.gone.lock();
+        if let Some(id) = t.by_ino.remove(&ino) {
+            t.by_id.remove(&id);
+        }
     }
 
     /// Number of live nodes (the root included, so never zero).
@@ -273,7 +368,90 @@ impl<T> ThinVec<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::ThinVec;
+    use super::{Gone, Kind, Node, NodeTable, ThinVec, GONE_MAX, ROOT_ID};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    fn table() -> NodeTable {
+        NodeTable::new(Node {
+            id: ROOT_ID,
+            kind: Kind::Dir,
+            ino: AtomicU64::new(1),
+            lookups: AtomicU64::new(1),
+            state: parking_lot::RwLock::new(super::NodeState {
+                parent: ROOT_ID,
+                name: Arc::from(std::ffi::OsStr::new("")),
+                unlinked: false,
+                upper: false,
+                lower: None,
+                lowers: Vec::new(),
+                aliases: Default::default(),
+            }),
+            copy_up: parking_lot::Mutex::new(()),
+            handles: parking_lot::Mutex::new(Default::default()),
+            gone_attr: parking_lot::Mutex::new(None),
+            children: parking_lot::Mutex::new(Default::default()),
+            no_caps: AtomicU64::new(0),
+            pin: AtomicU64::new(0),
+        })
+    }
+
+    fn gone(ino: u64, kind: Kind) -> Gone {
+        Gone {
+            parent: ROOT_ID,
+            name: Arc::from(std::ffi::OsStr::new("f")),
+            ino,
+            kind,
+        }
+    }
+
+    #[test]
+    fn forgotten_object_gets_its_old_id_back_once_and_only_for_the_same_kind() {
+        let t = table();
+        let id = t.alloc_id();
+        t.note_gone(id, gone(77, Kind::File));
+        assert_eq!(t.gone(id).map(|g| g.ino), Some(77));
+        assert_ne!(
+            t.id_for(77, Kind::Dir),
+            id,
+            "another kind under that st_ino is another object"
+        );
+        assert_eq!(t.id_for(77, Kind::File), id);
+        assert!(t.gone(id).is_none(), "taken back: the record is gone");
+        assert_ne!(t.id_for(77, Kind::File), id, "an id is live at most once");
+    }
+
+    #[test]
+    fn a_new_object_with_a_reused_st_ino_gets_a_new_id() {
+        let t = table();
+        let id = t.alloc_id();
+        t.note_gone(id, gone(5, Kind::File));
+        t.drop_gone_ino(5);
+        assert!(t.gone(id).is_none());
+        assert_ne!(t.id_for(5, Kind::File), id);
+    }
+
+    #[test]
+    fn forgotten_records_are_bounded_oldest_first() {
+        let t = table();
+        let first = t.alloc_id();
+        t.note_gone(first, gone(1_000_000, Kind::File));
+        for i in 0..GONE_MAX as u64 + 10 {
+            let id = t.alloc_id();
+            t.note_gone(id, gone(i, Kind::File));
+        }
+        let g = t.gone.lock();
+        assert_eq!(g.by_id.len(), GONE_MAX);
+        assert!(g.by_ino.len() <= GONE_MAX);
+        assert!(g.order.len() <= 2 * GONE_MAX);
+        drop(g);
+        assert!(t.gone(first).is_none(), "the oldest record went first");
+        assert_ne!(
+            t.id_for(1_000_000, Kind::File),
+            first,
+            "its st_ino gets a fresh id"
+        );
+    }
 
     #[test]
     fn thin_vec_is_one_pointer_and_frees_its_list_when_empty() {

@@ -414,6 +414,7 @@ impl Union {
                 gone_attr: Mutex::new(None),
                 children: Mutex::new(inode::ChildMap::default()),
                 no_caps: AtomicU64::new(0),
+                pin: AtomicU64::new(0),
             }),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
@@ -843,7 +844,8 @@ impl Union {
                 node.state.write().unlinked = true;
             }
         }
-        let id = self.nodes.alloc_id();
+        // The id a forgotten node of this object had, so file handles made before stay valid.
+        let id = self.nodes.id_for(r.ino, r.kind);
         let shared_name: Arc<OsStr> = Arc::from(name);
         let node = Arc::new(Node {
             id,
@@ -864,6 +866,7 @@ impl Union {
             gone_attr: Mutex::new(None),
             children: Mutex::new(inode::ChildMap::default()),
             no_caps: AtomicU64::new(0),
+            pin: AtomicU64::new(0),
         });
         self.nodes.insert(node.clone());
         children.insert(shared_name, id);
@@ -979,9 +982,120 @@ impl Union {
                     ch.remove(&st.name);
                 }
             }
+            // Its other names (hard links) leave their parents' child tables too.
+            for (p, n) in st.aliases.iter() {
+                if let Some(parent) = self.nodes.get(*p) {
+                    let mut ch = parent.children.lock();
+                    if ch.get(n.as_os_str()) == Some(&id) {
+                        ch.remove(n.as_os_str());
+                    }
+                }
+            }
+            if !st.unlinked {
+                let gone = inode::Gone {
+                    parent: st.parent,
+                    name: st.name.clone(),
+                    ino: node.ino(),
+                    kind: node.kind,
+                };
+                self.nodes.note_gone(id, gone);
+            }
+            drop(st);
+            let pin = node.pin.swap(0, Ordering::AcqRel);
+            if pin != 0 {
+                self.forget_node(pin, 1);
+            }
             return true;
         }
         false
+    }
+
+    /// Deepest chain of forgotten parents a file handle is revived through.
+    const REVIVE_MAX_DEPTH: usize = 4096;
+
+    /// FUSE lookup of "." or ".." under `id`: how the kernel decodes a file handle whose
+    /// inode it has dropped (FUSE_EXPORT_SUPPORT; fs/fuse/inode.c `fuse_get_dentry` and
+    /// `fuse_get_parent`). "." must answer with the same id, or the kernel fails with EIO;
+    /// an object that no longer exists is ESTALE.
+    pub fn lookup_export(&self, id: u64, name: &OsStr) -> Result<Entry> {
+        let node = self.revive(id, 0)?;
+        let node = if name.as_bytes() == b".." {
+            let parent = node.state.read().parent;
+            let r = if node.id == ROOT_ID {
+                Ok(node.clone())
+            } else {
+                self.revive(parent, 0)
+            };
+            self.forget_node(node.id, 1);
+            r?
+        } else {
+            node
+        };
+        match self.attr(&node, None) {
+            Ok(attr) => Ok(Entry { id: node.id, attr }),
+            Err(e) => {
+                self.forget_node(node.id, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// The node `id` with one kernel reference taken: the live one, or, for a forgotten
+    /// one, found again by name under its (revived) parent, with the same id when it is
+    /// the same object (same st_ino). The revived node pins its parent (see [`Node::pin`]).
+    fn revive(&self, id: u64, depth: usize) -> Result<Arc<Node>> {
+        if let Some(node) = self.nodes.get_ref(id) {
+            if node.state.read().unlinked {
+                debug!(op = "lookup_export", ino = id, "unlinked: stale");
+                self.forget_node(id, 1);
+                return errno(libc::ESTALE);
+            }
+            return Ok(node);
+        }
+        if depth > Self::REVIVE_MAX_DEPTH {
+            return errno(libc::ESTALE);
+        }
+        let Some(gone) = self.nodes.gone(id) else {
+            debug!(
+                op = "lookup_export",
+                ino = id,
+                "forgotten node not remembered: stale"
+            );
+            return errno(libc::ESTALE);
+        };
+        let parent = self.revive(gone.parent, depth + 1)?;
+        let found = self.child(&parent, &gone.name);
+        let node = match found {
+            Ok((node, _)) if node.id == id => node,
+            Ok((node, _)) => {
+                debug!(
+                    op = "lookup_export",
+                    ino = id,
+                    found = node.id,
+                    "another object under the name: stale"
+                );
+                self.forget_node(node.id, 1);
+                self.forget_node(parent.id, 1);
+                return errno(libc::ESTALE);
+            }
+            Err(e) => {
+                self.forget_node(parent.id, 1);
+                return match e.errno() {
+                    libc::ENOENT | libc::ENOTDIR => errno(libc::ESTALE),
+                    _ => Err(e),
+                };
+            }
+        };
+        // Keep the reference on the parent for this node (released by its forget); one is
+        // enough, so a second reviver gives its reference back.
+        if node
+            .pin
+            .compare_exchange(0, parent.id, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            self.forget_node(parent.id, 1);
+        }
+        Ok(node)
     }
 
     // ---------------------------------------------------------------- attributes
@@ -1374,6 +1488,9 @@ impl Union {
             ino: self.map_ino(0, st.st_ino),
             st: None,
         };
+        // A new object: a record under its st_ino is of a removed one whose number the
+        // upper filesystem reused, and its handles must stay stale.
+        self.nodes.drop_gone_ino(r.ino);
         let node = self.install(&parent, name, r)?;
         let attr = self.attr_from(&node, &st);
         Ok((Entry { id: node.id, attr }, fd))
@@ -1548,8 +1665,65 @@ impl Union {
             (false, true) => up.whiteout(&path, Occupant::Nothing)?,
             (false, false) => return errno(libc::ENOENT),
         }
+        // A multiply-linked upper file: the object lives on, maybe under a name its node
+        // does not know (a hard link made before the node was last forgotten).
+        let still_linked = (!is_dir && r.upper)
+            .then_some(r.st.as_ref())
+            .flatten()
+            .filter(|s| s.st_nlink > 1)
+            .map(|s| s.st_ino);
+        let known = parent.children.lock().get(name).copied();
         self.detach(&parent, name);
+        if let (Some(real_ino), Some(id)) = (still_linked, known) {
+            self.follow_link(&parent, id, &path, real_ino);
+        }
         Ok(())
+    }
+
+    /// Most directory entries read to find another name of an unlinked object.
+    const FOLLOW_LINK_MAX_ENTRIES: usize = 1 << 16;
+
+    /// The node of an upper object whose last known name just went away, while the object
+    /// keeps `st_nlink` > 0: it takes another name of the object in the same directory, so
+    /// a file handle of it stays valid, as on kernel overlayfs (fstests generic/426 `-u`).
+    /// Only then: one listing of that directory, at most
+    /// [`Self::FOLLOW_LINK_MAX_ENTRIES`] entries; a link elsewhere is not searched.
+    fn follow_link(&self, parent: &Node, id: u64, path: &Path, real_ino: u64) {
+        let Some(node) = self.nodes.get(id) else { return };
+        if !node.state.read().unlinked {
+            return; // it knew another name
+        }
+        let Some(dir) = path.parent() else { return };
+        let Ok(up) = self.upper() else { return };
+        let Ok(entries) = up.dir.read_dir(dir) else { return };
+        let other = entries
+            .into_iter()
+            .take(Self::FOLLOW_LINK_MAX_ENTRIES)
+            .find(|e| e.ino == real_ino);
+        let Some(other) = other else {
+            debug!(
+                op = "unlink",
+                ino = id,
+                "no other name of the object in its directory"
+            );
+            return;
+        };
+        debug!(op = "unlink", ino = id, name = ?other.name, "node follows another name of its object");
+        // The node's state before the parent's child table, the order forget_node takes them.
+        let mut st = node.state.write();
+        if !st.unlinked {
+            return;
+        }
+        let mut children = parent.children.lock();
+        if let Some(&cid) = children.get(&other.name) {
+            if cid != id && self.nodes.get(cid).is_some() {
+                return; // that name has its own node: the object is reachable through it
+            }
+        }
+        st.unlinked = false;
+        st.parent = parent.id;
+        st.name = Arc::from(other.name.as_os_str());
+        children.insert(st.name.clone(), node.id);
     }
 
     /// Forget the name→node link after the name went away; the node lives on for open fds
@@ -2059,9 +2233,26 @@ impl Union {
             .any(|h| h.exec)
     }
 
+    /// A new open of a file that has no name any more but is still open (the kernel reaches
+    /// it by a file handle, open_by_handle_at): the object is opened again through one of
+    /// its open fds (`/proc/self/fd/N`, as open(2) of that link does for a deleted file).
+    fn reopen_unlinked(&self, node: &Node, oflags: OFlags) -> Result<(OwnedFd, bool)> {
+        let h = node.handles.lock().iter().find_map(|w| w.upgrade());
+        let h = h.ok_or(Error::Errno(libc::ENOENT))?;
+        let on_upper = h.on_upper.load(Ordering::Acquire);
+        let fd = h.fd.read().clone();
+        let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&*fd));
+        let fd = rustix::fs::open(link.as_str(), oflags | OFlags::CLOEXEC, rustix::fs::Mode::empty())
+            .map_err(|e| Error::io("reopen", Path::new(&link), e.into()))?;
+        Ok((fd, on_upper))
+    }
+
     /// Open the object of `node`; true when the fd is on the upper object.
     fn open_real(&self, node: &Node, oflags: OFlags) -> Result<(OwnedFd, bool)> {
         let st = node.snapshot();
+        if st.unlinked {
+            return self.reopen_unlinked(node, oflags);
+        }
         if st.upper {
             let path = self.path_of(node)?;
             let fd = match self.upper()?.dir.open_file(&path, oflags) {
