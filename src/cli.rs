@@ -269,7 +269,9 @@ USAGE:
                                              (the upper of a live mount becomes a new
                                              layer of the store; writers pause briefly;
                                              prints its chain ID and diffID)
+    verlay completions bash|zsh|fish         (a shell completion script)
     verlay --help | --version
+    verlay SUBCOMMAND --help                 (what it does, with examples)
 
     -o may be given several times, anywhere, and glued (-oOPTIONS). SOURCE is any word
     (e.g. `overlay`); it is only shown in the mount table. Unmount with
@@ -377,6 +379,10 @@ LAYER STORE AND REGISTRIES:
     verlay image ls --store S      the images the store can push
     verlay verify [--store S] LAYER... | verlay verify --store S --all
                         check layers against their manifests (exit 0 clean, 1 damage)
+    Every subcommand takes --store DIR (or $VERLAY_STORE), --quiet (no progress or
+    summary on stderr) and --format text|json (json for layer ls, image ls and verify).
+    Commands that write to a store (layer import, image import, image pull, commit)
+    create a missing one; the others refuse it.
     Registries are spoken to over HTTPS (plain HTTP with --plain-http, and for 127.0.0.1
     and localhost unless --tls-verify or a certs.d CA); logins from podman's auth.json or
     docker's config.json (--authfile, --creds U:P); see docs/registry.md. Failed requests

@@ -8,6 +8,7 @@ use clap::Args;
 use super::{progress_mode, store_dir, Global, ProgressMode};
 use crate::commit::{commit, CommitArgs};
 use crate::error::Result;
+use crate::store::Store;
 
 #[derive(Debug, Args)]
 pub struct CommitCmd {
@@ -30,6 +31,7 @@ pub fn run(g: &Global, c: CommitCmd) -> Result<()> {
         parent: c.parent,
         output: c.output,
     };
+    create_missing_store(&a)?;
     let got = commit(&a)?;
     if progress_mode(g.quiet) == ProgressMode::Auto {
         eprintln!(
@@ -41,5 +43,30 @@ pub fn run(g: &Global, c: CommitCmd) -> Result<()> {
     }
     println!("chain_id {}", got.chain_id);
     println!("diff_id {}", got.diff_id);
+    Ok(())
+}
+
+/// The store rule of every writing command: a missing store is created on first use. Only
+/// when its parent exists and is outside the mount (a store inside the mount is refused by
+/// the commit's own check, and nothing is created there); the commit then finds an empty
+/// store, as after `verlay layer import` into a new one.
+fn create_missing_store(a: &CommitArgs) -> Result<()> {
+    if a.store.exists() {
+        return Ok(());
+    }
+    let parent = match a.store.parent() {
+        Some(p) if p.as_os_str().is_empty() => std::path::Path::new("."),
+        Some(p) => p,
+        None => return Ok(()),
+    };
+    let (Ok(pst), Ok(mst)) = (rustix::fs::stat(parent), rustix::fs::stat(&a.mountpoint)) else {
+        // the commit's checks name what is missing
+        return Ok(());
+    };
+    if pst.st_dev == mst.st_dev {
+        return Ok(());
+    }
+    // Opening creates it; the lock is released at once (the commit takes it again).
+    drop(Store::open(&a.store)?);
     Ok(())
 }

@@ -127,10 +127,7 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
             println!("{}", image::lowerdir(&store, &chains)?);
             Ok(())
         }
-        ImageCmd::Pull {
-            registry,
-            reference,
-        } => {
+        ImageCmd::Pull { registry, reference } => {
             let reference = Reference::parse(&reference)?;
             let opts = registry.options(None);
             let store = store_for_writing(g, "verlay image pull")?;

@@ -111,7 +111,11 @@ fn ls(g: &Global, full: bool) -> Result<()> {
             .iter()
             .map(|l| {
                 let r = l.record.as_ref();
-                let get = |k: &str| r.and_then(|r| r.get(k)).cloned().unwrap_or(serde_json::Value::Null);
+                let get = |k: &str| {
+                    r.and_then(|r| r.get(k))
+                        .cloned()
+                        .unwrap_or(serde_json::Value::Null)
+                };
                 json!({
                     "chain_id": l.chain_id,
                     "diff_id": get("diff_id"),

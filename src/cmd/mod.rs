@@ -230,7 +230,8 @@ fn clap_error(name: &str, e: clap::Error) -> ExitCode {
     let args = args.join(", ").replace(['<', '>'], "");
     let why = match e.kind() {
         ErrorKind::MissingRequiredArgument => format!("{args} is required"),
-        ErrorKind::UnknownArgument => format!("unknown option {args}"),
+        ErrorKind::UnknownArgument if args.starts_with('-') => format!("unknown option {args}"),
+        ErrorKind::UnknownArgument => format!("unexpected argument {args}"),
         _ => {
             let text = e.render().to_string();
             let line = text.lines().next().unwrap_or("bad command line");
@@ -259,7 +260,7 @@ pub fn finish(what: &str, r: Result<()>) -> ExitCode {
 fn store_dir(g: &Global, cmd: &str) -> Result<PathBuf> {
     g.store.clone().ok_or_else(|| {
         Error::usage(
-            cmd,
+            "command line",
             "--store DIR is required",
             format!("give --store DIR or set VERLAY_STORE; see {cmd} --help"),
         )

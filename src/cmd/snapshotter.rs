@@ -9,8 +9,10 @@ use clap::Args;
 
 /// Listed for `--help` and completions only: [`super::main`] passes these words on unparsed.
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n    verlay snapshotter --root /var/lib/verlay-snapshotter \
-                        --address /run/verlay-snapshotter.sock")]
+#[command(
+    after_help = "Example:\n    verlay snapshotter --root /var/lib/verlay-snapshotter \
+                        --address /run/verlay-snapshotter.sock"
+)]
 pub struct SnapshotterArgs {
     /// verlay-snapshotter's own arguments (see `verlay snapshotter --help`)
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -293,7 +293,7 @@ pub fn chain_ids_at(root: &Path) -> Result<Vec<String>> {
         if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
             out.push(format!("sha256:{name}"));
         }
-}
+    }
     out.sort();
     Ok(out)
 }
