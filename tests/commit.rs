@@ -525,6 +525,23 @@ fn committed_layer_over_the_lowers_shows_the_merged_view_of_the_commit_instant()
     );
 }
 
+/// The store rule shared by every command that writes to a store: a missing store is created
+/// on first use (`verlay layer import` did so already), and the layer lands in it.
+#[test]
+fn commit_into_a_missing_store_creates_it() {
+    let r = Rig::new("newstore");
+    lower_fixture(&r.lower);
+    fs::remove_dir(&r.store).unwrap();
+    let _d = r.mount();
+    fs::write(r.mnt.join("new-file"), "n").unwrap();
+    let (chain, _, _) = commit(&r, &[]);
+    assert_eq!(
+        store_layers(&r.store),
+        BTreeSet::from([chain.trim_start_matches("sha256:").to_string()])
+    );
+    verify_layer(&r, &chain);
+}
+
 #[test]
 fn output_tarball_is_byte_identical_across_commits_of_the_same_state() {
     let r = Rig::new("determinism");
