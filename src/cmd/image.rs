@@ -92,7 +92,7 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    fn options(self, chunk_size: Option<u64>) -> Options {
+    pub(super) fn options(self, chunk_size: Option<u64>) -> Options {
         let mut o = Options {
             plain_http: self.plain_http,
             tls_verify: self.tls_verify,

@@ -302,3 +302,110 @@ fn print_json(v: &serde_json::Value) {
     // A Value always serializes.
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("verlay").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_subcommand_is_dispatched_to_clap_and_listed() {
+        let cmd = Cli::command();
+        let names: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+        assert_eq!(names, SUBCOMMANDS, "SUBCOMMANDS must match the clap subcommands");
+    }
+
+    #[test]
+    fn shared_flags_are_accepted_before_and_after_the_subcommand() {
+        for args in [
+            &["--store", "/s", "--format", "json", "-q", "layer", "ls"][..],
+            &["layer", "ls", "--store=/s", "--format=json", "--quiet"][..],
+        ] {
+            let c = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(c.global.store, Some(PathBuf::from("/s")), "{args:?}");
+            assert_eq!(
+                (c.global.format, c.global.quiet),
+                (Format::Json, true),
+                "{args:?}"
+            );
+            assert!(matches!(
+                c.command,
+                Sub::Layer(layer::LayerCmd::Ls { no_trunc: false })
+            ));
+        }
+    }
+
+    #[test]
+    fn commit_words_and_refusals() {
+        let c = parse(&[
+            "commit",
+            "/m",
+            "--store",
+            "/s",
+            "--parent=sha256:ab",
+            "--output",
+            "o.tar",
+        ])
+        .unwrap();
+        let Sub::Commit(_) = c.command else {
+            panic!("{c:?}")
+        };
+        assert_eq!(c.global.store, Some(PathBuf::from("/s")));
+        // `--` ends the options: a mountpoint may start with a dash.
+        assert!(parse(&["commit", "--", "--odd"]).is_ok());
+        use clap::error::ErrorKind;
+        for (args, kind) in [
+            (&["commit"][..], ErrorKind::MissingRequiredArgument),
+            (&["commit", "/m", "/n"][..], ErrorKind::UnknownArgument),
+            (&["commit", "/m", "--store"][..], ErrorKind::InvalidValue),
+            (&["commit", "/m", "--force"][..], ErrorKind::UnknownArgument),
+            (
+                &["image", "pull", "--tls-verify=maybe", "r"][..],
+                ErrorKind::InvalidValue,
+            ),
+            (
+                &["image", "pull", "--timeout", "0", "r"][..],
+                ErrorKind::ValueValidation,
+            ),
+        ] {
+            match parse(args) {
+                Err(e) => assert_eq!(e.kind(), kind, "{args:?}: {e}"),
+                Ok(c) => panic!("{args:?}: {c:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tls_verify_is_a_flag_with_an_optional_value() {
+        for (arg, want) in [("--tls-verify", Some(true)), ("--tls-verify=false", Some(false))] {
+            let c = parse(&["image", "pull", arg, "r"]).unwrap();
+            let Sub::Image(image::ImageCmd::Pull { registry, reference }) = c.command else {
+                panic!("{arg}")
+            };
+            assert_eq!(
+                (registry.options(None).tls_verify, reference.as_str()),
+                (want, "r")
+            );
+        }
+    }
+
+    #[test]
+    fn command_names_in_messages() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            command_name(&os(&["layer", "import", "x"])),
+            "verlay layer import"
+        );
+        assert_eq!(command_name(&os(&["layer", "--store", "s"])), "verlay layer");
+        assert_eq!(command_name(&os(&["commit", "/m"])), "verlay commit");
+        assert_eq!(command_name(&os(&["verify", "--all"])), "verlay verify");
+    }
+}
