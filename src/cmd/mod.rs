@@ -149,15 +149,14 @@ pub enum Sub {
 
 /// The whole command: argv without argv\[0\], to an exit code. Errors are printed once here.
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    let first = args.first().and_then(|a| a.to_str()).unwrap_or("");
-    if !SUBCOMMANDS.contains(&first) {
+    let Some(at) = subcommand_at(&args) else {
         return mount::main(args);
-    }
-    if first == "snapshotter" {
+    };
+    if args[at] == "snapshotter" {
         // Its flags are the other binary's: passed on untouched (including --help).
-        return snapshotter::exec(args[1..].to_vec());
+        return snapshotter::exec(args[at + 1..].to_vec());
     }
-    let name = command_name(&args);
+    let name = command_name(&args[at..]);
     let cli = match Cli::try_parse_from(std::iter::once(OsString::from("verlay")).chain(args)) {
         Ok(c) => c,
         Err(e) => return clap_error(&name, e),
@@ -191,6 +190,24 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Where the subcommand word is, if argv is a subcommand's: the first word, or the first
+/// after shared flags (`verlay --store S layer ls`), which the mount form never uses.
+fn subcommand_at(args: &[OsString]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(w) = args.get(i).and_then(|a| a.to_str()) {
+        if SUBCOMMANDS.contains(&w) {
+            return Some(i);
+        }
+        i += match w {
+            "-q" | "--quiet" => 1,
+            "--store" | "--format" => 2,
+            _ if w.starts_with("--store=") || w.starts_with("--format=") => 1,
+            _ => return None,
+        };
+    }
+    None
 }
 
 /// `verlay layer import` for `layer import ...`: the words naming the subcommand, for
@@ -394,6 +411,23 @@ mod tests {
                 (registry.options(None).tls_verify, reference.as_str()),
                 (want, "r")
             );
+        }
+    }
+
+    #[test]
+    fn only_subcommand_words_leave_the_mount_form() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        for (args, want) in [
+            (&["layer", "ls"][..], Some(0)),
+            (&["--store", "/s", "-q", "layer", "ls"][..], Some(3)),
+            (&["--format=json", "verify", "--all"][..], Some(1)),
+            (&["-o", "lowerdir=/l", "/m"][..], None),
+            (&["-f", "-o", "lowerdir=/l", "layer"][..], None),
+            (&["overlay", "/m", "-o", "lowerdir=/l"][..], None),
+            (&["--store", "/s"][..], None),
+            (&[][..], None),
+        ] {
+            assert_eq!(subcommand_at(&os(args)), want, "{args:?}");
         }
     }
 
