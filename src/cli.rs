@@ -1,5 +1,6 @@
-//! The command line: fuse-overlayfs-compatible argv and `-o` option strings, turned into
-//! typed [`Command`]s.
+//! The mount form's command line: fuse-overlayfs-compatible argv and `-o` option strings,
+//! turned into typed [`Command`]s. The subcommands (`verlay layer ...`) are [`crate::cmd`]'s,
+//! which sends every other argv here unchanged.
 //!
 //! This module owns the syntax only. It is pure: no syscalls, no filesystem access, no
 //! logging. Relative paths are joined to the `cwd` the caller passes in, lexically and
@@ -41,23 +42,10 @@ pub const EXIT_USAGE: u8 = 2;
 pub enum Command {
     /// Mount an overlay.
     Mount(MountArgs),
-    /// `verlay demo`: build throwaway layers and mount them, to try verlay out.
-    Demo,
     /// `-h` / `--help`: print [`HELP`].
     Help,
     /// `-V` / `--version`.
     Version,
-    /// `verlay layer ...`: the rest of the arguments, parsed by the layer commands.
-    Layer(Vec<OsString>),
-    /// `verlay image ...`: the rest of the arguments, parsed by the image commands.
-    Image(Vec<OsString>),
-    /// `verlay verify ...`: the rest of the arguments, parsed by the scrub command.
-    Verify(Vec<OsString>),
-    /// `verlay snapshotter ...`: the rest of the arguments, for the `verlay-snapshotter`
-    /// binary (a separate crate, so the core does not link gRPC).
-    Snapshotter(Vec<OsString>),
-    /// `verlay commit ...`: the rest of the arguments, parsed by [`crate::commit::parse`].
-    Commit(Vec<OsString>),
 }
 
 /// Arguments of the mount command.
@@ -281,7 +269,9 @@ USAGE:
                                              (the upper of a live mount becomes a new
                                              layer of the store; writers pause briefly;
                                              prints its chain ID and diffID)
+    verlay completions bash|zsh|fish         (a shell completion script)
     verlay --help | --version
+    verlay SUBCOMMAND --help                 (what it does, with examples)
 
     -o may be given several times, anywhere, and glued (-oOPTIONS). SOURCE is any word
     (e.g. `overlay`); it is only shown in the mount table. Unmount with
@@ -389,6 +379,10 @@ LAYER STORE AND REGISTRIES:
     verlay image ls --store S      the images the store can push
     verlay verify [--store S] LAYER... | verlay verify --store S --all
                         check layers against their manifests (exit 0 clean, 1 damage)
+    Every subcommand takes --store DIR (or $VERLAY_STORE), --quiet (no progress or
+    summary on stderr) and --format text|json (json for layer ls, image ls and verify).
+    Commands that write to a store (layer import, image import, image pull, commit)
+    create a missing one; the others refuse it.
     Registries are spoken to over HTTPS (plain HTTP with --plain-http, and for 127.0.0.1
     and localhost unless --tls-verify or a certs.d CA); logins from podman's auth.json or
     docker's config.json (--authfile, --creds U:P); see docs/registry.md. Failed requests
@@ -416,26 +410,9 @@ const USAGE_HINT: &str =
 
 /// Parse the command line. `args` excludes argv\[0\]; `cwd` anchors relative paths.
 pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
+    // Subcommands are dispatched before this parser (crate::cmd); reserved words are refused
+    // so that a later version can add them without changing what an old command line means.
     if let Some(first) = args.first().and_then(|a| a.to_str()) {
-        if first == "demo" {
-            return match args.get(1) {
-                None => Ok(Command::Demo),
-                Some(extra) => Err(Error::usage(
-                    format!("argument {:?}", extra.to_string_lossy()),
-                    "`verlay demo` takes no arguments",
-                    "run `verlay demo` alone",
-                )),
-            };
-        }
-        let rest = || args[1..].to_vec();
-        match first {
-            "layer" => return Ok(Command::Layer(rest())),
-            "image" => return Ok(Command::Image(rest())),
-            "verify" => return Ok(Command::Verify(rest())),
-            "snapshotter" => return Ok(Command::Snapshotter(rest())),
-            "commit" => return Ok(Command::Commit(rest())),
-            _ => {}
-        }
         if RESERVED_SUBCOMMANDS.contains(&first) {
             return Err(Error::usage(
                 format!("verlay {first}"),
@@ -1163,7 +1140,7 @@ mod tests {
     }
 
     #[test]
-    fn help_version_and_subcommands() {
+    fn help_and_version() {
         let cases: &[(&[&str], Command)] = &[
             (&["--help"], Command::Help),
             (&["-h"], Command::Help),
@@ -1173,29 +1150,15 @@ mod tests {
             (&["-o", "timeout=abc", "-h"], Command::Help),
             (&["--version"], Command::Version),
             (&["-V"], Command::Version),
-            (&["demo"], Command::Demo),
-            (
-                &["snapshotter", "--root", "r"],
-                Command::Snapshotter(argv(&["--root", "r"])),
-            ),
         ];
         for (args, want) in cases {
             assert_eq!(parse_args(args).ok().as_ref(), Some(want), "{args:?}");
         }
-        assert_eq!(
-            parse_args(&["commit", "/m", "--store", "/s"]).ok(),
-            Some(Command::Commit(vec!["/m".into(), "--store".into(), "/s".into()]))
-        );
         for word in RESERVED_SUBCOMMANDS {
             let (what, why, _) = usage_error(&[word, "x"]);
             assert_eq!(what, format!("verlay {word}"));
             assert_eq!(why, "not implemented in this version");
         }
-        let (what, why, _) = usage_error(&["demo", "extra"]);
-        assert_eq!(
-            (what.as_str(), why.as_str()),
-            ("argument \"extra\"", "`verlay demo` takes no arguments")
-        );
     }
 
     #[test]

@@ -300,7 +300,10 @@ pub fn run() -> Result<()> {
     if let Some(hex) = chain {
         // The whiteout of /etc/hosts and the renamed /srv/archive (whole, opaque, with a
         // whiteout at its old name) are in kernel format again once imported.
-        show_tree("committed layer", &store.join("layers").join(hex).join("diff"))?;
+        show_tree(
+            "committed layer",
+            &crate::store::diff_dir_at(&store, &format!("sha256:{hex}")),
+        )?;
     }
 
     println!("\n$ fusermount3 -u {}", demo.mnt.display());

@@ -12,7 +12,8 @@
 //! - [`registry`]: image pull and push over the OCI distribution API.
 //! - [`control`]: the daemon's control socket (how `verlay commit` pauses writers).
 //! - [`commit`]: a live upper into a new layer of the store (snapshot, translate, stage, tar).
-//! - [`cmd`]: parsing and printing of subcommands (`verlay commit`), over the domain modules.
+//! - [`cmd`]: every subcommand's parsing (clap) and printing, over the domain modules; any
+//!   other argv is the mount form, parsed by [`cli`].
 //! - [`digest`]: hex and `sha256:` ids, used by the store, the registry, lowers and commit.
 //! - [`sys`]: the only `unsafe` code.
 //!

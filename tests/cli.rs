@@ -16,7 +16,7 @@
 use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Read;
@@ -1514,4 +1514,178 @@ fn workdir_leftovers_of_a_crash_are_removed_at_mount() {
     assert_eq!(fs::read_to_string(sb.p("u/new")).expect("upper"), "created");
     assert_eq!(fs::read_to_string(sb.p("u/f")).expect("upper"), "copied up");
     assert_eq!(fs::read_to_string(sb.p("l1/f")).expect("lower"), "lower");
+}
+
+/// Run `verlay ARGS` to its end: (exit code, stdout, stderr).
+fn verlay_out(args: &[&OsStr]) -> (Option<i32>, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_verlay"))
+        .args(args)
+        .env_remove("VERLAY_STORE")
+        .output()
+        .expect("run verlay");
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// One store rule: commands that write create a missing store; commands that only read
+/// refuse it (exit 2, `what: why (fix)`) and create nothing. And `--format json` gives
+/// scripts `layer ls`, `image ls` and `verify` without parsing columns.
+#[test]
+fn store_is_created_by_writers_refused_by_readers_and_listed_as_json() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("store");
+    let s = store.as_os_str();
+    for args in [
+        &["layer", "ls"][..],
+        &["layer", "path", "sha256:ab"][..],
+        &["image", "ls"][..],
+        &["verify", "--all"][..],
+    ] {
+        let mut a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        a.extend([OsStr::new("--store"), s]);
+        let (code, out, err) = verlay_out(&a);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        let line = err.trim_end();
+        assert!(
+            !line.contains('\n') && line.contains("not a verlay layer store") && line.ends_with(')'),
+            "{args:?}: {err}"
+        );
+        assert!(!store.exists(), "{args:?} created the store");
+    }
+
+    // A one-file layer, imported into the missing store: created.
+    let src = t.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("hello"), "hi\n").unwrap();
+    let tarball = t.path().join("l.tar");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&src)
+        .arg("hello")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (code, out, err) = verlay_out(&[
+        "layer".as_ref(),
+        "import".as_ref(),
+        "--store".as_ref(),
+        s,
+        tarball.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let chain = out.trim().to_string();
+    assert!(chain.starts_with("sha256:") && chain.len() == 71, "{out}");
+
+    let (code, out, err) = verlay_out(&[
+        "layer".as_ref(),
+        "ls".as_ref(),
+        "--format=json".as_ref(),
+        "--store".as_ref(),
+        s,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("layer ls --format json is JSON");
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v[0]["chain_id"], chain.as_str());
+    assert_eq!(v[0]["state"], "ok");
+    assert!(
+        v[0]["diff_id"].as_str().is_some_and(|d| d.starts_with("sha256:")),
+        "{v}"
+    );
+    let path = v[0]["path"].as_str().unwrap().to_string();
+    assert_eq!(
+        fs::read_to_string(Path::new(&path).join("hello")).unwrap(),
+        "hi\n"
+    );
+
+    let (code, out, err) = verlay_out(&[
+        "image".as_ref(),
+        "ls".as_ref(),
+        "--format".as_ref(),
+        "json".as_ref(),
+        "--store".as_ref(),
+        s,
+    ]);
+    assert_eq!((code, out.trim()), (Some(0), "[]"), "{err}");
+
+    // verify: clean, then damaged; JSON names the layer and the problem; exit 0 then 1.
+    let verify = || {
+        let (code, out, err) = verlay_out(&[
+            "verify".as_ref(),
+            "--all".as_ref(),
+            "--quiet".as_ref(),
+            "--format".as_ref(),
+            "json".as_ref(),
+            "--store".as_ref(),
+            s,
+        ]);
+        assert_eq!(err, "", "--quiet prints nothing on stderr");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("verify --format json is JSON");
+        (code, v)
+    };
+    let (code, v) = verify();
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        (v["checked"].as_u64(), v["damaged"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["layers"][0]["layer"], chain.as_str());
+    assert_eq!(v["layers"][0]["ok"], true);
+    fs::write(Path::new(&path).join("hello"), "HI\n").unwrap();
+    let (code, v) = verify();
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["damaged"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["layers"][0]["ok"], false);
+    let problems = v["layers"][0]["problems"].to_string();
+    assert!(problems.contains("hello"), "{v}");
+}
+
+/// `verlay completions bash` prints a script that knows the subcommands; every subcommand's
+/// --help explains it with an example.
+#[test]
+fn completions_and_subcommand_help() {
+    let (code, out, err) = verlay_out(&["completions".as_ref(), "bash".as_ref()]);
+    assert_eq!(code, Some(0), "{err}");
+    for word in [
+        "verlay",
+        "layer",
+        "image",
+        "verify",
+        "commit",
+        "completions",
+        "--store",
+    ] {
+        assert!(out.contains(word), "bash completions do not mention {word}");
+    }
+    for shell in ["zsh", "fish"] {
+        let (code, out, _) = verlay_out(&["completions".as_ref(), shell.as_ref()]);
+        assert!(code == Some(0) && out.contains("commit"), "{shell}");
+    }
+    let (code, _, err) = verlay_out(&["completions".as_ref(), "tcsh".as_ref()]);
+    assert_eq!(code, Some(2), "{err}");
+    for cmd in [
+        &["layer", "import"][..],
+        &["layer", "ls"][..],
+        &["layer", "seal"][..],
+        &["image", "pull"][..],
+        &["image", "push"][..],
+        &["verify"][..],
+        &["commit"][..],
+    ] {
+        let mut a: Vec<&OsStr> = cmd.iter().map(OsStr::new).collect();
+        a.push("--help".as_ref());
+        let (code, out, err) = verlay_out(&a);
+        assert_eq!(code, Some(0), "{cmd:?}: {err}");
+        assert!(
+            out.contains("Example") && out.contains(&format!("verlay {}", cmd.join(" "))),
+            "{cmd:?}:\n{out}"
+        );
+    }
 }

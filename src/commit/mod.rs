@@ -158,7 +158,7 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
 /// before the store is opened, which would make it one.
 fn check_parent_store(a: &CommitArgs) -> Result<()> {
     match &a.parent {
-        Some(p) if !a.store.join("layers").is_dir() => Err(Error::usage(
+        Some(p) if !crate::store::is_store(&a.store) => Err(Error::usage(
             format!("--parent \"{p}\""),
             format!("not in the store {} (it holds no layers)", a.store.display()),
             "commit the parent layer first, or fix --store",

@@ -1,6 +1,5 @@
 //! One read-only lower layer's integrity: its manifest (`manifest.rs`), lazy verification
 //! on first read (`verify.rs`), and the `verlay verify` / `verlay layer seal` commands
 //! (`cmd.rs`). The layer id is in every error.
-pub mod cmd;
 pub mod manifest;
 pub mod verify;

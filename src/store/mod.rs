@@ -39,7 +39,6 @@
 //! Must not: write into a published layer, or follow a symlink from a tarball
 //! (see [`unpack`]).
 
-pub mod cmd;
 pub mod image;
 pub mod unpack;
 
@@ -272,6 +271,33 @@ fn fsync_path(p: &Path, op: &'static str) -> Result<()> {
     rustix::fs::fsync(&fd).map_err(|e| Error::io(op, p, e.into()))
 }
 
+/// Is `root` a layer store (it has `layers/`)? For commands that only read a store: they
+/// must neither create one nor take its lock.
+pub fn is_store(root: &Path) -> bool {
+    root.join(LAYERS).is_dir()
+}
+
+/// `ROOT/layers/<chain-hex>/diff` of a store that is read without being opened.
+pub fn diff_dir_at(root: &Path, chain_id: &str) -> PathBuf {
+    root.join(LAYERS).join(hex_of(chain_id)).join(DIFF)
+}
+
+/// Chain IDs of all published layers of the store at `root`, sorted; read without the lock.
+pub fn chain_ids_at(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join(LAYERS);
+    let mut out = Vec::new();
+    for ent in std::fs::read_dir(&dir).map_err(|e| Error::io("store.list", &dir, e))? {
+        let ent = ent.map_err(|e| Error::io("store.list", &dir, e))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            out.push(format!("sha256:{name}"));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 impl Store {
     /// Open (creating if needed) the store at `root`, take its lock and remove the leftovers
     /// of interrupted imports.
@@ -408,18 +434,7 @@ impl Store {
 
     /// Chain IDs of all published layers, sorted.
     pub fn chain_ids(&self) -> Result<Vec<String>> {
-        let dir = self.root.join(LAYERS);
-        let mut out = Vec::new();
-        for ent in std::fs::read_dir(&dir).map_err(|e| Error::io("store.list", &dir, e))? {
-            let ent = ent.map_err(|e| Error::io("store.list", &dir, e))?;
-            let name = ent.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-                out.push(format!("sha256:{name}"));
-            }
-        }
-        out.sort();
-        Ok(out)
+        chain_ids_at(&self.root)
     }
 
     /// The `layer.json` of a layer.
