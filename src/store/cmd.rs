@@ -5,13 +5,14 @@ use std::path::PathBuf;
 
 use super::{image, ImportOptions, Store};
 use crate::error::{Error, Result};
+use crate::progress::{Mode, Progress};
 
 const LAYER_USAGE: &str =
-    "verlay layer import --store DIR [--parent CHAIN_ID] [--diff-id sha256:HEX] [--fsync-each] FILE\n\
+    "verlay layer import --store DIR [--parent CHAIN_ID] [--diff-id sha256:HEX] [--fsync-each] [--quiet] FILE\n\
      verlay layer path --store DIR CHAIN_ID\n\
      verlay layer ls --store DIR [--no-trunc]\n\
      verlay layer seal DIR";
-const IMAGE_USAGE: &str = "verlay image import --store DIR [--ref NAME] [--name NAME] SOURCE\n\
+const IMAGE_USAGE: &str = "verlay image import --store DIR [--ref NAME] [--name NAME] [--quiet] SOURCE\n\
      verlay image pull --store DIR [REGISTRY OPTIONS] [--retries N] [--timeout SECS] REF\n\
      verlay image push --store DIR [--image NAME] [REGISTRY OPTIONS] [--retries N] [--timeout SECS]\n\
      \x20                 [--chunk-size BYTES] REF\n\
@@ -146,7 +147,7 @@ pub fn layer(args: Vec<OsString>) -> Result<()> {
                 "verlay layer import",
                 rest,
                 &["--store", "--parent", "--diff-id"],
-                &["--fsync-each"],
+                &["--fsync-each", "--quiet"],
             )?;
             let file = PathBuf::from(&o.positionals(1, "one FILE (a layer tarball)")?[0]);
             let store = o.store()?;
@@ -164,7 +165,15 @@ pub fn layer(args: Vec<OsString>) -> Result<()> {
                 source: file.display().to_string(),
                 fsync_each: o.flag("--fsync-each"),
             };
-            let got = store.import_layer(&mut f, &opts)?;
+            let progress = Progress::new(if o.flag("--quiet") {
+                Mode::Quiet
+            } else {
+                Mode::Auto
+            });
+            let size = f.metadata().ok().map(|m| m.len());
+            let got = store.import_layer(&mut progress.reader(&mut f, "layer", size), &opts)?;
+            progress.layer_done();
+            progress.finish(&format!("imported {}", file.display()));
             println!("{}", got.chain_id);
             Ok(())
         }
@@ -234,10 +243,21 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
     let rest = args.get(1..).unwrap_or_default();
     match sub.as_str() {
         "import" => {
-            let o = Opts::parse("verlay image import", rest, &["--store", "--ref", "--name"], &[])?;
+            let o = Opts::parse(
+                "verlay image import",
+                rest,
+                &["--store", "--ref", "--name"],
+                &["--quiet"],
+            )?;
             let src = PathBuf::from(&o.positionals(1, "one SOURCE (OCI layout dir or image tar)")?[0]);
             let store = o.store()?;
-            let chains = image::import_image(&store, &src, o.value("--ref"), o.value("--name"))?;
+            let progress = Progress::new(if o.flag("--quiet") {
+                Mode::Quiet
+            } else {
+                Mode::Auto
+            });
+            let chains = image::import_image(&store, &src, o.value("--ref"), o.value("--name"), &progress)?;
+            progress.finish(&format!("imported {}", src.display()));
             println!("{}", image::lowerdir(&store, &chains)?);
             Ok(())
         }
