@@ -21,6 +21,17 @@ pub enum Mode {
     Quiet,
 }
 
+impl Mode {
+    /// [`Mode::Quiet`] when `quiet` (a `--quiet` flag), else [`Mode::Auto`].
+    pub fn quiet_if(quiet: bool) -> Mode {
+        if quiet {
+            Mode::Quiet
+        } else {
+            Mode::Auto
+        }
+    }
+}
+
 /// Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct Progress {

@@ -165,11 +165,7 @@ pub fn layer(args: Vec<OsString>) -> Result<()> {
                 source: file.display().to_string(),
                 fsync_each: o.flag("--fsync-each"),
             };
-            let progress = Progress::new(if o.flag("--quiet") {
-                Mode::Quiet
-            } else {
-                Mode::Auto
-            });
+            let progress = Progress::new(Mode::quiet_if(o.flag("--quiet")));
             let size = f.metadata().ok().map(|m| m.len());
             let got = store.import_layer(&mut progress.reader(&mut f, "layer", size), &opts)?;
             progress.layer_done();
@@ -251,11 +247,7 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
             )?;
             let src = PathBuf::from(&o.positionals(1, "one SOURCE (OCI layout dir or image tar)")?[0]);
             let store = o.store()?;
-            let progress = Progress::new(if o.flag("--quiet") {
-                Mode::Quiet
-            } else {
-                Mode::Auto
-            });
+            let progress = Progress::new(Mode::quiet_if(o.flag("--quiet")));
             let chains = image::import_image(&store, &src, o.value("--ref"), o.value("--name"), &progress)?;
             progress.finish(&format!("imported {}", src.display()));
             println!("{}", image::lowerdir(&store, &chains)?);
