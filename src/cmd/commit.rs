@@ -73,7 +73,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         return Ok(());
     }
     let a = parse(&args)?;
-    let c = commit(&a)?;
+    let c = commit(&a, &crate::progress::Progress::new(crate::progress::Mode::Auto))?;
     eprintln!(
         "verlay commit: writers paused for {:.3} ms ({} entries, {} bytes of file data copied)",
         c.paused_us as f64 / 1000.0,

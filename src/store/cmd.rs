@@ -258,12 +258,13 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
                 "verlay image pull",
                 rest,
                 &["--store", "--retries", "--timeout", "--authfile", "--creds"],
-                &["--plain-http", "--tls-verify"],
+                &["--plain-http", "--tls-verify", "--quiet"],
             )?;
             let (reference, opts) = registry_args(&o)?;
             let store = o.store()?;
-            let got = crate::registry::pull::pull(&store, &reference, &opts)?;
-            eprintln!(
+            let progress = Progress::new(Mode::quiet_if(o.flag("--quiet")));
+            let got = crate::registry::pull::pull(&store, &reference, &opts, &progress)?;
+            progress.say(&format!(
                 "verlay: pulled {} (manifest {}): {} layers, {} new; {} blobs fetched ({} bytes), {} already in the store",
                 got.name,
                 got.manifest,
@@ -272,7 +273,7 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
                 got.blobs_fetched,
                 got.bytes_fetched,
                 got.blobs_present
-            );
+            ));
             println!("{}", image::lowerdir(&store, &got.chain_ids)?);
             Ok(())
         }
@@ -281,7 +282,7 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
                 "verlay image push",
                 rest,
                 PUSH_VALUED,
-                &["--plain-http", "--tls-verify"],
+                &["--plain-http", "--tls-verify", "--quiet"],
             )?;
             let (reference, opts) = registry_args(&o)?;
             let store = o.store()?;
@@ -289,12 +290,13 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
                 .value("--image")
                 .map(str::to_owned)
                 .unwrap_or_else(|| reference.to_string());
-            let got = crate::registry::push::push(&store, &source, &reference, &opts)?;
-            eprintln!(
+            let progress = Progress::new(Mode::quiet_if(o.flag("--quiet")));
+            let got = crate::registry::push::push(&store, &source, &reference, &opts, &progress)?;
+            progress.say(&format!(
                 "verlay: pushed {source} to {reference} (manifest {}): {} blobs uploaded in {} sessions \
                  ({} bytes sent), {} already in the registry",
                 got.manifest, got.blobs_uploaded, got.sessions, got.bytes_sent, got.blobs_present
-            );
+            ));
             println!("{reference}@{}", got.manifest);
             Ok(())
         }
