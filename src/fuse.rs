@@ -152,6 +152,12 @@ macro_rules! traced {
     ($op:literal, $ino:expr, $name:expr; $call:expr) => {
         traced!(@ $op, $ino, Some($name), $call)
     };
+    ($op:literal, $ino:expr; do $call:expr) => {
+        traced!(@ $op, $ino, None, {
+            $call;
+            Ok::<(), Error>(())
+        })
+    };
     ($op:literal, $ino:expr; $call:expr) => {
         traced!(@ $op, $ino, None, $call)
     };
@@ -316,7 +322,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _ = traced!("forget", ino.0; Ok::<(), Error>(self.union.forget(ino.0, nlookup)));
+        let _ = traced!("forget", ino.0; do self.union.forget(ino.0, nlookup));
     }
 
     fn batch_forget(&self, _req: &Request, nodes: &[fuser::ForgetOne]) {
@@ -525,7 +531,7 @@ impl Filesystem for VerlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _ = traced!("release", ino.0; Ok::<(), Error>(self.union.release(fh.0)));
+        let _ = traced!("release", ino.0; do self.union.release(fh.0));
         self.release_backing(ino.0, fh.0);
         reply.ok();
     }
