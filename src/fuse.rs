@@ -150,6 +150,79 @@ fn fail(op: &'static str, ino: u64, e: &Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// Run one union call; with debug logging on, log the request after it: op, node, entry
+/// name, result and microseconds, one line (`-d` promises every request). Without debug the
+/// call runs bare: one cached level check, nothing formatted, no clock read. (`;` before the
+/// call keeps rustfmt from spreading the handlers' one-line uses over five lines.)
+macro_rules! traced {
+    ($op:literal, $ino:expr, $name:expr; $call:expr) => {
+        traced!(@ $op, $ino, Some($name), $call)
+    };
+    ($op:literal, $ino:expr; do $call:expr) => {
+        traced!(@ $op, $ino, None, {
+            $call;
+            Ok::<(), Error>(())
+        })
+    };
+    ($op:literal, $ino:expr; $call:expr) => {
+        traced!(@ $op, $ino, None, $call)
+    };
+    (@ $op:literal, $ino:expr, $name:expr, $call:expr) => {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let t0 = std::time::Instant::now();
+            let r = $call;
+            log_request($op, $ino, $name, &r, t0);
+            r
+        } else {
+            $call
+        }
+    };
+}
+
+/// The debug line of [`traced!`]: `path` is the entry name for the calls that take one.
+fn log_request<T>(
+    op: &'static str,
+    ino: u64,
+    name: Option<&OsStr>,
+    r: &Result<T, Error>,
+    t0: std::time::Instant,
+) {
+    let us = t0.elapsed().as_micros() as u64;
+    let path = name.unwrap_or_default().to_string_lossy();
+    match r {
+        Ok(_) => debug!(op, ino, path = %path, result = "ok", us, "request"),
+        Err(e) => debug!(op, ino, path = %path, result = errno_name(e.errno()), us, "request"),
+    }
+}
+
+/// The symbolic name of the errnos a filesystem returns, for the request log.
+fn errno_name(n: i32) -> &'static str {
+    match n {
+        libc::ENOENT => "ENOENT",
+        libc::EEXIST => "EEXIST",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EACCES => "EACCES",
+        libc::EPERM => "EPERM",
+        libc::EIO => "EIO",
+        libc::EINVAL => "EINVAL",
+        libc::EXDEV => "EXDEV",
+        libc::ENOSPC => "ENOSPC",
+        libc::ENODATA => "ENODATA",
+        libc::ERANGE => "ERANGE",
+        libc::ENOSYS => "ENOSYS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::EROFS => "EROFS",
+        libc::EBADF => "EBADF",
+        libc::ELOOP => "ELOOP",
+        libc::EMLINK => "EMLINK",
+        libc::EBUSY => "EBUSY",
+        _ => "errno",
+    }
+}
+
 fn systime(t: Timespec) -> SystemTime {
     if t.tv_sec >= 0 {
         UNIX_EPOCH + Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
@@ -257,9 +330,9 @@ impl Filesystem for VerlayFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         // "." and "..": the kernel decoding a file handle (FUSE_EXPORT_SUPPORT)
         let found = if name == "." || name == ".." {
-            self.union.lookup_export(parent.0, name)
+            traced!("lookup", parent.0, name; self.union.lookup_export(parent.0, name))
         } else {
-            self.union.lookup(parent.0, name)
+            traced!("lookup", parent.0, name; self.union.lookup(parent.0, name))
         };
         match found {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
@@ -268,7 +341,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.union.forget(ino.0, nlookup);
+        let _ = traced!("forget", ino.0; do self.union.forget(ino.0, nlookup));
     }
 
     fn batch_forget(&self, _req: &Request, nodes: &[fuser::ForgetOne]) {
@@ -277,7 +350,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.union.getattr(ino.0, fh.map(|f| f.0)) {
+        match traced!("getattr", ino.0; self.union.getattr(ino.0, fh.map(|f| f.0))) {
             Ok(a) => reply.attr(&self.ttl, &fuse_attr(&a)),
             Err(e) => reply.error(fail("getattr", ino.0, &e)),
         }
@@ -315,14 +388,14 @@ impl Filesystem for VerlayFs {
             atime: t(atime),
             mtime: t(mtime),
         };
-        match self.union.setattr(&ctx(req), ino.0, fh.map(|f| f.0), sa) {
+        match traced!("setattr", ino.0; self.union.setattr(&ctx(req), ino.0, fh.map(|f| f.0), sa)) {
             Ok(a) => reply.attr(&self.ttl, &fuse_attr(&a)),
             Err(e) => reply.error(fail("setattr", ino.0, &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.union.readlink(ino.0) {
+        match traced!("readlink", ino.0; self.union.readlink(ino.0)) {
             Ok(t) => reply.data(t.as_encoded_bytes()),
             Err(e) => reply.error(fail("readlink", ino.0, &e)),
         }
@@ -338,9 +411,7 @@ impl Filesystem for VerlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self
-            .union
-            .mknod(&ctx_umask(req, umask), parent.0, name, mode, rdev as u64)
+        match traced!("mknod", parent.0, name; self.union.mknod(&ctx_umask(req, umask), parent.0, name, mode, rdev as u64))
         {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("mknod", parent.0, &e)),
@@ -348,30 +419,31 @@ impl Filesystem for VerlayFs {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        match self.union.mkdir(&ctx_umask(req, umask), parent.0, name, mode) {
+        match traced!("mkdir", parent.0, name; self.union.mkdir(&ctx_umask(req, umask), parent.0, name, mode))
+        {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("mkdir", parent.0, &e)),
         }
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.union.unlink(&ctx(req), parent.0, name) {
+        match traced!("unlink", parent.0, name; self.union.unlink(&ctx(req), parent.0, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("unlink", parent.0, &e)),
         }
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.union.rmdir(&ctx(req), parent.0, name) {
+        match traced!("rmdir", parent.0, name; self.union.rmdir(&ctx(req), parent.0, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rmdir", parent.0, &e)),
         }
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        match self
+        match traced!("symlink", parent.0, link_name; self
             .union
-            .symlink(&ctx(req), parent.0, link_name, target.as_os_str())
+            .symlink(&ctx(req), parent.0, link_name, target.as_os_str()))
         {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("symlink", parent.0, &e)),
@@ -388,9 +460,9 @@ impl Filesystem for VerlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self
+        match traced!("rename", parent.0, name; self
             .union
-            .rename(&ctx(req), parent.0, name, newparent.0, newname, flags.bits())
+            .rename(&ctx(req), parent.0, name, newparent.0, newname, flags.bits()))
         {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rename", parent.0, &e)),
@@ -398,14 +470,14 @@ impl Filesystem for VerlayFs {
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        match self.union.link(&ctx(req), ino.0, newparent.0, newname) {
+        match traced!("link", ino.0, newname; self.union.link(&ctx(req), ino.0, newparent.0, newname)) {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("link", ino.0, &e)),
         }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.union.open(&ctx(req), ino.0, flags.0) {
+        match traced!("open", ino.0; self.union.open(&ctx(req), ino.0, flags.0)) {
             Ok(fh) => {
                 if let Some(b) = self.backing(ino.0, fh, |fd| reply.open_backing(fd)) {
                     return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
@@ -432,7 +504,7 @@ impl Filesystem for VerlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.union.read(fh.0, offset, size) {
+        match traced!("read", ino.0; self.union.read(fh.0, offset, size)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(fail("read", ino.0, &e)),
         }
@@ -450,7 +522,7 @@ impl Filesystem for VerlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.union.write(fh.0, offset, data) {
+        match traced!("write", ino.0; self.union.write(fh.0, offset, data)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail("write", ino.0, &e)),
         }
@@ -479,13 +551,13 @@ impl Filesystem for VerlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.union.release(fh.0);
+        let _ = traced!("release", ino.0; do self.union.release(fh.0));
         self.release_backing(ino.0, fh.0);
         reply.ok();
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        match self.union.fsync(fh.0, datasync) {
+        match traced!("fsync", ino.0; self.union.fsync(fh.0, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsync", ino.0, &e)),
         }
@@ -502,7 +574,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.dir_read(ino.0, fh.0, offset) {
+        match traced!("readdir", ino.0; self.dir_read(ino.0, fh.0, offset)) {
             Ok((entries, start, gen)) => {
                 for (i, e) in entries.iter().enumerate().skip(start) {
                     let next = crate::union::dir_cookie(gen, i + 1);
@@ -527,7 +599,7 @@ impl Filesystem for VerlayFs {
         // Entries come with their attributes, so `ls -l` and `find` need no LOOKUP each. Every
         // entry the kernel links takes a lookup reference; "." and ".." (node id 0) and
         // entries that do not fit take none.
-        let (entries, start, gen) = match self.dir_read(ino.0, fh.0, offset) {
+        let (entries, start, gen) = match traced!("readdirplus", ino.0; self.dir_read(ino.0, fh.0, offset)) {
             Ok(r) => r,
             Err(e) => return reply.error(fail("readdirplus", ino.0, &e)),
         };
@@ -579,14 +651,14 @@ impl Filesystem for VerlayFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.union.fsyncdir(ino.0) {
+        match traced!("fsyncdir", ino.0; self.union.fsyncdir(ino.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsyncdir", ino.0, &e)),
         }
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        match self.union.statfs() {
+        match traced!("statfs", ino.0; self.union.statfs()) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -611,28 +683,28 @@ impl Filesystem for VerlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.union.setxattr(&ctx(req), ino.0, name, value, flags) {
+        match traced!("setxattr", ino.0, name; self.union.setxattr(&ctx(req), ino.0, name, value, flags)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("setxattr", ino.0, &e)),
         }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.union.getxattr(ino.0, name) {
+        match traced!("getxattr", ino.0, name; self.union.getxattr(ino.0, name)) {
             Ok(v) => reply_xattr(reply, &v, size),
             Err(e) => reply.error(fail("getxattr", ino.0, &e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.union.listxattr(ino.0) {
+        match traced!("listxattr", ino.0; self.union.listxattr(ino.0)) {
             Ok(v) => reply_xattr(reply, &v, size),
             Err(e) => reply.error(fail("listxattr", ino.0, &e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.union.removexattr(ino.0, name) {
+        match traced!("removexattr", ino.0, name; self.union.removexattr(ino.0, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("removexattr", ino.0, &e)),
         }
@@ -653,9 +725,7 @@ impl Filesystem for VerlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .union
-            .create(&ctx_umask(req, umask), parent.0, name, mode, flags)
+        match traced!("create", parent.0, name; self.union.create(&ctx_umask(req, umask), parent.0, name, mode, flags))
         {
             Ok((e, fh)) => match self.backing(e.id, fh, |fd| reply.open_backing(fd)) {
                 Some(b) => reply.created_with_nodeid_passthrough(
@@ -690,7 +760,7 @@ impl Filesystem for VerlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.union.fallocate(fh.0, offset, length, mode) {
+        match traced!("fallocate", ino.0; self.union.fallocate(fh.0, offset, length, mode)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fallocate", ino.0, &e)),
         }
@@ -705,7 +775,7 @@ impl Filesystem for VerlayFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.union.lseek(fh.0, offset, whence) {
+        match traced!("lseek", ino.0; self.union.lseek(fh.0, offset, whence)) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fail("lseek", ino.0, &e)),
         }

@@ -32,6 +32,7 @@ pub mod layer;
 pub mod logging;
 pub mod lower;
 pub mod mount;
+pub mod progress;
 pub mod registry;
 pub mod store;
 pub mod sys;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{progress_mode, store_dir, Global, ProgressMode};
+use super::{progress, store_dir, Global};
 use crate::commit::{commit, CommitArgs};
 use crate::error::Result;
 use crate::store::Store;
@@ -32,8 +32,9 @@ pub fn run(g: &Global, c: CommitCmd) -> Result<()> {
         output: c.output,
     };
     create_missing_store(&a)?;
-    let got = commit(&a)?;
-    if progress_mode(g.quiet) == ProgressMode::Auto {
+    let progress = progress(g);
+    let got = commit(&a, &progress)?;
+    if !g.quiet {
         eprintln!(
             "verlay commit: writers paused for {:.3} ms ({} entries, {} bytes of file data copied)",
             got.paused_us as f64 / 1000.0,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{existing_store, print_json, progress_mode, store_for_writing, Format, Global, ProgressMode};
+use super::{existing_store, print_json, progress, store_for_writing, Format, Global};
 use crate::error::Result;
 use crate::registry::{Options, Reference};
 use crate::store::image;
@@ -115,7 +115,6 @@ impl RegistryArgs {
 
 /// Run one `verlay image` subcommand.
 pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
-    let summary = progress_mode(g.quiet) == ProgressMode::Auto;
     match c {
         ImageCmd::Import {
             reference,
@@ -123,7 +122,10 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
             source,
         } => {
             let store = store_for_writing(g, "verlay image import")?;
-            let chains = image::import_image(&store, &source, reference.as_deref(), name.as_deref())?;
+            let progress = progress(g);
+            let chains =
+                image::import_image(&store, &source, reference.as_deref(), name.as_deref(), &progress)?;
+            progress.finish(&format!("imported {}", source.display()));
             println!("{}", image::lowerdir(&store, &chains)?);
             Ok(())
         }
@@ -131,19 +133,18 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
             let reference = Reference::parse(&reference)?;
             let opts = registry.options(None);
             let store = store_for_writing(g, "verlay image pull")?;
-            let got = crate::registry::pull::pull(&store, &reference, &opts)?;
-            if summary {
-                eprintln!(
-                    "verlay: pulled {} (manifest {}): {} layers, {} new; {} blobs fetched ({} bytes), {} already in the store",
-                    got.name,
-                    got.manifest,
-                    got.chain_ids.len(),
-                    got.layers_imported,
-                    got.blobs_fetched,
-                    got.bytes_fetched,
-                    got.blobs_present
-                );
-            }
+            let progress = progress(g);
+            let got = crate::registry::pull::pull(&store, &reference, &opts, &progress)?;
+            progress.say(&format!(
+                "verlay: pulled {} (manifest {}): {} layers, {} new; {} blobs fetched ({} bytes), {} already in the store",
+                got.name,
+                got.manifest,
+                got.chain_ids.len(),
+                got.layers_imported,
+                got.blobs_fetched,
+                got.bytes_fetched,
+                got.blobs_present
+            ));
             println!("{}", image::lowerdir(&store, &got.chain_ids)?);
             Ok(())
         }
@@ -157,14 +158,13 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
             let opts = registry.options(chunk_size);
             let store = existing_store(g, "verlay image push")?;
             let source = image.unwrap_or_else(|| reference.to_string());
-            let got = crate::registry::push::push(&store, &source, &reference, &opts)?;
-            if summary {
-                eprintln!(
-                    "verlay: pushed {source} to {reference} (manifest {}): {} blobs uploaded in {} sessions \
-                     ({} bytes sent), {} already in the registry",
-                    got.manifest, got.blobs_uploaded, got.sessions, got.bytes_sent, got.blobs_present
-                );
-            }
+            let progress = progress(g);
+            let got = crate::registry::push::push(&store, &source, &reference, &opts, &progress)?;
+            progress.say(&format!(
+                "verlay: pushed {source} to {reference} (manifest {}): {} blobs uploaded in {} sessions \
+                 ({} bytes sent), {} already in the registry",
+                got.manifest, got.blobs_uploaded, got.sessions, got.bytes_sent, got.blobs_present
+            ));
             println!("{reference}@{}", got.manifest);
             Ok(())
         }

@@ -88,7 +88,11 @@ pub fn run(g: &Global, c: LayerCmd) -> Result<()> {
                 source: file.display().to_string(),
                 fsync_each,
             };
-            let got = store.import_layer(&mut f, &opts)?;
+            let progress = super::progress(g);
+            let size = f.metadata().ok().map(|m| m.len());
+            let got = store.import_layer(&mut progress.reader(&mut f, "layer", size), &opts)?;
+            progress.layer_done();
+            progress.finish(&format!("imported {}", file.display()));
             println!("{}", got.chain_id);
             Ok(())
         }

@@ -81,22 +81,10 @@ pub enum Format {
     Json,
 }
 
-/// What a long command reports on stderr while it works. `Auto`: progress on a terminal and
-/// one summary line otherwise; `Quiet`: nothing. This is the point where the progress
-/// module's mode is built from `--quiet`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProgressMode {
-    Auto,
-    Quiet,
-}
-
-/// The progress mode `--quiet` asks for.
-pub fn progress_mode(quiet: bool) -> ProgressMode {
-    if quiet {
-        ProgressMode::Quiet
-    } else {
-        ProgressMode::Auto
-    }
+/// What a long command reports on stderr while it works (`--quiet`: nothing; else
+/// progress on a terminal and one summary line otherwise).
+pub fn progress(g: &Global) -> crate::progress::Progress {
+    crate::progress::Progress::new(crate::progress::Mode::quiet_if(g.quiet))
 }
 
 #[derive(Debug, Subcommand)]

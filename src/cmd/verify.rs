@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::json;
 
-use super::{check_is_store, print_json, progress_mode, Format, Global, ProgressMode};
+use super::{check_is_store, print_json, Format, Global};
 use crate::digest::is_sha256_hex;
 use crate::error::{Error, Result};
 use crate::lower::manifest::{self, Manifest};
@@ -175,7 +175,7 @@ fn describe(e: &Error) -> String {
 /// `verlay verify`: 0 clean, 1 damage found.
 pub fn run(g: &Global, a: VerifyArgs) -> Result<u8> {
     let targets = targets(g, a)?;
-    let quiet = progress_mode(g.quiet) == ProgressMode::Quiet;
+    let quiet = g.quiet;
     let show_progress = !quiet && std::io::stderr().is_terminal();
     let mut damaged = 0usize;
     let mut report = Vec::new();

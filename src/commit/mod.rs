@@ -46,6 +46,7 @@ use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::layer::LayerDir;
+use crate::progress::Progress;
 use crate::store::{ImportOptions, Store};
 use crate::upper::crash_point;
 
@@ -79,7 +80,7 @@ pub struct Committed {
 
 /// Commit the upper of the mount at `a.mountpoint` into the store (the steps of the module
 /// doc).
-pub fn commit(a: &CommitArgs) -> Result<Committed> {
+pub fn commit(a: &CommitArgs, progress: &Progress) -> Result<Committed> {
     // 1. checks, before anything changes.
     let (daemon, mount) = snapshot::connect(&a.mountpoint)?;
     stage::check_store(&a.store, mount.dev)?;
@@ -125,8 +126,15 @@ pub fn commit(a: &CommitArgs) -> Result<Committed> {
         source: format!("commit of {}", a.mountpoint.display()),
         fsync_each: false,
     };
-    let (imported, diff_id, tar_bytes) =
-        tar::import(&store, &opts, &items, &data, merged.as_ref(), output.as_mut())?;
+    let (imported, diff_id, tar_bytes) = tar::import(
+        &store,
+        &opts,
+        &items,
+        &data,
+        merged.as_ref(),
+        output.as_mut(),
+        progress,
+    )?;
     check_recorded(&store, &imported.chain_id, &diff_id)?;
     // 8. the output tarball.
     if let Some(o) = output.take() {

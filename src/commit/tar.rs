@@ -40,6 +40,7 @@ use super::snapshot::{DataFile, DataLoc};
 use super::stage::{Staged, COPY_BUF};
 use super::translate::{bytes_path, Data, Item, ItemKind};
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 use crate::store::{ImportOptions, Imported, Store};
 
 /// Size of one tar block: headers and data are padded to it.
@@ -62,10 +63,11 @@ pub(super) fn import(
     data: &Staged,
     merged: Option<&crate::union::Union>,
     output: Option<&mut Output>,
+    progress: &Progress,
 ) -> Result<(Imported, String, u64)> {
     // A socket pair as the pipe (std::io::pipe needs a newer Rust than our MSRV): EOF when
     // the writer is done, EPIPE for the writer when the import stopped reading.
-    let (mut reader, writer) = UnixStream::pair().map_err(|e| Error::io("commit.pipe", "", e))?;
+    let (reader, writer) = UnixStream::pair().map_err(|e| Error::io("commit.pipe", "", e))?;
     let (imported, written) = std::thread::scope(|scope| {
         let out_file = output.map(|o| &mut o.file);
         let producer = scope.spawn(move || -> Result<(String, u64)> {
@@ -82,7 +84,7 @@ pub(super) fn import(
             w.out.flush().map_err(|e| Error::io("commit.tar", "", e))?;
             Ok((crate::digest::sha256_id(&w.hasher.finalize()), w.bytes))
         });
-        let imported = store.import_layer(&mut reader, opts);
+        let imported = store.import_layer(&mut progress.reader(&reader, "layer tar", None), opts);
         // Unblocks a producer still writing when the import stopped early.
         drop(reader);
         let written = producer.join().unwrap_or_else(|_| {

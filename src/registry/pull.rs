@@ -13,6 +13,7 @@
 //!    [`Store::import_layer`] with the diffID of the config, on its parent.
 //! 4. `pull.record`: the image record (`images/<ref>.json`) is written last.
 
+use crate::progress::Progress;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 
@@ -47,7 +48,7 @@ pub struct Pulled {
 }
 
 /// Pull `reference` into `store`.
-pub fn pull(store: &Store, reference: &Reference, opts: &Options) -> Result<Pulled> {
+pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Progress) -> Result<Pulled> {
     let client = Client::new(reference, opts)?;
     blobs::ensure_dirs(store)?;
     let mut out = Pulled {
@@ -85,7 +86,7 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options) -> Result<Pull
         ));
     }
     // step pull.blob: the config first (it has the diff IDs), then the layers.
-    fetch_blob(store, &client, &m.config, &mut out)?;
+    fetch_blob(store, &client, &m.config, &mut out, progress)?;
     let config = blobs::read_blob(store, &m.config.digest)?;
     let diff_ids = manifest::diff_ids(&config, &format!("config {} of {reference}", m.config.digest))?;
     if diff_ids.len() != m.layers.len() {
@@ -100,15 +101,17 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options) -> Result<Pull
         ));
     }
     let mut parent: Option<String> = None;
+    progress.layers(m.layers.len() as u64);
     for (i, (layer, diff_id)) in m.layers.iter().zip(&diff_ids).enumerate() {
         let chain = chain_id(parent.as_deref(), diff_id);
-        fetch_blob(store, &client, layer, &mut out)?;
+        fetch_blob(store, &client, layer, &mut out, progress)?;
         // step pull.import
         if !store.has_layer(&chain) {
             let p = blobs::blob_path(store, &layer.digest);
-            let mut f = File::open(&p).map_err(|e| Error::io("pull.import", &p, e))?;
+            let f = File::open(&p).map_err(|e| Error::io("pull.import", &p, e))?;
+            let label = format!("unpack {}/{}", i + 1, m.layers.len());
             let got = store.import_layer(
-                &mut f,
+                &mut progress.reader(f, label, Some(layer.size)),
                 &ImportOptions {
                     parent: parent.clone(),
                     diff_id: Some(diff_id.clone()),
@@ -119,6 +122,7 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options) -> Result<Pull
             )?;
             out.layers_imported += usize::from(got.new);
         }
+        progress.layer_done();
         tracing::info!(layer = %chain, index = i + 1, digest = %layer.digest, "pulled layer in the store");
         parent = Some(chain.clone());
         out.chain_ids.push(chain);
@@ -183,6 +187,12 @@ fn fetch_manifest(client: &Client, r: &str, pinned: Option<&str>) -> Result<(Vec
     })
 }
 
+/// A blob's bar label: `blob ` and the first 12 hex digits of its digest.
+fn short_blob(digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    format!("blob {}", hex.get(..12).unwrap_or(hex))
+}
+
 /// sha256 of the first `n` bytes of `f`.
 fn hash_prefix(f: &mut File, n: u64, p: &std::path::Path) -> Result<Sha256> {
     let mut h = Sha256::new();
@@ -200,11 +210,18 @@ fn hash_prefix(f: &mut File, n: u64, p: &std::path::Path) -> Result<Sha256> {
 }
 
 /// Make the blob `desc` complete and verified in the store (step `pull.blob`).
-fn fetch_blob(store: &Store, client: &Client, desc: &Descriptor, out: &mut Pulled) -> Result<()> {
+fn fetch_blob(
+    store: &Store,
+    client: &Client,
+    desc: &Descriptor,
+    out: &mut Pulled,
+    progress: &Progress,
+) -> Result<()> {
     if blobs::has_blob(store, &desc.digest) {
         out.blobs_present += 1;
         return Ok(());
     }
+    let bar = progress.bytes(short_blob(&desc.digest), Some(desc.size));
     out.blobs_fetched += 1;
     let p = blobs::incoming_path(store, &desc.digest);
     let url = client.url(&format!("blobs/{}", desc.digest));
@@ -301,6 +318,7 @@ fn fetch_blob(store: &Store, client: &Client, desc: &Descriptor, out: &mut Pulle
                 ));
             }
             h.update(chunk);
+            bar.inc(chunk.len() as u64);
             f.write_all(chunk)
                 .map_err(|e| Error::io("pull.blob_write", &p, e))
         });

@@ -48,7 +48,13 @@ pub struct Pushed {
 }
 
 /// Push the image recorded under `source` to `target`.
-pub fn push(store: &crate::store::Store, source: &str, target: &Reference, opts: &Options) -> Result<Pushed> {
+pub fn push(
+    store: &crate::store::Store,
+    source: &str,
+    target: &Reference,
+    opts: &Options,
+    progress: &crate::progress::Progress,
+) -> Result<Pushed> {
     let rec: ImageRecord = blobs::find_record(store, source)?;
     let bytes = blobs::read_blob(store, &rec.manifest)?;
     let m = manifest::parse(&bytes, &format!("manifest {} of {}", rec.manifest, rec.name))?;
@@ -73,8 +79,10 @@ pub fn push(store: &crate::store::Store, source: &str, target: &Reference, opts:
     }
     let client = Client::new(target, opts)?;
     let mut out = Pushed::default();
+    progress.layers(all.len() as u64);
     for d in all {
-        push_blob(store, &client, d, &mut out)?;
+        push_blob(store, &client, d, &mut out, progress)?;
+        progress.layer_done();
     }
 
     let tag = target.manifest_ref().to_string();
@@ -187,7 +195,13 @@ fn read_at(f: &mut File, p: &std::path::Path, off: u64, buf: &mut [u8]) -> Resul
 }
 
 /// Upload one blob unless the registry has it.
-fn push_blob(store: &crate::store::Store, client: &Client, d: &Descriptor, out: &mut Pushed) -> Result<()> {
+fn push_blob(
+    store: &crate::store::Store,
+    client: &Client,
+    d: &Descriptor,
+    out: &mut Pushed,
+    progress: &crate::progress::Progress,
+) -> Result<()> {
     if registry_has(client, d)? {
         tracing::info!(digest = %d.digest, "registry has the blob; skipped");
         out.blobs_present += 1;
@@ -204,6 +218,8 @@ fn push_blob(store: &crate::store::Store, client: &Client, d: &Descriptor, out: 
         ));
     }
     let what = format!("blob {}", d.digest);
+    let hex = d.digest.strip_prefix("sha256:").unwrap_or(&d.digest);
+    let bar = progress.bytes(format!("blob {}", hex.get(..12).unwrap_or(hex)), Some(size));
     let retries = client.opts.retries;
     let chunk_size = client.opts.chunk_size.max(1) as u64;
     let mut buf = vec![0u8; chunk_size.min(size.max(1)) as usize];
@@ -263,6 +279,7 @@ fn push_blob(store: &crate::store::Store, client: &Client, d: &Descriptor, out: 
             read_at(&mut f, &p, offset, chunk)?;
             let range = format!("{}-{}", offset, offset + len - 1);
             out.bytes_sent += len;
+            bar.inc(len);
             let sent = client.request(
                 Method::PATCH,
                 &loc,

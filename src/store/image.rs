@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+
+use crate::progress::Progress;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -703,6 +705,7 @@ pub fn import_image(
     source: &Path,
     reference: Option<&str>,
     name: Option<&str>,
+    progress: &Progress,
 ) -> Result<Vec<String>> {
     let src = Source::open(source)?;
     let (layers, kept) = if src.has("index.json") {
@@ -718,13 +721,15 @@ pub fn import_image(
     };
     let mut parent: Option<String> = None;
     let mut chains = Vec::with_capacity(layers.len());
+    progress.layers(layers.len() as u64);
     for (i, l) in layers.iter().enumerate() {
         let chain = chain_id(parent.as_deref(), &l.diff_id);
         if !store.has_layer(&chain) {
             let (r, size) = src.reader(&l.name)?;
             check_layer_size(&src, l, size)?;
             // Bytes past the size are never read, so the count and the digest agree.
-            let mut r = r.take(size);
+            let label = format!("layer {}/{}", i + 1, layers.len());
+            let mut r = progress.reader(r.take(size), label, Some(size));
             let opts = ImportOptions {
                 parent: parent.clone(),
                 diff_id: Some(l.diff_id.clone()),
@@ -735,6 +740,7 @@ pub fn import_image(
             let got = store.import_layer(&mut r, &opts)?;
             debug_assert_eq!(got.chain_id, chain);
         }
+        progress.layer_done();
         tracing::info!(layer = %chain, index = i + 1, "image layer in the store");
         parent = Some(chain.clone());
         chains.push(chain);
