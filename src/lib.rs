@@ -26,6 +26,7 @@ pub mod control;
 pub mod demo;
 pub mod digest;
 pub mod error;
+pub mod failpoint;
 pub mod fuse;
 pub mod layer;
 pub mod logging;

@@ -47,7 +47,7 @@ use tracing::info;
 use crate::error::{Error, Result};
 use crate::layer::LayerDir;
 use crate::store::{ImportOptions, Store};
-use crate::upper::crash_point;
+use crate::failpoint::crash_point;
 
 /// What to commit, and where.
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use crate::control::{
 };
 use crate::error::{Error, Result};
 use crate::layer::{is_whiteout_stat, Kind, LayerDir};
-use crate::upper::crash_point;
+use crate::failpoint::crash_point;
 
 /// Longest wait for one answer of the daemon: it answers at once, or after in-flight
 /// requests leave the gate (freeze); one that says nothing for this long is wedged, and a

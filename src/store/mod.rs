@@ -53,6 +53,7 @@ use sha2::{Digest, Sha256};
 
 use crate::digest::{hex_part as hex_of, parse_digest, sha256_digest, sha256_id};
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 
 /// Name of the store lock file.
 const LOCK: &str = "lock";
@@ -692,15 +693,6 @@ impl Store {
             chain_id: chain,
             new: true,
         })
-    }
-}
-
-/// Named crash points of the import, for tests: with `VERLAY_CRASH_AT=<step>` in the
-/// environment the process kills itself (SIGKILL) right after that step (no cleanup, no destructors: what a
-/// kill -9 leaves). The names are the steps documented above.
-fn crash_point(step: &str) {
-    if std::env::var_os("VERLAY_CRASH_AT").is_some_and(|s| s == step) {
-        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }
 
