@@ -32,6 +32,7 @@ pub mod layer;
 pub mod logging;
 pub mod lower;
 pub mod mount;
+pub mod oci;
 pub mod registry;
 pub mod store;
 pub mod sys;

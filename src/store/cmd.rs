@@ -291,7 +291,7 @@ pub fn image(args: Vec<OsString>) -> Result<()> {
             o.positionals(0, "no arguments")?;
             let store = o.store()?;
             println!("{:40}  {:71}  LAYERS", "NAME", "MANIFEST");
-            for r in crate::registry::blobs::list_records(&store)? {
+            for r in super::blobs::list_records(&store)? {
                 println!("{:40}  {:71}  {}", r.name, r.manifest, r.chain_ids.len());
             }
             Ok(())

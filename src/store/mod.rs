@@ -14,6 +14,7 @@
 //! STORE/layers/<chain-hex>/diff.verlay-manifest   the layer manifest (`lower::manifest`)
 //! STORE/layers/<chain-hex>/layer.json        chain id, diff id, parent chain id, size,
 //!                                            entry count, manifest digest, created time
+//! STORE/blobs/, STORE/images/, STORE/uploads/   images as a registry knows them ([`blobs`])
 //! ```
 //!
 //! `<chain-hex>` is the hex part of the layer's chain ID, computed as docker and containerd
@@ -39,6 +40,7 @@
 //! Must not: write into a published layer, or follow a symlink from a tarball
 //! (see [`unpack`]).
 
+pub mod blobs;
 pub mod cmd;
 pub mod image;
 pub mod unpack;
