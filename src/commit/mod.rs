@@ -45,9 +45,9 @@ use std::path::PathBuf;
 use tracing::info;
 
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 use crate::layer::LayerDir;
 use crate::store::{ImportOptions, Store};
-use crate::failpoint::crash_point;
 
 /// What to commit, and where.
 #[derive(Debug, Clone)]

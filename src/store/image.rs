@@ -512,9 +512,7 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<(Vec<LayerRef>, K
             index = doc;
             continue;
         }
-        let mt = mt
-            .unwrap_or(crate::oci::MT_OCI_MANIFEST)
-            .to_string();
+        let mt = mt.unwrap_or(crate::oci::MT_OCI_MANIFEST).to_string();
         break (doc, bytes, mt);
     };
     let cfg = manifest
