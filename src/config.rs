@@ -33,12 +33,20 @@ const FOREIGN_ENTRIES_SHOWN: usize = 5;
 pub struct Layers {
     /// Lower layers, top first.
     pub lowers: Vec<PathBuf>,
-    /// The upper layer; `None` for a read-only mount.
-    pub upper: Option<PathBuf>,
-    /// The workdir; present exactly when `upper` is.
-    pub work: Option<PathBuf>,
+    /// The upper layer and its workdir; `None` for a read-only mount.
+    pub upper: Option<UpperWork>,
     /// Where the merged view is mounted.
     pub mountpoint: PathBuf,
+}
+
+/// An upperdir with its workdir: one is never given without the other, on one filesystem,
+/// neither inside the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpperWork {
+    /// upperdir
+    pub upper: PathBuf,
+    /// workdir
+    pub work: PathBuf,
 }
 
 impl Layers {
@@ -131,14 +139,12 @@ pub fn validate(args: &MountArgs) -> Result<Layers, Error> {
         check_workdir_entries(work_what, &work.path)?;
     }
 
-    let (upper, work) = match upper_work {
-        Some(((_, upper), (_, work))) => (Some(upper.path), Some(work.path)),
-        None => (None, None),
-    };
     Ok(Layers {
         lowers: lowers.into_iter().map(|(_, dir)| dir.path).collect(),
-        upper,
-        work,
+        upper: upper_work.map(|((_, upper), (_, work))| UpperWork {
+            upper: upper.path,
+            work: work.path,
+        }),
         mountpoint: mountpoint.path,
     })
 }
@@ -373,8 +379,10 @@ mod tests {
             layers,
             Layers {
                 lowers: vec![t.c("l1"), t.c("l2")],
-                upper: Some(t.c("u")),
-                work: Some(t.c("w")),
+                upper: Some(UpperWork {
+                    upper: t.c("u"),
+                    work: t.c("w"),
+                }),
                 mountpoint: t.c("m"),
             }
         );
@@ -387,7 +395,6 @@ mod tests {
         let t = Tree::new();
         let layers = validate(&t.args(&["l1"], None, "m")).expect("valid config");
         assert_eq!(layers.upper, None);
-        assert_eq!(layers.work, None);
         assert!(layers.is_read_only());
     }
 
@@ -509,7 +516,7 @@ mod tests {
         fs::create_dir_all(t.p("l1/up")).expect("mkdir");
         fs::create_dir_all(t.p("l1/wk")).expect("mkdir");
         let layers = validate(&t.args(&["l1"], Some(("l1/up", "l1/wk")), "m")).expect("allowed");
-        assert_eq!(layers.upper, Some(t.c("l1/up")));
+        assert_eq!(layers.upper.map(|uw| uw.upper), Some(t.c("l1/up")));
     }
 
     #[test]

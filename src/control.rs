@@ -454,7 +454,7 @@ fn hold_freeze(union: &Union, w: &mut UnixStream, r: &mut BufReader<UnixStream>)
         return Ok(false);
     }
     let held = Instant::now();
-    crate::upper::crash_point("gate.freeze");
+    crate::failpoint::crash_point("gate.freeze");
     let sent = send(
         w,
         Reply::Frozen {
@@ -476,7 +476,7 @@ fn hold_freeze(union: &Union, w: &mut UnixStream, r: &mut BufReader<UnixStream>)
     };
     drop(frozen);
     let paused = held.elapsed();
-    crate::upper::crash_point("gate.thaw");
+    crate::failpoint::crash_point("gate.thaw");
     info!(
         step = "commit.thaw",
         paused_us = paused.as_micros() as u64,

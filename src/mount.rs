@@ -15,7 +15,7 @@ use rustix::fs::FlockOperation;
 use tracing::{debug, info, warn};
 
 use crate::cli::MountArgs;
-use crate::config;
+use crate::config::{self, UpperWork};
 use crate::error::{Error, Result};
 use crate::fuse::VerlayFs;
 use crate::layer::LayerDir;
@@ -62,8 +62,8 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
         lowers.push(LayerDir::open(p, i + 1, format!("lower{i}"))?);
     }
     let o = &args.opts;
-    let upper = match (&layers.upper, &layers.work) {
-        (Some(u), Some(w)) => {
+    let upper = match &layers.upper {
+        Some(UpperWork { upper: u, work: w }) => {
             let up = Upper::open(u, w, o.fsync && !o.volatile)?;
             if let Err(e) = lock_upper(&up.dir.root) {
                 return Err(Error::usage(
@@ -84,7 +84,7 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
             }
             Some(up)
         }
-        _ => None,
+        None => None,
     };
     let map = |v: &Vec<crate::cli::IdMapping>| {
         v.iter()

@@ -46,6 +46,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
+use verlay::failpoint::Failpoints;
 
 use crate::error::{Error, Result};
 use crate::filter::{Filters, Subject};
@@ -137,14 +138,10 @@ fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
     })
 }
 
-/// Kill this process at a named step when `VERLAY_SNAPSHOTTER_CRASH_AT` names it: the crash
-/// tests' way to stop exactly between two steps (a kill -9 keeps the page cache, so this
-/// models a process crash, not a power cut).
-fn crash_point(step: &str) {
-    if std::env::var_os("VERLAY_SNAPSHOTTER_CRASH_AT").is_some_and(|s| s == step) {
-        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
-    }
-}
+/// The snapshotter's crash points, armed by `VERLAY_SNAPSHOTTER_CRASH_AT=STEP[:N]` (see
+/// [`verlay::failpoint`]): the crash tests' way to stop exactly between two steps (a kill -9
+/// keeps the page cache, so this models a process crash, not a power cut).
+static FAILPOINTS: Failpoints = Failpoints::new("VERLAY_SNAPSHOTTER_CRASH_AT");
 
 /// The snapshotter's state over one root directory.
 pub struct Snapshots {
@@ -405,7 +402,7 @@ impl Snapshots {
                     .map_err(|e| Error::io("create.mkdir", dir.join(sub), e))?;
             }
             fsync_dir(&self.root.join("snapshots"), "create.fsync_dir")?;
-            crash_point("create.mkdir");
+            FAILPOINTS.crash_point("create.mkdir");
             let now = SystemTime::now();
             let rec = Record {
                 id,
@@ -521,14 +518,14 @@ impl Snapshots {
         // writeback error since it was written reported (Linux >= 5.8 reports them through
         // the superblock), as the layer store's import does.
         rustix::fs::syncfs(&upper).map_err(|e| Error::io("commit.syncfs", &fs, e.into()))?;
-        crash_point("commit.syncfs");
+        FAILPOINTS.crash_point("commit.syncfs");
         let (size, inodes) = disk_usage(&fs)?;
         // step commit.seal: the manifest, written and fsynced beside fs.
         let digest = verlay::lower::manifest::seal(&fs).map_err(|source| Error::Verlay {
             op: "commit.seal",
             source,
         })?;
-        crash_point("commit.seal");
+        FAILPOINTS.crash_point("commit.seal");
         // step commit.record: the digest where every verlay mount of the layer checks it.
         // The file and field name are the layer store's (`store/mod.rs`), which
         // `lower::verify` reads at every mount of the layer.
@@ -543,7 +540,7 @@ impl Snapshots {
             why: e.to_string(),
         })?;
         write_durably(&dir.join("layer.json"), &record)?;
-        crash_point("commit.record");
+        FAILPOINTS.crash_point("commit.record");
         // step commit.db: one transaction swaps the active record for the committed one.
         let tx = self.db.begin_write().map_err(|e| Error::db("commit", e))?;
         {
@@ -580,7 +577,7 @@ impl Snapshots {
                 .map_err(|e| Error::db("commit", e))?;
         }
         tx.commit().map_err(|e| Error::db("commit", e))?;
-        crash_point("commit.db");
+        FAILPOINTS.crash_point("commit.db");
         drop(upper);
         // The workdir only ever holds temps of a mount; a committed layer has no mount.
         let work = dir.join("work");
@@ -637,7 +634,7 @@ impl Snapshots {
             r.id
         };
         tx.commit().map_err(|e| Error::db("remove", e))?;
-        crash_point("remove.db");
+        FAILPOINTS.crash_point("remove.db");
         // One rename takes the snapshot out of sight before its files go one by one: nobody
         // (a scrub, a debugging user) sees a half-removed layer under its id, and a crash
         // leaves a name Cleanup removes (not a number, so no record can name it).

@@ -170,7 +170,7 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
         }
         ImageCmd::Ls => {
             let store = existing_store(g, "verlay image ls")?;
-            let records = crate::registry::blobs::list_records(&store)?;
+            let records = crate::store::blobs::list_records(&store)?;
             if g.format == Format::Json {
                 let v: Vec<_> = records
                     .iter()

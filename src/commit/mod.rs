@@ -45,10 +45,10 @@ use std::path::PathBuf;
 use tracing::info;
 
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 use crate::layer::LayerDir;
 use crate::progress::Progress;
 use crate::store::{ImportOptions, Store};
-use crate::upper::crash_point;
 
 /// What to commit, and where.
 #[derive(Debug, Clone)]

@@ -21,8 +21,8 @@ use crate::control::{
     read_line, write_line, Op, Refusal, Reply, Request, Response, MAX_RESPONSE_LINE, PROTOCOL_VERSION,
 };
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 use crate::layer::{is_whiteout_stat, Kind, LayerDir};
-use crate::upper::crash_point;
 
 /// Longest wait for one answer of the daemon: it answers at once, or after in-flight
 /// requests leave the gate (freeze); one that says nothing for this long is wedged, and a

@@ -83,14 +83,7 @@ pub(super) struct Staging(PathBuf);
 impl Staging {
     /// Make the staging dir in `STORE/tmp`, with its empty `data/` and `data/packed`.
     pub fn create(store: &Store) -> Result<(Staging, Staged)> {
-        let staging = store.root().join("tmp").join(format!(
-            "commit-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
+        let staging = store.tmp_path("commit");
         std::fs::create_dir(&staging).map_err(|e| Error::io("commit.staging", &staging, e))?;
         let staging = Staging(staging);
         let data_path = staging.0.join("data");

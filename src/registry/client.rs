@@ -30,8 +30,7 @@ use super::reference::{is_loopback_host, Reference};
 use super::tls::{self, Transport};
 use crate::error::{Error, Result};
 
-/// The longest JSON document (manifest, index, error body) read into memory.
-pub const MAX_DOC: u64 = 8 << 20;
+pub use crate::oci::MAX_DOC;
 /// Backoff after the first failed attempt; it doubles each time up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Redirects followed for one request. A registry redirects a blob once, to its storage;

@@ -20,13 +20,12 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use sha2::{Digest, Sha256};
 use ureq::http::Method;
 
-use super::blobs;
 use super::client::{Client, Fail, Options};
-use super::manifest::{self, Descriptor};
 use super::reference::Reference;
 use crate::digest::sha256_digest;
 use crate::error::{Error, Result};
-use crate::store::{chain_id, ImportOptions, Store};
+use crate::oci::{self as manifest, Descriptor};
+use crate::store::{blobs, chain_id, ImportOptions, Store};
 
 /// What a pull did, for the summary line.
 #[derive(Debug, Default)]

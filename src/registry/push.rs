@@ -26,11 +26,11 @@ use std::io::{Read, Seek, SeekFrom};
 use sha2::{Digest, Sha256};
 use ureq::http::Method;
 
-use super::blobs::{self, ImageRecord};
 use super::client::{backoff, Client, Fail, Options};
-use super::manifest::{self, Descriptor};
 use super::reference::Reference;
 use crate::error::{Error, Result};
+use crate::oci::{self as manifest, Descriptor};
+use crate::store::blobs::{self, ImageRecord};
 
 /// What a push did, for the summary line and the tests.
 #[derive(Debug, Default)]

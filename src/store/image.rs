@@ -6,7 +6,7 @@
 //! the config's `rootfs.diff_ids`. The layers themselves go through
 //! [`Store::import_layer`], so each one is published whole or not at all. Afterwards the
 //! image's manifest, config and layer blobs are kept in the store with an image record
-//! ([`crate::registry::blobs`]), so that `verlay image push` can send the very same image.
+//! ([`super::blobs`]), so that `verlay image push` can send the very same image.
 //!
 //! Must not: trust a name from the image to point anywhere but inside the source.
 
@@ -23,13 +23,13 @@ use super::unpack::PATH_MAX;
 use super::{chain_id, ImportOptions, Store};
 use crate::digest::{parse_digest, sha256_digest};
 use crate::error::{Error, Result};
-use crate::registry::manifest::host_arch;
+use crate::oci::host_arch;
 
 /// Largest JSON document (index, manifest, config, docker's manifest.json) read into
 /// memory: the same cap as for a document from a registry, so that what imports can be
 /// pushed and pulled again. Real ones are a few KiB (a config with a long history, a
 /// multi-arch index: a few hundred KiB).
-const MAX_JSON: u64 = crate::registry::client::MAX_DOC;
+const MAX_JSON: u64 = crate::oci::MAX_DOC;
 /// Symlink hops followed inside a docker-archive (legacy archives link duplicate layers).
 const MAX_LINK_HOPS: usize = 8;
 /// Index nesting followed in an OCI layout (an index may point to another index).
@@ -303,7 +303,7 @@ impl Source {
 
     /// The `size` of a descriptor (`what` names it), which must be there and plausible.
     fn desc_size(&self, desc: &Value, what: &str) -> Result<u64> {
-        crate::registry::manifest::descriptor_size(desc).map_err(|why| self.bad(format!("{what}: {why}")))
+        crate::oci::descriptor_size(desc).map_err(|why| self.bad(format!("{what}: {why}")))
     }
 
     fn json(&self, name: &str) -> Result<Value> {
@@ -476,7 +476,7 @@ fn pick<'v>(src: &Source, index: &'v Value, reference: Option<&str>) -> Result<&
 }
 
 /// What the store keeps of an imported image besides its layers, so that `verlay image push`
-/// can send it (see [`crate::registry::blobs`]): the manifest (the layout's own, or one made
+/// can send it (see [`super::blobs`]): the manifest (the layout's own, or one made
 /// for a docker-archive, which has none), its media type, and the config.
 struct Kept {
     /// the layout's manifest bytes and media type; `None` for a docker-archive
@@ -514,9 +514,7 @@ fn oci_layers(src: &Source, reference: Option<&str>) -> Result<(Vec<LayerRef>, K
             index = doc;
             continue;
         }
-        let mt = mt
-            .unwrap_or(crate::registry::manifest::MT_OCI_MANIFEST)
-            .to_string();
+        let mt = mt.unwrap_or(crate::oci::MT_OCI_MANIFEST).to_string();
         break (doc, bytes, mt);
     };
     let cfg = manifest
@@ -621,7 +619,8 @@ fn keep(
     name: Option<&str>,
     chains: &[String],
 ) -> Result<()> {
-    use crate::registry::{blobs, manifest as rm};
+    use super::blobs;
+    use crate::oci as rm;
     let cfg_digest = sha256_digest(&kept.config);
     blobs::put_bytes(store, &cfg_digest, &kept.config)?;
     let mut descs = Vec::with_capacity(layers.len());

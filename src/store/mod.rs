@@ -4,9 +4,9 @@
 //!
 //! ```text
 //! STORE/lock                                 flock(LOCK_EX) held by every store operation
-//! STORE/tmp/<unique>/                        an import in progress (never read by anyone)
+//! STORE/tmp/import-PID-NANOS/                an import in progress (never read by anyone)
 //! STORE/tmp/commit-PID-NANOS/                `verlay commit`'s staging copy of an upper
-//!                                            (src/commit.rs), removed like the others
+//!                                            (src/commit/stage.rs), removed like the others
 //! STORE/layers/<chain-hex>/diff/             the layer, in kernel overlayfs format: pass it
 //!                                            in lowerdir= (whiteouts are char 0/0 devices,
 //!                                            opaque dirs carry trusted.overlay.opaque=y, or
@@ -14,6 +14,7 @@
 //! STORE/layers/<chain-hex>/diff.verlay-manifest   the layer manifest (`lower::manifest`)
 //! STORE/layers/<chain-hex>/layer.json        chain id, diff id, parent chain id, size,
 //!                                            entry count, manifest digest, created time
+//! STORE/blobs/, STORE/images/, STORE/uploads/   images as a registry knows them ([`blobs`])
 //! ```
 //!
 //! `<chain-hex>` is the hex part of the layer's chain ID, computed as docker and containerd
@@ -39,6 +40,7 @@
 //! Must not: write into a published layer, or follow a symlink from a tarball
 //! (see [`unpack`]).
 
+pub mod blobs;
 pub mod image;
 pub mod unpack;
 
@@ -52,6 +54,7 @@ use sha2::{Digest, Sha256};
 
 use crate::digest::{hex_part as hex_of, parse_digest, sha256_digest, sha256_id};
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 
 /// Name of the store lock file.
 const LOCK: &str = "lock";
@@ -244,6 +247,13 @@ fn seal_layer(diff: &Path) -> Result<String> {
     crate::lower::manifest::seal(diff)
 }
 
+/// Time since the unix epoch now (zero for a clock set before 1970).
+fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
 /// RFC 3339 UTC time of a unix timestamp (civil-from-days, H. Hinnant).
 fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -351,6 +361,15 @@ impl Store {
         let store = Store { root, _lock: lock };
         store.remove_leftovers()?;
         Ok(store)
+    }
+
+    /// A new path in `STORE/tmp/` for a `kind` of work (`import`, `commit`):
+    /// `KIND-PID-NANOS`, unique between processes by the pid and within one by the clock.
+    /// Every store command empties `tmp/` under the store lock, so what a killed process
+    /// left there goes with the next command.
+    pub(crate) fn tmp_path(&self, kind: &str) -> PathBuf {
+        let name = format!("{kind}-{}-{}", std::process::id(), since_epoch().as_nanos());
+        self.root.join(TMP).join(name)
     }
 
     /// The store's root directory (absolute).
@@ -504,15 +523,7 @@ impl Store {
                 });
             }
         }
-        let unique = format!(
-            "import-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        );
-        let tmp = self.root.join(TMP).join(unique);
+        let tmp = self.tmp_path("import");
         std::fs::create_dir(&tmp).map_err(|e| Error::io("import.mkdir_tmp", &tmp, e))?;
         let r = self.import_into(&tmp, src, opts, parent.as_deref(), want_diff.as_deref());
         if !matches!(&r, Ok(i) if i.new) {
@@ -671,12 +682,7 @@ impl Store {
             "entries": stats.entries,
             "manifest_digest": manifest_digest,
             "blob_digest": blob.digest(),
-            "created": rfc3339(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0)
-            ),
+            "created": rfc3339(since_epoch().as_secs() as i64),
         });
         let rec_path = tmp.join(RECORD);
         {
@@ -707,15 +713,6 @@ impl Store {
             chain_id: chain,
             new: true,
         })
-    }
-}
-
-/// Named crash points of the import, for tests: with `VERLAY_CRASH_AT=<step>` in the
-/// environment the process kills itself (SIGKILL) right after that step (no cleanup, no destructors: what a
-/// kill -9 leaves). The names are the steps documented above.
-fn crash_point(step: &str) {
-    if std::env::var_os("VERLAY_CRASH_AT").is_some_and(|s| s == step) {
-        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }
 

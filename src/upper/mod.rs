@@ -10,12 +10,13 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rustix::fs::{FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, Timespec, Timestamps, XattrFlags};
 use tracing::{debug, error, info, warn};
 
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 use crate::layer::{get_xattr_path, list_xattr_path, Kind, LayerDir};
 
 pub mod real;
@@ -36,47 +37,6 @@ pub const INCOMPAT_SUBDIR: &str = "incompat";
 /// (OVL_VOLATILE_DIRTY_NAME): while it exists, the upper may hold writes that never
 /// reached the disk, so a mount that finds it refuses (unless `volatile_recover`).
 pub const VOLATILE_MARKER: &str = "volatile";
-
-/// Environment variable naming a crash point: `STEP` or `STEP:N` (the N-th time STEP is
-/// reached in this process, counting from 1). The store's import steps use the same variable.
-pub const CRASH_AT_ENV: &str = "VERLAY_CRASH_AT";
-
-/// The parsed `VERLAY_CRASH_AT`: the step and which arrival at it kills.
-struct CrashAt {
-    step: String,
-    nth: u64,
-    reached: AtomicU64,
-}
-
-fn crash_at() -> Option<&'static CrashAt> {
-    static CRASH_AT: OnceLock<Option<CrashAt>> = OnceLock::new();
-    CRASH_AT
-        .get_or_init(|| {
-            let v = std::env::var(CRASH_AT_ENV).ok()?;
-            let (step, nth) = match v.rsplit_once(':') {
-                Some((s, n)) => (s.to_string(), n.parse().ok()?),
-                None => (v, 1),
-            };
-            Some(CrashAt {
-                step,
-                nth,
-                reached: AtomicU64::new(0),
-            })
-        })
-        .as_ref()
-}
-
-/// A failpoint after a named step: with `VERLAY_CRASH_AT=<step>[:N]` the process kills itself
-/// with SIGKILL right after the step completed (its N-th time), as a crash of the daemon
-/// would. tests/kill.rs enumerates these points; docs/ordering.md lists them.
-pub(crate) fn crash_point(step: &str) {
-    let Some(c) = crash_at() else { return };
-    if c.step != step || c.reached.fetch_add(1, Ordering::AcqRel) + 1 != c.nth {
-        return;
-    }
-    warn!(step, "crash point reached ({CRASH_AT_ENV}): killing the daemon");
-    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
-}
 
 /// Owner of a new object, as stored on disk.
 #[derive(Clone, Copy, Debug)]

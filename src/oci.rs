@@ -1,11 +1,18 @@
-//! Image manifests, indexes and configs as the distribution API carries them: OCI image
-//! manifest v1 and Docker v2 schema 2, OCI image index and Docker manifest list. Pure
-//! parsing, no I/O.
+//! Image manifests, indexes and configs as the distribution API and image layouts carry
+//! them: OCI image manifest v1 and Docker v2 schema 2, OCI image index and Docker manifest
+//! list. Pure parsing, no I/O. Shared by [`crate::registry`] (pull, push) and
+//! [`crate::store::image`] (image import), so neither imports the other for it; the parse
+//! errors are worded for a registry's documents, which is where whole manifests are parsed.
 
 use serde_json::Value;
 
 use crate::digest::parse_digest;
 use crate::error::{Error, Result};
+
+/// The longest JSON document (manifest, index, config, a registry's error body) read into
+/// memory, from a registry or from an image on disk, so that what imports can be pushed and
+/// pulled again.
+pub const MAX_DOC: u64 = 8 << 20;
 
 /// OCI image manifest.
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
