@@ -26,7 +26,7 @@
 # and the scripts test BIN. --e2e-only skips step 1. Every step runs even when an earlier one
 # failed. The last line is "N passed, N failed" over the e2e checks (cargo prints its own);
 # the exit status is 1 when cargo test or any e2e check failed.
-# Env: CARGO_TEST_TIMEOUT (s, default 900); PJD_TIMEOUT and PODMAN_TIMEOUT (s per run,
+# Env: CARGO_TEST_TIMEOUT (s, default 1500); PJD_TIMEOUT and PODMAN_TIMEOUT (s per run,
 # default 120; one run normally takes 2-5 s), CONTAINERD_TIMEOUT (s per step, default 120).
 set -euo pipefail
 # shellcheck source=tests/e2e/lib.sh
@@ -53,7 +53,7 @@ cd "$REPO"
 cargo_status=skipped
 if [ "$CARGO" = 1 ]; then
   t=$(now)
-  if timeout --kill-after=30 "${CARGO_TEST_TIMEOUT:-900}" cargo test --release; then
+  if timeout --kill-after=30 "${CARGO_TEST_TIMEOUT:-1500}" cargo test --release; then
     cargo_status="ok ($(since "$t") s)"
   else
     cargo_status="FAILED ($(since "$t") s)"
