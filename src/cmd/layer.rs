@@ -189,19 +189,3 @@ fn seal(chunk_size: Option<u64>, dir: &std::path::Path) -> Result<()> {
     println!("{digest} {}", manifest::manifest_path(dir).display());
     Ok(())
 }
-
-/// Bytes in binary units, one decimal.
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}

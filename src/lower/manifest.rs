@@ -1570,12 +1570,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hex_is_lower_case_and_complete() {
-        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
-        assert_eq!(hex(&[]), "");
-    }
-
-    #[test]
     fn chunk_count_rounds_up() {
         for (size, n) in [
             (0, 0),
