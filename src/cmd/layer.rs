@@ -8,6 +8,7 @@ use serde_json::json;
 use super::{existing_store, print_json, store_for_writing, Format, Global};
 use crate::error::{Error, Result};
 use crate::lower::manifest;
+use crate::progress::human;
 use crate::store::ImportOptions;
 
 #[derive(Debug, Subcommand)]
