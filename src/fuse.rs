@@ -440,7 +440,7 @@ impl Filesystem for VerlayFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -450,7 +450,7 @@ impl Filesystem for VerlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.union.write(fh.0, offset, data) {
+        match self.union.write(&ctx(req), ino.0, fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail("write", ino.0, &e)),
         }
@@ -682,7 +682,7 @@ impl Filesystem for VerlayFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -690,7 +690,7 @@ impl Filesystem for VerlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.union.fallocate(fh.0, offset, length, mode) {
+        match self.union.fallocate(&ctx(req), ino.0, fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fallocate", ino.0, &e)),
         }
