@@ -1152,6 +1152,11 @@ impl Union {
     /// An fd on the object of an unlinked node: the request's handle, or any open one of the
     /// node; with `need_upper`, only one on the upper object (never change a lower through
     /// an fd).
+    ///
+    /// A change through an fd of an unlinked lower file (only read-only fds stay on a lower)
+    /// fails with EEXIST, as on kernel overlayfs: its copy-up links the copy at the name the
+    /// file had (`ovl_copy_up_tmpfile`, linkat onto the dentry's old name), where the unlink
+    /// left a whiteout.
     fn unlinked_fd(&self, node: &Node, fh: Option<u64>, need_upper: bool) -> Result<Arc<OwnedFd>> {
         let ok = |h: &FileHandle| !need_upper || h.on_upper.load(Ordering::Acquire);
         if let Some(h) = fh.and_then(|fh| self.file(fh).ok()) {
@@ -1159,13 +1164,12 @@ impl Union {
                 return Ok(h.fd.read().clone());
             }
         }
-        node.handles
-            .lock()
-            .iter()
-            .filter_map(|w| w.upgrade())
-            .find(|h| ok(h))
-            .map(|h| h.fd.read().clone())
-            .ok_or(Error::Errno(libc::ENOENT))
+        let handles: Vec<_> = node.handles.lock().iter().filter_map(|w| w.upgrade()).collect();
+        match handles.iter().find(|h| ok(h)) {
+            Some(h) => Ok(h.fd.read().clone()),
+            None if !handles.is_empty() => errno(libc::EEXIST),
+            None => errno(libc::ENOENT),
+        }
     }
 
     fn attr(&self, node: &Node, fh: Option<u64>) -> Result<Attr> {
