@@ -2734,7 +2734,9 @@ fn open_flags(flags: i32) -> OFlags {
 
 /// Is the directory `rel` of `layer` opaque, in any of the forms readers meet:
 /// `trusted.overlay.opaque=y`, `user.overlay.opaque=y`, `user.fuseoverlayfs.opaque=y`, or an
-/// OCI `.wh..wh..opq` entry inside it?
+/// OCI `.wh..wh..opq` entry inside it? The value must be exactly `y`, as kernel overlayfs
+/// reads it (`ovl_path_check_dir_xattr`: a 1-byte getxattr, so a longer value is ERANGE and
+/// the directory is not opaque).
 pub fn dir_is_opaque(layer: &LayerDir, rel: &Path) -> Result<bool> {
     let names = layer.list_xattr(rel)?;
     for n in &names {
@@ -2742,7 +2744,7 @@ pub fn dir_is_opaque(layer: &LayerDir, rel: &Path) -> Result<bool> {
         if b == b"trusted.overlay.opaque" || b == b"user.overlay.opaque" || b == b"user.fuseoverlayfs.opaque"
         {
             if let Some(v) = layer.get_xattr(rel, n)? {
-                if v.first() == Some(&b'y') {
+                if v == b"y" {
                     return Ok(true);
                 }
             }
