@@ -512,7 +512,7 @@ impl Filesystem for VerlayFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -522,7 +522,7 @@ impl Filesystem for VerlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match traced!("write", ino.0; self.union.write(fh.0, offset, data)) {
+        match traced!("write", ino.0; self.union.write(&ctx(req), ino.0, fh.0, offset, data)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail("write", ino.0, &e)),
         }
@@ -752,7 +752,7 @@ impl Filesystem for VerlayFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -760,7 +760,8 @@ impl Filesystem for VerlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match traced!("fallocate", ino.0; self.union.fallocate(fh.0, offset, length, mode)) {
+        match traced!("fallocate", ino.0; self.union.fallocate(&ctx(req), ino.0, fh.0, offset, length, mode))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fallocate", ino.0, &e)),
         }

@@ -546,7 +546,7 @@ impl Fx {
                 let (path, data) = arg(1).split_once('=').unwrap_or((arg(1), ""));
                 let (p, n) = self.parent(path)?;
                 let (_, fh) = ok(self.u.create(&ROOT, p, name(&n), 0o644, libc::O_WRONLY))?;
-                let r = ok(self.u.write(fh, 0, data.as_bytes()));
+                let r = ok(self.u.write(&ROOT, 1, fh, 0, data.as_bytes()));
                 self.u.release(fh);
                 r.map(drop)
             }
@@ -554,7 +554,7 @@ impl Fx {
                 let (path, data) = arg(1).split_once('=').expect("write P=data");
                 let id = self.id(path)?;
                 let fh = ok(self.u.open(&ROOT, id, libc::O_WRONLY | libc::O_TRUNC))?;
-                let r = ok(self.u.write(fh, 0, data.as_bytes()));
+                let r = ok(self.u.write(&ROOT, 1, fh, 0, data.as_bytes()));
                 self.u.release(fh);
                 r.map(drop)
             }
@@ -1025,7 +1025,7 @@ fn copy_up_keeps_data_mode_owner_times_and_xattrs_of_the_object_and_its_parents(
     let write = |fx: &Fx| {
         let id = fx.id("p/q/f")?;
         let fh = ok(fx.u.open(&ROOT, id, libc::O_RDWR))?;
-        let r = ok(fx.u.write(fh, 0, b"HE"));
+        let r = ok(fx.u.write(&ROOT, 1, fh, 0, b"HE"));
         fx.u.release(fh);
         r.map(drop)
     };
@@ -1794,7 +1794,8 @@ fn handle_of_an_unlinked_file_still_writes_and_reports_nlink_0() {
         let fh = fx.u.open(&ROOT, id, libc::O_RDWR).expect("open");
         fx.run_all(case, "unlink a");
         assert_eq!(
-            fx.u.write(fh, 0, b"written after unlink").expect("write"),
+            fx.u.write(&ROOT, 1, fh, 0, b"written after unlink")
+                .expect("write"),
             20,
             "{case}"
         );

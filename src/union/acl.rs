@@ -1,6 +1,6 @@
 //! POSIX ACLs where the union must act for the caller: the mode and access ACL a new object
 //! gets from its parent's default ACL (the kernel's `posix_acl_create`), and whether the
-//! caller may keep a setgid bit (`in_group_or_capable`). Pure, apart from reading the
+//! caller may keep a setgid bit (`in_group_or_capable`, `privs_to_kill`). Pure, apart from reading the
 //! caller's credentials from /proc.
 //!
 //! The upper filesystem does the rest (mode <-> access ACL on chmod and setxattr), since the
@@ -88,11 +88,45 @@ pub fn create_masq(default_acl: &[u8], mode: u32) -> Option<(u32, Option<Vec<u8>
 /// /proc/PID/status; a request without a caller (pid 0) or one whose status is gone is
 /// treated as capable, leaving the mode as it is.
 pub fn in_group_or_capable(ctx: &Ctx, gid: u32) -> bool {
-    if ctx.gid == gid || ctx.pid == 0 {
+    if ctx.gid == gid {
         return true;
     }
+    let (in_group, capable) = caller_creds(ctx, gid);
+    in_group || capable
+}
+
+/// The setuid and setgid bits that a write, truncate or fallocate by the caller removes
+/// from a regular file of `mode` and group `gid`: the kernel's `should_remove_suid` with
+/// `setattr_should_drop_sgid` (Linux 6.2+), which kernel overlayfs applies with the
+/// caller's credentials (`file_remove_privs` on the overlay file). Setuid always; setgid
+/// when the file is group-executable or the caller is outside its group; nothing for a
+/// caller with CAP_FSETID. The FUSE kernel module without HANDLE_KILLPRIV checks only
+/// setuid and group-executable setgid (`fuse_setattr`), so the daemon must do this itself.
+/// Reads /proc only when `mode` has one of the bits.
+pub fn privs_to_kill(ctx: &Ctx, mode: u32, gid: u32) -> u32 {
+    if mode & libc::S_IFMT != libc::S_IFREG || mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+        return 0;
+    }
+    let (in_group, capable) = caller_creds(ctx, gid);
+    if capable {
+        return 0;
+    }
+    let mut kill = mode & libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !(in_group || ctx.gid == gid)) {
+        kill |= libc::S_ISGID;
+    }
+    kill
+}
+
+/// (in group `gid` by a supplementary group, holds CAP_FSETID) for the caller, from
+/// /proc/PID/status; (true, true) for a request without a caller (pid 0) or one whose
+/// status is gone, so that nothing is removed for it.
+fn caller_creds(ctx: &Ctx, gid: u32) -> (bool, bool) {
+    if ctx.pid == 0 {
+        return (true, true);
+    }
     let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", ctx.pid)) else {
-        return true;
+        return (true, true);
     };
     let field = |name: &str| {
         status
@@ -105,7 +139,7 @@ pub fn in_group_or_capable(ctx: &Ctx, gid: u32) -> bool {
         .split_whitespace()
         .any(|g| g.parse::<u32>() == Ok(gid));
     let capable = u64::from_str_radix(field("CapEff:"), 16).is_ok_and(|c| c & (1 << CAP_FSETID) != 0);
-    in_group || capable
+    (in_group, capable)
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use crate::error::{errno, Error, Result};
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
 use crate::lower::verify::VerifiedLayer;
 use crate::upper::{Occupant, Owner, Upper, XattrNames};
-use acl::{in_group_or_capable, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT, POSIX_ACL_PREFIX};
+use acl::{in_group_or_capable, privs_to_kill, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT, POSIX_ACL_PREFIX};
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 
 /// Longest redirect kernel overlayfs writes (module parameter redirect_max, default 256);
@@ -1152,6 +1152,11 @@ impl Union {
     /// An fd on the object of an unlinked node: the request's handle, or any open one of the
     /// node; with `need_upper`, only one on the upper object (never change a lower through
     /// an fd).
+    ///
+    /// A change through an fd of an unlinked lower file (only read-only fds stay on a lower)
+    /// fails with EEXIST, as on kernel overlayfs: its copy-up links the copy at the name the
+    /// file had (`ovl_copy_up_tmpfile`, linkat onto the dentry's old name), where the unlink
+    /// left a whiteout.
     fn unlinked_fd(&self, node: &Node, fh: Option<u64>, need_upper: bool) -> Result<Arc<OwnedFd>> {
         let ok = |h: &FileHandle| !need_upper || h.on_upper.load(Ordering::Acquire);
         if let Some(h) = fh.and_then(|fh| self.file(fh).ok()) {
@@ -1159,13 +1164,12 @@ impl Union {
                 return Ok(h.fd.read().clone());
             }
         }
-        node.handles
-            .lock()
-            .iter()
-            .filter_map(|w| w.upgrade())
-            .find(|h| ok(h))
-            .map(|h| h.fd.read().clone())
-            .ok_or(Error::Errno(libc::ENOENT))
+        let handles: Vec<_> = node.handles.lock().iter().filter_map(|w| w.upgrade()).collect();
+        match handles.iter().find(|h| ok(h)) {
+            Some(h) => Ok(h.fd.read().clone()),
+            None if !handles.is_empty() => errno(libc::EEXIST),
+            None => errno(libc::ENOENT),
+        }
     }
 
     fn attr(&self, node: &Node, fh: Option<u64>) -> Result<Attr> {
@@ -1326,7 +1330,6 @@ impl Union {
     pub fn setattr(&self, ctx: &Ctx, id: u64, fh: Option<u64>, sa: SetAttr) -> Result<Attr> {
         let _changes = self.hold_changes();
         let node = self.node(id)?;
-        let _ = ctx;
         let unlinked = node.state.read().unlinked;
         if unlinked {
             // Only an open file can be reached once unlinked: work on its fd.
@@ -1334,6 +1337,7 @@ impl Union {
             let fd = self.unlinked_fd(&node, fh, true)?;
             if let Some(size) = sa.size {
                 rustix::fs::ftruncate(&*fd, size)?;
+                self.remove_privs(ctx, id, &fd)?;
             }
             if sa.uid.is_some() || sa.gid.is_some() {
                 rustix::fs::fchown(
@@ -1373,6 +1377,17 @@ impl Union {
                     rustix::fs::ftruncate(&*fd, size)?;
                 }
                 None => up.truncate(&path, size)?,
+            }
+            // A truncation removes setuid/setgid for the caller (do_truncate asks
+            // should_remove_suid); the daemon truncates as root, so do it here.
+            if ctx.uid != 0 {
+                if let Some(st) = up.dir.stat(&path)? {
+                    let gid = self.opts.ids.gid_from_disk(st.st_gid);
+                    let kill = privs_to_kill(ctx, st.st_mode, gid);
+                    if kill != 0 {
+                        up.chmod(&path, st.st_mode & 0o7777 & !kill)?;
+                    }
+                }
             }
         }
         if sa.atime.is_some() || sa.mtime.is_some() {
@@ -2202,16 +2217,9 @@ impl Union {
         let (fd, on_upper) = self.open_real(&node, oflags)?;
         if oflags.contains(OFlags::TRUNC) && ctx.uid != 0 {
             // The kernel leaves O_TRUNC to us (atomic_o_trunc), and the daemon truncates as
-            // root; a truncation by an unprivileged caller must still drop setuid, and
-            // setgid on a group-executable file, as the VFS does (should_remove_suid).
-            let mode = rustix::fs::fstat(&fd)?.st_mode;
-            let mut kill = mode & libc::S_ISUID;
-            if mode & (libc::S_ISGID | libc::S_IXGRP) == (libc::S_ISGID | libc::S_IXGRP) {
-                kill |= libc::S_ISGID;
-            }
-            if kill != 0 {
-                rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode & 0o7777 & !kill))?;
-            }
+            // root; a truncation by an unprivileged caller must still drop setuid and setgid
+            // as the VFS does (should_remove_suid).
+            self.remove_privs(ctx, node.id, &fd)?;
         }
         let verify = if on_upper {
             None
@@ -2303,8 +2311,8 @@ impl Union {
         crate::layer::read_at(&*fd, offset, size)
     }
 
-    /// FUSE write.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+    /// FUSE write, by `ctx` to node `id`.
+    pub fn write(&self, ctx: &Ctx, id: u64, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let _changes = self.hold_changes();
         let h = self.file(fh)?;
         if !h.writable {
@@ -2312,6 +2320,7 @@ impl Union {
         }
         self.upper()?.check_writable()?;
         let fd = h.fd.read().clone();
+        self.remove_privs(ctx, id, &fd)?;
         let mut done = 0;
         while done < data.len() {
             let n = match rustix::io::pwrite(&*fd, &data[done..], offset + done as u64) {
@@ -2326,6 +2335,24 @@ impl Union {
             done += n;
         }
         Ok(done)
+    }
+
+    /// Remove setuid and setgid from the upper file open as `fd`, as a write, truncate or
+    /// fallocate by `ctx` does on kernel overlayfs (`privs_to_kill`), and drop the kernel's
+    /// cached mode of node `id` when they go. The daemon writes as root, so the upper
+    /// filesystem never does it for the caller. A root caller (CAP_FSETID) and a file
+    /// without the bits cost no /proc read.
+    fn remove_privs(&self, ctx: &Ctx, id: u64, fd: &OwnedFd) -> Result<()> {
+        if ctx.uid == 0 {
+            return Ok(());
+        }
+        let st = rustix::fs::fstat(fd)?;
+        let kill = privs_to_kill(ctx, st.st_mode, self.opts.ids.gid_from_disk(st.st_gid));
+        if kill != 0 {
+            rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777 & !kill))?;
+            self.invalidate(id);
+        }
+        Ok(())
     }
 
     /// FUSE fsync.
@@ -2344,8 +2371,8 @@ impl Union {
         up.fsync_file(&*fd, datasync)
     }
 
-    /// FUSE fallocate.
-    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+    /// FUSE fallocate, by `ctx` on node `id`.
+    pub fn fallocate(&self, ctx: &Ctx, id: u64, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let _changes = self.hold_changes();
         let h = self.file(fh)?;
         if !h.writable {
@@ -2353,6 +2380,8 @@ impl Union {
         }
         self.upper()?.check_writable()?;
         let fd = h.fd.read().clone();
+        // ovl_fallocate removes privileges with the caller's credentials first.
+        self.remove_privs(ctx, id, &fd)?;
         rustix::fs::fallocate(
             &*fd,
             rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
@@ -2705,7 +2734,9 @@ fn open_flags(flags: i32) -> OFlags {
 
 /// Is the directory `rel` of `layer` opaque, in any of the forms readers meet:
 /// `trusted.overlay.opaque=y`, `user.overlay.opaque=y`, `user.fuseoverlayfs.opaque=y`, or an
-/// OCI `.wh..wh..opq` entry inside it?
+/// OCI `.wh..wh..opq` entry inside it? The value must be exactly `y`, as kernel overlayfs
+/// reads it (`ovl_path_check_dir_xattr`: a 1-byte getxattr, so a longer value is ERANGE and
+/// the directory is not opaque).
 pub fn dir_is_opaque(layer: &LayerDir, rel: &Path) -> Result<bool> {
     let names = layer.list_xattr(rel)?;
     for n in &names {
@@ -2713,7 +2744,7 @@ pub fn dir_is_opaque(layer: &LayerDir, rel: &Path) -> Result<bool> {
         if b == b"trusted.overlay.opaque" || b == b"user.overlay.opaque" || b == b"user.fuseoverlayfs.opaque"
         {
             if let Some(v) = layer.get_xattr(rel, n)? {
-                if v.first() == Some(&b'y') {
+                if v == b"y" {
                     return Ok(true);
                 }
             }
