@@ -1712,6 +1712,10 @@ fn run_seed(seed: u64, nops: usize) -> Result<(), String> {
 
 /// Seeded random layers and operation sequences give the same results, trees, st_ino
 /// stability and upper format as kernel overlayfs.
+///
+/// Seeds in [`KNOWN_DIVERGENCES`] are open bugs, listed like the expected failures of
+/// pjdfstest and xfstests: each must still diverge with its symptom (a listed seed that
+/// agrees, or diverges otherwise, fails the test), so fixing one means deleting its entry.
 #[test]
 fn random_sequences_match_kernel_overlayfs() {
     let nops = env_num("VERLAY_DIFF_OPS", 200) as usize;
@@ -1724,11 +1728,30 @@ fn random_sequences_match_kernel_overlayfs() {
     };
     let start = std::time::Instant::now();
     let mut failures = Vec::new();
+    let mut known = 0;
     for &seed in &seeds {
-        if let Err(e) = run_seed(seed, nops) {
-            eprintln!("seed {seed}: FAILED: {}", summary(&e));
-            failures.push((seed, e));
+        let listed = KNOWN_DIVERGENCES
+            .iter()
+            .find(|(s, _, _)| *s == seed && nops == 200);
+        match (run_seed(seed, nops), listed) {
+            (Ok(()), None) => {}
+            (Err(e), Some((_, symptom, why))) if e.contains(symptom) => {
+                eprintln!("seed {seed}: known divergence ({why})");
+                known += 1;
+            }
+            (Ok(()), Some((_, _, why))) => {
+                let e = format!("listed in KNOWN_DIVERGENCES ({why}) but agrees now: delete its entry");
+                eprintln!("seed {seed}: FAILED: {e}");
+                failures.push((seed, e));
+            }
+            (Err(e), _) => {
+                eprintln!("seed {seed}: FAILED: {}", summary(&e));
+                failures.push((seed, e));
+            }
         }
+    }
+    if known > 0 {
+        eprintln!("{known} seed(s) diverged as listed in KNOWN_DIVERGENCES (open bugs)");
     }
     eprintln!(
         "{} of {} seeds agreed with kernel overlayfs ({nops} ops each, {:.1?})",
@@ -1749,6 +1772,26 @@ fn random_sequences_match_kernel_overlayfs() {
         );
     }
 }
+
+/// Seeds of the CI set (200 ops) that diverge from kernel overlayfs for a known, open
+/// reason: (seed, a substring of the divergence, why). Each is a bug to fix, not a
+/// difference accepted; the closing note of issue 13 names them.
+const KNOWN_DIVERGENCES: &[(u64, &str, &str)] = &[
+    (
+        57,
+        "2764",
+        "passthrough=1: a write by a caller outside the file's group goes straight to the \
+         backing file, so setgid without group-execute stays set (kernel overlayfs clears it); \
+         needs FUSE_HANDLE_KILLPRIV_V2",
+    ),
+    (
+        85,
+        "d1/L1~255/s0: only in ref",
+        "after setxattr trusted.overlay.opaque=<1000 bytes> through the mount on a lower \
+         directory, kernel overlayfs mounted on verlay's upper does not show that directory; \
+         cause not found yet",
+    ),
+];
 
 // ---------------------------------------------------------------------------------------------
 // focused cases
