@@ -55,6 +55,26 @@ struct Registry {
 }
 
 impl Registry {
+    /// docker-registry serving `config` (written to DIR/config.yml) on 127.0.0.1:`port`,
+    /// its output in DIR/registry.log; the caller waits until it answers.
+    fn spawn(dir: &Path, port: u16, config: &str) -> Registry {
+        fs::write(dir.join("config.yml"), config).expect("config");
+        let log = fs::File::create(dir.join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        Registry {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir: dir.to_path_buf(),
+        }
+    }
+
     fn start(dir: &Path) -> Registry {
         assert!(
             have("docker-registry"),
@@ -70,21 +90,7 @@ impl Registry {
                  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nhealth:\n  storagedriver:\n    enabled: false\n",
                 dir.join("data").display()
             );
-            fs::write(dir.join("config.yml"), config).expect("config");
-            let log = fs::File::create(dir.join("registry.log")).expect("log");
-            let child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(dir.join("config.yml"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log fd"))
-                .stderr(log)
-                .spawn()
-                .expect("start docker-registry");
-            let mut reg = Registry {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                dir: dir.to_path_buf(),
-            };
+            let mut reg = Registry::spawn(dir, port, &config);
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 if http_status(reg.addr, "GET", "/v2/") == Some(200) {
@@ -1485,21 +1491,7 @@ mod tls_auth {
                 pki.path("server.crt").display(),
                 pki.path("server.key").display(),
             );
-            fs::write(dir.join("config.yml"), config).expect("config");
-            let log = fs::File::create(dir.join("registry.log")).expect("log");
-            let child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(dir.join("config.yml"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log fd"))
-                .stderr(log)
-                .spawn()
-                .expect("start docker-registry");
-            let mut reg = Registry {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                dir: dir.to_path_buf(),
-            };
+            let mut reg = Registry::spawn(dir, port, &config);
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 let log = fs::read_to_string(dir.join("registry.log")).unwrap_or_default();

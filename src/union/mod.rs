@@ -1591,7 +1591,7 @@ impl Union {
         )?;
         let fd = fd.ok_or(Error::Errno(libc::EIO))?;
         let node = self.node(entry.id)?;
-        let fh = self.add_file(node, fd, true, true, None)?;
+        let fh = self.add_file(node, fd, true, true, None, false)?;
         Ok((entry, fh))
     }
 
@@ -2010,19 +2010,9 @@ impl Union {
     /// Done under the node's handle lock, which a copy-up's handle switch also takes: a
     /// copy-up that finished after `fd` was opened on the lower is never missed (the handle
     /// is opened again on the upper copy, and has nothing left to verify). The passthrough
-    /// choice is made under the same lock (see [`Union::wants_passthrough`]).
+    /// choice is made under the same lock (see [`Union::wants_passthrough`]). `exec`: the
+    /// kernel opened it to run it (an O_TRUNC open of the node is then ETXTBSY).
     fn add_file(
-        &self,
-        node: Arc<Node>,
-        fd: OwnedFd,
-        on_upper: bool,
-        writable: bool,
-        verify: Option<HandleVerify>,
-    ) -> Result<u64> {
-        self.add_file_exec(node, fd, on_upper, writable, verify, false)
-    }
-
-    fn add_file_exec(
         &self,
         node: Arc<Node>,
         fd: OwnedFd,
@@ -2227,7 +2217,7 @@ impl Union {
             self.handle_verify(&node, &fd)?
         };
         let exec = flags & FMODE_EXEC_FLAG != 0;
-        self.add_file_exec(node, fd, on_upper, writable, verify, exec)
+        self.add_file(node, fd, on_upper, writable, verify, exec)
     }
 
     /// Does a running program have this file as its executable (an exec open of it is live)?
