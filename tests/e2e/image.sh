@@ -11,6 +11,8 @@
 #            /opaque/.wh..wh..opq (opaque dir: a and keep hidden), /opaque/b, /etc/layer2
 #   layer 3  /data/blob (1 MiB of fixed pseudo-random bytes), /data/hardlink (a hard link to
 #            it), /data/link -> blob (symlink)
+#   layer 4  only with IMAGE_SMALL_FILES=N (bench/containers.sh): /many/dDDD/fNNNNNN, N files
+#            of 0-16 KiB seeded random bytes, 100 per directory (an unpack workload)
 #
 # Writes under OUT (removed first):
 #   oci/              OCI image layout, ref name TAG (skopeo: oci:OUT/oci:TAG)
@@ -35,6 +37,11 @@ BUSYBOX=/bin/busybox
 # A fixed date for every entry, so that the digests depend on the content alone.
 MTIME=@1700000000
 BLOB_BYTES=$((1 << 20))
+SMALL_FILES=${IMAGE_SMALL_FILES:-0}
+case $SMALL_FILES in ''|*[!0-9]*) die "IMAGE_SMALL_FILES must be a number, got '$SMALL_FILES'" ;; esac
+[ "$SMALL_FILES" -le 1000000 ] || die "IMAGE_SMALL_FILES is capped at 1000000"
+LAYER_NUMS="1 2 3"
+[ "$SMALL_FILES" = 0 ] || LAYER_NUMS="1 2 3 4"
 
 [ -x "$BUSYBOX" ] || die "$BUSYBOX missing: apt-get install busybox-static"
 # A dynamically linked busybox would not run in the image, which has no libc (ldd succeeds only
@@ -84,6 +91,19 @@ with open(sys.argv[1], "wb") as f:
 EOF
 ln "$L3/data/blob" "$L3/data/hardlink"
 ln -s blob "$L3/data/link"
+if [ "$SMALL_FILES" != 0 ]; then
+  python3 - "$BUILD/rootfs4/many" "$SMALL_FILES" <<'EOF' || die "could not write the small files"
+import os, random, sys
+root, n = sys.argv[1], int(sys.argv[2])
+rng = random.Random(20000)  # seeded: the same bytes on every machine (Python >= 3.9)
+for i in range(n):
+    d = os.path.join(root, "d%03d" % (i // 100))
+    if i % 100 == 0:
+        os.makedirs(d)
+    with open(os.path.join(d, "f%06d" % i), "wb") as f:
+        f.write(rng.randbytes(rng.randrange(16385)))
+EOF
+fi
 
 # ---------------------------------------------------------------- blobs
 put_blob() {  # FILE: moves it into the layout under its sha256; prints the hex digest
@@ -93,7 +113,7 @@ put_blob() {  # FILE: moves it into the layout under its sha256; prints the hex 
   echo "$h"
 }
 LAYERS_JSON="[]" DIFFIDS_JSON="[]" LAYER_DIGESTS="" DIFF_IDS=""
-for n in 1 2 3; do
+for n in $LAYER_NUMS; do
   tar --sort=name --numeric-owner --owner=0 --group=0 --mtime="$MTIME" \
       --format=pax --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
       -C "$BUILD/rootfs$n" -cf "$BUILD/layers/$n.tar" .
@@ -112,9 +132,12 @@ jq -n -c --argjson diffids "$DIFFIDS_JSON" '{
   "architecture": "amd64", "os": "linux",
   "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
   "rootfs": {"type": "layers", "diff_ids": $diffids},
-  "history": [{"created":"2023-11-14T22:13:20Z","created_by":"tests/e2e/image.sh layer1 busybox"},
+  "history": ([{"created":"2023-11-14T22:13:20Z","created_by":"tests/e2e/image.sh layer1 busybox"},
               {"created":"2023-11-14T22:13:20Z","created_by":"tests/e2e/image.sh layer2 whiteouts"},
               {"created":"2023-11-14T22:13:20Z","created_by":"tests/e2e/image.sh layer3 data"}]
+    + (if ($diffids | length) > 3 then
+         [{"created":"2023-11-14T22:13:20Z","created_by":"tests/e2e/image.sh layer4 small files"}]
+       else [] end))
 }' > "$BUILD/config.json"
 csize=$(stat -c %s "$BUILD/config.json")
 cdg=$(put_blob "$BUILD/config.json")

@@ -3,9 +3,10 @@
 # MOUNT_PROGRAM (overlay.mount_program), as root or rootless; logs how podman calls it.
 # tests/e2e/podman.sh calls it once as root and once rootless.
 #
-#   tests/e2e/podman-run.sh [-u USER] [-w WORK] [-x] [-k] MOUNT_PROGRAM [CMD...]
+#   tests/e2e/podman-run.sh [-u USER] [-w WORK] [-x] [-k] [-r N] MOUNT_PROGRAM [CMD...]
 #
-#   MOUNT_PROGRAM  a verlay binary (or anything with fuse-overlayfs's command line)
+#   MOUNT_PROGRAM  a verlay binary (or anything with fuse-overlayfs's command line), or the
+#                  word `native`: podman's own kernel overlay driver, no mount program
 #   CMD            what the first `podman run --rm` runs; default: a check of the image's
 #                  replaced file, whiteout and opaque dir that prints semantics-ok
 #   -u USER        rootless, as USER (tests/e2e/rootless-user.sh add USER makes one)
@@ -14,6 +15,8 @@
 #                  diff, commit, a run of the committed image checking the result, and (root
 #                  only) podman mount/umount
 #   -k             keep all of WORK (default: only the logs)
+#   -r N           run the first `podman run --rm` N more times (bench/containers.sh times
+#                  these from the timing lines)
 #
 # The image is tests/e2e/image.sh's, loaded with `podman load`. Writes WORK/mount_program.log
 # (one block per call: argv, uid, cwd, uid_map, fds), WORK/mount_program.env (each call's
@@ -50,10 +53,10 @@ if [ "${_PR_INNER:-}" = 1 ]; then
   elif [ -n "${_PR_FUSE_NODE:-}" ]; then
     mount --bind "$_PR_FUSE_NODE" /dev/fuse
   fi
-  G=(--root "$WORK/root" --runroot "$WORK/runroot" --tmpdir "$WORK/tmp"
-     --storage-driver overlay --storage-opt "overlay.mount_program=$WORK/bin/mount_program"
+  G=(--root "$WORK/root" --runroot "$WORK/runroot" --tmpdir "$WORK/tmp" --storage-driver overlay
      --cgroup-manager cgroupfs --events-backend file --runtime runc
      --network-config-dir "$WORK/networks")
+  [ "$_PR_NATIVE" = 1 ] || G+=(--storage-opt "overlay.mount_program=$WORK/bin/mount_program")
   R=(--network none)
   if [ -z "$_PR_USER" ]; then
     # no CAP_SYS_RESOURCE here: podman's default rlimits (nofile 1048576) fail
@@ -84,6 +87,7 @@ if [ "${_PR_INNER:-}" = 1 ]; then
   fail=0
   P load -i "$WORK/image.tar" >/dev/null || fail=1
   P run --rm "${R[@]}" "$REF" "$@" || fail=1
+  for _ in $(seq "$_PR_REPEAT"); do P run --rm "${R[@]}" "$REF" "$@" || fail=1; done
   if [ "$_PR_EXERCISE" = 1 ]; then
     id=$(P create "${R[@]}" "$REF" sh -c \
       'echo new > /etc/new; rm /etc/motd; echo more >> /data/blob; mkdir -p /opaque/d') || fail=1
@@ -108,16 +112,21 @@ fi
 
 # ------------------------------------------------------------------ outer part
 usage() { awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit 2; }
-USER_=""; WORK=""; EXERCISE=0; KEEP=0
-while getopts "u:w:xkh" o; do
+USER_=""; WORK=""; EXERCISE=0; KEEP=0; REPEAT=0
+while getopts "u:w:xkr:h" o; do
   case $o in
-    u) USER_=$OPTARG;; w) WORK=$OPTARG;; x) EXERCISE=1;; k) KEEP=1;; *) usage;;
+    u) USER_=$OPTARG;; w) WORK=$OPTARG;; x) EXERCISE=1;; k) KEEP=1;; r) REPEAT=$OPTARG;; *) usage;;
   esac
 done
 shift $((OPTIND-1))
 [ $# -ge 1 ] || usage
-MP=$(readlink -f "$1"); shift
-[ -x "$MP" ] || { echo "mount program $MP is not executable" >&2; exit 2; }
+case $REPEAT in ''|*[!0-9]*) echo "-r wants a number" >&2; exit 2;; esac
+[ "$REPEAT" -le 1000 ] || { echo "-r is capped at 1000" >&2; exit 2; }
+if [ "$1" = native ]; then MP=native; else
+  MP=$(readlink -f "$1")
+  [ -x "$MP" ] || { echo "mount program $MP is not executable" >&2; exit 2; }
+fi
+shift
 [ $# -gt 0 ] || set -- sh -c 'test "$(cat /etc/motd)" = "motd from layer2" && test ! -e /etc/remove-me &&
   test ! -e /opaque/a && test -f /opaque/b && test -L /data/link && echo semantics-ok'
 [ "$(id -u)" = 0 ] || { echo "run as root (it uses unshare -m; rootless runs use -u USER)" >&2; exit 2; }
@@ -182,8 +191,8 @@ driver = "overlay"
 graphroot = "$WORK/root"
 runroot = "$WORK/runroot"
 [storage.options.overlay]
-mount_program = "$WORK/bin/mount_program"
 EOF
+[ "$MP" = native ] || echo "mount_program = \"$WORK/bin/mount_program\"" >> "$WORK/storage.conf"
 
 FUSE_NODE=""
 if [ -n "$USER_" ]; then
@@ -232,11 +241,11 @@ trap cleanup EXIT
 
 echo "podman-run: work dir $WORK, mount program $MP, ${USER_:-root}" >&2
 export WORK _PR_INNER=1 _PR_USER="$USER_" _PR_EXERCISE="$EXERCISE" _PR_CGPARENT="$CGPARENT" \
-       _PR_FUSE_NODE="$FUSE_NODE"
+       _PR_FUSE_NODE="$FUSE_NODE" _PR_REPEAT="$REPEAT" _PR_NATIVE=$([ "$MP" = native ] && echo 1 || echo 0)
 rc=0
 unshare -m --propagation private bash "$0" "$@" || rc=$?
 unset _PR_INNER
 echo "--- distinct mount_program argv shapes (paths shortened):" >&2
-grep -E '^argv|fusermount' "$WORK/mount_program.log" | sed -E "s#$WORK#WORK#g; s#/[0-9a-f]{64}/#/ID/#g; s#/l/[A-Z0-9]{26}#/l/L#g; s#^=== [0-9.]+ #=== #" | sort | uniq -c >&2
+{ grep -E '^argv|fusermount' "$WORK/mount_program.log" || true; } | sed -E "s#$WORK#WORK#g; s#/[0-9a-f]{64}/#/ID/#g; s#/l/[A-Z0-9]{26}#/l/L#g; s#^=== [0-9.]+ #=== #" | sort | uniq -c >&2
 if [ $rc != 0 ]; then echo "FAILED; see $WORK/podman.log:" >&2; tail -5 "$WORK/podman.log" >&2; fi
 exit $rc
