@@ -193,13 +193,16 @@ def table(run_path):
                 if "fio" in r:
                     iops[m["id"]].setdefault(w, []).append(r["fio"]["iops"])
     fuse = [i for i in ids if i != "kernel"]
-    ver = "verlay"
+    # The ratios are of verlay's default configuration when the run has it (what podman and
+    # containerd users get), else of verlay with passthrough=1; verify=on / verify=off compares
+    # the two passthrough=1 columns.
+    ver = "verlaydef" if "verlaydef" in ids else "verlay"
     label = {m["id"]: m["label"] for m in modes}
     refs = [i for i in ids if i not in (ver, "verlayv")]
-    has_v = "verlayv" in ids and ver in ids
+    has_v = "verlayv" in ids and "verlay" in ids
 
     head = ["workload"] + [f"{label[i]}" for i in ids]
-    head += [f"verlay / {label[i]}" for i in refs]
+    head += [f"{label[ver]} / {label[i]}" for i in refs]
     if has_v:
         head.append("verify=on / verify=off")
     out = []
@@ -226,10 +229,10 @@ def table(run_path):
             else:
                 row.append(fmt_r(ratio(mean(secs[ver].get(w, [])), mean(secs[r].get(w, [])))))
         if has_v:
-            if tb and iops[ver].get(w) and iops["verlayv"].get(w):
-                row.append(fmt_r(ratio(mean(iops[ver][w]), mean(iops["verlayv"][w]))))
+            if tb and iops["verlay"].get(w) and iops["verlayv"].get(w):
+                row.append(fmt_r(ratio(mean(iops["verlay"][w]), mean(iops["verlayv"][w]))))
             else:
-                row.append(fmt_r(ratio(mean(secs["verlayv"].get(w, [])), mean(secs[ver].get(w, [])))))
+                row.append(fmt_r(ratio(mean(secs["verlayv"].get(w, [])), mean(secs["verlay"].get(w, [])))))
         out.append("| " + " | ".join(row) + " |")
 
     # scaling: µs/op
@@ -259,7 +262,7 @@ def table(run_path):
                                            mean(sc[r].get(op, {}).get(n, [])))))
                 if has_v:
                     row.append(fmt_r(ratio(mean(sc["verlayv"].get(op, {}).get(n, [])),
-                                           mean(sc[ver].get(op, {}).get(n, [])))))
+                                           mean(sc["verlay"].get(op, {}).get(n, [])))))
                 out.append("| " + " | ".join(row) + " |")
             lo, hi = sizes[0], sizes[-1]
             row = [f"**{op}: cost at {hi:,} / cost at {lo:,}**"]
@@ -301,7 +304,7 @@ def table(run_path):
         for r in refs:
             row.append("-" if r == "kernel" else fmt_r(ratio(vals.get(ver), vals.get(r))))
         if has_v:
-            row.append(fmt_r(ratio(vals.get("verlayv"), vals.get(ver))))
+            row.append(fmt_r(ratio(vals.get("verlayv"), vals.get("verlay"))))
         return "| " + " | ".join(row) + " |"
 
     any_rss = any(rss[i] for i in ids)

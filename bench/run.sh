@@ -11,8 +11,10 @@
 #   --reps N      run the mode sequence N times, interleaved: kernel, 1.10, 2.0,
 #                 verlay, then again kernel, 1.10, ... (default 1)
 #   --out FILE    markdown results file (default BENCH_ROOT/verlay-bench/<time>/results.md)
-#   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlay,verlayv,verlaynp
-#                 (default all but verlaynp; verlay and verlayv use passthrough=1, verlaynp not)
+#   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlaydef,verlay,verlayv,verlaynp
+#                 (default all but verlaynp). verlaydef is verlay with no options at all, as
+#                 podman and the snapshotter run it (verify=on: it checks the layers sealed for
+#                 verlayv, passthrough off); verlay and verlayv use passthrough=1, verlaynp not
 #   --no-scaling  skip the create/unlink scaling workload
 #   --scaling-only  run only the scaling workload (no workloads.sh, no RSS rows
 #                 but the scaling mount's)
@@ -53,7 +55,7 @@ CMDLINE="bash bench/run.sh"; for a in "$@"; do CMDLINE+=" $(printf '%q' "$a")"; 
 die() { echo "bench/run.sh: error: $*" >&2; exit 1; }
 log() { echo "bench/run.sh: $*" >&2; }
 
-QUICK=0 REPS=1 OUT="" MODES="kernel,fo110,fo20,verlay,verlayv" SCALING=1 SETS=1
+QUICK=0 REPS=1 OUT="" MODES="kernel,fo110,fo20,verlaydef,verlay,verlayv" SCALING=1 SETS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -103,8 +105,12 @@ declare -A SPEC OPTS LABEL VERSION
 SPEC[kernel]=kernel;               OPTS[kernel]="";         LABEL[kernel]="kernel overlayfs"
 SPEC[fo110]=fuse:$FO_C;            OPTS[fo110]="";          LABEL[fo110]="fuse-overlayfs 1.10"
 SPEC[fo20]=fuse:$FO_RS;            OPTS[fo20]="";           LABEL[fo20]="fuse-overlayfs 2.0"
-# verlay and verlayv run with FUSE passthrough (opt-in); verlaynp is verlay's default
-# (every write through the daemon: strict fsync-failure refusal and commit pauses).
+# verlaydef: no options, what podman's mount_program and the snapshotter's mounts get
+# (passthrough off: every write through the daemon, strict fsync-failure refusal and commit
+# pauses; verify=on, so it checks the layers when verlayv's manifests are beside them, as the
+# snapshotter's sealed layers are checked). verlay and verlayv run with FUSE passthrough
+# (opt-in); verlaynp is passthrough off with verify=off.
+SPEC[verlaydef]=fuse:$VERLAY; OPTS[verlaydef]="";             LABEL[verlaydef]="verlay (default)"
 SPEC[verlay]=fuse:$VERLAY;   OPTS[verlay]=verify=off,passthrough=1; LABEL[verlay]="verlay verify=off"
 SPEC[verlayv]=fuse:$VERLAY;  OPTS[verlayv]=verify=on,passthrough=1; LABEL[verlayv]="verlay verify=on"
 SPEC[verlaynp]=fuse:$VERLAY; OPTS[verlaynp]=verify=off;             LABEL[verlaynp]="verlay verify=off passthrough=0"
@@ -117,8 +123,9 @@ VERSION[fo20]=$(prog_version "$FO_RS")
 VERSION[verlay]="verlay $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo '?'), release build"
 VERSION[verlayv]="${VERSION[verlay]}; layers sealed with verlay layer seal (manifests beside them)"
 VERSION[verlaynp]=${VERSION[verlay]}
+VERSION[verlaydef]=${VERSION[verlay]}
 IFS=, read -r -a MODE_IDS <<< "$MODES"
-for m in "${MODE_IDS[@]}"; do [ -n "${SPEC[$m]:-}" ] || die "unknown mode '$m' (kernel,fo110,fo20,verlay,verlayv,verlaynp)"; done
+for m in "${MODE_IDS[@]}"; do [ -n "${SPEC[$m]:-}" ] || die "unknown mode '$m' (kernel,fo110,fo20,verlaydef,verlay,verlayv,verlaynp)"; done
 # verify=on needs manifests beside the cached layers (sealing reads them; it changes nothing
 # in them). verify=off ignores the manifests.
 if [[ ",$MODES," == *,verlayv,* ]]; then
