@@ -141,36 +141,33 @@ impl Union {
 impl Union {
     /// FUSE setattr.
     pub fn setattr(&self, ctx: &Ctx, id: u64, fh: Option<u64>, sa: SetAttr) -> Result<Attr> {
-        let _changes = self.hold_changes();
         let node = self.node(id)?;
         let unlinked = node.state.read().unlinked;
         if unlinked {
             // Only an open file can be reached once unlinked: work on its fd.
-            self.upper()?.check_writable()?;
+            let up = self.change()?;
             let fd = self.unlinked_fd(&node, fh, true)?;
+            let f = up.file(fd.clone());
             if let Some(size) = sa.size {
-                rustix::fs::ftruncate(&*fd, size)?;
-                self.remove_privs(ctx, id, &fd)?;
+                f.set_len(size)?;
+                self.remove_privs(ctx, id, &up, &fd)?;
             }
             if sa.uid.is_some() || sa.gid.is_some() {
-                rustix::fs::fchown(
-                    &*fd,
-                    sa.uid
-                        .map(|u| rustix::process::Uid::from_raw(self.opts.ids.uid_to_disk(u))),
-                    sa.gid
-                        .map(|g| rustix::process::Gid::from_raw(self.opts.ids.gid_to_disk(g))),
+                f.set_owner(
+                    sa.uid.map(|u| self.opts.ids.uid_to_disk(u)),
+                    sa.gid.map(|g| self.opts.ids.gid_to_disk(g)),
                 )?;
             }
             if let Some(mode) = sa.mode {
-                rustix::fs::fchmod(&*fd, rustix::fs::Mode::from_raw_mode(mode & 0o7777))?;
+                f.set_mode(mode)?;
             }
             if sa.atime.is_some() || sa.mtime.is_some() {
-                rustix::fs::futimens(&*fd, &timestamps(&sa))?;
+                f.set_times(&timestamps(&sa))?;
             }
             return self.attr(&node, fh);
         }
+        let up = self.change()?;
         self.copy_up_with(&node, sa.size != Some(0))?;
-        let up = self.upper()?;
         let path = self.path_of(&node)?;
         if sa.uid.is_some() || sa.gid.is_some() {
             up.chown(
@@ -185,9 +182,8 @@ impl Union {
         if let Some(size) = sa.size {
             match fh.and_then(|fh| self.file(fh).ok()).filter(|h| h.writable) {
                 Some(h) => {
-                    up.check_writable()?;
                     let fd = h.fd.read().clone();
-                    rustix::fs::ftruncate(&*fd, size)?;
+                    up.file(fd).set_len(size)?;
                 }
                 None => up.truncate(&path, size)?,
             }

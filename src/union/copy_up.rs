@@ -5,7 +5,6 @@ use super::*;
 impl Union {
     /// Copy a node (and its parents first) up to the upper, once.
     pub fn copy_up(&self, node: &Arc<Node>) -> Result<()> {
-        let _changes = self.hold_changes();
         self.copy_up_with(node, true)
     }
 
@@ -15,7 +14,7 @@ impl Union {
         if node.state.read().upper {
             return Ok(());
         }
-        let up = self.upper()?;
+        let up = self.change()?;
         let parent_id = node.state.read().parent;
         if node.id != ROOT_ID {
             let parent = self.node(parent_id)?;

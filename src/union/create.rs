@@ -39,13 +39,12 @@ impl Union {
         target: Option<&OsStr>,
         open_flags: OFlags,
     ) -> Result<(Entry, Option<OwnedFd>)> {
-        let _changes = self.hold_changes();
         let parent = self.node(parent_id)?;
         if parent.kind != Kind::Dir {
             return errno(libc::ENOTDIR);
         }
         check_name(name)?;
-        let up = self.upper()?;
+        let up = self.change()?;
         let ppath = self.path_of(&parent)?;
         let path = ppath.join(name);
         let plowers = parent.state.read().lowers.clone();
@@ -202,7 +201,6 @@ impl Union {
 
     /// FUSE link.
     pub fn link(&self, _ctx: &Ctx, id: u64, newparent: u64, newname: &OsStr) -> Result<Entry> {
-        let _changes = self.hold_changes();
         let node = self.node(id)?;
         if node.kind == Kind::Dir {
             return errno(libc::EPERM);
@@ -211,9 +209,9 @@ impl Union {
         if self.peek(&parent, newname)?.is_some() {
             return errno(libc::EEXIST);
         }
+        let up = self.change()?;
         self.copy_up(&node)?;
         self.copy_up(&parent)?;
-        let up = self.upper()?;
         let src = self.path_of(&node)?;
         let ppath = self.path_of(&parent)?;
         let dst = ppath.join(newname);

@@ -291,12 +291,11 @@ impl Union {
         if id == ROOT_ID {
             return up.syncfs();
         }
-        up.check_writable()?;
         if !node.state.read().upper {
-            return Ok(());
+            return up.sync_dir(None);
         }
         let path = self.path_of(&node)?;
-        self.upper()?.fsync_dir(&path)
+        up.sync_dir(Some(&path))
     }
 
     /// FUSE statfs: the upper's filesystem (or the top lower's for a read-only mount).

@@ -191,11 +191,10 @@ impl Union {
         let writable = oflags.contains(OFlags::WRONLY)
             || oflags.contains(OFlags::RDWR)
             || oflags.contains(OFlags::TRUNC);
-        // A read-only open changes nothing; a writable one may copy up or truncate.
-        let _changes = writable.then(|| self.hold_changes());
+        // A read-only open changes nothing; a writable one may copy up or truncate (after a
+        // failed fsync nothing may change the upper, an O_TRUNC included).
+        let change = if writable { Some(self.change()?) } else { None };
         if writable {
-            // After a failed fsync nothing may change the upper, an O_TRUNC included.
-            self.upper()?.check_writable()?;
             self.copy_up_with(&node, !oflags.contains(OFlags::TRUNC))?;
         }
         let mut oflags = oflags;
@@ -203,12 +202,23 @@ impl Union {
             oflags.remove(OFlags::WRONLY);
             oflags.insert(OFlags::RDWR);
         }
-        let (fd, on_upper) = self.open_real(&node, oflags)?;
-        if oflags.contains(OFlags::TRUNC) && ctx.uid != 0 {
+        // A writable open of an upper file (the O_TRUNC in it included) is a change made
+        // through the upper; the rest open as they are.
+        let on_upper_now = {
+            let st = node.state.read();
+            st.upper && !st.unlinked
+        };
+        let (mut fd, on_upper) = match &change {
+            Some(up) if on_upper_now => (up.open_file(&self.path_of(&node)?, oflags)?, true),
+            _ => self.open_real(&node, oflags)?,
+        };
+        if let (Some(up), true) = (&change, oflags.contains(OFlags::TRUNC) && ctx.uid != 0) {
             // The kernel leaves O_TRUNC to us (atomic_o_trunc), and the daemon truncates as
             // root; a truncation by an unprivileged caller must still drop setuid and setgid
             // as the VFS does (should_remove_suid).
-            self.remove_privs(ctx, node.id, &fd)?;
+            let shared = Arc::new(fd);
+            self.remove_privs(ctx, node.id, up, &shared)?;
+            fd = Arc::try_unwrap(shared).map_err(|_| Error::Errno(libc::EIO))?;
         }
         let verify = if on_upper {
             None
@@ -302,28 +312,14 @@ impl Union {
 
     /// FUSE write, by `ctx` to node `id`.
     pub fn write(&self, ctx: &Ctx, id: u64, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        let _changes = self.hold_changes();
         let h = self.file(fh)?;
         if !h.writable {
             return errno(libc::EBADF);
         }
-        self.upper()?.check_writable()?;
+        let up = self.change()?;
         let fd = h.fd.read().clone();
-        self.remove_privs(ctx, id, &fd)?;
-        let mut done = 0;
-        while done < data.len() {
-            let n = match rustix::io::pwrite(&*fd, &data[done..], offset + done as u64) {
-                Ok(n) => n,
-                // A short write, as write(2) reports it: the next one gets the error (ENOSPC).
-                Err(_) if done > 0 => break,
-                Err(e) => return Err(e.into()),
-            };
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        Ok(done)
+        self.remove_privs(ctx, id, &up, &fd)?;
+        up.file(fd).write_at(offset, data)
     }
 
     /// Remove setuid and setgid from the upper file open as `fd`, as a write, truncate or
@@ -331,14 +327,14 @@ impl Union {
     /// cached mode of node `id` when they go. The daemon writes as root, so the upper
     /// filesystem never does it for the caller. A root caller (CAP_FSETID) and a file
     /// without the bits cost no /proc read.
-    pub(super) fn remove_privs(&self, ctx: &Ctx, id: u64, fd: &OwnedFd) -> Result<()> {
+    pub(super) fn remove_privs(&self, ctx: &Ctx, id: u64, up: &Change<'_>, fd: &Arc<OwnedFd>) -> Result<()> {
         if ctx.uid == 0 {
             return Ok(());
         }
-        let st = rustix::fs::fstat(fd)?;
+        let st = rustix::fs::fstat(&**fd)?;
         let kill = privs_to_kill(ctx, st.st_mode, self.opts.ids.gid_from_disk(st.st_gid));
         if kill != 0 {
-            rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777 & !kill))?;
+            up.file(fd.clone()).set_mode(st.st_mode & 0o7777 & !kill)?;
             self.invalidate(id);
         }
         Ok(())
@@ -350,34 +346,23 @@ impl Union {
         let Some(up) = &self.upper else {
             return Ok(());
         };
-        up.check_writable()?;
         // A file still on a lower layer has nothing in the upper to sync (kernel overlayfs
         // does not sync lower files either).
-        if !h.on_upper.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let fd = h.fd.read().clone();
-        up.fsync_file(&*fd, datasync)
+        let fd = h.on_upper.load(Ordering::Acquire).then(|| h.fd.read().clone());
+        up.sync_file(fd, datasync)
     }
 
     /// FUSE fallocate, by `ctx` on node `id`.
     pub fn fallocate(&self, ctx: &Ctx, id: u64, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
-        let _changes = self.hold_changes();
         let h = self.file(fh)?;
         if !h.writable {
             return errno(libc::EBADF);
         }
-        self.upper()?.check_writable()?;
+        let up = self.change()?;
         let fd = h.fd.read().clone();
         // ovl_fallocate removes privileges with the caller's credentials first.
-        self.remove_privs(ctx, id, &fd)?;
-        rustix::fs::fallocate(
-            &*fd,
-            rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
-            offset,
-            length,
-        )?;
-        Ok(())
+        self.remove_privs(ctx, id, &up, &fd)?;
+        up.file(fd).allocate(mode as u32, offset, length)
     }
 
     /// FUSE lseek (SEEK_DATA / SEEK_HOLE).

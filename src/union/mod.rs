@@ -40,7 +40,8 @@ use tracing::{debug, trace};
 use crate::error::{errno, Error, Result};
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
 use crate::lower::verify::VerifiedLayer;
-use crate::upper::{Occupant, Owner, Upper, XattrNames};
+use crate::upper::{Change, Occupant, Owner, Upper, XattrNames};
+pub use crate::upper::Frozen;
 use acl::{in_group_or_capable, privs_to_kill, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT, POSIX_ACL_PREFIX};
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 
@@ -301,35 +302,6 @@ pub struct Union {
     forgotten: AtomicU64,
     /// FUSE passthrough may be offered (see [`Union::open`])
     passthrough: std::sync::atomic::AtomicBool,
-    /// The commit gate: every change to the upper holds it shared ([`Union::hold_changes`]),
-    /// `verlay commit` holds it exclusive while it copies the upper ([`Union::freeze`]), so
-    /// the copy is the upper at one instant (docs/ordering.md, "commit").
-    commit_gate: RwLock<()>,
-}
-
-thread_local! {
-    /// Address of the commit gate this thread holds shared (0: none). A change that calls
-    /// another (open -> copy-up) must not take the gate twice: parking_lot blocks a second
-    /// shared lock while a commit waits for the exclusive one, which would deadlock.
-    static GATE_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// A shared hold of the commit gate for one change to the upper (see [`Union::hold_changes`]).
-pub struct ChangeGuard<'a> {
-    _shared: Option<parking_lot::RwLockReadGuard<'a, ()>>,
-    prev: usize,
-}
-
-impl Drop for ChangeGuard<'_> {
-    fn drop(&mut self) {
-        GATE_HELD.with(|h| h.set(self.prev));
-    }
-}
-
-/// The exclusive hold of the commit gate: no change to the upper runs or starts while it
-/// lives; changes that arrive wait (they are paused, never failed).
-pub struct Frozen<'a> {
-    _exclusive: parking_lot::RwLockWriteGuard<'a, ()>,
 }
 
 /// Drops the kernel's cached attributes of a node id.
@@ -432,7 +404,6 @@ impl Union {
             same_dev,
             invalidator: std::sync::OnceLock::new(),
             forgotten: AtomicU64::new(0),
-            commit_gate: RwLock::new(()),
             passthrough: std::sync::atomic::AtomicBool::new(opts.passthrough),
             opts,
         };
@@ -460,33 +431,6 @@ impl Union {
         Ok(u)
     }
 
-    /// Hold the commit gate shared for one change to the upper (a no-op when this thread
-    /// already holds it). Every public method that may write to the upper or the work dir
-    /// takes it first, so a commit's copy never sees half of a change.
-    fn hold_changes(&self) -> ChangeGuard<'_> {
-        let me = &self.commit_gate as *const RwLock<()> as usize;
-        let prev = GATE_HELD.with(|h| h.get());
-        if prev == me {
-            return ChangeGuard { _shared: None, prev };
-        }
-        let g = self.commit_gate.read();
-        GATE_HELD.with(|h| h.set(me));
-        ChangeGuard {
-            _shared: Some(g),
-            prev,
-        }
-    }
-
-    /// Stop every change to the upper until the returned guard is dropped: waits for the
-    /// changes in flight to finish; later ones block (parking_lot's lock is fair, so a
-    /// steady stream of writers cannot starve a commit). Reads go on. Must not be called
-    /// from a thread that is inside a change.
-    pub fn freeze(&self) -> Frozen<'_> {
-        Frozen {
-            _exclusive: self.commit_gate.write(),
-        }
-    }
-
     /// Number of nodes the kernel holds references to.
     pub fn node_count(&self) -> usize {
         self.nodes.count()
@@ -498,6 +442,23 @@ impl Union {
 
     fn upper(&self) -> Result<&Upper> {
         self.upper.as_ref().ok_or(Error::Errno(libc::EROFS))
+    }
+
+    /// Start a change to the upper (EROFS without one): the commit gate held and the
+    /// poison check made, both in `upper/` ([`Upper::change`]); the upper's write methods
+    /// exist only on the returned [`Change`]. Taken before any node lock.
+    fn change(&self) -> Result<Change<'_>> {
+        self.upper()?.change()
+    }
+
+    /// Stop every change to the upper until the returned guard is dropped (see
+    /// [`Upper::freeze`]); on a read-only mount there is nothing to stop. Must not be
+    /// called from a thread that is inside a change.
+    pub fn freeze(&self) -> Frozen<'_> {
+        match &self.upper {
+            Some(up) => up.freeze(),
+            None => Frozen::nothing(),
+        }
     }
 
     /// st_ino for a real inode of layer `index` (upper = 0, lowers = 1..): the real number

@@ -7,7 +7,6 @@ impl Union {
     /// Remove `name` from the merged view of `parent`, leaving a whiteout when a lower
     /// layer still has the name.
     pub(super) fn remove(&self, parent_id: u64, name: &OsStr, want_dir: bool) -> Result<()> {
-        let _changes = self.hold_changes();
         let parent = self.node(parent_id)?;
         let (r, path) = self.peek(&parent, name)?.ok_or(Error::Errno(libc::ENOENT))?;
         let is_dir = r.kind == Kind::Dir;
@@ -17,7 +16,7 @@ impl Union {
         if !want_dir && is_dir {
             return errno(libc::EISDIR);
         }
-        self.upper()?;
+        let up = self.change()?;
         if is_dir {
             let (child, _) = self.child(&parent, name)?;
             let empty = self.dir_is_empty(&child);
@@ -40,7 +39,6 @@ impl Union {
             }
         }
         self.copy_up(&parent)?;
-        let up = self.upper()?;
         let plowers = parent.state.read().lowers.clone();
         let need_whiteout = self.lower_has(&plowers, name)?;
         match (r.upper, need_whiteout) {

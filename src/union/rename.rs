@@ -2,6 +2,7 @@
 //! lower parts, as kernel overlayfs does.
 
 use super::*;
+use crate::upper::{DirMark, Move};
 
 /// The two ends of a rename: parents, names as given, and their upper paths.
 struct RenameEnds<'a> {
@@ -27,7 +28,6 @@ impl Union {
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
-        let _changes = self.hold_changes();
         let flags = RenameFlags::from_bits_retain(flags);
         if flags.contains(RenameFlags::WHITEOUT) {
             return errno(libc::EINVAL);
@@ -61,7 +61,7 @@ impl Union {
         if let (false, Some(d)) = (exchange, &dst) {
             self.check_rename_target(&oldp, &newp, &src, d)?;
         }
-        self.upper()?;
+        let _change = self.change()?;
         self.copy_up(&oldp)?;
         self.copy_up(&newp)?;
         self.copy_up(&src)?;
@@ -120,12 +120,12 @@ impl Union {
         }
     }
 
-    /// Before a directory moves: one with lower parts keeps them by redirect; a pure upper
-    /// directory moved into a merged parent must not start merging what is below its new
-    /// name (it becomes opaque).
-    fn prepare_dir_for_rename(&self, n: &Arc<Node>, at: &Path, same_dir: bool, to_merged_parent: bool) -> Result<()> {
+    /// The mark a directory takes before it moves: one with lower parts keeps them by
+    /// redirect; a pure upper directory moved into a merged parent must not start merging
+    /// what is below its new name (it becomes opaque).
+    fn dir_mark_for_rename(&self, n: &Arc<Node>, at: &Path, same_dir: bool, to_merged_parent: bool) -> Result<Option<DirMark>> {
         if n.kind != Kind::Dir {
-            return Ok(());
+            return Ok(None);
         }
         let up = self.upper()?;
         let st = n.snapshot();
@@ -137,7 +137,7 @@ impl Union {
             let existing = redirect_value(&up.dir, at)?;
             if let Some(v) = &existing {
                 if same_dir || v.first() == Some(&b'/') {
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             let value = if same_dir {
@@ -150,19 +150,20 @@ impl Union {
             if value.len() > REDIRECT_MAX {
                 return errno(libc::EXDEV);
             }
-            up.set_ovl_xattr(at, "redirect", &value)?;
+            Ok(Some(DirMark::Redirect(value)))
         } else if to_merged_parent && !dir_is_opaque(&up.dir, at)? {
-            up.set_ovl_xattr(at, "opaque", b"y")?;
+            Ok(Some(DirMark::Opaque))
+        } else {
+            Ok(None)
         }
-        Ok(())
     }
 
     /// RENAME_EXCHANGE of `src` (at the old name) and `d` (at the new name).
     fn rename_exchange(&self, e: &RenameEnds<'_>, src: &Arc<Node>, d: &Arc<Node>) -> Result<()> {
-        let up = self.upper()?;
-        self.prepare_dir_for_rename(src, &e.old_path, e.same_dir, !e.new_plowers.is_empty())?;
-        self.prepare_dir_for_rename(d, &e.new_path, e.same_dir, !e.old_plowers.is_empty())?;
-        up.rename(&e.old_path, &e.new_path, RenameFlags::EXCHANGE, false)?;
+        let up = self.change()?;
+        let src_mark = self.dir_mark_for_rename(src, &e.old_path, e.same_dir, !e.new_plowers.is_empty())?;
+        let d_mark = self.dir_mark_for_rename(d, &e.new_path, e.same_dir, !e.old_plowers.is_empty())?;
+        up.exchange(&e.old_path, &src_mark, &e.new_path, &d_mark)?;
         self.rename_name(src, e.oldp.id, e.name, e.newp.id, e.newname);
         self.rename_name(d, e.newp.id, e.newname, e.oldp.id, e.name);
         {
@@ -176,16 +177,15 @@ impl Union {
     /// Move `src` to the new name, replacing `dst` if there is one, leaving a whiteout at
     /// the old name where a lower layer still has it.
     fn rename_move(&self, e: &RenameEnds<'_>, src: &Arc<Node>, dst: Option<&Arc<Node>>) -> Result<()> {
-        let up = self.upper()?;
-        let (old_path, new_path) = (&e.old_path, &e.new_path);
-        self.prepare_dir_for_rename(src, old_path, e.same_dir, !e.new_plowers.is_empty())?;
+        let up = self.change()?;
+        let mark = self.dir_mark_for_rename(src, &e.old_path, e.same_dir, !e.new_plowers.is_empty())?;
         let whiteout_old = self.lower_has(&e.old_plowers, e.name)?;
-        {
+        let has_lower = {
             let st = src.snapshot();
-            if st.lower.is_some() || !st.lowers.is_empty() {
-                up.mark_impure(&self.path_of(&e.newp)?)?;
-            }
-        }
+            st.lower.is_some() || !st.lowers.is_empty()
+        };
+        let new_parent = self.path_of(&e.newp)?;
+        let mut clear_target = false;
         if let Some(d) = dst {
             if d.kind != Kind::File {
                 // What the replaced object was, for fstat through an fd still open on it
@@ -194,34 +194,19 @@ impl Union {
                     *d.gone_attr.lock() = Some(Box::new(a));
                 }
             }
-            let dst_upper = d.state.read().upper;
-            if d.kind == Kind::Dir && dst_upper {
-                // The target is empty in the merged view; only whiteouts can be left in
-                // its upper copy, and rename(2) needs it truly empty.
-                up.clear_whiteouts(new_path)?;
-            }
+            // The target is empty in the merged view; only whiteouts can be left in its
+            // upper copy, and rename(2) needs it truly empty.
+            clear_target = d.kind == Kind::Dir && d.state.read().upper;
         }
-        let occupant = match up.dir.stat(new_path)? {
-            None => Occupant::Nothing,
-            Some(st) if Kind::from_mode(st.st_mode) == Kind::Dir => Occupant::Dir,
-            Some(_) => Occupant::NonDir,
-        };
-        if src.kind == Kind::Dir && occupant == Occupant::NonDir {
-            // A directory moving onto a whiteout: rename(2) cannot replace a non-directory
-            // with a directory, so swap them; the whiteout lands at the old name, where it
-            // is either needed or removed.
-            up.rename(old_path, new_path, RenameFlags::EXCHANGE, false)?;
-            if !whiteout_old {
-                up.remove(old_path, false)?;
-            }
-        } else {
-            let rflags = if occupant == Occupant::Nothing {
-                RenameFlags::NOREPLACE
-            } else {
-                RenameFlags::empty()
-            };
-            up.rename(old_path, new_path, rflags, whiteout_old)?;
-        }
+        up.move_to(&Move {
+            old: &e.old_path,
+            new: &e.new_path,
+            is_dir: src.kind == Kind::Dir,
+            mark,
+            impure_parent: has_lower.then_some(new_parent.as_path()),
+            clear_target,
+            whiteout_old,
+        })?;
         if dst.is_some() {
             self.detach(&e.newp, e.newname);
         }

@@ -105,15 +105,14 @@ impl Union {
 
     /// FUSE setxattr.
     pub fn setxattr(&self, ctx: &Ctx, id: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        let _changes = self.hold_changes();
         let disk = self
             .xattr_names()
             .to_disk(name)
             .ok_or(Error::Errno(libc::EPERM))?;
         let node = self.node(id)?;
+        let up = self.change()?;
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
-        let up = self.upper()?;
         let is_acl = name.as_bytes().starts_with(POSIX_ACL_PREFIX.as_bytes());
         if name == POSIX_ACL_ACCESS {
             // Setting an access ACL is a chmod: the upper filesystem updates the mode bits,
@@ -138,7 +137,6 @@ impl Union {
 
     /// FUSE removexattr.
     pub fn removexattr(&self, id: u64, name: &OsStr) -> Result<()> {
-        let _changes = self.hold_changes();
         let disk = self
             .xattr_names()
             .to_disk(name)
@@ -153,9 +151,10 @@ impl Union {
         if !(is_acl && node.state.read().upper) && layer.get_xattr(&path, &disk)?.is_none() {
             return errno(libc::ENODATA);
         }
+        let up = self.change()?;
         self.copy_up(&node)?;
         let path = self.path_of(&node)?;
-        let r = self.upper()?.remove_xattr(&path, &disk);
+        let r = up.remove_xattr(&path, &disk);
         node.forget_no_caps();
         r
     }
