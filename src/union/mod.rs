@@ -2,7 +2,14 @@
 //!
 //! This module never imports fuser. Methods mirror FUSE operations with verlay's own types
 //! and return values; the FUSE adapter (`fuse.rs`) only decodes requests and sends replies.
-//! All writes to the upper go through [`crate::upper::Upper`].
+//! All writes to the upper go through `upper/`: each operation takes a
+//! [`crate::upper::Change`] (`Union::change`) before its first write, which holds the
+//! commit gate and refuses a poisoned upper; the write methods exist only there.
+//!
+//! One file per group of operations, `impl Union` in each: `lookup.rs` (resolve, nodes,
+//! forget), `attr.rs` (getattr, setattr), `copy_up.rs`, `create.rs`, `remove.rs`,
+//! `rename.rs`, `files.rs` (open files), `dir.rs` (listings), `xattr.rs`; this file keeps
+//! `Union`, its types and the helpers they share.
 //!
 //! Rules reproduced (see Documentation/filesystems/overlayfs.rst):
 //! - lookup goes upper, then lowers top to bottom; a non-directory ends the search; a
