@@ -10,14 +10,14 @@
 //!
 //! The tests:
 //! - `every_crash_point_leaves_old_or_new_view`: for each named crash point of the upper writer
-//!   (src/upper/mod.rs, listed in docs/ordering.md) a small deterministic workload that reaches
+//!   (src/upper/, listed in docs/ordering.md) a small deterministic workload that reaches
 //!   it runs once without a crash (giving the old and the new merged view) and once with
 //!   `VERLAY_CRASH_AT=<step>[:N]` in the daemon's environment, which SIGKILLs itself right after
 //!   that step (the request in flight fails with ENOTCONN/ECONNABORTED); the test lazily
 //!   unmounts the dead mount, remounts without the variable on the same upper and work dirs and
 //!   compares (kind, content, mode, owner, user xattrs of every path). Where a point is past
 //!   the publishing step it must show the new view, before it the old one. It also checks that
-//!   every `crash_point("...")` in src/upper/mod.rs is reached by some workload, and prints the
+//!   every `crash_point("...")` in src/upper/ is reached by some workload, and prints the
 //!   number of points enumerated.
 //! - One test per point where the code once broke the invariant (regressions; a new one found
 //!   would be kept as `#[ignore = "bug: ..."]` until fixed).
@@ -626,8 +626,8 @@ const WORKLOADS: &[Workload] = &[
         op: |m| fs::rename(m.join("u"), m.join("w")),
         points: &[
             ("set_ovl_xattr.opaque", Expect::Old),
-            ("rename.rename", Expect::New),
-            ("remove.unlink", Expect::New),
+            ("rename.exchange", Expect::New),
+            ("rename.drop_whiteout", Expect::New),
         ],
     },
     Workload {
@@ -820,13 +820,23 @@ const UNREACHABLE: &[(&str, &str)] = &[(
      namespace); these tests run as root in the initial namespace",
 )];
 
-/// The crash points in the upper writer's source: every `crash_point("...")`.
+/// The crash points in the upper writer's source: every `crash_point("...")` in src/upper/.
 fn crash_points_in_source() -> BTreeSet<String> {
-    let src = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/upper/mod.rs")).unwrap();
-    src.split("crash_point(\"")
-        .skip(1)
-        .map(|rest| rest.split('"').next().unwrap().to_string())
-        .collect()
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/upper");
+    let mut points = BTreeSet::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "rs") {
+            let src = fs::read_to_string(&p).unwrap();
+            points.extend(
+                src.split("crash_point(\"")
+                    .skip(1)
+                    .map(|rest| rest.split('"').next().unwrap().to_string()),
+            );
+        }
+    }
+    assert!(points.len() > 20, "crash points not found in {dir}: {points:?}");
+    points
 }
 
 #[test]

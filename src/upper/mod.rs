@@ -19,9 +19,16 @@ use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::layer::{get_xattr_path, list_xattr_path, Kind, LayerDir};
 
+pub mod file;
+pub mod gate;
 pub mod real;
+mod rename;
 pub mod sim;
 pub mod store;
+
+pub use file::UpperFile;
+pub use gate::{Change, Frozen};
+pub use rename::{DirMark, Move};
 
 use store::{Base, StoreFile, UpperStore};
 
@@ -77,7 +84,9 @@ pub struct Upper {
     /// Set by the first failed fsync/syncfs of the upper; never cleared (see
     /// [`Upper::check_writable`]).
     poisoned: AtomicBool,
-    /// The work dir's shared whiteout (see [`Upper::whiteout`]), made on first use.
+    /// The commit gate (see [`gate`]).
+    gate: gate::Gate,
+    /// The work dir's shared whiteout (see [`Change::whiteout`]), made on first use.
     shared_whiteout: parking_lot::Mutex<Option<Arc<PathBuf>>>,
     /// The upper filesystem refused a hard link to a whiteout: make each one with mknod.
     no_shared_whiteout: AtomicBool,
@@ -216,6 +225,7 @@ impl Upper {
             fsync,
             counter: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
+            gate: gate::Gate::default(),
             shared_whiteout: parking_lot::Mutex::new(None),
             no_shared_whiteout: AtomicBool::new(false),
         }
@@ -310,6 +320,37 @@ impl Upper {
         format!("{}{short}", self.xattr_prefix)
     }
 
+    /// The st_ino recorded at copy-up, if any.
+    pub fn origin(&self, rel: &Path) -> Result<Option<u64>> {
+        let v = self.dir.get_xattr(rel, OsStr::new(self.origin_xattr))?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes))
+    }
+
+    /// At a clean unmount: remove the shared whiteout's own name from the work dir (the
+    /// whiteouts linked to it stay), so that a clean unmount leaves the work dir empty.
+    pub fn release_shared_whiteout(&self) {
+        if let Some(s) = self.shared_whiteout.lock().take() {
+            if let Err(e) = self.store.unlink(Base::Work, &s) {
+                debug!(path = %s.display(), error = %e, "shared whiteout left for the next mount to remove");
+            }
+        }
+    }
+
+    /// Is an upper directory marked impure (it may hold entries with an origin)?
+    pub fn is_impure(&self, rel: &Path) -> Result<bool> {
+        for name in ["trusted.overlay.impure", "user.overlay.impure"] {
+            if self.dir.get_xattr(rel, OsStr::new(name))?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+}
+
+/// The writes: only within a change (the commit gate held, the upper not poisoned).
+impl Change<'_> {
     /// Move `tmp` from the work dir to `dst` in the upper: the single publishing step,
     /// named `step` (`copy_up.rename`, ...). Over a directory it is `publish.exchange`
     /// (RENAME_EXCHANGE) then `publish.remove_old`, and `step` follows those.
@@ -380,7 +421,6 @@ impl Upper {
         origin_ino: Option<u64>,
         with_data: bool,
     ) -> Result<()> {
-        self.check_writable()?;
         let tmp = self.tmp_name();
         let r = self.copy_up_to_tmp(src, src_rel, st, &tmp, origin_ino, with_data);
         let r = r.and_then(|()| self.publish(&tmp, dst, Occupant::Nothing, "copy_up.rename"));
@@ -490,13 +530,6 @@ impl Upper {
         }
     }
 
-    /// The st_ino recorded at copy-up, if any.
-    pub fn origin(&self, rel: &Path) -> Result<Option<u64>> {
-        let v = self.dir.get_xattr(rel, OsStr::new(self.origin_xattr))?;
-        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_le_bytes))
-    }
-
     /// whiteout: put a whiteout (char 0/0) at `rel`, replacing what is there.
     /// Steps: `whiteout.mknod` (in the work dir), `whiteout.rename`.
     ///
@@ -505,7 +538,6 @@ impl Upper {
     /// made ext4 search its inode bitmaps (a quarter of the daemon's time in `rm -rf` of a
     /// lower tree). A filesystem that refuses the link gets one mknod per whiteout.
     pub fn whiteout(&self, rel: &Path, occupant: Occupant) -> Result<()> {
-        self.check_writable()?;
         let tmp = self.tmp_name();
         let r = self.new_whiteout(&tmp).and_then(|()| {
             crash_point("whiteout.mknod");
@@ -558,20 +590,9 @@ impl Upper {
         Ok(mknod(tmp)?)
     }
 
-    /// At a clean unmount: remove the shared whiteout's own name from the work dir (the
-    /// whiteouts linked to it stay), so that a clean unmount leaves the work dir empty.
-    pub fn release_shared_whiteout(&self) {
-        if let Some(s) = self.shared_whiteout.lock().take() {
-            if let Err(e) = self.store.unlink(Base::Work, &s) {
-                debug!(path = %s.display(), error = %e, "shared whiteout left for the next mount to remove");
-            }
-        }
-    }
-
     /// Remove every whiteout inside an upper directory that is empty in the merged view,
     /// so it can be removed or replaced.
     pub fn clear_whiteouts(&self, rel: &Path) -> Result<()> {
-        self.check_writable()?;
         let mut whiteouts = Vec::new();
         for (name, _) in self.store.read_dir(Base::Upper, rel)? {
             let p = rel.join(&name);
@@ -597,7 +618,6 @@ impl Upper {
 
     /// Remove a non-directory, or a directory holding only whiteouts.
     pub fn remove(&self, rel: &Path, is_dir: bool) -> Result<()> {
-        self.check_writable()?;
         if is_dir {
             self.clear_whiteouts(rel)?;
             self.store.rmdir(Base::Upper, rel)?;
@@ -625,7 +645,6 @@ impl Upper {
         occupant: Occupant,
         opaque: bool,
     ) -> Result<Option<OwnedFd>> {
-        self.check_writable()?;
         // In place only when the object is complete the moment it exists: owned by the daemon's
         // own ids and without setuid/setgid (which chown would clear). Otherwise it is made in the
         // work dir, given its owner and mode, and published by rename, so a crash never leaves a
@@ -663,7 +682,7 @@ impl Upper {
         crash_point("create.make");
         let finish = || -> Result<()> {
             match &file {
-                Some(f) => store.fchown(f, owner.uid, owner.gid)?,
+                Some(f) => store.fchown(f, Some(owner.uid), Some(owner.gid))?,
                 None => store.chown(at, name, Some(owner.uid), Some(owner.gid))?,
             }
             crash_point("create.owner");
@@ -720,7 +739,6 @@ impl Upper {
     /// link: a new name for the upper object at `src`. Over a whiteout, the link is made in
     /// the work dir and renamed over it.
     pub fn link(&self, src: &Path, dst: &Path, occupant: Occupant) -> Result<()> {
-        self.check_writable()?;
         if occupant == Occupant::Nothing {
             self.store.link(Base::Upper, src, Base::Upper, dst)?;
             crash_point("link.link");
@@ -745,7 +763,6 @@ impl Upper {
     /// in the same atomic step (RENAME_WHITEOUT) when the kernel allows it; otherwise the
     /// whiteout follows in a second step.
     pub fn rename(&self, old: &Path, new: &Path, flags: RenameFlags, whiteout_old: bool) -> Result<()> {
-        self.check_writable()?;
         if whiteout_old {
             match self
                 .store
@@ -770,9 +787,23 @@ impl Upper {
         }
     }
 
+    /// An upper file opened for writing (by an application's open; with O_TRUNC this is
+    /// the truncation). An upgraded WRONLY open (as RDWR) of a file the daemon may not read
+    /// is retried as asked.
+    pub fn open_file(&self, rel: &Path, oflags: OFlags) -> Result<OwnedFd> {
+        match self.dir.open_file(rel, oflags) {
+            Err(e) if e.errno() == libc::EACCES && oflags.contains(OFlags::RDWR) => {
+                let mut f = oflags;
+                f.remove(OFlags::RDWR);
+                f.insert(OFlags::WRONLY);
+                self.dir.open_file(rel, f)
+            }
+            r => r,
+        }
+    }
+
     /// Set an overlay xattr (`opaque`, `redirect`) on an upper object.
     pub fn set_ovl_xattr(&self, rel: &Path, short: &str, value: &[u8]) -> Result<()> {
-        self.check_writable()?;
         let name = self.ovl_xattr(short);
         self.store
             .set_xattr(Base::Upper, rel, OsStr::new(&name), value, XattrFlags::empty())?;
@@ -794,59 +825,47 @@ impl Upper {
         Ok(())
     }
 
-    /// Is an upper directory marked impure (it may hold entries with an origin)?
-    pub fn is_impure(&self, rel: &Path) -> Result<bool> {
-        for name in ["trusted.overlay.impure", "user.overlay.impure"] {
-            if self.dir.get_xattr(rel, OsStr::new(name))?.is_some() {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     /// User xattr write on an upper object.
     pub fn set_xattr(&self, rel: &Path, name: &OsStr, value: &[u8], flags: XattrFlags) -> Result<()> {
-        self.check_writable()?;
         self.store.set_xattr(Base::Upper, rel, name, value, flags)?;
         Ok(())
     }
 
     /// User xattr removal on an upper object.
     pub fn remove_xattr(&self, rel: &Path, name: &OsStr) -> Result<()> {
-        self.check_writable()?;
         self.store.remove_xattr(Base::Upper, rel, name)?;
         Ok(())
     }
 
     /// chmod of an upper object.
     pub fn chmod(&self, rel: &Path, mode: u32) -> Result<()> {
-        self.check_writable()?;
         self.store.chmod(Base::Upper, rel, mode & 0o7777)?;
         Ok(())
     }
 
     /// chown of an upper object (not following symlinks).
     pub fn chown(&self, rel: &Path, u: Option<u32>, g: Option<u32>) -> Result<()> {
-        self.check_writable()?;
         self.store.chown(Base::Upper, rel, u, g)?;
         Ok(())
     }
 
     /// utimensat of an upper object (not following symlinks).
     pub fn utimens(&self, rel: &Path, times: &Timestamps) -> Result<()> {
-        self.check_writable()?;
         self.store.utimens(Base::Upper, rel, times)?;
         Ok(())
     }
 
     /// truncate of an upper file by path.
     pub fn truncate(&self, rel: &Path, size: u64) -> Result<()> {
-        self.check_writable()?;
         self.store.truncate(Base::Upper, rel, size)?;
         Ok(())
     }
 
-    /// fsync of an upper directory.
+}
+
+impl Upper {
+    /// fsync of an upper directory. Syncs change nothing a commit's copy holds, so they do
+    /// not take the commit gate; a poisoned upper refuses them.
     pub fn fsync_dir(&self, rel: &Path) -> Result<()> {
         self.check_writable()?;
         if !self.fsync {
@@ -855,13 +874,23 @@ impl Upper {
         self.sync_step("fsyncdir", rel, || self.store.fsync_dir(Base::Upper, rel))
     }
 
-    /// fsync (or fdatasync) of an open upper file, for an application's fsync.
-    pub fn fsync_file(&self, fd: &impl AsFd, datasync: bool) -> Result<()> {
+    /// An application's fsync of a directory: `rel` in the upper, or None for one not in
+    /// the upper (nothing to sync, but a poisoned upper still refuses).
+    pub fn sync_dir(&self, rel: Option<&Path>) -> Result<()> {
+        match rel {
+            Some(rel) => self.fsync_dir(rel),
+            None => self.check_writable(),
+        }
+    }
+
+    /// An application's fsync (or fdatasync) of an open file: `fd` on the upper, or None for
+    /// a file still on a lower layer (nothing to sync, but a poisoned upper still refuses).
+    /// Not under the commit gate, as [`Upper::fsync_dir`].
+    pub fn sync_file(&self, fd: Option<Arc<OwnedFd>>, datasync: bool) -> Result<()> {
         self.check_writable()?;
-        if datasync {
-            self.sync_step("fdatasync", Path::new(""), || rustix::fs::fdatasync(fd))
-        } else {
-            self.sync_step("fsync", Path::new(""), || rustix::fs::fsync(fd))
+        match fd {
+            Some(fd) => file::sync(self, &StoreFile::Shared(fd), datasync),
+            None => Ok(()),
         }
     }
 
@@ -871,7 +900,8 @@ impl Upper {
         self.sync_step("syncfs", Path::new(""), || self.store.syncfs())
     }
 
-    /// Refuse every change once an fsync of the upper has failed.
+    /// Refuse every change once an fsync of the upper has failed (checked by
+    /// [`Upper::change`], which every write goes through).
     ///
     /// After a failed fsync the kernel may already have dropped the dirty pages it could
     /// not write, and a second fsync reports success ("fsyncgate"); the upper then holds
@@ -1120,14 +1150,14 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.errno(), libc::EIO);
         assert!(up.is_poisoned());
-        type Change<'a> = (&'a str, Box<dyn Fn(&Upper) -> Result<()> + 'a>);
-        let changes: Vec<Change> = vec![
-            ("syncfs", Box::new(|u: &Upper| u.syncfs())),
-            ("fsync_dir", Box::new(|u: &Upper| u.fsync_dir(Path::new("")))),
+        type Op<'a> = (&'a str, Box<dyn Fn(&Upper) -> Result<()> + 'a>);
+        let changes: Vec<Op> = vec![
+            ("syncfs", Box::new(|u: &Upper| u.change()?.syncfs())),
+            ("fsync_dir", Box::new(|u: &Upper| u.change()?.fsync_dir(Path::new("")))),
             (
                 "create",
                 Box::new(|u: &Upper| {
-                    u.create(
+                    u.change()?.create(
                         Path::new("new"),
                         Kind::File,
                         0o644,
@@ -1143,13 +1173,13 @@ mod tests {
             ),
             (
                 "whiteout",
-                Box::new(|u: &Upper| u.whiteout(Path::new("w"), Occupant::Nothing)),
+                Box::new(|u: &Upper| u.change()?.whiteout(Path::new("w"), Occupant::Nothing)),
             ),
-            ("chmod", Box::new(|u: &Upper| u.chmod(Path::new(""), 0o755))),
-            ("truncate", Box::new(|u: &Upper| u.truncate(Path::new("x"), 0))),
+            ("chmod", Box::new(|u: &Upper| u.change()?.chmod(Path::new(""), 0o755))),
+            ("truncate", Box::new(|u: &Upper| u.change()?.truncate(Path::new("x"), 0))),
             (
                 "rename",
-                Box::new(|u: &Upper| u.rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), false)),
+                Box::new(|u: &Upper| u.change()?.rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), false)),
             ),
             (
                 "remove_volatile_marker",
@@ -1166,7 +1196,7 @@ mod tests {
         );
         let fresh = upper(t.path(), true);
         assert!(!fresh.is_poisoned());
-        fresh.fsync_dir(Path::new("")).unwrap();
+        fresh.change().unwrap().fsync_dir(Path::new("")).unwrap();
         for (name, f) in &changes[..3] {
             f(&fresh).unwrap_or_else(|e| panic!("{name} after reopening: {e}"));
         }

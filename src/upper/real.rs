@@ -20,6 +20,7 @@ pub struct RealStore {
 fn fd(f: &StoreFile) -> Result<&OwnedFd> {
     match f {
         StoreFile::Real(fd) => Ok(fd),
+        StoreFile::Shared(fd) => Ok(fd),
         StoreFile::Sim(_) => Err(Errno::BADF),
     }
 }
@@ -70,16 +71,32 @@ impl UpperStore for RealStore {
         rustix::fs::ftruncate(fd(f)?, len)
     }
 
-    fn fchown(&self, f: &StoreFile, uid: u32, gid: u32) -> Result<()> {
+    fn fchown(&self, f: &StoreFile, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
         rustix::fs::fchown(
             fd(f)?,
-            Some(rustix::process::Uid::from_raw(uid)),
-            Some(rustix::process::Gid::from_raw(gid)),
+            uid.map(rustix::process::Uid::from_raw),
+            gid.map(rustix::process::Gid::from_raw),
         )
+    }
+
+    fn fchmod(&self, f: &StoreFile, mode: u32) -> Result<()> {
+        rustix::fs::fchmod(fd(f)?, Mode::from_raw_mode(mode))
+    }
+
+    fn futimens(&self, f: &StoreFile, times: &Timestamps) -> Result<()> {
+        rustix::fs::futimens(fd(f)?, times)
+    }
+
+    fn fallocate(&self, f: &StoreFile, mode: u32, off: u64, len: u64) -> Result<()> {
+        rustix::fs::fallocate(fd(f)?, rustix::fs::FallocateFlags::from_bits_retain(mode), off, len)
     }
 
     fn fsync_file(&self, f: &StoreFile) -> Result<()> {
         rustix::fs::fsync(fd(f)?)
+    }
+
+    fn fdatasync(&self, f: &StoreFile) -> Result<()> {
+        rustix::fs::fdatasync(fd(f)?)
     }
 
     fn fsync_dir(&self, at: Base, rel: &Path) -> Result<()> {

@@ -317,7 +317,7 @@ impl SimStore {
 fn sim(f: &StoreFile) -> Result<u64> {
     match f {
         StoreFile::Sim(i) => Ok(*i),
-        StoreFile::Real(_) => Err(Errno::BADF),
+        StoreFile::Real(_) | StoreFile::Shared(_) => Err(Errno::BADF),
     }
 }
 
@@ -374,14 +374,64 @@ impl UpperStore for SimStore {
         })
     }
 
-    fn fchown(&self, f: &StoreFile, uid: u32, gid: u32) -> Result<()> {
+    fn fchown(&self, f: &StoreFile, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
         let ino = sim(f)?;
         self.op(|s| {
             let n = s.node(ino);
-            n.cur.uid = uid;
-            n.cur.gid = gid;
+            if let Some(u) = uid {
+                n.cur.uid = u;
+            }
+            if let Some(g) = gid {
+                n.cur.gid = g;
+            }
             Ok(())
         })
+    }
+
+    fn fchmod(&self, f: &StoreFile, mode: u32) -> Result<()> {
+        let ino = sim(f)?;
+        self.op(|s| {
+            s.node(ino).cur.mode = mode & 0o7777;
+            Ok(())
+        })
+    }
+
+    fn futimens(&self, f: &StoreFile, _times: &Timestamps) -> Result<()> {
+        // Times are not modelled (as with utimens); the call still counts as an operation.
+        let ino = sim(f)?;
+        self.op(|s| {
+            s.node(ino);
+            Ok(())
+        })
+    }
+
+    /// Plain allocation (extends the size), KEEP_SIZE (no visible change) and PUNCH_HOLE
+    /// (zeroes the range); the other modes are refused as a filesystem without them does.
+    fn fallocate(&self, f: &StoreFile, mode: u32, off: u64, len: u64) -> Result<()> {
+        let ino = sim(f)?;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE as u32 != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE as u32 != 0;
+        if mode & !((libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) as u32) != 0 || (punch && !keep) {
+            return Err(Errno::OPNOTSUPP);
+        }
+        self.op(|s| {
+            let d = &mut s.node(ino).cur.data;
+            let end = (off + len) as usize;
+            if punch {
+                let stop = end.min(d.len());
+                if (off as usize) < stop {
+                    d[off as usize..stop].fill(0);
+                }
+            } else if !keep && d.len() < end {
+                d.resize(end, 0);
+            }
+            Ok(())
+        })
+    }
+
+    fn fdatasync(&self, f: &StoreFile) -> Result<()> {
+        // The model keeps no separate data and metadata durability of a file.
+        self.fsync_file(f)
     }
 
     fn fsync_file(&self, f: &StoreFile) -> Result<()> {
@@ -685,11 +735,11 @@ mod crash_tests {
             |up, lower| {
                 if nested {
                     let st = lower.stat(Path::new("a")).unwrap().unwrap();
-                    up.copy_up(lower, Path::new("a"), &st, Path::new("a"), Some(st.st_ino), false)
+                    up.change().unwrap().copy_up(lower, Path::new("a"), &st, Path::new("a"), Some(st.st_ino), false)
                         .unwrap();
                 }
                 let st = lower.stat(Path::new(path)).unwrap().unwrap();
-                up.copy_up(
+                up.change().unwrap().copy_up(
                     lower,
                     Path::new(path),
                     &st,
@@ -728,8 +778,8 @@ mod crash_tests {
                 s.write_at(&f, 0, &old).unwrap();
             },
             |up, _| {
-                up.whiteout(Path::new("f"), Occupant::NonDir).unwrap();
-                up.fsync_dir(Path::new("")).unwrap();
+                up.change().unwrap().whiteout(Path::new("f"), Occupant::NonDir).unwrap();
+                up.change().unwrap().fsync_dir(Path::new("")).unwrap();
             },
             |img, k, n| match img.upper.get(&p("f")) {
                 Some(node) if node.is_whiteout() => Ok(()),
@@ -758,6 +808,46 @@ mod crash_tests {
         println!("crash points (power loss), mkdir over a whiteout: {n}");
     }
 
+    /// An application's writes to an open upper file (write, truncate, fallocate, chmod,
+    /// chown, utimes through [`crate::upper::UpperFile`]) are not durable until its fsync,
+    /// and all of them are once the fsync returned.
+    #[test]
+    fn power_loss_application_writes() {
+        let ino = std::cell::Cell::new(0);
+        let n = enumerate(
+            &[],
+            |s| {
+                let f = s.create_file(Base::Upper, Path::new("x"), 0o644, OFlags::RDWR).unwrap();
+                s.write_at(&f, 0, b"old").unwrap();
+                ino.set(sim(&f).unwrap());
+            },
+            |up, _| {
+                let c = up.change().unwrap();
+                let f = c.store_file(StoreFile::Sim(ino.get()));
+                assert_eq!(f.write_at(0, b"new data!").unwrap(), 9);
+                f.set_len(4).unwrap();
+                f.allocate(0, 0, 8).unwrap();
+                f.set_mode(0o600).unwrap();
+                f.set_owner(Some(owner().uid), None).unwrap();
+                f.set_times(&Timestamps {
+                    last_access: rustix::fs::Timespec { tv_sec: 1, tv_nsec: 0 },
+                    last_modification: rustix::fs::Timespec { tv_sec: 1, tv_nsec: 0 },
+                })
+                .unwrap();
+                f.sync(false).unwrap();
+            },
+            |img, k, n| {
+                let x = img.upper.get(&p("x")).ok_or("x is gone")?;
+                let want: (&[u8], u32) = if k < n { (b"old", 0o644) } else { (b"new \0\0\0\0", 0o600) };
+                if (x.data.as_slice(), x.mode) != want {
+                    return Err(format!("x is {:?} mode {:o}, want {want:?}", x.data, x.mode));
+                }
+                Ok(())
+            },
+        );
+        assert_eq!(n, 8, "seven operations, eight points");
+    }
+
     fn create_over_whiteout_points(kind: Kind) -> u64 {
         let mut total = 0;
         {
@@ -768,7 +858,7 @@ mod crash_tests {
                         .unwrap();
                 },
                 |up, _| {
-                    up.create(
+                    up.change().unwrap().create(
                         Path::new("x"),
                         kind,
                         0o640,
@@ -780,7 +870,7 @@ mod crash_tests {
                         kind == Kind::Dir,
                     )
                     .unwrap();
-                    up.fsync_dir(Path::new("")).unwrap();
+                    up.change().unwrap().fsync_dir(Path::new("")).unwrap();
                 },
                 |img, k, n| match img.upper.get(&p("x")) {
                     Some(node) if node.is_whiteout() && k < n => Ok(()),
@@ -815,9 +905,9 @@ mod crash_tests {
                     s.write_at(&f, 0, &old).unwrap();
                 },
                 |up, _| {
-                    up.rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), true)
+                    up.change().unwrap().rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), true)
                         .unwrap();
-                    up.fsync_dir(Path::new("")).unwrap();
+                    up.change().unwrap().fsync_dir(Path::new("")).unwrap();
                 },
                 |img, k, n| {
                     let a = img.upper.get(&p("a"));
@@ -848,8 +938,8 @@ mod crash_tests {
                 }
             },
             |up, _| {
-                up.remove(Path::new("d"), true).unwrap();
-                up.fsync_dir(Path::new("")).unwrap();
+                up.change().unwrap().remove(Path::new("d"), true).unwrap();
+                up.change().unwrap().fsync_dir(Path::new("")).unwrap();
             },
             |img, k, n| {
                 let Some(d) = img.upper.get(&p("d")) else {
@@ -886,7 +976,7 @@ mod crash_tests {
                 std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o751)).unwrap();
                 let _ = rustix::fs::setxattr(&dir, "user.k", b"v", XattrFlags::empty());
                 let st = lower.stat(Path::new("a")).unwrap().unwrap();
-                up.copy_up(lower, Path::new("a"), &st, Path::new("a"), Some(st.st_ino), false)
+                up.change().unwrap().copy_up(lower, Path::new("a"), &st, Path::new("a"), Some(st.st_ino), false)
                     .unwrap();
             },
             |img, k, n| match img.upper.get(&p("a")) {
@@ -932,10 +1022,10 @@ mod crash_tests {
                     s.write_at(&f, 0, &old).unwrap();
                 },
                 |up, _| {
-                    up.rename(Path::new("d1/a"), Path::new("d2/a"), RenameFlags::empty(), below)
+                    up.change().unwrap().rename(Path::new("d1/a"), Path::new("d2/a"), RenameFlags::empty(), below)
                         .unwrap();
-                    up.fsync_dir(Path::new("d2")).unwrap();
-                    up.fsync_dir(Path::new("d1")).unwrap();
+                    up.change().unwrap().fsync_dir(Path::new("d2")).unwrap();
+                    up.change().unwrap().fsync_dir(Path::new("d1")).unwrap();
                 },
                 |img, k, n| {
                     let file = |x: &str| {
@@ -976,8 +1066,8 @@ mod crash_tests {
                     .unwrap();
             },
             |up, _| {
-                up.link(Path::new("f"), Path::new("g"), Occupant::NonDir).unwrap();
-                up.fsync_dir(Path::new("")).unwrap();
+                up.change().unwrap().link(Path::new("f"), Path::new("g"), Occupant::NonDir).unwrap();
+                up.change().unwrap().fsync_dir(Path::new("")).unwrap();
             },
             |img, k, n| {
                 let file = |x: Option<&Node>| x.is_some_and(|x| x.kind == Kind::File && x.data == old);
@@ -1003,6 +1093,8 @@ mod crash_tests {
         let st = f.lower.stat(Path::new("f")).unwrap().unwrap();
         let s = SimStore::new();
         upper(&f, &s)
+            .change()
+            .unwrap()
             .copy_up(&f.lower, Path::new("f"), &st, Path::new("f"), None, true)
             .unwrap();
         let n = s.ops();
@@ -1011,7 +1103,7 @@ mod crash_tests {
                 let s = SimStore::new();
                 s.fail_at(i, e);
                 let up = upper(&f, &s);
-                let r = up.copy_up(&f.lower, Path::new("f"), &st, Path::new("f"), None, true);
+                let r = up.change().unwrap().copy_up(&f.lower, Path::new("f"), &st, Path::new("f"), None, true);
                 let img = s.current();
                 assert!(img.work.is_empty(), "op {i}: work dir not empty");
                 let err = r.expect_err("the fault is returned");

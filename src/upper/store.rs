@@ -10,6 +10,7 @@ use std::ffi::OsStr;
 use std::fmt::Debug;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use rustix::fs::{FileType, OFlags, RenameFlags, Timestamps, XattrFlags};
 use rustix::io::Result;
@@ -30,6 +31,8 @@ pub enum Base {
 pub enum StoreFile {
     /// a real open file
     Real(OwnedFd),
+    /// a real open file shared with the union's handles (an application's open file)
+    Shared(Arc<OwnedFd>),
     /// a file of the simulated store (its inode number)
     Sim(u64),
 }
@@ -39,7 +42,7 @@ impl StoreFile {
     pub fn into_fd(self) -> Option<OwnedFd> {
         match self {
             StoreFile::Real(fd) => Some(fd),
-            StoreFile::Sim(_) => None,
+            StoreFile::Shared(_) | StoreFile::Sim(_) => None,
         }
     }
 }
@@ -77,10 +80,18 @@ pub trait UpperStore: Debug + Send + Sync {
     fn copy_from(&self, f: &StoreFile, input: BorrowedFd<'_>, len: u64) -> crate::error::Result<()>;
     /// ftruncate
     fn set_len(&self, f: &StoreFile, len: u64) -> Result<()>;
-    /// fchown
-    fn fchown(&self, f: &StoreFile, uid: u32, gid: u32) -> Result<()>;
+    /// fchown (None leaves that id)
+    fn fchown(&self, f: &StoreFile, uid: Option<u32>, gid: Option<u32>) -> Result<()>;
+    /// fchmod
+    fn fchmod(&self, f: &StoreFile, mode: u32) -> Result<()>;
+    /// futimens
+    fn futimens(&self, f: &StoreFile, times: &Timestamps) -> Result<()>;
+    /// fallocate (`mode`: FALLOC_FL_* bits)
+    fn fallocate(&self, f: &StoreFile, mode: u32, off: u64, len: u64) -> Result<()>;
     /// fsync of an open file
     fn fsync_file(&self, f: &StoreFile) -> Result<()>;
+    /// fdatasync of an open file
+    fn fdatasync(&self, f: &StoreFile) -> Result<()>;
     /// fsync of a directory
     fn fsync_dir(&self, at: Base, rel: &Path) -> Result<()>;
     /// syncfs of the whole upper filesystem
