@@ -117,6 +117,10 @@ pub struct SetAttr {
     pub atime: Option<Option<Timespec>>,
     /// new mtime
     pub mtime: Option<Option<Timespec>>,
+    /// the kernel asks to clear setuid/setgid (FATTR_KILL_SUIDGID, FUSE_HANDLE_KILLPRIV_V2):
+    /// sent with every chown of a non-directory, and with truncates by callers without
+    /// CAP_FSETID
+    pub kill_suid_gid: bool,
 }
 
 /// One uid or gid range: ids `container..container+len` in the merged view are stored as
@@ -1360,11 +1364,24 @@ impl Union {
         let up = self.upper()?;
         let path = self.path_of(&node)?;
         if sa.uid.is_some() || sa.gid.is_some() {
+            // The upper's own chown (the daemon's, capable) drops setuid and group-executable
+            // setgid; a caller outside the old group also loses setgid (chown_common asks
+            // setattr_should_drop_sgid with the caller's credentials, before the change).
+            let before = match sa.kill_suid_gid && ctx.uid != 0 {
+                true => up.dir.stat(&path)?,
+                false => None,
+            };
             up.chown(
                 &path,
                 sa.uid.map(|u| self.opts.ids.uid_to_disk(u)),
                 sa.gid.map(|g| self.opts.ids.gid_to_disk(g)),
             )?;
+            if let Some(st) = before {
+                let kill = privs_to_kill(ctx, st.st_mode, self.opts.ids.gid_from_disk(st.st_gid));
+                if let (true, Some(now)) = (kill != 0, up.dir.stat(&path)?) {
+                    up.chmod(&path, now.st_mode & 0o7777 & !kill)?;
+                }
+            }
         }
         if let Some(mode) = sa.mode {
             up.chmod(&path, mode)?;
