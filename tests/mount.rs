@@ -1778,13 +1778,6 @@ fn random_sequences_match_kernel_overlayfs() {
 /// difference accepted; the closing note of issue 13 names them.
 const KNOWN_DIVERGENCES: &[(u64, &str, &str)] = &[
     (
-        57,
-        "2764",
-        "passthrough=1: a write by a caller outside the file's group goes straight to the \
-         backing file, so setgid without group-execute stays set (kernel overlayfs clears it); \
-         needs FUSE_HANDLE_KILLPRIV_V2",
-    ),
-    (
         85,
         "d1/L1~255/s0: only in ref",
         "after setxattr trusted.overlay.opaque=<1000 bytes> through the mount on a lower \

@@ -1363,6 +1363,30 @@ impl Union {
         self.copy_up_with(&node, sa.size != Some(0))?;
         let up = self.upper()?;
         let path = self.path_of(&node)?;
+        let nothing = sa.mode.is_none()
+            && sa.uid.is_none()
+            && sa.gid.is_none()
+            && sa.size.is_none()
+            && sa.atime.is_none()
+            && sa.mtime.is_none();
+        if nothing {
+            // With FUSE_HANDLE_KILLPRIV_V2, chown(-1, -1) and the kernel's file_remove_privs
+            // (a write by a caller without CAP_FSETID to a setuid/setgid file, passthrough
+            // writes included, which never reach the daemon) arrive as a SETATTR that changes
+            // nothing. The upper's own chown(-1, -1) drops what any chown drops (setuid,
+            // group-executable setgid, security.capability); a caller without CAP_FSETID also
+            // loses setgid outside its group (privs_to_kill), as on kernel overlayfs. (A
+            // root write to a setuid file with file capabilities sends the same request and
+            // so loses setuid too; kernel overlayfs keeps it.)
+            let before = up.dir.stat(&path)?;
+            up.chown(&path, None, None)?;
+            if let (Some(st), true) = (before, ctx.uid != 0) {
+                let kill = privs_to_kill(ctx, st.st_mode, self.opts.ids.gid_from_disk(st.st_gid));
+                if let (true, Some(now)) = (kill != 0, up.dir.stat(&path)?) {
+                    up.chmod(&path, now.st_mode & 0o7777 & !kill)?;
+                }
+            }
+        }
         if sa.uid.is_some() || sa.gid.is_some() {
             // The upper's own chown (the daemon's, capable) drops setuid and group-executable
             // setgid; a caller outside the old group also loses setgid (chown_common asks
