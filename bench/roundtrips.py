@@ -14,6 +14,7 @@ Workloads:
                 (made and closed first; the count covers open + writes + close)
     metadata    create+close, stat, unlink of 2,000 files in one new directory (three phases)
     untar       extract a tar of 50 directories x 20 files of 1 KiB (1,050 entries)
+    probe       stat 2,000 names that do not exist, twice (PATH / include-path searches)
 --as UID runs the workload as that uid/gid (setpriv, no supplementary groups) in a directory
 it owns; --opts adds mount options (e.g. passthrough=1).
 """
@@ -101,6 +102,15 @@ for i in range(n):
         os.unlink(p)
 """
 
+PROBE = """
+import os, sys
+for i in range(int(sys.argv[2])):
+    try:
+        os.stat(os.path.join(sys.argv[1], "missing%05d" % i))
+    except FileNotFoundError:
+        pass
+"""
+
 
 def small_tar(path):
     """50 dirs x 20 files of 1 KiB, deterministic (fixed mtimes, names, contents)."""
@@ -138,6 +148,13 @@ def workload(name, mnt, sock, uid, tmp):
             before = stats(sock)
             run_as(uid, METADATA, d, str(FILES), phase)
             phases.append((f"{phase} x {FILES}", diff(stats(sock), before)))
+    elif name == "probe":
+        d = os.path.join(base, "dir")
+        os.mkdir(d)
+        for rnd in ("first", "second"):
+            before = stats(sock)
+            run_as(uid, PROBE, d, str(FILES))
+            phases.append((f"stat of {FILES} missing names, {rnd} time", diff(stats(sock), before)))
     elif name == "untar":
         tar = os.path.join(tmp, "small.tar")
         small_tar(tar)

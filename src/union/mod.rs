@@ -1360,24 +1360,40 @@ impl Union {
             }
             return self.attr(&node, fh);
         }
-        self.copy_up_with(&node, sa.size != Some(0))?;
-        let up = self.upper()?;
-        let path = self.path_of(&node)?;
+        // With FUSE_HANDLE_KILLPRIV_V2, chown(-1, -1) and the kernel's file_remove_privs (a
+        // write by a caller without CAP_FSETID to a setuid/setgid file, passthrough writes
+        // included, which never reach the daemon) arrive as a SETATTR that changes nothing.
         let nothing = sa.mode.is_none()
             && sa.uid.is_none()
             && sa.gid.is_none()
             && sa.size.is_none()
             && sa.atime.is_none()
             && sa.mtime.is_none();
+        if nothing && ctx.uid != 0 {
+            // A chown that removes bits is a chmod, for the owner only (setattr_prepare). A
+            // write needs a writable handle of the node, so without one this is a chown.
+            let st = self.real_stat(&node)?;
+            let kill = privs_to_kill(ctx, st.st_mode, self.opts.ids.gid_from_disk(st.st_gid));
+            let owner = self.opts.ids.uid_from_disk(st.st_uid) == ctx.uid;
+            let writers = node
+                .handles
+                .lock()
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .any(|h| h.writable);
+            if kill != 0 && !owner && !writers {
+                return errno(libc::EPERM);
+            }
+        }
+        self.copy_up_with(&node, sa.size != Some(0))?;
+        let up = self.upper()?;
+        let path = self.path_of(&node)?;
         if nothing {
-            // With FUSE_HANDLE_KILLPRIV_V2, chown(-1, -1) and the kernel's file_remove_privs
-            // (a write by a caller without CAP_FSETID to a setuid/setgid file, passthrough
-            // writes included, which never reach the daemon) arrive as a SETATTR that changes
-            // nothing. The upper's own chown(-1, -1) drops what any chown drops (setuid,
-            // group-executable setgid, security.capability); a caller without CAP_FSETID also
-            // loses setgid outside its group (privs_to_kill), as on kernel overlayfs. (A
-            // root write to a setuid file with file capabilities sends the same request and
-            // so loses setuid too; kernel overlayfs keeps it.)
+            // The upper's own chown(-1, -1) drops what any chown drops (setuid, group-executable
+            // setgid, security.capability); a caller without CAP_FSETID also loses setgid
+            // outside its group (privs_to_kill), as on kernel overlayfs. (A root write to a
+            // setuid file with file capabilities sends the same request, and so loses setuid
+            // too; kernel overlayfs keeps it.)
             let before = up.dir.stat(&path)?;
             up.chown(&path, None, None)?;
             if let (Some(st), true) = (before, ctx.uid != 0) {
