@@ -415,6 +415,15 @@ impl Filesystem for VerlayFs {
         };
         match found {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
+            // A name that is not there: a negative entry (node id 0) the kernel keeps for the
+            // entry timeout, so asking again (PATH and include-path searches, probes for
+            // optional files) costs no request. Safe for the reason positive entries are
+            // cached: every change of a name goes through this daemon, and the kernel updates
+            // its dentries for the changes it asked for.
+            Err(e) if e.errno() == libc::ENOENT && name != "." && name != ".." => {
+                let a = placeholder_attr(Kind::File);
+                reply.entry_with_nodeid(&self.ttl, INodeNo(0), &a, Generation(0))
+            }
             Err(e) => reply.error(fail("lookup", parent.0, &e)),
         }
     }
