@@ -18,6 +18,8 @@
 //! are capped ([`MAX_REQUEST_LINE`], [`MAX_RESPONSE_LINE`]): a longer one ends the
 //! connection.
 //! - `{"v":1,"op":"info"}` -> [`Reply::Mount`]: the lowers, and the upper unless read-only.
+//! - `{"v":1,"op":"stats"}` -> [`Reply::Stats`]: the FUSE requests served so far, per
+//!   operation (`bench/roundtrips.sh` counts a workload's round trips with it).
 //! - `{"v":1,"op":"freeze"}` -> [`Reply::Frozen`] once the commit gate is held exclusive
 //!   ([`Union::freeze`]), with `waited_us`; or [`Refusal::ReadOnly`] /
 //!   [`Refusal::PassthroughWriters`]. The gate stays held until the next line or until the
@@ -65,6 +67,8 @@ pub const MAX_RESPONSE_LINE: usize = 16 << 20;
 pub enum Op {
     /// describe the mount
     Info,
+    /// the FUSE requests served so far
+    Stats,
     /// hold the commit gate until the next line
     Freeze,
     /// the line that ends a freeze
@@ -103,6 +107,13 @@ pub enum Reply {
         mount: MountDesc,
         /// how long taking the gate waited for running changes
         waited_us: u64,
+    },
+    /// to `stats`
+    Stats {
+        /// requests served per operation (`getxattr_capability` and `getxattr_acl` are the
+        /// GETXATTRs of `security.capability` and `system.posix_acl_*`), since the daemon
+        /// started; operations never asked are left out
+        requests: std::collections::BTreeMap<String, u64>,
     },
     /// to the `thaw` that ended a freeze
     Thawed {
@@ -415,6 +426,12 @@ fn serve_one(union: &Weak<Union>, conn: UnixStream) -> std::io::Result<()> {
         };
         match parse_request(&line) {
             Ok(Op::Info) => send(&mut w, Reply::Mount(describe(&union)))?,
+            Ok(Op::Stats) => send(
+                &mut w,
+                Reply::Stats {
+                    requests: crate::fuse::request_counts(),
+                },
+            )?,
             Ok(Op::Freeze) => {
                 if !hold_freeze(&union, &mut w, &mut r)? {
                     return Ok(());

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +31,77 @@ pub const MAX_WRITE: u32 = 1 << 20;
 /// plain filesystem, and keeps verlay itself usable as a layer of kernel overlayfs (the
 /// kernel gives the FUSE mount this depth, and allows 2 in all).
 const PASSTHROUGH_STACK_DEPTH: u32 = 1;
+
+/// The requests the adapter counts, one counter each: every handler below, plus the two
+/// GETXATTRs the kernel makes on its own (`security.capability` before writes,
+/// `system.posix_acl_*` for permission checks) apart from the others. Counting round trips
+/// is how a workload's cost is measured on a loaded machine, where wall-clock times are not.
+macro_rules! request_ops {
+    ($($op:ident),* $(,)?) => {
+        #[allow(non_camel_case_types)]
+        #[derive(Clone, Copy, Debug)]
+        enum Op { $($op),* }
+        const OP_NAMES: &[&str] = &[$(stringify!($op)),*];
+    };
+}
+request_ops!(
+    init,
+    lookup,
+    forget,
+    batch_forget,
+    getattr,
+    setattr,
+    readlink,
+    mknod,
+    mkdir,
+    unlink,
+    rmdir,
+    symlink,
+    rename,
+    link,
+    open,
+    read,
+    write,
+    flush,
+    release,
+    fsync,
+    opendir,
+    readdir,
+    readdirplus,
+    releasedir,
+    fsyncdir,
+    statfs,
+    setxattr,
+    getxattr,
+    getxattr_capability,
+    getxattr_acl,
+    listxattr,
+    removexattr,
+    access,
+    create,
+    fallocate,
+    lseek,
+    destroy,
+);
+
+/// Requests served since the daemon started, per [`Op`]: one daemon serves one mount, so
+/// the counters are process-wide (the control socket reads them without the session).
+static REQUESTS: [AtomicU64; OP_NAMES.len()] = [const { AtomicU64::new(0) }; OP_NAMES.len()];
+
+/// Count one request (a relaxed add: no ordering with anything else is needed).
+fn count(op: Op) {
+    REQUESTS[op as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// The requests served so far, per operation (operations never asked are left out).
+pub fn request_counts() -> std::collections::BTreeMap<String, u64> {
+    OP_NAMES
+        .iter()
+        .zip(REQUESTS.iter())
+        .map(|(name, n)| (name.to_string(), n.load(Ordering::Relaxed)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
 
 /// The FUSE filesystem: a union plus the cache lifetimes we promise the kernel.
 #[derive(Debug)]
@@ -293,6 +365,7 @@ fn reply_entry(reply: ReplyEntry, ttl: &Duration, id: u64, attr: &Attr) {
 
 impl Filesystem for VerlayFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        count(Op::init);
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
@@ -307,7 +380,12 @@ impl Filesystem for VerlayFs {
             | InitFlags::FUSE_DONT_MASK
             // file handles stay valid after the kernel drops the inode: it asks us with
             // LOOKUP(id, ".") (see Union::lookup_export)
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            // The daemon clears setuid/setgid itself (it does anyway: it writes as root, see
+            // Union::write), told by the kernel which requests come from callers without
+            // CAP_FSETID. The kernel then marks the mount SB_NOSEC and stops asking GETXATTR
+            // security.capability before every write once it knows a file has none.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let available = config.capabilities() & wanted;
         if let Err(missing) = config.add_capabilities(available) {
             debug!(?missing, "kernel lacks some FUSE capabilities");
@@ -328,6 +406,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        count(Op::lookup);
         // "." and "..": the kernel decoding a file handle (FUSE_EXPORT_SUPPORT)
         let found = if name == "." || name == ".." {
             traced!("lookup", parent.0, name; self.union.lookup_export(parent.0, name))
@@ -336,20 +415,32 @@ impl Filesystem for VerlayFs {
         };
         match found {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
+            // A name that is not there: a negative entry (node id 0) the kernel keeps for the
+            // entry timeout, so asking again (PATH and include-path searches, probes for
+            // optional files) costs no request. Safe for the reason positive entries are
+            // cached: every change of a name goes through this daemon, and the kernel updates
+            // its dentries for the changes it asked for.
+            Err(e) if e.errno() == libc::ENOENT && name != "." && name != ".." => {
+                let a = placeholder_attr(Kind::File);
+                reply.entry_with_nodeid(&self.ttl, INodeNo(0), &a, Generation(0))
+            }
             Err(e) => reply.error(fail("lookup", parent.0, &e)),
         }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        count(Op::forget);
         let _ = traced!("forget", ino.0; do self.union.forget(ino.0, nlookup));
     }
 
     fn batch_forget(&self, _req: &Request, nodes: &[fuser::ForgetOne]) {
+        count(Op::batch_forget);
         self.union
             .forget_many(nodes.iter().map(|n| (n.nodeid().0, n.nlookup())));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        count(Op::getattr);
         match traced!("getattr", ino.0; self.union.getattr(ino.0, fh.map(|f| f.0))) {
             Ok(a) => reply.attr(&self.ttl, &fuse_attr(&a)),
             Err(e) => reply.error(fail("getattr", ino.0, &e)),
@@ -372,8 +463,10 @@ impl Filesystem for VerlayFs {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
+        kill_suid_gid: bool,
         reply: ReplyAttr,
     ) {
+        count(Op::setattr);
         let t = |x: Option<TimeOrNow>| {
             x.map(|t| match t {
                 TimeOrNow::Now => None,
@@ -387,6 +480,7 @@ impl Filesystem for VerlayFs {
             size,
             atime: t(atime),
             mtime: t(mtime),
+            kill_suid_gid,
         };
         match traced!("setattr", ino.0; self.union.setattr(&ctx(req), ino.0, fh.map(|f| f.0), sa)) {
             Ok(a) => reply.attr(&self.ttl, &fuse_attr(&a)),
@@ -395,6 +489,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        count(Op::readlink);
         match traced!("readlink", ino.0; self.union.readlink(ino.0)) {
             Ok(t) => reply.data(t.as_encoded_bytes()),
             Err(e) => reply.error(fail("readlink", ino.0, &e)),
@@ -411,6 +506,7 @@ impl Filesystem for VerlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        count(Op::mknod);
         match traced!("mknod", parent.0, name; self.union.mknod(&ctx_umask(req, umask), parent.0, name, mode, rdev as u64))
         {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
@@ -419,6 +515,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        count(Op::mkdir);
         match traced!("mkdir", parent.0, name; self.union.mkdir(&ctx_umask(req, umask), parent.0, name, mode))
         {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
@@ -427,6 +524,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        count(Op::unlink);
         match traced!("unlink", parent.0, name; self.union.unlink(&ctx(req), parent.0, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("unlink", parent.0, &e)),
@@ -434,6 +532,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        count(Op::rmdir);
         match traced!("rmdir", parent.0, name; self.union.rmdir(&ctx(req), parent.0, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rmdir", parent.0, &e)),
@@ -441,6 +540,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        count(Op::symlink);
         match traced!("symlink", parent.0, link_name; self
             .union
             .symlink(&ctx(req), parent.0, link_name, target.as_os_str()))
@@ -460,6 +560,7 @@ impl Filesystem for VerlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        count(Op::rename);
         match traced!("rename", parent.0, name; self
             .union
             .rename(&ctx(req), parent.0, name, newparent.0, newname, flags.bits()))
@@ -470,13 +571,17 @@ impl Filesystem for VerlayFs {
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        count(Op::link);
         match traced!("link", ino.0, newname; self.union.link(&ctx(req), ino.0, newparent.0, newname)) {
             Ok(e) => reply_entry(reply, &self.ttl, e.id, &e.attr),
             Err(e) => reply.error(fail("link", ino.0, &e)),
         }
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, _kill_suid_gid: bool, reply: ReplyOpen) {
+        // _kill_suid_gid: an O_TRUNC open by a caller without CAP_FSETID, which Union::open
+        // handles from the caller's credentials already.
+        count(Op::open);
         match traced!("open", ino.0; self.union.open(&ctx(req), ino.0, flags.0)) {
             Ok(fh) => {
                 if let Some(b) = self.backing(ino.0, fh, |fd| reply.open_backing(fd)) {
@@ -504,6 +609,7 @@ impl Filesystem for VerlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        count(Op::read);
         match traced!("read", ino.0; self.union.read(fh.0, offset, size)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(fail("read", ino.0, &e)),
@@ -522,6 +628,7 @@ impl Filesystem for VerlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        count(Op::write);
         match traced!("write", ino.0; self.union.write(&ctx(req), ino.0, fh.0, offset, data)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail("write", ino.0, &e)),
@@ -536,6 +643,7 @@ impl Filesystem for VerlayFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        count(Op::flush);
         // Nothing to do at close (no writeback cache, no POSIX locks in the daemon), and
         // ENOSYS makes the kernel stop sending FLUSH: one request less per close(2).
         reply.error(Errno::ENOSYS);
@@ -551,12 +659,14 @@ impl Filesystem for VerlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        count(Op::release);
         let _ = traced!("release", ino.0; do self.union.release(fh.0));
         self.release_backing(ino.0, fh.0);
         reply.ok();
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        count(Op::fsync);
         match traced!("fsync", ino.0; self.union.fsync(fh.0, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsync", ino.0, &e)),
@@ -564,6 +674,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        count(Op::opendir);
         // ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two requests for every
         // directory a walk opens), reads directories with file handle 0 (served by
         // Union::readdir_at) and caches listings (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE are its
@@ -574,6 +685,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        count(Op::readdir);
         match traced!("readdir", ino.0; self.dir_read(ino.0, fh.0, offset)) {
             Ok((entries, start, gen)) => {
                 for (i, e) in entries.iter().enumerate().skip(start) {
@@ -596,6 +708,7 @@ impl Filesystem for VerlayFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        count(Op::readdirplus);
         // Entries come with their attributes, so `ls -l` and `find` need no LOOKUP each. Every
         // entry the kernel links takes a lookup reference; "." and ".." (node id 0) and
         // entries that do not fit take none.
@@ -646,11 +759,13 @@ impl Filesystem for VerlayFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        count(Op::releasedir);
         self.union.releasedir(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        count(Op::fsyncdir);
         match traced!("fsyncdir", ino.0; self.union.fsyncdir(ino.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsyncdir", ino.0, &e)),
@@ -658,6 +773,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        count(Op::statfs);
         match traced!("statfs", ino.0; self.union.statfs()) {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -683,6 +799,7 @@ impl Filesystem for VerlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        count(Op::setxattr);
         match traced!("setxattr", ino.0, name; self.union.setxattr(&ctx(req), ino.0, name, value, flags)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("setxattr", ino.0, &e)),
@@ -690,6 +807,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        count(getxattr_op(name));
         match traced!("getxattr", ino.0, name; self.union.getxattr(ino.0, name)) {
             Ok(v) => reply_xattr(reply, &v, size),
             Err(e) => reply.error(fail("getxattr", ino.0, &e)),
@@ -697,6 +815,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        count(Op::listxattr);
         match traced!("listxattr", ino.0; self.union.listxattr(ino.0)) {
             Ok(v) => reply_xattr(reply, &v, size),
             Err(e) => reply.error(fail("listxattr", ino.0, &e)),
@@ -704,6 +823,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        count(Op::removexattr);
         match traced!("removexattr", ino.0, name; self.union.removexattr(ino.0, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("removexattr", ino.0, &e)),
@@ -711,6 +831,7 @@ impl Filesystem for VerlayFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        count(Op::access);
         // With default_permissions the kernel has already checked the mode bits.
         reply.ok();
     }
@@ -723,8 +844,10 @@ impl Filesystem for VerlayFs {
         mode: u32,
         umask: u32,
         flags: i32,
+        _kill_suid_gid: bool,
         reply: ReplyCreate,
     ) {
+        count(Op::create);
         match traced!("create", parent.0, name; self.union.create(&ctx_umask(req, umask), parent.0, name, mode, flags))
         {
             Ok((e, fh)) => match self.backing(e.id, fh, |fd| reply.open_backing(fd)) {
@@ -760,11 +883,17 @@ impl Filesystem for VerlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        count(Op::fallocate);
         match traced!("fallocate", ino.0; self.union.fallocate(&ctx(req), ino.0, fh.0, offset, length, mode))
         {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fallocate", ino.0, &e)),
         }
+    }
+
+    fn destroy(&mut self) {
+        count(Op::destroy);
+        debug!(requests = ?request_counts(), "FUSE requests served");
     }
 
     fn lseek(
@@ -776,10 +905,22 @@ impl Filesystem for VerlayFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        count(Op::lseek);
         match traced!("lseek", ino.0; self.union.lseek(fh.0, offset, whence)) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fail("lseek", ino.0, &e)),
         }
+    }
+}
+
+/// The counter of a GETXATTR: the two names the kernel asks on its own have their own.
+fn getxattr_op(name: &OsStr) -> Op {
+    if name == crate::union::KILLPRIV_XATTR {
+        Op::getxattr_capability
+    } else if name.as_encoded_bytes().starts_with(b"system.posix_acl_") {
+        Op::getxattr_acl
+    } else {
+        Op::getxattr
     }
 }
 

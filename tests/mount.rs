@@ -1776,22 +1776,13 @@ fn random_sequences_match_kernel_overlayfs() {
 /// Seeds of the CI set (200 ops) that diverge from kernel overlayfs for a known, open
 /// reason: (seed, a substring of the divergence, why). Each is a bug to fix, not a
 /// difference accepted; the closing note of issue 13 names them.
-const KNOWN_DIVERGENCES: &[(u64, &str, &str)] = &[
-    (
-        57,
-        "2764",
-        "passthrough=1: a write by a caller outside the file's group goes straight to the \
-         backing file, so setgid without group-execute stays set (kernel overlayfs clears it); \
-         needs FUSE_HANDLE_KILLPRIV_V2",
-    ),
-    (
-        85,
-        "d1/L1~255/s0: only in ref",
-        "after setxattr trusted.overlay.opaque=<1000 bytes> through the mount on a lower \
+const KNOWN_DIVERGENCES: &[(u64, &str, &str)] = &[(
+    85,
+    "d1/L1~255/s0: only in ref",
+    "after setxattr trusted.overlay.opaque=<1000 bytes> through the mount on a lower \
          directory, kernel overlayfs mounted on verlay's upper does not show that directory; \
          cause not found yet",
-    ),
-];
+)];
 
 // ---------------------------------------------------------------------------------------------
 // focused cases

@@ -138,6 +138,35 @@ impl Union {
     }
 }
 
+    /// An empty SETATTR (FUSE_HANDLE_KILLPRIV_V2) from a non-root caller: a chown that removes
+    /// bits is a chmod, for the owner only (setattr_prepare). A write needs a writable handle
+    /// of the node, so without one this is a chown: EPERM before any copy-up.
+    fn check_empty_setattr(&self, ctx: &Ctx, node: &Node) -> Result<()> {
+        let st = self.real_stat(node)?;
+        let kill = privs_to_kill(ctx, st.st_mode, self.opts.ids.gid_from_disk(st.st_gid));
+        let owner = self.opts.ids.uid_from_disk(st.st_uid) == ctx.uid;
+        let writers = node
+            .handles
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|h| h.writable);
+        if kill != 0 && !owner && !writers {
+            return errno(libc::EPERM);
+        }
+        Ok(())
+    }
+
+    /// After the daemon's own chown of `path` (mode `before` until then): clear the setgid a
+    /// caller without CAP_FSETID also loses (privs_to_kill), which the capable daemon kept.
+    fn kill_privs_after(&self, ctx: &Ctx, up: &Upper, path: &Path, before: &Stat) -> Result<()> {
+        let kill = privs_to_kill(ctx, before.st_mode, self.opts.ids.gid_from_disk(before.st_gid));
+        if let (true, Some(now)) = (kill != 0, up.dir.stat(path)?) {
+            up.chmod(path, now.st_mode & 0o7777 & !kill)?;
+        }
+        Ok(())
+    }
+
 impl Union {
     /// FUSE setattr.
     pub fn setattr(&self, ctx: &Ctx, id: u64, fh: Option<u64>, sa: SetAttr) -> Result<Attr> {
@@ -166,15 +195,49 @@ impl Union {
             }
             return self.attr(&node, fh);
         }
+        // With FUSE_HANDLE_KILLPRIV_V2, chown(-1, -1) and the kernel's file_remove_privs (a
+        // write by a caller without CAP_FSETID to a setuid/setgid file, passthrough writes
+        // included, which never reach the daemon) arrive as a SETATTR that changes nothing.
+        let nothing = sa.mode.is_none()
+            && sa.uid.is_none()
+            && sa.gid.is_none()
+            && sa.size.is_none()
+            && sa.atime.is_none()
+            && sa.mtime.is_none();
+        if nothing && ctx.uid != 0 {
+            self.check_empty_setattr(ctx, &node)?;
+        }
         let up = self.change()?;
         self.copy_up_with(&node, sa.size != Some(0))?;
         let path = self.path_of(&node)?;
+        if nothing {
+            // The upper's own chown(-1, -1) drops what any chown drops (setuid, group-executable
+            // setgid, security.capability); a caller without CAP_FSETID also loses setgid
+            // outside its group (privs_to_kill), as on kernel overlayfs. (A root write to a
+            // setuid file with file capabilities sends the same request, and so loses setuid
+            // too; kernel overlayfs keeps it.)
+            let before = up.dir.stat(&path)?;
+            up.chown(&path, None, None)?;
+            if let (Some(st), true) = (before, ctx.uid != 0) {
+                self.kill_privs_after(ctx, &up, &path, &st)?;
+            }
+        }
         if sa.uid.is_some() || sa.gid.is_some() {
+            // The upper's own chown (the daemon's, capable) drops setuid and group-executable
+            // setgid; a caller outside the old group also loses setgid (chown_common asks
+            // setattr_should_drop_sgid with the caller's credentials, before the change).
+            let before = match sa.kill_suid_gid && ctx.uid != 0 {
+                true => up.dir.stat(&path)?,
+                false => None,
+            };
             up.chown(
                 &path,
                 sa.uid.map(|u| self.opts.ids.uid_to_disk(u)),
                 sa.gid.map(|g| self.opts.ids.gid_to_disk(g)),
             )?;
+            if let Some(st) = before {
+                self.kill_privs_after(ctx, &up, &path, &st)?;
+            }
         }
         if let Some(mode) = sa.mode {
             up.chmod(&path, mode)?;

@@ -133,6 +133,10 @@ pub struct SetAttr {
     pub atime: Option<Option<Timespec>>,
     /// new mtime
     pub mtime: Option<Option<Timespec>>,
+    /// the kernel asks to clear setuid/setgid (FATTR_KILL_SUIDGID, FUSE_HANDLE_KILLPRIV_V2):
+    /// sent with every chown of a non-directory, and with truncates by callers without
+    /// CAP_FSETID
+    pub kill_suid_gid: bool,
 }
 
 /// One uid or gid range: ids `container..container+len` in the merged view are stored as

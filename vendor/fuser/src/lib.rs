@@ -441,6 +441,11 @@ pub trait Filesystem: Send + Sync + 'static {
     }
 
     /// Set file attributes.
+    ///
+    /// `kill_suid_gid` (verlay patch, from upstream 923f7a4): FATTR_KILL_SUIDGID, sent on a
+    /// non-directory chown and on a truncate by a caller without `CAP_FSETID`; the
+    /// filesystem clears suid and sgid. Only ever set once
+    /// [`InitFlags::FUSE_HANDLE_KILLPRIV_V2`] is negotiated.
     fn setattr(
         &self,
         _req: &Request,
@@ -457,11 +462,13 @@ pub trait Filesystem: Send + Sync + 'static {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         flags: Option<BsdFileFlags>,
+        kill_suid_gid: bool,
         reply: ReplyAttr,
     ) {
         warn!(
             "[Not Implemented] setattr(ino: {ino:#x?}, mode: {mode:?}, uid: {uid:?}, \
-            gid: {gid:?}, size: {size:?}, fh: {fh:?}, flags: {flags:?})"
+            gid: {gid:?}, size: {size:?}, fh: {fh:?}, flags: {flags:?}, \
+            kill_suid_gid: {kill_suid_gid})"
         );
         reply.error(Errno::ENOSYS);
     }
@@ -575,7 +582,18 @@ pub trait Filesystem: Send + Sync + 'static {
     /// anything in fh. There are also some flags (`direct_io`, `keep_cache`) which the
     /// filesystem may set, to change the way the file is opened. See `fuse_file_info`
     /// structure in <`fuse_common.h`> for more details.
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    ///
+    /// `kill_suid_gid` (verlay patch, from upstream 923f7a4): the open truncates and the
+    /// caller lacks `CAP_FSETID`, so the filesystem clears suid and sgid. Only ever set once
+    /// [`InitFlags::FUSE_HANDLE_KILLPRIV_V2`] is negotiated.
+    fn open(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _flags: OpenFlags,
+        _kill_suid_gid: bool,
+        reply: ReplyOpen,
+    ) {
         reply.opened(FileHandle(0), FopenFlags::empty());
     }
 
@@ -848,11 +866,12 @@ pub trait Filesystem: Send + Sync + 'static {
         mode: u32,
         umask: u32,
         flags: i32,
+        kill_suid_gid: bool,
         reply: ReplyCreate,
     ) {
         warn!(
             "[Not Implemented] create(parent: {parent:#x?}, name: {name:?}, mode: {mode}, \
-            umask: {umask:#x?}, flags: {flags:#x?})"
+            umask: {umask:#x?}, flags: {flags:#x?}, kill_suid_gid: {kill_suid_gid})"
         );
         reply.error(Errno::ENOSYS);
     }

@@ -264,6 +264,7 @@ mod op {
     use crate::ll::flags::fsync_flags::FsyncFlags;
     use crate::ll::flags::getattr_flags::GetattrFlags;
     use crate::ll::flags::init_flags::InitFlags;
+    use crate::ll::flags::open_in_flags::OpenInFlags;
     use crate::ll::flags::read_flags::ReadFlags;
     use crate::ll::flags::release_flags::ReleaseFlags;
     use crate::ll::request::FileHandle;
@@ -483,6 +484,13 @@ mod op {
             None
         }
 
+        /// Whether the filesystem must clear suid and sgid as part of this request
+        /// (FATTR_KILL_SUIDGID; verlay patch, from upstream 923f7a4). Only ever true once
+        /// `FUSE_HANDLE_KILLPRIV_V2` is negotiated.
+        pub(crate) fn kill_suid_gid(&self) -> bool {
+            self.valid().contains(FattrFlags::FATTR_KILL_SUIDGID)
+        }
+
         // TODO: Why does *set*attr want to have an attr response?
     }
     impl Display for SetAttr<'_> {
@@ -664,6 +672,13 @@ mod op {
     impl Open<'_> {
         pub(crate) fn flags(&self) -> OpenFlags {
             OpenFlags(self.arg.flags)
+        }
+        /// Whether the filesystem must clear suid and sgid (FUSE_OPEN_KILL_SUIDGID; verlay
+        /// patch, from upstream 923f7a4). Only ever true once `FUSE_HANDLE_KILLPRIV_V2` is
+        /// negotiated.
+        pub(crate) fn kill_suid_gid(&self) -> bool {
+            OpenInFlags::from_bits_retain(self.arg.open_flags)
+                .contains(OpenInFlags::FUSE_OPEN_KILL_SUIDGID)
         }
     }
 
@@ -1254,6 +1269,12 @@ mod op {
         }
         pub(crate) fn umask(&self) -> u32 {
             self.arg.umask
+        }
+        /// Whether the filesystem must clear suid and sgid of an existing file
+        /// (FUSE_OPEN_KILL_SUIDGID; verlay patch, from upstream 923f7a4).
+        pub(crate) fn kill_suid_gid(&self) -> bool {
+            OpenInFlags::from_bits_retain(self.arg.open_flags)
+                .contains(OpenInFlags::FUSE_OPEN_KILL_SUIDGID)
         }
     }
 
