@@ -1124,7 +1124,7 @@ impl Drop for Watchdog {
 }
 
 struct Run {
-    rig: Rig,
+    rig: Pair,
     log: Vec<String>,
     header: String,
     // Declared after `rig`, dropped first: fds close before the mounts go.
@@ -1135,7 +1135,7 @@ struct Run {
 
 impl Run {
     fn new(layers: Layers, header: String) -> Run {
-        let rig = Rig::new(layers);
+        let rig = Pair::new(layers);
         let watchdog = Watchdog::new(rig.sub_root().to_path_buf());
         Run {
             rig,
@@ -1690,7 +1690,7 @@ fn summary(report: &str) -> String {
 
 fn run_seed(seed: u64, nops: usize) -> Result<(), String> {
     // Odd seeds mount with FUSE passthrough (opt-in, root only), even seeds without.
-    MountGuard::set_extra_opts(if seed % 2 == 1 { "passthrough=1" } else { "" });
+    set_extra_opts(if seed % 2 == 1 { "passthrough=1" } else { "" });
     let mut rng = Rng::new(seed);
     let mut layers = random_layers(&mut rng);
     decorate_layers(&mut rng, &mut layers);
@@ -1890,7 +1890,7 @@ fn open_rdonly_fd_sees_data_after_copy_up() {
 /// of an upper file must see each other's writes and truncations.
 #[test]
 fn open_fds_share_the_copy_and_never_write_the_lower() {
-    MountGuard::set_extra_opts("passthrough=1");
+    set_extra_opts("passthrough=1");
     case(
         "passthrough_copy_up",
         &["f f=lower-content; f g=other-lower"],

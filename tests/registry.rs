@@ -12,11 +12,8 @@
 //! tests/e2e/image.sh's.
 
 mod faultproxy;
-#[path = "common/guard.rs"]
-mod guard;
 #[macro_use]
-#[path = "common/rig.rs"]
-mod rig;
+mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -26,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultproxy::{Exchange, FaultProxy, Faults};
-use rig::{dir_names, e2e_script, have};
+use common::{dir_names, e2e_script, have};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
