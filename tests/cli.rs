@@ -1210,13 +1210,12 @@ fn squash_to_root_shows_every_file_as_root() {
 // 7. help and version
 
 /// The string literals of the `"name" =>` match arms (`arms`) or of the array items between two
-/// markers of
-/// src/cli.rs: the options the parser accepts, read from the parser itself so that a new
-/// option without help text fails here.
+/// markers of src/cli/options.rs or src/cli/help.rs: the options the parser accepts, read from
+/// the parser itself so that a new option without help text fails here.
 fn accepted_names(src: &str, start: &str, end: &str, arms: bool) -> Vec<String> {
     let from = src
         .find(start)
-        .unwrap_or_else(|| panic!("{start:?} not found in src/cli.rs"));
+        .unwrap_or_else(|| panic!("{start:?} not found in the parser source"));
     let rest = &src[from..];
     let to = rest.find(end).unwrap_or(rest.len());
     let mut names = Vec::new();
@@ -1292,17 +1291,20 @@ fn help_lists_every_accepted_option_and_exits_0() {
         "fast_ino",
         "debug",
     ];
-    let src =
-        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli.rs")).expect("read src/cli.rs");
-    let mut parsed = accepted_names(&src, "fn apply_option(", "\n}\n", true);
+    let read = |rel: &str| {
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    };
+    let options = read("src/cli/options.rs");
+    let names = read("src/cli/help.rs");
+    let mut parsed = accepted_names(&options, "fn apply_option(", "\n}\n", true);
     // `plugins=` is matched only to be refused with a clear message.
     parsed.retain(|n| n != "plugins");
     assert!(
         required.iter().all(|r| parsed.iter().any(|p| p == r)),
-        "the option list read from src/cli.rs looks wrong (parser changed shape?): {parsed:?}"
+        "the option list read from src/cli/options.rs looks wrong (parser changed shape?): {parsed:?}"
     );
-    let mut passed_through = accepted_names(&src, "const FUSE_FLAG_OPTIONS", "];", false);
-    passed_through.extend(accepted_names(&src, "const FUSE_VALUE_OPTIONS", "];", false));
+    let mut passed_through = accepted_names(&names, "const FUSE_FLAG_OPTIONS", "];", false);
+    passed_through.extend(accepted_names(&names, "const FUSE_VALUE_OPTIONS", "];", false));
     assert!(passed_through.len() > 10, "{passed_through:?}");
 
     let missing: Vec<&String> = parsed
