@@ -13,6 +13,9 @@
 //! whatever is mounted under them and ends the verlay processes it started (found by PID in
 //! /proc, since the launcher exits), also when the test panics.
 
+#[macro_use]
+mod common;
+
 use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
@@ -22,13 +25,16 @@ use std::hash::{Hash, Hasher};
 use std::io::Read;
 use std::os::unix::fs::{chown, symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal};
 use tempfile::TempDir;
+
+use common::proc::{cmdline, mount_entry, mounts, other_pids, pid_alive, run_tool, wait_gone};
+use common::{is_mounted, Launch, Mount};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
@@ -40,8 +46,6 @@ const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after the launcher exits its stdout/stderr pipes may stay open. The daemon must
 /// not hold them at all; this only absorbs scheduling delay of the reader threads.
 const PIPE_EOF_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long an unmount that fails with EBUSY is retried (see [`run_tool`]).
-const BUSY_RETRY: Duration = Duration::from_secs(5);
 /// Host ids the mapping tests store on disk (podman's first subuid is often 100000; any
 /// non-root id shows the translation).
 const HOST_ID: u32 = 1000;
@@ -49,94 +53,14 @@ const HOST_ID: u32 = 1000;
 // ---------------------------------------------------------------------------------------------
 // processes and the mount table
 
-/// Mount table entries of this mount namespace, from /proc/self/mountinfo.
-#[derive(Debug, Clone)]
-struct MountEntry {
-    mount_point: String,
-    /// Per-mount options (field 6): rw, noatime, nosuid...
-    mount_opts: String,
-    fstype: String,
-    source: String,
-}
-
-/// Undo mountinfo's octal escapes (`\040` for a space).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal =
-            b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c));
-        if octal {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn mounts() -> Vec<MountEntry> {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let pre: Vec<&str> = pre.split(' ').collect();
-            let post: Vec<&str> = post.split(' ').collect();
-            Some(MountEntry {
-                mount_point: unescape_mountinfo(pre.get(4)?),
-                mount_opts: pre.get(5)?.to_string(),
-                fstype: post.first()?.to_string(),
-                source: unescape_mountinfo(post.get(1)?),
-            })
-        })
-        .collect()
-}
-
-/// The topmost mount on `mnt`, if any.
-fn mount_entry(mnt: &Path) -> Option<MountEntry> {
-    let want = mnt.to_string_lossy();
-    mounts().into_iter().rev().find(|m| m.mount_point == want)
-}
-
-fn is_mounted(mnt: &Path) -> bool {
-    mount_entry(mnt).is_some()
-}
-
-/// argv of a live process, or `None` when it is gone.
-fn cmdline(pid: i32) -> Option<Vec<String>> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect(),
-    )
-}
-
 /// Processes running the binary under test (argv[0] as we spawn it), not this one.
 fn verlay_pids() -> Vec<(i32, Vec<String>)> {
-    let me = std::process::id() as i32;
-    let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if pid == me || !pid_alive(pid) {
-            continue;
-        }
-        if let Some(argv) = cmdline(pid) {
-            if argv.first().map(String::as_str) == Some(BIN) {
-                out.push((pid, argv));
-            }
-        }
-    }
-    out
+    other_pids()
+        .into_iter()
+        .filter(|pid| pid_alive(*pid))
+        .filter_map(|pid| Some((pid, cmdline(pid)?)))
+        .filter(|(_, argv)| argv.first().map(String::as_str) == Some(BIN))
+        .collect()
 }
 
 /// The verlay processes serving `mnt` (given on their command line as that exact path).
@@ -161,56 +85,9 @@ fn daemon_of(mnt: &Path) -> i32 {
     pids[0]
 }
 
-/// Alive and not a zombie: a daemon reparented to a PID 1 that does not reap stays a zombie
-/// after exiting, and that counts as gone.
-fn pid_alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
-/// Wait until `pid` is gone; false on timeout.
-fn wait_gone(pid: i32, timeout: Duration) -> bool {
-    let start = Instant::now();
-    while pid_alive(pid) {
-        if start.elapsed() > timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
-
 fn signal(pid: i32, sig: Signal) {
     let pid = Pid::from_raw(pid).expect("a positive pid");
     rustix::process::kill_process(pid, sig).expect("signal a process this test started");
-}
-
-/// Run `tool ARGS` (fusermount3, umount) and return whether it succeeded.
-///
-/// EBUSY is retried for a while: while this test had a file open in its mount, a sibling
-/// test (they run in parallel threads of this process) may have forked, and its child holds
-/// a copy of that fd, pinning the mount, until it execs.
-fn run_tool(tool: &str, args: &[&Path]) -> bool {
-    let start = Instant::now();
-    loop {
-        let out = Command::new(tool).args(args).stdin(Stdio::null()).output();
-        let Ok(out) = out else {
-            return false;
-        };
-        if out.status.success() {
-            return true;
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        if !err.contains("busy") || start.elapsed() > BUSY_RETRY {
-            eprintln!("{tool} {args:?}: {}: {err}", out.status);
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Write a file from a short-lived child process, so that this process never holds an fd
@@ -342,8 +219,8 @@ struct Sandbox {
     dir: TempDir,
     /// More private dirs (e.g. on /dev/shm) that belong to this test.
     extra: Vec<TempDir>,
-    /// Foreground verlay processes this test spawned.
-    children: RefCell<Vec<Child>>,
+    /// Foreground verlay processes this test spawned, each under the common mount guard.
+    children: RefCell<Vec<Mount>>,
 }
 
 impl Sandbox {
@@ -419,52 +296,23 @@ impl Sandbox {
 
     /// Spawn `verlay -f ARGS` and wait for the mount; returns its PID. The process stays ours.
     fn spawn_foreground(&self, args: &[OsString], mnt: &Path) -> i32 {
-        let log = fs::File::create(self.p("foreground.log")).expect("create log");
-        let mut child = Command::new(BIN)
-            .arg("-f")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn verlay -f");
-        let start = Instant::now();
-        while !is_mounted(mnt) {
-            if let Ok(Some(st)) = child.try_wait() {
-                let log = fs::read_to_string(self.p("foreground.log")).unwrap_or_default();
-                panic!("verlay -f {args:?} exited with {st} before mounting:\n{log}");
-            }
-            assert!(
-                start.elapsed() < LAUNCH_TIMEOUT,
-                "verlay -f did not mount {} within {LAUNCH_TIMEOUT:?}",
-                mnt.display()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let pid = child.id() as i32;
-        self.children.borrow_mut().push(child);
+        let m = Launch::verlay_argv(args, mnt)
+            .log(&self.p("foreground.log"))
+            .timeout(LAUNCH_TIMEOUT)
+            .start();
+        let pid = m.pid();
+        self.children.borrow_mut().push(m);
         pid
     }
 
     /// Wait for a foreground child of this sandbox to exit and return its status.
     fn wait_child(&self, pid: i32, timeout: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        loop {
-            {
-                let mut children = self.children.borrow_mut();
-                let child = children
-                    .iter_mut()
-                    .find(|c| c.id() as i32 == pid)
-                    .expect("a child of this sandbox");
-                if let Ok(Some(st)) = child.try_wait() {
-                    return Some(st);
-                }
-            }
-            if start.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut children = self.children.borrow_mut();
+        let child = children
+            .iter_mut()
+            .find(|c| c.pid() == pid)
+            .expect("a child of this sandbox");
+        child.wait_within(timeout)
     }
 
     /// The verlay processes that name one of this sandbox's dirs (or run in one).
@@ -506,12 +354,8 @@ impl Drop for Sandbox {
                 let _ = Pid::from_raw(pid).map(|p| rustix::process::kill_process(p, Signal::KILL));
             }
         }
-        for child in self.children.get_mut().iter_mut() {
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
+        // The foreground children's guards unmount (already done) and reap them by PID.
+        self.children.get_mut().clear();
     }
 }
 
@@ -1366,13 +1210,12 @@ fn squash_to_root_shows_every_file_as_root() {
 // 7. help and version
 
 /// The string literals of the `"name" =>` match arms (`arms`) or of the array items between two
-/// markers of
-/// src/cli.rs: the options the parser accepts, read from the parser itself so that a new
-/// option without help text fails here.
+/// markers of src/cli/options.rs or src/cli/help.rs: the options the parser accepts, read from
+/// the parser itself so that a new option without help text fails here.
 fn accepted_names(src: &str, start: &str, end: &str, arms: bool) -> Vec<String> {
     let from = src
         .find(start)
-        .unwrap_or_else(|| panic!("{start:?} not found in src/cli.rs"));
+        .unwrap_or_else(|| panic!("{start:?} not found in the parser source"));
     let rest = &src[from..];
     let to = rest.find(end).unwrap_or(rest.len());
     let mut names = Vec::new();
@@ -1448,17 +1291,20 @@ fn help_lists_every_accepted_option_and_exits_0() {
         "fast_ino",
         "debug",
     ];
-    let src =
-        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli.rs")).expect("read src/cli.rs");
-    let mut parsed = accepted_names(&src, "fn apply_option(", "\n}\n", true);
+    let read = |rel: &str| {
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    };
+    let options = read("src/cli/options.rs");
+    let names = read("src/cli/help.rs");
+    let mut parsed = accepted_names(&options, "fn apply_option(", "\n}\n", true);
     // `plugins=` is matched only to be refused with a clear message.
     parsed.retain(|n| n != "plugins");
     assert!(
         required.iter().all(|r| parsed.iter().any(|p| p == r)),
-        "the option list read from src/cli.rs looks wrong (parser changed shape?): {parsed:?}"
+        "the option list read from src/cli/options.rs looks wrong (parser changed shape?): {parsed:?}"
     );
-    let mut passed_through = accepted_names(&src, "const FUSE_FLAG_OPTIONS", "];", false);
-    passed_through.extend(accepted_names(&src, "const FUSE_VALUE_OPTIONS", "];", false));
+    let mut passed_through = accepted_names(&names, "const FUSE_FLAG_OPTIONS", "];", false);
+    passed_through.extend(accepted_names(&names, "const FUSE_VALUE_OPTIONS", "];", false));
     assert!(passed_through.len() > 10, "{passed_through:?}");
 
     let missing: Vec<&String> = parsed

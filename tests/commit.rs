@@ -14,8 +14,8 @@
 // The shared-mmap test maps a file (memmap2's map_mut is unsafe).
 #![allow(unsafe_code)]
 
-#[path = "common/guard.rs"]
-mod guard;
+#[macro_use]
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -23,15 +23,13 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guard::is_mounted;
+use common::{verlay_bin, Launch, Mount, Rig};
 
-/// How long a mount may take to appear, and a daemon to exit.
-const WAIT: Duration = Duration::from_secs(10);
 /// The variable crash points are read from (src/upper/mod.rs).
 const CRASH_AT: &str = "VERLAY_CRASH_AT";
 /// Size of one appended record in the concurrent-writers test: one write(2), so one FUSE
@@ -39,155 +37,79 @@ const CRASH_AT: &str = "VERLAY_CRASH_AT";
 const RECORD: usize = 512;
 
 fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_verlay")
+    verlay_bin()
 }
 
 // ---------------------------------------------------------------------------------------------
 // daemons
 
-/// A verlay daemon in the foreground (`-f`), so its PID is the child's. Drop unmounts and
-/// reaps it (killing it by PID only if it does not exit).
-struct Daemon {
-    mnt: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
+/// verlay in the foreground on `mnt` (created), logging at info, with `VERLAY_CRASH_AT` set to
+/// `crash_at` or removed; ready once mounted and its control socket is published (just after
+/// the mount goes live). The [`Mount`] guard unmounts and reaps it by PID.
+fn daemon(opts: &str, mnt: &Path, crash_at: Option<&str>) -> Mount {
+    fs::create_dir_all(mnt).unwrap();
+    let mut l = Launch::verlay(opts, mnt)
+        .env_remove(CRASH_AT)
+        .env("RUST_LOG", "verlay=info")
+        .ready_when_logged("control socket ready");
+    if let Some(p) = crash_at {
+        l = l.env(CRASH_AT, p);
+    }
+    l.start()
 }
 
-impl Daemon {
-    fn start(opts: &str, mnt: &Path, crash_at: Option<&str>) -> Daemon {
-        fs::create_dir_all(mnt).unwrap();
-        let log = mnt.with_extension("log");
-        let out = File::create(&log).unwrap();
-        let mut cmd = Command::new(bin());
-        cmd.arg("-f")
-            .arg("-o")
-            .arg(opts)
-            .arg(mnt)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .env_remove(CRASH_AT)
-            .env("RUST_LOG", "verlay=info");
-        if let Some(p) = crash_at {
-            cmd.env(CRASH_AT, p);
-        }
-        let mut g = Daemon {
-            mnt: mnt.to_path_buf(),
-            child: Some(cmd.spawn().unwrap()),
-            log,
-        };
-        let start = Instant::now();
-        // Mounted, and its control socket published (just after the mount goes live).
-        while !(is_mounted(mnt) && g.log().contains("control socket ready")) {
-            if let Ok(Some(st)) = g.child.as_mut().unwrap().try_wait() {
-                panic!("verlay -o {opts} exited with {st}: {}", g.log());
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "verlay -o {opts} did not mount: {}",
-                g.log()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        g
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait for the daemon to die by itself (a crash point), then drop its dead mount.
-    fn wait_dead(&mut self) {
-        let mut child = self.child.take().expect("running");
-        let start = Instant::now();
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            assert!(start.elapsed() < WAIT, "daemon did not die: {}", self.log());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        guard::unmount_and_reap(&self.mnt, self.child.take(), WAIT);
-    }
-}
-
-/// A kernel overlayfs mount, unmounted on Drop (also when a check panics).
-struct KernelMount(PathBuf);
-
-impl Drop for KernelMount {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-}
-
-/// A lower layer, an upper, a store, and a read-write mount of them.
-struct Rig {
+/// A [`Rig`] (one lower, an upper, a work dir) with a layer store beside it, in a temp dir.
+struct StoreRig {
     dir: tempfile::TempDir,
-    lower: PathBuf,
-    upper: PathBuf,
-    work: PathBuf,
-    mnt: PathBuf,
+    rig: Rig,
     store: PathBuf,
 }
 
-impl Rig {
-    fn new(name: &str) -> Rig {
+impl std::ops::Deref for StoreRig {
+    type Target = Rig;
+    fn deref(&self) -> &Rig {
+        &self.rig
+    }
+}
+
+impl StoreRig {
+    fn new(name: &str) -> StoreRig {
         let dir = tempfile::Builder::new()
             .prefix(&format!("verlay-commit-{name}."))
             .tempdir_in("/tmp")
             .unwrap();
         let p = dir.path();
-        let r = Rig {
-            lower: p.join("lower"),
-            upper: p.join("upper"),
-            work: p.join("work"),
-            mnt: p.join("mnt"),
-            store: p.join("store"),
+        let store = p.join("store");
+        fs::create_dir_all(&store).unwrap();
+        StoreRig {
+            rig: Rig::named(p, &["lower"], "upper", "work", "mnt"),
+            store,
             dir,
-        };
-        for d in [&r.lower, &r.upper, &r.work, &r.mnt, &r.store] {
-            fs::create_dir_all(d).unwrap();
         }
-        r
     }
 
     fn opts(&self) -> String {
-        format!(
-            "lowerdir={},upperdir={},workdir={},redirect_dir=on",
-            self.lower.display(),
-            self.upper.display(),
-            self.work.display()
-        )
+        self.rig.opts("redirect_dir=on")
     }
 
-    fn mount(&self) -> Daemon {
-        Daemon::start(&self.opts(), &self.mnt, None)
+    fn mount(&self) -> Mount {
+        daemon(&self.opts(), &self.mnt, None)
     }
 
     fn p(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
-    /// Mount the lowers with the committed layer on top, read-only.
-    fn mount_layer(&self, chain: &str, name: &str) -> Daemon {
+/// Mount the lowers with the committed layer on top, read-only.
+    fn mount_layer(&self, chain: &str, name: &str) -> Mount {
         let diff = self
             .store
             .join("layers")
             .join(chain.trim_start_matches("sha256:"))
             .join("diff");
         assert!(diff.is_dir(), "no layer dir {}", diff.display());
-        let opts = format!("lowerdir={}:{}", diff.display(), self.lower.display());
-        Daemon::start(&opts, &self.p(name), None)
+        let opts = format!("lowerdir={}:{}", diff.display(), self.lower().display());
+        daemon(&opts, &self.p(name), None)
     }
 }
 
@@ -202,7 +124,7 @@ fn verlay(args: &[&str], crash_at: Option<&str>) -> Output {
 }
 
 /// `verlay commit` that must succeed: (chain ID, diffID, pause in ms).
-fn commit(r: &Rig, extra: &[&str]) -> (String, String, f64) {
+fn commit(r: &StoreRig, extra: &[&str]) -> (String, String, f64) {
     let mut args = vec![
         "commit",
         r.mnt.to_str().unwrap(),
@@ -234,7 +156,7 @@ fn commit(r: &Rig, extra: &[&str]) -> (String, String, f64) {
     (field("chain_id "), field("diff_id "), pause)
 }
 
-fn verify_layer(r: &Rig, chain: &str) {
+fn verify_layer(r: &StoreRig, chain: &str) {
     let o = verlay(&["verify", "--store", r.store.to_str().unwrap(), chain], None);
     assert!(
         o.status.success(),
@@ -440,8 +362,8 @@ fn change_everything(m: &Path) {
 
 #[test]
 fn committed_layer_over_the_lowers_shows_the_merged_view_of_the_commit_instant() {
-    let r = Rig::new("features");
-    lower_fixture(&r.lower);
+    let r = StoreRig::new("features");
+    lower_fixture(r.lower());
     let _d = r.mount();
     change_everything(&r.mnt);
     let want = view(&r.mnt);
@@ -465,13 +387,8 @@ fn committed_layer_over_the_lowers_shows_the_merged_view_of_the_commit_instant()
         .join("layers")
         .join(chain.trim_start_matches("sha256:"))
         .join("diff");
-    let opts = format!("lowerdir={}:{}", diff_dir.display(), r.lower.display());
-    let st = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &opts])
-        .arg(&kmnt)
-        .status();
-    if st.map(|s| s.success()).unwrap_or(false) {
-        let _unmount = KernelMount(kmnt.clone());
+    let opts = format!("lowerdir={}:{}", diff_dir.display(), r.lower().display());
+    if let Ok(_unmount) = Mount::kernel_overlay(&opts, &kmnt) {
         let got = view(&kmnt);
         let d = diff(&want, &got);
         assert!(
@@ -529,8 +446,8 @@ fn committed_layer_over_the_lowers_shows_the_merged_view_of_the_commit_instant()
 /// on first use (`verlay layer import` did so already), and the layer lands in it.
 #[test]
 fn commit_into_a_missing_store_creates_it() {
-    let r = Rig::new("newstore");
-    lower_fixture(&r.lower);
+    let r = StoreRig::new("newstore");
+    lower_fixture(r.lower());
     fs::remove_dir(&r.store).unwrap();
     let _d = r.mount();
     fs::write(r.mnt.join("new-file"), "n").unwrap();
@@ -544,8 +461,8 @@ fn commit_into_a_missing_store_creates_it() {
 
 #[test]
 fn output_tarball_is_byte_identical_across_commits_of_the_same_state() {
-    let r = Rig::new("determinism");
-    lower_fixture(&r.lower);
+    let r = StoreRig::new("determinism");
+    lower_fixture(r.lower());
     let _d = r.mount();
     change_everything(&r.mnt);
     let (a, b) = (r.p("a.tar"), r.p("b.tar"));
@@ -571,8 +488,8 @@ fn output_tarball_is_byte_identical_across_commits_of_the_same_state() {
 /// too; it guards the outcome, not the mechanism.)
 #[test]
 fn shared_mmap_writes_made_before_the_commit_are_in_the_layer() {
-    let r = Rig::new("mmap");
-    fs::write(r.lower.join("lowerfile"), vec![b'l'; 8192]).unwrap();
+    let r = StoreRig::new("mmap");
+    fs::write(r.lower().join("lowerfile"), vec![b'l'; 8192]).unwrap();
     let _d = r.mount();
     let f = OpenOptions::new()
         .read(true)
@@ -647,12 +564,12 @@ fn check_appended(t: u64, data: &[u8]) -> Result<(), String> {
 
 #[test]
 fn writers_are_paused_not_failed_and_every_file_is_one_whole_version() {
-    let r = Rig::new("writers");
-    fs::write(r.lower.join("seed"), "seed").unwrap();
+    let r = StoreRig::new("writers");
+    fs::write(r.lower().join("seed"), "seed").unwrap();
     // The appenders' files start in the lower layer (record 0), so their first append is a
     // copy-up racing with the commits.
     for t in [0u64, 3] {
-        fs::write(r.lower.join(format!("app{t}")), record(t, 0)).unwrap();
+        fs::write(r.lower().join(format!("app{t}")), record(t, 0)).unwrap();
     }
     let _d = r.mount();
     let stop = Arc::new(AtomicBool::new(false));
@@ -813,8 +730,8 @@ fn assert_not_frozen(m: &Path, what: &str) {
 
 #[test]
 fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
-    let r = Rig::new("crash");
-    lower_fixture(&r.lower);
+    let r = StoreRig::new("crash");
+    lower_fixture(r.lower());
     let mut d = Some(r.mount());
     change_everything(&r.mnt);
     let reference = view(&r.mnt);
@@ -917,7 +834,7 @@ fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
     );
     for point in &daemon_points {
         drop(d.take());
-        let mut killed = Daemon::start(&r.opts(), &r.mnt, Some(point));
+        let mut killed = daemon(&r.opts(), &r.mnt, Some(point));
         let store = r.p(&format!("store-{point}"));
         fs::create_dir(&store).unwrap();
         let o = verlay(
@@ -931,7 +848,7 @@ fn a_crash_at_any_step_leaves_no_layer_or_a_complete_one() {
         );
         assert_eq!(o.status.code(), Some(1), "{point}: {o:?}");
         n += 1;
-        killed.wait_dead();
+        killed.wait_exit();
         drop(killed);
         let ls = verlay(&["layer", "ls", "--store", store.to_str().unwrap()], None);
         assert!(ls.status.success());
@@ -978,12 +895,12 @@ fn refused(args: &[&str], why: &str) {
 
 #[test]
 fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
-    let r = Rig::new("bad");
-    lower_fixture(&r.lower);
+    let r = StoreRig::new("bad");
+    lower_fixture(r.lower());
     let _d = r.mount();
     fs::write(r.mnt.join("x"), "x").unwrap();
     let ro_mnt = r.p("ro");
-    let _ro = Daemon::start(&format!("lowerdir={}", r.lower.display()), &ro_mnt, None);
+    let _ro = daemon(&format!("lowerdir={}", r.lower().display()), &ro_mnt, None);
     let (m, s) = (r.mnt.to_str().unwrap(), r.store.to_str().unwrap());
     let plain = r.p("plain");
     fs::create_dir(&plain).unwrap();
@@ -1094,7 +1011,7 @@ fn pause_for_a_large_upper_is_reported() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(64);
-    let r = Rig::new("pause");
+    let r = StoreRig::new("pause");
     let _d = r.mount();
     let chunk = vec![0x5au8; 1 << 20];
     let files = 64u64;
@@ -1129,9 +1046,9 @@ fn pause_for_a_large_upper_is_reported() {
 /// no layer), and works again once it is closed.
 #[test]
 fn passthrough_writers_make_commit_refuse_until_closed() {
-    let r = Rig::new("passthrough");
-    lower_fixture(&r.lower);
-    let _d = Daemon::start(&format!("{},passthrough=1", r.opts()), &r.mnt, None);
+    let r = StoreRig::new("passthrough");
+    lower_fixture(r.lower());
+    let _d = daemon(&format!("{},passthrough=1", r.opts()), &r.mnt, None);
     let mut f = fs::File::create(r.mnt.join("log")).unwrap();
     f.write_all(b"first line\n").unwrap();
     let args = [

@@ -4,84 +4,33 @@
 //!
 //! Real mount: the daemon runs in the foreground under a guard that unmounts and kills it
 //! by PID; every wait is bounded.
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+#[macro_use]
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_verlay");
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Mount, Rig};
+
 /// Longest wait for the mount to appear or the daemon to exit.
 const WAIT: Duration = Duration::from_secs(20);
 
-fn is_mounted(mnt: &Path) -> bool {
-    let want = format!(" {} ", mnt.display());
-    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| m.lines().any(|l| l.contains(&want)))
-}
-
-/// A foreground daemon; on drop: unmount, then wait (bounded) and kill by PID.
-struct Mounted {
-    child: Child,
-    mnt: PathBuf,
-}
-
-impl Mounted {
-    fn start(dir: &Path, debug: &[&str], log: &Path) -> Mounted {
-        for d in ["l", "u", "w", "m"] {
-            fs::create_dir_all(dir.join(d)).unwrap();
-        }
-        fs::write(dir.join("l/x"), "lower\n").unwrap();
-        let mnt = dir.join("m");
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            dir.join("l").display(),
-            dir.join("u").display(),
-            dir.join("w").display()
-        );
-        let child = Command::new(BIN)
-            .arg("-f")
-            .args(debug)
-            .args(["-o", &opts])
-            .arg(&mnt)
-            .env_remove("RUST_LOG")
-            .env("VERLAY_LOG_FILE", log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn verlay");
-        let m = Mounted { child, mnt };
-        let t0 = Instant::now();
-        while !is_mounted(&m.mnt) {
-            assert!(
-                t0.elapsed() < WAIT,
-                "no mount at {} after {WAIT:?}",
-                m.mnt.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
+/// A foreground daemon over `dir/{l,u,w}` at `dir/m` (`l/x` holds "lower\n"), logging to
+/// `log`; the common [`Mount`] guard unmounts it and ends it by PID (`unmount()` early).
+fn start(dir: &Path, debug: &[&str], log: &Path) -> Mount {
+    let rig = Rig::named(dir, &["l"], "u", "w", "m");
+    fs::write(dir.join("l/x"), "lower\n").unwrap();
+    let mut l = rig
+        .launch("")
+        .log(&dir.join("stderr.log"))
+        .env_remove("RUST_LOG")
+        .env("VERLAY_LOG_FILE", log)
+        .timeout(WAIT);
+    for a in debug {
+        l = l.arg(a);
     }
-
-    fn stop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3").arg("-u").arg(&self.mnt).status();
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < WAIT {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    l.start()
 }
 
 /// lookup (a miss), create, write, read, unlink on the mount.
@@ -129,9 +78,9 @@ fn debug_logs_one_line_per_request_with_op_ino_name_result_and_micros() {
     for debug in [&["-d"][..], &["-o", "debug"][..]] {
         let t = tmp();
         let log = t.path().join("log");
-        let mut m = Mounted::start(t.path(), debug, &log);
+        let mut m = start(t.path(), debug, &log);
         workload(&m.mnt);
-        m.stop();
+        m.unmount();
         let text = fs::read_to_string(&log).unwrap();
         let reqs = requests(&text);
         let has = |op: &str, path: &str, result: &str| {
@@ -163,9 +112,9 @@ fn debug_logs_one_line_per_request_with_op_ino_name_result_and_micros() {
 fn without_debug_no_request_is_logged() {
     let t = tmp();
     let log = t.path().join("log");
-    let mut m = Mounted::start(t.path(), &[], &log);
+    let mut m = start(t.path(), &[], &log);
     workload(&m.mnt);
-    m.stop();
+    m.unmount();
     let text = fs::read_to_string(&log).unwrap_or_default();
     assert!(requests(&text).is_empty(), "{text}");
 }

@@ -13,11 +13,8 @@
 //! filesystem under the upper that starts failing its writes (XFS shutdown under a loop
 //! device), a full filesystem and a full quota.
 
-#[path = "common/guard.rs"]
-mod guard;
 #[macro_use]
-#[path = "common/rig.rs"]
-mod rig;
+mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -34,64 +31,25 @@ const XFS_IMAGE_BYTES: u64 = 320 << 20;
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-use rig::{run, FsMount, LoopDev, LoopFs, Stop, Verlay, WAIT};
+use common::{run, scratch, LoopDev, LoopFs, Mount, Rig, Stop, WAIT};
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }
 
-/// The directories of one overlay: lower, upper, work and mountpoint.
-struct Dirs {
-    lower: PathBuf,
-    upper: PathBuf,
-    work: PathBuf,
-    mnt: PathBuf,
+/// One overlay's dirs: lower and mountpoint under `base`; upper and work under `upper_fs`.
+fn dirs(base: &Path, upper_fs: &Path) -> Rig {
+    Rig::at(
+        &[base.join("lower")],
+        &upper_fs.join("upper"),
+        &upper_fs.join("work"),
+        &base.join("mnt"),
+    )
 }
 
-impl Dirs {
-    /// Lower and mountpoint under `base`; upper and work under `upper_fs`.
-    fn new(base: &Path, upper_fs: &Path) -> Dirs {
-        let d = Dirs {
-            lower: base.join("lower"),
-            upper: upper_fs.join("upper"),
-            work: upper_fs.join("work"),
-            mnt: base.join("mnt"),
-        };
-        for p in [&d.lower, &d.upper, &d.work, &d.mnt] {
-            fs::create_dir_all(p).unwrap();
-        }
-        d
-    }
-
-    fn opts(&self, extra: &str) -> String {
-        let mut o = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            self.lower.display(),
-            self.upper.display(),
-            self.work.display()
-        );
-        if !extra.is_empty() {
-            o.push(',');
-            o.push_str(extra);
-        }
-        o
-    }
-
-    fn marker(&self) -> PathBuf {
-        self.work.join("work/incompat/volatile")
-    }
-
-    /// Names left in `workdir/work` (temps of a failed step would show here).
-    fn work_entries(&self) -> Vec<String> {
-        rig::dir_names(&self.work.join("work"))
-    }
-}
-
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("verlay-faults.")
-        .tempdir_in("/tmp")
-        .unwrap()
+/// Kernel overlayfs's volatile marker in `d`'s workdir.
+fn marker(d: &Rig) -> PathBuf {
+    d.work.join("work/incompat/volatile")
 }
 
 /// Deterministic content of `len` bytes.
@@ -126,11 +84,11 @@ fn used_bytes(p: &Path) -> u64 {
 #[test]
 fn volatile_marker_exists_while_mounted_and_goes_at_every_clean_stop() {
     for how in [Stop::Fusermount, Stop::Umount, Stop::Sigterm] {
-        let t = scratch();
-        let d = Dirs::new(t.path(), t.path());
-        fs::write(d.lower.join("a"), "lower").unwrap();
-        let mut v = Verlay::start(&d.opts("volatile"), &d.mnt, &t.path().join("log"));
-        assert!(d.marker().is_dir(), "{how:?}: no marker while mounted");
+        let t = scratch("verlay-faults.");
+        let d = dirs(t.path(), t.path());
+        fs::write(d.lower().join("a"), "lower").unwrap();
+        let mut v = d.launch("volatile").log(&t.path().join("log")).start();
+        assert!(marker(&d).is_dir(), "{how:?}: no marker while mounted");
         let mut f = OpenOptions::new().append(true).open(d.mnt.join("a")).unwrap();
         f.write_all(b"+new").unwrap();
         f.sync_all().unwrap();
@@ -138,7 +96,7 @@ fn volatile_marker_exists_while_mounted_and_goes_at_every_clean_stop() {
         let st = v.stop(how);
         assert!(st.success(), "{how:?}: daemon exited with {st}: {}", v.log());
         assert!(
-            !d.marker().exists(),
+            !marker(&d).exists(),
             "{how:?}: marker survived a clean stop: {}",
             v.log()
         );
@@ -148,23 +106,23 @@ fn volatile_marker_exists_while_mounted_and_goes_at_every_clean_stop() {
         );
         assert_eq!(fs::read_to_string(d.upper.join("a")).unwrap(), "lower+new");
         // The next mount (not volatile) is accepted and sees the data.
-        let _v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log2"));
+        let _v = d.launch("").log(&t.path().join("log2")).start();
         assert_eq!(fs::read_to_string(d.mnt.join("a")).unwrap(), "lower+new");
     }
 }
 
 #[test]
 fn volatile_unclean_stop_refuses_next_mount_until_volatile_recover() {
-    let t = scratch();
-    let d = Dirs::new(t.path(), t.path());
-    fs::write(d.lower.join("a"), "lower").unwrap();
-    let mut v = Verlay::start(&d.opts("volatile"), &d.mnt, &t.path().join("log"));
+    let t = scratch("verlay-faults.");
+    let d = dirs(t.path(), t.path());
+    fs::write(d.lower().join("a"), "lower").unwrap();
+    let mut v = d.launch("volatile").log(&t.path().join("log")).start();
     fs::write(d.mnt.join("b"), "written before the kill").unwrap();
     v.stop(Stop::Sigkill);
-    assert!(d.marker().is_dir(), "the marker must survive kill -9");
+    assert!(marker(&d).is_dir(), "the marker must survive kill -9");
 
     for extra in ["", "volatile", "fsync=0"] {
-        let (st, err) = match Verlay::try_start(&d.opts(extra), &d.mnt, &t.path().join("log2")) {
+        let (st, err) = match d.launch(extra).log(&t.path().join("log2")).try_start() {
             Ok(_) => panic!("-o {extra}: mounted over the marker of an unclean volatile stop"),
             Err(e) => e,
         };
@@ -181,11 +139,11 @@ fn volatile_unclean_stop_refuses_next_mount_until_volatile_recover() {
         ] {
             assert!(line.contains(want), "missing {want:?} in: {line}");
         }
-        assert!(d.marker().is_dir(), "a refused mount must keep the marker");
+        assert!(marker(&d).is_dir(), "a refused mount must keep the marker");
     }
 
-    let v = Verlay::start(&d.opts("volatile_recover"), &d.mnt, &t.path().join("log3"));
-    assert!(!d.marker().exists(), "volatile_recover must remove the marker");
+    let v = d.launch("volatile_recover").log(&t.path().join("log3")).start();
+    assert!(!marker(&d).exists(), "volatile_recover must remove the marker");
     assert_eq!(
         fs::read_to_string(d.mnt.join("b")).unwrap(),
         "written before the kill"
@@ -193,31 +151,27 @@ fn volatile_unclean_stop_refuses_next_mount_until_volatile_recover() {
     assert!(v.log().contains("volatile_recover"), "{}", v.log());
     drop(v);
     // Recovered: later mounts need no option.
-    let _v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log4"));
+    let _v = d.launch("").log(&t.path().join("log4")).start();
 }
 
 #[test]
 fn volatile_recover_with_volatile_keeps_a_fresh_marker() {
-    let t = scratch();
-    let d = Dirs::new(t.path(), t.path());
-    let mut v = Verlay::start(&d.opts("volatile"), &d.mnt, &t.path().join("log"));
+    let t = scratch("verlay-faults.");
+    let d = dirs(t.path(), t.path());
+    let mut v = d.launch("volatile").log(&t.path().join("log")).start();
     v.stop(Stop::Sigkill);
-    let mut v = Verlay::start(
-        &d.opts("volatile,volatile_recover"),
-        &d.mnt,
-        &t.path().join("log2"),
-    );
-    assert!(d.marker().is_dir(), "a volatile mount needs its own marker");
+    let mut v = d.launch("volatile,volatile_recover").log(&t.path().join("log2")).start();
+    assert!(marker(&d).is_dir(), "a volatile mount needs its own marker");
     v.stop(Stop::Sigkill);
-    assert!(Verlay::try_start(&d.opts(""), &d.mnt, &t.path().join("log3")).is_err());
+    assert!(d.launch("").log(&t.path().join("log3")).try_start().is_err());
 }
 
 #[test]
 fn unknown_incompat_feature_is_refused() {
-    let t = scratch();
-    let d = Dirs::new(t.path(), t.path());
+    let t = scratch("verlay-faults.");
+    let d = dirs(t.path(), t.path());
     fs::create_dir_all(d.work.join("work/incompat/future")).unwrap();
-    let (st, err) = Verlay::try_start(&d.opts("volatile_recover"), &d.mnt, &t.path().join("log"))
+    let (st, err) = d.launch("volatile_recover").log(&t.path().join("log")).try_start()
         .err()
         .expect("mounted with an unknown incompat feature");
     assert_eq!(st.code(), Some(2), "{err}");
@@ -329,10 +283,10 @@ fn sync_workload(mnt: &Path) {
 fn fsync_of_root_reaches_upper_as_syncfs_and_volatile_syncs_nothing() {
     require_tools!("strace");
     // Without volatile: each application sync reaches the upper, the root's as syncfs.
-    let t = scratch();
-    let d = Dirs::new(t.path(), t.path());
-    fs::write(d.lower.join("a"), "lower").unwrap();
-    let v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log"));
+    let t = scratch("verlay-faults.");
+    let d = dirs(t.path(), t.path());
+    fs::write(d.lower().join("a"), "lower").unwrap();
+    let v = d.launch("").log(&t.path().join("log")).start();
     let trace = SyncTrace::attach(v.pid(), t.path());
     sync_workload(&d.mnt);
     let calls = trace.finish();
@@ -352,17 +306,17 @@ fn fsync_of_root_reaches_upper_as_syncfs_and_volatile_syncs_nothing() {
     drop(v);
 
     // volatile: the same workload makes no sync at all, and succeeds.
-    let t = scratch();
-    let d = Dirs::new(t.path(), t.path());
-    fs::write(d.lower.join("a"), "lower").unwrap();
-    let mut v = Verlay::start(&d.opts("volatile"), &d.mnt, &t.path().join("log"));
+    let t = scratch("verlay-faults.");
+    let d = dirs(t.path(), t.path());
+    fs::write(d.lower().join("a"), "lower").unwrap();
+    let mut v = d.launch("volatile").log(&t.path().join("log")).start();
     let trace = SyncTrace::attach(v.pid(), t.path());
     sync_workload(&d.mnt);
     let calls = trace.finish();
     assert!(calls.is_empty(), "volatile made sync calls: {calls:?}");
     // fsync=0 likewise.
     assert!(v.stop(Stop::Fusermount).success());
-    let v = Verlay::start(&d.opts("fsync=0"), &d.mnt, &t.path().join("log2"));
+    let v = d.launch("fsync=0").log(&t.path().join("log2")).start();
     fs::remove_file(d.mnt.join("new")).unwrap();
     fs::remove_dir(d.mnt.join("d")).unwrap();
     let trace = SyncTrace::attach(v.pid(), t.path());
@@ -381,7 +335,7 @@ fn failed_fsync_poisons_the_mount_until_remount() {
     // Shutting that XFS down makes every write-back of the upper fail with EIO, while the
     // upper filesystem itself stays mounted and writable in its page cache: a change that
     // verlay refuses is refused by verlay, not by a dead filesystem.
-    let t = scratch();
+    let t = scratch("verlay-faults.");
     let outer = LoopFs::new(
         &t.path().join("outer.img"),
         XFS_IMAGE_BYTES,
@@ -396,16 +350,12 @@ fn failed_fsync_poisons_the_mount_until_remount() {
         "errors=continue",
         &t.path().join("inner"),
     );
-    let d = Dirs::new(t.path(), inner.path());
-    fs::write(d.lower.join("a"), "lower").unwrap();
+    let d = dirs(t.path(), inner.path());
+    fs::write(d.lower().join("a"), "lower").unwrap();
     // passthrough=0: files opened for writing before the failure are refused too. With
     // passthrough (the default as root) their writes go to the upper file in the kernel and
     // never reach the daemon; their fsyncs still do, and fail (docs/ordering.md).
-    let v = Verlay::start(
-        &d.opts("writeback=0,passthrough=0"),
-        &d.mnt,
-        &t.path().join("log"),
-    );
+    let v = d.launch("writeback=0,passthrough=0").log(&t.path().join("log")).start();
 
     fs::write(d.mnt.join("kept"), "before").unwrap();
     let mut other = OpenOptions::new().write(true).open(d.mnt.join("kept")).unwrap();
@@ -492,7 +442,7 @@ fn failed_fsync_poisons_the_mount_until_remount() {
 
 /// Is nothing of a failed copy-up of `name` left: not in the upper, not in the work dir,
 /// and the lower file still reads intact through the mount?
-fn assert_no_partial_copy_up(d: &Dirs, name: &str, want: &[u8]) {
+fn assert_no_partial_copy_up(d: &Rig, name: &str, want: &[u8]) {
     assert!(
         fs::symlink_metadata(d.upper.join(name)).is_err(),
         "{name}: a partial copy is in the upper"
@@ -516,19 +466,19 @@ fn assert_no_partial_copy_up(d: &Dirs, name: &str, want: &[u8]) {
 
 #[test]
 fn enospc_reaches_the_application_and_leaves_nothing_half_done() {
-    let t = scratch();
-    let small = FsMount::new(
+    let t = scratch("verlay-faults.");
+    let small = Mount::fs(
         &["-t", "tmpfs", "-o", "size=4m", "tmpfs"],
         &t.path().join("tmpfs"),
     );
-    let d = Dirs::new(t.path(), &small.0);
+    let d = dirs(t.path(), &small.mnt);
     let big = pattern(5 << 20, 3); // never fits in 4 MiB
     let little = pattern(256 << 10, 4);
-    fs::write(d.lower.join("big"), &big).unwrap();
-    fs::write(d.lower.join("little"), &little).unwrap();
-    fs::set_permissions(d.lower.join("little"), fs::Permissions::from_mode(0o644)).unwrap();
-    let _v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log"));
-    let baseline = used_bytes(&small.0);
+    fs::write(d.lower().join("big"), &big).unwrap();
+    fs::write(d.lower().join("little"), &little).unwrap();
+    fs::set_permissions(d.lower().join("little"), fs::Permissions::from_mode(0o644)).unwrap();
+    let _v = d.launch("").log(&t.path().join("log")).start();
+    let baseline = used_bytes(&small.mnt);
 
     // A copy-up that cannot fit fails with ENOSPC and leaves nothing behind.
     let r = OpenOptions::new().append(true).open(d.mnt.join("big"));
@@ -539,7 +489,7 @@ fn enospc_reaches_the_application_and_leaves_nothing_half_done() {
     );
     assert_no_partial_copy_up(&d, "big", &big);
     assert!(
-        used_bytes(&small.0) <= baseline + (64 << 10),
+        used_bytes(&small.mnt) <= baseline + (64 << 10),
         "space leaked by a failed copy-up"
     );
 
@@ -573,7 +523,7 @@ fn enospc_reaches_the_application_and_leaves_nothing_half_done() {
     // The space comes back when the daemon's fd goes, on FUSE's RELEASE, which the kernel
     // sends after close(2) returns.
     let start = Instant::now();
-    while used_bytes(&small.0) > baseline + (64 << 10) {
+    while used_bytes(&small.mnt) > baseline + (64 << 10) {
         assert!(
             start.elapsed() < WAIT,
             "space of the removed file never came back"
@@ -599,7 +549,7 @@ fn edquot_reaches_the_application_and_leaves_nothing_half_done() {
     require_tools!("mkfs.xfs", "xfs_quota", "losetup");
     // XFS enforces a user's block quota whoever writes (no CAP_SYS_RESOURCE bypass as in
     // ext4 or tmpfs), so the daemon, running as root, meets the limit of the file's owner.
-    let t = scratch();
+    let t = scratch("verlay-faults.");
     let dev = LoopDev::new(&t.path().join("q.img"), XFS_IMAGE_BYTES);
     run("mkfs.xfs", &["-q", "-f", &dev.0]);
     let at = t.path().join("q");
@@ -616,8 +566,8 @@ fn edquot_reaches_the_application_and_leaves_nothing_half_done() {
         );
         return;
     }
-    let q = FsMount(at);
-    edquot_with(&t, &q.0);
+    let q = Mount::adopt_kernel(&at);
+    edquot_with(&t, &q.mnt);
 }
 
 fn edquot_with(t: &tempfile::TempDir, qpath: &Path) {
@@ -632,11 +582,11 @@ fn edquot_with(t: &tempfile::TempDir, qpath: &Path) {
             q.to_str().unwrap(),
         ],
     );
-    let d = Dirs::new(t.path(), q);
+    let d = dirs(t.path(), q);
     let owned = pattern(512 << 10, 6);
-    fs::write(d.lower.join("owned"), &owned).unwrap();
-    std::os::unix::fs::chown(d.lower.join("owned"), Some(QUOTA_UID), Some(QUOTA_UID)).unwrap();
-    let _v = Verlay::start(&d.opts(""), &d.mnt, &t.path().join("log"));
+    fs::write(d.lower().join("owned"), &owned).unwrap();
+    std::os::unix::fs::chown(d.lower().join("owned"), Some(QUOTA_UID), Some(QUOTA_UID)).unwrap();
+    let _v = d.launch("").log(&t.path().join("log")).start();
 
     let mut f = File::create(d.mnt.join("quota")).unwrap();
     std::os::unix::fs::fchown(&f, Some(QUOTA_UID), Some(QUOTA_UID)).unwrap();
@@ -667,8 +617,8 @@ fn edquot_with(t: &tempfile::TempDir, qpath: &Path) {
 /// Mount over an upper at `upper_fs` and expect a one-line refusal naming the upperdir and
 /// xattrs.
 fn assert_refused_for_xattrs(t: &Path, upper_fs: &Path) {
-    let d = Dirs::new(&t.join("o"), upper_fs);
-    let (st, err) = Verlay::try_start(&d.opts(""), &d.mnt, &t.join("log-refused"))
+    let d = dirs(&t.join("o"), upper_fs);
+    let (st, err) = d.launch("").log(&t.join("log-refused")).try_start()
         .err()
         .expect("mounted over an upper without xattr support");
     assert_eq!(st.code(), Some(2), "{err}");
@@ -693,7 +643,7 @@ fn upper_without_xattrs_on_vfat_is_refused() {
         eprintln!("SKIP vfat: this kernel has no vfat driver");
         return;
     }
-    let t = scratch();
+    let t = scratch("verlay-faults.");
     let vfat = LoopFs::new(
         &t.path().join("vfat.img"),
         16 << 20,
@@ -714,7 +664,7 @@ fn upper_without_xattrs_on_ramfs_is_refused() {
         eprintln!("SKIP ramfs: this kernel has no ramfs");
         return;
     }
-    let t = scratch();
-    let ram = FsMount::new(&["-t", "ramfs", "ramfs"], &t.path().join("ramfs"));
-    assert_refused_for_xattrs(t.path(), &ram.0);
+    let t = scratch("verlay-faults.");
+    let ram = Mount::fs(&["-t", "ramfs", "ramfs"], &t.path().join("ramfs"));
+    assert_refused_for_xattrs(t.path(), &ram.mnt);
 }

@@ -37,25 +37,19 @@
 // common's syscall helpers (xattrs, mknod) use libc directly.
 #![allow(unsafe_code)]
 
+#[macro_use]
 mod common;
-#[path = "common/guard.rs"]
-mod guard;
-#[path = "common/rig.rs"]
-mod rig;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{fnv, read_all, user_xattrs, Rng};
+use common::{as_user, fnv, read_all, scratch, user_xattrs, Mount, Rig, Rng};
 
-/// How long a mount may take to appear, and a daemon to exit.
-const WAIT: Duration = Duration::from_secs(10);
 /// The variable the daemon reads its crash point from (src/upper/mod.rs).
 const CRASH_AT: &str = "VERLAY_CRASH_AT";
 /// Kills in the seeded test when `VERLAY_KILL_ROUNDS` is not set (about 10 s on 2 cores).
@@ -68,181 +62,25 @@ const MAX_KILL_DELAY_US: u64 = 40_000;
 const MAX_OPS_PER_ROUND: usize = 200_000;
 
 // ---------------------------------------------------------------------------------------------
-// daemon guard
+// rigs and daemons (the common Rig and Mount guard, tests/common)
 
-use guard::is_mounted;
-
-/// Lazily unmount a mount whose daemon is gone (it answers ENOTCONN).
-fn umount_dead(mnt: &Path) {
-    if is_mounted(mnt) {
-        let st = Command::new("umount").arg("-l").arg(mnt).status();
-        assert!(
-            st.map(|s| s.success()).unwrap_or(false),
-            "umount -l {}",
-            mnt.display()
-        );
-    }
+/// The dirs of one overlay over a shared `lower`: `base/NAME.upper`, `.work` and `.mnt`.
+fn dirs(base: &Path, lower: &Path, name: &str) -> Rig {
+    Rig::at(
+        &[lower.to_path_buf()],
+        &base.join(format!("{name}.upper")),
+        &base.join(format!("{name}.work")),
+        &base.join(format!("{name}.mnt")),
+    )
 }
 
-/// The directories of one overlay; `lower` may be shared by several.
-#[derive(Clone)]
-struct Dirs {
-    lower: PathBuf,
-    upper: PathBuf,
-    work: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Dirs {
-    fn new(base: &Path, lower: &Path, name: &str) -> Dirs {
-        let d = Dirs {
-            lower: lower.to_path_buf(),
-            upper: base.join(format!("{name}.upper")),
-            work: base.join(format!("{name}.work")),
-            mnt: base.join(format!("{name}.mnt")),
-        };
-        for p in [&d.upper, &d.work, &d.mnt] {
-            fs::create_dir_all(p).unwrap();
-        }
-        d
+/// verlay in the foreground on `d`, with `VERLAY_CRASH_AT` set to `crash_at` or removed.
+fn daemon(d: &Rig, crash_at: Option<&str>, log: &Path) -> Mount {
+    let mut l = d.launch("").log(log).env_remove(CRASH_AT);
+    if let Some(step) = crash_at {
+        l = l.env(CRASH_AT, step);
     }
-
-    fn opts(&self) -> String {
-        format!(
-            "lowerdir={},upperdir={},workdir={}",
-            self.lower.display(),
-            self.upper.display(),
-            self.work.display()
-        )
-    }
-
-    /// Names left in `workdir/work`.
-    fn work_entries(&self) -> Vec<String> {
-        rig::dir_names(&self.work.join("work"))
-    }
-}
-
-/// A verlay daemon in the foreground (`-f`), so its PID is the child's. Drop unmounts and
-/// waits for it, killing it by PID only if it does not exit.
-struct Daemon {
-    mnt: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(d: &Dirs, crash_at: Option<&str>, log: &Path) -> Daemon {
-        let out = File::create(log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_verlay"));
-        cmd.arg("-f")
-            .arg("-o")
-            .arg(d.opts())
-            .arg(&d.mnt)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .env_remove(CRASH_AT);
-        if let Some(step) = crash_at {
-            cmd.env(CRASH_AT, step);
-        }
-        let child = cmd.spawn().unwrap();
-        let mut g = Daemon {
-            mnt: d.mnt.clone(),
-            child: Some(child),
-            log: log.to_path_buf(),
-        };
-        let start = Instant::now();
-        while !is_mounted(&d.mnt) {
-            if let Ok(Some(st)) = g.child.as_mut().unwrap().try_wait() {
-                panic!("verlay -o {} exited with {st}: {}", d.opts(), g.log());
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "verlay -o {} did not mount in {WAIT:?}: {}",
-                d.opts(),
-                g.log()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        g
-    }
-
-    fn pid(&self) -> rustix::process::Pid {
-        rustix::process::Pid::from_child(self.child.as_ref().expect("running"))
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait for the daemon to exit by itself (a crash point), then drop its dead mount.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let st = self.reap();
-        umount_dead(&self.mnt);
-        st
-    }
-
-    /// Wait for the daemon process to exit (the mount, dead or not, stays).
-    fn reap(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let start = Instant::now();
-        let st = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if start.elapsed() > WAIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("daemon did not exit: {}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        st
-    }
-
-    /// SIGKILL by PID, then drop the dead mount.
-    /// kill -9 the daemon and wait for it; the dead mount stays until the guard is dropped,
-    /// so a workload still running on it gets ENOTCONN, never the directory under the mount.
-    fn kill9(&mut self) -> ExitStatus {
-        let _ = rustix::process::kill_process(self.pid(), rustix::process::Signal::KILL);
-        self.reap()
-    }
-
-    /// Clean unmount; the daemon must exit successfully.
-    fn stop(&mut self) {
-        // Another test's fork can hold a copy of an fd into this mount for a moment (until
-        // its exec closes it): EBUSY then is transient, so retry for a while.
-        let start = Instant::now();
-        let ok = loop {
-            let ok = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok || start.elapsed() > WAIT {
-                break ok;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(ok, "fusermount3 -u {}", self.mnt.display());
-        let st = self.wait_exit();
-        assert!(st.success(), "daemon exited with {st}: {}", self.log());
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        guard::unmount_and_reap(&self.mnt, self.child.take(), WAIT);
-    }
-}
-
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("verlay-kill.")
-        .tempdir_in("/tmp")
-        .unwrap()
+    l.start()
 }
 
 /// Did a call fail because the daemon is gone?
@@ -330,7 +168,7 @@ fn diff(a: &View, b: &View) -> String {
 
 /// Invariants every remount must show, whatever the workload: nothing left in the work dir,
 /// no temp name in the merged view or in the upper, the lower unchanged.
-fn check_common(d: &Dirs, merged: &View, lower_before: &View, what: &str) {
+fn check_common(d: &Rig, merged: &View, lower_before: &View, what: &str) {
     let left = d.work_entries();
     assert!(
         left.is_empty(),
@@ -343,7 +181,7 @@ fn check_common(d: &Dirs, merged: &View, lower_before: &View, what: &str) {
     for k in upper.keys() {
         assert!(!k.contains("#verlay"), "{what}: temp name {k} in the upper");
     }
-    let lower = lower_view(&d.lower);
+    let lower = lower_view(d.lower());
     assert!(
         lower == *lower_before,
         "{what}: the lower layer changed:\n{}",
@@ -531,7 +369,7 @@ const WORKLOADS: &[Workload] = &[
     Workload {
         name: CREATE_AS_USER,
         setup: nothing,
-        op: |m| rig::as_user(USER, || create_excl(&m.join("pub/n4"), 0o644)),
+        op: |m| as_user(USER, || create_excl(&m.join("pub/n4"), 0o644)),
         points: &[
             ("create.make", Expect::Old),
             ("create.owner", Expect::Old),
@@ -647,13 +485,13 @@ const WORKLOADS: &[Workload] = &[
 
 /// The old and new merged view of a workload, from a run without a crash.
 fn reference(base: &Path, lower: &Path, i: usize, w: &Workload) -> (View, View) {
-    let d = Dirs::new(base, lower, &format!("ref{i}"));
-    let mut g = Daemon::start(&d, None, &base.join(format!("ref{i}.log")));
+    let d = dirs(base, lower, &format!("ref{i}"));
+    let mut g = daemon(&d, None, &base.join(format!("ref{i}.log")));
     (w.setup)(&d.mnt).unwrap_or_else(|e| panic!("{}: setup: {e}", w.name));
     let old = view(&d.mnt);
     (w.op)(&d.mnt).unwrap_or_else(|e| panic!("{}: op: {e}", w.name));
     let new = view(&d.mnt);
-    g.stop();
+    g.stop_clean();
     assert_ne!(old, new, "{}: the op changes nothing", w.name);
     (old, new)
 }
@@ -670,9 +508,9 @@ fn crash_at_point(
     expect: Expect,
     (old, new): (&View, &View),
 ) -> Result<(), String> {
-    let d = Dirs::new(base, lower, tag);
+    let d = dirs(base, lower, tag);
     let what = format!("{} at {point}", w.name);
-    let mut g = Daemon::start(&d, Some(point), &base.join(format!("{tag}.log")));
+    let mut g = daemon(&d, Some(point), &base.join(format!("{tag}.log")));
     if let Err(e) = (w.setup)(&d.mnt) {
         panic!(
             "{what}: setup failed ({e}); does the setup reach the point? {}",
@@ -700,7 +538,7 @@ fn crash_at_point(
     );
     drop(g);
 
-    let mut g = Daemon::start(&d, None, &base.join(format!("{tag}.remount.log")));
+    let mut g = daemon(&d, None, &base.join(format!("{tag}.remount.log")));
     let got = view(&d.mnt);
     check_common(&d, &got, lower_before, &what);
     let verdict = if got == *old {
@@ -721,13 +559,13 @@ fn crash_at_point(
             show(&got)
         ));
     }
-    g.stop();
+    g.stop_clean();
     Ok(())
 }
 
 /// Run the points of the workloads whose names pass `filter`; returns (points, failures).
 fn enumerate(filter: impl Fn(&Workload, &str) -> bool) -> (usize, Vec<String>) {
-    let t = scratch();
+    let t = scratch("verlay-kill.");
     let lower = t.path().join("lower");
     make_lower(&lower);
     let lower_before = lower_view(&lower);
@@ -1249,12 +1087,12 @@ fn kill_9_at_seeded_moments_keeps_completed_and_fsynced_writes() {
     while done < rounds {
         let seed = seed0.wrapping_add(upper_no);
         upper_no += 1;
-        let t = scratch();
+        let t = scratch("verlay-kill.");
         let lower = t.path().join("lower");
         let mut rng = Rng::new(seed);
         make_kill_lower(&lower, &mut rng);
         let lower_before = lower_view(&lower);
-        let d = Dirs::new(t.path(), &lower, "k");
+        let d = dirs(t.path(), &lower, "k");
         let mut files = read_files(&lower);
         let mut synced = BTreeMap::new();
         for k in 0..KILLS_PER_UPPER.min(rounds - done) {
@@ -1262,7 +1100,7 @@ fn kill_9_at_seeded_moments_keeps_completed_and_fsynced_writes() {
                 "seed {seed} kill {k} (VERLAY_KILL_SEED={seed0}, upper {})",
                 upper_no - 1
             );
-            let mut g = Daemon::start(&d, None, &t.path().join(format!("k{k}.log")));
+            let mut g = daemon(&d, None, &t.path().join(format!("k{k}.log")));
             let delay = Duration::from_micros(rng.below(MAX_KILL_DELAY_US));
             let wseed = rng.next();
             let tmp_seq = (k as u64) << 32;
@@ -1291,13 +1129,13 @@ fn kill_9_at_seeded_moments_keeps_completed_and_fsynced_writes() {
                 })
                 .or_default() += 1;
 
-            let mut g = Daemon::start(&d, None, &t.path().join(format!("k{k}.remount.log")));
+            let mut g = daemon(&d, None, &t.path().join(format!("k{k}.remount.log")));
             let got = read_files(&d.mnt);
             check_common(&d, &view(&d.mnt), &lower_before, &what);
             if let Err(e) = check_killed(&got, &stopped) {
                 panic!("{what}, killed after {delay:?} and {} calls: {e}", stopped.ops);
             }
-            g.stop();
+            g.stop_clean();
             // Go on from what survived (validated above).
             synced = stopped
                 .synced

@@ -19,11 +19,8 @@
 //! SKIP otherwise. `VERLAY_POWERCUT_ROUNDS` (default 6) and `VERLAY_POWERCUT_SEED` set the
 //! number of cuts of the live-mount test and its first seed.
 
-#[path = "common/guard.rs"]
-mod guard;
 #[macro_use]
-#[path = "common/rig.rs"]
-mod rig;
+mod common;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -35,14 +32,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rig::{dir_names, run, verlay_bin, FsMount, LoopDev, Stop, Verlay};
+use common::{as_user, dir_names, is_mounted, run, scratch, verlay_bin, Launch, LoopDev, Mount, Stop};
 
 /// The smallest filesystem mkfs.xfs accepts (300 MB), as a sparse image.
 const XFS_IMAGE_BYTES: u64 = 320 << 20;
 
 /// An XFS on a loop device that can lose power. Fields drop in order: the mount first.
 struct Disk {
-    mnt: Option<FsMount>,
+    mnt: Option<Mount>,
     dev: LoopDev,
     image: PathBuf,
     at: PathBuf,
@@ -52,7 +49,7 @@ impl Disk {
     fn new(image: &Path, at: &Path) -> Disk {
         let dev = LoopDev::new(image, XFS_IMAGE_BYTES);
         run("mkfs.xfs", &["-q", "-f", &dev.0]);
-        let mnt = FsMount::new(&[&dev.0], at);
+        let mnt = Mount::fs(&[&dev.0], at);
         Disk {
             mnt: Some(mnt),
             dev,
@@ -72,7 +69,7 @@ impl Disk {
         // reuse it, still shut down: insist on a real unmount.
         let start = Instant::now();
         let mut last = String::new();
-        while guard::is_mounted(&self.at) {
+        while is_mounted(&self.at) {
             let o = Command::new("umount").arg(&self.at).output().unwrap();
             if o.status.success() {
                 break;
@@ -95,15 +92,8 @@ impl Disk {
         // was mounted (containerd's, podman's) keeps the shut-down superblock alive, and
         // mounting the same device again would hand back that dead superblock.
         self.dev = LoopDev::attach(&self.image);
-        self.mnt = Some(FsMount::new(&[&self.dev.0], &self.at));
+        self.mnt = Some(Mount::fs(&[&self.dev.0], &self.at));
     }
-}
-
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("verlay-powercut.")
-        .tempdir_in("/tmp")
-        .unwrap()
 }
 
 fn sh(script: &str) {
@@ -144,7 +134,7 @@ fn assert_verifies(diff: &Path, what: &str) {
 #[test]
 fn import_power_cut_after_each_step_keeps_published_layers_and_publishes_nothing_half_done() {
     require_tools!("mkfs.xfs", "xfs_io", "losetup", "tar");
-    let t = scratch();
+    let t = scratch("verlay-powercut.");
     let d = t.path();
     sh(&format!(
         "cd {}; mkdir base top
@@ -510,7 +500,7 @@ fn special_op(mnt: &Path, n: usize, rng: &mut Rng, j: &Mutex<Journal>) -> std::i
         _ => {
             let t = format!("{name}-target-{n}");
             j.lock().unwrap().attempt(name, State::Link(t.clone(), USER));
-            rig::as_user(USER, || std::os::unix::fs::symlink(&t, &p))?;
+            as_user(USER, || std::os::unix::fs::symlink(&t, &p))?;
             fsync_dir(mnt)?;
             j.lock().unwrap().ack(name);
             Ok(())
@@ -589,7 +579,7 @@ fn power_cut_under_a_live_mount_keeps_what_was_fsynced_and_tears_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let t = scratch();
+    let t = scratch("verlay-powercut.");
     let d = t.path();
     let lower = d.join("lower");
     fs::create_dir(&lower).unwrap();
@@ -619,7 +609,7 @@ fn power_cut_under_a_live_mount_keeps_what_was_fsynced_and_tears_nothing() {
             std::env::var("VERLAY_POWERCUT_EXTRA_OPTS").unwrap_or_default()
         );
         let log = d.join(format!("verlay{seed}.log"));
-        let mut v = Verlay::start(&opts, &mnt, &log);
+        let mut v = Launch::verlay(&opts, &mnt).log(&log).start();
         let journal = Arc::new(Mutex::new(initial_journal()));
         let stop = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(AtomicBool::new(false));
@@ -645,7 +635,7 @@ fn power_cut_under_a_live_mount_keeps_what_was_fsynced_and_tears_nothing() {
         drop(v);
         disk.reboot();
 
-        let v = Verlay::start(&opts, &mnt, &log);
+        let v = Launch::verlay(&opts, &mnt).log(&log).start();
         let j = journal.lock().unwrap();
         total_ops += j.ops;
         if let Some((e, false)) = &j.ended_by {

@@ -1,11 +1,7 @@
 //! One test per bug found, each with a line saying what it was.
 
-#[path = "common/guard.rs"]
-mod guard;
-#[allow(unused_macros)]
 #[macro_use]
-#[path = "common/rig.rs"]
-mod rig;
+mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -14,19 +10,13 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{daemon_pids, Mount, Rig};
+
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
 
-/// A mount and the temp dir under it (kept alive until after the unmount).
-struct Mounted(std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.0)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
+/// A mount (the common guard: unmounts and ends the daemon by PID) and the temp dir under it,
+/// dropped in that order.
+struct Mounted(Mount, #[allow(dead_code)] tempfile::TempDir);
 
 fn mount_over(fill: impl FnOnce(&Path)) -> Mounted {
     let tmp = tempfile::Builder::new()
@@ -34,34 +24,12 @@ fn mount_over(fill: impl FnOnce(&Path)) -> Mounted {
         .tempdir_in("/tmp")
         .unwrap();
     let t = tmp.path();
-    for d in ["l", "u", "w", "m"] {
-        fs::create_dir(t.join(d)).unwrap();
-    }
+    let rig = Rig::named(t, &["l"], "u", "w", "m");
     fs::set_permissions(t, fs::Permissions::from_mode(0o755)).unwrap();
     fill(&t.join("l"));
     // passthrough=1 (opt-in): its backing files are one more thing that could leak fds.
-    let o = format!(
-        "lowerdir={},upperdir={},workdir={},passthrough=1",
-        t.join("l").display(),
-        t.join("u").display(),
-        t.join("w").display()
-    );
-    let st = Command::new(BIN)
-        .arg("-o")
-        .arg(o)
-        .arg(t.join("m"))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let m = t.join("m");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .contains(&*m.to_string_lossy())
-    {
-        assert!(Instant::now() < deadline, "not mounted");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The launcher forks the daemon, as podman runs it.
+    let m = rig.launch("passthrough=1").background().start();
     Mounted(m, tmp)
 }
 
@@ -77,36 +45,25 @@ fn files_listed_with_attributes_can_be_opened() {
         }
     });
     // `ls -l`: the kernel asks for READDIRPLUS and then stats every entry.
-    let out = Command::new("ls").arg("-l").arg(m.0.join("d")).output().unwrap();
+    let out = Command::new("ls").arg("-l").arg(m.0.mnt.join("d")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for i in 0..300 {
-        let p = m.0.join(format!("d/f{i}"));
+        let p = m.0.mnt.join(format!("d/f{i}"));
         assert_eq!(
             fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
             format!("content {i}\n")
         );
     }
     // A write through a listed name lands in the right file.
-    fs::write(m.0.join("d/f7"), "changed\n").unwrap();
-    assert_eq!(fs::read_to_string(m.0.join("d/f7")).unwrap(), "changed\n");
-    assert_eq!(fs::read_to_string(m.0.join("d/f8")).unwrap(), "content 8\n");
+    fs::write(m.0.mnt.join("d/f7"), "changed\n").unwrap();
+    assert_eq!(fs::read_to_string(m.0.mnt.join("d/f7")).unwrap(), "changed\n");
+    assert_eq!(fs::read_to_string(m.0.mnt.join("d/f8")).unwrap(), "content 8\n");
 }
 
 /// The daemon of the mount at `m`: the process with the mountpoint as an argument.
 fn daemon_of(m: &Path) -> u32 {
-    let want = m.as_os_str().as_encoded_bytes();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        if cmd.split(|b| *b == 0).any(|a| a == want) {
-            return pid;
-        }
-    }
-    panic!("no daemon for {}", m.display());
+    let pids = daemon_pids(m);
+    *pids.first().unwrap_or_else(|| panic!("no daemon for {}", m.display())) as u32
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -123,16 +80,16 @@ fn daemon_fds_do_not_grow_under_mkdir_rmdir_and_mmap_loops() {
         fs::create_dir(l.join("d")).unwrap();
         fs::write(l.join("d/low"), vec![7u8; 64 * 1024]).unwrap();
     });
-    let pid = daemon_of(&m.0);
-    fs::write(m.0.join("up"), vec![9u8; 64 * 1024]).unwrap();
+    let pid = daemon_of(&m.0.mnt);
+    fs::write(m.0.mnt.join("up"), vec![9u8; 64 * 1024]).unwrap();
     let round = |i: usize| {
-        let d = m.0.join(format!("d/sub{}", i % 3));
+        let d = m.0.mnt.join(format!("d/sub{}", i % 3));
         fs::create_dir(&d).unwrap();
         fs::create_dir(d.join("inner")).unwrap();
         fs::remove_dir(d.join("inner")).unwrap();
         fs::remove_dir(&d).unwrap();
         for f in ["d/low", "up"] {
-            let file = fs::File::open(m.0.join(f)).unwrap();
+            let file = fs::File::open(m.0.mnt.join(f)).unwrap();
             // SAFETY: the file is not changed while mapped (this test is its only user).
             let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
             assert_eq!(map.len(), 64 * 1024);
@@ -141,7 +98,7 @@ fn daemon_fds_do_not_grow_under_mkdir_rmdir_and_mmap_loops() {
         let rw = fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(m.0.join("up"))
+            .open(m.0.mnt.join("up"))
             .unwrap();
         // SAFETY: as above; the shared mapping writes the upper file only.
         let mut map = unsafe { memmap2::MmapMut::map_mut(&rw) }.unwrap();
@@ -164,7 +121,7 @@ fn daemon_fds_do_not_grow_under_mkdir_rmdir_and_mmap_loops() {
         after <= before + 2,
         "daemon fds grew from {before} to {after} over 500 rounds"
     );
-    assert_eq!(fs::read(m.0.join("d/low")).unwrap(), vec![7u8; 64 * 1024]);
+    assert_eq!(fs::read(m.0.mnt.join("d/low")).unwrap(), vec![7u8; 64 * 1024]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -178,7 +135,7 @@ const COMMIT_LIMIT: Duration = Duration::from_secs(30);
 
 /// Run `op` on its own thread and fail with "hang: WHAT" if it takes longer than
 /// [`HANG_LIMIT`]. A hung thread stays blocked in the kernel until the daemon is gone: the
-/// caller's panic drops the [`rig::Verlay`] guard, which unmounts and kills the daemon, and
+/// caller's panic drops the [`Mount`] guard, which unmounts and kills the daemon, and
 /// the stuck request then fails with ENOTCONN.
 fn within<T: Send + 'static>(what: &str, op: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
@@ -297,14 +254,11 @@ fn long_xattr_lower(l: &Path) -> Vec<(&'static str, Xattrs)> {
 }
 
 /// A foreground daemon over `t/{l,u,w}` at `t/m`, stopped by the rig's guard.
-fn start_daemon(t: &Path) -> rig::Verlay {
-    let o = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        t.join("l").display(),
-        t.join("u").display(),
-        t.join("w").display()
-    );
-    rig::Verlay::start(&o, &t.join("m"), &t.join("daemon.log"))
+fn start_daemon(t: &Path) -> Mount {
+    Rig::named(t, &["l"], "u", "w", "m")
+        .launch("")
+        .log(&t.join("daemon.log"))
+        .start()
 }
 
 fn scratch() -> tempfile::TempDir {

@@ -12,11 +12,8 @@
 //! the tar crate's raw headers. Ownership and device cases need root: the tests say when
 //! they skip.
 
-#[path = "common/guard.rs"]
-mod guard;
 #[macro_use]
-#[path = "common/rig.rs"]
-mod rig;
+mod common;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -26,7 +23,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use rig::{e2e_script, have};
+use common::{e2e_script, have, Launch, Mount};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
@@ -591,16 +588,12 @@ fn image_import_from_oci_layout_docker_archive_and_oci_archive_mounts_with_white
     // the merged view, through kernel overlayfs
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let mounted = is_root()
-        && Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o"])
-            .arg(format!("ro,lowerdir={lowerdir}"))
-            .arg(&mnt)
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-    if !mounted {
+    let guard = if is_root() {
+        Mount::kernel_overlay(&format!("ro,lowerdir={lowerdir}"), &mnt).ok()
+    } else {
+        None
+    };
+    if guard.is_none() {
         eprintln!("kernel overlayfs mount not possible here: merged-view checks skipped");
         return;
     }
@@ -624,7 +617,7 @@ fn image_import_from_oci_layout_docker_archive_and_oci_archive_mounts_with_white
                 != 0
         );
     });
-    let _ = Command::new("umount").arg(&mnt).status();
+    drop(guard);
     if let Err(p) = res {
         std::panic::resume_unwind(p);
     }
@@ -749,20 +742,14 @@ fn full_disk_says_disk_full_and_publishes_nothing() {
         d.display()
     ));
     let small = d.join("small");
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
+    let Ok(guard) = Mount::try_fs(&["-t", "tmpfs", "-o", "size=1m", "tmpfs"], &small) else {
         eprintln!("SKIP: cannot mount tmpfs");
         return;
-    }
+    };
     let store = small.join("store");
     let (_, err, ok) = import(&store, &d.join("l.tar"), &[]);
     let listing = (dir_names(&store.join("layers")), dir_names(&store.join("tmp")));
-    let _ = Command::new("umount").arg(&small).status();
+    drop(guard);
     assert!(!ok);
     assert!(
         err.contains("disk full") && err.contains("nothing was published"),
@@ -924,7 +911,7 @@ fn unprivileged_import_verifies_and_mounts_with_whiteouts_and_opaque_dirs() {
         diff_dir(&store, &top).display(),
         diff_dir(&store, &base).display()
     );
-    let v = rig::Verlay::start(&opts, &mnt, &d.join("verlay.log"));
+    let v = Launch::verlay(&opts, &mnt).log(&d.join("verlay.log")).start();
     assert_eq!(fs::read(mnt.join("a")).unwrap(), b"a\n");
     assert!(!mnt.join("gone").exists(), "the whiteout hides gone");
     assert_eq!(

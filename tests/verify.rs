@@ -3,34 +3,24 @@
 //! the damaged path, every other file is served correctly, one log line names the layer and
 //! the path, and `verlay verify` reports the same damage.
 
+#[macro_use]
+mod common;
+
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use common::{Launch, Mount, Rig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
 
-struct Mount {
+/// A mount (the common guard, dropped first) with its log and the temp dir under it.
+struct Mounted {
+    _guard: Mount,
     mnt: PathBuf,
     log: PathBuf,
     _tmp: tempfile::TempDir,
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mnt)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn mounted(p: &Path) -> bool {
-    let s = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let p = p.display().to_string();
-    s.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
 }
 
 /// A lower layer `base` (and optionally a second one `top`) built by `make`, sealed, then
@@ -39,7 +29,7 @@ fn setup(
     make: impl FnOnce(&Path, &Path),
     damage: impl FnOnce(&Path, &Path),
     opts: &str,
-) -> Result<Mount, String> {
+) -> Result<Mounted, String> {
     let tmp = tempfile::Builder::new()
         .prefix("verlay-verify-")
         .tempdir_in("/tmp")
@@ -64,29 +54,20 @@ fn setup(
     }
     damage(&t.join("top"), &t.join("base"));
     let log = t.join("verlay.log");
-    let o = format!(
-        "lowerdir={}:{},upperdir={},workdir={}{opts}",
-        t.join("top").display(),
-        t.join("base").display(),
-        t.join("u").display(),
-        t.join("w").display()
-    );
-    let out = Command::new(BIN)
-        .arg("-o")
-        .arg(o)
-        .arg(t.join("m"))
+    let rig = Rig::named(t, &["top", "base"], "u", "w", "m");
+    let o = format!("{}{opts}", rig.opts(""));
+    // The launcher forks the daemon (as podman runs it); a refused mount returns its stderr.
+    let guard = match Launch::verlay(&o, &rig.mnt)
+        .background()
         .env("VERLAY_LOG_FILE", &log)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !mounted(&t.join("m")) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(Mount {
-        mnt: t.join("m"),
+        .try_start()
+    {
+        Ok(g) => g,
+        Err((_, stderr)) => return Err(stderr),
+    };
+    Ok(Mounted {
+        _guard: guard,
+        mnt: rig.mnt.clone(),
         log,
         _tmp: tmp,
     })
@@ -115,7 +96,7 @@ fn standard(_top: &Path, base: &Path) {
 }
 
 /// Every undamaged file reads back as it was.
-fn others_fine(m: &Mount, except: &[&str]) {
+fn others_fine(m: &Mounted, except: &[&str]) {
     let want: [(&str, Vec<u8>); 3] = [
         ("big", big(1)),
         ("d/small", b"small file\n".to_vec()),
@@ -134,7 +115,7 @@ fn others_fine(m: &Mount, except: &[&str]) {
 }
 
 /// One error line in the daemon's log names the layer and the path.
-fn logged(m: &Mount, layer_dir_suffix: &str, path: &str) {
+fn logged(m: &Mounted, layer_dir_suffix: &str, path: &str) {
     let log = fs::read_to_string(&m.log).unwrap_or_default();
     let lines: Vec<&str> = log
         .lines()

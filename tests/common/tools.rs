@@ -1,5 +1,5 @@
 //! External tools for tests: is one installed, and run one that must succeed. Only std, so
-//! that test binaries of both workspace crates can include it (`tests/common/rig.rs` does,
+//! that test binaries of both workspace crates can include it (`tests/common/mod.rs` does,
 //! and `snapshotter/tests/powercut.rs` by a `#[path]` to this file).
 
 use std::process::{Command, Stdio};
