@@ -676,3 +676,42 @@ fn commit_of_xattr_values_with_newlines_is_not_a_malformed_pax_extension() {
     );
     drop(d2);
 }
+
+/// Requests through an fd kept open on a removed directory failed with ENOENT (issue 13,
+/// differential seeds 1199, 1287, 1893): fgetxattr (kernel overlayfs: the value, or
+/// ENODATA) and fchown (kernel: Ok). The kernel sends no OPENDIR to verlay, so the daemon
+/// had no fd on the directory once its name was gone. Both a lower directory (its
+/// whiteout hides it) and one made through the mount (removed from the upper).
+#[test]
+fn kept_fd_of_a_removed_directory_is_not_enoent() {
+    use std::os::fd::AsFd;
+    let tmp = scratch();
+    let t = tmp.path();
+    fs::create_dir(t.join("l/low")).unwrap();
+    set_xattr(&t.join("l/low"), "user.a", b"lower value");
+    let d = start_daemon(t);
+    let m = t.join("m");
+    fs::create_dir(m.join("new")).unwrap();
+    set_xattr(&m.join("new"), "user.b", b"upper value");
+    let low = fs::File::open(m.join("low")).unwrap();
+    let new = fs::File::open(m.join("new")).unwrap();
+    fs::remove_dir(m.join("low")).unwrap();
+    fs::remove_dir(m.join("new")).unwrap();
+    let get = |f: &fs::File, n: &str| {
+        let mut buf = vec![0u8; 256];
+        rustix::fs::fgetxattr(f.as_fd(), n, &mut buf).map(|k| buf[..k].to_vec())
+    };
+    assert_eq!(get(&low, "user.a").unwrap(), b"lower value");
+    assert_eq!(get(&low, "user.none"), Err(rustix::io::Errno::NODATA));
+    assert_eq!(get(&new, "user.b").unwrap(), b"upper value");
+    rustix::fs::fchown(new.as_fd(), Some(rustix::fs::Uid::from_raw(1000)), None).unwrap();
+    rustix::fs::fchmod(new.as_fd(), rustix::fs::Mode::from_raw_mode(0o700)).unwrap();
+    let st = rustix::fs::fstat(new.as_fd()).unwrap();
+    assert_eq!(
+        (st.st_uid, st.st_mode & 0o7777),
+        (1000, 0o700),
+        "fstat after fchown and fchmod"
+    );
+    drop((low, new));
+    drop(d);
+}

@@ -412,6 +412,7 @@ impl Union {
                 copy_up: Mutex::new(()),
                 handles: Mutex::new(Default::default()),
                 gone_attr: Mutex::new(None),
+                gone_dir: Mutex::new(None),
                 children: Mutex::new(inode::ChildMap::default()),
                 no_caps: AtomicU64::new(0),
                 pin: AtomicU64::new(0),
@@ -864,6 +865,7 @@ impl Union {
             copy_up: Mutex::new(()),
             handles: Mutex::new(Default::default()),
             gone_attr: Mutex::new(None),
+            gone_dir: Mutex::new(None),
             children: Mutex::new(inode::ChildMap::default()),
             no_caps: AtomicU64::new(0),
             pin: AtomicU64::new(0),
@@ -1158,6 +1160,13 @@ impl Union {
     /// file had (`ovl_copy_up_tmpfile`, linkat onto the dentry's old name), where the unlink
     /// left a whiteout.
     fn unlinked_fd(&self, node: &Node, fh: Option<u64>, need_upper: bool) -> Result<Arc<OwnedFd>> {
+        if node.kind == Kind::Dir {
+            return match node.gone_dir.lock().clone() {
+                Some((fd, on_upper)) if on_upper || !need_upper => Ok(fd),
+                Some(_) => errno(libc::EEXIST),
+                None => errno(libc::ENOENT),
+            };
+        }
         let ok = |h: &FileHandle| !need_upper || h.on_upper.load(Ordering::Acquire);
         if let Some(h) = fh.and_then(|fh| self.file(fh).ok()) {
             if ok(&h) {
@@ -1172,6 +1181,34 @@ impl Union {
         }
     }
 
+    /// Before a directory is removed or replaced: keep an fd on its object in
+    /// `gone_dir`, for requests through an fd the kernel still has open on it (as kernel
+    /// overlayfs answers them from the removed inode). Dropped with the node, when the kernel
+    /// forgets it. Best effort: without it those requests fail with ENOENT.
+    fn keep_gone_dir(&self, node: &Node) {
+        let st = node.snapshot();
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+        let fd = if st.upper {
+            self.path_of(node)
+                .and_then(|p| self.upper()?.dir.open_file(&p, flags))
+                .map(|fd| (fd, true))
+        } else {
+            st.lowers
+                .first()
+                .ok_or(Error::Errno(libc::ENOENT))
+                .and_then(|l| self.lowers[l.layer].open_file(&l.path, flags))
+                .map(|fd| (fd, false))
+        };
+        match fd {
+            Ok((fd, on_upper)) => *node.gone_dir.lock() = Some((Arc::new(fd), on_upper)),
+            Err(e) => debug!(
+                op = "keep_gone_dir",
+                ino = node.id,
+                "no fd on a removed directory: {e}"
+            ),
+        }
+    }
+
     fn attr(&self, node: &Node, fh: Option<u64>) -> Result<Attr> {
         let unlinked = node.state.read().unlinked;
         if unlinked {
@@ -1183,6 +1220,12 @@ impl Union {
                 let mut a = *node.gone_attr.lock().clone().ok_or(Error::Errno(libc::ENOENT))?;
                 if a.nlink != 1 && node.state.read().upper {
                     a.nlink = 0;
+                }
+                // Owner, mode and times as changed through an fd since the removal.
+                if let Ok(fd) = self.unlinked_fd(node, None, false) {
+                    let now = self.attr_from(node, &rustix::fs::fstat(&*fd)?);
+                    (a.uid, a.gid, a.perm) = (now.uid, now.gid, now.perm);
+                    (a.atime, a.mtime, a.ctime) = (now.atime, now.mtime, now.ctime);
                 }
                 return Ok(a);
             }
@@ -1659,6 +1702,7 @@ impl Union {
             if !empty? {
                 return errno(libc::ENOTEMPTY);
             }
+            self.keep_gone_dir(&child);
         }
         if matches!(r.kind, Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket) {
             // The kernel opens these itself (no handle here): keep what the object was, for
@@ -1943,6 +1987,9 @@ impl Union {
                 // (generic/035): a regular file keeps its own fd, the others have none here.
                 if let Ok(a) = self.attr(d, None) {
                     *d.gone_attr.lock() = Some(Box::new(a));
+                }
+                if d.kind == Kind::Dir {
+                    self.keep_gone_dir(d);
                 }
             }
             let dst_upper = d.state.read().upper;
