@@ -715,3 +715,60 @@ fn kept_fd_of_a_removed_directory_is_not_enoent() {
     drop((low, new));
     drop(d);
 }
+
+/// The mount's atime option was not applied (issue 13, fstests generic/003): the daemon read
+/// upper files without O_NOATIME, so their atime followed the upper filesystem's relatime
+/// under `-o noatime`, and `-o strictatime` did not update it on every read. Kernel overlayfs
+/// updates the upper inode by the overlay mount's own option. Checked on the upper file
+/// itself (the truth the next mount shows); the default mount (relatime) is the control.
+#[test]
+fn mount_atime_options_apply_to_upper_files() {
+    let atime_of = |p: &Path| rustix::fs::stat(p).unwrap().st_atime;
+    let set_atime = |p: &Path, sec: i64| {
+        let t = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: sec,
+                tv_nsec: 0,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, p, &t, rustix::fs::AtFlags::empty()).unwrap();
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    let up = t.join("u/f");
+    for (extra, old_atime_updated, new_atime_updated) in [
+        ("", true, false),
+        (",noatime", false, false),
+        (",strictatime", true, true),
+    ] {
+        let o = format!(
+            "lowerdir={},upperdir={},workdir={}{extra}",
+            t.join("l").display(),
+            t.join("u").display(),
+            t.join("w").display()
+        );
+        let d = rig::Verlay::start(&o, &t.join("m"), &t.join("daemon.log"));
+        let f = t.join("m/f");
+        fs::write(&f, "data\n").unwrap();
+        let mtime = rustix::fs::stat(&up).unwrap().st_mtime;
+        // Older than mtime: relatime updates it; then newer than mtime: only strictatime does.
+        for (atime, want_updated) in [
+            (1_000_000_000, old_atime_updated),
+            (mtime + 1000, new_atime_updated),
+        ] {
+            set_atime(&up, atime);
+            fs::read(&f).unwrap();
+            let got = atime_of(&up);
+            assert_eq!(
+                got != atime,
+                want_updated,
+                "-o ...{extra}: atime {atime} -> {got} after a read"
+            );
+        }
+        drop(d);
+    }
+}

@@ -196,6 +196,46 @@ pub struct UnionOptions {
     /// offer FUSE passthrough for open files (the adapter turns it off when the kernel or
     /// the daemon's privileges do not allow it)
     pub passthrough: bool,
+    /// the mount's atime option, for upper files read through the daemon
+    pub atime: Atime,
+}
+
+/// The mount's atime option as it applies to reads of upper files. Kernel overlayfs reads
+/// the real file with O_NOATIME and updates the upper inode's atime by the overlay mount's
+/// own option (`ovl_file_accessed`, `touch_atime` on the overlay path); lower files' atimes
+/// never change. A read through verlay's daemon otherwise follows the upper filesystem's
+/// option.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Atime {
+    /// relatime (the default): the upper filesystem's rule, relatime on a default mount
+    #[default]
+    Relatime,
+    /// strictatime (or norelatime): every read updates the atime
+    Strict,
+    /// noatime: reads never update it (O_NOATIME)
+    Never,
+}
+
+impl Atime {
+    /// The atime mode of a list of mount options: the last atime option wins, as with
+    /// mount(8); a read-only mount (`ro` after any `rw`) updates no atime at all.
+    pub fn from_mount_options<'a>(opts: impl IntoIterator<Item = &'a str>) -> Atime {
+        let (mode, ro) = opts
+            .into_iter()
+            .fold((Atime::Relatime, false), |(mode, ro), o| match o {
+                "noatime" => (Atime::Never, ro),
+                "strictatime" | "norelatime" => (Atime::Strict, ro),
+                "relatime" | "atime" | "nostrictatime" => (Atime::Relatime, ro),
+                "ro" => (mode, true),
+                "rw" => (mode, false),
+                _ => (mode, ro),
+            });
+        if ro {
+            Atime::Never
+        } else {
+            mode
+        }
+    }
 }
 
 /// An open file.
@@ -2310,6 +2350,12 @@ impl Union {
                 }
                 r => r,
             }?;
+            if self.opts.atime == Atime::Never {
+                // O_NOATIME needs the file's owner or CAP_FOWNER: best effort when rootless.
+                if let Ok(fl) = rustix::fs::fcntl_getfl(&fd) {
+                    let _ = rustix::fs::fcntl_setfl(&fd, fl | OFlags::NOATIME);
+                }
+            }
             Ok((fd, true))
         } else {
             let l = st.lower.ok_or(Error::Errno(libc::ENOENT))?;
@@ -2345,7 +2391,33 @@ impl Union {
         if let (Some(v), false) = (&h.verify, on_upper) {
             return v.layer.read(&v.path, &v.chunks, &*fd, offset, size);
         }
-        crate::layer::read_at(&*fd, offset, size)
+        let data = crate::layer::read_at(&*fd, offset, size)?;
+        if on_upper {
+            self.accessed(&fd);
+        }
+        Ok(data)
+    }
+
+    /// An upper file was read through `fd`: its atime by the mount's option ([`Atime`]).
+    /// `Never` is O_NOATIME, set at open ([`Union::open_real`]); `Relatime` is the upper
+    /// filesystem's own rule.
+    fn accessed(&self, fd: &OwnedFd) {
+        if self.opts.atime != Atime::Strict {
+            return;
+        }
+        let now = Timestamps {
+            last_access: Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+            last_modification: Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+        };
+        if let Err(e) = rustix::fs::futimens(fd, &now) {
+            debug!(op = "read", "strictatime: atime not updated: {e}");
+        }
     }
 
     /// FUSE write, by `ctx` to node `id`.
