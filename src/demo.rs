@@ -265,8 +265,10 @@ impl Demo {
             read(&self.mnt.join("srv/archive/records.txt"))?
         );
         let archive = self.dir.join("upper/srv/archive");
-        let redirect = crate::layer::get_xattr_path(&archive, std::ffi::OsStr::new("trusted.overlay.redirect"))?
-            .or(crate::layer::get_xattr_path(&archive, std::ffi::OsStr::new("user.overlay.redirect"))?);
+        let redirect =
+            crate::layer::get_xattr_path(&archive, std::ffi::OsStr::new("trusted.overlay.redirect"))?.or(
+                crate::layer::get_xattr_path(&archive, std::ffi::OsStr::new("user.overlay.redirect"))?,
+            );
         if let Some(r) = redirect {
             println!(
                 "  upper /srv/archive carries overlay.redirect = {:?}",
@@ -277,7 +279,9 @@ impl Demo {
     }
 
     fn corrupt_lower(&self) -> Result<()> {
-        println!("\n5. A corrupt byte in a lower layer is caught: flip one byte of base/opt/report.txt on disk.");
+        println!(
+            "\n5. A corrupt byte in a lower layer is caught: flip one byte of base/opt/report.txt on disk."
+        );
         let lower_file = self.dir.join("base/opt/report.txt");
         let mut bytes = io("read", &lower_file, std::fs::read(&lower_file))?;
         bytes[10] ^= 0x20;
@@ -296,7 +300,10 @@ impl Demo {
         let out = io(
             "spawn",
             &self.exe,
-            Command::new(&self.exe).arg("verify").arg(self.dir.join("base")).output(),
+            Command::new(&self.exe)
+                .arg("verify")
+                .arg(self.dir.join("base"))
+                .output(),
         )?;
         println!(
             "  $ verlay verify base   (exit {})",

@@ -132,6 +132,7 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
             ids,
             verified,
             passthrough,
+            atime: crate::union::Atime::from_mount_options(o.fuse_options.iter().map(String::as_str)),
         },
     )
 }

@@ -1292,7 +1292,8 @@ fn help_lists_every_accepted_option_and_exits_0() {
         "debug",
     ];
     let read = |rel: &str| {
-        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel))
+            .unwrap_or_else(|e| panic!("read {rel}: {e}"))
     };
     let options = read("src/cli/options.rs");
     let names = read("src/cli/help.rs");

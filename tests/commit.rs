@@ -100,7 +100,7 @@ impl StoreRig {
         self.dir.path().join(rel)
     }
 
-/// Mount the lowers with the committed layer on top, read-only.
+    /// Mount the lowers with the committed layer on top, read-only.
     fn mount_layer(&self, chain: &str, name: &str) -> Mount {
         let diff = self
             .store

@@ -160,7 +160,10 @@ fn volatile_recover_with_volatile_keeps_a_fresh_marker() {
     let d = dirs(t.path(), t.path());
     let mut v = d.launch("volatile").log(&t.path().join("log")).start();
     v.stop(Stop::Sigkill);
-    let mut v = d.launch("volatile,volatile_recover").log(&t.path().join("log2")).start();
+    let mut v = d
+        .launch("volatile,volatile_recover")
+        .log(&t.path().join("log2"))
+        .start();
     assert!(marker(&d).is_dir(), "a volatile mount needs its own marker");
     v.stop(Stop::Sigkill);
     assert!(d.launch("").log(&t.path().join("log3")).try_start().is_err());
@@ -171,7 +174,10 @@ fn unknown_incompat_feature_is_refused() {
     let t = scratch("verlay-faults.");
     let d = dirs(t.path(), t.path());
     fs::create_dir_all(d.work.join("work/incompat/future")).unwrap();
-    let (st, err) = d.launch("volatile_recover").log(&t.path().join("log")).try_start()
+    let (st, err) = d
+        .launch("volatile_recover")
+        .log(&t.path().join("log"))
+        .try_start()
         .err()
         .expect("mounted with an unknown incompat feature");
     assert_eq!(st.code(), Some(2), "{err}");
@@ -355,7 +361,10 @@ fn failed_fsync_poisons_the_mount_until_remount() {
     // passthrough=0: files opened for writing before the failure are refused too. With
     // passthrough (the default as root) their writes go to the upper file in the kernel and
     // never reach the daemon; their fsyncs still do, and fail (docs/ordering.md).
-    let v = d.launch("writeback=0,passthrough=0").log(&t.path().join("log")).start();
+    let v = d
+        .launch("writeback=0,passthrough=0")
+        .log(&t.path().join("log"))
+        .start();
 
     fs::write(d.mnt.join("kept"), "before").unwrap();
     let mut other = OpenOptions::new().write(true).open(d.mnt.join("kept")).unwrap();
@@ -618,7 +627,10 @@ fn edquot_with(t: &tempfile::TempDir, qpath: &Path) {
 /// xattrs.
 fn assert_refused_for_xattrs(t: &Path, upper_fs: &Path) {
     let d = dirs(&t.join("o"), upper_fs);
-    let (st, err) = d.launch("").log(&t.join("log-refused")).try_start()
+    let (st, err) = d
+        .launch("")
+        .log(&t.join("log-refused"))
+        .try_start()
         .err()
         .expect("mounted over an upper without xattr support");
     assert_eq!(st.code(), Some(2), "{err}");

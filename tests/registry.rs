@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faultproxy::{Exchange, FaultProxy, Faults};
 use common::{dir_names, e2e_script, have};
+use faultproxy::{Exchange, FaultProxy, Faults};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");

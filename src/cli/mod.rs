@@ -208,9 +208,8 @@ mod tests;
 
 pub use help::HELP;
 use help::{RESERVED_SUBCOMMANDS, USAGE_HINT};
-pub use options::{MAX_LOWERS, MAX_MAPPINGS, MAX_THREADS, MAX_TIMEOUT_SECS};
 use options::{parse_options, resolve, HelperFlags};
-
+pub use options::{MAX_LOWERS, MAX_MAPPINGS, MAX_THREADS, MAX_TIMEOUT_SECS};
 
 /// Parse the command line. `args` excludes argv\[0\]; `cwd` anchors relative paths.
 pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
@@ -334,4 +333,3 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
         opts,
     }))
 }
-

@@ -480,4 +480,3 @@ pub(super) fn resolve(cwd: &Path, bytes: Vec<u8>) -> PathBuf {
         cwd.join(path)
     }
 }
-

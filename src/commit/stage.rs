@@ -324,6 +324,7 @@ fn merged_view(tree: &Path, lowers: &[PathBuf]) -> Result<crate::union::Union> {
             ids: Default::default(),
             verified,
             passthrough: false,
+            atime: Default::default(),
         },
     )
 }

@@ -165,6 +165,69 @@ fn overlay_xattr(name: &[u8]) -> bool {
     name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
 }
 
+/// One PAX record: key and value.
+type PaxRecord = (Vec<u8>, Vec<u8>);
+
+/// What the extension headers before one entry said (see [`BudgetState::extended`]).
+#[derive(Debug, Default)]
+pub struct Extended {
+    /// PAX records, in order
+    pub pax: Vec<PaxRecord>,
+    /// a GNU long name came with the entry (it wins over a PAX `path`, as in the tar crate)
+    pub long_name: bool,
+    /// a GNU long link came with the entry
+    pub long_link: bool,
+}
+
+impl Extended {
+    /// The value of the last PAX record named `key`.
+    fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.pax
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The records of a PAX extended header body, `LEN KEY=VALUE\n` each, walked by LEN.
+///
+/// Hand-written because the tar crate (0.4.46, `PaxExtensions`) splits the body at every
+/// newline before it reads LEN, so a value holding a `\n` byte (binary xattrs such as
+/// `security.capability`, names and link targets with newlines) is "malformed pax
+/// extension", and the tail of such a value can pass for a record of its own (a value
+/// holding `\n22 linkpath=/etc/evil\n` made `Entry::link_name` answer `/etc/evil`).
+/// Upstream: composefs/tar-rs issues 428 and 452, open. The crate also keeps the body
+/// private, so [`HeaderBudget`] captures it from the stream.
+/// `pax_records_keep_newlines_and_refuse_forged_ones` tests both cases.
+fn pax_records(body: &[u8]) -> std::result::Result<Vec<PaxRecord>, String> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let len: usize = std::str::from_utf8(&rest[..digits])
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .filter(|&n| digits > 0 && n > digits + 1 && n <= rest.len())
+            .ok_or_else(|| format!("malformed PAX record length at byte {}", body.len() - rest.len()))?;
+        let record = &rest[..len];
+        if record[digits] != b' ' || record[len - 1] != b'\n' {
+            return Err(format!(
+                "malformed PAX record at byte {}",
+                body.len() - rest.len()
+            ));
+        }
+        let kv = &record[digits + 1..len - 1];
+        let eq = kv
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or_else(|| format!("PAX record without '=' at byte {}", body.len() - rest.len()))?;
+        out.push((kv[..eq].to_vec(), kv[eq + 1..].to_vec()));
+        rest = &rest[len..];
+    }
+    Ok(out)
+}
+
 /// A reader between a tar stream and the tar crate that limits how much the crate reads
 /// while it assembles one entry.
 ///
@@ -188,6 +251,12 @@ pub struct BudgetState {
     /// bytes the crate may still read; `None` when not armed
     left: std::cell::Cell<Option<u64>>,
     exceeded: std::cell::Cell<bool>,
+    /// offset in the tar stream of the next byte the crate reads
+    pos: std::cell::Cell<u64>,
+    /// what the crate read while armed (at most [`MAX_ENTRY_HEADERS`]: the headers of one
+    /// entry), and the stream offset of its first byte; see [`BudgetState::extended`]
+    captured: std::cell::RefCell<Vec<u8>>,
+    captured_at: std::cell::Cell<u64>,
 }
 
 impl BudgetState {
@@ -201,10 +270,51 @@ impl BudgetState {
         &self,
         entries: &mut tar::Entries<'a, R>,
     ) -> Option<io::Result<tar::Entry<'a, R>>> {
+        self.captured.borrow_mut().clear();
+        self.captured_at.set(self.pos.get());
         self.left.set(Some(MAX_ENTRY_HEADERS));
         let next = entries.next();
         self.left.set(None);
         next
+    }
+
+    /// The extension headers of the entry whose header starts at `header_at` (its
+    /// `raw_header_position`), read from the bytes [`BudgetState::next_entry`] captured:
+    /// its PAX records parsed by their length, and whether GNU long name / long link
+    /// entries came with it. Errors say why the headers are malformed.
+    pub fn extended(&self, header_at: u64) -> std::result::Result<Extended, String> {
+        let cap = self.captured.borrow();
+        let start = self.captured_at.get();
+        // The capture begins with the padding of the previous entry's data; headers are
+        // block-aligned in the stream.
+        let mut at = start.div_ceil(BLOCK) * BLOCK;
+        let mut ext = Extended::default();
+        while at < header_at {
+            let off = usize::try_from(at - start).map_err(|e| e.to_string())?;
+            let block = cap
+                .get(off..off + BLOCK as usize)
+                .ok_or("extension header outside the bytes read for the entry")?;
+            let h = tar::Header::from_byte_slice(block);
+            let size = h.entry_size().map_err(|e| e.to_string())?;
+            let body_at = off + BLOCK as usize;
+            let body = usize::try_from(size)
+                .ok()
+                .and_then(|n| cap.get(body_at..body_at.checked_add(n)?))
+                .ok_or("extension data outside the bytes read for the entry")?;
+            let t = h.entry_type();
+            if t.is_pax_local_extensions() {
+                ext.pax = pax_records(body)?;
+            } else if t.is_gnu_longname() {
+                ext.long_name = true;
+            } else if t.is_gnu_longlink() {
+                ext.long_link = true;
+            }
+            at += BLOCK + size.div_ceil(BLOCK) * BLOCK;
+        }
+        if at != header_at {
+            return Err("extension headers do not end where the entry's header starts".into());
+        }
+        Ok(ext)
     }
 
     /// Why the budget ran out, for a refusal.
@@ -238,7 +348,9 @@ impl<R> HeaderBudget<R> {
 impl<R: Read> Read for HeaderBudget<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Some(left) = self.budget.left.get() else {
-            return self.inner.read(buf);
+            let n = self.inner.read(buf)?;
+            self.budget.pos.set(self.budget.pos.get() + n as u64);
+            return Ok(n);
         };
         if left == 0 {
             self.budget.exceeded.set(true);
@@ -247,6 +359,8 @@ impl<R: Read> Read for HeaderBudget<R> {
         let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         self.budget.left.set(Some(left - n as u64));
+        self.budget.pos.set(self.budget.pos.get() + n as u64);
+        self.budget.captured.borrow_mut().extend_from_slice(&buf[..n]);
         Ok(n)
     }
 }
@@ -254,7 +368,11 @@ impl<R: Read> Read for HeaderBudget<R> {
 impl<R: io::Seek> io::Seek for HeaderBudget<R> {
     fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
         // Seeking reads nothing into memory: the crate skips data this way.
-        self.inner.seek(pos)
+        let at = self.inner.seek(pos)?;
+        self.budget.pos.set(at);
+        self.budget.captured.borrow_mut().clear();
+        self.budget.captured_at.set(at);
+        Ok(at)
     }
 }
 
@@ -336,7 +454,13 @@ impl<'s> Unpacker<'s> {
             })?;
             let size = entry.size();
             end = entry.raw_file_position() + size.div_ceil(BLOCK) * BLOCK;
-            self.entry(&mut entry)?;
+            let ext = budget.extended(entry.raw_header_position()).map_err(|why| {
+                Self::malformed(
+                    self.source,
+                    format!("entry \"{}\": {why}", show(&entry.path_bytes())),
+                )
+            })?;
+            self.entry(&mut entry, &ext)?;
             // Whatever data the entry has left (a whiteout's, a directory's) is read here,
             // outside the header budget, so the next call reads headers only.
             io::copy(&mut entry, &mut io::sink()).map_err(|e| Self::malformed(self.source, e))?;
@@ -350,11 +474,29 @@ impl<'s> Unpacker<'s> {
         self.stats
     }
 
-    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, name: &[u8]) -> Result<Meta> {
+    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>, ext: &Extended, name: &[u8]) -> Result<Meta> {
         let h = entry.header();
         let mode = h.mode().map_err(|e| self.refuse(name, e))?;
-        let uid = h.uid().map_err(|e| self.refuse(name, e))?;
-        let gid = h.gid().map_err(|e| self.refuse(name, e))?;
+        // PAX `uid`/`gid` (the crate applies them with its own reader, which a record with a
+        // newline in it stops).
+        let pax_id = |key: &[u8]| -> Result<Option<u64>> {
+            ext.get(key)
+                .map(|v| {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .ok_or_else(|| self.refuse(name, "bad PAX uid or gid"))
+                })
+                .transpose()
+        };
+        let uid = match pax_id(b"uid")? {
+            Some(u) => u,
+            None => h.uid().map_err(|e| self.refuse(name, e))?,
+        };
+        let gid = match pax_id(b"gid")? {
+            Some(g) => g,
+            None => h.gid().map_err(|e| self.refuse(name, e))?,
+        };
         let mtime = h.mtime().map_err(|e| self.refuse(name, e))?;
         let uid = u32::try_from(uid).map_err(|_| self.refuse(name, "uid out of range"))?;
         let gid = u32::try_from(gid).map_err(|_| self.refuse(name, "gid out of range"))?;
@@ -366,39 +508,32 @@ impl<'s> Unpacker<'s> {
         let mut xattrs = Vec::new();
         let mut opaque = false;
         let mut bad = None;
-        if let Some(pax) = entry
-            .pax_extensions()
-            .map_err(|e| Self::malformed(self.source, e))?
-        {
-            for ext in pax {
-                let ext = ext.map_err(|e| Self::malformed(self.source, e))?;
-                let key = ext.key_bytes();
-                if key == b"mtime" {
-                    match pax_time(ext.value_bytes()) {
-                        Some(t) => mtime = t,
-                        None => bad = Some("bad PAX mtime"),
-                    }
-                } else if key == b"atime" {
-                    atime = pax_time(ext.value_bytes());
-                } else if let Some(x) = key.strip_prefix(PAX_XATTR_PREFIX.as_bytes()) {
-                    if x == b"trusted.overlay.opaque" || x == b"user.overlay.opaque" {
-                        opaque = ext.value_bytes() == b"y";
-                    } else if let Some(rest) = x.strip_prefix(self.own_namespace().as_bytes()) {
-                        // A user's own xattr in the overlay namespace (what a mount shows
-                        // of an escaped `trusted.overlay.overlay.*`; `verlay commit` writes
-                        // it so): stored escaped, as kernel overlayfs stores it, so it
-                        // means nothing to the overlay and the merged view shows it again.
-                        let escaped = [self.own_namespace().as_bytes(), b"overlay.", rest].concat();
-                        xattrs.push((escaped, ext.value_bytes().to_vec()));
-                    } else if overlay_xattr(x) {
-                        tracing::warn!(
-                            path = %show(name),
-                            xattr = %show(x),
-                            "dropping an overlay xattr from a layer tarball"
-                        );
-                    } else if !x.is_empty() {
-                        xattrs.push((x.to_vec(), ext.value_bytes().to_vec()));
-                    }
+        for (key, value) in &ext.pax {
+            if key == b"mtime" {
+                match pax_time(value) {
+                    Some(t) => mtime = t,
+                    None => bad = Some("bad PAX mtime"),
+                }
+            } else if key == b"atime" {
+                atime = pax_time(value);
+            } else if let Some(x) = key.strip_prefix(PAX_XATTR_PREFIX.as_bytes()) {
+                if x == b"trusted.overlay.opaque" || x == b"user.overlay.opaque" {
+                    opaque = value == b"y";
+                } else if let Some(rest) = x.strip_prefix(self.own_namespace().as_bytes()) {
+                    // A user's own xattr in the overlay namespace (what a mount shows
+                    // of an escaped `trusted.overlay.overlay.*`; `verlay commit` writes
+                    // it so): stored escaped, as kernel overlayfs stores it, so it
+                    // means nothing to the overlay and the merged view shows it again.
+                    let escaped = [self.own_namespace().as_bytes(), b"overlay.", rest].concat();
+                    xattrs.push((escaped, value.clone()));
+                } else if overlay_xattr(x) {
+                    tracing::warn!(
+                        path = %show(name),
+                        xattr = %show(x),
+                        "dropping an overlay xattr from a layer tarball"
+                    );
+                } else if !x.is_empty() {
+                    xattrs.push((x.to_vec(), value.clone()));
                 }
             }
         }
@@ -418,15 +553,31 @@ impl<'s> Unpacker<'s> {
         })
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
-        let raw = entry.path_bytes().into_owned();
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, ext: &Extended) -> Result<()> {
+        // Name and link target from our PAX reading (see `pax_records`), as the crate would
+        // take them: a GNU long name or link first, then PAX, then the header.
+        let raw = match ext.get(b"path").filter(|_| !ext.long_name) {
+            Some(p) => p.to_vec(),
+            None => entry.path_bytes().into_owned(),
+        };
+        let link: Option<Vec<u8>> = match ext.get(b"linkpath").filter(|_| !ext.long_link) {
+            Some(l) => Some(l.to_vec()),
+            None => entry.link_name_bytes().map(|l| l.into_owned()),
+        };
+        // The crate sizes the entry's data from a PAX `size` with its own reader; if that
+        // missed it, the stream is out of step.
+        if let Some(size) = ext.get(b"size") {
+            if std::str::from_utf8(size).ok().and_then(|s| s.parse::<u64>().ok()) != Some(entry.size()) {
+                return Err(self.refuse(&raw, "PAX size the tar reader did not apply"));
+            }
+        }
         if raw.len() > PATH_MAX {
             return Err(self.refuse(
                 &raw[..64],
                 format!("name of {} bytes is longer than PATH_MAX ({PATH_MAX})", raw.len()),
             ));
         }
-        if let Some(link) = entry.link_name_bytes() {
+        if let Some(link) = &link {
             if link.len() > PATH_MAX {
                 return Err(self.refuse(
                     &raw,
@@ -442,7 +593,7 @@ impl<'s> Unpacker<'s> {
         if etype.is_pax_global_extensions() {
             return Ok(());
         }
-        let meta = self.meta(entry, &raw)?;
+        let meta = self.meta(entry, ext, &raw)?;
 
         let Some((name, parents)) = comps.split_last() else {
             // `./`: the layer root itself.
@@ -540,10 +691,9 @@ impl<'s> Unpacker<'s> {
                 rustix::fs::futimens(&fd, &meta.times).map_err(|e| self.io("import.utimens", &raw, e))
             }
             T::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| self.refuse(&raw, "symlink without a target"))?
-                    .into_owned();
+                let target = link
+                    .clone()
+                    .ok_or_else(|| self.refuse(&raw, "symlink without a target"))?;
                 if target.is_empty() || target.contains(&0) {
                     return Err(self.refuse(&raw, "invalid symlink target"));
                 }
@@ -556,10 +706,9 @@ impl<'s> Unpacker<'s> {
                 self.node_meta(&parent, name, &meta, &raw, false)
             }
             T::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| self.refuse(&raw, "hard link without a target"))?
-                    .into_owned();
+                let target = link
+                    .clone()
+                    .ok_or_else(|| self.refuse(&raw, "hard link without a target"))?;
                 self.hard_link(&parent, name, &comps, &target, &raw)
             }
             T::Char | T::Block | T::Fifo => {
@@ -1026,5 +1175,72 @@ mod tests {
         let t = pax_time(b"-1.25").unwrap();
         assert_eq!((t.tv_sec, t.tv_nsec), (-2, 750000000));
         assert!(pax_time(b"12x").is_none());
+    }
+
+    /// A tarball whose PAX header carries a value with newlines, read as the unpack reads
+    /// it. The tar crate's own reader gets it wrong both ways (if a later crate reads PAX by
+    /// length, the two `crate` asserts fail: then `pax_records` can go).
+    #[test]
+    fn pax_records_keep_newlines_and_refuse_forged_ones() {
+        let value: &[u8] = b"A\n22 linkpath=/etc/evil\n\0\nB";
+        let long: Vec<u8> = [&b"dir\nwith newline/"[..], &[b'n'; 150][..]].concat();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(700); // data with padding before the next headers
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_path("first").unwrap();
+        h.set_cksum();
+        b.append(&h, &[7u8; 700][..]).unwrap();
+        b.append_pax_extensions([("path", &long[..]), ("SCHILY.xattr.user.bin", value)])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_path("short").unwrap();
+        h.set_link_name("harmless").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+        let bytes = b.into_inner().unwrap();
+
+        let stream = HeaderBudget::new(&bytes[..]);
+        let budget = stream.state();
+        let mut archive = tar::Archive::new(stream);
+        let mut entries = archive.entries().unwrap();
+        let mut first = budget.next_entry(&mut entries).unwrap().unwrap();
+        let ext = budget.extended(first.raw_header_position()).unwrap();
+        assert!(ext.pax.is_empty());
+        io::copy(&mut first, &mut io::sink()).unwrap();
+        drop(first);
+        let mut link = budget.next_entry(&mut entries).unwrap().unwrap();
+        let ext = budget.extended(link.raw_header_position()).unwrap();
+        assert_eq!(ext.get(b"SCHILY.xattr.user.bin"), Some(value));
+        assert_eq!(ext.get(b"path"), Some(&long[..]));
+        assert_eq!(ext.get(b"linkpath"), None, "a value's tail is no record");
+        // What the crate makes of the same bytes.
+        assert_eq!(
+            link.link_name_bytes().as_deref(),
+            Some(&b"/etc/evil"[..]),
+            "crate"
+        );
+        assert!(
+            link.pax_extensions().unwrap().unwrap().any(|r| r.is_err()),
+            "crate"
+        );
+
+        assert!(pax_records(b"5 a=\n").is_ok());
+        assert_eq!(
+            pax_records(b"6 a=b\n").unwrap(),
+            vec![(b"a".to_vec(), b"b".to_vec())]
+        );
+        for bad in [
+            &b"7 a=b\n"[..],
+            b"4 a=b\n",
+            b"x a=b\n",
+            b"5 ab\n\n",
+            b"+5 a=\n",
+            b"3 a",
+        ] {
+            assert!(pax_records(bad).is_err(), "{}", show(bad));
+        }
     }
 }

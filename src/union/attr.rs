@@ -63,6 +63,13 @@ impl Union {
     /// file had (`ovl_copy_up_tmpfile`, linkat onto the dentry's old name), where the unlink
     /// left a whiteout.
     pub(super) fn unlinked_fd(&self, node: &Node, fh: Option<u64>, need_upper: bool) -> Result<Arc<OwnedFd>> {
+        if node.kind == Kind::Dir {
+            return match node.gone_dir.lock().clone() {
+                Some((fd, on_upper)) if on_upper || !need_upper => Ok(fd),
+                Some(_) => errno(libc::EEXIST),
+                None => errno(libc::ENOENT),
+            };
+        }
         let ok = |h: &FileHandle| !need_upper || h.on_upper.load(Ordering::Acquire);
         if let Some(h) = fh.and_then(|fh| self.file(fh).ok()) {
             if ok(&h) {
@@ -77,6 +84,34 @@ impl Union {
         }
     }
 
+    /// Before a directory is removed or replaced: keep an fd on its object in
+    /// `gone_dir`, for requests through an fd the kernel still has open on it (as kernel
+    /// overlayfs answers them from the removed inode). Dropped with the node, when the kernel
+    /// forgets it. Best effort: without it those requests fail with ENOENT.
+    pub(super) fn keep_gone_dir(&self, node: &Node) {
+        let st = node.snapshot();
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+        let fd = if st.upper {
+            self.path_of(node)
+                .and_then(|p| self.upper()?.dir.open_file(&p, flags))
+                .map(|fd| (fd, true))
+        } else {
+            st.lowers
+                .first()
+                .ok_or(Error::Errno(libc::ENOENT))
+                .and_then(|l| self.lowers[l.layer].open_file(&l.path, flags))
+                .map(|fd| (fd, false))
+        };
+        match fd {
+            Ok((fd, on_upper)) => *node.gone_dir.lock() = Some((Arc::new(fd), on_upper)),
+            Err(e) => debug!(
+                op = "keep_gone_dir",
+                ino = node.id,
+                "no fd on a removed directory: {e}"
+            ),
+        }
+    }
+
     pub(super) fn attr(&self, node: &Node, fh: Option<u64>) -> Result<Attr> {
         let unlinked = node.state.read().unlinked;
         if unlinked {
@@ -88,6 +123,12 @@ impl Union {
                 let mut a = *node.gone_attr.lock().clone().ok_or(Error::Errno(libc::ENOENT))?;
                 if a.nlink != 1 && node.state.read().upper {
                     a.nlink = 0;
+                }
+                // Owner, mode and times as changed through an fd since the removal.
+                if let Ok(fd) = self.unlinked_fd(node, None, false) {
+                    let now = self.attr_from(node, &rustix::fs::fstat(&*fd)?);
+                    (a.uid, a.gid, a.perm) = (now.uid, now.gid, now.perm);
+                    (a.atime, a.mtime, a.ctime) = (now.atime, now.mtime, now.ctime);
                 }
                 return Ok(a);
             }
@@ -138,6 +179,7 @@ impl Union {
     }
 }
 
+impl Union {
     /// An empty SETATTR (FUSE_HANDLE_KILLPRIV_V2) from a non-root caller: a chown that removes
     /// bits is a chmod, for the owner only (setattr_prepare). A write needs a writable handle
     /// of the node, so without one this is a chown: EPERM before any copy-up.
@@ -159,7 +201,13 @@ impl Union {
 
     /// After the daemon's own chown of `path` (mode `before` until then): clear the setgid a
     /// caller without CAP_FSETID also loses (privs_to_kill), which the capable daemon kept.
-    fn kill_privs_after(&self, ctx: &Ctx, up: &Upper, path: &Path, before: &Stat) -> Result<()> {
+    fn kill_privs_after(
+        &self,
+        ctx: &Ctx,
+        up: &crate::upper::Change<'_>,
+        path: &Path,
+        before: &Stat,
+    ) -> Result<()> {
         let kill = privs_to_kill(ctx, before.st_mode, self.opts.ids.gid_from_disk(before.st_gid));
         if let (true, Some(now)) = (kill != 0, up.dir.stat(path)?) {
             up.chmod(path, now.st_mode & 0o7777 & !kill)?;
@@ -167,7 +215,6 @@ impl Union {
         Ok(())
     }
 
-impl Union {
     /// FUSE setattr.
     pub fn setattr(&self, ctx: &Ctx, id: u64, fh: Option<u64>, sa: SetAttr) -> Result<Attr> {
         let node = self.node(id)?;

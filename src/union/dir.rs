@@ -10,11 +10,11 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use super::*;
 use crate::error::Result;
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
 use crate::union::inode::Node;
 use crate::union::{LowerHint, Union, MAX_HINTED_LOWERS};
-use super::*;
 
 /// One entry of a merged listing.
 #[derive(Clone, Debug)]

@@ -272,6 +272,12 @@ impl Union {
                 }
                 r => r,
             }?;
+            if self.opts.atime == Atime::Never {
+                // O_NOATIME needs the file's owner or CAP_FOWNER: best effort when rootless.
+                if let Ok(fl) = rustix::fs::fcntl_getfl(&fd) {
+                    let _ = rustix::fs::fcntl_setfl(&fd, fl | OFlags::NOATIME);
+                }
+            }
             Ok((fd, true))
         } else {
             let l = st.lower.ok_or(Error::Errno(libc::ENOENT))?;
@@ -307,7 +313,35 @@ impl Union {
         if let (Some(v), false) = (&h.verify, on_upper) {
             return v.layer.read(&v.path, &v.chunks, &*fd, offset, size);
         }
-        crate::layer::read_at(&*fd, offset, size)
+        let data = crate::layer::read_at(&*fd, offset, size)?;
+        if on_upper {
+            self.accessed(&fd);
+        }
+        Ok(data)
+    }
+
+    /// An upper file was read through `fd`: its atime by the mount's option ([`Atime`]).
+    /// `Never` is O_NOATIME, set at open ([`Union::open_real`]); `Relatime` is the upper
+    /// filesystem's own rule. `Strict` sets it here, a change to the upper like any other
+    /// (so such a read waits while a commit holds the gate).
+    fn accessed(&self, fd: &Arc<OwnedFd>) {
+        if self.opts.atime != Atime::Strict {
+            return;
+        }
+        let now = Timestamps {
+            last_access: Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+            last_modification: Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+        };
+        let done = self.change().and_then(|up| up.file(fd.clone()).set_times(&now));
+        if let Err(e) = done {
+            debug!(op = "read", "strictatime: atime not updated: {e}");
+        }
     }
 
     /// FUSE write, by `ctx` to node `id`.

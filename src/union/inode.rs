@@ -79,6 +79,10 @@ pub struct Node {
     pub pin: AtomicU64,
     /// attributes of a removed directory (reported with nlink 0 while it is still open)
     pub gone_attr: Mutex<Option<Box<crate::union::Attr>>>,
+    /// a removed directory: an fd on its object, opened before the removal (true: on the
+    /// upper), for fchown, fchmod, fgetxattr, ... through an fd the kernel still has open on
+    /// it (FUSE sends no OPENDIR here, so the daemon has no handle of its own)
+    pub gone_dir: Mutex<Option<(Arc<std::os::fd::OwnedFd>, bool)>>,
     /// directories: live child nodes by name, so a name keeps its node while known
     pub children: Mutex<ChildMap>,
     /// whether the object is known to have no `security.capability` xattr (see
@@ -390,6 +394,7 @@ mod tests {
             copy_up: parking_lot::Mutex::new(()),
             handles: parking_lot::Mutex::new(Default::default()),
             gone_attr: parking_lot::Mutex::new(None),
+            gone_dir: parking_lot::Mutex::new(None),
             children: parking_lot::Mutex::new(Default::default()),
             no_caps: AtomicU64::new(0),
             pin: AtomicU64::new(0),

@@ -124,7 +124,13 @@ impl Union {
 
     /// Find `name` under a parent whose merged path is `ppath` and whose lower dirs are
     /// `plowers`. ENOENT when nothing (or a whiteout) is there.
-    pub(super) fn resolve(&self, ppath: &Path, pupper: bool, plowers: &[LowerRef], name: &OsStr) -> Result<Resolved> {
+    pub(super) fn resolve(
+        &self,
+        ppath: &Path,
+        pupper: bool,
+        plowers: &[LowerRef],
+        name: &OsStr,
+    ) -> Result<Resolved> {
         self.resolve_hinted(ppath, pupper, plowers, name, None)
     }
 
@@ -367,6 +373,7 @@ impl Union {
             copy_up: Mutex::new(()),
             handles: Mutex::new(Default::default()),
             gone_attr: Mutex::new(None),
+            gone_dir: Mutex::new(None),
             children: Mutex::new(inode::ChildMap::default()),
             no_caps: AtomicU64::new(0),
             pin: AtomicU64::new(0),

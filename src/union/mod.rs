@@ -47,8 +47,8 @@ use tracing::{debug, trace};
 use crate::error::{errno, Error, Result};
 use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHITEOUT_PREFIX};
 use crate::lower::verify::VerifiedLayer;
-use crate::upper::{Change, Occupant, Owner, Upper, XattrNames};
 pub use crate::upper::Frozen;
+use crate::upper::{Change, Occupant, Owner, Upper, XattrNames};
 use acl::{in_group_or_capable, privs_to_kill, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT, POSIX_ACL_PREFIX};
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 
@@ -216,6 +216,46 @@ pub struct UnionOptions {
     /// offer FUSE passthrough for open files (the adapter turns it off when the kernel or
     /// the daemon's privileges do not allow it)
     pub passthrough: bool,
+    /// the mount's atime option, for upper files read through the daemon
+    pub atime: Atime,
+}
+
+/// The mount's atime option as it applies to reads of upper files. Kernel overlayfs reads
+/// the real file with O_NOATIME and updates the upper inode's atime by the overlay mount's
+/// own option (`ovl_file_accessed`, `touch_atime` on the overlay path); lower files' atimes
+/// never change. A read through verlay's daemon otherwise follows the upper filesystem's
+/// option.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Atime {
+    /// relatime (the default): the upper filesystem's rule, relatime on a default mount
+    #[default]
+    Relatime,
+    /// strictatime (or norelatime): every read updates the atime
+    Strict,
+    /// noatime: reads never update it (O_NOATIME)
+    Never,
+}
+
+impl Atime {
+    /// The atime mode of a list of mount options: the last atime option wins, as with
+    /// mount(8); a read-only mount (`ro` after any `rw`) updates no atime at all.
+    pub fn from_mount_options<'a>(opts: impl IntoIterator<Item = &'a str>) -> Atime {
+        let (mode, ro) = opts
+            .into_iter()
+            .fold((Atime::Relatime, false), |(mode, ro), o| match o {
+                "noatime" => (Atime::Never, ro),
+                "strictatime" | "norelatime" => (Atime::Strict, ro),
+                "relatime" | "atime" | "nostrictatime" => (Atime::Relatime, ro),
+                "ro" => (mode, true),
+                "rw" => (mode, false),
+                _ => (mode, ro),
+            });
+        if ro {
+            Atime::Never
+        } else {
+            mode
+        }
+    }
 }
 
 /// An open file.
@@ -403,6 +443,7 @@ impl Union {
                 copy_up: Mutex::new(()),
                 handles: Mutex::new(Default::default()),
                 gone_attr: Mutex::new(None),
+                gone_dir: Mutex::new(None),
                 children: Mutex::new(inode::ChildMap::default()),
                 no_caps: AtomicU64::new(0),
                 pin: AtomicU64::new(0),

@@ -27,6 +27,7 @@ impl Union {
             if !empty? {
                 return errno(libc::ENOTEMPTY);
             }
+            self.keep_gone_dir(&child);
         }
         if matches!(r.kind, Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket) {
             // The kernel opens these itself (no handle here): keep what the object was, for

@@ -94,7 +94,13 @@ impl Union {
 
     /// A rename without RENAME_EXCHANGE onto an existing `d`: kinds must match, and a
     /// directory target must be empty in the merged view.
-    fn check_rename_target(&self, oldp: &Arc<Node>, newp: &Arc<Node>, src: &Arc<Node>, d: &Arc<Node>) -> Result<()> {
+    fn check_rename_target(
+        &self,
+        oldp: &Arc<Node>,
+        newp: &Arc<Node>,
+        src: &Arc<Node>,
+        d: &Arc<Node>,
+    ) -> Result<()> {
         match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
             (true, false) => errno(libc::ENOTDIR),
             (false, true) => errno(libc::EISDIR),
@@ -123,7 +129,13 @@ impl Union {
     /// The mark a directory takes before it moves: one with lower parts keeps them by
     /// redirect; a pure upper directory moved into a merged parent must not start merging
     /// what is below its new name (it becomes opaque).
-    fn dir_mark_for_rename(&self, n: &Arc<Node>, at: &Path, same_dir: bool, to_merged_parent: bool) -> Result<Option<DirMark>> {
+    fn dir_mark_for_rename(
+        &self,
+        n: &Arc<Node>,
+        at: &Path,
+        same_dir: bool,
+        to_merged_parent: bool,
+    ) -> Result<Option<DirMark>> {
         if n.kind != Kind::Dir {
             return Ok(None);
         }
@@ -192,6 +204,9 @@ impl Union {
                 // (generic/035): a regular file keeps its own fd, the others have none here.
                 if let Ok(a) = self.attr(d, None) {
                     *d.gone_attr.lock() = Some(Box::new(a));
+                }
+                if d.kind == Kind::Dir {
+                    self.keep_gone_dir(d);
                 }
             }
             // The target is empty in the merged view; only whiteouts can be left in its

@@ -346,7 +346,6 @@ impl Upper {
         }
         Ok(false)
     }
-
 }
 
 /// The writes: only within a change (the commit gate held, the upper not poisoned).
@@ -860,7 +859,6 @@ impl Change<'_> {
         self.store.truncate(Base::Upper, rel, size)?;
         Ok(())
     }
-
 }
 
 impl Upper {
@@ -1153,33 +1151,46 @@ mod tests {
         type Op<'a> = (&'a str, Box<dyn Fn(&Upper) -> Result<()> + 'a>);
         let changes: Vec<Op> = vec![
             ("syncfs", Box::new(|u: &Upper| u.change()?.syncfs())),
-            ("fsync_dir", Box::new(|u: &Upper| u.change()?.fsync_dir(Path::new("")))),
+            (
+                "fsync_dir",
+                Box::new(|u: &Upper| u.change()?.fsync_dir(Path::new(""))),
+            ),
             (
                 "create",
                 Box::new(|u: &Upper| {
-                    u.change()?.create(
-                        Path::new("new"),
-                        Kind::File,
-                        0o644,
-                        0,
-                        owner(),
-                        None,
-                        OFlags::RDWR,
-                        Occupant::Nothing,
-                        false,
-                    )
-                    .map(drop)
+                    u.change()?
+                        .create(
+                            Path::new("new"),
+                            Kind::File,
+                            0o644,
+                            0,
+                            owner(),
+                            None,
+                            OFlags::RDWR,
+                            Occupant::Nothing,
+                            false,
+                        )
+                        .map(drop)
                 }),
             ),
             (
                 "whiteout",
                 Box::new(|u: &Upper| u.change()?.whiteout(Path::new("w"), Occupant::Nothing)),
             ),
-            ("chmod", Box::new(|u: &Upper| u.change()?.chmod(Path::new(""), 0o755))),
-            ("truncate", Box::new(|u: &Upper| u.change()?.truncate(Path::new("x"), 0))),
+            (
+                "chmod",
+                Box::new(|u: &Upper| u.change()?.chmod(Path::new(""), 0o755)),
+            ),
+            (
+                "truncate",
+                Box::new(|u: &Upper| u.change()?.truncate(Path::new("x"), 0)),
+            ),
             (
                 "rename",
-                Box::new(|u: &Upper| u.change()?.rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), false)),
+                Box::new(|u: &Upper| {
+                    u.change()?
+                        .rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), false)
+                }),
             ),
             (
                 "remove_volatile_marker",

@@ -88,7 +88,12 @@ impl UpperStore for RealStore {
     }
 
     fn fallocate(&self, f: &StoreFile, mode: u32, off: u64, len: u64) -> Result<()> {
-        rustix::fs::fallocate(fd(f)?, rustix::fs::FallocateFlags::from_bits_retain(mode), off, len)
+        rustix::fs::fallocate(
+            fd(f)?,
+            rustix::fs::FallocateFlags::from_bits_retain(mode),
+            off,
+            len,
+        )
     }
 
     fn fsync_file(&self, f: &StoreFile) -> Result<()> {

@@ -54,7 +54,13 @@ impl Change<'_> {
 
     /// rename.exchange: RENAME_EXCHANGE of `a` and `b`, each first given its mark (a
     /// redirect or opaque, `set_ovl_xattr.*`), then `rename.rename`.
-    pub fn exchange(&self, a: &Path, a_mark: &Option<DirMark>, b: &Path, b_mark: &Option<DirMark>) -> Result<()> {
+    pub fn exchange(
+        &self,
+        a: &Path,
+        a_mark: &Option<DirMark>,
+        b: &Path,
+        b_mark: &Option<DirMark>,
+    ) -> Result<()> {
         self.mark_dir(a, a_mark)?;
         self.mark_dir(b, b_mark)?;
         self.rename(a, b, RenameFlags::EXCHANGE, false)

@@ -411,7 +411,8 @@ impl UpperStore for SimStore {
         let ino = sim(f)?;
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE as u32 != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE as u32 != 0;
-        if mode & !((libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) as u32) != 0 || (punch && !keep) {
+        if mode & !((libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) as u32) != 0 || (punch && !keep)
+        {
             return Err(Errno::OPNOTSUPP);
         }
         self.op(|s| {
@@ -735,19 +736,23 @@ mod crash_tests {
             |up, lower| {
                 if nested {
                     let st = lower.stat(Path::new("a")).unwrap().unwrap();
-                    up.change().unwrap().copy_up(lower, Path::new("a"), &st, Path::new("a"), Some(st.st_ino), false)
+                    up.change()
+                        .unwrap()
+                        .copy_up(lower, Path::new("a"), &st, Path::new("a"), Some(st.st_ino), false)
                         .unwrap();
                 }
                 let st = lower.stat(Path::new(path)).unwrap().unwrap();
-                up.change().unwrap().copy_up(
-                    lower,
-                    Path::new(path),
-                    &st,
-                    Path::new(path),
-                    Some(st.st_ino),
-                    true,
-                )
-                .unwrap();
+                up.change()
+                    .unwrap()
+                    .copy_up(
+                        lower,
+                        Path::new(path),
+                        &st,
+                        Path::new(path),
+                        Some(st.st_ino),
+                        true,
+                    )
+                    .unwrap();
             },
             |img, k, n| match img.upper.get(&p(path)) {
                 None if k < n => Ok(()),
@@ -778,7 +783,10 @@ mod crash_tests {
                 s.write_at(&f, 0, &old).unwrap();
             },
             |up, _| {
-                up.change().unwrap().whiteout(Path::new("f"), Occupant::NonDir).unwrap();
+                up.change()
+                    .unwrap()
+                    .whiteout(Path::new("f"), Occupant::NonDir)
+                    .unwrap();
                 up.change().unwrap().fsync_dir(Path::new("")).unwrap();
             },
             |img, k, n| match img.upper.get(&p("f")) {
@@ -817,7 +825,9 @@ mod crash_tests {
         let n = enumerate(
             &[],
             |s| {
-                let f = s.create_file(Base::Upper, Path::new("x"), 0o644, OFlags::RDWR).unwrap();
+                let f = s
+                    .create_file(Base::Upper, Path::new("x"), 0o644, OFlags::RDWR)
+                    .unwrap();
                 s.write_at(&f, 0, b"old").unwrap();
                 ino.set(sim(&f).unwrap());
             },
@@ -830,15 +840,25 @@ mod crash_tests {
                 f.set_mode(0o600).unwrap();
                 f.set_owner(Some(owner().uid), None).unwrap();
                 f.set_times(&Timestamps {
-                    last_access: rustix::fs::Timespec { tv_sec: 1, tv_nsec: 0 },
-                    last_modification: rustix::fs::Timespec { tv_sec: 1, tv_nsec: 0 },
+                    last_access: rustix::fs::Timespec {
+                        tv_sec: 1,
+                        tv_nsec: 0,
+                    },
+                    last_modification: rustix::fs::Timespec {
+                        tv_sec: 1,
+                        tv_nsec: 0,
+                    },
                 })
                 .unwrap();
                 f.sync(false).unwrap();
             },
             |img, k, n| {
                 let x = img.upper.get(&p("x")).ok_or("x is gone")?;
-                let want: (&[u8], u32) = if k < n { (b"old", 0o644) } else { (b"new \0\0\0\0", 0o600) };
+                let want: (&[u8], u32) = if k < n {
+                    (b"old", 0o644)
+                } else {
+                    (b"new \0\0\0\0", 0o600)
+                };
                 if (x.data.as_slice(), x.mode) != want {
                     return Err(format!("x is {:?} mode {:o}, want {want:?}", x.data, x.mode));
                 }
@@ -858,18 +878,20 @@ mod crash_tests {
                         .unwrap();
                 },
                 |up, _| {
-                    up.change().unwrap().create(
-                        Path::new("x"),
-                        kind,
-                        0o640,
-                        0,
-                        owner(),
-                        None,
-                        OFlags::RDWR,
-                        Occupant::NonDir,
-                        kind == Kind::Dir,
-                    )
-                    .unwrap();
+                    up.change()
+                        .unwrap()
+                        .create(
+                            Path::new("x"),
+                            kind,
+                            0o640,
+                            0,
+                            owner(),
+                            None,
+                            OFlags::RDWR,
+                            Occupant::NonDir,
+                            kind == Kind::Dir,
+                        )
+                        .unwrap();
                     up.change().unwrap().fsync_dir(Path::new("")).unwrap();
                 },
                 |img, k, n| match img.upper.get(&p("x")) {
@@ -905,7 +927,9 @@ mod crash_tests {
                     s.write_at(&f, 0, &old).unwrap();
                 },
                 |up, _| {
-                    up.change().unwrap().rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), true)
+                    up.change()
+                        .unwrap()
+                        .rename(Path::new("a"), Path::new("b"), RenameFlags::empty(), true)
                         .unwrap();
                     up.change().unwrap().fsync_dir(Path::new("")).unwrap();
                 },
@@ -976,7 +1000,9 @@ mod crash_tests {
                 std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o751)).unwrap();
                 let _ = rustix::fs::setxattr(&dir, "user.k", b"v", XattrFlags::empty());
                 let st = lower.stat(Path::new("a")).unwrap().unwrap();
-                up.change().unwrap().copy_up(lower, Path::new("a"), &st, Path::new("a"), Some(st.st_ino), false)
+                up.change()
+                    .unwrap()
+                    .copy_up(lower, Path::new("a"), &st, Path::new("a"), Some(st.st_ino), false)
                     .unwrap();
             },
             |img, k, n| match img.upper.get(&p("a")) {
@@ -1022,7 +1048,9 @@ mod crash_tests {
                     s.write_at(&f, 0, &old).unwrap();
                 },
                 |up, _| {
-                    up.change().unwrap().rename(Path::new("d1/a"), Path::new("d2/a"), RenameFlags::empty(), below)
+                    up.change()
+                        .unwrap()
+                        .rename(Path::new("d1/a"), Path::new("d2/a"), RenameFlags::empty(), below)
                         .unwrap();
                     up.change().unwrap().fsync_dir(Path::new("d2")).unwrap();
                     up.change().unwrap().fsync_dir(Path::new("d1")).unwrap();
@@ -1066,7 +1094,10 @@ mod crash_tests {
                     .unwrap();
             },
             |up, _| {
-                up.change().unwrap().link(Path::new("f"), Path::new("g"), Occupant::NonDir).unwrap();
+                up.change()
+                    .unwrap()
+                    .link(Path::new("f"), Path::new("g"), Occupant::NonDir)
+                    .unwrap();
                 up.change().unwrap().fsync_dir(Path::new("")).unwrap();
             },
             |img, k, n| {
@@ -1103,7 +1134,10 @@ mod crash_tests {
                 let s = SimStore::new();
                 s.fail_at(i, e);
                 let up = upper(&f, &s);
-                let r = up.change().unwrap().copy_up(&f.lower, Path::new("f"), &st, Path::new("f"), None, true);
+                let r =
+                    up.change()
+                        .unwrap()
+                        .copy_up(&f.lower, Path::new("f"), &st, Path::new("f"), None, true);
                 let img = s.current();
                 assert!(img.work.is_empty(), "op {i}: work dir not empty");
                 let err = r.expect_err("the fault is returned");

@@ -61,4 +61,3 @@ impl LoopFs {
         &self.mount.mnt
     }
 }
-

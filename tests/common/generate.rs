@@ -202,4 +202,3 @@ pub fn random_layers(rng: &mut Rng) -> Layers {
     bottom_up.reverse();
     Layers { lowers: bottom_up }
 }
-

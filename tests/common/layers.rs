@@ -428,4 +428,3 @@ pub fn normalize_to_kernel_format(dir: &Path) {
         set_times(&parent, pm.mtime(), pm.mtime_nsec());
     }
 }
-

@@ -158,16 +158,23 @@ impl Launch {
     fn describe(&self) -> String {
         match &self.raw {
             Some(raw) => format!("{} {raw:?}", self.bin.display()),
-            None => format!("{} {:?} -o {} {}", self.bin.display(), self.args, self.opts, self.mnt.display()),
+            None => format!(
+                "{} {:?} -o {} {}",
+                self.bin.display(),
+                self.args,
+                self.opts,
+                self.mnt.display()
+            ),
         }
     }
 
     fn ready(&self) -> bool {
         is_mounted(&self.mnt)
-            && self
-                .ready
-                .as_ref()
-                .is_none_or(|l| fs::read_to_string(&self.log).unwrap_or_default().contains(l.as_str()))
+            && self.ready.as_ref().is_none_or(|l| {
+                fs::read_to_string(&self.log)
+                    .unwrap_or_default()
+                    .contains(l.as_str())
+            })
     }
 
     /// Mount, or return the process's exit status and log if it fails first (a foreground
@@ -194,11 +201,19 @@ impl Launch {
             if start.elapsed() > self.timeout {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{what} did not mount within {:?}; output:\n{}", self.timeout, log());
+                panic!(
+                    "{what} did not mount within {:?}; output:\n{}",
+                    self.timeout,
+                    log()
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        let daemons = if self.foreground { Vec::new() } else { daemon_pids(&self.mnt) };
+        let daemons = if self.foreground {
+            Vec::new()
+        } else {
+            daemon_pids(&self.mnt)
+        };
         Ok(Mount {
             mnt: self.mnt.clone(),
             kind: Kind::Fuse,
@@ -318,7 +333,11 @@ impl Mount {
     /// Lazily unmount a mount whose daemon is gone (it answers ENOTCONN).
     pub fn umount_dead(&self) {
         if is_mounted(&self.mnt) {
-            assert!(run_tool("umount", &[Path::new("-l"), &self.mnt]), "umount -l {}", self.mnt.display());
+            assert!(
+                run_tool("umount", &[Path::new("-l"), &self.mnt]),
+                "umount -l {}",
+                self.mnt.display()
+            );
         }
     }
 
@@ -340,7 +359,10 @@ impl Mount {
     pub fn stop(&mut self, how: Stop) -> ExitStatus {
         let pid = self.pid();
         match how {
-            Stop::Fusermount => assert!(run_tool("fusermount3", &[Path::new("-u"), &self.mnt]), "fusermount3 -u"),
+            Stop::Fusermount => assert!(
+                run_tool("fusermount3", &[Path::new("-u"), &self.mnt]),
+                "fusermount3 -u"
+            ),
             Stop::Umount => assert!(run_tool("umount", &[&self.mnt]), "umount"),
             Stop::Sigterm => {
                 let p = rustix::process::Pid::from_raw(pid).expect("a daemon pid");

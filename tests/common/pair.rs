@@ -58,7 +58,15 @@ pub fn mount_kernel(d: &Rig) -> Result<Mount, String> {
     let c = CString::new(data.clone()).unwrap();
     let src = CString::new("overlay").unwrap();
     // SAFETY: valid C strings; mount(2) with a data string.
-    let r = unsafe { libc::mount(src.as_ptr(), cpath(&d.mnt).as_ptr(), src.as_ptr(), 0, c.as_ptr().cast()) };
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            cpath(&d.mnt).as_ptr(),
+            src.as_ptr(),
+            0,
+            c.as_ptr().cast(),
+        )
+    };
     if r != 0 {
         return Err(format!(
             "mount -t overlay -o {data} {}: {}",
@@ -84,7 +92,12 @@ pub fn mount_subject(subject: &Subject, d: &Rig, log: &Path) -> Mount {
 /// `base/l0..`, `base/upper`, `base/work`, `base/mnt`, each 0755.
 fn create_dirs(base: &Path, nlowers: usize) -> Rig {
     let lowers: Vec<PathBuf> = (0..nlowers).map(|i| base.join(format!("l{i}"))).collect();
-    let d = Rig::at(&lowers, &base.join("upper"), &base.join("work"), &base.join("mnt"));
+    let d = Rig::at(
+        &lowers,
+        &base.join("upper"),
+        &base.join("work"),
+        &base.join("mnt"),
+    );
     for p in d.lowers.iter().chain([&d.upper, &d.work, &d.mnt]) {
         chmod(p, 0o755);
     }
@@ -121,8 +134,7 @@ impl Pair {
             materialize(l, &ref_dirs.lowers[i], Format::Kernel, i as u64);
             materialize(l, &sub_dirs.lowers[i], subject.format(), i as u64);
         }
-        let reference = mount_kernel(&ref_dirs)
-            .unwrap_or_else(|e| panic!("reference: {e}"));
+        let reference = mount_kernel(&ref_dirs).unwrap_or_else(|e| panic!("reference: {e}"));
         let mut rig = Pair {
             reference: Some(reference),
             subject_mount: None,
@@ -217,4 +229,3 @@ impl Pair {
             .map_err(|d| format!("{what}: merged trees differ (ref = kernel overlayfs, sub = subject)\n{d}"))
     }
 }
-

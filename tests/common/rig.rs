@@ -34,7 +34,10 @@ pub fn dir_names(p: &Path) -> Vec<String> {
 
 /// A private temp dir under /tmp named `PREFIX...` (mode 0700, as tempfile makes it).
 pub fn scratch(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").unwrap()
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap()
 }
 
 /// Run `f` on a thread whose uid and gid are `uid` (FUSE requests carry the caller's ids).

@@ -183,4 +183,3 @@ pub fn ignored(category: &str) -> bool {
     .iter()
     .any(|c| c == category)
 }
-

@@ -4,7 +4,6 @@
 
 use super::*;
 
-
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Op {
     Create {

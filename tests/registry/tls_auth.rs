@@ -799,8 +799,7 @@ impl BlobRefuser {
                 let authorized = basic_user(&headers).is_some();
                 req2.lock().expect("lock").push((path.clone(), authorized));
                 let challenge = "WWW-Authenticate: Basic realm=\"verlay-test\"\r\n";
-                let denied =
-                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+                let denied = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
                 if path.contains("/manifests/") && authorized {
                     let extra = format!("Docker-Content-Digest: {digest}\r\n");
                     respond(&mut s, "200 OK", &extra, &media_type, &manifest);

@@ -4,7 +4,6 @@
 
 use super::*;
 
-
 struct Case<'a> {
     case: &'a str,
     upper: &'a str,

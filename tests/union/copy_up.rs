@@ -3,7 +3,6 @@
 
 use super::*;
 
-
 const COPY_UP_LOWER: &str = "d p 0750 1002:1003; d p/q 2711 1004:1005; f p/q/f=hello; \
      m p/q/f 7755 1000:1001; x p/q/f user.k=v; x p/q user.dk=dv; x p user.pk=pv; f p/q/g=other; \
      t p/q/f 1500000000.123456789; t p/q/g 1500000001.2; t p/q 1400000000.987654321; t p 1300000000.000000005";

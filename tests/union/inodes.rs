@@ -3,7 +3,6 @@
 
 use super::*;
 
-
 #[test]
 fn st_ino_is_stable_across_copy_up_rename_and_remount() {
     let mut fx = Fx::new(Some(""), &["f a=1; f d/x=2; d p"]);

@@ -2,7 +2,6 @@
 
 use super::*;
 
-
 #[test]
 fn user_set_overlay_xattrs_are_stored_escaped_and_private_ones_never_listed() {
     let fx = Fx::new(
