@@ -141,6 +141,9 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
     lh.set_path(toc::NO_PREFETCH_LANDMARK).map_err(io)?;
     lh.set_size(1);
     lh.set_mode(0);
+    lh.set_uid(0);
+    lh.set_gid(0);
+    lh.set_mtime(0);
     lh.set_entry_type(tar::EntryType::Regular);
     lh.set_cksum();
     let landmark = TocEntry {
@@ -280,6 +283,9 @@ fn finish<W: Write>(mut m: Members<W>, toc: &Toc) -> std::result::Result<Written
     h.set_path(toc::TOC_NAME).map_err(io)?;
     h.set_size(json.len() as u64);
     h.set_mode(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
     h.set_entry_type(tar::EntryType::Regular);
     h.set_cksum();
     m.put(h.as_bytes()).map_err(io)?;
