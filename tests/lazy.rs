@@ -255,10 +255,11 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-fn eio<T: std::fmt::Debug>(r: std::io::Result<T>, what: &str) {
+fn eio(r: std::io::Result<Vec<u8>>, what: &str) {
     match r {
         Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
-        other => panic!("{what}: expected EIO, got {other:?}"),
+        Err(e) => panic!("{what}: expected EIO, got {e}"),
+        Ok(v) => panic!("{what}: expected EIO, read {} bytes", v.len()),
     }
 }
 
