@@ -249,7 +249,8 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             } else {
                 format!("other rdev {}", m.rdev())
             };
-            out.insert(rel, format!("{what} mode {:o} {}:{} size {}", m.mode(), m.uid(), m.gid(), if m.is_dir() { 0 } else { m.len() }));
+            let size = if m.is_dir() { 0 } else { m.len() };
+            out.insert(rel, format!("{what} mode {:o} {}:{} size {size} mtime {}", m.mode(), m.uid(), m.gid(), m.mtime()));
         }
     }
     out
@@ -444,6 +445,36 @@ fn damage_is_eio_logged_and_never_served_and_the_layer_recovers() {
         fs::read(s.path("m3/bin/busybox")).expect("read after the network is back"),
         fs::read(s.path("full/bin/busybox")).expect("full busybox")
     );
+    drop((m, full));
+}
+
+#[test]
+fn a_copy_up_of_a_lazy_file_fetches_and_verifies_it_whole_first() {
+    let s = Scratch::new("copyup");
+    let lower = s.lazy_pull(&s.path("lz"));
+    let full = s.mount(&s.full_lower, "full");
+    for d in ["u", "w", "m"] {
+        fs::create_dir_all(s.path(d)).expect("mkdir");
+    }
+    let opts = format!("lowerdir={lower},upperdir={},workdir={}", p(&s.path("u")), p(&s.path("w")));
+    let m = Verlay::start(&opts, &s.path("m"), &s.path("m.log"));
+    s.proxy.clear();
+    // append to the 1 MiB file without reading it: the copy-up needs every chunk
+    let mut f = fs::OpenOptions::new().append(true).open(s.path("m/data/blob")).expect("open for append");
+    std::io::Write::write_all(&mut f, b"tail").expect("append");
+    drop(f);
+    let mut want = fs::read(s.path("full/data/blob")).expect("full blob");
+    want.extend_from_slice(b"tail");
+    assert!(fs::read(s.path("u/data/blob")).expect("upper copy") == want, "the copied-up file is not the original plus the tail");
+    assert!(s.blob_bytes() >= 1 << 20, "the copy-up fetched only {} bytes of a 1 MiB file", s.blob_bytes());
+    // a corrupted chunk stops a copy-up: nothing reaches the upper
+    s.proxy.set(Faults {
+        tamper_blobs: true,
+        ..Faults::default()
+    });
+    let r = fs::OpenOptions::new().append(true).open(s.path("m/bin/busybox"));
+    assert_eq!(r.map(|_| ()).map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)), "a copy-up of a corrupt lazy file");
+    assert!(!s.path("u/bin/busybox").exists(), "a corrupt file reached the upper");
     drop((m, full));
 }
 

@@ -280,7 +280,12 @@ impl LazyLayer {
             }
         }
         let Some(file) = f.as_ref() else { return };
-        let r = file.write_all_at(data, ch.file_off).and_then(|()| self.present.write_all_at(&[1], index as u64));
+        // a write sets the file's mtime: put back the TOC's (what a full pull shows)
+        let mtime = self.table.mtimes.get(rel).copied().unwrap_or(0).max(0) as u64;
+        let r = file
+            .write_all_at(data, ch.file_off)
+            .and_then(|()| file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(mtime)))
+            .and_then(|()| self.present.write_all_at(&[1], index as u64));
         if let Err(e) = r {
             warn!(layer = %self.layer, path = %rel.display(), error = %e, "cannot write the lazy layer's cache");
         }

@@ -142,8 +142,11 @@ fn fetch_toc(client: &Client, digest: &str, size: u64, what: &str) -> Result<(To
 /// The layer's skeleton as a tar stream for the store's unpacker: every TOC entry with its
 /// metadata (xattrs as PAX records, whiteouts as the OCI `.wh.` names they are), regular
 /// files without data (their sizes returned, for the store to set), and the TOC entry itself
-/// whole, as a full pull unpacks it. Returns the tar and (path, size) of each regular file.
-fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<(Vec<u8>, Vec<(PathBuf, u64)>), String> {
+/// whole, as a full pull unpacks it. Returns the tar and (path, size, mtime) of each regular
+/// file.
+type Skeleton = (Vec<u8>, Vec<(PathBuf, u64, u64)>);
+
+fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<Skeleton, String> {
     let io = |e: std::io::Error| e.to_string();
     let mut b = tar::Builder::new(Vec::new());
     let mut sizes = Vec::new();
@@ -169,7 +172,8 @@ fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<(Vec<u8>, Vec<
         h.set_mode((e.mode & 0o7777) as u32);
         h.set_uid(e.uid as u64);
         h.set_gid(e.gid as u64);
-        h.set_mtime(0);
+        let mtime = toc::parse_modtime(&e.modtime).unwrap_or(0).max(0) as u64;
+        h.set_mtime(mtime);
         h.set_size(0);
         if matches!(ty, tar::EntryType::Char | tar::EntryType::Block) {
             h.set_device_major(e.dev_major as u32).map_err(io)?;
@@ -181,7 +185,7 @@ fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<(Vec<u8>, Vec<
         }
         if ty == tar::EntryType::Regular && e.size > 0 {
             if let Some(p) = toc::clean_name(&e.name)? {
-                sizes.push((p, e.size as u64));
+                sizes.push((p, e.size as u64, mtime));
             }
         }
     }

@@ -138,6 +138,44 @@ pub fn encode_xattr(v: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(v)
 }
 
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+/// Hand-written: two small functions, where a date crate would be a dependency for one format.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// A TOC `modtime` (`2006-01-02T15:04:05Z`, as the Go writer formats it) for unix seconds.
+pub fn format_modtime(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Unix seconds of a TOC `modtime` in the UTC form [`format_modtime`] writes; None for any
+/// other form.
+pub fn parse_modtime(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<i64>().ok());
+    let days = days_from_civil(n(0..4)?, n(5..7)?, n(8..10)?);
+    Some(days * 86400 + n(11..13)? * 3600 + n(14..16)? * 60 + n(17..19)?)
+}
+
 /// The 51-byte footer: an empty gzip member whose extra field says where the TOC starts
 /// (`gzipFooterBytes` of the Go package).
 pub fn footer(toc_offset: u64) -> [u8; FOOTER_SIZE as usize] {
@@ -268,6 +306,8 @@ pub struct ChunkTable {
     pub chunks: Vec<Chunk>,
     /// path -> (index of its first chunk, count, size)
     pub files: HashMap<PathBuf, (usize, usize, u64)>,
+    /// path -> modification time (unix seconds), put back after each write to the cache
+    pub mtimes: HashMap<PathBuf, i64>,
 }
 
 fn parse_sha256(d: &str, name: &str) -> std::result::Result<[u8; 32], String> {
@@ -341,7 +381,8 @@ pub fn chunk_table(toc: &Toc, toc_offset: u64) -> std::result::Result<ChunkTable
                 }
                 i = j;
                 if let Some(p) = clean_name(&e.name)? {
-                    t.files.insert(p, (first, t.chunks.len() - first, size));
+                    t.files.insert(p.clone(), (first, t.chunks.len() - first, size));
+                    t.mtimes.insert(p, parse_modtime(&e.modtime).unwrap_or(0).max(0));
                 }
             }
             _ => {}
@@ -377,6 +418,15 @@ mod tests {
         let mut bad = f;
         bad[30] = b'z';
         assert!(parse_footer(&bad).is_err());
+    }
+
+    #[test]
+    fn modtimes_round_trip() {
+        for t in [0, 1_700_000_000, 951_782_400, 4_102_444_799] {
+            assert_eq!(parse_modtime(&format_modtime(t)), Some(t), "{}", format_modtime(t));
+        }
+        assert_eq!(format_modtime(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(parse_modtime("2023-11-14T22:13:20+01:00"), None);
     }
 
     #[test]

@@ -194,6 +194,7 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
             mode: i64::from(h.mode().map_err(io)? & 0o7777),
             uid: p.uid.map_or_else(|| h.uid().map_err(io), Ok)? as i64,
             gid: p.gid.map_or_else(|| h.gid().map_err(io), Ok)? as i64,
+            modtime: toc::format_modtime(h.mtime().map_err(io)? as i64),
             link_name: link.map(|l| String::from_utf8_lossy(&l).into_owned()).unwrap_or_default(),
             xattrs: p.xattrs,
             ..Default::default()

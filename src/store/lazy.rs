@@ -32,8 +32,8 @@ pub struct LazyImport {
     pub parent: Option<String>,
     /// the skeleton as a tar stream (regular files without data)
     pub skeleton: Vec<u8>,
-    /// (path, size) of each regular file with data
-    pub sizes: Vec<(PathBuf, u64)>,
+    /// (path, size, mtime) of each regular file with data
+    pub sizes: Vec<(PathBuf, u64, u64)>,
     /// chunks in the TOC's chunk table
     pub chunks: u64,
     /// the TOC JSON (its digest checked by the caller against the manifest)
@@ -82,9 +82,12 @@ impl Store {
         u.unpack(&mut ar, &budget)?;
         let dir = rustix::fs::open(&diff, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             .map_err(|e| Error::io("lazy.open_diff", &diff, e.into()))?;
-        for (rel, size) in &l.sizes {
+        for (rel, size, mtime) in &l.sizes {
             let f = open_beneath_for_write(&dir, rel).map_err(|e| Error::io("lazy.size", diff.join(rel), e.into()))?;
             f.set_len(*size).map_err(|e| Error::io("lazy.size", diff.join(rel), e))?;
+            // set_len moved the mtime the unpack set
+            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(*mtime))
+                .map_err(|e| Error::io("lazy.mtime", diff.join(rel), e))?;
         }
         rustix::fs::syncfs(&dir).map_err(|e| Error::io("lazy.syncfs", &diff, e.into()))?;
         let manifest_digest = seal_layer(&diff)?;
