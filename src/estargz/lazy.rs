@@ -41,6 +41,9 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retries of a failed Range request (backoff 100 ms, 200 ms, ...).
 pub const FETCH_RETRIES: u32 = 2;
 
+/// Chunks fetched and verified: (index in the file, bytes).
+type Fetched = Vec<(usize, Vec<u8>)>;
+
 /// Where a lazy layer's chunks come from, and which chunks the cache has.
 pub struct LazyLayer {
     /// the layer directory, for messages
@@ -204,7 +207,7 @@ impl LazyLayer {
     }
 
     /// Fetch, verify and cache the chunks `need` (indices into `chunks`, ascending).
-    fn fetch(&self, c: &ReadCtx<'_>, chunks: &[Chunk], need: &[usize]) -> Result<Vec<(usize, Vec<u8>)>> {
+    fn fetch(&self, c: &ReadCtx<'_>, chunks: &[Chunk], need: &[usize]) -> Result<Fetched> {
         if need.is_empty() {
             return Ok(Vec::new());
         }
@@ -223,13 +226,13 @@ impl LazyLayer {
         }
         let mut out = Vec::new();
         for batch in runs.chunks(MAX_IN_FLIGHT) {
-            let results: Vec<Result<Vec<(usize, Vec<u8>)>>> = if batch.len() == 1 {
+            let results: Vec<Result<Fetched>> = if batch.len() == 1 {
                 vec![self.fetch_run(c, chunks, &batch[0])]
             } else {
                 std::thread::scope(|s| {
                     let hs: Vec<_> = batch.iter().map(|r| s.spawn(|| self.fetch_run(c, chunks, r))).collect();
                     hs.into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| Err(Error::Errno(libc::EIO))))
+                        .map(|h| h.join().unwrap_or(Err(Error::Errno(libc::EIO))))
                         .collect()
                 })
             };
@@ -241,7 +244,7 @@ impl LazyLayer {
     }
 
     /// One Range request for a run of chunks; each inflated, verified, cached.
-    fn fetch_run(&self, c: &ReadCtx<'_>, chunks: &[Chunk], run: &[usize]) -> Result<Vec<(usize, Vec<u8>)>> {
+    fn fetch_run(&self, c: &ReadCtx<'_>, chunks: &[Chunk], run: &[usize]) -> Result<Fetched> {
         let start = run.iter().map(|&k| chunks[k].blob_off).min().unwrap_or(0);
         let end = run.iter().map(|&k| chunks[k].blob_end).max().unwrap_or(0);
         let body = self.client()?.get_blob_range(&self.blob, start, end).inspect_err(|e| {
