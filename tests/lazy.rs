@@ -32,6 +32,57 @@ use std::time::{Duration, Instant};
 
 use faultproxy::{FaultProxy, Faults};
 use rig::{e2e_script, have, Verlay};
+
+/// A verlay mount in the foreground with the background fetch off
+/// (`VERLAY_LAZY_BACKGROUND=off`), so that what a read moves can be counted. Drop unmounts
+/// and reaps it.
+struct Quiet {
+    mnt: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Quiet {
+    fn start(opts: &str, mnt: &Path, log: &Path) -> Quiet {
+        let err = fs::File::create(log).expect("log");
+        let mut child = Command::new(BIN)
+            .args(["-f", "-o", opts])
+            .arg(mnt)
+            .env("VERLAY_LAZY_BACKGROUND", "off")
+            .stdin(Stdio::null())
+            .stdout(err.try_clone().expect("log fd"))
+            .stderr(err)
+            .spawn()
+            .expect("verlay");
+        let t0 = Instant::now();
+        while !guard::is_mounted(mnt) {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("verlay -o {opts}: {st}: {}", fs::read_to_string(log).unwrap_or_default());
+            }
+            if t0.elapsed() > rig::WAIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("verlay -o {opts} did not mount");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Quiet {
+            mnt: mnt.to_path_buf(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        guard::unmount_and_reap(&self.mnt, self.child.take(), rig::WAIT);
+    }
+}
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
@@ -211,11 +262,11 @@ impl Scratch {
         verlay(&["image", "pull", "--lazy", "--store", p(store), &self.proxied()]).printed("lazy pull")
     }
 
-    /// Mount `lowerdir` read-only at `name`, logging to `name.log`.
-    fn mount(&self, lowerdir: &str, name: &str) -> Verlay {
+    /// Mount `lowerdir` read-only at `name`, logging to `name.log`, without background fetch.
+    fn mount(&self, lowerdir: &str, name: &str) -> Quiet {
         let mnt = self.path(name);
         fs::create_dir_all(&mnt).expect("mkdir mnt");
-        Verlay::start(&format!("ro,lowerdir={lowerdir}"), &mnt, &self.path(&format!("{name}.log")))
+        Quiet::start(&format!("ro,lowerdir={lowerdir}"), &mnt, &self.path(&format!("{name}.log")))
     }
 
     /// Body bytes of blob GETs the proxy forwarded since the last clear.
@@ -352,7 +403,7 @@ fn lazy_pull_moves_only_tocs_reads_fetch_their_chunks_and_every_file_matches_a_f
         "a lazy pull moved {pulled} bytes of blobs, more than 5% of the {blobs_total} of the layers"
     );
     let full = s.mount(&s.full_lower, "full");
-    let mut m = s.mount(&lower, "m");
+    let m = s.mount(&lower, "m");
     // first read: /etc/passwd, small; only its chunk (and neighbours) may move
     s.proxy.clear();
     let passwd = fs::read(s.path("m/etc/passwd")).expect("read passwd");
@@ -378,7 +429,7 @@ fn lazy_pull_moves_only_tocs_reads_fetch_their_chunks_and_every_file_matches_a_f
     assert!(rest + first + mid <= blobs_total, "reading everything moved {} bytes, more than the layers' {blobs_total}", rest + first + mid);
     let log = m.log();
     assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
-    m.stop(rig::Stop::Fusermount);
+    drop(m);
     // remount: everything comes from the cache, verified, without the network
     s.proxy.clear();
     let m2 = s.mount(&lower, "m");
@@ -457,7 +508,7 @@ fn a_copy_up_of_a_lazy_file_fetches_and_verifies_it_whole_first() {
         fs::create_dir_all(s.path(d)).expect("mkdir");
     }
     let opts = format!("lowerdir={lower},upperdir={},workdir={}", p(&s.path("u")), p(&s.path("w")));
-    let m = Verlay::start(&opts, &s.path("m"), &s.path("m.log"));
+    let m = Quiet::start(&opts, &s.path("m"), &s.path("m.log"));
     s.proxy.clear();
     // append to the 1 MiB file without reading it: the copy-up needs every chunk
     let mut f = fs::OpenOptions::new().append(true).open(s.path("m/data/blob")).expect("open for append");
@@ -475,6 +526,43 @@ fn a_copy_up_of_a_lazy_file_fetches_and_verifies_it_whole_first() {
     let r = fs::OpenOptions::new().append(true).open(s.path("m/bin/busybox"));
     assert_eq!(r.map(|_| ()).map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)), "a copy-up of a corrupt lazy file");
     assert!(!s.path("u/bin/busybox").exists(), "a corrupt file reached the upper");
+    drop((m, full));
+}
+
+#[test]
+fn the_background_fetch_caches_every_chunk_and_then_reads_need_no_network() {
+    let s = Scratch::new("background");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    let full = s.mount(&s.full_lower, "full");
+    let mnt = s.path("m");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let m = Verlay::start(&format!("ro,lowerdir={lower}"), &mnt, &s.path("m.log"));
+    // one small read starts it
+    assert_eq!(fs::read(mnt.join("etc/passwd")).expect("passwd"), fs::read(s.path("full/etc/passwd")).expect("full"));
+    let presents: Vec<PathBuf> = lower.split(':').map(|d| Path::new(d).with_file_name("lazy").join("present")).collect();
+    let t0 = Instant::now();
+    loop {
+        let missing: usize = presents
+            .iter()
+            .map(|p| fs::read(p).expect("present").iter().filter(|&&b| b != 1).count())
+            .sum();
+        if missing == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{missing} chunks still missing after a minute:\n{}", m.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // the network gone, every file still reads as after a full pull
+    s.proxy.set(Faults {
+        refuse: 1000,
+        ..Faults::default()
+    });
+    s.proxy.clear();
+    assert_eq!(tree(&mnt), tree(&s.path("full")), "the lazy mount differs after the background fetch");
+    assert!(s.proxy.log().is_empty(), "reads after the background fetch went to the network");
+    let log = m.log();
+    assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
     drop((m, full));
 }
 

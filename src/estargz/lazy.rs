@@ -15,8 +15,9 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
@@ -44,8 +45,16 @@ pub const FETCH_RETRIES: u32 = 2;
 /// Chunks fetched and verified: (index in the file, bytes).
 type Fetched = Vec<(usize, Vec<u8>)>;
 
-/// Where a lazy layer's chunks come from, and which chunks the cache has.
+/// A lazy layer of a mount: reads through [`Shared`], and the background fetch started at
+/// the first lookup or read (after the mount daemonized: no thread exists across its fork).
 pub struct LazyLayer {
+    s: Arc<Shared>,
+    /// the background fetch was started (or is off)
+    started: AtomicBool,
+}
+
+/// Where a lazy layer's chunks come from, and which chunks the cache has.
+struct Shared {
     /// the layer directory, for messages
     layer: String,
     table: ChunkTable,
@@ -61,7 +70,47 @@ pub struct LazyLayer {
 
 impl std::fmt::Debug for LazyLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LazyLayer({})", self.layer)
+        write!(f, "LazyLayer({})", self.s.layer)
+    }
+}
+
+impl LazyLayer {
+    /// The lazy side of the layer directory `dir` of a store (`layer.json` beside it has a
+    /// `lazy` object), or None for any other layer. The stored TOC must hash to the digest
+    /// recorded at pull. `VERLAY_LAZY_BACKGROUND=off` in the mount's environment turns the
+    /// background fetch off.
+    pub fn open(dir: &Path) -> Result<Option<LazyLayer>> {
+        let off = std::env::var_os("VERLAY_LAZY_BACKGROUND").is_some_and(|v| v == "off");
+        Ok(Shared::open(dir)?.map(|s| LazyLayer {
+            s: Arc::new(s),
+            started: AtomicBool::new(off),
+        }))
+    }
+
+    /// (first chunk, chunk count, size) of the regular file `rel`, if it has chunks.
+    pub fn file(&self, rel: &Path) -> Option<(usize, usize, u64)> {
+        self.s.file(rel)
+    }
+
+    /// Read `[offset, offset + size)` of the lazy file `c.rel` (its skeleton open as `fd`),
+    /// every chunk it touches verified first.
+    pub fn read(&self, c: &ReadCtx<'_>, fd: impl AsFd, offset: u64, size: u64) -> Result<Vec<u8>> {
+        self.start_background();
+        self.s.read(c, fd, offset, size)
+    }
+
+    /// Start the background fetch, once (the verifier calls it at the layer's first lookup
+    /// and read, which come after the mount daemonized).
+    pub fn start_background(&self) {
+        if !self.started.swap(true, Ordering::AcqRel) {
+            let s = self.s.clone();
+            let spawned = std::thread::Builder::new()
+                .name("verlay-lazy-fetch".into())
+                .spawn(move || background(&s));
+            if let Err(e) = spawned {
+                warn!(layer = %self.s.layer, error = %e, "cannot start the background fetch");
+            }
+        }
     }
 }
 
@@ -90,11 +139,8 @@ fn bad_store(dir: &Path, why: impl Into<String>) -> Error {
     )
 }
 
-impl LazyLayer {
-    /// The lazy side of the layer directory `dir` of a store (`layer.json` beside it has a
-    /// `lazy` object), or None for any other layer. The stored TOC must hash to the digest
-    /// recorded at pull.
-    pub fn open(dir: &Path) -> Result<Option<LazyLayer>> {
+impl Shared {
+    fn open(dir: &Path) -> Result<Option<Shared>> {
         let Some(parent) = dir.parent() else { return Ok(None) };
         let rec = match std::fs::read(parent.join("layer.json")) {
             Ok(b) => b,
@@ -124,7 +170,7 @@ impl LazyLayer {
         };
         let dirfd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
             .map_err(|e| Error::io("lazy.open_dir", dir, e.into()))?;
-        Ok(Some(LazyLayer {
+        Ok(Some(Shared {
             layer: dir.display().to_string(),
             table,
             blob: s("blob_digest")?,
@@ -136,8 +182,7 @@ impl LazyLayer {
         }))
     }
 
-    /// (first chunk, chunk count, size) of the regular file `rel`, if it has chunks.
-    pub fn file(&self, rel: &Path) -> Option<(usize, usize, u64)> {
+    fn file(&self, rel: &Path) -> Option<(usize, usize, u64)> {
         self.table.files.get(rel).copied()
     }
 
@@ -153,9 +198,7 @@ impl LazyLayer {
         matches!(self.present.read_at(&mut b, i as u64), Ok(1)) && b[0] == 1
     }
 
-    /// Read `[offset, offset + size)` of the lazy file `c.rel` (its skeleton open as `fd`),
-    /// every chunk it touches verified first.
-    pub fn read(&self, c: &ReadCtx<'_>, fd: impl AsFd, offset: u64, size: u64) -> Result<Vec<u8>> {
+    fn read(&self, c: &ReadCtx<'_>, fd: impl AsFd, offset: u64, size: u64) -> Result<Vec<u8>> {
         let end = (offset + size).min(c.size);
         if offset >= end || c.count == 0 {
             return Ok(Vec::new());
@@ -305,7 +348,69 @@ fn inflate(span: &[u8], inner: u64, len: u64) -> Vec<u8> {
     v
 }
 
-/// The paths of a lazy layer's files with chunks (for tests and tools).
-pub fn files(l: &LazyLayer) -> Vec<PathBuf> {
-    l.table.files.keys().cloned().collect()
+/// Failed background requests in a row before the background fetch gives up (reads still
+/// fetch what they need).
+const BACKGROUND_TRIES: u32 = 5;
+
+/// Fetch every chunk the cache lacks, in TOC order (the files before a
+/// `.prefetch.landmark` come first in a blob, so first here too), in runs of up to
+/// [`MAX_RUN`] compressed bytes that may cross files; each chunk verified before it is
+/// cached, as for a read. A chunk that does not match is logged and left out.
+fn background(s: &Shared) {
+    // chunk index -> its file (the first name of a hard-linked file)
+    let mut owners: Vec<(usize, &Path)> = s.table.files.iter().map(|(p, &(first, _, _))| (first, p.as_path())).collect();
+    owners.sort();
+    owners.dedup_by_key(|o| o.0);
+    let owner = |k: usize| owners[owners.partition_point(|o| o.0 <= k).saturating_sub(1)];
+    let chunks = &s.table.chunks;
+    let (mut i, mut failures, mut fetched) = (0usize, 0u32, 0u64);
+    while i < chunks.len() {
+        if s.is_present(i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < chunks.len()
+            && !s.is_present(j)
+            && chunks[j].blob_off >= chunks[i].blob_off
+            && chunks[j].blob_off <= chunks[j - 1].blob_end
+            && chunks[j].blob_end - chunks[i].blob_off <= MAX_RUN
+        {
+            j += 1;
+        }
+        let (start, end) = (chunks[i].blob_off, chunks[i..j].iter().map(|c| c.blob_end).max().unwrap_or(0));
+        let body = match s.client().and_then(|c| c.get_blob_range(&s.blob, start, end)) {
+            Ok(b) => b,
+            Err(e) => {
+                failures += 1;
+                if failures >= BACKGROUND_TRIES {
+                    warn!(layer = %s.layer, error = %e, "background fetch of a lazy layer gave up; reads still fetch what they need");
+                    return;
+                }
+                std::thread::sleep(crate::registry::client::backoff(failures + 3));
+                continue;
+            }
+        };
+        failures = 0;
+        fetched += end - start;
+        let mut file: Option<(usize, File)> = None;
+        for k in i..j {
+            let ch = &chunks[k];
+            let (first, rel) = owner(k);
+            let data = inflate(&body[(ch.blob_off - start) as usize..(ch.blob_end - start) as usize], ch.inner, ch.len);
+            if data.len() as u64 != ch.len || Sha256::digest(&data)[..] != ch.digest[..] {
+                error!(layer = %s.layer, path = %rel.display(), offset = ch.file_off,
+                    "background fetch: a chunk does not match its TOC digest; not cached");
+                continue;
+            }
+            let mut f = match file.take() {
+                Some((o, f)) if o == first => Some(f),
+                _ => None,
+            };
+            s.cache(&mut f, rel, k, ch, &data);
+            file = f.map(|f| (first, f));
+        }
+        i = j;
+    }
+    tracing::info!(layer = %s.layer, bytes = fetched, "background fetch done: every chunk of the lazy layer is cached");
 }

@@ -188,6 +188,9 @@ impl VerifiedLayer {
     /// manifest. Returns the stat when the entry is visible, None when it is absent or not
     /// listed (hidden, logged), and EIO when it is missing or its metadata differs.
     pub fn check(&self, layer: &LayerDir, rel: &Path, st: Option<Stat>) -> Result<Option<Stat>> {
+        if let Some(l) = &self.lazy {
+            l.start_background();
+        }
         let entry = self.manifest.lookup_meta(rel)?;
         match (entry, st) {
             (None, None) => Ok(None),
