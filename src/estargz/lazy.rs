@@ -394,8 +394,7 @@ fn background(s: &Shared) {
         failures = 0;
         fetched += end - start;
         let mut file: Option<(usize, File)> = None;
-        for k in i..j {
-            let ch = &chunks[k];
+        for (k, ch) in chunks.iter().enumerate().take(j).skip(i) {
             let (first, rel) = owner(k);
             let data = inflate(&body[(ch.blob_off - start) as usize..(ch.blob_end - start) as usize], ch.inner, ch.len);
             if data.len() as u64 != ch.len || Sha256::digest(&data)[..] != ch.digest[..] {
