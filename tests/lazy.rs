@@ -427,6 +427,10 @@ fn lazy_pull_moves_only_tocs_reads_fetch_their_chunks_and_every_file_matches_a_f
     assert_eq!(tree(&s.path("m")), tree(&s.path("full")), "the lazy mount differs from the full pull");
     let rest = s.blob_bytes();
     assert!(rest + first + mid <= blobs_total, "reading everything moved {} bytes, more than the layers' {blobs_total}", rest + first + mid);
+    eprintln!(
+        "lazy: layers {blobs_total} B; lazy pull moved {pulled} B; first read (etc/passwd) {first} B; \
+         100 B in the middle of data/blob {mid} B; every other file {rest} B"
+    );
     let log = m.log();
     assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
     drop(m);
