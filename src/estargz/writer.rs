@@ -303,3 +303,95 @@ fn finish<W: Write>(mut m: Members<W>, toc: &Toc) -> std::result::Result<Written
         uncompressed: m.uncompressed,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::estargz::toc::{chunk_table, parse_footer, parse_toc, read_toc_member, FOOTER_SIZE};
+    use std::io::Read;
+
+    /// A tar with files of 0, 1, 4096 (= one chunk), 8192 (two exact chunks) and 10000
+    /// bytes, a long name and an xattr.
+    fn sample() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut files = Vec::new();
+        for (name, n) in [("e", 0usize), ("one", 1), ("c1", 4096), ("c2", 8192), ("odd", 10000)] {
+            files.push((name.to_string(), (0..n).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()));
+        }
+        files.push((format!("d/{}", "n".repeat(200)), b"long name".to_vec()));
+        b.append_pax_extensions([("SCHILY.xattr.user.k", &b"v"[..])]).unwrap();
+        for (name, data) in &files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(1000);
+            h.set_gid(1000);
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, data.as_slice()).unwrap();
+        }
+        (b.into_inner().unwrap(), files)
+    }
+
+    #[test]
+    fn every_chunk_inflates_from_its_offset_to_its_digest_and_the_stream_is_the_tar() {
+        let (tar, files) = sample();
+        let mut blob = Vec::new();
+        let w = write(tar.as_slice(), &mut blob, 4096).unwrap();
+        assert_eq!(w.size, blob.len() as u64);
+        let toc_off = parse_footer(&blob[blob.len() - FOOTER_SIZE as usize..]).unwrap();
+        let m = read_toc_member(&blob[toc_off as usize..blob.len() - FOOTER_SIZE as usize]).unwrap();
+        assert_eq!(format!("sha256:{}", hex(&Sha256::digest(&m.json))), w.toc_digest);
+        let toc = parse_toc(&m.json).unwrap();
+        assert!(toc.entries.iter().any(|e| e.xattrs.contains_key("user.k")), "xattr in the TOC");
+        let t = chunk_table(&toc, toc_off).unwrap();
+        for (name, data) in &files {
+            let Some(&(first, count, size)) = t.files.get(std::path::Path::new(name)) else {
+                assert!(data.is_empty(), "{name} has no chunks");
+                continue;
+            };
+            assert_eq!(size, data.len() as u64, "{name}");
+            assert_eq!(count as u64, (size).div_ceil(4096), "{name}");
+            for c in &t.chunks[first..first + count] {
+                let span = &blob[c.blob_off as usize..c.blob_end as usize];
+                let mut got = Vec::new();
+                flate2::read::GzDecoder::new(span).take(c.len).read_to_end(&mut got).unwrap();
+                assert_eq!(got, data[c.file_off as usize..(c.file_off + c.len) as usize], "{name} at {}", c.file_off);
+                assert_eq!(Sha256::digest(&got)[..], c.digest[..]);
+            }
+        }
+        // the whole blob inflates to the input's entries, the landmark and the TOC
+        let mut plain = Vec::new();
+        flate2::read::MultiGzDecoder::new(blob.as_slice()).read_to_end(&mut plain).unwrap();
+        assert_eq!(format!("sha256:{}", hex(&Sha256::digest(&plain))), w.diff_id);
+        let names: Vec<String> = tar::Archive::new(plain.as_slice())
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names.first().map(String::as_str), Some(".no.prefetch.landmark"));
+        assert_eq!(names.last().map(String::as_str), Some("stargz.index.json"));
+        assert_eq!(names.len(), files.len() + 2);
+    }
+
+    #[test]
+    fn refused_inputs_and_tocs() {
+        // a layer that is eStargz already
+        let (tar, _) = sample();
+        let mut blob = Vec::new();
+        write(tar.as_slice(), &mut blob, 4096).unwrap();
+        let mut plain = Vec::new();
+        flate2::read::MultiGzDecoder::new(blob.as_slice()).read_to_end(&mut plain).unwrap();
+        assert!(write(plain.as_slice(), &mut Vec::new(), 4096).unwrap_err().contains("eStargz already"));
+        // a name over PATH_MAX, a chunk table with a gap
+        let long = format!(r#"{{"version":1,"entries":[{{"name":"{}","type":"dir"}}]}}"#, "a".repeat(5000));
+        assert!(parse_toc(long.as_bytes()).unwrap_err().contains("longer than"));
+        let d = format!("sha256:{}", "0".repeat(64));
+        let gap = format!(
+            r#"{{"version":1,"entries":[{{"name":"f","type":"reg","size":10,"offset":10,"chunkSize":4,"chunkDigest":"{d}"}},
+            {{"name":"f","type":"chunk","offset":20,"chunkOffset":5,"chunkDigest":"{d}"}}]}}"#
+        );
+        assert!(chunk_table(&parse_toc(gap.as_bytes()).unwrap(), 100).unwrap_err().contains("do not cover"));
+        let neg = r#"{"version":1,"entries":[{"name":"f","type":"reg","size":-1}]}"#;
+        assert!(parse_toc(neg.as_bytes()).unwrap_err().contains("negative"));
+    }
+}
