@@ -16,6 +16,7 @@
 //!   other argv is the mount form, parsed by [`cli`].
 //! - [`store`]: the layer store (crash-safe layer and image import, blobs, image records).
 //! - [`registry`]: image pull and push over the OCI distribution API; uses the store.
+//! - [`estargz`]: the eStargz layer format, `image convert --estargz` and lazy pull.
 //! - [`oci`]: manifests, indexes and configs, pure; shared by the store and the registry.
 //! - [`digest`]: hex and `sha256:` ids, used by the store, the registry, lowers and commit.
 //! - [`failpoint`]: named crash points (`VERLAY_CRASH_AT=STEP[:N]`) for the crash tests.
@@ -34,6 +35,7 @@ pub mod control;
 pub mod demo;
 pub mod digest;
 pub mod error;
+pub mod estargz;
 pub mod failpoint;
 pub mod fuse;
 pub mod layer;

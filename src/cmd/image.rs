@@ -42,6 +42,10 @@ pub enum ImageCmd {
                       verlay image pull --store S --plain-http localhost:5000/app:1"
     )]
     Pull {
+        /// record the image and return: layers (eStargz) are fetched chunk by chunk as the
+        /// mount reads them, each chunk verified against the TOC the manifest names
+        #[arg(long)]
+        lazy: bool,
         #[command(flatten)]
         registry: RegistryArgs,
         /// HOST[:PORT]/NAME[:TAG|@DIGEST], or a docker short name (alpine)
@@ -61,6 +65,22 @@ pub enum ImageCmd {
         registry: RegistryArgs,
         /// HOST[:PORT]/NAME[:TAG]
         reference: String,
+    },
+    /// Convert an image of the store to eStargz (lazily pullable); prints its lowerdir=
+    #[command(after_help = "Example:\n    verlay image convert --store S --estargz app:1 app:1-esgz\n    \
+                            verlay image push --store S --image app:1-esgz registry.example:5000/app:1-esgz")]
+    Convert {
+        /// the eStargz format (the only one)
+        #[arg(long, required = true)]
+        estargz: bool,
+        /// uncompressed bytes per chunk
+        #[arg(long, value_name = "BYTES", default_value_t = crate::estargz::writer::DEFAULT_CHUNK,
+              value_parser = clap::value_parser!(u64).range(4096..=(16 << 20)))]
+        chunk_size: u64,
+        /// the store's image to convert
+        source: String,
+        /// the name to record the converted image under
+        name: String,
     },
     /// List the images the store holds (--format json for scripts)
     #[command(after_help = "Example:\n    verlay image ls --store /var/lib/verlay --format json")]
@@ -129,12 +149,16 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
             println!("{}", image::lowerdir(&store, &chains)?);
             Ok(())
         }
-        ImageCmd::Pull { registry, reference } => {
+        ImageCmd::Pull { lazy, registry, reference } => {
             let reference = Reference::parse(&reference)?;
             let opts = registry.options(None);
             let store = store_for_writing(g, "verlay image pull")?;
             let progress = progress(g);
-            let got = crate::registry::pull::pull(&store, &reference, &opts, &progress)?;
+            let got = if lazy {
+                crate::estargz::pull::pull_lazy(&store, &reference, &opts, &progress)?
+            } else {
+                crate::registry::pull::pull(&store, &reference, &opts, &progress)?
+            };
             progress.say(&format!(
                 "verlay: pulled {} (manifest {}): {} layers, {} new; {} blobs fetched ({} bytes), {} already in the store",
                 got.name,
@@ -166,6 +190,17 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
                 got.manifest, got.blobs_uploaded, got.sessions, got.bytes_sent, got.blobs_present
             ));
             println!("{reference}@{}", got.manifest);
+            Ok(())
+        }
+        ImageCmd::Convert { estargz: _, chunk_size, source, name } => {
+            let store = existing_store(g, "verlay image convert")?;
+            let got = crate::estargz::convert::convert(&store, &source, &name, chunk_size)?;
+            eprintln!(
+                "verlay: converted {source} to eStargz as {name} (manifest {}): {} layers",
+                got.manifest,
+                got.layers.len()
+            );
+            println!("{}", image::lowerdir(&store, &got.chain_ids)?);
             Ok(())
         }
         ImageCmd::Ls => {

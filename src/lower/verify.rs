@@ -24,6 +24,7 @@ use tracing::{error, warn};
 use crate::digest::hex;
 use crate::error::{Error, Result};
 use crate::layer::{pread_full, read_at, Kind, LayerDir};
+use crate::estargz::lazy::{LazyLayer, ReadCtx};
 use crate::lower::manifest::{chunk_count, chunk_digest, Manifest, ManifestEntry};
 
 /// Verdict bitmaps kept per layer, in 64-bit words: 512 Ki words (4 MiB) remember 32 Mi
@@ -59,6 +60,8 @@ pub struct VerifiedLayer {
     /// st_ino -> which of the file's chunks matched
     verified: Mutex<Verdicts>,
     logged: Mutex<LruCache<(PathBuf, String), ()>>,
+    /// an eStargz layer pulled lazily: its regular files are read through it
+    lazy: Option<LazyLayer>,
 }
 
 impl VerifiedLayer {
@@ -66,7 +69,9 @@ impl VerifiedLayer {
     /// off); an error when `require` finds none, when the manifest is damaged, or when the
     /// store recorded another digest for it.
     pub fn open(dir: &Path, mode: VerifyMode) -> Result<Option<VerifiedLayer>> {
-        if mode == VerifyMode::Off {
+        // A lazy layer has no data but through its verifier, whatever verify= says.
+        let lazy = LazyLayer::open(dir)?;
+        if mode == VerifyMode::Off && lazy.is_none() {
             return Ok(None);
         }
         let manifest = match Manifest::open_beside(dir)? {
@@ -93,6 +98,7 @@ impl VerifiedLayer {
                 words: 0,
             }),
             logged: Mutex::new(LruCache::new(cap(LOGGED_CACHE))),
+            lazy,
         }))
     }
 
@@ -142,7 +148,11 @@ impl VerifiedLayer {
         if entry.kind != Kind::File {
             return None;
         }
-        let count = chunk_count(entry.size, self.manifest.chunk_size());
+        let lazy = self.lazy.as_ref().and_then(|l| l.file(&entry.path));
+        let count = match lazy {
+            Some((_, n, _)) => n as u64,
+            None => chunk_count(entry.size, self.manifest.chunk_size()),
+        };
         let words = count.div_ceil(64) as usize;
         let mut v = self.verified.lock();
         let bits = match v.files.get(&ino) {
@@ -166,10 +176,11 @@ impl VerifiedLayer {
             }
         };
         Some(FileChunks {
-            first: entry.chunk_first,
+            first: lazy.map_or(entry.chunk_first, |(f, _, _)| f as u64),
             count,
             size: entry.size,
             bits,
+            lazy: lazy.is_some(),
         })
     }
 
@@ -177,6 +188,9 @@ impl VerifiedLayer {
     /// manifest. Returns the stat when the entry is visible, None when it is absent or not
     /// listed (hidden, logged), and EIO when it is missing or its metadata differs.
     pub fn check(&self, layer: &LayerDir, rel: &Path, st: Option<Stat>) -> Result<Option<Stat>> {
+        if let Some(l) = &self.lazy {
+            l.start_background();
+        }
         let entry = self.manifest.lookup_meta(rel)?;
         match (entry, st) {
             (None, None) => Ok(None),
@@ -256,6 +270,18 @@ impl VerifiedLayer {
         if len == 0 || fc.count == 0 || offset >= fc.size {
             return Ok(());
         }
+        if let (true, Some(l)) = (fc.lazy, &self.lazy) {
+            // fetched (or found in the cache), verified and written to the skeleton file,
+            // which the caller (copy-up) then reads
+            let corrupt = |e, a| self.corrupt(rel, e, a);
+            let ctx = self.lazy_ctx(rel, fc, &corrupt);
+            let mut at = offset;
+            while at < (offset + len).min(fc.size) {
+                l.read(&ctx, fd.as_fd(), at, VERIFY_BLOCK)?;
+                at += VERIFY_BLOCK;
+            }
+            return Ok(());
+        }
         let cs = self.manifest.chunk_size();
         let last = ((offset + len - 1) / cs).min(fc.count - 1);
         let per_block = (VERIFY_BLOCK / cs).max(1);
@@ -291,6 +317,9 @@ impl VerifiedLayer {
         offset: u64,
         size: u32,
     ) -> Result<Vec<u8>> {
+        if let (true, Some(l)) = (fc.lazy, &self.lazy) {
+            return l.read(&self.lazy_ctx(rel, fc, &|e, a| self.corrupt(rel, e, a)), fd, offset, u64::from(size));
+        }
         let end = (offset + u64::from(size)).min(fc.size);
         if fc.count == 0 || offset >= end {
             return read_at(fd, offset, size);
@@ -308,6 +337,23 @@ impl VerifiedLayer {
         buf.truncate(got.min((end - start) as usize));
         buf.drain(..((offset - start) as usize).min(buf.len()));
         Ok(buf)
+    }
+
+    /// What a read of the lazy file `rel` needs from this verifier.
+    fn lazy_ctx<'a>(
+        &'a self,
+        rel: &'a Path,
+        fc: &'a FileChunks,
+        corrupt: &'a (dyn Fn(String, String) -> Error + Sync),
+    ) -> ReadCtx<'a> {
+        ReadCtx {
+            rel,
+            first: fc.first as usize,
+            count: fc.count as usize,
+            size: fc.size,
+            bits: &fc.bits,
+            corrupt,
+        }
     }
 
     /// Verify a whole file (before a copy-up).
@@ -343,13 +389,13 @@ pub struct ChunkBits {
 }
 
 impl ChunkBits {
-    fn get(&self, chunk: u64) -> bool {
+    pub(crate) fn get(&self, chunk: u64) -> bool {
         self.words
             .get((chunk / 64) as usize)
             .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (chunk % 64)) != 0)
     }
 
-    fn set(&self, chunk: u64) {
+    pub(crate) fn set(&self, chunk: u64) {
         if let Some(w) = self.words.get((chunk / 64) as usize) {
             w.fetch_or(1 << (chunk % 64), Ordering::Relaxed);
         }
@@ -367,6 +413,8 @@ pub struct FileChunks {
     /// the file's size in the manifest
     size: u64,
     bits: Arc<ChunkBits>,
+    /// the file is in a lazy layer: `first` and `count` are in its eStargz chunk table
+    lazy: bool,
 }
 
 /// What differs between the manifest's entry and the object on disk, as (expected, actual).

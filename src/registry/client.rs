@@ -721,6 +721,47 @@ impl Client {
         )
     }
 
+    /// Bytes `[start, end)` of blob `digest`, by an HTTP Range request (with the retries of
+    /// [`Client::with_retries`]). The registry must answer 206 with exactly that range; a
+    /// 200 (Range ignored) is refused rather than read whole.
+    pub fn get_blob_range(&self, digest: &str, start: u64, end: u64) -> Result<Vec<u8>> {
+        let url = self.url(&format!("blobs/{digest}"));
+        let what = format!("bytes {start}-{end} of blob {digest}");
+        let range = format!("bytes={start}-{}", end.saturating_sub(1));
+        let want = end.saturating_sub(start);
+        self.with_retries(&what, || {
+            let reply = self.request(Method::GET, &url, &[("Range", range.as_str())], &[])?;
+            match reply.status {
+                206 => {}
+                s if s >= 500 || s == 429 => return Err(Fail::Transient(reply.error_text())),
+                200 => {
+                    return Err(Fail::Fatal(Error::remote(
+                        what.clone(),
+                        "the registry ignores Range requests (HTTP 200 for a range)",
+                        "pull without --lazy",
+                    )))
+                }
+                _ => return Err(Fail::Fatal(Error::remote(what.clone(), reply.error_text(), "check the image in the registry"))),
+            }
+            let cr = reply.header("Content-Range").unwrap_or("").to_string();
+            if !cr.starts_with(&format!("bytes {start}-{}/", end - 1)) {
+                return Err(Fail::Transient(format!("unexpected Content-Range \"{cr}\" for {range}")));
+            }
+            let mut out = Vec::with_capacity(want as usize);
+            Self::copy_body(reply.body, |b| {
+                if out.len() + b.len() > want as usize {
+                    return Err(Error::remote(what.clone(), "the registry sends more than the range asked", "check the registry"));
+                }
+                out.extend_from_slice(b);
+                Ok(())
+            })?;
+            if out.len() as u64 != want {
+                return Err(Fail::Transient(format!("range body ended at {} of {want} bytes", out.len())));
+            }
+            Ok(out)
+        })
+    }
+
     /// Read a streaming body into `out`, returning how many bytes were copied; a failure
     /// mid-body is transient (the caller resumes).
     pub fn copy_body(

@@ -146,7 +146,7 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Pro
 
 /// GET a manifest by tag or digest; returns (bytes, media type, digest). Its bytes must
 /// hash to `pinned` when given, and to the registry's `Docker-Content-Digest` when sent.
-fn fetch_manifest(client: &Client, r: &str, pinned: Option<&str>) -> Result<(Vec<u8>, String, String)> {
+pub(crate) fn fetch_manifest(client: &Client, r: &str, pinned: Option<&str>) -> Result<(Vec<u8>, String, String)> {
     let url = client.url(&format!("manifests/{r}"));
     let what = format!("manifest {r}");
     client.with_retries(&what, || {
@@ -209,7 +209,7 @@ fn hash_prefix(f: &mut File, n: u64, p: &std::path::Path) -> Result<Sha256> {
 }
 
 /// Make the blob `desc` complete and verified in the store (step `pull.blob`).
-fn fetch_blob(
+pub(crate) fn fetch_blob(
     store: &Store,
     client: &Client,
     desc: &Descriptor,

@@ -42,6 +42,7 @@
 
 pub mod blobs;
 pub mod image;
+pub mod lazy;
 pub mod unpack;
 
 use std::fs::{File, OpenOptions};

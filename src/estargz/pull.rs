@@ -1,0 +1,197 @@
+//! `verlay image pull --lazy`: the manifest, the config and each layer's TOC, nothing else.
+//!
+//! Trust chain: the manifest's bytes hash to the digest asked for (or announced); each
+//! layer's TOC digest is the manifest's `containerd.io/snapshot/stargz/toc.digest`
+//! annotation, and the TOC fetched (footer, then the TOC member, by HTTP Range) must hash
+//! to it, or the pull is refused; each chunk's digest is in that TOC, and the mount checks
+//! every chunk against it before serving it ([`super::lazy`]).
+//!
+//! A lazy layer is stored under `chain_id(parent, TOC digest)`, not under the diffID of
+//! the config: the diffID says what the whole uncompressed stream hashes to, and nothing
+//! checks that until the layer is whole, so an ordinary pull never reuses a lazy layer.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::toc::{self, Toc, TocMember};
+use crate::digest::sha256_digest;
+use crate::error::{Error, Result};
+use crate::oci;
+use crate::progress::Progress;
+use crate::registry::client::{Client, Options};
+use crate::registry::pull::{fetch_blob, fetch_manifest, Pulled};
+use crate::registry::reference::Reference;
+use crate::store::lazy::LazyImport;
+use crate::store::{blobs, chain_id, Store};
+
+/// Pull `reference` lazily into `store`: records the image, stores each layer as a
+/// skeleton (every entry with its metadata, regular files empty and sparse) with its TOC.
+pub fn pull_lazy(store: &Store, reference: &Reference, opts: &Options, progress: &Progress) -> Result<Pulled> {
+    let client = Client::new(reference, opts)?;
+    blobs::ensure_dirs(store)?;
+    let mut out = Pulled {
+        name: reference.to_string(),
+        ..Pulled::default()
+    };
+    let (mut bytes, mut mt, mut digest) = fetch_manifest(&client, reference.manifest_ref(), reference.digest.as_deref())?;
+    if oci::is_index(&mt) {
+        let chosen = oci::pick_platform(&bytes, &format!("index {digest} of {reference}"))?;
+        (bytes, mt, digest) = fetch_manifest(&client, &chosen.digest, Some(&chosen.digest))?;
+    }
+    let what = format!("manifest {digest} of {reference}");
+    let m = oci::parse(&bytes, &what)?;
+    let raw: Value = serde_json::from_slice(&bytes).map_err(|e| Error::remote(&what, e.to_string(), "check the image"))?;
+    fetch_blob(store, &client, &m.config, &mut out, progress)?;
+    let config = blobs::read_blob(store, &m.config.digest)?;
+    let diff_ids = oci::diff_ids(&config, &format!("config {} of {reference}", m.config.digest))?;
+    if diff_ids.len() != m.layers.len() {
+        return Err(Error::remote(&what, "the config's diff_ids do not match the layers", "push the image again"));
+    }
+    let mut parent: Option<String> = None;
+    for (i, layer) in m.layers.iter().enumerate() {
+        let lwhat = format!("layer {} ({}) of {reference}", i + 1, layer.digest);
+        let want = raw["layers"][i]["annotations"][toc::TOC_DIGEST_ANNOTATION]
+            .as_str()
+            .ok_or_else(|| {
+                Error::usage(
+                    &lwhat,
+                    format!("has no {} annotation: it is not an eStargz layer", toc::TOC_DIGEST_ANNOTATION),
+                    "pull without --lazy, or push an eStargz form made by `verlay image convert --estargz`",
+                )
+            })?
+            .to_string();
+        let (member, toc_offset, fetched) = fetch_toc(&client, &layer.digest, layer.size, &lwhat)?;
+        out.bytes_fetched += fetched;
+        out.blobs_fetched += 1;
+        let got = sha256_digest(&member.json);
+        if got != want {
+            return Err(Error::remote(
+                &lwhat,
+                format!("TOC digest mismatch: the manifest's annotation says {want}, the TOC in the blob hashes to {got}"),
+                "refusing the layer, nothing was stored: the registry (or something between) serves a TOC the image does not name",
+            ));
+        }
+        let parsed = toc::parse_toc(&member.json).map_err(|why| toc::bad_layer(&lwhat, why))?;
+        let table = toc::chunk_table(&parsed, toc_offset).map_err(|why| toc::bad_layer(&lwhat, why))?;
+        let chain = chain_id(parent.as_deref(), &want);
+        if !store.has_layer(&chain) {
+            let (tar, sizes) = skeleton(&parsed, &member).map_err(|why| toc::bad_layer(&lwhat, why))?;
+            store.import_lazy(&LazyImport {
+                chain_id: chain.clone(),
+                parent: parent.clone(),
+                skeleton: tar,
+                sizes,
+                chunks: table.chunks.len() as u64,
+                toc_json: member.json,
+                lazy: serde_json::json!({
+                    "reference": reference.to_string(),
+                    "plain_http": opts.plain_http,
+                    "tls_verify": opts.tls_verify,
+                    "blob_digest": layer.digest,
+                    "blob_size": layer.size,
+                    "toc_digest": want,
+                    "toc_offset": toc_offset,
+                    "diff_id": diff_ids[i],
+                }),
+                source: lwhat.clone(),
+            })?;
+            out.layers_imported += 1;
+        }
+        tracing::info!(layer = %chain, index = i + 1, digest = %layer.digest, toc = %want, "recorded a lazy layer");
+        parent = Some(chain.clone());
+        out.chain_ids.push(chain);
+    }
+    blobs::put_bytes(store, &digest, &bytes)?;
+    blobs::write_record(
+        store,
+        &blobs::ImageRecord {
+            name: out.name.clone(),
+            manifest: digest.clone(),
+            media_type: mt,
+            config: m.config.digest.clone(),
+            chain_ids: out.chain_ids.clone(),
+        },
+    )?;
+    out.manifest = digest;
+    Ok(out)
+}
+
+/// The footer, then the TOC member, by two Range requests; returns the TOC, its offset and
+/// the bytes fetched.
+fn fetch_toc(client: &Client, digest: &str, size: u64, what: &str) -> Result<(TocMember, u64, u64)> {
+    if size < toc::FOOTER_SIZE + 20 {
+        return Err(toc::bad_layer(what, format!("the blob is {size} bytes, too small for eStargz")));
+    }
+    let foot_at = size - toc::FOOTER_SIZE;
+    let footer = client.get_blob_range(digest, foot_at, size)?;
+    let toc_offset = toc::parse_footer(&footer).map_err(|why| toc::bad_layer(what, why))?;
+    if toc_offset >= foot_at || foot_at - toc_offset > toc::MAX_TOC_COMPRESSED {
+        return Err(toc::bad_layer(
+            what,
+            format!("the footer puts the TOC at {toc_offset}, {} bytes before the footer (at most {} accepted)", foot_at.saturating_sub(toc_offset), toc::MAX_TOC_COMPRESSED),
+        ));
+    }
+    let member = client.get_blob_range(digest, toc_offset, foot_at)?;
+    let fetched = footer.len() as u64 + member.len() as u64;
+    let toc = toc::read_toc_member(&member).map_err(|why| toc::bad_layer(what, why))?;
+    Ok((toc, toc_offset, fetched))
+}
+
+/// The layer's skeleton as a tar stream for the store's unpacker: every TOC entry with its
+/// metadata (xattrs as PAX records, whiteouts as the OCI `.wh.` names they are), regular
+/// files without data (their sizes returned, for the store to set), and the TOC entry itself
+/// whole, as a full pull unpacks it. Returns the tar and (path, size, mtime) of each regular
+/// file.
+type Skeleton = (Vec<u8>, Vec<(PathBuf, u64, u64)>);
+
+fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<Skeleton, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut sizes = Vec::new();
+    for e in &toc.entries {
+        let ty = match e.kind.as_str() {
+            "chunk" => continue,
+            "reg" => tar::EntryType::Regular,
+            "dir" => tar::EntryType::Directory,
+            "symlink" => tar::EntryType::Symlink,
+            "hardlink" => tar::EntryType::Link,
+            "char" => tar::EntryType::Char,
+            "block" => tar::EntryType::Block,
+            "fifo" => tar::EntryType::Fifo,
+            other => return Err(format!("entry {:?} has an unknown type {other:?}", e.name)),
+        };
+        let x = e.xattr_values()?;
+        if !x.is_empty() {
+            let recs: Vec<(String, Vec<u8>)> = x.into_iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), v)).collect();
+            b.append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).map_err(io)?;
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(ty);
+        h.set_mode((e.mode & 0o7777) as u32);
+        h.set_uid(e.uid as u64);
+        h.set_gid(e.gid as u64);
+        let mtime = toc::parse_modtime(&e.modtime).unwrap_or(0).max(0) as u64;
+        h.set_mtime(mtime);
+        h.set_size(0);
+        if matches!(ty, tar::EntryType::Char | tar::EntryType::Block) {
+            h.set_device_major(e.dev_major as u32).map_err(io)?;
+            h.set_device_minor(e.dev_minor as u32).map_err(io)?;
+        }
+        match ty {
+            tar::EntryType::Symlink | tar::EntryType::Link => b.append_link(&mut h, &e.name, &e.link_name).map_err(io)?,
+            _ => b.append_data(&mut h, &e.name, std::io::empty()).map_err(io)?,
+        }
+        if ty == tar::EntryType::Regular && e.size > 0 {
+            if let Some(p) = toc::clean_name(&e.name)? {
+                sizes.push((p, e.size as u64, mtime));
+            }
+        }
+    }
+    let mut h = member.header.clone();
+    b.append_data(&mut h, toc::TOC_NAME, member.json.as_slice()).map_err(io)?;
+    let mut v = b.into_inner().map_err(io)?;
+    v.flush().map_err(io)?;
+    Ok((v, sizes))
+}
