@@ -866,6 +866,7 @@ mod crash_tests {
             },
         );
         assert_eq!(n, 8, "seven operations, eight points");
+        println!("crash points (power loss), application writes to an open file: {n}");
     }
 
     fn create_over_whiteout_points(kind: Kind) -> u64 {
