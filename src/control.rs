@@ -646,6 +646,17 @@ mod tests {
     }
 
     #[test]
+    fn stats_are_answered_with_the_request_counts() {
+        let mut s = served();
+        match s.ask(br#"{"v":1,"op":"stats"}"#) {
+            // No FUSE session in this test: whatever was counted, only served operations.
+            Some(Reply::Stats { requests }) => assert!(requests.values().all(|n| *n > 0)),
+            other => panic!("{other:?}"),
+        }
+        bad_request(s.ask(br#"{"v":1,"op":"stats","x":1}"#));
+    }
+
+    #[test]
     fn garbage_lines_are_refused_with_an_error_reply() {
         let mut s = served();
         for line in [
