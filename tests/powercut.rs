@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{as_user, dir_names, is_mounted, run, scratch, verlay_bin, Launch, LoopDev, Mount, Stop};
+use common::{as_user, dir_names, is_mounted, run, scratch, sh, verlay_bin, Launch, LoopDev, Mount, Stop};
 
 /// The smallest filesystem mkfs.xfs accepts (300 MB), as a sparse image.
 const XFS_IMAGE_BYTES: u64 = 320 << 20;
@@ -94,15 +94,6 @@ impl Disk {
         self.dev = LoopDev::attach(&self.image);
         self.mnt = Some(Mount::fs(&[&self.dev.0], &self.at));
     }
-}
-
-fn sh(script: &str) {
-    let out = Command::new("bash").arg("-ec").arg(script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "script failed: {script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn verlay(args: &[&str]) -> Output {

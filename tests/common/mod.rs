@@ -71,7 +71,7 @@ pub use layers::*;
 pub use mount::{Launch, Mount, Stop, WAIT};
 pub use pair::*;
 pub use proc::{daemon_pids, is_mounted};
-pub use rig::{as_user, dir_names, e2e_script, scratch, verlay_bin, Rig};
+pub use rig::{as_user, dir_names, e2e_script, scratch, sh, verlay_bin, Rig};
 pub use tools::{have, run};
 pub use tree::*;
 pub use util::*;

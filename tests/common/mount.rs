@@ -234,19 +234,7 @@ impl Launch {
 impl Mount {
     /// Kernel overlayfs through mount(8) with the data string `opts`.
     pub fn kernel_overlay(opts: &str, mnt: &Path) -> Result<Mount, String> {
-        let out = Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o", opts])
-            .arg(mnt)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t overlay -o {opts} {}: {}",
-                mnt.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        mount8(&["-t", "overlay", "overlay", "-o", opts], mnt)?;
         Ok(Mount::adopt_kernel(mnt))
     }
 
@@ -258,19 +246,7 @@ impl Mount {
     /// `mount ARGS AT`, creating `at`, or the command and its stderr.
     pub fn try_fs(args: &[&str], at: &Path) -> Result<Mount, String> {
         fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount")
-            .args(args)
-            .arg(at)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount {args:?} {}: {}",
-                at.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        mount8(args, at)?;
         Ok(Mount::adopt_kernel(at))
     }
 
@@ -429,6 +405,26 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(10));
         }
         None
+    }
+}
+
+/// `mount ARGS AT`, or the command and its stderr.
+fn mount8(args: &[&str], at: &Path) -> Result<(), String> {
+    let out = Command::new("mount")
+        .args(args)
+        .arg(at)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("mount: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount {} {}: {}",
+            args.join(" "),
+            at.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 

@@ -32,6 +32,20 @@ pub fn dir_names(p: &Path) -> Vec<String> {
     v
 }
 
+/// Run `script` with `bash -ec`; panics with its stderr if it fails.
+pub fn sh(script: &str) {
+    let out = std::process::Command::new("bash")
+        .arg("-ec")
+        .arg(script)
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "script failed: {script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A private temp dir under /tmp named `PREFIX...` (mode 0700, as tempfile makes it).
 pub fn scratch(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
