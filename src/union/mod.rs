@@ -202,17 +202,17 @@ pub struct UnionOptions {
 
 /// The mount's atime option as it applies to reads of upper files. Kernel overlayfs reads
 /// the real file with O_NOATIME and updates the upper inode's atime by the overlay mount's
-/// own option (`ovl_file_accessed`, `touch_atime` on the overlay path); lower files' atimes
-/// never change. A read through verlay's daemon otherwise follows the upper filesystem's
-/// option.
+/// own option (`ovl_file_accessed`; its private upper mount drops the atime flags); lower
+/// files' atimes never change. A read through verlay's daemon follows the upper
+/// filesystem's option (relatime on a default mount), except under `noatime`. strictatime
+/// is not applied: the daemon has no way to set an atime without also changing the ctime
+/// (utimensat always does), which would be worse than a relatime atime.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Atime {
-    /// relatime (the default): the upper filesystem's rule, relatime on a default mount
+    /// relatime, strictatime, norelatime (the default): the upper filesystem's rule
     #[default]
-    Relatime,
-    /// strictatime (or norelatime): every read updates the atime
-    Strict,
-    /// noatime: reads never update it (O_NOATIME)
+    Upper,
+    /// noatime or a read-only mount: reads never update it (O_NOATIME on upper fds)
     Never,
 }
 
@@ -220,20 +220,17 @@ impl Atime {
     /// The atime mode of a list of mount options: the last atime option wins, as with
     /// mount(8); a read-only mount (`ro` after any `rw`) updates no atime at all.
     pub fn from_mount_options<'a>(opts: impl IntoIterator<Item = &'a str>) -> Atime {
-        let (mode, ro) = opts
-            .into_iter()
-            .fold((Atime::Relatime, false), |(mode, ro), o| match o {
-                "noatime" => (Atime::Never, ro),
-                "strictatime" | "norelatime" => (Atime::Strict, ro),
-                "relatime" | "atime" | "nostrictatime" => (Atime::Relatime, ro),
-                "ro" => (mode, true),
-                "rw" => (mode, false),
-                _ => (mode, ro),
-            });
-        if ro {
+        let (noatime, ro) = opts.into_iter().fold((false, false), |(no, ro), o| match o {
+            "noatime" => (true, ro),
+            "strictatime" | "norelatime" | "relatime" | "atime" | "nostrictatime" => (false, ro),
+            "ro" => (no, true),
+            "rw" => (no, false),
+            _ => (no, ro),
+        });
+        if noatime || ro {
             Atime::Never
         } else {
-            mode
+            Atime::Upper
         }
     }
 }
@@ -2391,33 +2388,7 @@ impl Union {
         if let (Some(v), false) = (&h.verify, on_upper) {
             return v.layer.read(&v.path, &v.chunks, &*fd, offset, size);
         }
-        let data = crate::layer::read_at(&*fd, offset, size)?;
-        if on_upper {
-            self.accessed(&fd);
-        }
-        Ok(data)
-    }
-
-    /// An upper file was read through `fd`: its atime by the mount's option ([`Atime`]).
-    /// `Never` is O_NOATIME, set at open ([`Union::open_real`]); `Relatime` is the upper
-    /// filesystem's own rule.
-    fn accessed(&self, fd: &OwnedFd) {
-        if self.opts.atime != Atime::Strict {
-            return;
-        }
-        let now = Timestamps {
-            last_access: Timespec {
-                tv_sec: 0,
-                tv_nsec: rustix::fs::UTIME_NOW,
-            },
-            last_modification: Timespec {
-                tv_sec: 0,
-                tv_nsec: rustix::fs::UTIME_OMIT,
-            },
-        };
-        if let Err(e) = rustix::fs::futimens(fd, &now) {
-            debug!(op = "read", "strictatime: atime not updated: {e}");
-        }
+        crate::layer::read_at(&*fd, offset, size)
     }
 
     /// FUSE write, by `ctx` to node `id`.
