@@ -313,35 +313,7 @@ impl Union {
         if let (Some(v), false) = (&h.verify, on_upper) {
             return v.layer.read(&v.path, &v.chunks, &*fd, offset, size);
         }
-        let data = crate::layer::read_at(&*fd, offset, size)?;
-        if on_upper {
-            self.accessed(&fd);
-        }
-        Ok(data)
-    }
-
-    /// An upper file was read through `fd`: its atime by the mount's option ([`Atime`]).
-    /// `Never` is O_NOATIME, set at open ([`Union::open_real`]); `Relatime` is the upper
-    /// filesystem's own rule. `Strict` sets it here, a change to the upper like any other
-    /// (so such a read waits while a commit holds the gate).
-    fn accessed(&self, fd: &Arc<OwnedFd>) {
-        if self.opts.atime != Atime::Strict {
-            return;
-        }
-        let now = Timestamps {
-            last_access: Timespec {
-                tv_sec: 0,
-                tv_nsec: rustix::fs::UTIME_NOW,
-            },
-            last_modification: Timespec {
-                tv_sec: 0,
-                tv_nsec: rustix::fs::UTIME_OMIT,
-            },
-        };
-        let done = self.change().and_then(|up| up.file(fd.clone()).set_times(&now));
-        if let Err(e) = done {
-            debug!(op = "read", "strictatime: atime not updated: {e}");
-        }
+        crate::layer::read_at(&*fd, offset, size)
     }
 
     /// FUSE write, by `ctx` to node `id`.

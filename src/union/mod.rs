@@ -222,17 +222,17 @@ pub struct UnionOptions {
 
 /// The mount's atime option as it applies to reads of upper files. Kernel overlayfs reads
 /// the real file with O_NOATIME and updates the upper inode's atime by the overlay mount's
-/// own option (`ovl_file_accessed`, `touch_atime` on the overlay path); lower files' atimes
-/// never change. A read through verlay's daemon otherwise follows the upper filesystem's
-/// option.
+/// own option (`ovl_file_accessed`; its private upper mount drops the atime flags); lower
+/// files' atimes never change. A read through verlay's daemon follows the upper
+/// filesystem's option (relatime on a default mount), except under `noatime`. strictatime
+/// is not applied: the daemon has no way to set an atime without also changing the ctime
+/// (utimensat always does), which would be worse than a relatime atime.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Atime {
-    /// relatime (the default): the upper filesystem's rule, relatime on a default mount
+    /// relatime, strictatime, norelatime (the default): the upper filesystem's rule
     #[default]
-    Relatime,
-    /// strictatime (or norelatime): every read updates the atime
-    Strict,
-    /// noatime: reads never update it (O_NOATIME)
+    Upper,
+    /// noatime or a read-only mount: reads never update it (O_NOATIME on upper fds)
     Never,
 }
 
@@ -240,20 +240,17 @@ impl Atime {
     /// The atime mode of a list of mount options: the last atime option wins, as with
     /// mount(8); a read-only mount (`ro` after any `rw`) updates no atime at all.
     pub fn from_mount_options<'a>(opts: impl IntoIterator<Item = &'a str>) -> Atime {
-        let (mode, ro) = opts
-            .into_iter()
-            .fold((Atime::Relatime, false), |(mode, ro), o| match o {
-                "noatime" => (Atime::Never, ro),
-                "strictatime" | "norelatime" => (Atime::Strict, ro),
-                "relatime" | "atime" | "nostrictatime" => (Atime::Relatime, ro),
-                "ro" => (mode, true),
-                "rw" => (mode, false),
-                _ => (mode, ro),
-            });
-        if ro {
+        let (noatime, ro) = opts.into_iter().fold((false, false), |(no, ro), o| match o {
+            "noatime" => (true, ro),
+            "strictatime" | "norelatime" | "relatime" | "atime" | "nostrictatime" => (false, ro),
+            "ro" => (no, true),
+            "rw" => (no, false),
+            _ => (no, ro),
+        });
+        if noatime || ro {
             Atime::Never
         } else {
-            mode
+            Atime::Upper
         }
     }
 }
