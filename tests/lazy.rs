@@ -15,12 +15,9 @@
 //! Needs docker-registry (bash tests/setup.sh installs it), root (FUSE mounts) and the
 //! test image of tests/e2e/image.sh.
 
-mod faultproxy;
-#[path = "common/guard.rs"]
-mod guard;
 #[macro_use]
-#[path = "common/rig.rs"]
-mod rig;
+mod common;
+mod faultproxy;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -30,58 +27,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::mount::{Launch, Mount};
+use common::rig::e2e_script;
+use common::tools::have;
 use faultproxy::{FaultProxy, Faults};
-use rig::{e2e_script, have, Verlay};
 
 /// A verlay mount in the foreground with the background fetch off
-/// (`VERLAY_LAZY_BACKGROUND=off`), so that what a read moves can be counted. Drop unmounts
-/// and reaps it.
-struct Quiet {
-    mnt: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Quiet {
-    fn start(opts: &str, mnt: &Path, log: &Path) -> Quiet {
-        let err = fs::File::create(log).expect("log");
-        let mut child = Command::new(BIN)
-            .args(["-f", "-o", opts])
-            .arg(mnt)
-            .env("VERLAY_LAZY_BACKGROUND", "off")
-            .stdin(Stdio::null())
-            .stdout(err.try_clone().expect("log fd"))
-            .stderr(err)
-            .spawn()
-            .expect("verlay");
-        let t0 = Instant::now();
-        while !guard::is_mounted(mnt) {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("verlay -o {opts}: {st}: {}", fs::read_to_string(log).unwrap_or_default());
-            }
-            if t0.elapsed() > rig::WAIT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("verlay -o {opts} did not mount");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Quiet {
-            mnt: mnt.to_path_buf(),
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Quiet {
-    fn drop(&mut self) {
-        guard::unmount_and_reap(&self.mnt, self.child.take(), rig::WAIT);
-    }
+/// (`VERLAY_LAZY_BACKGROUND=off`), so that what a read moves can be counted. The guard
+/// unmounts and reaps it.
+fn quiet(opts: &str, mnt: &Path, log: &Path) -> Mount {
+    Launch::verlay(opts, mnt)
+        .log(log)
+        .env("VERLAY_LAZY_BACKGROUND", "off")
+        .start()
 }
 use sha2::{Digest, Sha256};
 
@@ -105,7 +63,10 @@ struct Registry {
 
 impl Registry {
     fn start(dir: &Path) -> Registry {
-        assert!(have("docker-registry"), "docker-registry is not installed (bash tests/setup.sh installs it)");
+        assert!(
+            have("docker-registry"),
+            "docker-registry is not installed (bash tests/setup.sh installs it)"
+        );
         fs::create_dir_all(dir.join("data")).expect("mkdir data");
         for attempt in 1..=3 {
             let port = free_port();
@@ -137,7 +98,10 @@ impl Registry {
                     }
                     panic!("docker-registry exited ({st}):\n{log}");
                 }
-                assert!(Instant::now() < deadline, "docker-registry did not answer on {addr}");
+                assert!(
+                    Instant::now() < deadline,
+                    "docker-registry did not answer on {addr}"
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -200,13 +164,19 @@ fn sha256_hex(b: &[u8]) -> String {
 
 /// A store's blob.
 fn blob(store: &Path, digest: &str) -> Vec<u8> {
-    fs::read(store.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).expect("blob")
+    fs::read(
+        store
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )
+    .expect("blob")
 }
 
 /// The manifest (as JSON) of the store's image `name`.
 fn manifest(store: &Path, name: &str) -> serde_json::Value {
     let rec: serde_json::Value =
-        serde_json::from_slice(&fs::read(store.join("images").join(format!("{name}.json"))).expect("record")).expect("json");
+        serde_json::from_slice(&fs::read(store.join("images").join(format!("{name}.json"))).expect("record"))
+            .expect("json");
     serde_json::from_slice(&blob(store, rec["manifest"].as_str().expect("manifest"))).expect("manifest json")
 }
 
@@ -224,15 +194,45 @@ struct Scratch {
 
 impl Scratch {
     fn new(tag: &str) -> Scratch {
-        let t = tempfile::Builder::new().prefix(&format!("verlay-lazy-{tag}-")).tempdir().expect("tempdir");
+        let t = tempfile::Builder::new()
+            .prefix(&format!("verlay-lazy-{tag}-"))
+            .tempdir()
+            .expect("tempdir");
         let img = t.path().join("img");
-        let out = Command::new("bash").arg(e2e_script("image.sh")).arg(&img).output().expect("image.sh");
-        assert!(out.status.success(), "image.sh: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("bash")
+            .arg(e2e_script("image.sh"))
+            .arg(&img)
+            .output()
+            .expect("image.sh");
+        assert!(
+            out.status.success(),
+            "image.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let src = t.path().join("src");
-        verlay(&["image", "import", "--store", p(&src), "--name", "test", p(&img.join("oci"))]).printed("import");
+        verlay(&[
+            "image",
+            "import",
+            "--store",
+            p(&src),
+            "--name",
+            "test",
+            p(&img.join("oci")),
+        ])
+        .printed("import");
         let chunk = CHUNK.to_string();
-        verlay(&["image", "convert", "--store", p(&src), "--estargz", "--chunk-size", &chunk, "test", "esgz"])
-            .printed("convert");
+        verlay(&[
+            "image",
+            "convert",
+            "--store",
+            p(&src),
+            "--estargz",
+            "--chunk-size",
+            &chunk,
+            "test",
+            "esgz",
+        ])
+        .printed("convert");
         let reg = Registry::start(&t.path().join("reg"));
         let target = format!("{}/lazy/test:esgz", reg.addr);
         verlay(&["image", "push", "--store", p(&src), "--image", "esgz", &target]).printed("push");
@@ -263,10 +263,14 @@ impl Scratch {
     }
 
     /// Mount `lowerdir` read-only at `name`, logging to `name.log`, without background fetch.
-    fn mount(&self, lowerdir: &str, name: &str) -> Quiet {
+    fn mount(&self, lowerdir: &str, name: &str) -> Mount {
         let mnt = self.path(name);
         fs::create_dir_all(&mnt).expect("mkdir mnt");
-        Quiet::start(&format!("ro,lowerdir={lowerdir}"), &mnt, &self.path(&format!("{name}.log")))
+        quiet(
+            &format!("ro,lowerdir={lowerdir}"),
+            &mnt,
+            &self.path(&format!("{name}.log")),
+        )
     }
 
     /// Body bytes of blob GETs the proxy forwarded since the last clear.
@@ -296,12 +300,24 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             } else if m.file_type().is_symlink() {
                 format!("link {}", fs::read_link(&path).expect("readlink").display())
             } else if m.is_file() {
-                format!("file {}", sha256_hex(&fs::read(&path).unwrap_or_else(|e| panic!("read {rel}: {e}"))))
+                format!(
+                    "file {}",
+                    sha256_hex(&fs::read(&path).unwrap_or_else(|e| panic!("read {rel}: {e}")))
+                )
             } else {
                 format!("other rdev {}", m.rdev())
             };
             let size = if m.is_dir() { 0 } else { m.len() };
-            out.insert(rel, format!("{what} mode {:o} {}:{} size {size} mtime {}", m.mode(), m.uid(), m.gid(), m.mtime()));
+            out.insert(
+                rel,
+                format!(
+                    "{what} mode {:o} {}:{} size {size} mtime {}",
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    m.mtime()
+                ),
+            );
         }
     }
     out
@@ -317,7 +333,9 @@ fn eio(r: std::io::Result<Vec<u8>>, what: &str) {
 
 /// Log lines at ERROR or WARN that mention `needle`.
 fn lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
-    log.lines().filter(|l| l.contains(needle) && (l.contains("ERROR") || l.contains("WARN"))).collect()
+    log.lines()
+        .filter(|l| l.contains(needle) && (l.contains("ERROR") || l.contains("WARN")))
+        .collect()
 }
 
 /// The store layer directory (top first) of a lowerdir entry holding `rel`.
@@ -346,33 +364,63 @@ fn convert_makes_estargz_that_gzip_reads_and_a_full_pull_mounts_as_the_original(
                 .arg(format!("gzip -dc '{}' | tar t", f.display()))
                 .output()
                 .expect("gzip | tar");
-            assert!(out.status.success(), "layer {i}: gzip -dc | tar t: {}", String::from_utf8_lossy(&out.stderr));
-            let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+            assert!(
+                out.status.success(),
+                "layer {i}: gzip -dc | tar t: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
             v.sort();
             v
         };
-        let mut want = list(&blob(&s.src, orig["layers"][i]["digest"].as_str().expect("digest")));
-        want.extend([".no.prefetch.landmark".to_string(), "stargz.index.json".to_string()]);
+        let mut want = list(&blob(
+            &s.src,
+            orig["layers"][i]["digest"].as_str().expect("digest"),
+        ));
+        want.extend([
+            ".no.prefetch.landmark".to_string(),
+            "stargz.index.json".to_string(),
+        ]);
         want.sort();
         assert_eq!(list(&b), want, "layer {i}: the eStargz blob lists other files");
         // the footer: 51 bytes naming the TOC offset, and the TOC hashes to the annotation
         let foot = &b[b.len() - 51..];
         assert_eq!(&foot[..4], &[0x1f, 0x8b, 8, 4], "layer {i}: footer gzip header");
         assert_eq!(&foot[32..38], b"STARGZ", "layer {i}: footer magic");
-        let off = u64::from_str_radix(std::str::from_utf8(&foot[16..32]).expect("hex"), 16).expect("offset") as usize;
+        let off = u64::from_str_radix(std::str::from_utf8(&foot[16..32]).expect("hex"), 16).expect("offset")
+            as usize;
         let mut toc = Vec::new();
         let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&b[off..b.len() - 51]));
-        let mut e = ar.entries().expect("toc tar").next().expect("toc entry").expect("toc entry");
+        let mut e = ar
+            .entries()
+            .expect("toc tar")
+            .next()
+            .expect("toc entry")
+            .expect("toc entry");
         assert_eq!(&*e.path_bytes(), b"stargz.index.json");
         std::io::Read::read_to_end(&mut e, &mut toc).expect("toc");
         assert_eq!(
             format!("sha256:{}", sha256_hex(&toc)),
-            l["annotations"]["containerd.io/snapshot/stargz/toc.digest"].as_str().expect("annotation"),
+            l["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+                .as_str()
+                .expect("annotation"),
             "layer {i}: TOC digest"
         );
     }
     // a full pull (done by Scratch) mounts as the original image, plus the two eStargz files
-    let orig_lower = verlay(&["image", "import", "--store", p(&s.src), "--name", "again", p(&s.path("img/oci"))]).printed("import");
+    let orig_lower = verlay(&[
+        "image",
+        "import",
+        "--store",
+        p(&s.src),
+        "--name",
+        "again",
+        p(&s.path("img/oci")),
+    ])
+    .printed("import");
     let a = s.mount(&orig_lower, "orig");
     let b = s.mount(&s.full_lower, "full");
     let mut want = tree(&s.path("orig"));
@@ -380,8 +428,15 @@ fn convert_makes_estargz_that_gzip_reads_and_a_full_pull_mounts_as_the_original(
     for extra in [".no.prefetch.landmark", "stargz.index.json"] {
         assert!(got.contains_key(extra), "{extra} missing from the full pull");
     }
-    want.extend(got.iter().filter(|(k, _)| k.as_str() == ".no.prefetch.landmark" || k.as_str() == "stargz.index.json").map(|(k, v)| (k.clone(), v.clone())));
-    assert_eq!(got, want, "a full pull of the eStargz image differs from the original");
+    want.extend(
+        got.iter()
+            .filter(|(k, _)| k.as_str() == ".no.prefetch.landmark" || k.as_str() == "stargz.index.json")
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    assert_eq!(
+        got, want,
+        "a full pull of the eStargz image differs from the original"
+    );
     drop((a, b));
 }
 
@@ -410,23 +465,40 @@ fn lazy_pull_moves_only_tocs_reads_fetch_their_chunks_and_every_file_matches_a_f
     assert_eq!(passwd, fs::read(s.path("full/etc/passwd")).expect("full passwd"));
     let first = s.blob_bytes();
     assert!(first > 0, "the first read moved nothing: it was not lazy");
-    assert!(first <= 2 * CHUNK, "the first read of a small file moved {first} bytes, more than 2 chunks");
+    assert!(
+        first <= 2 * CHUNK,
+        "the first read of a small file moved {first} bytes, more than 2 chunks"
+    );
     // a read in the middle of the 1 MiB blob moves about one chunk
     s.proxy.clear();
     let f = fs::File::open(s.path("m/data/blob")).expect("open blob");
     let mut buf = vec![0u8; 100];
     f.read_exact_at(&mut buf, 500_000).expect("read blob middle");
     let mut want = vec![0u8; 100];
-    fs::File::open(s.path("full/data/blob")).expect("open").read_exact_at(&mut want, 500_000).expect("read");
+    fs::File::open(s.path("full/data/blob"))
+        .expect("open")
+        .read_exact_at(&mut want, 500_000)
+        .expect("read");
     assert_eq!(buf, want);
     drop(f);
     let mid = s.blob_bytes();
-    assert!(mid <= 2 * CHUNK + 4096, "a 100-byte read of a 1 MiB file moved {mid} bytes");
+    assert!(
+        mid <= 2 * CHUNK + 4096,
+        "a 100-byte read of a 1 MiB file moved {mid} bytes"
+    );
     // every file, byte for byte
     s.proxy.clear();
-    assert_eq!(tree(&s.path("m")), tree(&s.path("full")), "the lazy mount differs from the full pull");
+    assert_eq!(
+        tree(&s.path("m")),
+        tree(&s.path("full")),
+        "the lazy mount differs from the full pull"
+    );
     let rest = s.blob_bytes();
-    assert!(rest + first + mid <= blobs_total, "reading everything moved {} bytes, more than the layers' {blobs_total}", rest + first + mid);
+    assert!(
+        rest + first + mid <= blobs_total,
+        "reading everything moved {} bytes, more than the layers' {blobs_total}",
+        rest + first + mid
+    );
     eprintln!(
         "lazy: layers {blobs_total} B; lazy pull moved {pulled} B; first read (etc/passwd) {first} B; \
          100 B in the middle of data/blob {mid} B; every other file {rest} B"
@@ -437,7 +509,11 @@ fn lazy_pull_moves_only_tocs_reads_fetch_their_chunks_and_every_file_matches_a_f
     // remount: everything comes from the cache, verified, without the network
     s.proxy.clear();
     let m2 = s.mount(&lower, "m");
-    assert_eq!(tree(&s.path("m")), tree(&s.path("full")), "the remounted lazy mount differs");
+    assert_eq!(
+        tree(&s.path("m")),
+        tree(&s.path("full")),
+        "the remounted lazy mount differs"
+    );
     assert_eq!(s.blob_bytes(), 0, "a remount fetched again what the cache had");
     drop((m2, full));
 }
@@ -459,30 +535,53 @@ fn damage_is_eio_logged_and_never_served_and_the_layer_recovers() {
         ..Faults::default()
     });
     eio(fs::read(s.path("m/data/blob")), "read of a corrupted chunk");
-    eio(fs::read(s.path("m/data/blob")), "second read of a corrupted chunk");
+    eio(
+        fs::read(s.path("m/data/blob")),
+        "second read of a corrupted chunk",
+    );
     let log = m.log();
     let bad = lines_with(&log, "data/blob");
     assert_eq!(bad.len(), 1, "one log line for data/blob, got:\n{log}");
-    assert!(bad[0].contains(layer.to_str().expect("utf-8")), "the line names the layer: {}", bad[0]);
+    assert!(
+        bad[0].contains(layer.to_str().expect("utf-8")),
+        "the line names the layer: {}",
+        bad[0]
+    );
     assert!(
         fs::read(&cached).expect("cache").iter().all(|&b| b == 0),
         "corrupt bytes reached the cache"
     );
     s.proxy.set(Faults::default());
-    assert!(fs::read(s.path("m/data/blob")).expect("read after the fault") == want, "wrong bytes after the fault");
+    assert!(
+        fs::read(s.path("m/data/blob")).expect("read after the fault") == want,
+        "wrong bytes after the fault"
+    );
     drop(m);
 
     // 2. a corrupted cache: found on the first read after a mount, fetched again
-    let f = fs::OpenOptions::new().write(true).open(&cached).expect("open cache");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(&cached)
+        .expect("open cache");
     f.write_all_at(&[0xAA], 300_000).expect("damage cache");
     drop(f);
     let m = s.mount(&lower, "m2");
     s.proxy.clear();
-    assert!(fs::read(s.path("m2/data/blob")).expect("read with a bad cache") == want, "wrong bytes from a damaged cache");
+    assert!(
+        fs::read(s.path("m2/data/blob")).expect("read with a bad cache") == want,
+        "wrong bytes from a damaged cache"
+    );
     let log = m.log();
-    assert_eq!(lines_with(&log, "data/blob").len(), 1, "one line for the damaged cache:\n{log}");
+    assert_eq!(
+        lines_with(&log, "data/blob").len(),
+        1,
+        "one line for the damaged cache:\n{log}"
+    );
     let fetched = s.blob_bytes();
-    assert!(fetched > 0 && fetched <= 2 * CHUNK, "the damaged chunk alone is fetched again, not {fetched} bytes");
+    assert!(
+        fetched > 0 && fetched <= 2 * CHUNK,
+        "the damaged chunk alone is fetched again, not {fetched} bytes"
+    );
     drop(m);
 
     // 3. the network cut: bounded EIO, then reads work again
@@ -493,8 +592,16 @@ fn damage_is_eio_logged_and_never_served_and_the_layer_recovers() {
     });
     let t0 = Instant::now();
     eio(fs::read(s.path("m3/bin/busybox")), "read with the network cut");
-    assert!(t0.elapsed() < Duration::from_secs(60), "EIO took {:?}", t0.elapsed());
-    assert!(!lines_with(&m.log(), "bin/busybox").is_empty(), "the failed fetch is logged:\n{}", m.log());
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "EIO took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        !lines_with(&m.log(), "bin/busybox").is_empty(),
+        "the failed fetch is logged:\n{}",
+        m.log()
+    );
     s.proxy.set(Faults::default());
     assert_eq!(
         fs::read(s.path("m3/bin/busybox")).expect("read after the network is back"),
@@ -511,25 +618,46 @@ fn a_copy_up_of_a_lazy_file_fetches_and_verifies_it_whole_first() {
     for d in ["u", "w", "m"] {
         fs::create_dir_all(s.path(d)).expect("mkdir");
     }
-    let opts = format!("lowerdir={lower},upperdir={},workdir={}", p(&s.path("u")), p(&s.path("w")));
-    let m = Quiet::start(&opts, &s.path("m"), &s.path("m.log"));
+    let opts = format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        p(&s.path("u")),
+        p(&s.path("w"))
+    );
+    let m = quiet(&opts, &s.path("m"), &s.path("m.log"));
     s.proxy.clear();
     // append to the 1 MiB file without reading it: the copy-up needs every chunk
-    let mut f = fs::OpenOptions::new().append(true).open(s.path("m/data/blob")).expect("open for append");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(s.path("m/data/blob"))
+        .expect("open for append");
     std::io::Write::write_all(&mut f, b"tail").expect("append");
     drop(f);
     let mut want = fs::read(s.path("full/data/blob")).expect("full blob");
     want.extend_from_slice(b"tail");
-    assert!(fs::read(s.path("u/data/blob")).expect("upper copy") == want, "the copied-up file is not the original plus the tail");
-    assert!(s.blob_bytes() >= 1 << 20, "the copy-up fetched only {} bytes of a 1 MiB file", s.blob_bytes());
+    assert!(
+        fs::read(s.path("u/data/blob")).expect("upper copy") == want,
+        "the copied-up file is not the original plus the tail"
+    );
+    assert!(
+        s.blob_bytes() >= 1 << 20,
+        "the copy-up fetched only {} bytes of a 1 MiB file",
+        s.blob_bytes()
+    );
     // a corrupted chunk stops a copy-up: nothing reaches the upper
     s.proxy.set(Faults {
         tamper_blobs: true,
         ..Faults::default()
     });
     let r = fs::OpenOptions::new().append(true).open(s.path("m/bin/busybox"));
-    assert_eq!(r.map(|_| ()).map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)), "a copy-up of a corrupt lazy file");
-    assert!(!s.path("u/bin/busybox").exists(), "a corrupt file reached the upper");
+    assert_eq!(
+        r.map(|_| ()).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "a copy-up of a corrupt lazy file"
+    );
+    assert!(
+        !s.path("u/bin/busybox").exists(),
+        "a corrupt file reached the upper"
+    );
     drop((m, full));
 }
 
@@ -541,10 +669,18 @@ fn the_background_fetch_caches_every_chunk_and_then_reads_need_no_network() {
     let full = s.mount(&s.full_lower, "full");
     let mnt = s.path("m");
     fs::create_dir_all(&mnt).expect("mkdir");
-    let m = Verlay::start(&format!("ro,lowerdir={lower}"), &mnt, &s.path("m.log"));
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .start();
     // one small read starts it
-    assert_eq!(fs::read(mnt.join("etc/passwd")).expect("passwd"), fs::read(s.path("full/etc/passwd")).expect("full"));
-    let presents: Vec<PathBuf> = lower.split(':').map(|d| Path::new(d).with_file_name("lazy").join("present")).collect();
+    assert_eq!(
+        fs::read(mnt.join("etc/passwd")).expect("passwd"),
+        fs::read(s.path("full/etc/passwd")).expect("full")
+    );
+    let presents: Vec<PathBuf> = lower
+        .split(':')
+        .map(|d| Path::new(d).with_file_name("lazy").join("present"))
+        .collect();
     let t0 = Instant::now();
     loop {
         let missing: usize = presents
@@ -554,7 +690,11 @@ fn the_background_fetch_caches_every_chunk_and_then_reads_need_no_network() {
         if missing == 0 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "{missing} chunks still missing after a minute:\n{}", m.log());
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{missing} chunks still missing after a minute:\n{}",
+            m.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // the network gone, every file still reads as after a full pull
@@ -563,8 +703,15 @@ fn the_background_fetch_caches_every_chunk_and_then_reads_need_no_network() {
         ..Faults::default()
     });
     s.proxy.clear();
-    assert_eq!(tree(&mnt), tree(&s.path("full")), "the lazy mount differs after the background fetch");
-    assert!(s.proxy.log().is_empty(), "reads after the background fetch went to the network");
+    assert_eq!(
+        tree(&mnt),
+        tree(&s.path("full")),
+        "the lazy mount differs after the background fetch"
+    );
+    assert!(
+        s.proxy.log().is_empty(),
+        "reads after the background fetch went to the network"
+    );
     let log = m.log();
     assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
     drop((m, full));
@@ -584,14 +731,25 @@ fn a_toc_that_does_not_match_the_manifest_annotation_is_refused() {
         serde_json::from_slice(&fs::read(s.src.join("images/esgz.json")).expect("record")).expect("json");
     rec["name"] = "bad".into();
     rec["manifest"] = digest.into();
-    fs::write(s.src.join("images/bad.json"), serde_json::to_vec(&rec).expect("json")).expect("record");
+    fs::write(
+        s.src.join("images/bad.json"),
+        serde_json::to_vec(&rec).expect("json"),
+    )
+    .expect("record");
     let target = format!("{}/lazy/test:bad", s.reg.addr);
     verlay(&["image", "push", "--store", p(&s.src), "--image", "bad", &target]).printed("push");
     let store = s.path("lz");
     let out = verlay(&["image", "pull", "--lazy", "--store", p(&store), &target]);
-    assert_eq!(out.code, Some(1), "a lazy pull of a mismatching TOC must fail:\n{}", out.stderr);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "a lazy pull of a mismatching TOC must fail:\n{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("TOC digest mismatch"), "{}", out.stderr);
-    let layers: Vec<_> = fs::read_dir(store.join("layers")).map(|d| d.flatten().collect()).unwrap_or_default();
+    let layers: Vec<_> = fs::read_dir(store.join("layers"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
     assert!(layers.is_empty(), "a refused pull stored layers: {layers:?}");
     assert!(!store.join("images/127.0.0.1").exists());
 }

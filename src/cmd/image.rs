@@ -67,8 +67,10 @@ pub enum ImageCmd {
         reference: String,
     },
     /// Convert an image of the store to eStargz (lazily pullable); prints its lowerdir=
-    #[command(after_help = "Example:\n    verlay image convert --store S --estargz app:1 app:1-esgz\n    \
-                            verlay image push --store S --image app:1-esgz registry.example:5000/app:1-esgz")]
+    #[command(
+        after_help = "Example:\n    verlay image convert --store S --estargz app:1 app:1-esgz\n    \
+                            verlay image push --store S --image app:1-esgz registry.example:5000/app:1-esgz"
+    )]
     Convert {
         /// the eStargz format (the only one)
         #[arg(long, required = true)]
@@ -149,7 +151,11 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
             println!("{}", image::lowerdir(&store, &chains)?);
             Ok(())
         }
-        ImageCmd::Pull { lazy, registry, reference } => {
+        ImageCmd::Pull {
+            lazy,
+            registry,
+            reference,
+        } => {
             let reference = Reference::parse(&reference)?;
             let opts = registry.options(None);
             let store = store_for_writing(g, "verlay image pull")?;
@@ -192,7 +198,12 @@ pub fn run(g: &Global, c: ImageCmd) -> Result<()> {
             println!("{reference}@{}", got.manifest);
             Ok(())
         }
-        ImageCmd::Convert { estargz: _, chunk_size, source, name } => {
+        ImageCmd::Convert {
+            estargz: _,
+            chunk_size,
+            source,
+            name,
+        } => {
             let store = existing_store(g, "verlay image convert")?;
             let got = crate::estargz::convert::convert(&store, &source, &name, chunk_size)?;
             eprintln!(

@@ -392,7 +392,10 @@ mod tests {
     fn tls_verify_is_a_flag_with_an_optional_value() {
         for (arg, want) in [("--tls-verify", Some(true)), ("--tls-verify=false", Some(false))] {
             let c = parse(&["image", "pull", arg, "r"]).unwrap();
-            let Sub::Image(image::ImageCmd::Pull { registry, reference, .. }) = c.command else {
+            let Sub::Image(image::ImageCmd::Pull {
+                registry, reference, ..
+            }) = c.command
+            else {
                 panic!("{arg}")
             };
             assert_eq!(

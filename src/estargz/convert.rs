@@ -30,7 +30,10 @@ pub struct Converted {
 
 fn decompressed(f: File, what: &str) -> Result<Box<dyn Read>> {
     let mut r = BufReader::with_capacity(1 << 20, f);
-    let magic = r.fill_buf().map_err(|e| Error::io("convert.read", what, e))?.to_vec();
+    let magic = r
+        .fill_buf()
+        .map_err(|e| Error::io("convert.read", what, e))?
+        .to_vec();
     Ok(if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(r))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -47,8 +50,13 @@ pub fn convert(store: &Store, source: &str, name: &str, chunk: u64) -> Result<Co
     let what = format!("image {source}");
     let m = oci::parse(&mbytes, &what)?;
     let cbytes = blobs::read_blob(store, &m.config.digest)?;
-    let mut config: Value = serde_json::from_slice(&cbytes)
-        .map_err(|e| Error::usage(&what, format!("its config is not JSON: {e}"), "import the image again"))?;
+    let mut config: Value = serde_json::from_slice(&cbytes).map_err(|e| {
+        Error::usage(
+            &what,
+            format!("its config is not JSON: {e}"),
+            "import the image again",
+        )
+    })?;
     let mut layers = Vec::new();
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
@@ -62,7 +70,11 @@ pub fn convert(store: &Store, source: &str, name: &str, chunk: u64) -> Result<Co
         let written = writer::write(decompressed(f, &l.digest)?, std::io::BufWriter::new(out), chunk)
             .map_err(|why| {
                 let _ = std::fs::remove_file(&tmp);
-                Error::usage(format!("layer {} ({}) of {source}", i + 1, l.digest), why, "this layer cannot be converted")
+                Error::usage(
+                    format!("layer {} ({}) of {source}", i + 1, l.digest),
+                    why,
+                    "this layer cannot be converted",
+                )
             })?;
         let mut f = File::open(&tmp).map_err(|e| Error::io("convert.open", &tmp, e))?;
         let digest = blobs::put_stream(store, None, Some(written.size), &mut f);
@@ -98,7 +110,8 @@ pub fn convert(store: &Store, source: &str, name: &str, chunk: u64) -> Result<Co
         chains.push(got.chain_id);
     }
     config["rootfs"] = json!({"type": "layers", "diff_ids": diff_ids});
-    let cbytes = serde_json::to_vec(&config).map_err(|e| Error::io("convert.config", "config", std::io::Error::other(e)))?;
+    let cbytes = serde_json::to_vec(&config)
+        .map_err(|e| Error::io("convert.config", "config", std::io::Error::other(e)))?;
     let cdigest = sha256_digest(&cbytes);
     blobs::put_bytes(store, &cdigest, &cbytes)?;
     let manifest = json!({
@@ -107,7 +120,8 @@ pub fn convert(store: &Store, source: &str, name: &str, chunk: u64) -> Result<Co
         "config": {"mediaType": oci::MT_OCI_CONFIG, "digest": cdigest, "size": cbytes.len()},
         "layers": descs,
     });
-    let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::io("convert.manifest", "manifest", std::io::Error::other(e)))?;
+    let mbytes = serde_json::to_vec(&manifest)
+        .map_err(|e| Error::io("convert.manifest", "manifest", std::io::Error::other(e)))?;
     let mdigest = sha256_digest(&mbytes);
     blobs::put_bytes(store, &mdigest, &mbytes)?;
     blobs::write_record(

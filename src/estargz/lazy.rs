@@ -141,26 +141,42 @@ fn bad_store(dir: &Path, why: impl Into<String>) -> Error {
 
 impl Shared {
     fn open(dir: &Path) -> Result<Option<Shared>> {
-        let Some(parent) = dir.parent() else { return Ok(None) };
+        let Some(parent) = dir.parent() else {
+            return Ok(None);
+        };
         let rec = match std::fs::read(parent.join("layer.json")) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("lazy.record", parent.join("layer.json"), e)),
         };
-        let rec: serde_json::Value = serde_json::from_slice(&rec).map_err(|e| bad_store(dir, e.to_string()))?;
+        let rec: serde_json::Value =
+            serde_json::from_slice(&rec).map_err(|e| bad_store(dir, e.to_string()))?;
         let Some(l) = rec.get("lazy") else { return Ok(None) };
-        let s = |k: &str| l[k].as_str().map(str::to_owned).ok_or_else(|| bad_store(dir, format!("no {k} in its lazy record")));
+        let s = |k: &str| {
+            l[k].as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| bad_store(dir, format!("no {k} in its lazy record")))
+        };
         let toc_path = parent.join(LAZY_DIR).join(TOC_FILE);
         let json = std::fs::read(&toc_path).map_err(|e| Error::io("lazy.toc", &toc_path, e))?;
         let want = s("toc_digest")?;
         if sha256_digest(&json) != want {
-            return Err(bad_store(dir, format!("its stored TOC does not hash to the recorded {want}")));
+            return Err(bad_store(
+                dir,
+                format!("its stored TOC does not hash to the recorded {want}"),
+            ));
         }
         let parsed = toc::parse_toc(&json).map_err(|why| bad_store(dir, why))?;
-        let toc_offset = l["toc_offset"].as_u64().ok_or_else(|| bad_store(dir, "no toc_offset"))?;
+        let toc_offset = l["toc_offset"]
+            .as_u64()
+            .ok_or_else(|| bad_store(dir, "no toc_offset"))?;
         let table = toc::chunk_table(&parsed, toc_offset).map_err(|why| bad_store(dir, why))?;
         let p = parent.join(LAZY_DIR).join(PRESENT_FILE);
-        let present = File::options().read(true).write(true).open(&p).map_err(|e| Error::io("lazy.present", &p, e))?;
+        let present = File::options()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .map_err(|e| Error::io("lazy.present", &p, e))?;
         let opts = Options {
             plain_http: l["plain_http"].as_bool().unwrap_or(false),
             tls_verify: l["tls_verify"].as_bool(),
@@ -168,8 +184,12 @@ impl Shared {
             timeout: FETCH_TIMEOUT,
             ..Options::default()
         };
-        let dirfd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| Error::io("lazy.open_dir", dir, e.into()))?;
+        let dirfd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("lazy.open_dir", dir, e.into()))?;
         Ok(Some(Shared {
             layer: dir.display().to_string(),
             table,
@@ -190,7 +210,13 @@ impl Shared {
         self.client
             .get_or_init(|| Client::new(&self.reference, &self.opts).map_err(|e| e.to_string()))
             .as_ref()
-            .map_err(|e| Error::remote(format!("registry of lazy layer {}", self.layer), e.clone(), "check the registry"))
+            .map_err(|e| {
+                Error::remote(
+                    format!("registry of lazy layer {}", self.layer),
+                    e.clone(),
+                    "check the registry",
+                )
+            })
     }
 
     fn is_present(&self, i: usize) -> bool {
@@ -259,11 +285,17 @@ impl Shared {
         for &k in need {
             let ch = &chunks[k];
             match runs.last_mut() {
-                Some(r) if {
-                    let first = &chunks[r[0]];
-                    let last = &chunks[*r.last().unwrap_or(&r[0])];
-                    ch.blob_off >= first.blob_off && ch.blob_off <= last.blob_end && ch.blob_end - first.blob_off <= MAX_RUN
-                } => r.push(k),
+                Some(r)
+                    if {
+                        let first = &chunks[r[0]];
+                        let last = &chunks[*r.last().unwrap_or(&r[0])];
+                        ch.blob_off >= first.blob_off
+                            && ch.blob_off <= last.blob_end
+                            && ch.blob_end - first.blob_off <= MAX_RUN
+                    } =>
+                {
+                    r.push(k)
+                }
                 _ => runs.push(vec![k]),
             }
         }
@@ -273,7 +305,10 @@ impl Shared {
                 vec![self.fetch_run(c, chunks, &batch[0])]
             } else {
                 std::thread::scope(|s| {
-                    let hs: Vec<_> = batch.iter().map(|r| s.spawn(|| self.fetch_run(c, chunks, r))).collect();
+                    let hs: Vec<_> = batch
+                        .iter()
+                        .map(|r| s.spawn(|| self.fetch_run(c, chunks, r)))
+                        .collect();
                     hs.into_iter()
                         .map(|h| h.join().unwrap_or(Err(Error::Errno(libc::EIO))))
                         .collect()
@@ -290,10 +325,13 @@ impl Shared {
     fn fetch_run(&self, c: &ReadCtx<'_>, chunks: &[Chunk], run: &[usize]) -> Result<Fetched> {
         let start = run.iter().map(|&k| chunks[k].blob_off).min().unwrap_or(0);
         let end = run.iter().map(|&k| chunks[k].blob_end).max().unwrap_or(0);
-        let body = self.client()?.get_blob_range(&self.blob, start, end).inspect_err(|e| {
-            error!(layer = %self.layer, path = %c.rel.display(), error = %e,
+        let body = self
+            .client()?
+            .get_blob_range(&self.blob, start, end)
+            .inspect_err(|e| {
+                error!(layer = %self.layer, path = %c.rel.display(), error = %e,
                 "could not fetch a chunk of a lazy layer; serving EIO");
-        })?;
+            })?;
         let mut out = Vec::with_capacity(run.len());
         let mut cache: Option<File> = None;
         for &k in run {
@@ -358,7 +396,12 @@ const BACKGROUND_TRIES: u32 = 5;
 /// cached, as for a read. A chunk that does not match is logged and left out.
 fn background(s: &Shared) {
     // chunk index -> its file (the first name of a hard-linked file)
-    let mut owners: Vec<(usize, &Path)> = s.table.files.iter().map(|(p, &(first, _, _))| (first, p.as_path())).collect();
+    let mut owners: Vec<(usize, &Path)> = s
+        .table
+        .files
+        .iter()
+        .map(|(p, &(first, _, _))| (first, p.as_path()))
+        .collect();
     owners.sort();
     owners.dedup_by_key(|o| o.0);
     let owner = |k: usize| owners[owners.partition_point(|o| o.0 <= k).saturating_sub(1)];
@@ -378,7 +421,10 @@ fn background(s: &Shared) {
         {
             j += 1;
         }
-        let (start, end) = (chunks[i].blob_off, chunks[i..j].iter().map(|c| c.blob_end).max().unwrap_or(0));
+        let (start, end) = (
+            chunks[i].blob_off,
+            chunks[i..j].iter().map(|c| c.blob_end).max().unwrap_or(0),
+        );
         let body = match s.client().and_then(|c| c.get_blob_range(&s.blob, start, end)) {
             Ok(b) => b,
             Err(e) => {
@@ -396,7 +442,11 @@ fn background(s: &Shared) {
         let mut file: Option<(usize, File)> = None;
         for (k, ch) in chunks.iter().enumerate().take(j).skip(i) {
             let (first, rel) = owner(k);
-            let data = inflate(&body[(ch.blob_off - start) as usize..(ch.blob_end - start) as usize], ch.inner, ch.len);
+            let data = inflate(
+                &body[(ch.blob_off - start) as usize..(ch.blob_end - start) as usize],
+                ch.inner,
+                ch.len,
+            );
             if data.len() as u64 != ch.len || Sha256::digest(&data)[..] != ch.digest[..] {
                 error!(layer = %s.layer, path = %rel.display(), offset = ch.file_off,
                     "background fetch: a chunk does not match its TOC digest; not cached");

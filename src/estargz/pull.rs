@@ -28,40 +28,52 @@ use crate::store::{blobs, chain_id, Store};
 
 /// Pull `reference` lazily into `store`: records the image, stores each layer as a
 /// skeleton (every entry with its metadata, regular files empty and sparse) with its TOC.
-pub fn pull_lazy(store: &Store, reference: &Reference, opts: &Options, progress: &Progress) -> Result<Pulled> {
+pub fn pull_lazy(
+    store: &Store,
+    reference: &Reference,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Pulled> {
     let client = Client::new(reference, opts)?;
     blobs::ensure_dirs(store)?;
     let mut out = Pulled {
         name: reference.to_string(),
         ..Pulled::default()
     };
-    let (mut bytes, mut mt, mut digest) = fetch_manifest(&client, reference.manifest_ref(), reference.digest.as_deref())?;
+    let (mut bytes, mut mt, mut digest) =
+        fetch_manifest(&client, reference.manifest_ref(), reference.digest.as_deref())?;
     if oci::is_index(&mt) {
         let chosen = oci::pick_platform(&bytes, &format!("index {digest} of {reference}"))?;
         (bytes, mt, digest) = fetch_manifest(&client, &chosen.digest, Some(&chosen.digest))?;
     }
     let what = format!("manifest {digest} of {reference}");
     let m = oci::parse(&bytes, &what)?;
-    let raw: Value = serde_json::from_slice(&bytes).map_err(|e| Error::remote(&what, e.to_string(), "check the image"))?;
+    let raw: Value =
+        serde_json::from_slice(&bytes).map_err(|e| Error::remote(&what, e.to_string(), "check the image"))?;
     fetch_blob(store, &client, &m.config, &mut out, progress)?;
     let config = blobs::read_blob(store, &m.config.digest)?;
     let diff_ids = oci::diff_ids(&config, &format!("config {} of {reference}", m.config.digest))?;
     if diff_ids.len() != m.layers.len() {
-        return Err(Error::remote(&what, "the config's diff_ids do not match the layers", "push the image again"));
+        return Err(Error::remote(
+            &what,
+            "the config's diff_ids do not match the layers",
+            "push the image again",
+        ));
     }
     let mut parent: Option<String> = None;
     for (i, layer) in m.layers.iter().enumerate() {
         let lwhat = format!("layer {} ({}) of {reference}", i + 1, layer.digest);
-        let want = raw["layers"][i]["annotations"][toc::TOC_DIGEST_ANNOTATION]
-            .as_str()
-            .ok_or_else(|| {
-                Error::usage(
+        let want =
+            raw["layers"][i]["annotations"][toc::TOC_DIGEST_ANNOTATION]
+                .as_str()
+                .ok_or_else(|| {
+                    Error::usage(
                     &lwhat,
                     format!("has no {} annotation: it is not an eStargz layer", toc::TOC_DIGEST_ANNOTATION),
                     "pull without --lazy, or push an eStargz form made by `verlay image convert --estargz`",
                 )
-            })?
-            .to_string();
+                })?
+                .to_string();
         let (member, toc_offset, fetched) = fetch_toc(&client, &layer.digest, layer.size, &lwhat)?;
         out.bytes_fetched += fetched;
         out.blobs_fetched += 1;
@@ -122,7 +134,10 @@ pub fn pull_lazy(store: &Store, reference: &Reference, opts: &Options, progress:
 /// the bytes fetched.
 fn fetch_toc(client: &Client, digest: &str, size: u64, what: &str) -> Result<(TocMember, u64, u64)> {
     if size < toc::FOOTER_SIZE + 20 {
-        return Err(toc::bad_layer(what, format!("the blob is {size} bytes, too small for eStargz")));
+        return Err(toc::bad_layer(
+            what,
+            format!("the blob is {size} bytes, too small for eStargz"),
+        ));
     }
     let foot_at = size - toc::FOOTER_SIZE;
     let footer = client.get_blob_range(digest, foot_at, size)?;
@@ -130,7 +145,11 @@ fn fetch_toc(client: &Client, digest: &str, size: u64, what: &str) -> Result<(To
     if toc_offset >= foot_at || foot_at - toc_offset > toc::MAX_TOC_COMPRESSED {
         return Err(toc::bad_layer(
             what,
-            format!("the footer puts the TOC at {toc_offset}, {} bytes before the footer (at most {} accepted)", foot_at.saturating_sub(toc_offset), toc::MAX_TOC_COMPRESSED),
+            format!(
+                "the footer puts the TOC at {toc_offset}, {} bytes before the footer (at most {} accepted)",
+                foot_at.saturating_sub(toc_offset),
+                toc::MAX_TOC_COMPRESSED
+            ),
         ));
     }
     let member = client.get_blob_range(digest, toc_offset, foot_at)?;
@@ -164,8 +183,12 @@ fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<Skeleton, Stri
         };
         let x = e.xattr_values()?;
         if !x.is_empty() {
-            let recs: Vec<(String, Vec<u8>)> = x.into_iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), v)).collect();
-            b.append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).map_err(io)?;
+            let recs: Vec<(String, Vec<u8>)> = x
+                .into_iter()
+                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+                .collect();
+            b.append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .map_err(io)?;
         }
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(ty);
@@ -180,7 +203,9 @@ fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<Skeleton, Stri
             h.set_device_minor(e.dev_minor as u32).map_err(io)?;
         }
         match ty {
-            tar::EntryType::Symlink | tar::EntryType::Link => b.append_link(&mut h, &e.name, &e.link_name).map_err(io)?,
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                b.append_link(&mut h, &e.name, &e.link_name).map_err(io)?
+            }
             _ => b.append_data(&mut h, &e.name, std::io::empty()).map_err(io)?,
         }
         if ty == tar::EntryType::Regular && e.size > 0 {
@@ -190,7 +215,8 @@ fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<Skeleton, Stri
         }
     }
     let mut h = member.header.clone();
-    b.append_data(&mut h, toc::TOC_NAME, member.json.as_slice()).map_err(io)?;
+    b.append_data(&mut h, toc::TOC_NAME, member.json.as_slice())
+        .map_err(io)?;
     let mut v = b.into_inner().map_err(io)?;
     v.flush().map_err(io)?;
     Ok((v, sizes))

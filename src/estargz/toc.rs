@@ -161,14 +161,26 @@ pub fn format_modtime(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Unix seconds of a TOC `modtime` in the UTC form [`format_modtime`] writes; None for any
 /// other form.
 pub fn parse_modtime(s: &str) -> Option<i64> {
     let b = s.as_bytes();
-    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' || b[19] != b'Z' {
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
         return None;
     }
     let n = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<i64>().ok());
@@ -199,12 +211,17 @@ pub fn parse_footer(b: &[u8]) -> std::result::Result<u64, String> {
     // Read it as gzip (flate2 checks the header, the empty deflate block and the trailer).
     let mut gz = flate2::read::GzDecoder::new(b);
     let mut sink = Vec::new();
-    gz.read_to_end(&mut sink).map_err(|e| format!("footer is not a gzip member: {e}"))?;
+    gz.read_to_end(&mut sink)
+        .map_err(|e| format!("footer is not a gzip member: {e}"))?;
     let extra = gz
         .header()
         .and_then(|h| h.extra())
         .ok_or("footer has no gzip extra field (not eStargz)")?;
-    if extra.len() != 26 || &extra[..2] != b"SG" || extra[2..4] != 22u16.to_le_bytes() || &extra[20..] != b"STARGZ" {
+    if extra.len() != 26
+        || &extra[..2] != b"SG"
+        || extra[2..4] != 22u16.to_le_bytes()
+        || &extra[20..] != b"STARGZ"
+    {
         return Err("footer's extra field is not the eStargz SG subfield".into());
     }
     let hex = std::str::from_utf8(&extra[4..20]).map_err(|_| "footer offset is not hex")?;
@@ -232,10 +249,16 @@ pub fn read_toc_member(member: &[u8]) -> std::result::Result<TocMember, String> 
         .map_err(|e| format!("TOC member: {e}"))?;
     let name = e.path_bytes().into_owned();
     if name != TOC_NAME.as_bytes() {
-        return Err(format!("TOC tar entry is named {:?}, not {TOC_NAME}", String::from_utf8_lossy(&name)));
+        return Err(format!(
+            "TOC tar entry is named {:?}, not {TOC_NAME}",
+            String::from_utf8_lossy(&name)
+        ));
     }
     if e.size() > MAX_TOC_JSON {
-        return Err(format!("TOC is {} bytes, more than the {MAX_TOC_JSON} accepted", e.size()));
+        return Err(format!(
+            "TOC is {} bytes, more than the {MAX_TOC_JSON} accepted",
+            e.size()
+        ));
     }
     let header = e.header().clone();
     let mut json = Vec::with_capacity(e.size() as usize);
@@ -250,17 +273,29 @@ pub fn read_toc_member(member: &[u8]) -> std::result::Result<TocMember, String> 
 pub fn parse_toc(json: &[u8]) -> std::result::Result<Toc, String> {
     let toc: Toc = serde_json::from_slice(json).map_err(|e| format!("TOC JSON: {e}"))?;
     if toc.entries.len() > MAX_ENTRIES {
-        return Err(format!("TOC has {} entries, more than the {MAX_ENTRIES} accepted", toc.entries.len()));
+        return Err(format!(
+            "TOC has {} entries, more than the {MAX_ENTRIES} accepted",
+            toc.entries.len()
+        ));
     }
     for e in &toc.entries {
         if e.name.len() > MAX_NAME || e.link_name.len() > MAX_NAME {
-            return Err(format!("TOC entry name or link longer than {MAX_NAME} bytes: {:.64?}...", e.name));
+            return Err(format!(
+                "TOC entry name or link longer than {MAX_NAME} bytes: {:.64?}...",
+                e.name
+            ));
         }
         if e.xattrs.len() > MAX_XATTRS {
-            return Err(format!("TOC entry {:?} has more than {MAX_XATTRS} xattrs", e.name));
+            return Err(format!(
+                "TOC entry {:?} has more than {MAX_XATTRS} xattrs",
+                e.name
+            ));
         }
         if e.xattrs.values().any(|v| v.len() > MAX_XATTR_VALUE * 4 / 3 + 4) {
-            return Err(format!("TOC entry {:?} has an xattr value over {MAX_XATTR_VALUE} bytes", e.name));
+            return Err(format!(
+                "TOC entry {:?} has an xattr value over {MAX_XATTR_VALUE} bytes",
+                e.name
+            ));
         }
         if e.size < 0 || e.offset < 0 || e.inner_offset < 0 || e.chunk_offset < 0 || e.chunk_size < 0 {
             return Err(format!("TOC entry {:?} has a negative size or offset", e.name));
@@ -353,13 +388,23 @@ pub fn chunk_table(toc: &Toc, toc_offset: u64) -> std::result::Result<ChunkTable
                 let mut j = i - 1;
                 loop {
                     let c = &toc.entries[j];
-                    let len = if c.chunk_size > 0 { c.chunk_size as u64 } else { size.saturating_sub(c.chunk_offset as u64) };
+                    let len = if c.chunk_size > 0 {
+                        c.chunk_size as u64
+                    } else {
+                        size.saturating_sub(c.chunk_offset as u64)
+                    };
                     let (off, end) = (c.offset as u64, next[j]);
                     if c.chunk_offset as u64 != at || len == 0 || at + len > size || len > MAX_CHUNK {
-                        return Err(format!("chunks of {:?} do not cover it in order (chunk at {})", e.name, c.chunk_offset));
+                        return Err(format!(
+                            "chunks of {:?} do not cover it in order (chunk at {})",
+                            e.name, c.chunk_offset
+                        ));
                     }
                     if off == 0 || end <= off || end > toc_offset || end - off > MAX_CHUNK_SPAN {
-                        return Err(format!("chunk at {at} of {:?} has a bad blob span {off}..{end}", e.name));
+                        return Err(format!(
+                            "chunk at {at} of {:?} has a bad blob span {off}..{end}",
+                            e.name
+                        ));
                     }
                     t.chunks.push(Chunk {
                         file_off: at,
@@ -389,7 +434,9 @@ pub fn chunk_table(toc: &Toc, toc_offset: u64) -> std::result::Result<ChunkTable
         }
     }
     for (name, target) in links {
-        let (Some(n), Some(tg)) = (clean_name(&name)?, clean_name(&target)?) else { continue };
+        let (Some(n), Some(tg)) = (clean_name(&name)?, clean_name(&target)?) else {
+            continue;
+        };
         if let Some(v) = t.files.get(&tg).copied() {
             t.files.insert(n, v);
         }
@@ -423,7 +470,12 @@ mod tests {
     #[test]
     fn modtimes_round_trip() {
         for t in [0, 1_700_000_000, 951_782_400, 4_102_444_799] {
-            assert_eq!(parse_modtime(&format_modtime(t)), Some(t), "{}", format_modtime(t));
+            assert_eq!(
+                parse_modtime(&format_modtime(t)),
+                Some(t),
+                "{}",
+                format_modtime(t)
+            );
         }
         assert_eq!(format_modtime(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(parse_modtime("2023-11-14T22:13:20+01:00"), None);

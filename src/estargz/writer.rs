@@ -89,7 +89,10 @@ struct Pending {
 fn pax_records(data: &[u8], p: &mut Pending) -> std::result::Result<(), String> {
     let mut rest = data;
     while !rest.is_empty() {
-        let sp = rest.iter().position(|&b| b == b' ').ok_or("malformed PAX record")?;
+        let sp = rest
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or("malformed PAX record")?;
         let len: usize = std::str::from_utf8(&rest[..sp])
             .ok()
             .and_then(|s| s.parse().ok())
@@ -97,7 +100,10 @@ fn pax_records(data: &[u8], p: &mut Pending) -> std::result::Result<(), String> 
             .ok_or("malformed PAX record length")?;
         let rec = &rest[sp + 1..len - 1];
         rest = &rest[len..];
-        let eq = rec.iter().position(|&b| b == b'=').ok_or("PAX record without '='")?;
+        let eq = rec
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or("PAX record without '='")?;
         let (k, v) = (&rec[..eq], &rec[eq + 1..]);
         let num = || std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok());
         match k {
@@ -108,7 +114,8 @@ fn pax_records(data: &[u8], p: &mut Pending) -> std::result::Result<(), String> 
             b"gid" => p.gid = num(),
             _ => {
                 if let Some(x) = k.strip_prefix(b"SCHILY.xattr.") {
-                    p.xattrs.insert(String::from_utf8_lossy(x).into_owned(), toc::encode_xattr(v));
+                    p.xattrs
+                        .insert(String::from_utf8_lossy(x).into_owned(), toc::encode_xattr(v));
                 }
             }
         }
@@ -152,7 +159,15 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
         size: 1,
         ..Default::default()
     };
-    reg_file(&mut m, &mut toc, lh.as_bytes(), landmark, &mut &[toc::LANDMARK_CONTENTS][..], 1, chunk)?;
+    reg_file(
+        &mut m,
+        &mut toc,
+        lh.as_bytes(),
+        landmark,
+        &mut &[toc::LANDMARK_CONTENTS][..],
+        1,
+        chunk,
+    )?;
 
     let mut ar = tar::Archive::new(src);
     let entries = ar.entries().map_err(io)?.raw(true);
@@ -161,9 +176,18 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
         let mut e = e.map_err(|e| format!("input tar: {e}"))?;
         let h = e.header().clone();
         let ty = h.entry_type();
-        if matches!(ty, tar::EntryType::XHeader | tar::EntryType::XGlobalHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink) {
+        if matches!(
+            ty,
+            tar::EntryType::XHeader
+                | tar::EntryType::XGlobalHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        ) {
             if e.size() > MAX_EXT {
-                return Err(format!("an extension header of {} bytes (more than {MAX_EXT})", e.size()));
+                return Err(format!(
+                    "an extension header of {} bytes (more than {MAX_EXT})",
+                    e.size()
+                ));
             }
             let mut data = Vec::new();
             e.read_to_end(&mut data).map_err(io)?;
@@ -180,9 +204,13 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
         }
         let p = std::mem::take(&mut p);
         let name = p.name.unwrap_or_else(|| e.path_bytes().into_owned());
-        let name = String::from_utf8(name).map_err(|_| "an entry name that is not UTF-8 (the TOC is JSON)".to_string())?;
+        let name = String::from_utf8(name)
+            .map_err(|_| "an entry name that is not UTF-8 (the TOC is JSON)".to_string())?;
         if toc::clean_name(&name)?.is_some_and(|n| n.as_os_str() == toc::TOC_NAME) {
-            return Err(format!("the layer already has a {} (it is eStargz already)", toc::TOC_NAME));
+            return Err(format!(
+                "the layer already has a {} (it is eStargz already)",
+                toc::TOC_NAME
+            ));
         }
         let size = e.size();
         if p.size.is_some_and(|s| s != size) {
@@ -195,7 +223,9 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
             uid: p.uid.map_or_else(|| h.uid().map_err(io), Ok)? as i64,
             gid: p.gid.map_or_else(|| h.gid().map_err(io), Ok)? as i64,
             modtime: toc::format_modtime(h.mtime().map_err(io)? as i64),
-            link_name: link.map(|l| String::from_utf8_lossy(&l).into_owned()).unwrap_or_default(),
+            link_name: link
+                .map(|l| String::from_utf8_lossy(&l).into_owned())
+                .unwrap_or_default(),
             xattrs: p.xattrs,
             ..Default::default()
         };
@@ -207,7 +237,11 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
             tar::EntryType::Char => "char",
             tar::EntryType::Block => "block",
             tar::EntryType::Fifo => "fifo",
-            other => return Err(format!("{name:?}: tar entry type {other:?} is not supported in eStargz")),
+            other => {
+                return Err(format!(
+                    "{name:?}: tar entry type {other:?} is not supported in eStargz"
+                ))
+            }
         }
         .into();
         if matches!(ty, tar::EntryType::Char | tar::EntryType::Block) {
@@ -251,7 +285,11 @@ fn reg_file<W: Write>(
         data.read_exact(b).map_err(|e| format!("{:?}: {e}", ent.name))?;
         ent.offset = m.close().map_err(io)? as i64;
         ent.chunk_offset = written as i64;
-        ent.chunk_size = if len == chunk && written + len < size { len as i64 } else { 0 };
+        ent.chunk_size = if len == chunk && written + len < size {
+            len as i64
+        } else {
+            0
+        };
         ent.chunk_digest = format!("sha256:{}", hex(&Sha256::digest(&*b)));
         whole.update(&*b);
         m.put(b).map_err(io)?;
@@ -315,11 +353,21 @@ mod tests {
     fn sample() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
         let mut b = tar::Builder::new(Vec::new());
         let mut files = Vec::new();
-        for (name, n) in [("e", 0usize), ("one", 1), ("c1", 4096), ("c2", 8192), ("odd", 10000)] {
-            files.push((name.to_string(), (0..n).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>()));
+        for (name, n) in [
+            ("e", 0usize),
+            ("one", 1),
+            ("c1", 4096),
+            ("c2", 8192),
+            ("odd", 10000),
+        ] {
+            files.push((
+                name.to_string(),
+                (0..n).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>(),
+            ));
         }
         files.push((format!("d/{}", "n".repeat(200)), b"long name".to_vec()));
-        b.append_pax_extensions([("SCHILY.xattr.user.k", &b"v"[..])]).unwrap();
+        b.append_pax_extensions([("SCHILY.xattr.user.k", &b"v"[..])])
+            .unwrap();
         for (name, data) in &files {
             let mut h = tar::Header::new_gnu();
             h.set_mode(0o644);
@@ -342,7 +390,10 @@ mod tests {
         let m = read_toc_member(&blob[toc_off as usize..blob.len() - FOOTER_SIZE as usize]).unwrap();
         assert_eq!(format!("sha256:{}", hex(&Sha256::digest(&m.json))), w.toc_digest);
         let toc = parse_toc(&m.json).unwrap();
-        assert!(toc.entries.iter().any(|e| e.xattrs.contains_key("user.k")), "xattr in the TOC");
+        assert!(
+            toc.entries.iter().any(|e| e.xattrs.contains_key("user.k")),
+            "xattr in the TOC"
+        );
         let t = chunk_table(&toc, toc_off).unwrap();
         for (name, data) in &files {
             let Some(&(first, count, size)) = t.files.get(std::path::Path::new(name)) else {
@@ -354,14 +405,24 @@ mod tests {
             for c in &t.chunks[first..first + count] {
                 let span = &blob[c.blob_off as usize..c.blob_end as usize];
                 let mut got = Vec::new();
-                flate2::read::GzDecoder::new(span).take(c.len).read_to_end(&mut got).unwrap();
-                assert_eq!(got, data[c.file_off as usize..(c.file_off + c.len) as usize], "{name} at {}", c.file_off);
+                flate2::read::GzDecoder::new(span)
+                    .take(c.len)
+                    .read_to_end(&mut got)
+                    .unwrap();
+                assert_eq!(
+                    got,
+                    data[c.file_off as usize..(c.file_off + c.len) as usize],
+                    "{name} at {}",
+                    c.file_off
+                );
                 assert_eq!(Sha256::digest(&got)[..], c.digest[..]);
             }
         }
         // the whole blob inflates to the input's entries, the landmark and the TOC
         let mut plain = Vec::new();
-        flate2::read::MultiGzDecoder::new(blob.as_slice()).read_to_end(&mut plain).unwrap();
+        flate2::read::MultiGzDecoder::new(blob.as_slice())
+            .read_to_end(&mut plain)
+            .unwrap();
         assert_eq!(format!("sha256:{}", hex(&Sha256::digest(&plain))), w.diff_id);
         let names: Vec<String> = tar::Archive::new(plain.as_slice())
             .entries()
@@ -380,17 +441,26 @@ mod tests {
         let mut blob = Vec::new();
         write(tar.as_slice(), &mut blob, 4096).unwrap();
         let mut plain = Vec::new();
-        flate2::read::MultiGzDecoder::new(blob.as_slice()).read_to_end(&mut plain).unwrap();
-        assert!(write(plain.as_slice(), &mut Vec::new(), 4096).unwrap_err().contains("eStargz already"));
+        flate2::read::MultiGzDecoder::new(blob.as_slice())
+            .read_to_end(&mut plain)
+            .unwrap();
+        assert!(write(plain.as_slice(), &mut Vec::new(), 4096)
+            .unwrap_err()
+            .contains("eStargz already"));
         // a name over PATH_MAX, a chunk table with a gap
-        let long = format!(r#"{{"version":1,"entries":[{{"name":"{}","type":"dir"}}]}}"#, "a".repeat(5000));
+        let long = format!(
+            r#"{{"version":1,"entries":[{{"name":"{}","type":"dir"}}]}}"#,
+            "a".repeat(5000)
+        );
         assert!(parse_toc(long.as_bytes()).unwrap_err().contains("longer than"));
         let d = format!("sha256:{}", "0".repeat(64));
         let gap = format!(
             r#"{{"version":1,"entries":[{{"name":"f","type":"reg","size":10,"offset":10,"chunkSize":4,"chunkDigest":"{d}"}},
             {{"name":"f","type":"chunk","offset":20,"chunkOffset":5,"chunkDigest":"{d}"}}]}}"#
         );
-        assert!(chunk_table(&parse_toc(gap.as_bytes()).unwrap(), 100).unwrap_err().contains("do not cover"));
+        assert!(chunk_table(&parse_toc(gap.as_bytes()).unwrap(), 100)
+            .unwrap_err()
+            .contains("do not cover"));
         let neg = r#"{"version":1,"entries":[{"name":"f","type":"reg","size":-1}]}"#;
         assert!(parse_toc(neg.as_bytes()).unwrap_err().contains("negative"));
     }

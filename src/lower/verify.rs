@@ -23,8 +23,8 @@ use tracing::{error, warn};
 
 use crate::digest::hex;
 use crate::error::{Error, Result};
-use crate::layer::{pread_full, read_at, Kind, LayerDir};
 use crate::estargz::lazy::{LazyLayer, ReadCtx};
+use crate::layer::{pread_full, read_at, Kind, LayerDir};
 use crate::lower::manifest::{chunk_count, chunk_digest, Manifest, ManifestEntry};
 
 /// Verdict bitmaps kept per layer, in 64-bit words: 512 Ki words (4 MiB) remember 32 Mi
@@ -318,7 +318,12 @@ impl VerifiedLayer {
         size: u32,
     ) -> Result<Vec<u8>> {
         if let (true, Some(l)) = (fc.lazy, &self.lazy) {
-            return l.read(&self.lazy_ctx(rel, fc, &|e, a| self.corrupt(rel, e, a)), fd, offset, u64::from(size));
+            return l.read(
+                &self.lazy_ctx(rel, fc, &|e, a| self.corrupt(rel, e, a)),
+                fd,
+                offset,
+                u64::from(size),
+            );
         }
         let end = (offset + u64::from(size)).min(fc.size);
         if fc.count == 0 || offset >= end {

@@ -741,22 +741,37 @@ impl Client {
                         "pull without --lazy",
                     )))
                 }
-                _ => return Err(Fail::Fatal(Error::remote(what.clone(), reply.error_text(), "check the image in the registry"))),
+                _ => {
+                    return Err(Fail::Fatal(Error::remote(
+                        what.clone(),
+                        reply.error_text(),
+                        "check the image in the registry",
+                    )))
+                }
             }
             let cr = reply.header("Content-Range").unwrap_or("").to_string();
             if !cr.starts_with(&format!("bytes {start}-{}/", end - 1)) {
-                return Err(Fail::Transient(format!("unexpected Content-Range \"{cr}\" for {range}")));
+                return Err(Fail::Transient(format!(
+                    "unexpected Content-Range \"{cr}\" for {range}"
+                )));
             }
             let mut out = Vec::with_capacity(want as usize);
             Self::copy_body(reply.body, |b| {
                 if out.len() + b.len() > want as usize {
-                    return Err(Error::remote(what.clone(), "the registry sends more than the range asked", "check the registry"));
+                    return Err(Error::remote(
+                        what.clone(),
+                        "the registry sends more than the range asked",
+                        "check the registry",
+                    ));
                 }
                 out.extend_from_slice(b);
                 Ok(())
             })?;
             if out.len() as u64 != want {
-                return Err(Fail::Transient(format!("range body ended at {} of {want} bytes", out.len())));
+                return Err(Fail::Transient(format!(
+                    "range body ended at {} of {want} bytes",
+                    out.len()
+                )));
             }
             Ok(out)
         })

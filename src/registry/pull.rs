@@ -146,7 +146,11 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Pro
 
 /// GET a manifest by tag or digest; returns (bytes, media type, digest). Its bytes must
 /// hash to `pinned` when given, and to the registry's `Docker-Content-Digest` when sent.
-pub(crate) fn fetch_manifest(client: &Client, r: &str, pinned: Option<&str>) -> Result<(Vec<u8>, String, String)> {
+pub(crate) fn fetch_manifest(
+    client: &Client,
+    r: &str,
+    pinned: Option<&str>,
+) -> Result<(Vec<u8>, String, String)> {
     let url = client.url(&format!("manifests/{r}"));
     let what = format!("manifest {r}");
     client.with_retries(&what, || {

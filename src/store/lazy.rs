@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
-use super::{fsync_path, rfc3339, seal_layer, since_epoch, unpack, Store, DIFF, LAYERS, RECORD, RECORD_VERSION};
+use super::{
+    fsync_path, rfc3339, seal_layer, since_epoch, unpack, Store, DIFF, LAYERS, RECORD, RECORD_VERSION,
+};
 use crate::error::{Error, Result};
 
 /// The directory of a lazy layer's TOC and chunk presence.
@@ -80,11 +82,17 @@ impl Store {
         let mut ar = tar::Archive::new(stream);
         let mut u = unpack::Unpacker::new(&diff, &l.source)?;
         u.unpack(&mut ar, &budget)?;
-        let dir = rustix::fs::open(&diff, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| Error::io("lazy.open_diff", &diff, e.into()))?;
+        let dir = rustix::fs::open(
+            &diff,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("lazy.open_diff", &diff, e.into()))?;
         for (rel, size, mtime) in &l.sizes {
-            let f = open_beneath_for_write(&dir, rel).map_err(|e| Error::io("lazy.size", diff.join(rel), e.into()))?;
-            f.set_len(*size).map_err(|e| Error::io("lazy.size", diff.join(rel), e))?;
+            let f = open_beneath_for_write(&dir, rel)
+                .map_err(|e| Error::io("lazy.size", diff.join(rel), e.into()))?;
+            f.set_len(*size)
+                .map_err(|e| Error::io("lazy.size", diff.join(rel), e))?;
             // set_len moved the mtime the unpack set
             f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(*mtime))
                 .map_err(|e| Error::io("lazy.mtime", diff.join(rel), e))?;
@@ -96,7 +104,8 @@ impl Store {
         write_synced(&lazy.join(TOC_FILE), &l.toc_json)?;
         let present = lazy.join(PRESENT_FILE);
         let f = File::create(&present).map_err(|e| Error::io("lazy.present", &present, e))?;
-        f.set_len(l.chunks).map_err(|e| Error::io("lazy.present", &present, e))?;
+        f.set_len(l.chunks)
+            .map_err(|e| Error::io("lazy.present", &present, e))?;
         let record = serde_json::json!({
             "version": RECORD_VERSION,
             "chain_id": l.chain_id,
