@@ -375,16 +375,57 @@ const READAHEAD_KIB: u32 = crate::fuse::MAX_WRITE / 1024;
 /// mount's backing device info, as root (`/sys/class/bdi/MAJ:MIN/read_ahead_kb`).
 /// The stat waits for INIT to be answered (the session runs on another thread).
 fn raise_readahead(mountpoint: &Path) {
-    let st = match rustix::fs::stat(mountpoint) {
-        Ok(st) => st,
-        Err(e) => return debug!(error = %e, "readahead: cannot stat the mountpoint"),
+    // The device number comes from /proc/self/mountinfo, not from a stat of the mountpoint:
+    // a stat is a FUSE request to this very daemon, and a SIGKILL arriving while this thread
+    // waits for the answer leaves it in D state on its own connection, so the process never
+    // exits and /dev/fuse never closes.
+    let info = match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(t) => t,
+        Err(e) => return debug!(error = %e, "readahead: cannot read /proc/self/mountinfo"),
     };
-    let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
-    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let Some(dev) = mount_device(&info, mountpoint) else {
+        return debug!(mountpoint = %mountpoint.display(), "readahead: mount not in mountinfo");
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     match std::fs::write(&knob, READAHEAD_KIB.to_string()) {
         Ok(()) => debug!(path = %knob, bytes = READAHEAD_KIB * 1024, "readahead raised"),
         Err(e) => debug!(path = %knob, error = %e, "readahead left at the kernel's default"),
     }
+}
+
+/// The `major:minor` of the last mount on `mountpoint` in a mountinfo text (fields 3 and 5;
+/// the kernel escapes space, tab, newline and backslash in paths as `\ooo`).
+fn mount_device(mountinfo: &str, mountpoint: &Path) -> Option<String> {
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let dev = f.nth(2)?;
+            let mp = f.nth(1)?;
+            (unescape_mountinfo(mp) == want).then(|| dev.to_string())
+        })
+        .last()
+}
+
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(d) => {
+                out.push(((d[0] - b'0') << 6) | ((d[1] - b'0') << 3) | (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// At a clean stop of a volatile mount: sync the upper and remove the marker
@@ -399,5 +440,19 @@ fn end_volatile(args: &MountArgs, union: &Union) {
             tracing::error!(step = "volatile.unmark", error = %e,
                 "could not sync the upper at the end of a volatile mount; its marker stays");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mount_device_reads_the_last_mount_on_a_path_with_escapes() {
+        let info = "22 1 8:1 / / rw - ext4 /dev/vda rw\n\
+                    40 22 0:50 / /tmp/a\\040b rw - fuse.verlay verlay rw\n\
+                    41 40 0:51 / /tmp/a\\040b rw - fuse.verlay verlay rw\n";
+        let p = std::path::Path::new("/tmp/a b");
+        assert_eq!(super::mount_device(info, p).as_deref(), Some("0:51"));
+        assert_eq!(super::mount_device(info, std::path::Path::new("/tmp/a")), None);
+        assert_eq!(super::unescape_mountinfo("x\\134y\\0"), b"x\\y\\0".to_vec());
     }
 }

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::mount::{Launch, Mount};
 use common::rig::e2e_script;
+use common::registry::Registry;
 use common::tools::have;
 use faultproxy::{FaultProxy, Faults};
 
@@ -47,74 +48,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_verlay");
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// The chunk size the tests convert with.
 const CHUNK: u64 = 65536;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// A docker-registry process storing under `dir/data`; killed by PID on drop.
-struct Registry {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        assert!(
-            have("docker-registry"),
-            "docker-registry is not installed (bash tests/setup.sh installs it)"
-        );
-        fs::create_dir_all(dir.join("data")).expect("mkdir data");
-        for attempt in 1..=3 {
-            let port = free_port();
-            let config = format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\nhealth:\n  storagedriver:\n    enabled: false\n",
-                dir.join("data").display()
-            );
-            fs::write(dir.join("config.yml"), config).expect("config");
-            let log = fs::File::create(dir.join("registry.log")).expect("log");
-            let mut child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(dir.join("config.yml"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log fd"))
-                .stderr(log)
-                .spawn()
-                .expect("start docker-registry");
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return Registry { child, addr };
-                }
-                if let Ok(Some(st)) = child.try_wait() {
-                    let log = fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
-                    if attempt < 3 && log.contains("address already in use") {
-                        break;
-                    }
-                    panic!("docker-registry exited ({st}):\n{log}");
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "docker-registry did not answer on {addr}"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        unreachable!("the last attempt returns or panics")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Out {
     code: Option<i32>,

@@ -255,8 +255,9 @@ fn since_epoch() -> std::time::Duration {
         .unwrap_or_default()
 }
 
-/// RFC 3339 UTC time of a unix timestamp (civil-from-days, H. Hinnant).
-fn rfc3339(secs: i64) -> String {
+/// RFC 3339 UTC time of a unix timestamp (civil-from-days, H. Hinnant); also the eStargz
+/// TOC's `modtime` form.
+pub(crate) fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let z = days + 719_468;

@@ -48,6 +48,7 @@ macro_rules! require_tools {
 pub mod disk;
 pub mod mount;
 pub mod proc;
+pub mod registry;
 pub mod rig;
 // Only std, so the snapshotter crate's tests include it too.
 pub mod tools;
