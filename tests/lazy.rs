@@ -21,16 +21,15 @@ mod faultproxy;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mount::{Launch, Mount};
 use common::rig::e2e_script;
 use common::registry::Registry;
-use common::tools::have;
 use faultproxy::{FaultProxy, Faults};
 
 /// A verlay mount in the foreground with the background fetch off

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{daemon_pids, Mount, Rig};
+use common::{daemon_pids, Launch, Mount, Rig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_verlay");
 
@@ -566,7 +566,7 @@ fn commit_of_xattr_values_with_newlines_is_not_a_malformed_pax_extension() {
         .tempdir_in("/tmp")
         .unwrap();
     let t = tmp.path().join("fs");
-    let _fs = rig::FsMount::new(&["-t", "tmpfs", "-o", "size=256m", "tmpfs"], &t);
+    let _fs = Mount::fs(&["-t", "tmpfs", "-o", "size=256m", "tmpfs"], &t);
     for d in ["l", "u", "w", "m", "m2", "store"] {
         fs::create_dir(t.join(d)).unwrap();
     }
@@ -618,7 +618,7 @@ fn commit_of_xattr_values_with_newlines_is_not_a_malformed_pax_extension() {
     drop(d);
     // The new layer alone, mounted read-only: what a container started from it sees.
     let o = format!("lowerdir={}", diff.display());
-    let d2 = rig::Verlay::start(&o, &t.join("m2"), &t.join("daemon2.log"));
+    let d2 = Launch::verlay(&o, &t.join("m2")).log(&t.join("daemon2.log")).start();
     let m2 = t.join("m2");
     for (f, x) in files.iter().zip(&want) {
         assert!(
@@ -711,7 +711,7 @@ fn mount_atime_options_apply_to_upper_files() {
             t.join("u").display(),
             t.join("w").display()
         );
-        let d = rig::Verlay::start(&o, &t.join("m"), &t.join("daemon.log"));
+        let d = Launch::verlay(&o, &t.join("m")).log(&t.join("daemon.log")).start();
         let f = t.join("m/f");
         if !extra.ends_with(",ro") {
             fs::write(&f, "data\n").unwrap();
