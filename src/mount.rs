@@ -397,15 +397,12 @@ fn raise_readahead(mountpoint: &Path) {
 /// the kernel escapes space, tab, newline and backslash in paths as `\ooo`).
 fn mount_device(mountinfo: &str, mountpoint: &Path) -> Option<String> {
     let want = mountpoint.as_os_str().as_encoded_bytes();
-    mountinfo
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            let dev = f.nth(2)?;
-            let mp = f.nth(1)?;
-            (unescape_mountinfo(mp) == want).then(|| dev.to_string())
-        })
-        .last()
+    mountinfo.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        (unescape_mountinfo(mp) == want).then(|| dev.to_string())
+    })
 }
 
 fn unescape_mountinfo(s: &str) -> Vec<u8> {
@@ -413,7 +410,9 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let oct = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match oct {
             Some(d) => {
                 out.push(((d[0] - b'0') << 6) | ((d[1] - b'0') << 3) | (d[2] - b'0'));

@@ -27,8 +27,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mount::{Launch, Mount};
-use common::rig::e2e_script;
 use common::registry::Registry;
+use common::rig::e2e_script;
 use faultproxy::{FaultProxy, Faults};
 
 /// A verlay mount in the foreground with the background fetch off

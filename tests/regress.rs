@@ -618,7 +618,9 @@ fn commit_of_xattr_values_with_newlines_is_not_a_malformed_pax_extension() {
     drop(d);
     // The new layer alone, mounted read-only: what a container started from it sees.
     let o = format!("lowerdir={}", diff.display());
-    let d2 = Launch::verlay(&o, &t.join("m2")).log(&t.join("daemon2.log")).start();
+    let d2 = Launch::verlay(&o, &t.join("m2"))
+        .log(&t.join("daemon2.log"))
+        .start();
     let m2 = t.join("m2");
     for (f, x) in files.iter().zip(&want) {
         assert!(
@@ -711,7 +713,9 @@ fn mount_atime_options_apply_to_upper_files() {
             t.join("u").display(),
             t.join("w").display()
         );
-        let d = Launch::verlay(&o, &t.join("m")).log(&t.join("daemon.log")).start();
+        let d = Launch::verlay(&o, &t.join("m"))
+            .log(&t.join("daemon.log"))
+            .start();
         let f = t.join("m/f");
         if !extra.ends_with(",ro") {
             fs::write(&f, "data\n").unwrap();

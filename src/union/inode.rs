@@ -92,6 +92,24 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node with one lookup and no handles, children or remembered removal.
+    pub fn new(id: u64, kind: Kind, ino: u64, state: NodeState) -> Node {
+        Node {
+            id,
+            kind,
+            ino: AtomicU64::new(ino),
+            lookups: AtomicU64::new(1),
+            state: RwLock::new(state),
+            copy_up: Mutex::new(()),
+            handles: Mutex::new(Default::default()),
+            gone_attr: Mutex::new(None),
+            gone_dir: Mutex::new(None),
+            children: Mutex::new(ChildMap::default()),
+            no_caps: AtomicU64::new(0),
+            pin: AtomicU64::new(0),
+        }
+    }
+
     /// st_ino shown to users.
     pub fn ino(&self) -> u64 {
         self.ino.load(Ordering::Relaxed)
@@ -373,16 +391,14 @@ impl<T> ThinVec<T> {
 #[cfg(test)]
 mod tests {
     use super::{Gone, Kind, Node, NodeTable, ThinVec, GONE_MAX, ROOT_ID};
-    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
     fn table() -> NodeTable {
-        NodeTable::new(Node {
-            id: ROOT_ID,
-            kind: Kind::Dir,
-            ino: AtomicU64::new(1),
-            lookups: AtomicU64::new(1),
-            state: parking_lot::RwLock::new(super::NodeState {
+        NodeTable::new(Node::new(
+            ROOT_ID,
+            Kind::Dir,
+            1,
+            super::NodeState {
                 parent: ROOT_ID,
                 name: Arc::from(std::ffi::OsStr::new("")),
                 unlinked: false,
@@ -390,15 +406,8 @@ mod tests {
                 lower: None,
                 lowers: Vec::new(),
                 aliases: Default::default(),
-            }),
-            copy_up: parking_lot::Mutex::new(()),
-            handles: parking_lot::Mutex::new(Default::default()),
-            gone_attr: parking_lot::Mutex::new(None),
-            gone_dir: parking_lot::Mutex::new(None),
-            children: parking_lot::Mutex::new(Default::default()),
-            no_caps: AtomicU64::new(0),
-            pin: AtomicU64::new(0),
-        })
+            },
+        ))
     }
 
     fn gone(ino: u64, kind: Kind) -> Gone {

@@ -356,12 +356,11 @@ impl Union {
         // The id a forgotten node of this object had, so file handles made before stay valid.
         let id = self.nodes.id_for(r.ino, r.kind);
         let shared_name: Arc<OsStr> = Arc::from(name);
-        let node = Arc::new(Node {
+        let node = Arc::new(Node::new(
             id,
-            kind: r.kind,
-            ino: AtomicU64::new(r.ino),
-            lookups: AtomicU64::new(1),
-            state: RwLock::new(NodeState {
+            r.kind,
+            r.ino,
+            NodeState {
                 parent: parent.id,
                 name: shared_name.clone(),
                 unlinked: false,
@@ -369,15 +368,8 @@ impl Union {
                 lower: r.lower,
                 lowers: r.lowers,
                 aliases: Default::default(),
-            }),
-            copy_up: Mutex::new(()),
-            handles: Mutex::new(Default::default()),
-            gone_attr: Mutex::new(None),
-            gone_dir: Mutex::new(None),
-            children: Mutex::new(inode::ChildMap::default()),
-            no_caps: AtomicU64::new(0),
-            pin: AtomicU64::new(0),
-        });
+            },
+        ));
         self.nodes.insert(node.clone());
         children.insert(shared_name, id);
         Ok(node)

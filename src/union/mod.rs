@@ -423,12 +423,11 @@ impl Union {
         let mut u = Union {
             lowers,
             upper,
-            nodes: NodeTable::new(Node {
-                id: ROOT_ID,
-                kind: Kind::Dir,
-                ino: AtomicU64::new(0),
-                lookups: AtomicU64::new(1),
-                state: RwLock::new(NodeState {
+            nodes: NodeTable::new(Node::new(
+                ROOT_ID,
+                Kind::Dir,
+                0,
+                NodeState {
                     parent: ROOT_ID,
                     name: Arc::from(OsStr::new("")),
                     unlinked: false,
@@ -436,15 +435,8 @@ impl Union {
                     lower: None,
                     lowers: Vec::new(),
                     aliases: Default::default(),
-                }),
-                copy_up: Mutex::new(()),
-                handles: Mutex::new(Default::default()),
-                gone_attr: Mutex::new(None),
-                gone_dir: Mutex::new(None),
-                children: Mutex::new(inode::ChildMap::default()),
-                no_caps: AtomicU64::new(0),
-                pin: AtomicU64::new(0),
-            }),
+                },
+            )),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),

@@ -1,5 +1,5 @@
-//! 1. Bad input: a rejected command line prints one `verlay: what: why (fix)` line, exits 2
-//! and changes nothing on disk (checked with a snapshot of the sandbox before and after).
+//! Bad input: a rejected command line prints one `verlay: what: why (fix)` line, exits 2 and
+//! changes nothing on disk (checked with a snapshot of the sandbox before and after).
 
 use super::*;
 

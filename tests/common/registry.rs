@@ -112,4 +112,3 @@ pub fn http_status(addr: SocketAddr, method: &str, path: &str) -> Option<u16> {
         .nth(1)
         .and_then(|c| c.parse().ok())
 }
-
