@@ -132,7 +132,10 @@ impl Filter {
         self.0.iter().all(|(field, op)| {
             let value = match field {
                 Field::Name => Some(s.name),
-                Field::Parent => Some(s.parent).filter(|p| !p.is_empty()),
+                // as containerd's adaptor: always there, "" for none, so that
+                // `parent==""` selects base layers (containerd's metadata store walks with it
+                // after a remote Prepare of a base layer answered AlreadyExists)
+                Field::Parent => Some(s.parent),
                 Field::Kind => Some(s.kind),
                 Field::Label(k) => s.labels.get(k).map(String::as_str),
             };
@@ -166,6 +169,9 @@ mod tests {
             (&["kind==active", "name==default/1/a"], true),
             (&["kind==committed,parent"], false),
             (&["kind==committed,parent!=x"], true),
+            (&[r#"parent=="""#], true),
+            (&[r#"labels."containerd.io/gc.root"==x,parent=="""#], true),
+            (&["parent==x"], false),
             (&[r#"labels."containerd.io/gc.root""#], true),
             (&[r#"labels."containerd.io/gc.root"==x"#], true),
             (&[r#"labels."containerd.io/gc.root"=="y""#], false),

@@ -14,7 +14,7 @@ use verlay_snapshotter::service::Service;
 use verlay_snapshotter::snapshots::Snapshots;
 
 const HELP: &str = "\
-usage: verlay snapshotter --root DIR --address SOCK [-d]
+usage: verlay snapshotter --root DIR --address SOCK [--plain-http] [-d]
 
 Serve containerd's snapshots API on the unix socket SOCK, keeping snapshots under DIR.
 containerd config:
@@ -23,15 +23,21 @@ containerd config:
     address = \"SOCK\"
 Mounts are of type fuse3.verlay: `verlay` must be in the PATH of containerd and ctr.
 Commit fsyncs and seals each layer (DIR/snapshots/ID/fs.verlay-manifest) before recording it.
+Remote snapshotter: a Prepare whose labels name an eStargz layer (`ctr-remote image rpull
+--snapshotter NAME`, or CRI) records it lazily in DIR/store (its TOC only) and answers
+\"already exists\", so containerd does not download it; reads fetch and verify chunks.
 
   --root DIR       snapshot directories and metadata.redb (created if missing)
   --address SOCK   the unix socket to listen on (a stale socket file is replaced)
+  --plain-http     speak plain HTTP to registries for remote snapshots (loopback
+                   registries get plain HTTP without it)
   -d, --debug      log every call (RUST_LOG overrides; VERLAY_LOG_FILE sends logs to a file)
 ";
 
 struct Args {
     root: PathBuf,
     address: PathBuf,
+    plain_http: bool,
     debug: bool,
 }
 
@@ -39,6 +45,7 @@ fn parse() -> Result<Option<Args>, Error> {
     let mut root = None;
     let mut address = None;
     let mut debug = false;
+    let mut plain_http = false;
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
         let a = a.to_string_lossy().into_owned();
@@ -57,6 +64,7 @@ fn parse() -> Result<Option<Args>, Error> {
             "--root" => root = Some(value("--root")?),
             "--address" => address = Some(value("--address")?),
             "-d" | "--debug" => debug = true,
+            "--plain-http" => plain_http = true,
             "-h" | "--help" => {
                 print!("{HELP}");
                 return Ok(None);
@@ -79,6 +87,7 @@ fn parse() -> Result<Option<Args>, Error> {
     Ok(Some(Args {
         root: cwd.join(root.ok_or_else(|| missing("--root"))?),
         address: cwd.join(address.ok_or_else(|| missing("--address"))?),
+        plain_http,
         debug,
     }))
 }
@@ -92,7 +101,11 @@ fn init_logging(debug: bool) {
 }
 
 async fn serve(args: Args) -> Result<(), Error> {
-    let snapshots = Snapshots::open(&args.root)?;
+    let mut snapshots = Snapshots::open(&args.root)?;
+    snapshots.set_registry_options(verlay::registry::client::Options {
+        plain_http: args.plain_http,
+        ..Default::default()
+    });
     // A socket file left by a killed snapshotter refuses the bind; the root's lock (taken
     // above) says no other snapshotter of this root is alive to own it.
     match std::fs::remove_file(&args.address) {

@@ -11,6 +11,9 @@
 //! ROOT/snapshots/<id>/work         the workdir of an active snapshot's verlay mount
 //! ROOT/snapshots/<id>/fs.verlay-manifest   a committed snapshot's layer manifest
 //! ROOT/snapshots/<id>/layer.json   its manifest digest, checked by every verlay mount of it
+//! ROOT/store/                      a verlay layer store holding the eStargz layers recorded
+//!                                  lazily by a remote Prepare ([`crate::remote`]); such a
+//!                                  committed snapshot's directory is its store layer's `diff`
 //! ```
 //!
 //! Ordering (the promise: after a kill -9 or a power cut, every committed snapshot is complete
@@ -24,6 +27,9 @@
 //!   in one transaction (`commit.db`). A crash before `commit.db` leaves the active snapshot as
 //!   it was (containerd unpacks the layer again); after it, the layer is complete and verified
 //!   on every read.
+//! - A remote Prepare records the layer in the store first (built in `store/tmp`, published
+//!   by one rename), then inserts the committed record in one transaction: a crash in
+//!   between leaves a store layer no record names, removed at the next open.
 //! - Remove deletes the record first, then renames the directory to `<id>.removing` and
 //!   deletes it: a crash in between leaves garbage for Cleanup, never a record without its
 //!   directory.
@@ -50,6 +56,7 @@ use verlay::failpoint::Failpoints;
 
 use crate::error::{Error, Result};
 use crate::filter::{Filters, Subject};
+use crate::remote;
 
 /// key (containerd's snapshot key or committed name) -> JSON [`Record`].
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -109,6 +116,10 @@ struct Record {
     usage: Option<(i64, i64)>,
     /// the layer manifest's digest, for committed snapshots
     manifest_digest: Option<String>,
+    /// a remote snapshot's directory (its lazy layer in `ROOT/store`), instead of
+    /// `snapshots/<id>/fs`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lower: Option<PathBuf>,
 }
 
 impl Record {
@@ -150,6 +161,10 @@ pub struct Snapshots {
     /// keys being committed: Commit seals outside any transaction, so a second Commit or a
     /// Remove of the same key must be refused meanwhile
     busy: Mutex<HashSet<String>>,
+    /// where remote Prepares record eStargz layers (`ROOT/store`)
+    store: verlay::store::Store,
+    /// how remote Prepares and the mounts of their layers reach registries
+    registry: verlay::registry::client::Options,
     /// holds the root's flock for the life of the process
     _lock: File,
 }
@@ -221,13 +236,20 @@ impl Snapshots {
             tx.open_table(SNAPSHOTS).map_err(|e| Error::db("open", e))?;
         }
         tx.commit().map_err(|e| Error::db("open", e))?;
+        let store_dir = root.join("store");
+        let store = verlay::store::Store::open(&store_dir).map_err(|source| Error::Verlay {
+            op: "open.store",
+            source,
+        })?;
         let s = Snapshots {
             root,
             db,
             busy: Mutex::new(HashSet::new()),
+            store,
+            registry: verlay::registry::client::Options::default(),
             _lock: lock,
         };
-        let removed = s.cleanup()?;
+        let removed = s.cleanup()? + s.cleanup_store()?;
         info!(root = %s.root.display(), removed, "snapshotter root opened");
         Ok(s)
     }
@@ -281,7 +303,7 @@ impl Snapshots {
             let r = self.get(&next)?.ok_or_else(|| {
                 Error::NotFound(format!("parent snapshot {next} does not exist: not found"))
             })?;
-            out.push(self.fs(r.id));
+            out.push(r.lower.clone().unwrap_or_else(|| self.fs(r.id)));
             next = r.parent;
         }
         Ok(out)
@@ -360,6 +382,15 @@ impl Snapshots {
             RecordKind::Active
         };
         let op = if kind_view { "view" } else { "prepare" };
+        if !kind_view {
+            if let Some((target, layer)) = remote::from_labels(&labels) {
+                if self.prepare_remote(key, parent, &target, &layer, &labels)? {
+                    return Err(Error::AlreadyExists(format!(
+                        "target snapshot {target:?}: already exists"
+                    )));
+                }
+            }
+        }
         let tx = self.db.begin_write().map_err(|e| Error::db(op, e))?;
         let rec = {
             let mut t = tx.open_table(SNAPSHOTS).map_err(|e| Error::db(op, e))?;
@@ -413,6 +444,7 @@ impl Snapshots {
                 updated: now,
                 usage: None,
                 manifest_digest: None,
+                lower: None,
             };
             t.insert(key, encode(key, &rec)?.as_slice())
                 .map_err(|e| Error::db(op, e))?;
@@ -572,6 +604,7 @@ impl Snapshots {
                 updated: now,
                 usage: Some((size, inodes)),
                 manifest_digest: Some(digest.clone()),
+                lower: None,
             };
             t.insert(name, encode(name, &rec)?.as_slice())
                 .map_err(|e| Error::db("commit", e))?;
@@ -609,7 +642,7 @@ impl Snapshots {
     pub fn remove(&self, key: &str) -> Result<()> {
         let _busy = self.mark_busy(key)?;
         let tx = self.db.begin_write().map_err(|e| Error::db("remove", e))?;
-        let id = {
+        let (id, lower) = {
             let mut t = tx.open_table(SNAPSHOTS).map_err(|e| Error::db("remove", e))?;
             let r = match t.get(key).map_err(|e| Error::db("remove", e))? {
                 Some(v) => decode(key, v.value())?,
@@ -631,10 +664,16 @@ impl Snapshots {
                 }
             }
             t.remove(key).map_err(|e| Error::db("remove", e))?;
-            r.id
+            (r.id, r.lower)
         };
         tx.commit().map_err(|e| Error::db("remove", e))?;
         FAILPOINTS.crash_point("remove.db");
+        if let Some(lower) = lower {
+            // a remote snapshot: its layer is in the store, and has no snapshots/<id>
+            self.remove_store_layer_if_unused(&lower);
+            info!(key, id, "remote snapshot removed");
+            return Ok(());
+        }
         // One rename takes the snapshot out of sight before its files go one by one: nobody
         // (a scrub, a debugging user) sees a half-removed layer under its id, and a crash
         // leaves a name Cleanup removes (not a number, so no record can name it).
@@ -705,6 +744,149 @@ impl Snapshots {
             removed += 1;
         }
         tx.abort().map_err(|e| Error::db("cleanup", e))?;
+        Ok(removed)
+    }
+}
+
+impl Snapshots {
+    /// How remote Prepares (and the lazy mounts they lead to) reach registries.
+    pub fn set_registry_options(&mut self, opts: verlay::registry::client::Options) {
+        self.registry = opts;
+    }
+
+    /// The remote path of Prepare ([`crate::remote`]): true when the layer was recorded
+    /// lazily and the committed snapshot `target` exists (Prepare then answers
+    /// AlreadyExists); false for the ordinary path. A layer that is not eStargz, or a
+    /// registry that fails, is logged and takes the ordinary path (containerd downloads it).
+    fn prepare_remote(
+        &self,
+        key: &str,
+        parent: &str,
+        target: &str,
+        layer: &verlay::estargz::pull::RemoteLayer,
+        labels: &HashMap<String, String>,
+    ) -> Result<bool> {
+        // what the ordinary path refuses (key taken, parent missing or not committed), it
+        // refuses with the right status code
+        if self.get(key)?.is_some() {
+            return Ok(false);
+        }
+        if !parent.is_empty() && self.get(parent)?.is_none_or(|p| p.kind != RecordKind::Committed) {
+            return Ok(false);
+        }
+        if let Some(t) = self.get(target)? {
+            return Ok(t.kind == RecordKind::Committed && t.parent == parent);
+        }
+        let started = Instant::now();
+        let rec = match verlay::estargz::pull::record_remote_layer(&self.store, layer, target, &self.registry) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                info!(key, target, blob = %layer.blob_digest, "not an eStargz layer (no TOC digest): unpacking it the ordinary way");
+                return Ok(false);
+            }
+            Err(e) => {
+                warn!(key, target, blob = %layer.blob_digest, error = %e, "cannot record the layer lazily: unpacking it the ordinary way");
+                return Ok(false);
+            }
+        };
+        let lower = self.store.diff_dir(&rec.chain_id);
+        let (size, inodes) = disk_usage(&lower)?;
+        let manifest_digest = self
+            .store
+            .record(&rec.chain_id)
+            .ok()
+            .and_then(|v| v["manifest_digest"].as_str().map(str::to_owned));
+        let tx = self.db.begin_write().map_err(|e| Error::db("prepare.remote", e))?;
+        {
+            let mut t = tx.open_table(SNAPSHOTS).map_err(|e| Error::db("prepare.remote", e))?;
+            if let Some(v) = t.get(target).map_err(|e| Error::db("prepare.remote", e))? {
+                // a concurrent Prepare of the same layer won
+                let other = decode(target, v.value())?;
+                return Ok(other.kind == RecordKind::Committed && other.parent == parent);
+            }
+            let mut meta = tx.open_table(META).map_err(|e| Error::db("prepare.remote", e))?;
+            let id = meta
+                .get("next_id")
+                .map_err(|e| Error::db("prepare.remote", e))?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            meta.insert("next_id", id + 1)
+                .map_err(|e| Error::db("prepare.remote", e))?;
+            let mut all: BTreeMap<String, String> = labels.clone().into_iter().collect();
+            all.insert(remote::REMOTE_LABEL.into(), remote::REMOTE_LABEL_VALUE.into());
+            let now = SystemTime::now();
+            let r = Record {
+                id,
+                kind: RecordKind::Committed,
+                parent: parent.to_string(),
+                labels: all,
+                created: now,
+                updated: now,
+                usage: Some((size, inodes)),
+                manifest_digest,
+                lower: Some(lower.clone()),
+            };
+            t.insert(target, encode(target, &r)?.as_slice())
+                .map_err(|e| Error::db("prepare.remote", e))?;
+        }
+        tx.commit().map_err(|e| Error::db("prepare.remote", e))?;
+        info!(key, target, parent, layer = %rec.chain_id, toc = %rec.toc_digest,
+              bytes_fetched = rec.bytes_fetched, ms = started.elapsed().as_millis() as u64,
+              "remote snapshot: eStargz layer recorded lazily, committed without download");
+        Ok(true)
+    }
+
+    /// The store layers that records name (remote snapshots' `lower`).
+    fn store_layers_in_use(&self) -> Result<HashSet<PathBuf>> {
+        Ok(self.all()?.into_iter().filter_map(|(_, r)| r.lower).collect())
+    }
+
+    /// Remove the store layer of a removed remote snapshot, unless another record names it
+    /// (the same layer in another namespace). Failures are logged: the next open removes
+    /// what no record names.
+    fn remove_store_layer_if_unused(&self, lower: &Path) {
+        match self.store_layers_in_use() {
+            Ok(used) if used.contains(lower) => return,
+            Ok(_) => {}
+            Err(e) => {
+                warn!(path = %lower.display(), error = %e, "cannot tell whether a store layer is still used; leaving it");
+                return;
+            }
+        }
+        if let Some(dir) = lower.parent() {
+            if let Err(e) = self.remove_store_dir(dir) {
+                warn!(path = %dir.display(), error = %e, "could not remove a store layer; the next open will");
+            }
+        }
+    }
+
+    /// One rename out of `store/layers/` into `store/tmp/` (which every store open
+    /// empties), then the removal.
+    fn remove_store_dir(&self, dir: &Path) -> Result<()> {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let doomed = self.store.root().join("tmp").join(format!("removing-{name}"));
+        std::fs::rename(dir, &doomed).map_err(|e| Error::io("remove.store_layer", dir, e))?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| Error::io("remove.store_layer", &doomed, e))
+    }
+
+    /// At open: remove store layers no record names (a crash between a remote Prepare's
+    /// store import and its record). Returns how many were removed.
+    fn cleanup_store(&self) -> Result<usize> {
+        let used = self.store_layers_in_use()?;
+        let chains = self.store.chain_ids().map_err(|source| Error::Verlay {
+            op: "open.store_list",
+            source,
+        })?;
+        let mut removed = 0;
+        for c in chains {
+            if used.contains(&self.store.diff_dir(&c)) {
+                continue;
+            }
+            let dir = self.store.layer_dir(&c);
+            warn!(path = %dir.display(), "removing a store layer no record names (leftover of a crash)");
+            self.remove_store_dir(&dir)?;
+            removed += 1;
+        }
         Ok(removed)
     }
 }

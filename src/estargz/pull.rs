@@ -221,3 +221,153 @@ fn skeleton(toc: &Toc, member: &TocMember) -> std::result::Result<Skeleton, Stri
     v.flush().map_err(io)?;
     Ok((v, sizes))
 }
+
+/// One layer of an image as containerd's snapshot labels describe it, for
+/// [`record_remote_layer`] (the snapshotter's remote path; `pull_lazy` does the same for a
+/// whole image).
+#[derive(Debug, Clone)]
+pub struct RemoteLayer {
+    /// the image's reference (`containerd.io/snapshot/remote/stargz.reference` or
+    /// `containerd.io/snapshot/cri.image-ref`)
+    pub reference: Reference,
+    /// the layer blob's digest (`.../stargz.digest` or `.../cri.layer-digest`)
+    pub blob_digest: String,
+    /// the TOC digest: the layer descriptor's `containerd.io/snapshot/stargz/toc.digest`
+    /// annotation, which containerd passes on as a label (it read it from the manifest it
+    /// verified by digest)
+    pub toc_digest: Option<String>,
+    /// the image manifest's digest (`.../cri.manifest-digest`): without a TOC label, the
+    /// annotation is read from this manifest, fetched and checked against the digest
+    pub manifest_digest: Option<String>,
+}
+
+/// What [`record_remote_layer`] stored.
+#[derive(Debug, Clone)]
+pub struct RecordedLayer {
+    /// the layer's chain ID in the store: `chain_id(Some(key), TOC digest)`
+    pub chain_id: String,
+    /// the TOC digest the layer was checked against
+    pub toc_digest: String,
+    /// bytes fetched from the registry (manifest, footer, TOC)
+    pub bytes_fetched: u64,
+    /// false when the store had the layer already (nothing fetched but what found the TOC)
+    pub imported: bool,
+}
+
+/// Record one eStargz layer lazily in `store` (footer and TOC only, as `pull --lazy`),
+/// under `chain_id(Some(key), TOC digest)` with no parent: `key` is the caller's name for
+/// the layer and its ancestry (containerd's chain ID), the TOC digest what is checked.
+/// Returns `Ok(None)` when the layer is not eStargz as far as the labels and the manifest
+/// tell (no TOC digest anywhere): the caller takes the ordinary path.
+pub fn record_remote_layer(
+    store: &Store,
+    l: &RemoteLayer,
+    key: &str,
+    opts: &Options,
+) -> Result<Option<RecordedLayer>> {
+    let client = Client::new(&l.reference, opts)?;
+    let blob = crate::digest::parse_digest(&l.blob_digest, "layer digest")?;
+    let lwhat = format!("layer {} of {}", l.blob_digest, l.reference);
+    let mut fetched = 0u64;
+    let mut size = None;
+    let want = match (&l.toc_digest, &l.manifest_digest) {
+        (Some(t), _) => t.clone(),
+        (None, Some(m)) => {
+            let (bytes, _mt, _d) = fetch_manifest(&client, m, Some(m))?;
+            fetched += bytes.len() as u64;
+            let raw: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::remote(&lwhat, e.to_string(), "check the image"))?;
+            let Some(desc) = raw["layers"]
+                .as_array()
+                .and_then(|ls| ls.iter().find(|d| d["digest"].as_str() == Some(blob.as_str())))
+            else {
+                return Ok(None);
+            };
+            size = desc["size"].as_u64();
+            match desc["annotations"][toc::TOC_DIGEST_ANNOTATION].as_str() {
+                Some(t) => t.to_string(),
+                None => return Ok(None),
+            }
+        }
+        (None, None) => return Ok(None),
+    };
+    let want = crate::digest::parse_digest(&want, toc::TOC_DIGEST_ANNOTATION)?;
+    let chain = chain_id(Some(key), &want);
+    let mut out = RecordedLayer {
+        chain_id: chain.clone(),
+        toc_digest: want.clone(),
+        bytes_fetched: fetched,
+        imported: false,
+    };
+    if store.has_layer(&chain) {
+        return Ok(Some(out));
+    }
+    blobs::ensure_dirs(store)?;
+    let size = match size {
+        Some(s) => s,
+        None => remote_blob_size(&client, &blob, &lwhat)?,
+    };
+    let (member, toc_offset, got) = fetch_toc(&client, &blob, size, &lwhat)?;
+    out.bytes_fetched += got;
+    let have = sha256_digest(&member.json);
+    if have != want {
+        return Err(Error::remote(
+            &lwhat,
+            format!("TOC digest mismatch: the label says {want}, the TOC in the blob hashes to {have}"),
+            "refusing the layer, nothing was stored: the registry (or something between) serves a TOC the image does not name",
+        ));
+    }
+    let parsed = toc::parse_toc(&member.json).map_err(|why| toc::bad_layer(&lwhat, why))?;
+    let table = toc::chunk_table(&parsed, toc_offset).map_err(|why| toc::bad_layer(&lwhat, why))?;
+    let (tar, sizes) = skeleton(&parsed, &member).map_err(|why| toc::bad_layer(&lwhat, why))?;
+    out.imported = store.import_lazy(&LazyImport {
+        chain_id: chain,
+        parent: None,
+        skeleton: tar,
+        sizes,
+        chunks: table.chunks.len() as u64,
+        toc_json: member.json,
+        lazy: serde_json::json!({
+            "reference": l.reference.to_string(),
+            "plain_http": opts.plain_http,
+            "tls_verify": opts.tls_verify,
+            "blob_digest": blob,
+            "blob_size": size,
+            "toc_digest": want,
+            "toc_offset": toc_offset,
+            "diff_id": serde_json::Value::Null,
+        }),
+        source: lwhat,
+    })?;
+    Ok(Some(out))
+}
+
+/// The blob's size, from a HEAD request (containerd's labels do not carry it).
+fn remote_blob_size(client: &Client, digest: &str, what: &str) -> Result<u64> {
+    use crate::registry::client::Fail;
+    let url = client.url(&format!("blobs/{digest}"));
+    client.with_retries(&format!("HEAD blob {digest}"), || {
+        let reply = client.request(ureq::http::Method::HEAD, &url, &[], &[])?;
+        match reply.status {
+            200 => {}
+            s if s >= 500 || s == 429 => return Err(Fail::Transient(format!("HTTP {s}"))),
+            s => {
+                return Err(Fail::Fatal(Error::remote(
+                    what,
+                    format!("HEAD of the blob answered HTTP {s}"),
+                    "check the image in the registry",
+                )))
+            }
+        }
+        reply
+            .header("Content-Length")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                Fail::Fatal(Error::remote(
+                    what,
+                    "HEAD of the blob gave no Content-Length",
+                    "check the registry",
+                ))
+            })
+    })
+}

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# containerd-lazy.sh: verlay's snapshotter as containerd's remote snapshotter, end to end.
+#
+#   tests/e2e/containerd-lazy.sh [BIN]  BIN: default ./target/release/verlay
+#                                       (verlay-snapshotter beside it, as for containerd.sh)
+#
+# The test image (tests/e2e/image.sh) is imported into a verlay store, converted with
+# `verlay image convert --estargz` (64 KiB chunks) and pushed with `verlay image push` to a
+# local docker-registry (tests/e2e/registry-env.sh), together with its plain gzip form.
+# A private containerd (tests/e2e/containerd-env.sh) has `verlay snapshotter` as its proxy
+# snapshotter "verlay". Checks:
+#   rpull          `ctr-remote image rpull --plain-http --snapshotter verlay` of the eStargz
+#                  image: every layer is prepared remotely (the snapshotter logs it; three
+#                  committed snapshots labelled containerd.io/snapshot/remote), containerd's
+#                  content store holds no layer blob, and the registry served less than 5%
+#                  of the layers' bytes (the footers and TOCs; its access log is counted)
+#   run-lazy       `ctr run --snapshotter verlay` of the image: cat of the 1 MiB /data/blob
+#                  (fetched on demand) is byte for byte the file of the original layer; a
+#                  second container checks the whiteout, the opaque dir and a write
+#   plain-fallback rpull of the plain gzip image: no remote snapshot (not eStargz), the
+#                  layers are downloaded and unpacked the ordinary way; the same checks run
+# Teardown (also on failure): containerd, its shims and the registry stopped by PID, the
+# snapshotter killed by PID, mounts under the work dir unmounted.
+# Needs root; containerd, runc, ctr-remote (Debian's stargz-snapshotter), docker-registry,
+# busybox-static, jq (tests/setup.sh). Env: CONTAINERD_TIMEOUT (s per step, default 120),
+# KEEP=1 keeps the work dir.
+set -euo pipefail
+# shellcheck source=tests/e2e/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+need_root
+BIN=$(resolve_bin "${1:-}")
+BINDIR=$(dirname "$BIN")
+SNAP=$BINDIR/verlay-snapshotter
+[ -x "$SNAP" ] || die "$SNAP not found (cargo build --release builds it beside verlay)"
+for t in containerd ctr-remote docker-registry jq; do
+  command -v "$t" >/dev/null || die "$t missing: bash tests/setup.sh"
+done
+C=$E2E/containerd-env.sh
+REGENV=$E2E/registry-env.sh
+TO=${CONTAINERD_TIMEOUT:-120}
+# containerd's mount.fuse3 looks for `verlay` in the PATH
+export PATH=$BINDIR:$PATH
+
+WORK=$(mktemp -d /tmp/verlay-ctd-lazy.XXXXXX)
+D=$WORK/ctd-env
+REG=$WORK/reg
+SNAP_PID=""
+cleanup() {
+  local rc=$? p m
+  bash "$C" stop "$D/ctd" >/dev/null 2>&1 || true
+  bash "$REGENV" stop "$REG" >/dev/null 2>&1 || true
+  if [ -n "$SNAP_PID" ]; then
+    kill "$SNAP_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$SNAP_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$SNAP_PID" 2>/dev/null || true
+  fi
+  # verlay daemons of mounts under WORK that containerd left behind (none expected)
+  for p in $(pgrep -f "verlay overlay $WORK/" 2>/dev/null || true); do
+    log "leftover verlay daemon $p: $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)"; kill "$p" 2>/dev/null || true
+  done
+  awk -v w="$WORK/" 'index($5, w) == 1 { print $5 }' /proc/self/mountinfo | sort -r | while read -r m; do
+    fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+  if [ "${KEEP:-0}" = 1 ] || [ "$rc" != 0 ] || [ "$E2E_FAILED" != 0 ]; then
+    log "kept $WORK (snapshotter: $D/snap.log, containerd: $D/ctd/containerd.log, verlay: $D/verlay.log, registry: $REG/registry.log)"
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# check NAME CMD...: one e2e result from a command's status (CMD runs with errexit on)
+check() {
+  local name=$1 t rc; shift
+  t=$(now)
+  set +e
+  (set -e; "$@") > "$WORK/$name.out" 2>&1 </dev/null
+  rc=$?
+  set -e
+  if [ "$rc" = 0 ]; then e2e_ok "$name" "$(since "$t")"; else
+    tail -n 15 "$WORK/$name.out" | sed 's/^/  | /'
+    e2e_fail "$name" "$(since "$t")" "exited $rc; see $WORK/$name.out"
+  fi
+  sed -n 's/^figure: /  /p' "$WORK/$name.out"
+  return "$rc"
+}
+v() { timeout "$TO" "$BIN" "$@"; }
+ctr_() { timeout "$TO" bash "$C" ctr "$D/ctd" "$@"; }
+rpull() { timeout "$TO" ctr-remote -a "$D/ctd/containerd.sock" image rpull --plain-http --snapshotter verlay "$1"; }
+# run_ IMAGE ID CMD...: ctr run --rm on the verlay snapshotter, stdout only. containerd 1.6's
+# shim sometimes loses a mount helper's exit status (ECHILD, containerd#4387; see
+# containerd.sh): that one error is retried once, and said so.
+run_() {
+  local rc=0
+  timeout "$TO" bash "$C" run "$D/ctd" --snapshotter verlay "$@" 2>"$WORK/run.err" || rc=$?
+  if [ "$rc" != 0 ] && grep -q "failed with ECHILD" "$WORK/run.err"; then
+    echo "containerd lost the mount helper's exit status (ECHILD, containerd#4387): retrying once" >&2
+    rc=0
+    timeout "$TO" bash "$C" run "$D/ctd" --snapshotter verlay "$@" 2>"$WORK/run.err" || rc=$?
+  fi
+  cat "$WORK/run.err" >&2
+  return "$rc"
+}
+# layer_bytes DIGESTS...: bytes the registry wrote for GETs of those blobs since the log began
+# (distribution logs each response with http.response.written)
+layer_bytes() {
+  local d sum=0 n
+  for d in "$@"; do
+    n=$(grep 'msg="response completed"' "$REG/registry.log" | grep -F "/blobs/$d" |
+      sed -n 's/.*http.response.written=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
+    sum=$((sum + n))
+  done
+  echo "$sum"
+}
+
+CHECK='cat /etc/motd; test ! -e /etc/remove-me && test ! -e /opaque/a && test -f /opaque/b &&
+       echo written > /root/w && cat /root/w && echo semantics-ok'
+
+# --- setup: the image, its eStargz form, both pushed; the snapshotter and containerd
+IMG=$WORK/image
+timeout "$TO" bash "$E2E/image.sh" "$IMG" >/dev/null
+# shellcheck disable=SC1091
+. "$IMG/image.env"
+S=$WORK/store
+v image import -q --store "$S" --name test "$IMG/oci" >/dev/null
+v image convert -q --store "$S" --estargz --chunk-size 65536 test esgz >/dev/null
+PORT=$(shuf -i 20000-40000 -n 1)
+timeout "$TO" bash "$REGENV" start "$REG" "$PORT" >/dev/null
+R=127.0.0.1:$PORT
+v image push -q --store "$S" --image esgz "$R/lazy/test:esgz" >/dev/null
+v image push -q --store "$S" --image test "$R/lazy/test:plain" >/dev/null
+# the eStargz layers as the registry has them: digest and size, bottom first
+ESGZ_MANIFEST=$(curl -fsS -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$R/v2/lazy/test/manifests/esgz")
+mapfile -t ESGZ_LAYERS < <(jq -r '.layers[].digest' <<<"$ESGZ_MANIFEST")
+ESGZ_TOTAL=$(jq '[.layers[].size] | add' <<<"$ESGZ_MANIFEST")
+[ "${#ESGZ_LAYERS[@]}" = 3 ] && jq -e '.layers | all(.annotations["containerd.io/snapshot/stargz/toc.digest"])' <<<"$ESGZ_MANIFEST" >/dev/null ||
+  die "the pushed eStargz image does not have 3 layers with TOC annotations"
+# the original /data/blob, from the plain layer 3
+# shellcheck disable=SC2086
+set -- $LAYER_DIGESTS
+WANT_BLOB=$(tar -xzOf "$IMG/oci/blobs/sha256/${3#sha256:}" ./data/blob | sha256sum | cut -d' ' -f1)
+
+mkdir -p "$D"
+VERLAY_LOG_FILE= setsid "$SNAP" --root "$D/root" --address "$D/snap.sock" >>"$D/snap.log" 2>&1 </dev/null &
+SNAP_PID=$!
+for _ in $(seq 100); do [ -S "$D/snap.sock" ] && break; sleep 0.05; done
+[ -S "$D/snap.sock" ] || { tail -5 "$D/snap.log" >&2; die "the snapshotter did not start"; }
+VERLAY_LOG_FILE=$D/verlay.log timeout "$TO" bash "$C" start "$D/ctd" --proxy "verlay=$D/snap.sock" --path "$BINDIR" >/dev/null
+
+# --- rpull of the eStargz image: no layer downloaded
+rpull_lazy() {
+  local before after moved n d
+  before=$(layer_bytes "${ESGZ_LAYERS[@]}")
+  rpull "$R/lazy/test:esgz"
+  after=$(layer_bytes "${ESGZ_LAYERS[@]}")
+  moved=$((after - before))
+  n=$(grep -c "committed without download" "$D/snap.log" || true)
+  echo "remote snapshots prepared: $n"
+  [ "$n" = 3 ] || { echo "want 3 layers prepared remotely"; return 1; }
+  ctr_ snapshots --snapshotter verlay ls
+  n=$(ctr_ snapshots --snapshotter verlay ls | awk 'NR > 1 && $NF == "Committed"' | wc -l)
+  [ "$n" = 3 ] || { echo "want 3 committed snapshots, have $n"; return 1; }
+  for d in "${ESGZ_LAYERS[@]}"; do
+    if ctr_ content ls -q | grep -qx "$d"; then echo "containerd downloaded layer $d"; return 1; fi
+  done
+  echo "figure: rpull moved $moved of $ESGZ_TOTAL layer bytes ($(awk -v a="$moved" -v b="$ESGZ_TOTAL" 'BEGIN { printf "%.2f", 100 * a / b }')%)"
+  [ $((moved * 20)) -lt "$ESGZ_TOTAL" ] || { echo "more than 5% of the layers' bytes moved"; return 1; }
+}
+
+# --- run: the file read on demand is the original's, byte for byte
+run_lazy() {
+  local before got moved cached
+  before=$(layer_bytes "${ESGZ_LAYERS[@]}")
+  run_ "$R/lazy/test:esgz" lazy-cat cat /data/blob > "$WORK/blob.out"
+  got=$(sha256sum < "$WORK/blob.out" | cut -d' ' -f1)
+  moved=$(($(layer_bytes "${ESGZ_LAYERS[@]}") - before))
+  echo "figure: first container (cat /data/blob, $(stat -c %s "$WORK/blob.out") bytes out) moved $moved layer bytes"
+  [ "$got" = "$WANT_BLOB" ] || { echo "/data/blob read through the lazy mount: sha256 $got, want $WANT_BLOB"; return 1; }
+  run_ "$R/lazy/test:esgz" lazy-check sh -c "$CHECK" | tee "$WORK/check.out"
+  grep -qx semantics-ok "$WORK/check.out"
+  grep -qx "motd from layer2" "$WORK/check.out"
+  # the bytes came from the registry, through the snapshotter's lazy layers, whose chunk
+  # caches now hold them
+  [ "$moved" -gt 0 ] || { echo "reading /data/blob moved no layer bytes"; return 1; }
+  cached=$(cat "$D"/root/store/layers/*/lazy/present | tr -d '\000' | wc -c)
+  echo "chunks cached in the snapshotter's store: $cached"
+  [ "$cached" -gt 0 ]
+}
+
+# --- a plain gzip image through rpull: the ordinary path
+plain_fallback() {
+  local n0 n1
+  n0=$(grep -c "committed without download" "$D/snap.log" || true)
+  rpull "$R/lazy/test:plain"
+  n1=$(grep -c "committed without download" "$D/snap.log" || true)
+  [ "$n0" = "$n1" ] || { echo "a plain gzip layer was prepared remotely"; return 1; }
+  grep -q "not an eStargz layer" "$D/snap.log"
+  run_ "$R/lazy/test:plain" plain-check sh -c "$CHECK" | tee "$WORK/plain.out"
+  grep -qx semantics-ok "$WORK/plain.out"
+}
+
+check rpull rpull_lazy || true
+check run-lazy run_lazy || true
+check plain-fallback plain_fallback || true
+e2e_summary
