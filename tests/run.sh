@@ -16,6 +16,8 @@
 #      mount_program, as root and rootless
 #   4. tests/e2e/containerd.sh BIN: containerd with `verlay snapshotter` as proxy snapshotter
 #      (import, pull, run, kill -9 during imports, restart under a running container)
+#   4b. tests/e2e/containerd-lazy.sh BIN: the snapshotter as containerd's remote snapshotter
+#      (ctr-remote image rpull of an eStargz image: no layer downloaded; ctr run reads lazily)
 #   5. tests/e2e/xfstests.sh BIN: fstests' quick subset (tests/e2e/xfstests-quick.txt) on
 #      kernel overlayfs and on BIN, when $FSTESTS_DIR holds a built fstests tree (fstests is
 #      not packaged and its source may not be kept here: docs/xfstests.md says how to build
@@ -100,7 +102,7 @@ if [ -z "$BIN" ]; then
   fi
 fi
 
-for script in tests/e2e/pjdfstest.sh tests/e2e/podman.sh tests/e2e/containerd.sh; do
+for script in tests/e2e/pjdfstest.sh tests/e2e/podman.sh tests/e2e/containerd.sh tests/e2e/containerd-lazy.sh; do
   echo "=== $script $BIN"
   t=$(now) rc=0
   out=$(mktemp /tmp/verlay-e2e-out.XXXXXX)

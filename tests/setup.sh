@@ -9,7 +9,8 @@
 #     e2e test drives (podman, runc, crun, uidmap, slirp4netns, fuse-overlayfs, catatonit,
 #     busybox-static, jq, skopeo, umoci; python3 for tests/e2e/image.sh); docker-registry (distribution 2.8) for
 #     tests/registry.rs and the containerd e2e test, containerd and curl for the latter, and
-#     protobuf-compiler (protoc), which builds the snapshotter's gRPC code.
+#     protobuf-compiler (protoc), which builds the snapshotter's gRPC code; stargz-snapshotter
+#     for its ctr-remote (tests/e2e/containerd-lazy.sh pulls with `ctr-remote image rpull`).
 #   - pjdfstest 0.2.2 (crates.io) for tests/e2e/pjdfstest.sh.
 #   - the user "tests", one of pjdfstest's two dummy users (the other is "nobody").
 #   - cargo build --release --all-targets (skipped with --no-build).
@@ -26,7 +27,8 @@ command -v cargo >/dev/null || die "cargo not found (install Rust with rustup; s
 PKGS=(fuse3 attr podman runc crun uidmap slirp4netns fuse-overlayfs catatonit
       busybox-static jq python3 skopeo umoci procps util-linux passwd
       strace xfsprogs e2fsprogs dosfstools zstd tar
-      containerd docker-registry curl protobuf-compiler apache2-utils openssl time)
+      containerd docker-registry curl protobuf-compiler apache2-utils openssl time
+      stargz-snapshotter)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

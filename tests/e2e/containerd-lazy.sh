@@ -19,6 +19,10 @@
 #                  second container checks the whiteout, the opaque dir and a write
 #   plain-fallback rpull of the plain gzip image: no remote snapshot (not eStargz), the
 #                  layers are downloaded and unpacked the ordinary way; the same checks run
+#   restart        kill -9 of the snapshotter and a restart: the remote snapshots are still
+#                  there, and /data/blob reads byte for byte in a new container
+#   remove         `ctr image rm --sync` of the eStargz image: containerd's GC removes the
+#                  remote snapshots and the snapshotter their layers in its store
 # Teardown (also on failure): containerd, its shims and the registry stopped by PID, the
 # snapshotter killed by PID, mounts under the work dir unmounted.
 # Needs root; containerd, runc, ctr-remote (Debian's stargz-snapshotter), docker-registry,
@@ -143,11 +147,17 @@ ESGZ_TOTAL=$(jq '[.layers[].size] | add' <<<"$ESGZ_MANIFEST")
 set -- $LAYER_DIGESTS
 WANT_BLOB=$(tar -xzOf "$IMG/oci/blobs/sha256/${3#sha256:}" ./data/blob | sha256sum | cut -d' ' -f1)
 
+# snap_start: the snapshotter on D/root, socket D/snap.sock, its PID in SNAP_PID
+snap_start() {
+  VERLAY_LOG_FILE= setsid "$SNAP" --root "$D/root" --address "$D/snap.sock" >>"$D/snap.log" 2>&1 </dev/null &
+  SNAP_PID=$!
+  # no "Killed" job report when the restart check kills it
+  disown "$SNAP_PID"
+  for _ in $(seq 100); do [ -S "$D/snap.sock" ] && return 0; sleep 0.05; done
+  tail -5 "$D/snap.log" >&2; return 1
+}
 mkdir -p "$D"
-VERLAY_LOG_FILE= setsid "$SNAP" --root "$D/root" --address "$D/snap.sock" >>"$D/snap.log" 2>&1 </dev/null &
-SNAP_PID=$!
-for _ in $(seq 100); do [ -S "$D/snap.sock" ] && break; sleep 0.05; done
-[ -S "$D/snap.sock" ] || { tail -5 "$D/snap.log" >&2; die "the snapshotter did not start"; }
+snap_start || die "the snapshotter did not start"
 VERLAY_LOG_FILE=$D/verlay.log timeout "$TO" bash "$C" start "$D/ctd" --proxy "verlay=$D/snap.sock" --path "$BINDIR" >/dev/null
 
 # --- rpull of the eStargz image: no layer downloaded
@@ -202,7 +212,47 @@ plain_fallback() {
   grep -qx semantics-ok "$WORK/plain.out"
 }
 
+# --- kill -9 of the snapshotter, restart: the remote snapshots are still there (records and
+# store layers), the image runs again byte for byte
+restart() {
+  local p=$SNAP_PID got i
+  kill -9 "$p"; while kill -0 "$p" 2>/dev/null; do sleep 0.05; done
+  rm -f "$D/snap.sock"
+  snap_start
+  # containerd's client redials after its backoff (about 1 s): wait for a Stat to get through
+  for i in $(seq 100); do
+    ctr_ snapshots --snapshotter verlay info "$TOP" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  ctr_ snapshots --snapshotter verlay info "$TOP" | grep -q '"containerd.io/snapshot/remote"'
+  run_ "$R/lazy/test:esgz" lazy-restart cat /data/blob > "$WORK/blob2.out"
+  got=$(sha256sum < "$WORK/blob2.out" | cut -d' ' -f1)
+  [ "$got" = "$WANT_BLOB" ] || { echo "/data/blob after a restart: sha256 $got, want $WANT_BLOB"; return 1; }
+}
+
+# --- removing the image: containerd's garbage collector removes the remote snapshots, and
+# the snapshotter their store layers
+remove() {
+  local n i
+  ctr_ image rm --sync "$R/lazy/test:esgz"
+  for i in $(seq 50); do
+    n=$(find "$D/root/store/layers" -mindepth 1 -maxdepth 1 | wc -l)
+    [ "$n" = 0 ] && break
+    sleep 0.1
+  done
+  ctr_ snapshots --snapshotter verlay ls
+  echo "store layers left: $n"
+  [ "$n" = 0 ]
+  if grep -q "$TOP" <(ctr_ snapshots --snapshotter verlay ls); then echo "the top remote snapshot is still there"; return 1; fi
+}
+
 check rpull rpull_lazy || true
+# the top layer's snapshot: the committed one no other snapshot names as parent
+TOP=$(ctr_ snapshots --snapshotter verlay ls | awk '
+  NR > 1 && $NF == "Committed" { c[$1] = 1; if (NF == 3) p[$2] = 1 }
+  END { for (k in c) if (!(k in p)) print k }')
 check run-lazy run_lazy || true
 check plain-fallback plain_fallback || true
+check restart restart || true
+check remove remove || true
 e2e_summary
