@@ -124,7 +124,12 @@ mod tests {
         ];
         assert!(from_labels(&labels(&full)).is_some());
         for skip in 0..full.len() {
-            let l: Vec<_> = full.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, kv)| *kv).collect();
+            let l: Vec<_> = full
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, kv)| *kv)
+                .collect();
             assert!(from_labels(&labels(&l)).is_none(), "without {}", full[skip].0);
         }
     }

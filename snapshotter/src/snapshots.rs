@@ -778,7 +778,8 @@ impl Snapshots {
             return Ok(t.kind == RecordKind::Committed && t.parent == parent);
         }
         let started = Instant::now();
-        let rec = match verlay::estargz::pull::record_remote_layer(&self.store, layer, target, &self.registry) {
+        let rec = match verlay::estargz::pull::record_remote_layer(&self.store, layer, target, &self.registry)
+        {
             Ok(Some(r)) => r,
             Ok(None) => {
                 info!(key, target, blob = %layer.blob_digest, "not an eStargz layer (no TOC digest): unpacking it the ordinary way");
@@ -796,9 +797,14 @@ impl Snapshots {
             .record(&rec.chain_id)
             .ok()
             .and_then(|v| v["manifest_digest"].as_str().map(str::to_owned));
-        let tx = self.db.begin_write().map_err(|e| Error::db("prepare.remote", e))?;
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| Error::db("prepare.remote", e))?;
         {
-            let mut t = tx.open_table(SNAPSHOTS).map_err(|e| Error::db("prepare.remote", e))?;
+            let mut t = tx
+                .open_table(SNAPSHOTS)
+                .map_err(|e| Error::db("prepare.remote", e))?;
             if let Some(v) = t.get(target).map_err(|e| Error::db("prepare.remote", e))? {
                 // a concurrent Prepare of the same layer won
                 let other = decode(target, v.value())?;
@@ -863,7 +869,10 @@ impl Snapshots {
     /// One rename out of `store/layers/` into `store/tmp/` (which every store open
     /// empties), then the removal.
     fn remove_store_dir(&self, dir: &Path) -> Result<()> {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let doomed = self.store.root().join("tmp").join(format!("removing-{name}"));
         std::fs::rename(dir, &doomed).map_err(|e| Error::io("remove.store_layer", dir, e))?;
         std::fs::remove_dir_all(&doomed).map_err(|e| Error::io("remove.store_layer", &doomed, e))
