@@ -790,6 +790,8 @@ impl Snapshots {
                 return Ok(false);
             }
         };
+        // step remote.import: the layer is in the store, no record names it yet
+        FAILPOINTS.crash_point("remote.import");
         let lower = self.store.diff_dir(&rec.chain_id);
         let (size, inodes) = disk_usage(&lower)?;
         let manifest_digest = self
@@ -836,6 +838,7 @@ impl Snapshots {
                 .map_err(|e| Error::db("prepare.remote", e))?;
         }
         tx.commit().map_err(|e| Error::db("prepare.remote", e))?;
+        FAILPOINTS.crash_point("remote.db");
         info!(key, target, parent, layer = %rec.chain_id, toc = %rec.toc_digest,
               bytes_fetched = rec.bytes_fetched, ms = started.elapsed().as_millis() as u64,
               "remote snapshot: eStargz layer recorded lazily, committed without download");

@@ -8,7 +8,10 @@
 //!   ordinary path (an active snapshot), with nothing stored;
 //! - a child's mount is a verlay mount of the store layers, which reads the image's files
 //!   (fetched on demand) byte for byte;
-//! - Remove removes the store layers once no snapshot names them.
+//! - Remove removes the store layers once no snapshot names them;
+//! - a kill -9 between the store import and the record (`remote.import`) leaves a store
+//!   layer that the restart removes, and the Prepare then works; after the record
+//!   (`remote.db`) the restart keeps the target and its layer.
 //!
 //! Needs root (FUSE), docker-registry, jq, busybox-static (bash tests/setup.sh) and the
 //! `verlay` binary beside `verlay-snapshotter` (`cargo build --release` at the workspace root).
@@ -64,26 +67,34 @@ struct Registry {
 }
 
 impl Registry {
+    /// On a free port: found by binding and closing it, so another process may take it
+    /// before the registry binds it; a few ports are tried.
     fn start(dir: &Path) -> Registry {
-        let port = 20000 + (std::process::id() % 20000);
         let script = repo().join("tests/e2e/registry-env.sh");
-        let out = run(
-            Command::new("bash")
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let out = Command::new("bash")
                 .arg(&script)
                 .arg("start")
                 .arg(dir)
-                .arg(port.to_string()),
-            "registry start",
-        );
-        let addr = out
-            .lines()
-            .find_map(|l| l.strip_prefix("REGISTRY="))
-            .expect("REGISTRY= line")
-            .to_string();
-        Registry {
-            dir: dir.to_path_buf(),
-            addr,
+                .arg(port.to_string())
+                .stdin(Stdio::null())
+                .output()
+                .expect("registry-env.sh");
+            if out.status.success() {
+                return Registry {
+                    dir: dir.to_path_buf(),
+                    addr: format!("127.0.0.1:{port}"),
+                };
+            }
         }
+        panic!(
+            "the registry did not start on any of 5 free ports (see {}/registry.log)",
+            dir.display()
+        );
     }
 }
 
@@ -397,4 +408,48 @@ async fn estargz_layers_are_prepared_remotely_and_read_lazily() {
     remove(&mut c, "t2").await.expect("remove t2");
     remove(&mut c, "t1").await.expect("remove t1");
     assert_eq!(store_layers(&s), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_remote_prepare_leaves_no_half_recorded_layer() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::start(&tmp.path().join("reg"));
+    let img = image(tmp.path(), &reg);
+    let l1 = labels(&[
+        (TARGET, "t1"),
+        (STARGZ_REF, &img.reference),
+        (STARGZ_DIGEST, &img.layers[0]),
+        (TOC, &img.tocs[0]),
+    ]);
+    {
+        let mut s = Snapshotter::start(tmp.path(), Some("remote.import"));
+        let mut c = s.client().await;
+        assert!(prepare_labels(&mut c, "k1", "", l1.clone()).await.is_err());
+        s.wait_dead();
+        assert_eq!(
+            store_layers(&s),
+            1,
+            "the crash point comes after the store import"
+        );
+    }
+    {
+        let mut s = Snapshotter::start(tmp.path(), Some("remote.db"));
+        assert_eq!(
+            store_layers(&s),
+            0,
+            "the restart removes the layer no record names"
+        );
+        let mut c = s.client().await;
+        assert!(prepare_labels(&mut c, "k2", "", l1.clone()).await.is_err());
+        s.wait_dead();
+    }
+    let s = Snapshotter::start(tmp.path(), None);
+    let mut c = s.client().await;
+    assert_eq!(store_layers(&s), 1, "the recorded layer stays");
+    assert_eq!(stat(&mut c, "t1").await.expect("stat t1").kind, 3);
+    assert_eq!(
+        code(prepare_labels(&mut c, "k3", "", l1).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(store_layers(&s), 1);
 }
