@@ -320,3 +320,25 @@ fn writeback_0_and_read_only_mounts_leave_the_cache_off() {
     assert_eq!(read_all(&w.m("a")).unwrap(), b"a");
     assert!(!ro.log().contains(LOGGED));
 }
+
+#[test]
+fn syncfs_of_the_mount_succeeds_after_unlinks_and_renames_over() {
+    // The kernel writes back the ctime of a removed file after its last close (SETATTR on a
+    // node no name or fd reaches); an error there would fail every later syncfs of the mount,
+    // and so `verlay commit`. Seen as ENOENT before the daemon answered it.
+    let w = Wb::new("syncfs");
+    fs::write(w.rig.lower().join("lowfile"), b"low").unwrap();
+    fs::create_dir_all(w.rig.lower().join("lowdir")).unwrap();
+    fs::write(w.rig.lower().join("lowdir/a"), b"a").unwrap();
+    let _m = w.mount();
+    fs::write(w.m("made"), b"made").unwrap();
+    fs::remove_file(w.m("made")).unwrap();
+    fs::remove_file(w.m("lowfile")).unwrap();
+    fs::remove_dir_all(w.m("lowdir")).unwrap();
+    fs::write(w.m("target"), b"old").unwrap();
+    fs::write(w.m("tmp"), b"new").unwrap();
+    fs::rename(w.m("tmp"), w.m("target")).unwrap();
+    let root = File::open(&w.rig.mnt).unwrap();
+    rustix::fs::syncfs(&root).expect("syncfs of the mount");
+    assert_eq!(fs::read(w.up("target")).unwrap(), b"new");
+}
