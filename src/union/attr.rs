@@ -221,16 +221,18 @@ impl Union {
         let unlinked = node.state.read().unlinked;
         if unlinked {
             let times_only = sa.size.is_none() && sa.uid.is_none() && sa.gid.is_none() && sa.mode.is_none();
-            if times_only
+            if self.opts.writeback
+                && times_only
                 && node.kind != Kind::Dir
                 && self
                     .unlinked_fd(&node, fh, true)
-                    .is_err_and(|e| e.errno() == libc::ENOENT)
+                    .is_err_and(|e| matches!(e.errno(), libc::ENOENT | libc::EEXIST))
             {
                 // With the writeback cache the kernel writes back the times of a file whose
-                // last name went (unlink and rename-over mark its ctime) once nothing has it
-                // open: no name and no fd reach the object, so there is nothing to set. ENOENT
-                // here would be recorded as a write-back error and fail the mount's next
+                // last name went (unlink and rename-over mark its ctime) at its next close or
+                // writeback: when no fd on an upper object is left (none, or only read-only
+                // ones on the lower file), there is nothing to set. An error here would be
+                // recorded as a write-back error and fail that close(2), or the mount's next
                 // syncfs (`verlay commit` stops on it); the kernel ignores the attributes.
                 return Ok(self.attr(&node, fh).unwrap_or_else(|_| gone_file_attr(&node)));
             }
