@@ -422,7 +422,10 @@ impl Filesystem for VerlayFs {
         if self.writeback {
             info!("FUSE writeback cache on: the kernel holds written pages until writeback, fsync or close");
         } else if self.union.writeback_wanted() {
-            warn!(passthrough, "writeback=1 asked for, but the writeback cache is off");
+            warn!(
+                passthrough,
+                "writeback=1 asked for, but the writeback cache is off"
+            );
         }
         Ok(())
     }
@@ -657,7 +660,11 @@ impl Filesystem for VerlayFs {
         // with the caller's credentials and FUSE_WRITE_KILL_SUIDGID), so nothing is
         // removed for it here.
         let who = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
-            Ctx { uid: 0, gid: 0, ..ctx(req) }
+            Ctx {
+                uid: 0,
+                gid: 0,
+                ..ctx(req)
+            }
         } else {
             ctx(req)
         };

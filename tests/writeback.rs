@@ -122,12 +122,7 @@ fn o_append_appends_at_the_end_from_every_handle() {
     let w = Wb::new("append");
     fs::write(w.rig.lower().join("log"), b"lower\n").unwrap();
     let _m = w.mount();
-    let open = || {
-        OpenOptions::new()
-            .append(true)
-            .open(w.m("log"))
-            .unwrap()
-    };
+    let open = || OpenOptions::new().append(true).open(w.m("log")).unwrap();
     let (mut a, mut b) = (open(), open());
     let mut want = b"lower\n".to_vec();
     for i in 0..50 {
@@ -202,7 +197,12 @@ fn commit(w: &Wb) -> PathBuf {
     let store = w.dir.path().join("store");
     fs::create_dir_all(&store).unwrap();
     let o = Command::new(verlay_bin())
-        .args(["commit", w.rig.mnt.to_str().unwrap(), "--store", store.to_str().unwrap()])
+        .args([
+            "commit",
+            w.rig.mnt.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -234,10 +234,18 @@ fn commit_while_a_writer_has_dirty_pages_holds_what_was_written_before_it() {
     let g = OpenOptions::new().write(true).open(w.m("low")).unwrap();
     g.write_all_at(b"patched", 12_345).unwrap();
     let diff = commit(&w);
-    assert_eq!(fs::read(diff.join("open")).unwrap(), data, "open file in the layer");
+    assert_eq!(
+        fs::read(diff.join("open")).unwrap(),
+        data,
+        "open file in the layer"
+    );
     let mut want = pattern(20_000, 5);
     want[12_345..12_352].copy_from_slice(b"patched");
-    assert_eq!(fs::read(diff.join("low")).unwrap(), want, "patched lower file in the layer");
+    assert_eq!(
+        fs::read(diff.join("low")).unwrap(),
+        want,
+        "patched lower file in the layer"
+    );
     // The writer goes on after the commit, unharmed.
     f.write_all(b"after").unwrap();
     f.sync_all().unwrap();

@@ -335,7 +335,10 @@ impl Union {
 /// The attributes answered for a file that no name and no fd reach any more (see
 /// [`Union::setattr`]): its type and st_ino, no links, the rest zero.
 fn gone_file_attr(node: &Node) -> Attr {
-    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     Attr {
         ino: node.ino.load(Ordering::Relaxed),
         size: 0,
