@@ -109,6 +109,8 @@ pub struct VerlayFs {
     union: Arc<Union>,
     ttl: Duration,
     backings: Backings,
+    /// the kernel's writeback cache is on (negotiated at INIT, `writeback=1`)
+    writeback: bool,
 }
 
 /// Passthrough backing files. The kernel wants one backing file per inode for as long as
@@ -130,6 +132,7 @@ impl VerlayFs {
             union,
             ttl,
             backings: Backings::default(),
+            writeback: false,
         }
     }
 
@@ -178,6 +181,17 @@ impl VerlayFs {
         } else {
             let entries = self.union.readdir(ino, fh, offset)?;
             Ok((entries, offset as usize, 0))
+        }
+    }
+
+    /// The open flags to open the upper with. With the writeback cache the kernel does
+    /// O_APPEND itself (it writes dirty pages back at their own offsets, and pwrite on an
+    /// O_APPEND fd would append them all at the end instead).
+    fn open_flags(&self, flags: i32) -> i32 {
+        if self.writeback {
+            flags & !libc::O_APPEND
+        } else {
+            flags
         }
     }
 
@@ -392,7 +406,7 @@ impl Filesystem for VerlayFs {
         }
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
-        // Passthrough excludes the writeback cache, which verlay never asks for anyway.
+        // Passthrough excludes the writeback cache: with both asked, passthrough wins.
         let passthrough = self.union.passthrough_offered()
             && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -401,6 +415,17 @@ impl Filesystem for VerlayFs {
             info!("FUSE passthrough on for open upper files");
         } else {
             self.union.disable_passthrough();
+        }
+        self.writeback = !passthrough
+            && self.union.writeback_wanted()
+            && config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE).is_ok();
+        if self.writeback {
+            info!("FUSE writeback cache on: the kernel holds written pages until writeback, fsync or close");
+        } else if self.union.writeback_wanted() {
+            warn!(
+                passthrough,
+                "writeback=1 asked for, but the writeback cache is off"
+            );
         }
         Ok(())
     }
@@ -582,7 +607,7 @@ impl Filesystem for VerlayFs {
         // _kill_suid_gid: an O_TRUNC open by a caller without CAP_FSETID, which Union::open
         // handles from the caller's credentials already.
         count(Op::open);
-        match traced!("open", ino.0; self.union.open(&ctx(req), ino.0, flags.0)) {
+        match traced!("open", ino.0; self.union.open(&ctx(req), ino.0, self.open_flags(flags.0))) {
             Ok(fh) => {
                 if let Some(b) = self.backing(ino.0, fh, |fd| reply.open_backing(fd)) {
                     return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
@@ -623,13 +648,27 @@ impl Filesystem for VerlayFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         count(Op::write);
-        match traced!("write", ino.0; self.union.write(&ctx(req), ino.0, fh.0, offset, data)) {
+        // A write-back of cached pages carries no caller (the kernel sends them without
+        // credentials): setuid/setgid were dealt with when write(2) filled the cache (with
+        // FUSE_HANDLE_KILLPRIV_V2 the kernel writes a file that has them through, uncached,
+        // with the caller's credentials and FUSE_WRITE_KILL_SUIDGID), so nothing is
+        // removed for it here.
+        let who = if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+            Ctx {
+                uid: 0,
+                gid: 0,
+                ..ctx(req)
+            }
+        } else {
+            ctx(req)
+        };
+        match traced!("write", ino.0; self.union.write(&who, ino.0, fh.0, offset, data)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail("write", ino.0, &e)),
         }
@@ -644,8 +683,11 @@ impl Filesystem for VerlayFs {
         reply: ReplyEmpty,
     ) {
         count(Op::flush);
-        // Nothing to do at close (no writeback cache, no POSIX locks in the daemon), and
-        // ENOSYS makes the kernel stop sending FLUSH: one request less per close(2).
+        // Nothing to do at close (no POSIX locks in the daemon), and ENOSYS makes the kernel
+        // stop sending FLUSH: one request less per close(2). With the writeback cache the
+        // kernel writes the file's dirty pages back, waits for them and reports a failed
+        // write-back to close(2) before it would send FLUSH (fuse_flush), so that needs no
+        // request either.
         reply.error(Errno::ENOSYS);
     }
 
@@ -848,6 +890,7 @@ impl Filesystem for VerlayFs {
         reply: ReplyCreate,
     ) {
         count(Op::create);
+        let flags = self.open_flags(flags);
         match traced!("create", parent.0, name; self.union.create(&ctx_umask(req, umask), parent.0, name, mode, flags))
         {
             Ok((e, fh)) => match self.backing(e.id, fh, |fd| reply.open_backing(fd)) {

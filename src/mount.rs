@@ -125,6 +125,7 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
     // Passthrough needs CAP_SYS_ADMIN (FUSE_DEV_IOC_BACKING_OPEN); rootless mounts serve
     // every read and write in the daemon.
     let passthrough = o.passthrough && rustix::process::geteuid().is_root();
+    let writeback = o.writeback && upper.is_some();
     Union::new(
         lowers,
         upper,
@@ -132,6 +133,7 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
             ids,
             verified,
             passthrough,
+            writeback,
             atime: crate::union::Atime::from_mount_options(o.fuse_options.iter().map(String::as_str)),
         },
     )

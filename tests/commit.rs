@@ -88,8 +88,12 @@ impl StoreRig {
         }
     }
 
+    /// `redirect_dir=on`, plus `VERLAY_COMMIT_EXTRA_OPTS` (e.g. `writeback=1`) when set.
     fn opts(&self) -> String {
-        self.rig.opts("redirect_dir=on")
+        match std::env::var("VERLAY_COMMIT_EXTRA_OPTS") {
+            Ok(extra) if !extra.is_empty() => self.rig.opts(&format!("redirect_dir=on,{extra}")),
+            _ => self.rig.opts("redirect_dir=on"),
+        }
     }
 
     fn mount(&self) -> Mount {

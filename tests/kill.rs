@@ -74,9 +74,11 @@ fn dirs(base: &Path, lower: &Path, name: &str) -> Rig {
     )
 }
 
-/// verlay in the foreground on `d`, with `VERLAY_CRASH_AT` set to `crash_at` or removed.
+/// verlay in the foreground on `d`, with `VERLAY_CRASH_AT` set to `crash_at` or removed, and
+/// the options in `VERLAY_KILL_EXTRA_OPTS` (e.g. `writeback=1`) when set.
 fn daemon(d: &Rig, crash_at: Option<&str>, log: &Path) -> Mount {
-    let mut l = d.launch("").log(log).env_remove(CRASH_AT);
+    let extra = std::env::var("VERLAY_KILL_EXTRA_OPTS").unwrap_or_default();
+    let mut l = d.launch(&extra).log(log).env_remove(CRASH_AT);
     if let Some(step) = crash_at {
         l = l.env(CRASH_AT, step);
     }

@@ -110,9 +110,11 @@ DURABILITY:
                         removed (after one syncfs) at a clean unmount; a mount that finds
                         it after an unclean stop (daemon killed, crash) refuses.
     volatile_recover    accept such an upper as it is: remove the marker and mount.
-    writeback=0|1       accepted for fuse-overlayfs compatibility; verlay never lets
-                        the kernel hold dirty pages of the upper (writes reach the
-                        daemon, or the upper file directly with passthrough).
+    writeback=0|1       the kernel's FUSE writeback cache (default 0): write(2) fills
+                        the page cache and the kernel sends the daemon whole pages
+                        later. Faster small writes; a failed write is reported at
+                        fsync/close, and unsynced writes die with the daemon (see
+                        docs/ordering.md). Ignored with passthrough=1.
 
 OWNERSHIP:
     uidmapping=C:H:L[:C:H:L...]

@@ -105,8 +105,8 @@ pub struct OverlayOptions {
     pub noacl: bool,
     /// `noxattrs=1`: refuse extended attributes (ENOTSUP).
     pub noxattrs: bool,
-    /// `writeback=0|1`: accepted for fuse-overlayfs compatibility and ignored: verlay never
-    /// turns on the kernel's writeback cache (docs/benchmarks.md says why).
+    /// `writeback=0|1`: the kernel's FUSE writeback cache for writes the daemon serves
+    /// (default off; docs/ordering.md, "Writeback cache", says what it changes).
     pub writeback: bool,
     /// `passthrough=0|1`: FUSE passthrough for open upper files (root only); default off.
     pub passthrough: bool,
@@ -145,7 +145,7 @@ impl Default for OverlayOptions {
             static_nlink: false,
             noacl: false,
             noxattrs: false,
-            writeback: true,
+            writeback: false,
             passthrough: false,
             fast_ino: false,
             xattr_permissions: 0,

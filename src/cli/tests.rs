@@ -239,7 +239,7 @@ fn typed_values() {
             ..OverlayOptions::default()
         }
     );
-    assert!(defaults.fsync && defaults.writeback && defaults.is_read_only());
+    assert!(defaults.fsync && !defaults.writeback && defaults.is_read_only());
     assert_eq!(defaults.verify, VerifyMode::On);
     assert_eq!(defaults.redirect_dir, RedirectDir::Off);
 

@@ -325,6 +325,7 @@ fn merged_view(tree: &Path, lowers: &[PathBuf]) -> Result<crate::union::Union> {
             verified,
             passthrough: false,
             atime: Default::default(),
+            writeback: false,
         },
     )
 }

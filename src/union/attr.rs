@@ -220,6 +220,22 @@ impl Union {
         let node = self.node(id)?;
         let unlinked = node.state.read().unlinked;
         if unlinked {
+            let times_only = sa.size.is_none() && sa.uid.is_none() && sa.gid.is_none() && sa.mode.is_none();
+            if self.opts.writeback
+                && times_only
+                && node.kind != Kind::Dir
+                && self
+                    .unlinked_fd(&node, fh, true)
+                    .is_err_and(|e| matches!(e.errno(), libc::ENOENT | libc::EEXIST))
+            {
+                // With the writeback cache the kernel writes back the times of a file whose
+                // last name went (unlink and rename-over mark its ctime) at its next close or
+                // writeback: when no fd on an upper object is left (none, or only read-only
+                // ones on the lower file), there is nothing to set. An error here would be
+                // recorded as a write-back error and fail that close(2), or the mount's next
+                // syncfs (`verlay commit` stops on it); the kernel ignores the attributes.
+                return Ok(self.attr(&node, fh).unwrap_or_else(|_| gone_file_attr(&node)));
+            }
             // Only an open file can be reached once unlinked: work on its fd.
             let up = self.change()?;
             let fd = self.unlinked_fd(&node, fh, true)?;
@@ -313,5 +329,29 @@ impl Union {
             up.utimens(&path, &timestamps(&sa))?;
         }
         self.attr(&node, fh)
+    }
+}
+
+/// The attributes answered for a file that no name and no fd reach any more (see
+/// [`Union::setattr`]): its type and st_ino, no links, the rest zero.
+fn gone_file_attr(node: &Node) -> Attr {
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    Attr {
+        ino: node.ino.load(Ordering::Relaxed),
+        size: 0,
+        blocks: 0,
+        atime: zero,
+        mtime: zero,
+        ctime: zero,
+        kind: node.kind,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
     }
 }

@@ -107,6 +107,11 @@ impl Union {
         self.passthrough.load(Ordering::Relaxed)
     }
 
+    /// Was the writeback cache asked for (`writeback=1`, and an upper to write to)?
+    pub fn writeback_wanted(&self) -> bool {
+        self.opts.writeback
+    }
+
     /// Turn passthrough off for this mount (the kernel did not offer it).
     pub fn disable_passthrough(&self) {
         self.passthrough.store(false, Ordering::Relaxed);

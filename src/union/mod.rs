@@ -218,6 +218,8 @@ pub struct UnionOptions {
     pub passthrough: bool,
     /// the mount's atime option, for upper files read through the daemon
     pub atime: Atime,
+    /// ask the kernel for its writeback cache (`writeback=1`; the adapter asks at INIT)
+    pub writeback: bool,
 }
 
 /// The mount's atime option as it applies to reads of upper files. Kernel overlayfs reads
