@@ -760,11 +760,16 @@ fn store_is_whole(store: &Path) {
         )
         .unwrap_or_else(|e| panic!("{}: bad layer.json: {e}", d.display()));
         assert!(d.join("diff").is_dir(), "{}: no diff/", d.display());
-        assert!(d.join("diff.verlay-manifest").is_file(), "{}: no manifest", d.display());
+        assert!(
+            d.join("diff.verlay-manifest").is_file(),
+            "{}: no manifest",
+            d.display()
+        );
         if let Some(sealed) = rec.get("sealed").and_then(|s| s.as_str()) {
             let to = store.join("layers").join(sealed.trim_start_matches("sha256:"));
             let r: serde_json::Value =
-                serde_json::from_slice(&fs::read(to.join("layer.json")).expect("sealed record")).expect("json");
+                serde_json::from_slice(&fs::read(to.join("layer.json")).expect("sealed record"))
+                    .expect("json");
             assert!(r.get("lazy").is_none(), "{} sealed as a lazy layer", d.display());
         }
     }
@@ -791,15 +796,30 @@ fn the_background_fetch_seals_each_layer_as_a_full_pull_does_and_then_no_network
     let log = m.log();
     assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
     // the lazy mount still reads right, from the cache
-    assert_eq!(tree(&mnt), tree(&s.path("full")), "the lazy mount differs after sealing");
+    assert_eq!(
+        tree(&mnt),
+        tree(&s.path("full")),
+        "the lazy mount differs after sealing"
+    );
     drop(m);
     // the same layers as an ordinary pull: chain IDs, records, blobs kept
     let sealed = s.lazy_pull(&store);
-    assert_eq!(chains(&sealed), chains(&s.full_lower), "sealed chain IDs differ from a full pull's");
+    assert_eq!(
+        chains(&sealed),
+        chains(&s.full_lower),
+        "sealed chain IDs differ from a full pull's"
+    );
     for (d, b) in sealed.split(':').zip(&full_recs) {
         let a = record_of(d);
         assert!(a.get("lazy").is_none(), "{d} is still lazy");
-        for k in ["diff_id", "blob_digest", "manifest_digest", "parent", "entries", "size"] {
+        for k in [
+            "diff_id",
+            "blob_digest",
+            "manifest_digest",
+            "parent",
+            "entries",
+            "size",
+        ] {
             assert_eq!(a[k], b[k], "{k} of {d} differs from the full pull's");
         }
         let blob = a["blob_digest"].as_str().expect("blob digest");
@@ -817,7 +837,10 @@ fn the_background_fetch_seals_each_layer_as_a_full_pull_does_and_then_no_network
     s.proxy.clear();
     let m2 = s.mount(&sealed, "m");
     assert_eq!(tree(&mnt), tree(&s.path("full")), "the sealed mount differs");
-    assert!(s.proxy.log().is_empty(), "a mount of sealed layers went to the network");
+    assert!(
+        s.proxy.log().is_empty(),
+        "a mount of sealed layers went to the network"
+    );
     drop((m2, full));
 }
 
@@ -826,7 +849,8 @@ fn a_diff_id_that_does_not_match_seals_nothing_and_the_lazy_layer_stays() {
     let s = Scratch::new("badseal");
     let mut m = manifest(&s.src, "esgz");
     let mut config: serde_json::Value =
-        serde_json::from_slice(&blob(&s.src, m["config"]["digest"].as_str().expect("config"))).expect("config json");
+        serde_json::from_slice(&blob(&s.src, m["config"]["digest"].as_str().expect("config")))
+            .expect("config json");
     config["rootfs"]["diff_ids"][0] = format!("sha256:{}", sha256_hex(b"another layer")).into();
     let cbytes = serde_json::to_vec(&config).expect("json");
     m["config"]["digest"] = format!("sha256:{}", sha256_hex(&cbytes)).into();
@@ -847,7 +871,11 @@ fn a_diff_id_that_does_not_match_seals_nothing_and_the_lazy_layer_stays() {
     );
     let t0 = Instant::now();
     while lines_with(&m.log(), "does not seal").is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no seal verdict in a minute:\n{}", m.log());
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no seal verdict in a minute:\n{}",
+            m.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -858,10 +886,16 @@ fn a_diff_id_that_does_not_match_seals_nothing_and_the_lazy_layer_stays() {
     assert_eq!(lines_with(&log, "").len(), 1, "other errors or warnings:\n{log}");
     for d in lower.split(':') {
         let r = record_of(d);
-        assert!(r.get("sealed").is_none() && r.get("lazy").is_some(), "{d} was sealed");
+        assert!(
+            r.get("sealed").is_none() && r.get("lazy").is_some(),
+            "{d} was sealed"
+        );
     }
     let layers = fs::read_dir(store.join("layers")).expect("layers").count();
-    assert_eq!(layers, 3, "a layer was published although its diffID does not match");
+    assert_eq!(
+        layers, 3,
+        "a layer was published although its diffID does not match"
+    );
     store_is_whole(&store);
     // the lazy layers still serve every file right
     assert_eq!(tree(&mnt), tree(&s.path("full")), "the lazy mount differs");
@@ -890,7 +924,10 @@ fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_s
         let text = fs::read_to_string(Path::new(src).join(f)).expect("source");
         for part in text.split("crash_point(\"").skip(1) {
             let name = part.split('"').next().expect("name");
-            assert!(SEAL_POINTS.contains(&name), "crash point {name} of {f} is not tested");
+            assert!(
+                SEAL_POINTS.contains(&name),
+                "crash point {name} of {f} is not tested"
+            );
         }
     }
     let s = Scratch::new("kill");
@@ -924,7 +961,12 @@ fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_s
                 let b = Path::new(d).with_file_name("lazy").join("blob");
                 fs::metadata(&b).map(|m| m.len()).ok() == r["lazy"]["blob_size"].as_u64()
             })
-            .map(|d| record_of(d)["lazy"]["blob_digest"].as_str().expect("digest").to_string())
+            .map(|d| {
+                record_of(d)["lazy"]["blob_digest"]
+                    .as_str()
+                    .expect("digest")
+                    .to_string()
+            })
             .collect();
         s.proxy.clear();
         let mut m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
@@ -947,11 +989,22 @@ fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_s
         }
         store_is_whole(&store);
         let sealed = s.lazy_pull(&store);
-        assert_eq!(chains(&sealed), chains(&s.full_lower), "{point}: sealed chain IDs");
+        assert_eq!(
+            chains(&sealed),
+            chains(&s.full_lower),
+            "{point}: sealed chain IDs"
+        );
         let m2 = s.mount(&sealed, &format!("m{i}"));
-        assert_eq!(tree(&mnt), tree(&s.path("full")), "{point}: the sealed mount differs");
+        assert_eq!(
+            tree(&mnt),
+            tree(&s.path("full")),
+            "{point}: the sealed mount differs"
+        );
         drop(m2);
-        eprintln!("kill at {point}: {} blobs whole before the kill; resumed and sealed", whole.len());
+        eprintln!(
+            "kill at {point}: {} blobs whole before the kill; resumed and sealed",
+            whole.len()
+        );
     }
     drop(full);
 }
@@ -968,7 +1021,9 @@ fn a_layer_without_the_toc_annotation_is_pulled_whole_and_the_others_stay_lazy()
         serde_json::from_slice(&blob(&s.src, m["config"]["digest"].as_str().expect("config"))).expect("json");
     config["rootfs"]["diff_ids"][0] = ocfg["rootfs"]["diff_ids"][0].clone();
     m["layers"][0] = orig["layers"][0].clone();
-    assert!(m["layers"][0].get("annotations").is_none_or(|a| a.get("containerd.io/snapshot/stargz/toc.digest").is_none()));
+    assert!(m["layers"][0]
+        .get("annotations")
+        .is_none_or(|a| a.get("containerd.io/snapshot/stargz/toc.digest").is_none()));
     let cbytes = serde_json::to_vec(&config).expect("json");
     m["config"]["digest"] = format!("sha256:{}", sha256_hex(&cbytes)).into();
     m["config"]["size"] = cbytes.len().into();
@@ -977,20 +1032,35 @@ fn a_layer_without_the_toc_annotation_is_pulled_whole_and_the_others_stay_lazy()
     let store = s.path("lz");
     let out = verlay(&["image", "pull", "--lazy", "--store", p(&store), &proxied]);
     let lower = out.printed("lazy pull of a mixed image");
-    let said: Vec<&str> = out.stderr.lines().filter(|l| l.contains("pulled it fully")).collect();
+    let said: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("pulled it fully"))
+        .collect();
     assert_eq!(said.len(), 1, "one line about the whole layer:\n{}", out.stderr);
     assert!(said[0].contains("layer 1 "), "{}", said[0]);
     let dirs: Vec<&str> = lower.split(':').collect();
-    assert!(record_of(dirs[2]).get("lazy").is_none(), "the unannotated layer is lazy");
+    assert!(
+        record_of(dirs[2]).get("lazy").is_none(),
+        "the unannotated layer is lazy"
+    );
     assert!(record_of(dirs[0]).get("lazy").is_some() && record_of(dirs[1]).get("lazy").is_some());
     // the whole layer is the ordinary pull's: same chain ID, same record
     let whole = s.path("whole");
-    let wl = verlay(&["image", "pull", "--store", p(&whole), &target]).printed("full pull of the mixed image");
+    let wl =
+        verlay(&["image", "pull", "--store", p(&whole), &target]).printed("full pull of the mixed image");
     assert_eq!(chains(&lower)[2], chains(&wl)[2]);
-    assert_eq!(record_of(dirs[2])["diff_id"], record_of(wl.split(':').nth(2).expect("base"))["diff_id"]);
+    assert_eq!(
+        record_of(dirs[2])["diff_id"],
+        record_of(wl.split(':').nth(2).expect("base"))["diff_id"]
+    );
     let full = s.mount(&wl, "full");
     let mm = s.mount(&lower, "m");
-    assert_eq!(tree(&s.path("m")), tree(&s.path("full")), "the mixed lazy mount differs");
+    assert_eq!(
+        tree(&s.path("m")),
+        tree(&s.path("full")),
+        "the mixed lazy mount differs"
+    );
     let log = mm.log();
     assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
     drop((mm, full));
@@ -1008,21 +1078,52 @@ fn push_of_a_lazily_pulled_image_fetches_its_blobs_verified_and_pulls_back_whole
         tamper_blobs: true,
         ..Faults::default()
     });
-    let out = verlay(&["image", "push", "--store", p(&store), "--image", &s.proxied(), &again]);
+    let out = verlay(&[
+        "image",
+        "push",
+        "--store",
+        p(&store),
+        "--image",
+        &s.proxied(),
+        &again,
+    ]);
     assert_ne!(out.code, Some(0), "a push of corrupted blobs succeeded");
-    let layers = manifest(&s.src, "esgz")["layers"].as_array().expect("layers").clone();
+    let layers = manifest(&s.src, "esgz")["layers"]
+        .as_array()
+        .expect("layers")
+        .clone();
     for l in &layers {
         let d = l["digest"].as_str().expect("digest");
-        assert!(!store.join("blobs/sha256").join(&d[7..]).exists(), "a corrupted blob {d} was kept");
+        assert!(
+            !store.join("blobs/sha256").join(&d[7..]).exists(),
+            "a corrupted blob {d} was kept"
+        );
     }
     s.proxy.set(Faults::default());
-    verlay(&["image", "push", "--store", p(&store), "--image", &s.proxied(), &again]).printed("push");
+    verlay(&[
+        "image",
+        "push",
+        "--store",
+        p(&store),
+        "--image",
+        &s.proxied(),
+        &again,
+    ])
+    .printed("push");
     let back = s.path("back");
     let bl = verlay(&["image", "pull", "--store", p(&back), &again]).printed("pull back");
-    assert_eq!(chains(&bl), chains(&s.full_lower), "the pushed image's layers differ");
+    assert_eq!(
+        chains(&bl),
+        chains(&s.full_lower),
+        "the pushed image's layers differ"
+    );
     let full = s.mount(&s.full_lower, "full");
     let b = s.mount(&bl, "b");
-    assert_eq!(tree(&s.path("b")), tree(&s.path("full")), "the image pulled back differs");
+    assert_eq!(
+        tree(&s.path("b")),
+        tree(&s.path("full")),
+        "the image pulled back differs"
+    );
     drop((b, full));
 }
 
@@ -1039,20 +1140,39 @@ fn a_stalled_registry_is_eio_in_bounded_time_logged_once_and_reads_work_when_it_
         ..Faults::default()
     });
     let t0 = Instant::now();
-    eio(fs::read(s.path("m/data/blob")), "a read with the registry stalled");
+    eio(
+        fs::read(s.path("m/data/blob")),
+        "a read with the registry stalled",
+    );
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(60), "EIO took {took:?}");
+    // Each FUSE read waits at most 3 attempts of 10 s of silence (plus backoff), then is EIO
+    // with one error line. The kernel retries a failed readahead once with a smaller read
+    // (seen here: one request for the whole file, then one for its first 64 KiB), so one
+    // read(2) through the page cache may make two such requests, never more.
     let log = m.log();
     let lines = lines_with(&log, "could not fetch");
-    assert_eq!(lines.len(), 1, "one log line for the failed read:\n{log}");
+    assert!(
+        (1..=2).contains(&lines.len()) && lines.iter().all(|l| l.contains("data/blob")),
+        "one log line per failed request:\n{log}"
+    );
+    assert!(
+        took < Duration::from_secs(35) * lines.len() as u32,
+        "EIO took {took:?} for {} requests",
+        lines.len()
+    );
     // nothing partial: the layer's cache has no chunk (nothing else was read)
-    let pres = fs::read(layer_with(&lower, "data/blob").with_file_name("lazy").join("present")).expect("present");
+    let pres = fs::read(
+        layer_with(&lower, "data/blob")
+            .with_file_name("lazy")
+            .join("present"),
+    )
+    .expect("present");
     assert!(pres.iter().all(|&b| b == 0), "a failed read cached chunks");
     s.proxy.set(Faults::default());
     assert_eq!(
         fs::read(s.path("m/data/blob")).expect("read once the registry is back"),
         fs::read(s.path("full/data/blob")).expect("full")
     );
-    eprintln!("stall: EIO after {took:?}");
+    eprintln!("stall: EIO after {took:?}, {} failed requests", lines.len());
     drop((m, full));
 }

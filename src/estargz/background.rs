@@ -99,7 +99,9 @@ fn seal(s: &Shared) {
 /// failure, [`BACKGROUND_TRIES`] in a row end it.
 fn fetch_blob(s: &Shared) -> Result<u64> {
     if let Some((_, root)) = chain_of(&s.layer_dir) {
-        let kept = root.join("blobs/sha256").join(s.blob.trim_start_matches("sha256:"));
+        let kept = root
+            .join("blobs/sha256")
+            .join(s.blob.trim_start_matches("sha256:"));
         if kept.is_file() {
             return Ok(0); // the store has it whole (sealed, or pulled): nothing to fetch
         }

@@ -65,7 +65,16 @@ pub fn pull_lazy(
         let lwhat = format!("layer {} ({}) of {reference}", i + 1, layer.digest);
         let Some(want) = raw["layers"][i]["annotations"][toc::TOC_DIGEST_ANNOTATION].as_str() else {
             // never trust a TOC the manifest does not name: this layer is pulled whole
-            let chain = pull_whole(store, &client, layer, &diff_ids[i], parent.as_deref(), &lwhat, &mut out, progress)?;
+            let chain = pull_whole(
+                store,
+                &client,
+                layer,
+                &diff_ids[i],
+                parent.as_deref(),
+                &lwhat,
+                &mut out,
+                progress,
+            )?;
             eprintln!(
                 "verlay: layer {} ({}) has no {} annotation: pulled it fully (verified), the others stay lazy",
                 i + 1,

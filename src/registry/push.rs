@@ -130,7 +130,9 @@ fn fetch_lazy_blobs(
             .map(|r| r["lazy"].clone())
             .find(|l| l["blob_digest"].as_str() == Some(d.digest.as_str()));
         let Some(l) = lazy else { continue };
-        let Some(source) = l["reference"].as_str() else { continue };
+        let Some(source) = l["reference"].as_str() else {
+            continue;
+        };
         let source = Reference::parse(source)?;
         let src_opts = Options {
             plain_http: l["plain_http"].as_bool().unwrap_or(false),

@@ -755,7 +755,10 @@ pub fn lowerdir(store: &Store, chains: &[String]) -> Result<String> {
         .iter()
         .rev()
         .map(|c| {
-            let sealed = store.record(c).ok().and_then(|r| r["sealed"].as_str().map(str::to_owned));
+            let sealed = store
+                .record(c)
+                .ok()
+                .and_then(|r| r["sealed"].as_str().map(str::to_owned));
             sealed.filter(|s| store.has_layer(s)).unwrap_or_else(|| c.clone())
         })
         .map(|c| store.diff_dir(&c).display().to_string())
