@@ -972,7 +972,8 @@ fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_s
         let mut m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
             .log(&s.path(&format!("m{i}b.log")))
             .start();
-        let _ = fs::read(mnt.join("etc/passwd"));
+        // a lookup starts the background fetch (a read could fetch its own chunk)
+        fs::metadata(mnt.join("etc/passwd")).expect("stat");
         wait_sealed(&lower, &m);
         let log = m.log();
         let bad: Vec<&str> = lines_with(&log, "")
@@ -1175,4 +1176,80 @@ fn a_stalled_registry_is_eio_in_bounded_time_logged_once_and_reads_work_when_it_
     );
     eprintln!("stall: EIO after {took:?}, {} failed requests", lines.len());
     drop((m, full));
+}
+
+#[test]
+fn corrupt_blobs_in_the_background_fetch_seal_nothing_and_are_fetched_again_by_the_next_mount() {
+    let s = Scratch::new("bgdamage");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    s.proxy.set(Faults {
+        tamper_blobs: true,
+        ..Faults::default()
+    });
+    let mnt = s.path("m");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .start();
+    // a lookup starts the background fetch (a read would be served EIO: the proxy corrupts it)
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    // the proxy flips a byte of every blob body over 4 KiB: each such layer's whole blob
+    let tampered: Vec<&str> = lower
+        .split(':')
+        .filter(|d| record_of(d)["lazy"]["blob_size"].as_u64().expect("size") > 4096)
+        .collect();
+    assert!(!tampered.is_empty());
+    let t0 = Instant::now();
+    while lines_with(&m.log(), "does not seal").len() < tampered.len() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not every layer's verdict in a minute:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let log = m.log();
+    let bad = lines_with(&log, "does not seal");
+    assert_eq!(bad.len(), tampered.len(), "one line per corrupted layer:\n{log}");
+    assert!(
+        bad.iter().all(|l| l.contains("does not hash to the manifest")),
+        "{log}"
+    );
+    drop(m);
+    for d in lower.split(':') {
+        let r = record_of(d);
+        assert!(
+            r.get("sealed").is_none(),
+            "{d} was sealed with a corrupt layer below or in it"
+        );
+        let blob = r["lazy"]["blob_digest"].as_str().expect("digest");
+        if tampered.contains(&d) {
+            assert!(
+                !store.join("blobs/sha256").join(&blob[7..]).exists(),
+                "a corrupt blob was kept"
+            );
+            assert!(
+                !Path::new(d).with_file_name("lazy").join("blob").exists(),
+                "a corrupt blob was left for the next mount to trust"
+            );
+        }
+    }
+    assert_eq!(fs::read_dir(store.join("layers")).expect("layers").count(), 3);
+    store_is_whole(&store);
+    // the registry right again: the next mount fetches the blobs again and seals
+    s.proxy.set(Faults::default());
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m2.log"))
+        .start();
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    wait_sealed(&lower, &m);
+    drop(m);
+    let sealed = s.lazy_pull(&store);
+    assert_eq!(chains(&sealed), chains(&s.full_lower));
+    let full = s.mount(&s.full_lower, "full");
+    let m2 = s.mount(&sealed, "m");
+    assert_eq!(tree(&mnt), tree(&s.path("full")), "the sealed mount differs");
+    drop((m2, full));
 }

@@ -43,9 +43,22 @@ const BACKGROUND_TRIES: u32 = 5;
 /// The background fetch, then the seal.
 pub(super) fn run(s: &Shared) {
     match fetch_blob(s) {
-        Ok(bytes) => info!(layer = %s.layer, bytes, "background fetch done: the lazy layer's blob is whole"),
+        Ok(Some(bytes)) => {
+            info!(layer = %s.layer, bytes, "background fetch done: the lazy layer's blob is whole")
+        }
+        Ok(None) => {}
         Err(e) => {
             warn!(layer = %s.layer, error = %e, "background fetch of a lazy layer gave up; reads still fetch what they need");
+            return;
+        }
+    }
+    // the blob checked on its own first, so that a bad one is dropped (and fetched again by
+    // the next mount) even while the layer waits for its parent to seal
+    let p = s.layer_dir.join(LAZY_DIR).join(BLOB_FILE);
+    if p.exists() {
+        if let Err(why) = check_blob(&p, &s.blob) {
+            error!(layer = %s.layer, error = %why, "the lazy layer's blob does not seal: it does not hash to the manifest's digest; it stays lazy, its blob dropped");
+            let _ = std::fs::remove_file(&p);
             return;
         }
     }
@@ -94,16 +107,29 @@ fn seal(s: &Shared) {
     }
 }
 
+/// Does the file `p` hash to `digest`? (streamed: one buffer of memory)
+fn check_blob(p: &Path, digest: &str) -> std::result::Result<(), String> {
+    let mut f = File::open(p).map_err(|e| e.to_string())?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| e.to_string())?;
+    let got = format!("sha256:{}", crate::digest::hex(&h.finalize()));
+    if got == digest {
+        Ok(())
+    } else {
+        Err(format!("expected {digest}, the blob fetched hashes to {got}"))
+    }
+}
+
 /// Fetch the blob into `lazy/blob` from where it stopped, caching the chunks it completes;
-/// returns the bytes fetched. Bounded: every request either adds a segment or counts a
+/// returns the bytes fetched, or None when the store has the blob already. Bounded: every request either adds a segment or counts a
 /// failure, [`BACKGROUND_TRIES`] in a row end it.
-fn fetch_blob(s: &Shared) -> Result<u64> {
+fn fetch_blob(s: &Shared) -> Result<Option<u64>> {
     if let Some((_, root)) = chain_of(&s.layer_dir) {
         let kept = root
             .join("blobs/sha256")
             .join(s.blob.trim_start_matches("sha256:"));
         if kept.is_file() {
-            return Ok(0); // the store has it whole (sealed, or pulled): nothing to fetch
+            return Ok(None); // the store has it whole (sealed, or pulled): nothing to fetch
         }
     }
     let p = s.layer_dir.join(LAZY_DIR).join(BLOB_FILE);
@@ -162,7 +188,7 @@ fn fetch_blob(s: &Shared) -> Result<u64> {
         c.upto(s, &f, have);
     }
     f.sync_all().map_err(|e| Error::io("lazy.blob_fsync", &p, e))?;
-    Ok(fetched)
+    Ok(Some(fetched))
 }
 
 /// Which chunks the background fetch has considered for the cache.
