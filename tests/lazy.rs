@@ -968,6 +968,20 @@ fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_s
                     .to_string()
             })
             .collect();
+        if !whole.is_empty() {
+            // reads (background fetch off) take what the blob file has, verified: every
+            // file reads right and the whole blobs are not asked for
+            s.proxy.clear();
+            let q = s.mount(&lower, &format!("m{i}"));
+            assert_eq!(tree(&mnt), tree(&s.path("full")), "{point}: reads after the kill");
+            drop(q);
+            for b in &whole {
+                assert!(
+                    !s.proxy.log().iter().any(|e| e.path.ends_with(b.as_str())),
+                    "{point}: a read fetched blob {b}, which the blob file has whole"
+                );
+            }
+        }
         s.proxy.clear();
         let mut m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
             .log(&s.path(&format!("m{i}b.log")))
