@@ -684,3 +684,586 @@ fn a_toc_that_does_not_match_the_manifest_annotation_is_refused() {
     assert!(layers.is_empty(), "a refused pull stored layers: {layers:?}");
     assert!(!store.join("images/127.0.0.1").exists());
 }
+
+/// Record `m` (a manifest) as the image `name` of the source store, with `blobs` (a new
+/// config, say) stored beside, and push it to the registry; returns the direct reference.
+fn push_variant(s: &Scratch, name: &str, m: &serde_json::Value, blobs: &[Vec<u8>]) -> String {
+    for b in blobs {
+        fs::write(s.src.join("blobs/sha256").join(sha256_hex(b)), b).expect("blob");
+    }
+    let bytes = serde_json::to_vec(m).expect("json");
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    fs::write(s.src.join("blobs/sha256").join(&digest[7..]), &bytes).expect("manifest blob");
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.src.join("images/esgz.json")).expect("record")).expect("json");
+    rec["name"] = name.into();
+    rec["manifest"] = digest.into();
+    rec["config"] = m["config"]["digest"].clone();
+    fs::write(
+        s.src.join(format!("images/{name}.json")),
+        serde_json::to_vec(&rec).expect("json"),
+    )
+    .expect("record");
+    let target = format!("{}/lazy/test:{name}", s.reg.addr);
+    verlay(&["image", "push", "--store", p(&s.src), "--image", name, &target]).printed("push");
+    target
+}
+
+/// The `layer.json` of the store layer holding the lowerdir entry `diff`.
+fn record_of(diff: &str) -> serde_json::Value {
+    let p = Path::new(diff).with_file_name("layer.json");
+    serde_json::from_slice(&fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).expect("json")
+}
+
+/// Wait (at most a minute) until every lazy layer of `lowerdir` is sealed.
+fn wait_sealed(lowerdir: &str, m: &Mount) {
+    let t0 = Instant::now();
+    loop {
+        let waiting = lowerdir
+            .split(':')
+            .filter(|d| record_of(d).get("sealed").is_none())
+            .count();
+        if waiting == 0 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{waiting} layers not sealed after a minute:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The chain hex names of a lowerdir, top first.
+fn chains(lowerdir: &str) -> Vec<String> {
+    lowerdir
+        .split(':')
+        .map(|d| {
+            Path::new(d)
+                .parent()
+                .and_then(|l| l.file_name())
+                .expect("layer dir")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// Every directory under `STORE/layers/` is a whole layer (record, diff, manifest), and
+/// every lazy layer marked sealed names a whole ordinary layer.
+fn store_is_whole(store: &Path) {
+    for e in fs::read_dir(store.join("layers")).expect("layers").flatten() {
+        let d = e.path();
+        let rec: serde_json::Value = serde_json::from_slice(
+            &fs::read(d.join("layer.json")).unwrap_or_else(|e| panic!("{}: no layer.json: {e}", d.display())),
+        )
+        .unwrap_or_else(|e| panic!("{}: bad layer.json: {e}", d.display()));
+        assert!(d.join("diff").is_dir(), "{}: no diff/", d.display());
+        assert!(
+            d.join("diff.verlay-manifest").is_file(),
+            "{}: no manifest",
+            d.display()
+        );
+        if let Some(sealed) = rec.get("sealed").and_then(|s| s.as_str()) {
+            let to = store.join("layers").join(sealed.trim_start_matches("sha256:"));
+            let r: serde_json::Value =
+                serde_json::from_slice(&fs::read(to.join("layer.json")).expect("sealed record"))
+                    .expect("json");
+            assert!(r.get("lazy").is_none(), "{} sealed as a lazy layer", d.display());
+        }
+    }
+}
+
+#[test]
+fn the_background_fetch_seals_each_layer_as_a_full_pull_does_and_then_no_network_is_needed() {
+    let s = Scratch::new("seal");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    // the full pull's records (its store is under the mount point "full")
+    let full_recs: Vec<serde_json::Value> = s.full_lower.split(':').map(record_of).collect();
+    let full = s.mount(&s.full_lower, "full");
+    let mnt = s.path("m");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .start();
+    assert_eq!(
+        fs::read(mnt.join("etc/passwd")).expect("passwd"),
+        fs::read(s.path("full/etc/passwd")).expect("full")
+    );
+    wait_sealed(&lower, &m);
+    let log = m.log();
+    assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
+    // the lazy mount still reads right, from the cache
+    assert_eq!(
+        tree(&mnt),
+        tree(&s.path("full")),
+        "the lazy mount differs after sealing"
+    );
+    drop(m);
+    // the same layers as an ordinary pull: chain IDs, records, blobs kept
+    let sealed = s.lazy_pull(&store);
+    assert_eq!(
+        chains(&sealed),
+        chains(&s.full_lower),
+        "sealed chain IDs differ from a full pull's"
+    );
+    for (d, b) in sealed.split(':').zip(&full_recs) {
+        let a = record_of(d);
+        assert!(a.get("lazy").is_none(), "{d} is still lazy");
+        for k in [
+            "diff_id",
+            "blob_digest",
+            "manifest_digest",
+            "parent",
+            "entries",
+            "size",
+        ] {
+            assert_eq!(a[k], b[k], "{k} of {d} differs from the full pull's");
+        }
+        let blob = a["blob_digest"].as_str().expect("blob digest");
+        assert!(
+            store.join("blobs/sha256").join(&blob[7..]).is_file(),
+            "blob {blob} not kept"
+        );
+    }
+    store_is_whole(&store);
+    // a mount of the sealed layers needs no network
+    s.proxy.set(Faults {
+        refuse: 1000,
+        ..Faults::default()
+    });
+    s.proxy.clear();
+    let m2 = s.mount(&sealed, "m");
+    assert_eq!(tree(&mnt), tree(&s.path("full")), "the sealed mount differs");
+    assert!(
+        s.proxy.log().is_empty(),
+        "a mount of sealed layers went to the network"
+    );
+    drop((m2, full));
+}
+
+#[test]
+fn a_diff_id_that_does_not_match_seals_nothing_and_the_lazy_layer_stays() {
+    let s = Scratch::new("badseal");
+    let mut m = manifest(&s.src, "esgz");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&blob(&s.src, m["config"]["digest"].as_str().expect("config")))
+            .expect("config json");
+    config["rootfs"]["diff_ids"][0] = format!("sha256:{}", sha256_hex(b"another layer")).into();
+    let cbytes = serde_json::to_vec(&config).expect("json");
+    m["config"]["digest"] = format!("sha256:{}", sha256_hex(&cbytes)).into();
+    m["config"]["size"] = cbytes.len().into();
+    let target = push_variant(&s, "baddiff", &m, &[cbytes]);
+    let proxied = target.replace(&s.reg.addr.to_string(), &s.proxy.addr.to_string());
+    let store = s.path("lz");
+    let lower = verlay(&["image", "pull", "--lazy", "--store", p(&store), &proxied]).printed("lazy pull");
+    let mnt = s.path("m");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .start();
+    let full = s.mount(&s.full_lower, "full");
+    assert_eq!(
+        fs::read(mnt.join("etc/passwd")).expect("passwd"),
+        fs::read(s.path("full/etc/passwd")).expect("full")
+    );
+    let t0 = Instant::now();
+    while lines_with(&m.log(), "does not seal").is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no seal verdict in a minute:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let log = m.log();
+    let bad = lines_with(&log, "does not seal");
+    assert_eq!(bad.len(), 1, "one log line for the mismatch:\n{log}");
+    assert!(bad[0].contains("diffID mismatch"), "{}", bad[0]);
+    assert_eq!(lines_with(&log, "").len(), 1, "other errors or warnings:\n{log}");
+    for d in lower.split(':') {
+        let r = record_of(d);
+        assert!(
+            r.get("sealed").is_none() && r.get("lazy").is_some(),
+            "{d} was sealed"
+        );
+    }
+    let layers = fs::read_dir(store.join("layers")).expect("layers").count();
+    assert_eq!(
+        layers, 3,
+        "a layer was published although its diffID does not match"
+    );
+    store_is_whole(&store);
+    // the lazy layers still serve every file right
+    assert_eq!(tree(&mnt), tree(&s.path("full")), "the lazy mount differs");
+    drop((m, full));
+}
+
+/// Every crash point of the background fetch and the seal (the `import.*` steps are the
+/// store's import, run by the seal), as the source spells them.
+const SEAL_POINTS: &[&str] = &[
+    "lazy.segment",
+    "import.unpack",
+    "import.fsync",
+    "import.seal",
+    "import.record",
+    "import.publish",
+    "lazy_seal.import",
+    "lazy_seal.blob",
+    "lazy_seal.record",
+];
+
+#[test]
+fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_seals() {
+    // the list is complete: every crash point of the fetch and the seal is in it
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+    for f in ["estargz/background.rs", "store/lazy.rs"] {
+        let text = fs::read_to_string(Path::new(src).join(f)).expect("source");
+        for part in text.split("crash_point(\"").skip(1) {
+            let name = part.split('"').next().expect("name");
+            assert!(
+                SEAL_POINTS.contains(&name),
+                "crash point {name} of {f} is not tested"
+            );
+        }
+    }
+    let s = Scratch::new("kill");
+    let full = s.mount(&s.full_lower, "full");
+    for (i, point) in SEAL_POINTS.iter().enumerate() {
+        let store = s.path(&format!("lz{i}"));
+        let lower = s.lazy_pull(&store);
+        let mnt = s.path(&format!("m{i}"));
+        fs::create_dir_all(&mnt).expect("mkdir");
+        let mut m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+            .log(&s.path(&format!("m{i}.log")))
+            .env("VERLAY_CRASH_AT", point)
+            .start();
+        let _ = fs::read(mnt.join("etc/passwd"));
+        let st = m.wait_within(Duration::from_secs(60));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            st.and_then(|s| s.signal()),
+            Some(9),
+            "{point}: the daemon was not killed there:\n{}",
+            m.log()
+        );
+        m.umount_dead();
+        drop(m);
+        store_is_whole(&store);
+        // blobs fetched whole before the kill are not fetched again
+        let whole: Vec<String> = lower
+            .split(':')
+            .filter(|d| {
+                let r = record_of(d);
+                let b = Path::new(d).with_file_name("lazy").join("blob");
+                fs::metadata(&b).map(|m| m.len()).ok() == r["lazy"]["blob_size"].as_u64()
+            })
+            .map(|d| {
+                record_of(d)["lazy"]["blob_digest"]
+                    .as_str()
+                    .expect("digest")
+                    .to_string()
+            })
+            .collect();
+        if !whole.is_empty() {
+            // reads (background fetch off) take what the blob file has, verified: every
+            // file reads right and the whole blobs are not asked for
+            s.proxy.clear();
+            let q = s.mount(&lower, &format!("m{i}"));
+            assert_eq!(tree(&mnt), tree(&s.path("full")), "{point}: reads after the kill");
+            drop(q);
+            for b in &whole {
+                assert!(
+                    !s.proxy.log().iter().any(|e| e.path.ends_with(b.as_str())),
+                    "{point}: a read fetched blob {b}, which the blob file has whole"
+                );
+            }
+        }
+        s.proxy.clear();
+        let mut m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+            .log(&s.path(&format!("m{i}b.log")))
+            .start();
+        // a lookup starts the background fetch (a read could fetch its own chunk)
+        fs::metadata(mnt.join("etc/passwd")).expect("stat");
+        wait_sealed(&lower, &m);
+        let log = m.log();
+        let bad: Vec<&str> = lines_with(&log, "")
+            .into_iter()
+            .filter(|l| !l.contains("removed the leftover of an interrupted import"))
+            .collect();
+        assert!(bad.is_empty(), "{point}: errors or warnings:\n{log}");
+        m.unmount();
+        for b in &whole {
+            assert!(
+                !s.proxy.log().iter().any(|e| e.path.ends_with(b.as_str())),
+                "{point}: blob {b}, whole before the kill, was fetched again"
+            );
+        }
+        store_is_whole(&store);
+        let sealed = s.lazy_pull(&store);
+        assert_eq!(
+            chains(&sealed),
+            chains(&s.full_lower),
+            "{point}: sealed chain IDs"
+        );
+        let m2 = s.mount(&sealed, &format!("m{i}"));
+        assert_eq!(
+            tree(&mnt),
+            tree(&s.path("full")),
+            "{point}: the sealed mount differs"
+        );
+        drop(m2);
+        eprintln!(
+            "kill at {point}: {} blobs whole before the kill; resumed and sealed",
+            whole.len()
+        );
+    }
+    drop(full);
+}
+
+#[test]
+fn a_layer_without_the_toc_annotation_is_pulled_whole_and_the_others_stay_lazy() {
+    let s = Scratch::new("mixed");
+    // the eStargz image with its base layer replaced by the original plain gzip one
+    let orig = manifest(&s.src, "test");
+    let ocfg: serde_json::Value =
+        serde_json::from_slice(&blob(&s.src, orig["config"]["digest"].as_str().expect("cfg"))).expect("json");
+    let mut m = manifest(&s.src, "esgz");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&blob(&s.src, m["config"]["digest"].as_str().expect("config"))).expect("json");
+    config["rootfs"]["diff_ids"][0] = ocfg["rootfs"]["diff_ids"][0].clone();
+    m["layers"][0] = orig["layers"][0].clone();
+    assert!(m["layers"][0]
+        .get("annotations")
+        .is_none_or(|a| a.get("containerd.io/snapshot/stargz/toc.digest").is_none()));
+    let cbytes = serde_json::to_vec(&config).expect("json");
+    m["config"]["digest"] = format!("sha256:{}", sha256_hex(&cbytes)).into();
+    m["config"]["size"] = cbytes.len().into();
+    let target = push_variant(&s, "mixed", &m, &[cbytes]);
+    let proxied = target.replace(&s.reg.addr.to_string(), &s.proxy.addr.to_string());
+    let store = s.path("lz");
+    let out = verlay(&["image", "pull", "--lazy", "--store", p(&store), &proxied]);
+    let lower = out.printed("lazy pull of a mixed image");
+    let said: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("pulled it fully"))
+        .collect();
+    assert_eq!(said.len(), 1, "one line about the whole layer:\n{}", out.stderr);
+    assert!(said[0].contains("layer 1 "), "{}", said[0]);
+    let dirs: Vec<&str> = lower.split(':').collect();
+    assert!(
+        record_of(dirs[2]).get("lazy").is_none(),
+        "the unannotated layer is lazy"
+    );
+    assert!(record_of(dirs[0]).get("lazy").is_some() && record_of(dirs[1]).get("lazy").is_some());
+    // the whole layer is the ordinary pull's: same chain ID, same record
+    let whole = s.path("whole");
+    let wl =
+        verlay(&["image", "pull", "--store", p(&whole), &target]).printed("full pull of the mixed image");
+    assert_eq!(chains(&lower)[2], chains(&wl)[2]);
+    assert_eq!(
+        record_of(dirs[2])["diff_id"],
+        record_of(wl.split(':').nth(2).expect("base"))["diff_id"]
+    );
+    let full = s.mount(&wl, "full");
+    let mm = s.mount(&lower, "m");
+    assert_eq!(
+        tree(&s.path("m")),
+        tree(&s.path("full")),
+        "the mixed lazy mount differs"
+    );
+    let log = mm.log();
+    assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
+    drop((mm, full));
+}
+
+#[test]
+fn push_of_a_lazily_pulled_image_fetches_its_blobs_verified_and_pulls_back_whole() {
+    let s = Scratch::new("push");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    assert!(lower.split(':').all(|d| record_of(d).get("lazy").is_some()));
+    let again = format!("{}/lazy/again:1", s.reg.addr);
+    // a corrupted source: the push fails, no blob kept
+    s.proxy.set(Faults {
+        tamper_blobs: true,
+        ..Faults::default()
+    });
+    let out = verlay(&[
+        "image",
+        "push",
+        "--store",
+        p(&store),
+        "--image",
+        &s.proxied(),
+        &again,
+    ]);
+    assert_ne!(out.code, Some(0), "a push of corrupted blobs succeeded");
+    let layers = manifest(&s.src, "esgz")["layers"]
+        .as_array()
+        .expect("layers")
+        .clone();
+    for l in &layers {
+        let d = l["digest"].as_str().expect("digest");
+        assert!(
+            !store.join("blobs/sha256").join(&d[7..]).exists(),
+            "a corrupted blob {d} was kept"
+        );
+    }
+    s.proxy.set(Faults::default());
+    verlay(&[
+        "image",
+        "push",
+        "--store",
+        p(&store),
+        "--image",
+        &s.proxied(),
+        &again,
+    ])
+    .printed("push");
+    let back = s.path("back");
+    let bl = verlay(&["image", "pull", "--store", p(&back), &again]).printed("pull back");
+    assert_eq!(
+        chains(&bl),
+        chains(&s.full_lower),
+        "the pushed image's layers differ"
+    );
+    let full = s.mount(&s.full_lower, "full");
+    let b = s.mount(&bl, "b");
+    assert_eq!(
+        tree(&s.path("b")),
+        tree(&s.path("full")),
+        "the image pulled back differs"
+    );
+    drop((b, full));
+}
+
+#[test]
+fn a_stalled_registry_is_eio_in_bounded_time_logged_once_and_reads_work_when_it_is_back() {
+    let s = Scratch::new("stall");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    let full = s.mount(&s.full_lower, "full");
+    let m = s.mount(&lower, "m");
+    s.proxy.set(Faults {
+        stall: 1000,
+        stall_ms: 120_000,
+        ..Faults::default()
+    });
+    let t0 = Instant::now();
+    eio(
+        fs::read(s.path("m/data/blob")),
+        "a read with the registry stalled",
+    );
+    let took = t0.elapsed();
+    // Each FUSE read waits at most 3 attempts of 10 s of silence (plus backoff), then is EIO
+    // with one error line. The kernel retries a failed readahead once with a smaller read
+    // (seen here: one request for the whole file, then one for its first 64 KiB), so one
+    // read(2) through the page cache may make two such requests, never more.
+    let log = m.log();
+    let lines = lines_with(&log, "could not fetch");
+    assert!(
+        (1..=2).contains(&lines.len()) && lines.iter().all(|l| l.contains("data/blob")),
+        "one log line per failed request:\n{log}"
+    );
+    assert!(
+        took < Duration::from_secs(35) * lines.len() as u32,
+        "EIO took {took:?} for {} requests",
+        lines.len()
+    );
+    // nothing partial: the layer's cache has no chunk (nothing else was read)
+    let pres = fs::read(
+        layer_with(&lower, "data/blob")
+            .with_file_name("lazy")
+            .join("present"),
+    )
+    .expect("present");
+    assert!(pres.iter().all(|&b| b == 0), "a failed read cached chunks");
+    s.proxy.set(Faults::default());
+    assert_eq!(
+        fs::read(s.path("m/data/blob")).expect("read once the registry is back"),
+        fs::read(s.path("full/data/blob")).expect("full")
+    );
+    eprintln!("stall: EIO after {took:?}, {} failed requests", lines.len());
+    drop((m, full));
+}
+
+#[test]
+fn corrupt_blobs_in_the_background_fetch_seal_nothing_and_are_fetched_again_by_the_next_mount() {
+    let s = Scratch::new("bgdamage");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    s.proxy.set(Faults {
+        tamper_blobs: true,
+        ..Faults::default()
+    });
+    let mnt = s.path("m");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .start();
+    // a lookup starts the background fetch (a read would be served EIO: the proxy corrupts it)
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    // the proxy flips a byte of every blob body over 4 KiB: each such layer's whole blob
+    let tampered: Vec<&str> = lower
+        .split(':')
+        .filter(|d| record_of(d)["lazy"]["blob_size"].as_u64().expect("size") > 4096)
+        .collect();
+    assert!(!tampered.is_empty());
+    let t0 = Instant::now();
+    while lines_with(&m.log(), "does not seal").len() < tampered.len() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not every layer's verdict in a minute:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let log = m.log();
+    let bad = lines_with(&log, "does not seal");
+    assert_eq!(bad.len(), tampered.len(), "one line per corrupted layer:\n{log}");
+    assert!(
+        bad.iter().all(|l| l.contains("does not hash to the manifest")),
+        "{log}"
+    );
+    drop(m);
+    for d in lower.split(':') {
+        let r = record_of(d);
+        assert!(
+            r.get("sealed").is_none(),
+            "{d} was sealed with a corrupt layer below or in it"
+        );
+        let blob = r["lazy"]["blob_digest"].as_str().expect("digest");
+        if tampered.contains(&d) {
+            assert!(
+                !store.join("blobs/sha256").join(&blob[7..]).exists(),
+                "a corrupt blob was kept"
+            );
+            assert!(
+                !Path::new(d).with_file_name("lazy").join("blob").exists(),
+                "a corrupt blob was left for the next mount to trust"
+            );
+        }
+    }
+    assert_eq!(fs::read_dir(store.join("layers")).expect("layers").count(), 3);
+    store_is_whole(&store);
+    // the registry right again: the next mount fetches the blobs again and seals
+    s.proxy.set(Faults::default());
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m2.log"))
+        .start();
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    wait_sealed(&lower, &m);
+    drop(m);
+    let sealed = s.lazy_pull(&store);
+    assert_eq!(chains(&sealed), chains(&s.full_lower));
+    let full = s.mount(&s.full_lower, "full");
+    let m2 = s.mount(&sealed, "m");
+    assert_eq!(tree(&mnt), tree(&s.path("full")), "the sealed mount differs");
+    drop((m2, full));
+}

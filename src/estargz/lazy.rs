@@ -31,10 +31,10 @@ use crate::layer::pread_full;
 use crate::lower::verify::ChunkBits;
 use crate::registry::client::{Client, Options};
 use crate::registry::reference::Reference;
-use crate::store::lazy::{open_beneath_for_write, LAZY_DIR, PRESENT_FILE, TOC_FILE};
+use crate::store::lazy::{open_beneath_for_write, BLOB_FILE, LAZY_DIR, PRESENT_FILE, TOC_FILE};
 
 /// Largest compressed span fetched by one Range request.
-const MAX_RUN: u64 = 8 << 20;
+pub(super) const MAX_RUN: u64 = 8 << 20;
 /// Range requests of one read in flight at once.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// How long one request may stall (connect, or between two reads of the body).
@@ -54,11 +54,15 @@ pub struct LazyLayer {
 }
 
 /// Where a lazy layer's chunks come from, and which chunks the cache has.
-struct Shared {
+pub(super) struct Shared {
     /// the layer directory, for messages
-    layer: String,
-    table: ChunkTable,
-    blob: String,
+    pub(super) layer: String,
+    /// the store's layer directory (`layers/<chain-hex>`, holding `diff/` and `lazy/`)
+    pub(super) layer_dir: std::path::PathBuf,
+    pub(super) table: ChunkTable,
+    pub(super) blob: String,
+    /// the compressed blob's size (manifest)
+    pub(super) blob_size: u64,
     reference: Reference,
     opts: Options,
     /// made at the first fetch (after the mount daemonized)
@@ -106,7 +110,7 @@ impl LazyLayer {
             let s = self.s.clone();
             let spawned = std::thread::Builder::new()
                 .name("verlay-lazy-fetch".into())
-                .spawn(move || background(&s));
+                .spawn(move || super::background::run(&s));
             if let Err(e) = spawned {
                 warn!(layer = %self.s.layer, error = %e, "cannot start the background fetch");
             }
@@ -192,8 +196,12 @@ impl Shared {
         .map_err(|e| Error::io("lazy.open_dir", dir, e.into()))?;
         Ok(Some(Shared {
             layer: dir.display().to_string(),
+            layer_dir: parent.to_path_buf(),
             table,
             blob: s("blob_digest")?,
+            blob_size: l["blob_size"]
+                .as_u64()
+                .ok_or_else(|| bad_store(dir, "no blob_size"))?,
             reference: Reference::parse(&s("reference")?)?,
             opts,
             client: OnceLock::new(),
@@ -206,7 +214,7 @@ impl Shared {
         self.table.files.get(rel).copied()
     }
 
-    fn client(&self) -> Result<&Client> {
+    pub(super) fn client(&self) -> Result<&Client> {
         self.client
             .get_or_init(|| Client::new(&self.reference, &self.opts).map_err(|e| e.to_string()))
             .as_ref()
@@ -219,7 +227,7 @@ impl Shared {
             })
     }
 
-    fn is_present(&self, i: usize) -> bool {
+    pub(super) fn is_present(&self, i: usize) -> bool {
         let mut b = [0u8];
         matches!(self.present.read_at(&mut b, i as u64), Ok(1)) && b[0] == 1
     }
@@ -325,6 +333,13 @@ impl Shared {
     fn fetch_run(&self, c: &ReadCtx<'_>, chunks: &[Chunk], run: &[usize]) -> Result<Fetched> {
         let start = run.iter().map(|&k| chunks[k].blob_off).min().unwrap_or(0);
         let end = run.iter().map(|&k| chunks[k].blob_end).max().unwrap_or(0);
+        // the background fetch may have these bytes already; they are verified as any
+        // fetched bytes, and fetched from the registry when they do not match
+        if let Some(body) = self.local_span(start, end) {
+            if let Ok(out) = self.verify_run(c, chunks, run, start, &body, true) {
+                return Ok(out);
+            }
+        }
         let body = self
             .client()?
             .get_blob_range(&self.blob, start, end)
@@ -332,6 +347,32 @@ impl Shared {
                 error!(layer = %self.layer, path = %c.rel.display(), error = %e,
                 "could not fetch a chunk of a lazy layer; serving EIO");
             })?;
+        self.verify_run(c, chunks, run, start, &body, false)
+    }
+
+    /// Bytes `[start, end)` of the blob, if the background fetch has them on disk.
+    fn local_span(&self, start: u64, end: u64) -> Option<Vec<u8>> {
+        let f = File::open(self.layer_dir.join(LAZY_DIR).join(BLOB_FILE)).ok()?;
+        if f.metadata().ok()?.len() < end {
+            return None;
+        }
+        let mut b = vec![0u8; (end - start) as usize];
+        f.read_exact_at(&mut b, start).ok()?;
+        Some(b)
+    }
+
+    /// Inflate, verify and cache each chunk of `run` from `body` (the blob from `start`). A
+    /// mismatch is the logged integrity error, or, for bytes from the `local` blob file, a
+    /// silent error (the caller then fetches them).
+    fn verify_run(
+        &self,
+        c: &ReadCtx<'_>,
+        chunks: &[Chunk],
+        run: &[usize],
+        start: u64,
+        body: &[u8],
+        local: bool,
+    ) -> Result<Fetched> {
         let mut out = Vec::with_capacity(run.len());
         let mut cache: Option<File> = None;
         for &k in run {
@@ -340,6 +381,10 @@ impl Shared {
             let data = inflate(span, ch.inner, ch.len);
             let actual = Sha256::digest(&data);
             if data.len() as u64 != ch.len || actual[..] != ch.digest[..] {
+                if local {
+                    tracing::debug!(layer = %self.layer, path = %c.rel.display(), "the background fetch's bytes of a chunk do not match; fetching it");
+                    return Err(Error::Errno(libc::EIO));
+                }
                 return Err((c.corrupt)(
                     format!("chunk at {} sha256:{}", ch.file_off, hex(&ch.digest)),
                     format!("fetched {} bytes hashing to sha256:{}", data.len(), hex(&actual)),
@@ -353,7 +398,7 @@ impl Shared {
 
     /// Write a verified chunk to the skeleton file and mark it present. A failure only
     /// costs a fetch later: it is logged, not returned.
-    fn cache(&self, f: &mut Option<File>, rel: &Path, index: usize, ch: &Chunk, data: &[u8]) {
+    pub(super) fn cache(&self, f: &mut Option<File>, rel: &Path, index: usize, ch: &Chunk, data: &[u8]) {
         if f.is_none() {
             match open_beneath_for_write(&self.dir, rel) {
                 Ok(file) => *f = Some(file),
@@ -378,88 +423,10 @@ impl Shared {
 
 /// `len` bytes after `inner` bytes of the gzip member at the start of `span` (fewer if the
 /// member is shorter or damaged: the digest check then fails).
-fn inflate(span: &[u8], inner: u64, len: u64) -> Vec<u8> {
+pub(super) fn inflate(span: &[u8], inner: u64, len: u64) -> Vec<u8> {
     let mut gz = flate2::read::GzDecoder::new(span).take(inner + len);
     let mut v = Vec::with_capacity((inner + len) as usize);
     let _ = gz.read_to_end(&mut v);
     v.drain(..(inner as usize).min(v.len()));
     v
-}
-
-/// Failed background requests in a row before the background fetch gives up (reads still
-/// fetch what they need).
-const BACKGROUND_TRIES: u32 = 5;
-
-/// Fetch every chunk the cache lacks, in TOC order (the files before a
-/// `.prefetch.landmark` come first in a blob, so first here too), in runs of up to
-/// [`MAX_RUN`] compressed bytes that may cross files; each chunk verified before it is
-/// cached, as for a read. A chunk that does not match is logged and left out.
-fn background(s: &Shared) {
-    // chunk index -> its file (the first name of a hard-linked file)
-    let mut owners: Vec<(usize, &Path)> = s
-        .table
-        .files
-        .iter()
-        .map(|(p, &(first, _, _))| (first, p.as_path()))
-        .collect();
-    owners.sort();
-    owners.dedup_by_key(|o| o.0);
-    let owner = |k: usize| owners[owners.partition_point(|o| o.0 <= k).saturating_sub(1)];
-    let chunks = &s.table.chunks;
-    let (mut i, mut failures, mut fetched) = (0usize, 0u32, 0u64);
-    while i < chunks.len() {
-        if s.is_present(i) {
-            i += 1;
-            continue;
-        }
-        let mut j = i + 1;
-        while j < chunks.len()
-            && !s.is_present(j)
-            && chunks[j].blob_off >= chunks[i].blob_off
-            && chunks[j].blob_off <= chunks[j - 1].blob_end
-            && chunks[j].blob_end - chunks[i].blob_off <= MAX_RUN
-        {
-            j += 1;
-        }
-        let (start, end) = (
-            chunks[i].blob_off,
-            chunks[i..j].iter().map(|c| c.blob_end).max().unwrap_or(0),
-        );
-        let body = match s.client().and_then(|c| c.get_blob_range(&s.blob, start, end)) {
-            Ok(b) => b,
-            Err(e) => {
-                failures += 1;
-                if failures >= BACKGROUND_TRIES {
-                    warn!(layer = %s.layer, error = %e, "background fetch of a lazy layer gave up; reads still fetch what they need");
-                    return;
-                }
-                std::thread::sleep(crate::registry::client::backoff(failures + 3));
-                continue;
-            }
-        };
-        failures = 0;
-        fetched += end - start;
-        let mut file: Option<(usize, File)> = None;
-        for (k, ch) in chunks.iter().enumerate().take(j).skip(i) {
-            let (first, rel) = owner(k);
-            let data = inflate(
-                &body[(ch.blob_off - start) as usize..(ch.blob_end - start) as usize],
-                ch.inner,
-                ch.len,
-            );
-            if data.len() as u64 != ch.len || Sha256::digest(&data)[..] != ch.digest[..] {
-                error!(layer = %s.layer, path = %rel.display(), offset = ch.file_off,
-                    "background fetch: a chunk does not match its TOC digest; not cached");
-                continue;
-            }
-            let mut f = match file.take() {
-                Some((o, f)) if o == first => Some(f),
-                _ => None,
-            };
-            s.cache(&mut f, rel, k, ch, &data);
-            file = f.map(|f| (first, f));
-        }
-        i = j;
-    }
-    tracing::info!(layer = %s.layer, bytes = fetched, "background fetch done: every chunk of the lazy layer is cached");
 }

@@ -24,7 +24,7 @@ use crate::registry::client::{Client, Options};
 use crate::registry::pull::{fetch_blob, fetch_manifest, Pulled};
 use crate::registry::reference::Reference;
 use crate::store::lazy::LazyImport;
-use crate::store::{blobs, chain_id, Store};
+use crate::store::{blobs, chain_id, ImportOptions, Store};
 
 /// Pull `reference` lazily into `store`: records the image, stores each layer as a
 /// skeleton (every entry with its metadata, regular files empty and sparse) with its TOC.
@@ -63,17 +63,29 @@ pub fn pull_lazy(
     let mut parent: Option<String> = None;
     for (i, layer) in m.layers.iter().enumerate() {
         let lwhat = format!("layer {} ({}) of {reference}", i + 1, layer.digest);
-        let want =
-            raw["layers"][i]["annotations"][toc::TOC_DIGEST_ANNOTATION]
-                .as_str()
-                .ok_or_else(|| {
-                    Error::usage(
-                    &lwhat,
-                    format!("has no {} annotation: it is not an eStargz layer", toc::TOC_DIGEST_ANNOTATION),
-                    "pull without --lazy, or push an eStargz form made by `verlay image convert --estargz`",
-                )
-                })?
-                .to_string();
+        let Some(want) = raw["layers"][i]["annotations"][toc::TOC_DIGEST_ANNOTATION].as_str() else {
+            // never trust a TOC the manifest does not name: this layer is pulled whole
+            let chain = pull_whole(
+                store,
+                &client,
+                layer,
+                &diff_ids[i],
+                parent.as_deref(),
+                &lwhat,
+                &mut out,
+                progress,
+            )?;
+            eprintln!(
+                "verlay: layer {} ({}) has no {} annotation: pulled it fully (verified), the others stay lazy",
+                i + 1,
+                layer.digest,
+                toc::TOC_DIGEST_ANNOTATION
+            );
+            parent = Some(chain.clone());
+            out.chain_ids.push(chain);
+            continue;
+        };
+        let want = want.to_string();
         let (member, toc_offset, fetched) = fetch_toc(&client, &layer.digest, layer.size, &lwhat)?;
         out.bytes_fetched += fetched;
         out.blobs_fetched += 1;
@@ -128,6 +140,40 @@ pub fn pull_lazy(
     )?;
     out.manifest = digest;
     Ok(out)
+}
+
+/// Pull one layer whole, as an ordinary pull does (blob checked against its digest, the
+/// tar stream against the config's diffID), on `parent`; returns its chain ID.
+#[allow(clippy::too_many_arguments)] // the pull's state, passed through
+fn pull_whole(
+    store: &Store,
+    client: &Client,
+    layer: &oci::Descriptor,
+    diff_id: &str,
+    parent: Option<&str>,
+    what: &str,
+    out: &mut Pulled,
+    progress: &Progress,
+) -> Result<String> {
+    let chain = chain_id(parent, diff_id);
+    fetch_blob(store, client, layer, out, progress)?;
+    if !store.has_layer(&chain) {
+        let p = blobs::blob_path(store, &layer.digest);
+        let mut f = std::fs::File::open(&p).map_err(|e| Error::io("pull.import", &p, e))?;
+        let got = store.import_layer(
+            &mut f,
+            &ImportOptions {
+                parent: parent.map(str::to_owned),
+                diff_id: Some(diff_id.to_string()),
+                blob_digest: Some(layer.digest.clone()),
+                source: what.to_string(),
+                fsync_each: false,
+            },
+        )?;
+        out.layers_imported += usize::from(got.new);
+    }
+    tracing::info!(layer = %chain, digest = %layer.digest, "no TOC annotation: layer pulled whole");
+    Ok(chain)
 }
 
 /// The footer, then the TOC member, by two Range requests; returns the TOC, its offset and

@@ -68,6 +68,7 @@ pub fn push(
         }
     }
     let all: Vec<&Descriptor> = m.layers.iter().chain(std::iter::once(&m.config)).collect();
+    fetch_lazy_blobs(store, &rec, &m.layers, opts, progress)?;
     for d in &all {
         if !blobs::has_blob(store, &d.digest) {
             return Err(Error::usage(
@@ -108,6 +109,43 @@ pub fn push(
         Ok(got)
     })?;
     Ok(out)
+}
+
+/// The layer blobs of a lazily pulled image that the store lacks (a lazy layer not sealed
+/// yet keeps only its TOC and the chunks read): fetched whole from the registry the lazy
+/// layer records, each checked against the manifest's digest before the store keeps it (the
+/// ordinary pull's `pull.blob` step), so push sends only verified bytes.
+fn fetch_lazy_blobs(
+    store: &crate::store::Store,
+    rec: &ImageRecord,
+    layers: &[Descriptor],
+    opts: &Options,
+    progress: &crate::progress::Progress,
+) -> Result<()> {
+    for d in layers.iter().filter(|d| !blobs::has_blob(store, &d.digest)) {
+        let lazy = rec
+            .chain_ids
+            .iter()
+            .filter_map(|c| store.record(c).ok())
+            .map(|r| r["lazy"].clone())
+            .find(|l| l["blob_digest"].as_str() == Some(d.digest.as_str()));
+        let Some(l) = lazy else { continue };
+        let Some(source) = l["reference"].as_str() else {
+            continue;
+        };
+        let source = Reference::parse(source)?;
+        let src_opts = Options {
+            plain_http: l["plain_http"].as_bool().unwrap_or(false),
+            tls_verify: l["tls_verify"].as_bool(),
+            authfile: opts.authfile.clone(),
+            ..Options::default()
+        };
+        let client = Client::new(&source, &src_opts)?;
+        tracing::info!(digest = %d.digest, from = %source, "fetching the blob of a lazy layer before the push");
+        let mut pulled = super::pull::Pulled::default();
+        super::pull::fetch_blob(store, &client, d, &mut pulled, progress)?;
+    }
+    Ok(())
 }
 
 /// HEAD the blob: does the registry have it?

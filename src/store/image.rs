@@ -748,12 +748,20 @@ pub fn import_image(
     Ok(chains)
 }
 
-/// The `lowerdir=` value that mounts the image: top layer first.
+/// The `lowerdir=` value that mounts the image: top layer first (a sealed lazy layer by its
+/// ordinary layer).
 pub fn lowerdir(store: &Store, chains: &[String]) -> Result<String> {
     let dirs: Vec<String> = chains
         .iter()
         .rev()
-        .map(|c| store.diff_dir(c).display().to_string())
+        .map(|c| {
+            let sealed = store
+                .record(c)
+                .ok()
+                .and_then(|r| r["sealed"].as_str().map(str::to_owned));
+            sealed.filter(|s| store.has_layer(s)).unwrap_or_else(|| c.clone())
+        })
+        .map(|c| store.diff_dir(&c).display().to_string())
         .collect();
     if dirs.iter().any(|d| d.contains(':') || d.contains(',')) {
         return Err(Error::usage(

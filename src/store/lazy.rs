@@ -7,6 +7,24 @@
 //! Nothing in the cache is trusted: every chunk is verified against its TOC digest on its
 //! first read after each mount ([`crate::estargz::lazy`]). `present` only says where a
 //! corrupt cache was found, and spares fetching chunks the layer never had.
+//!
+//! **Sealing** ([`Store::seal_lazy`]): once the background fetch has the whole compressed
+//! blob in `lazy/blob`, the blob goes through the store's ordinary import
+//! ([`Store::import_layer`]) with the blob digest of the image manifest and the diffID of
+//! the config, on the sealed parent: that import checks both over the whole stream
+//! (streamed, bounded memory) and publishes an ordinary layer by its own order (`import.*`
+//! steps), under the chain ID an ordinary pull gives it. Then, each a crash point:
+//!
+//! 1. `lazy_seal.import`: the ordinary layer is published (or was there already);
+//! 2. `lazy_seal.blob`: the verified blob renamed into `blobs/` (as a pull keeps it: push
+//!    reads it);
+//! 3. `lazy_seal.record`: the commit point: the lazy layer's `layer.json` replaced (written
+//!    beside it, fsynced, renamed over it, directory fsynced) by one with `"sealed": CHAIN`.
+//!
+//! A crash before 3 leaves the layer lazy (an ordinary layer may already be published: it
+//! is complete, as any import leaves it); the next seal finds the blob (in `lazy/` or in
+//! `blobs/`), and the import finds its layer there. A layer is sealed only after its parent:
+//! its chain ID depends on the parent's.
 
 use std::fs::File;
 use std::io::Write;
@@ -15,9 +33,11 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use super::{
-    fsync_path, rfc3339, seal_layer, since_epoch, unpack, Store, DIFF, LAYERS, RECORD, RECORD_VERSION,
+    blobs, fsync_path, rfc3339, seal_layer, since_epoch, unpack, ImportOptions, Store, DIFF, LAYERS, RECORD,
+    RECORD_VERSION,
 };
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 
 /// The directory of a lazy layer's TOC and chunk presence.
 pub const LAZY_DIR: &str = "lazy";
@@ -25,6 +45,20 @@ pub const LAZY_DIR: &str = "lazy";
 pub const TOC_FILE: &str = "toc.json";
 /// One byte per chunk: written to the skeleton or not.
 pub const PRESENT_FILE: &str = "present";
+/// The compressed blob, fetched from its start by the background fetch (its length is how
+/// far it got).
+pub const BLOB_FILE: &str = "blob";
+
+/// What [`Store::seal_lazy`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sealed {
+    /// the layer is (now, or was already) the ordinary layer of this chain ID
+    As(String),
+    /// its blob is not complete in the store yet
+    Incomplete,
+    /// its parent is a lazy layer not sealed yet (which seals its children when it is)
+    WaitingForParent,
+}
 
 /// What [`Store::import_lazy`] stores.
 pub struct LazyImport {
@@ -72,6 +106,120 @@ impl Store {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         r.map(|()| true)
+    }
+
+    /// Seal the lazy layer `chain` if its whole blob is here and its parent is sealed (see
+    /// the module doc for the order). A blob that does not hash to the manifest's digest, or
+    /// whose tar stream does not hash to the config's diffID, is an error and nothing is
+    /// sealed: the layer stays lazy.
+    pub fn seal_lazy(&self, chain: &str) -> Result<Sealed> {
+        let rec = self.record(chain)?;
+        if let Some(s) = rec.get("sealed").and_then(|v| v.as_str()) {
+            if self.has_layer(s) {
+                return Ok(Sealed::As(s.to_string()));
+            }
+        }
+        let Some(l) = rec.get("lazy") else {
+            return Ok(Sealed::As(chain.to_string()));
+        };
+        let bad = |k: &str| {
+            Error::usage(
+                format!("lazy layer {chain}"),
+                format!("its layer.json has no {k}"),
+                "the store is damaged; pull the image again into a new store",
+            )
+        };
+        let field = |k: &str| l[k].as_str().map(str::to_owned).ok_or_else(|| bad(k));
+        let (digest, diff_id) = (field("blob_digest")?, field("diff_id")?);
+        let size = l["blob_size"].as_u64().ok_or_else(|| bad("blob_size"))?;
+        let parent = match rec.get("parent").and_then(|p| p.as_str()) {
+            None => None,
+            Some(p) => match self.sealed_chain(p)? {
+                Some(s) => Some(s),
+                None => return Ok(Sealed::WaitingForParent),
+            },
+        };
+        let Some(src) = self.lazy_blob(chain, &digest, size) else {
+            return Ok(Sealed::Incomplete);
+        };
+        let mut f = File::open(&src).map_err(|e| Error::io("lazy_seal.open_blob", &src, e))?;
+        let got = self.import_layer(
+            &mut f,
+            &ImportOptions {
+                parent,
+                diff_id: Some(diff_id),
+                blob_digest: Some(digest.clone()),
+                source: format!("lazy layer {chain} (blob {digest})"),
+                fsync_each: false,
+            },
+        )?;
+        crash_point("lazy_seal.import");
+        // step lazy_seal.blob: the blob, verified by the import, kept as a pull keeps it
+        let kept = blobs::blob_path(self, &digest);
+        if src != kept {
+            blobs::ensure_dirs(self)?;
+            if blobs::has_blob(self, &digest) {
+                std::fs::remove_file(&src).map_err(|e| Error::io("lazy_seal.blob", &src, e))?;
+            } else {
+                let inc = blobs::incoming_path(self, &digest);
+                std::fs::rename(&src, &inc).map_err(|e| Error::io("lazy_seal.blob", &inc, e))?;
+                blobs::publish_incoming(self, &digest)?;
+            }
+        }
+        crash_point("lazy_seal.blob");
+        // step lazy_seal.record: the commit point
+        let mut rec = rec;
+        rec["sealed"] = serde_json::Value::String(got.chain_id.clone());
+        let dir = self.layer_dir(chain);
+        let mut text = serde_json::to_vec_pretty(&rec)
+            .map_err(|e| Error::io("lazy_seal.record", dir.join(RECORD), std::io::Error::other(e)))?;
+        text.push(b'\n');
+        let tmp = dir.join(format!(".{RECORD}.tmp.{}", std::process::id()));
+        write_synced(&tmp, &text)?;
+        std::fs::rename(&tmp, dir.join(RECORD)).map_err(|e| Error::io("lazy_seal.record", &tmp, e))?;
+        fsync_path(&dir, "lazy_seal.fsync_layer")?;
+        crash_point("lazy_seal.record");
+        tracing::info!(layer = %chain, sealed = %got.chain_id, "lazy layer sealed: an ordinary layer now");
+        Ok(Sealed::As(got.chain_id))
+    }
+
+    /// The chain ID to use for `chain` as a parent of a sealed layer: itself for an ordinary
+    /// layer, its sealed layer for a sealed lazy one, None for a lazy layer not sealed yet.
+    pub fn sealed_chain(&self, chain: &str) -> Result<Option<String>> {
+        let rec = self.record(chain)?;
+        if rec.get("lazy").is_none() {
+            return Ok(Some(chain.to_string()));
+        }
+        Ok(rec
+            .get("sealed")
+            .and_then(|s| s.as_str())
+            .filter(|s| self.has_layer(s))
+            .map(str::to_owned))
+    }
+
+    /// Lazy layers whose parent is `chain` (sealed after it).
+    pub fn lazy_children(&self, chain: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for c in self.chain_ids()? {
+            let Ok(rec) = self.record(&c) else { continue };
+            if rec.get("lazy").is_some() && rec.get("parent").and_then(|p| p.as_str()) == Some(chain) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where the whole blob of lazy layer `chain` is: in `blobs/` (verified when it was
+    /// published), or complete in its `lazy/` directory.
+    fn lazy_blob(&self, chain: &str, digest: &str, size: u64) -> Option<PathBuf> {
+        if blobs::has_blob(self, digest) {
+            return Some(blobs::blob_path(self, digest));
+        }
+        let p = self.layer_dir(chain).join(LAZY_DIR).join(BLOB_FILE);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.len() == size => Some(p),
+            _ => None,
+        }
     }
 
     fn lazy_into(&self, tmp: &Path, l: &LazyImport) -> Result<()> {

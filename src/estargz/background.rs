@@ -1,0 +1,237 @@
+//! The background fetch of a lazy layer, and its seal.
+//!
+//! After the mount's first lookup or read of the layer, one thread fetches the layer's
+//! whole compressed blob from its start into `lazy/blob` (the store's layer directory), in
+//! Range requests of [`SEGMENT`] bytes; its length is how far it got, so a fetch killed at
+//! any point resumes there at the next mount (crash point `lazy.segment` after each
+//! segment). Each chunk whose compressed span is complete in that file and that the cache
+//! lacks is inflated, verified against its TOC digest and written to the cache, so reads
+//! find it there (the blob is in TOC order: the files a `.prefetch.landmark` marks come
+//! first in a blob, so first here too). A chunk that does not match is logged and left out.
+//!
+//! Why the compressed blob and not the tar stream rebuilt from the chunks: the TOC has no
+//! tar headers (PAX records, padding, the end of archive), so the diffID cannot be checked
+//! without the header members anyway; and with the whole blob, the seal is the store's
+//! ordinary import, which checks the blob digest of the manifest and the diffID of the
+//! config in one streamed pass (memory bounded by its buffers, not the layer's size), and
+//! the blob is kept for `image push`, as an ordinary pull keeps it.
+//!
+//! When the blob is whole, [`Store::seal_lazy`] turns the layer into an ordinary one (then
+//! its lazy children, whose blobs are whole). A blob or diffID mismatch seals nothing: one
+//! error line, the layer stays lazy, and the blob is dropped, so the next mount fetches it
+//! again rather than trusting bytes that did not verify.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tracing::{error, info, warn};
+
+use super::lazy::{inflate, Shared, MAX_RUN};
+use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
+use crate::store::lazy::{Sealed, BLOB_FILE, LAZY_DIR};
+use crate::store::Store;
+
+/// Bytes of the blob fetched by one Range request.
+const SEGMENT: u64 = MAX_RUN;
+/// Failed requests in a row before the background fetch gives up (reads still fetch what
+/// they need; the next mount starts it again).
+const BACKGROUND_TRIES: u32 = 5;
+
+/// The background fetch, then the seal.
+pub(super) fn run(s: &Shared) {
+    match fetch_blob(s) {
+        Ok(Some(bytes)) => {
+            info!(layer = %s.layer, bytes, "background fetch done: the lazy layer's blob is whole")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!(layer = %s.layer, error = %e, "background fetch of a lazy layer gave up; reads still fetch what they need");
+            return;
+        }
+    }
+    // the blob checked on its own first, so that a bad one is dropped (and fetched again by
+    // the next mount) even while the layer waits for its parent to seal
+    let p = s.layer_dir.join(LAZY_DIR).join(BLOB_FILE);
+    if p.exists() {
+        if let Err(why) = check_blob(&p, &s.blob) {
+            error!(layer = %s.layer, error = %why, "the lazy layer's blob does not seal: it does not hash to the manifest's digest; it stays lazy, its blob dropped");
+            let _ = std::fs::remove_file(&p);
+            return;
+        }
+    }
+    seal(s);
+}
+
+/// The layer's chain ID and store, from its directory `STORE/layers/<hex>`.
+fn chain_of(layer_dir: &Path) -> Option<(String, &Path)> {
+    let hex = layer_dir.file_name()?.to_str()?;
+    let root = layer_dir.parent()?.parent()?;
+    Some((format!("sha256:{hex}"), root))
+}
+
+fn seal(s: &Shared) {
+    let Some((chain, root)) = chain_of(&s.layer_dir) else {
+        warn!(layer = %s.layer, "a lazy layer outside a store is not sealed");
+        return;
+    };
+    let store = match Store::open(root) {
+        Ok(st) => st,
+        Err(e) => {
+            error!(layer = %s.layer, error = %e, "cannot open the store to seal the lazy layer; it stays lazy");
+            return;
+        }
+    };
+    // this layer, then the lazy children its seal lets seal (bounded by the store's layers)
+    let mut work = vec![chain];
+    let mut budget = store.chain_ids().map(|c| c.len()).unwrap_or(0) + 1;
+    while let Some(c) = work.pop() {
+        if budget == 0 {
+            break;
+        }
+        budget -= 1;
+        match store.seal_lazy(&c) {
+            Ok(Sealed::As(_)) => work.extend(store.lazy_children(&c).unwrap_or_default()),
+            Ok(Sealed::Incomplete) => {}
+            Ok(Sealed::WaitingForParent) => {
+                info!(layer = %c, "lazy layer whole; it seals after its parent")
+            }
+            Err(e) => {
+                error!(layer = %c, error = %e, "the lazy layer's blob does not seal (blob digest or diffID mismatch); it stays lazy, its blob dropped");
+                let p = store.layer_dir(&c).join(LAZY_DIR).join(BLOB_FILE);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+/// Does the file `p` hash to `digest`? (streamed: one buffer of memory)
+fn check_blob(p: &Path, digest: &str) -> std::result::Result<(), String> {
+    let mut f = File::open(p).map_err(|e| e.to_string())?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| e.to_string())?;
+    let got = format!("sha256:{}", crate::digest::hex(&h.finalize()));
+    if got == digest {
+        Ok(())
+    } else {
+        Err(format!("expected {digest}, the blob fetched hashes to {got}"))
+    }
+}
+
+/// Fetch the blob into `lazy/blob` from where it stopped, caching the chunks it completes;
+/// returns the bytes fetched, or None when the store has the blob already. Bounded: every request either adds a segment or counts a
+/// failure, [`BACKGROUND_TRIES`] in a row end it.
+fn fetch_blob(s: &Shared) -> Result<Option<u64>> {
+    if let Some((_, root)) = chain_of(&s.layer_dir) {
+        let kept = root
+            .join("blobs/sha256")
+            .join(s.blob.trim_start_matches("sha256:"));
+        if kept.is_file() {
+            return Ok(None); // the store has it whole (sealed, or pulled): nothing to fetch
+        }
+    }
+    let p = s.layer_dir.join(LAZY_DIR).join(BLOB_FILE);
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(|e| Error::io("lazy.blob", &p, e))?;
+    let mut have = f.metadata().map_err(|e| Error::io("lazy.blob", &p, e))?.len();
+    if have > s.blob_size {
+        f.set_len(0).map_err(|e| Error::io("lazy.blob", &p, e))?;
+        have = 0;
+    }
+    let mut order: Vec<usize> = (0..s.table.chunks.len()).collect();
+    order.sort_by_key(|&k| s.table.chunks[k].blob_end);
+    // chunk index -> its file (the first name of a hard-linked file), by first chunk
+    let mut owners: Vec<(usize, &Path)> = s
+        .table
+        .files
+        .iter()
+        .map(|(p, &(first, _, _))| (first, p.as_path()))
+        .collect();
+    owners.sort();
+    owners.dedup_by_key(|o| o.0);
+    let mut c = Caching {
+        order,
+        next: 0,
+        owners,
+    };
+    c.upto(s, &f, have);
+    let (mut failures, mut fetched) = (0u32, 0u64);
+    while have < s.blob_size {
+        let end = (have + SEGMENT).min(s.blob_size);
+        let got = s.client().and_then(|c| c.get_blob_range(&s.blob, have, end));
+        let body = match got {
+            Ok(b) if b.len() as u64 == end - have => b,
+            r => {
+                failures += 1;
+                if failures >= BACKGROUND_TRIES {
+                    return Err(r.err().unwrap_or_else(|| {
+                        Error::remote(&s.layer, "short Range answers", "check the registry")
+                    }));
+                }
+                std::thread::sleep(crate::registry::client::backoff(failures + 3));
+                continue;
+            }
+        };
+        failures = 0;
+        f.write_all_at(&body, have)
+            .map_err(|e| Error::io("lazy.blob_write", &p, e))?;
+        have = end;
+        fetched += body.len() as u64;
+        crash_point("lazy.segment");
+        c.upto(s, &f, have);
+    }
+    f.sync_all().map_err(|e| Error::io("lazy.blob_fsync", &p, e))?;
+    Ok(Some(fetched))
+}
+
+/// Which chunks the background fetch has considered for the cache.
+struct Caching<'a> {
+    /// chunk indices by the end of their compressed spans
+    order: Vec<usize>,
+    /// the next of `order` to consider
+    next: usize,
+    /// (first chunk, path) of each file, sorted
+    owners: Vec<(usize, &'a Path)>,
+}
+
+impl Caching<'_> {
+    /// Cache every chunk whose span ends within the first `have` bytes of the blob file and
+    /// that the cache lacks.
+    fn upto(&mut self, s: &Shared, blob: &File, have: u64) {
+        let chunks = &s.table.chunks;
+        let mut file: Option<(usize, File)> = None;
+        while self.next < self.order.len() && chunks[self.order[self.next]].blob_end <= have {
+            let k = self.order[self.next];
+            self.next += 1;
+            if s.is_present(k) {
+                continue;
+            }
+            let (first, rel) = self.owners[self.owners.partition_point(|o| o.0 <= k).saturating_sub(1)];
+            let ch = &chunks[k];
+            let mut span = vec![0u8; (ch.blob_end - ch.blob_off) as usize];
+            if let Err(e) = blob.read_exact_at(&mut span, ch.blob_off) {
+                warn!(layer = %s.layer, error = %e, "cannot read the lazy layer's blob file");
+                return;
+            }
+            let data = inflate(&span, ch.inner, ch.len);
+            if data.len() as u64 != ch.len || Sha256::digest(&data)[..] != ch.digest[..] {
+                error!(layer = %s.layer, path = %rel.display(), offset = ch.file_off,
+                    "background fetch: a chunk does not match its TOC digest; not cached");
+                continue;
+            }
+            let mut f = match file.take() {
+                Some((o, f)) if o == first => Some(f),
+                _ => None,
+            };
+            s.cache(&mut f, rel, k, ch, &data);
+            file = f.map(|f| (first, f));
+        }
+    }
+}
