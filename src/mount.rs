@@ -215,6 +215,11 @@ fn fuse_config(args: &MountArgs, read_only: bool) -> Config {
     };
     cfg.n_threads = Some(args.opts.threads.unwrap_or(DEFAULT_THREADS).max(1));
     cfg.clone_fd = true;
+    cfg.io_uring = match args.opts.io_uring {
+        crate::cli::IoUring::Auto => fuser::IoUringMode::Auto,
+        crate::cli::IoUring::On => fuser::IoUringMode::On,
+        crate::cli::IoUring::Off => fuser::IoUringMode::Off,
+    };
     cfg
 }
 
