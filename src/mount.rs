@@ -320,6 +320,10 @@ pub fn run(args: MountArgs) -> Result<()> {
         let mp = args.mountpoint.clone();
         std::thread::spawn(move || raise_readahead(&mp));
     }
+    match session.io_uring_workers() {
+        0 => debug!(io_uring = ?args.opts.io_uring, "requests through /dev/fuse"),
+        n => info!(workers = n, "requests through FUSE over io_uring"),
+    }
     info!(mountpoint = %args.mountpoint.display(), "mounted");
     if let Some(mut r) = report.take() {
         let _ = crate::sys::detach_stdio();

@@ -579,6 +579,12 @@ impl<FS: Filesystem> Session<FS> {
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.ch.sender())
     }
+
+    /// verlay patch: how many io_uring workers `run` will start (0: /dev/fuse only),
+    /// i.e. whether INIT granted FUSE_OVER_IO_URING.
+    pub fn io_uring_workers(&self) -> usize {
+        self.uring.as_ref().map_or(0, |u| u.len())
+    }
 }
 
 #[derive(Debug)]
