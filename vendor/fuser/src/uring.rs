@@ -332,6 +332,9 @@ impl Worker {
 pub(crate) struct ReplySlot {
     reply: Mutex<Option<Vec<u8>>>,
     ready: Condvar,
+    /// The last reply's buffer, reused (a read reply of up to max_write bytes would
+    /// otherwise be a fresh large allocation, i.e. an mmap, per request).
+    spare: Mutex<Vec<u8>>,
 }
 
 /// The reply sender of a ring request (with the `/dev/fuse` sender for backing ids).
@@ -343,7 +346,9 @@ pub(crate) struct UringSender {
 
 impl UringSender {
     pub(crate) fn send(&self, data: &[io::IoSlice<'_>]) -> io::Result<()> {
-        let mut v = Vec::with_capacity(data.iter().map(|d| d.len()).sum());
+        let mut v = std::mem::take(&mut *self.slot.spare.lock());
+        v.clear();
+        v.reserve(data.iter().map(|d| d.len()).sum());
         for d in data {
             v.extend_from_slice(d);
         }
@@ -475,6 +480,7 @@ fn serve_one<FS: Filesystem>(
     }
     let reply = slot.take();
     w.put_reply(&reply, unique);
+    *slot.spare.lock() = reply;
     commit_id
 }
 
