@@ -157,6 +157,19 @@ impl KernelBuf {
     }
 }
 
+impl KernelBuf {
+    /// A shared view of `range` only, so that a reply may be written past it meanwhile.
+    ///
+    /// # Safety
+    /// As for `bytes_mut`, and nothing may write `range` while the slice lives.
+    unsafe fn region(&self, range: std::ops::Range<usize>) -> &[u8] {
+        assert!(range.start <= range.end && range.end <= self.layout.size());
+        // SAFETY: in bounds of the live allocation (asserted); the caller guarantees no
+        // writer of this range while the slice lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(range.start), range.len()) }
+    }
+}
+
 impl Drop for KernelBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout, freed once. The ring that knew
@@ -303,6 +316,14 @@ impl Worker {
         Ok((start..PREFIX + payload_len, commit_id, unique))
     }
 
+    /// A reply whose `len` argument bytes are already in the payload: the out header.
+    fn put_direct_reply(&mut self, out: &[u8; OUT_HEADER_SZ], len: usize) {
+        // SAFETY: the entry is in userspace until the COMMIT_AND_FETCH pushed after this.
+        let header = unsafe { self.header.bytes_mut() };
+        header[..OUT_HEADER_SZ].copy_from_slice(out);
+        header[ENT_IN_OUT_OFF + 16..ENT_IN_OUT_OFF + 20].copy_from_slice(&(len as u32).to_ne_bytes());
+    }
+
     /// Copy a reply (out header + arguments, as for `/dev/fuse`) into the entry.
     fn put_reply(&mut self, reply: &[u8], unique: u64) {
         let cap = self.payload_sz;
@@ -330,12 +351,37 @@ impl Worker {
 /// copies it into its entry.
 #[derive(Debug, Default)]
 pub(crate) struct ReplySlot {
-    reply: Mutex<Option<Vec<u8>>>,
+    reply: Mutex<Option<Reply>>,
     ready: Condvar,
+    /// Where the reply's arguments may be written straight away: the entry's payload,
+    /// when the request has none (READ, GETATTR, ...) so that the request's own bytes
+    /// are not there. Taken by the first reply.
+    direct: Mutex<Option<Direct>>,
     /// The last reply's buffer, reused (a read reply of up to max_write bytes would
     /// otherwise be a fresh large allocation, i.e. an mmap, per request).
     spare: Mutex<Vec<u8>>,
 }
+
+/// A reply as the worker receives it.
+#[derive(Debug)]
+enum Reply {
+    /// Out header and arguments, to be copied into the entry.
+    Copied(Vec<u8>),
+    /// Out header; the `len` argument bytes are already in the entry's payload.
+    Direct([u8; OUT_HEADER_SZ], usize),
+}
+
+/// The entry's payload area, for a reply written in place.
+#[derive(Debug)]
+struct Direct {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+// SAFETY: points into the worker's payload buffer, which outlives the request; only the
+// one reply of the request writes through it (see `ReplySlot::direct`), and the worker
+// reads what it wrote only after taking the reply under the slot's lock.
+unsafe impl Send for Direct {}
 
 /// The reply sender of a ring request (with the `/dev/fuse` sender for backing ids).
 #[derive(Debug, Clone)]
@@ -346,18 +392,43 @@ pub(crate) struct UringSender {
 
 impl UringSender {
     pub(crate) fn send(&self, data: &[io::IoSlice<'_>]) -> io::Result<()> {
-        let mut v = std::mem::take(&mut *self.slot.spare.lock());
-        v.clear();
-        v.reserve(data.iter().map(|d| d.len()).sum());
-        for d in data {
-            v.extend_from_slice(d);
-        }
+        let total: usize = data.iter().map(|d| d.len()).sum();
+        let direct = self.slot.direct.lock().take();
+        let reply = match direct {
+            Some(area) if total >= OUT_HEADER_SZ && total - OUT_HEADER_SZ <= area.cap => {
+                let mut header = [0u8; OUT_HEADER_SZ];
+                let mut skip = OUT_HEADER_SZ;
+                let mut off = 0usize;
+                for slice in data {
+                    let (head, args) = slice.split_at(skip.min(slice.len()));
+                    header[OUT_HEADER_SZ - skip..OUT_HEADER_SZ - skip + head.len()].copy_from_slice(head);
+                    skip -= head.len();
+                    // SAFETY: off + args.len() <= total - OUT_HEADER_SZ <= area.cap: inside
+                    // the payload area. The request's own bytes are not there (`direct` is
+                    // offered only for requests without payload), the worker does not touch
+                    // the area until it takes this reply, the kernel not until the commit;
+                    // `args` is the caller's memory, so the two do not overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(args.as_ptr(), area.ptr.add(off), args.len()) };
+                    off += args.len();
+                }
+                Reply::Direct(header, off)
+            }
+            _ => {
+                let mut v = std::mem::take(&mut *self.slot.spare.lock());
+                v.clear();
+                v.reserve(total);
+                for d in data {
+                    v.extend_from_slice(d);
+                }
+                Reply::Copied(v)
+            }
+        };
         let mut r = self.slot.reply.lock();
         if r.is_some() {
             warn!("second reply to one io_uring request ignored");
             return Ok(());
         }
-        *r = Some(v);
+        *r = Some(reply);
         self.slot.ready.notify_one();
         Ok(())
     }
@@ -365,7 +436,7 @@ impl UringSender {
 
 impl ReplySlot {
     /// Wait for the reply; bounded slices, logging if a reply is late.
-    fn take(&self) -> Vec<u8> {
+    fn take(&self) -> Reply {
         let mut r = self.reply.lock();
         let mut waited = 0u32;
         loop {
@@ -461,10 +532,16 @@ fn serve_one<FS: Filesystem>(
             return commit;
         }
     };
+    if range.end == PREFIX {
+        // SAFETY: PREFIX < the payload allocation's size (PREFIX + payload_sz).
+        let ptr = unsafe { w.payload.as_ptr().add(PREFIX) };
+        *slot.direct.lock() = Some(Direct { ptr, cap: w.payload_sz });
+    }
     {
-        // SAFETY: the entry is in userspace; the slice is dropped before put_reply.
-        let payload = unsafe { w.payload.bytes_mut() };
-        let data = &payload[range];
+        // SAFETY: the entry is in userspace; only the request's range is borrowed (a
+        // direct reply writes after it), and the slice is dropped before the reply is
+        // put into the entry.
+        let data = unsafe { w.payload.region(range) };
         match RequestWithSender::new_uring(sender.clone(), data) {
             Some(req) => {
                 if let Ok(Operation::Destroy(_)) = req.request.operation() {
@@ -478,9 +555,14 @@ fn serve_one<FS: Filesystem>(
             }
         }
     }
-    let reply = slot.take();
-    w.put_reply(&reply, unique);
-    *slot.spare.lock() = reply;
+    *slot.direct.lock() = None;
+    match slot.take() {
+        Reply::Copied(reply) => {
+            w.put_reply(&reply, unique);
+            *slot.spare.lock() = reply;
+        }
+        Reply::Direct(header, len) => w.put_direct_reply(&header, len),
+    }
     commit_id
 }
 
