@@ -541,7 +541,18 @@ fn serve_one<FS: Filesystem>(
         // SAFETY: the entry is in userspace; only the request's range is borrowed (a
         // direct reply writes after it), and the slice is dropped before the reply is
         // put into the entry.
-        let data = unsafe { w.payload.region(range) };
+        let in_place = unsafe { w.payload.region(range) };
+        // The parser needs the in header 8-byte aligned; every per-op header the kernel
+        // sends is a multiple of 8 bytes, so this copy is for a kernel that breaks that.
+        let mut aligned: Vec<u64> = Vec::new();
+        let data = if (in_place.as_ptr() as usize) % std::mem::align_of::<u64>() == 0 {
+            in_place
+        } else {
+            aligned.resize(in_place.len().div_ceil(8), 0);
+            let bytes: &mut [u8] = zerocopy::IntoBytes::as_mut_bytes(aligned.as_mut_slice());
+            bytes[..in_place.len()].copy_from_slice(in_place);
+            &bytes[..in_place.len()]
+        };
         match RequestWithSender::new_uring(sender.clone(), data) {
             Some(req) => {
                 if let Ok(Operation::Destroy(_)) = req.request.operation() {
