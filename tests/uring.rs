@@ -57,7 +57,9 @@ impl Drop for Switch {
 fn switch(want: &str) -> Option<Switch> {
     let lock = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let Ok(found) = fs::read_to_string(KNOB) else {
-        eprintln!("SKIP: {KNOB} missing: this kernel has no FUSE over io_uring (CONFIG_FUSE_IO_URING, Linux 6.14+)");
+        eprintln!(
+            "SKIP: {KNOB} missing: this kernel has no FUSE over io_uring (CONFIG_FUSE_IO_URING, Linux 6.14+)"
+        );
         return None;
     };
     let found = found.trim().to_string();
@@ -67,7 +69,11 @@ fn switch(want: &str) -> Option<Switch> {
             return None;
         }
     }
-    assert_eq!(fs::read_to_string(KNOB).unwrap().trim(), want, "{KNOB} did not take {want}");
+    assert_eq!(
+        fs::read_to_string(KNOB).unwrap().trim(),
+        want,
+        "{KNOB} did not take {want}"
+    );
     Some(Switch { found, _lock: lock })
 }
 
@@ -76,7 +82,12 @@ fn rig(base: &Path) -> Rig {
     fs::create_dir_all(lower.join("dir")).unwrap();
     fs::write(lower.join("lower.txt"), b"from the lower layer\n").unwrap();
     fs::write(lower.join("dir/inner"), b"inner\n").unwrap();
-    Rig::at(&[lower], &base.join("upper"), &base.join("work"), &base.join("mnt"))
+    Rig::at(
+        &[lower],
+        &base.join("upper"),
+        &base.join("work"),
+        &base.join("mnt"),
+    )
 }
 
 /// Wake-ups (context switches) of the daemon's io_uring worker threads, and their number.
@@ -92,7 +103,11 @@ fn ring_wakeups(pid: i32) -> (u64, usize) {
         let status = fs::read_to_string(t.path().join("status")).unwrap_or_default();
         for l in status.lines() {
             if l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:") {
-                sum += l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                sum += l
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
             }
         }
     }
@@ -100,7 +115,9 @@ fn ring_wakeups(pid: i32) -> (u64, usize) {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -122,7 +139,11 @@ fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
 }
 
 fn run_ok(cmd: &str, args: &[&str], p: &Path) {
-    let st = std::process::Command::new(cmd).args(args).arg(p).status().unwrap();
+    let st = std::process::Command::new(cmd)
+        .args(args)
+        .arg(p)
+        .status()
+        .unwrap();
     assert!(st.success(), "{cmd} {args:?} {}", p.display());
 }
 
@@ -141,11 +162,24 @@ fn workload(m: &Path) {
     }
     let mut back = Vec::new();
     fs::File::open(&f).unwrap().read_to_end(&mut back).unwrap();
-    assert!(back == data, "read back differs from what was written ({} vs {} bytes)", back.len(), data.len());
+    assert!(
+        back == data,
+        "read back differs from what was written ({} vs {} bytes)",
+        back.len(),
+        data.len()
+    );
     assert_eq!(fs::metadata(&f).unwrap().size(), data.len() as u64);
     // copy-up of a lower file by appending
-    fs::OpenOptions::new().append(true).open(m.join("lower.txt")).unwrap().write_all(b"more\n").unwrap();
-    assert_eq!(fs::read(m.join("lower.txt")).unwrap(), b"from the lower layer\nmore\n");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("lower.txt"))
+        .unwrap()
+        .write_all(b"more\n")
+        .unwrap();
+    assert_eq!(
+        fs::read(m.join("lower.txt")).unwrap(),
+        b"from the lower layer\nmore\n"
+    );
     // readdir, rename, unlink
     fs::create_dir(m.join("sub")).unwrap();
     for i in 0..LOOP_FILES {
@@ -167,11 +201,19 @@ fn workload(m: &Path) {
     // symlink, truncate
     std::os::unix::fs::symlink("renamed", m.join("link")).unwrap();
     assert_eq!(fs::read_link(m.join("link")).unwrap(), PathBuf::from("renamed"));
-    fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(10).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
     assert_eq!(fs::read(&f).unwrap(), &data[..10]);
     // xattrs
     run_ok("setfattr", &["-n", "user.k", "-v", "value1"], &m.join("renamed"));
-    assert_eq!(xattr_get(&m.join("renamed"), "user.k").as_deref(), Some(&b"value1"[..]));
+    assert_eq!(
+        xattr_get(&m.join("renamed"), "user.k").as_deref(),
+        Some(&b"value1"[..])
+    );
     run_ok("setfattr", &["-x", "user.k"], &m.join("renamed"));
     assert_eq!(xattr_get(&m.join("renamed"), "user.k"), None);
     // fsync of a directory
@@ -209,7 +251,10 @@ fn workload_through_io_uring() {
     m.stop_clean();
     assert!(!is_mounted(&r.mnt));
     // What the workload left is in the upper layer.
-    assert_eq!(fs::read(r.upper.join("lower.txt")).unwrap(), b"from the lower layer\nmore\n");
+    assert_eq!(
+        fs::read(r.upper.join("lower.txt")).unwrap(),
+        b"from the lower layer\nmore\n"
+    );
     assert_eq!(fs::read_to_string(r.upper.join("renamed")).unwrap(), "0");
 }
 
@@ -219,7 +264,10 @@ fn kill_9_with_io_uring_ends_the_mount() {
     let base = scratch("verlay-uring-kill-");
     let r = rig(base.path());
     let mut m = r.mount("io_uring=on");
-    assert_eq!(fs::read(r.mnt.join("lower.txt")).unwrap(), b"from the lower layer\n");
+    assert_eq!(
+        fs::read(r.mnt.join("lower.txt")).unwrap(),
+        b"from the lower layer\n"
+    );
     m.kill9();
     // An access must fail, not hang: run it on a thread and bound the wait.
     let mnt = r.mnt.clone();
@@ -232,7 +280,10 @@ fn kill_9_with_io_uring_ends_the_mount() {
         .expect("an access to the mount of a killed daemon hung");
     let err = res.expect_err("the mount of a killed daemon still answered");
     assert!(
-        matches!(err.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)),
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+        ),
         "unexpected error {err}"
     );
     m.umount_dead();
@@ -248,15 +299,25 @@ fn io_uring_on_without_the_kernel_refuses_auto_falls_back() {
         Ok(_) => panic!("io_uring=on mounted although the kernel does not offer io_uring"),
         Err((st, log)) => {
             assert!(!st.success());
-            assert!(log.contains("enable_uring"), "the refusal does not name the switch:\n{log}");
+            assert!(
+                log.contains("enable_uring"),
+                "the refusal does not name the switch:\n{log}"
+            );
         }
     }
     assert!(!is_mounted(&r.mnt));
     let mut m = r.launch("io_uring=auto").env("RUST_LOG", "info").start();
     assert!(!m.log().contains("requests through FUSE over io_uring"));
-    assert_eq!(fs::read(r.mnt.join("lower.txt")).unwrap(), b"from the lower layer\n");
+    assert_eq!(
+        fs::read(r.mnt.join("lower.txt")).unwrap(),
+        b"from the lower layer\n"
+    );
     fs::write(r.mnt.join("new"), b"x").unwrap();
     assert_eq!(fs::read(r.mnt.join("new")).unwrap(), b"x");
-    assert_eq!(ring_wakeups(m.pid()).1, 0, "ring workers started without io_uring");
+    assert_eq!(
+        ring_wakeups(m.pid()).1,
+        0,
+        "ring workers started without io_uring"
+    );
     m.stop_clean();
 }

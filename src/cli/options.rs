@@ -119,7 +119,12 @@ fn apply_option(
                 "auto" => IoUring::Auto,
                 "on" | "1" => IoUring::On,
                 "off" | "0" => IoUring::Off,
-                _ => return Err(opt.error("expected auto, on or off", "write io_uring=auto, io_uring=on or io_uring=off")),
+                _ => {
+                    return Err(opt.error(
+                        "expected auto, on or off",
+                        "write io_uring=auto, io_uring=on or io_uring=off",
+                    ))
+                }
             }
         }
         "uidmapping" => opts.uid_mappings = opt.mappings()?,

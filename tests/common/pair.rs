@@ -86,7 +86,11 @@ pub fn mount_subject(subject: &Subject, d: &Rig, log: &Path) -> Mount {
             // e.g. VERLAY_DIFF_EXTRA_OPTS=io_uring=on: the whole differential run that way.
             if let Ok(more) = std::env::var("VERLAY_DIFF_EXTRA_OPTS") {
                 if !more.is_empty() {
-                    extra = if extra.is_empty() { more } else { format!("{extra},{more}") };
+                    extra = if extra.is_empty() {
+                        more
+                    } else {
+                        format!("{extra},{more}")
+                    };
                 }
             }
             Launch::launcher(b, &d.opts(&extra), &d.mnt).log(log).start()

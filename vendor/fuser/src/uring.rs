@@ -108,7 +108,12 @@ fn count_cpu_list(s: &str) -> Option<usize> {
     let mut n = 0usize;
     for part in s.split(',') {
         n += match part.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1,
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
             None => {
                 part.parse::<usize>().ok()?;
                 1
@@ -213,7 +218,9 @@ impl UringPool {
     pub(crate) fn prepare(workers_per_queue: usize, payload_sz: usize) -> io::Result<Self> {
         let queues = nr_queues();
         let Ok(_) = u16::try_from(queues) else {
-            return Err(io::Error::other(format!("{queues} CPUs: more queues than FUSE allows")));
+            return Err(io::Error::other(format!(
+                "{queues} CPUs: more queues than FUSE allows"
+            )));
         };
         let mut workers = Vec::with_capacity(queues * workers_per_queue);
         for qid in 0..queues {
@@ -240,14 +247,24 @@ impl Worker {
         let header = KernelBuf::new(page_size::get().max(HEADER_SZ))?;
         let payload = KernelBuf::new(PREFIX + payload_sz)?;
         let iov = Box::new([
-            libc::iovec { iov_base: header.as_ptr().cast(), iov_len: HEADER_SZ },
+            libc::iovec {
+                iov_base: header.as_ptr().cast(),
+                iov_len: HEADER_SZ,
+            },
             libc::iovec {
                 // SAFETY: PREFIX < the allocation's size (PREFIX + payload_sz).
                 iov_base: unsafe { payload.as_ptr().add(PREFIX) }.cast(),
                 iov_len: payload_sz,
             },
         ]);
-        Ok(Self { ring, iov, header, payload, payload_sz, qid })
+        Ok(Self {
+            ring,
+            iov,
+            header,
+            payload,
+            payload_sz,
+            qid,
+        })
     }
 
     /// `struct fuse_uring_cmd_req` in the SQE's 80-byte command area.
@@ -269,7 +286,9 @@ impl Worker {
             // (checked below); `len` is the u32 at byte 24 of struct io_uring_sqe.
             unsafe {
                 const _: () = assert!(std::mem::size_of::<squeue::Entry128>() == 128);
-                let p = (&mut sqe as *mut squeue::Entry128).cast::<u8>().add(SQE_LEN_OFF);
+                let p = (&mut sqe as *mut squeue::Entry128)
+                    .cast::<u8>()
+                    .add(SQE_LEN_OFF);
                 p.cast::<u32>().write_unaligned(2);
             }
         }
@@ -285,7 +304,11 @@ impl Worker {
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(1, &args) {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
             Err(e) => return Err(e),
         }
         Ok(self.ring.completion().next().map(|c| c.result()))
@@ -302,13 +325,18 @@ impl Worker {
         let ent = &header[ENT_IN_OUT_OFF..ENT_IN_OUT_OFF + 32];
         let commit_id = u64::from_ne_bytes(ent[8..16].try_into().unwrap_or_default());
         let payload_len = u32::from_ne_bytes(ent[16..20].try_into().unwrap_or_default()) as usize;
-        let op_len = len.checked_sub(IN_HEADER_SZ + payload_len).ok_or("length below its parts")?;
+        let op_len = len
+            .checked_sub(IN_HEADER_SZ + payload_len)
+            .ok_or("length below its parts")?;
         if op_len > OP_IN_MAX || payload_len > payload_cap || commit_id == 0 {
-            return Err(format!("bad ring request: len {len} payload {payload_len} commit {commit_id}"));
+            return Err(format!(
+                "bad ring request: len {len} payload {payload_len} commit {commit_id}"
+            ));
         }
         let mut in_hdr = [0u8; IN_HEADER_SZ + OP_IN_MAX];
         in_hdr[..IN_HEADER_SZ].copy_from_slice(&header[..IN_HEADER_SZ]);
-        in_hdr[IN_HEADER_SZ..IN_HEADER_SZ + op_len].copy_from_slice(&header[OP_IN_OFF..OP_IN_OFF + op_len]);
+        in_hdr[IN_HEADER_SZ..IN_HEADER_SZ + op_len]
+            .copy_from_slice(&header[OP_IN_OFF..OP_IN_OFF + op_len]);
         let start = PREFIX - op_len - IN_HEADER_SZ;
         // SAFETY: as above, the kernel is done with this entry until the next commit.
         let payload = unsafe { self.payload.bytes_mut() };
@@ -321,7 +349,8 @@ impl Worker {
         // SAFETY: the entry is in userspace until the COMMIT_AND_FETCH pushed after this.
         let header = unsafe { self.header.bytes_mut() };
         header[..OUT_HEADER_SZ].copy_from_slice(out);
-        header[ENT_IN_OUT_OFF + 16..ENT_IN_OUT_OFF + 20].copy_from_slice(&(len as u32).to_ne_bytes());
+        header[ENT_IN_OUT_OFF + 16..ENT_IN_OUT_OFF + 20]
+            .copy_from_slice(&(len as u32).to_ne_bytes());
     }
 
     /// Copy a reply (out header + arguments, as for `/dev/fuse`) into the entry.
@@ -332,7 +361,10 @@ impl Worker {
         let (out, args) = if reply.len() >= OUT_HEADER_SZ && reply.len() - OUT_HEADER_SZ <= cap {
             reply.split_at(OUT_HEADER_SZ)
         } else {
-            error!("io_uring reply of {} bytes does not fit the ring buffer: EIO", reply.len());
+            error!(
+                "io_uring reply of {} bytes does not fit the ring buffer: EIO",
+                reply.len()
+            );
             header[..4].copy_from_slice(&(OUT_HEADER_SZ as u32).to_ne_bytes());
             header[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
             header[8..16].copy_from_slice(&unique.to_ne_bytes());
@@ -340,7 +372,8 @@ impl Worker {
             return;
         };
         header[..OUT_HEADER_SZ].copy_from_slice(out);
-        header[ENT_IN_OUT_OFF + 16..ENT_IN_OUT_OFF + 20].copy_from_slice(&(args.len() as u32).to_ne_bytes());
+        header[ENT_IN_OUT_OFF + 16..ENT_IN_OUT_OFF + 20]
+            .copy_from_slice(&(args.len() as u32).to_ne_bytes());
         // SAFETY: as above.
         let payload = unsafe { self.payload.bytes_mut() };
         payload[PREFIX..PREFIX + args.len()].copy_from_slice(args);
@@ -401,14 +434,17 @@ impl UringSender {
                 let mut off = 0usize;
                 for slice in data {
                     let (head, args) = slice.split_at(skip.min(slice.len()));
-                    header[OUT_HEADER_SZ - skip..OUT_HEADER_SZ - skip + head.len()].copy_from_slice(head);
+                    header[OUT_HEADER_SZ - skip..OUT_HEADER_SZ - skip + head.len()]
+                        .copy_from_slice(head);
                     skip -= head.len();
                     // SAFETY: off + args.len() <= total - OUT_HEADER_SZ <= area.cap: inside
                     // the payload area. The request's own bytes are not there (`direct` is
                     // offered only for requests without payload), the worker does not touch
                     // the area until it takes this reply, the kernel not until the commit;
                     // `args` is the caller's memory, so the two do not overlap.
-                    unsafe { std::ptr::copy_nonoverlapping(args.as_ptr(), area.ptr.add(off), args.len()) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(args.as_ptr(), area.ptr.add(off), args.len())
+                    };
                     off += args.len();
                 }
                 Reply::Direct(header, off)
@@ -463,7 +499,10 @@ pub(crate) fn run_worker<FS: Filesystem>(
     let fd = dev.as_fd().as_raw_fd();
     pin_to_cpu(w.qid);
     let slot = Arc::new(ReplySlot::default());
-    let sender = UringSender { slot: slot.clone(), dev: dev.sender() };
+    let sender = UringSender {
+        slot: slot.clone(),
+        dev: dev.sender(),
+    };
     let (mut last_op, mut last_commit) = (CMD_REGISTER, 0u64);
     w.push(fd, CMD_REGISTER, 0)?;
     let mut retries = 0u32;
@@ -493,7 +532,10 @@ pub(crate) fn run_worker<FS: Filesystem>(
             }
             if !registered {
                 // The kernel dropped io_uring for the connection and serves /dev/fuse.
-                warn!("io_uring register failed on queue {} (errno {errno}); serving /dev/fuse", w.qid);
+                warn!(
+                    "io_uring register failed on queue {} (errno {errno}); serving /dev/fuse",
+                    w.qid
+                );
                 return Ok(());
             }
             ring_failed(w.qid, registered, errno);
@@ -509,7 +551,9 @@ pub(crate) fn run_worker<FS: Filesystem>(
 /// so the daemon stops (the kernel then fails the mount's requests with ENOTCONN instead
 /// of leaving callers waiting).
 fn ring_failed(qid: u16, registered: bool, errno: i32) -> ! {
-    error!("io_uring queue {qid} failed (errno {errno}, registered {registered}); aborting the daemon");
+    error!(
+        "io_uring queue {qid} failed (errno {errno}, registered {registered}); aborting the daemon"
+    );
     std::process::abort()
 }
 
@@ -526,7 +570,11 @@ fn serve_one<FS: Filesystem>(
             error!("{msg}");
             // SAFETY: the entry is in userspace (a request arrived).
             let header = unsafe { w.header.bytes_mut() };
-            let commit = u64::from_ne_bytes(header[ENT_IN_OUT_OFF + 8..ENT_IN_OUT_OFF + 16].try_into().unwrap_or_default());
+            let commit = u64::from_ne_bytes(
+                header[ENT_IN_OUT_OFF + 8..ENT_IN_OUT_OFF + 16]
+                    .try_into()
+                    .unwrap_or_default(),
+            );
             let unique = u64::from_ne_bytes(header[8..16].try_into().unwrap_or_default());
             w.put_reply(&errno_reply(unique, libc::EIO), unique);
             return commit;
@@ -535,7 +583,10 @@ fn serve_one<FS: Filesystem>(
     if range.end == PREFIX {
         // SAFETY: PREFIX < the payload allocation's size (PREFIX + payload_sz).
         let ptr = unsafe { w.payload.as_ptr().add(PREFIX) };
-        *slot.direct.lock() = Some(Direct { ptr, cap: w.payload_sz });
+        *slot.direct.lock() = Some(Direct {
+            ptr,
+            cap: w.payload_sz,
+        });
     }
     {
         // SAFETY: the entry is in userspace; only the request's range is borrowed (a
@@ -613,6 +664,9 @@ mod test {
     #[test]
     fn payload_floor() {
         assert_eq!(payload_size(4096, 1), 8192);
-        assert_eq!(payload_size(1 << 20, 256), (1 << 20).max(256 * page_size::get()));
+        assert_eq!(
+            payload_size(1 << 20, 256),
+            (1 << 20).max(256 * page_size::get())
+        );
     }
 }
