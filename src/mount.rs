@@ -217,6 +217,11 @@ fn fuse_config(args: &MountArgs, read_only: bool) -> Config {
     };
     cfg.n_threads = Some(args.opts.threads.unwrap_or(DEFAULT_THREADS).max(1));
     cfg.clone_fd = true;
+    cfg.io_uring = match args.opts.io_uring {
+        crate::cli::IoUring::Auto => fuser::IoUringMode::Auto,
+        crate::cli::IoUring::On => fuser::IoUringMode::On,
+        crate::cli::IoUring::Off => fuser::IoUringMode::Off,
+    };
     cfg
 }
 
@@ -316,6 +321,10 @@ pub fn run(args: MountArgs) -> Result<()> {
     if rustix::process::geteuid().is_root() {
         let mp = args.mountpoint.clone();
         std::thread::spawn(move || raise_readahead(&mp));
+    }
+    match session.io_uring_workers() {
+        0 => debug!(io_uring = ?args.opts.io_uring, "requests through /dev/fuse"),
+        n => info!(workers = n, "requests through FUSE over io_uring"),
     }
     info!(mountpoint = %args.mountpoint.display(), "mounted");
     if let Some(mut r) = report.take() {

@@ -110,6 +110,8 @@ pub struct OverlayOptions {
     pub writeback: bool,
     /// `passthrough=0|1`: FUSE passthrough for open upper files (root only); default off.
     pub passthrough: bool,
+    /// `io_uring=auto|on|off`: FUSE over io_uring (Linux 6.14+, enable_uring=Y).
+    pub io_uring: IoUring,
     /// `fast_ino=0|1`: fuse-overlayfs's cheaper inode numbering; accepted for
     /// compatibility, the union decides whether it matters.
     pub fast_ino: bool,
@@ -147,6 +149,7 @@ impl Default for OverlayOptions {
             noxattrs: false,
             writeback: false,
             passthrough: false,
+            io_uring: IoUring::default(),
             fast_ino: false,
             xattr_permissions: 0,
             fuse_options: Vec::new(),
@@ -199,6 +202,19 @@ pub enum RedirectDir {
     NoFollow,
     /// Create and follow redirects.
     On,
+}
+
+/// `io_uring=` modes: how requests travel between the kernel and the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoUring {
+    /// Through io_uring queues when the kernel offers them (`FUSE_OVER_IO_URING` in
+    /// INIT, i.e. /sys/module/fuse/parameters/enable_uring is Y), else /dev/fuse.
+    #[default]
+    Auto,
+    /// Through io_uring queues, or the mount fails.
+    On,
+    /// Through /dev/fuse only.
+    Off,
 }
 
 mod help;

@@ -114,6 +114,19 @@ fn apply_option(
         }
         "writeback" => opts.writeback = opt.bool01()?,
         "passthrough" => opts.passthrough = opt.bool01()?,
+        "io_uring" => {
+            opts.io_uring = match opt.text()?.as_str() {
+                "auto" => IoUring::Auto,
+                "on" | "1" => IoUring::On,
+                "off" | "0" => IoUring::Off,
+                _ => {
+                    return Err(opt.error(
+                        "expected auto, on or off",
+                        "write io_uring=auto, io_uring=on or io_uring=off",
+                    ))
+                }
+            }
+        }
         "uidmapping" => opts.uid_mappings = opt.mappings()?,
         "gidmapping" => opts.gid_mappings = opt.mappings()?,
         "squash_to_root" => {

@@ -258,6 +258,23 @@ fn typed_values() {
 }
 
 #[test]
+fn io_uring_modes() {
+    assert_eq!(opts("lowerdir=/l").io_uring, IoUring::Auto);
+    for (v, m) in [
+        ("auto", IoUring::Auto),
+        ("on", IoUring::On),
+        ("1", IoUring::On),
+        ("off", IoUring::Off),
+        ("0", IoUring::Off),
+    ] {
+        assert_eq!(opts(&format!("lowerdir=/l,io_uring={v}")).io_uring, m, "{v}");
+    }
+    let (_, why, fix) = usage_error(&["-o", "lowerdir=/l,io_uring=yes", "/m"]);
+    assert_eq!(why, "expected auto, on or off");
+    assert!(fix.contains("io_uring=auto"), "{fix}");
+}
+
+#[test]
 fn fsync_and_volatile() {
     let cases: &[(&str, bool, bool)] = &[
         ("", true, false),
@@ -505,6 +522,7 @@ fn help_documents_every_option() {
         "noxattrs=",
         "timeout=",
         "threaded=",
+        "io_uring=",
         "fast_ino=",
         "debug",
         "-f",

@@ -82,7 +82,17 @@ pub fn mount_kernel(d: &Rig) -> Result<Mount, String> {
 pub fn mount_subject(subject: &Subject, d: &Rig, log: &Path) -> Mount {
     match subject {
         Subject::Bin(b) => {
-            let extra = EXTRA_OPTS.with(|o| o.borrow().clone());
+            let mut extra = EXTRA_OPTS.with(|o| o.borrow().clone());
+            // e.g. VERLAY_DIFF_EXTRA_OPTS=io_uring=on: the whole differential run that way.
+            if let Ok(more) = std::env::var("VERLAY_DIFF_EXTRA_OPTS") {
+                if !more.is_empty() {
+                    extra = if extra.is_empty() {
+                        more
+                    } else {
+                        format!("{extra},{more}")
+                    };
+                }
+            }
             Launch::launcher(b, &d.opts(&extra), &d.mnt).log(log).start()
         }
         Subject::Kernel => mount_kernel(d).unwrap_or_else(|e| panic!("{e}")),

@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// verlay patch: the io_uring workers, when INIT granted FUSE_OVER_IO_URING.
+    uring: Option<crate::uring::UringPool>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring: None,
         };
 
         session.handshake()?;
@@ -214,6 +217,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring: None,
         };
 
         session.handshake()?;
@@ -252,6 +256,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -286,6 +291,7 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
+        let ring_ch = ch.clone();
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -306,8 +312,35 @@ impl<FS: Filesystem> Session<FS> {
             );
         }
 
+        // verlay patch: the io_uring workers, beside the /dev/fuse ones (which still
+        // receive FORGET and INTERRUPT, and everything if the kernel refuses the rings).
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut ring_threads = Vec::new();
+        for (i, worker) in uring.map(|u| u.into_workers()).unwrap_or_default().into_iter().enumerate() {
+            let thread_name = format!("fuser-ring-{i}");
+            let event_loop = SessionEventLoop {
+                thread_name: thread_name.clone(),
+                filesystem: filesystem.clone(),
+                ch: ring_ch.clone(),
+                allowed,
+                session_owner,
+            };
+            let (ch, stop) = (ring_ch.clone(), stop.clone());
+            ring_threads.push(thread::Builder::new().name(thread_name).spawn(move || {
+                crate::uring::run_worker(worker, event_loop, ch, stop)
+            })?);
+        }
+        drop(ring_ch);
+
         let mut reply: io::Result<()> = Ok(());
-        for thread in threads {
+        let n_dev_threads = threads.len();
+        threads.extend(ring_threads);
+        for (i, thread) in threads.into_iter().enumerate() {
+            if i == n_dev_threads {
+                // /dev/fuse is gone (unmounted): the rings end too, at the latest
+                // after one wait slice.
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let res = match thread.join() {
                 Ok(res) => res,
                 Err(_) => {
@@ -469,11 +502,64 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_write
             );
 
+            // verlay patch: FUSE over io_uring.
+            if let Err(e) = self.offer_uring(init.capabilities(), &mut config) {
+                <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
+                    .send_ll(&ResponseErrno(ll::Errno::EPROTO));
+                return Err(e);
+            }
+
             let response = init.reply(&config);
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
                 .send_ll(&response);
 
             return Ok(());
+        }
+    }
+
+    /// verlay patch: ask for FUSE_OVER_IO_URING when the mode wants it and the kernel
+    /// offers it. The rings and buffers are made now, before INIT is answered: once the
+    /// flag is granted the kernel holds requests back until every queue has registered,
+    /// so a failure must happen while the flag can still be left out.
+    fn offer_uring(&mut self, offered: InitFlags, config: &mut KernelConfig) -> io::Result<()> {
+        use crate::uring::IoUringMode;
+        let mode = self.config.io_uring;
+        if mode == IoUringMode::Off {
+            return Ok(());
+        }
+        if !offered.contains(InitFlags::FUSE_OVER_IO_URING) {
+            if mode == IoUringMode::On {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "io_uring=on, but the kernel does not offer FUSE over io_uring (needs Linux \
+                     6.14+ built with CONFIG_FUSE_IO_URING, and \
+                     /sys/module/fuse/parameters/enable_uring set to Y)",
+                ));
+            }
+            info!("FUSE over io_uring not offered by the kernel; using /dev/fuse");
+            return Ok(());
+        }
+        let queues = crate::uring::nr_queues();
+        let per_queue = self.config.n_threads.unwrap_or(1).div_ceil(queues).max(1);
+        let payload = crate::uring::payload_size(config.max_write, config.max_pages());
+        match crate::uring::UringPool::prepare(per_queue, payload) {
+            Ok(pool) => {
+                info!(
+                    "FUSE over io_uring: {} rings ({queues} queues), {payload} byte payloads",
+                    pool.len()
+                );
+                config.requested |= InitFlags::FUSE_OVER_IO_URING;
+                self.uring = Some(pool);
+                Ok(())
+            }
+            Err(e) if mode == IoUringMode::On => Err(io::Error::new(
+                e.kind(),
+                format!("io_uring=on, but the rings cannot be set up: {e}"),
+            )),
+            Err(e) => {
+                warn!("FUSE over io_uring offered, but the rings cannot be set up ({e}); using /dev/fuse");
+                Ok(())
+            }
         }
     }
 
@@ -492,6 +578,12 @@ impl<FS: Filesystem> Session<FS> {
     /// Returns an object that can be used to send notifications to the kernel
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.ch.sender())
+    }
+
+    /// verlay patch: how many io_uring workers `run` will start (0: /dev/fuse only),
+    /// i.e. whether INIT granted FUSE_OVER_IO_URING.
+    pub fn io_uring_workers(&self) -> usize {
+        self.uring.as_ref().map_or(0, |u| u.len())
     }
 }
 

@@ -18,6 +18,8 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// verlay patch: serve requests through FUSE over io_uring (see `uring.rs`).
+    pub io_uring: crate::IoUringMode,
 }
 
 /// Mount options accepted by the FUSE filesystem type
