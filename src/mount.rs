@@ -116,7 +116,7 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
     };
     let mut verified = Vec::new();
     for (i, p) in layers.lowers.iter().enumerate() {
-        let v = VerifiedLayer::open(p, mode)?;
+        let v = VerifiedLayer::open(p, mode, crate::estargz::lazy::chunk_source(p)?)?;
         if v.is_some() {
             info!(layer = %p.display(), index = i, "lower layer verified against its manifest");
         }
