@@ -209,7 +209,7 @@ mod tests;
 pub use help::HELP;
 use help::{RESERVED_SUBCOMMANDS, USAGE_HINT};
 use options::{parse_options, resolve, HelperFlags};
-pub use options::{MAX_LOWERS, MAX_MAPPINGS, MAX_THREADS, MAX_TIMEOUT_SECS};
+pub use options::{upper_work_pair, MAX_LOWERS, MAX_MAPPINGS, MAX_THREADS, MAX_TIMEOUT_SECS};
 
 /// Parse the command line. `args` excludes argv\[0\]; `cwd` anchors relative paths.
 pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {

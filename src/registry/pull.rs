@@ -56,19 +56,7 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Pro
     };
 
     // step pull.manifest
-    let (mut bytes, mut mt, mut digest) =
-        fetch_manifest(&client, reference.manifest_ref(), reference.digest.as_deref())?;
-    if manifest::is_index(&mt) {
-        let chosen = manifest::pick_platform(&bytes, &format!("index {digest} of {reference}"))?;
-        (bytes, mt, digest) = fetch_manifest(&client, &chosen.digest, Some(&chosen.digest))?;
-        if manifest::is_index(&mt) {
-            return Err(Error::remote(
-                format!("image {reference}"),
-                "an index points to another index",
-                "pin the image's manifest digest with NAME@sha256:...",
-            ));
-        }
-    }
+    let (bytes, mt, digest) = resolve_manifest(&client, reference)?;
     let what = format!("manifest {digest} of {reference}");
     let m = manifest::parse(&bytes, &what)?;
 
@@ -126,22 +114,53 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Pro
         parent = Some(chain.clone());
         out.chain_ids.push(chain);
     }
-    // The manifest is kept last among the blobs: push reads the image through it.
-    blobs::put_bytes(store, &digest, &bytes)?;
-
     // step pull.record
+    record_image(store, &mut out, &bytes, mt, digest, &m.config.digest)?;
+    Ok(out)
+}
+
+/// The image's manifest (of this platform, when `reference` names an index); returns
+/// (bytes, media type, digest).
+pub(crate) fn resolve_manifest(client: &Client, reference: &Reference) -> Result<(Vec<u8>, String, String)> {
+    let (mut bytes, mut mt, mut digest) =
+        fetch_manifest(client, reference.manifest_ref(), reference.digest.as_deref())?;
+    if manifest::is_index(&mt) {
+        let chosen = manifest::pick_platform(&bytes, &format!("index {digest} of {reference}"))?;
+        (bytes, mt, digest) = fetch_manifest(client, &chosen.digest, Some(&chosen.digest))?;
+        if manifest::is_index(&mt) {
+            return Err(Error::remote(
+                format!("image {reference}"),
+                "an index points to another index",
+                "pin the image's manifest digest with NAME@sha256:...",
+            ));
+        }
+    }
+    Ok((bytes, mt, digest))
+}
+
+/// The last step of a pull: the manifest blob, then the image record naming `out`'s layers.
+/// The manifest is kept last among the blobs: push reads the image through it.
+pub(crate) fn record_image(
+    store: &Store,
+    out: &mut Pulled,
+    manifest_bytes: &[u8],
+    media_type: String,
+    digest: String,
+    config: &str,
+) -> Result<()> {
+    blobs::put_bytes(store, &digest, manifest_bytes)?;
     blobs::write_record(
         store,
         &blobs::ImageRecord {
             name: out.name.clone(),
             manifest: digest.clone(),
-            media_type: mt,
-            config: m.config.digest.clone(),
+            media_type,
+            config: config.to_string(),
             chain_ids: out.chain_ids.clone(),
         },
     )?;
     out.manifest = digest;
-    Ok(out)
+    Ok(())
 }
 
 /// GET a manifest by tag or digest; returns (bytes, media type, digest). Its bytes must
