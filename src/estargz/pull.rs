@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::oci;
 use crate::progress::Progress;
 use crate::registry::client::{Client, Options};
-use crate::registry::pull::{fetch_blob, record_image, resolve_manifest, Pulled};
+use crate::registry::pull::{fetch_blob, record_image, start, Pulled, Start};
 use crate::registry::reference::Reference;
 use crate::store::lazy::LazyImport;
 use crate::store::{blobs, chain_id, Store};
@@ -34,15 +34,15 @@ pub fn pull_lazy(
     opts: &Options,
     progress: &Progress,
 ) -> Result<Pulled> {
-    let client = Client::new(reference, opts)?;
-    blobs::ensure_dirs(store)?;
-    let mut out = Pulled {
-        name: reference.to_string(),
-        ..Pulled::default()
-    };
-    let (bytes, mt, digest) = resolve_manifest(&client, reference)?;
-    let what = format!("manifest {digest} of {reference}");
-    let m = oci::parse(&bytes, &what)?;
+    let Start {
+        client,
+        mut out,
+        bytes,
+        media_type: mt,
+        digest,
+        what,
+        manifest: m,
+    } = start(store, reference, opts)?;
     let raw: Value =
         serde_json::from_slice(&bytes).map_err(|e| Error::remote(&what, e.to_string(), "check the image"))?;
     fetch_blob(store, &client, &m.config, &mut out, progress)?;

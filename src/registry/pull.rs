@@ -49,17 +49,16 @@ pub struct Pulled {
 
 /// Pull `reference` into `store`.
 pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Progress) -> Result<Pulled> {
-    let client = Client::new(reference, opts)?;
-    blobs::ensure_dirs(store)?;
-    let mut out = Pulled {
-        name: reference.to_string(),
-        ..Pulled::default()
-    };
-
     // step pull.manifest
-    let (bytes, mt, digest) = resolve_manifest(&client, reference)?;
-    let what = format!("manifest {digest} of {reference}");
-    let m = manifest::parse(&bytes, &what)?;
+    let Start {
+        client,
+        mut out,
+        bytes,
+        media_type: mt,
+        digest,
+        what,
+        manifest: m,
+    } = start(store, reference, opts)?;
 
     // The config is read whole into memory: a document, capped like one.
     if m.config.size > super::client::MAX_DOC {
@@ -120,9 +119,44 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Pro
     Ok(out)
 }
 
+/// What a pull (full or lazy) starts from: the client, the summary to fill, and the image's
+/// manifest (bytes, media type, digest, parsed; `what` names it in errors).
+pub(crate) struct Start {
+    pub client: Client,
+    pub out: Pulled,
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: String,
+    pub what: String,
+    pub manifest: manifest::Manifest,
+}
+
+/// The first step of a pull (`pull.manifest`): the store's directories, the client, and the
+/// image's manifest.
+pub(crate) fn start(store: &Store, reference: &Reference, opts: &Options) -> Result<Start> {
+    let client = Client::new(reference, opts)?;
+    blobs::ensure_dirs(store)?;
+    let out = Pulled {
+        name: reference.to_string(),
+        ..Pulled::default()
+    };
+    let (bytes, media_type, digest) = resolve_manifest(&client, reference)?;
+    let what = format!("manifest {digest} of {reference}");
+    let manifest = manifest::parse(&bytes, &what)?;
+    Ok(Start {
+        client,
+        out,
+        bytes,
+        media_type,
+        digest,
+        what,
+        manifest,
+    })
+}
+
 /// The image's manifest (of this platform, when `reference` names an index); returns
 /// (bytes, media type, digest).
-pub(crate) fn resolve_manifest(client: &Client, reference: &Reference) -> Result<(Vec<u8>, String, String)> {
+fn resolve_manifest(client: &Client, reference: &Reference) -> Result<(Vec<u8>, String, String)> {
     let (mut bytes, mut mt, mut digest) =
         fetch_manifest(client, reference.manifest_ref(), reference.digest.as_deref())?;
     if manifest::is_index(&mt) {
