@@ -72,8 +72,10 @@ pub fn validate(args: &MountArgs) -> Result<Layers, Error> {
         lowers.push((what, dir));
     }
 
-    let upper_work = match (&opts.upperdir, &opts.workdir) {
-        (Some(upper), Some(work)) => {
+    // cli::parse refuses one without the other; a hand-built MountArgs might not.
+    let pair = crate::cli::upper_work_pair(opts.upperdir.as_deref(), opts.workdir.as_deref())?;
+    let upper_work = match pair {
+        Some((upper, work)) => {
             let upper_what = format!("upperdir \"{}\"", upper.display());
             let work_what = format!("workdir \"{}\"", work.display());
             let upper_dir = existing_dir(upper, &upper_what, "create it or fix -o upperdir=")?;
@@ -84,22 +86,7 @@ pub fn validate(args: &MountArgs) -> Result<Layers, Error> {
             )?;
             Some(((upper_what, upper_dir), (work_what, work_dir)))
         }
-        (None, None) => None,
-        // cli::parse refuses one without the other; a hand-built MountArgs might not.
-        (Some(upper), None) => {
-            return Err(Error::usage(
-                format!("upperdir \"{}\"", upper.display()),
-                "given without workdir",
-                "add -o workdir=DIR on the same filesystem, or drop upperdir for a read-only mount",
-            ))
-        }
-        (None, Some(work)) => {
-            return Err(Error::usage(
-                format!("workdir \"{}\"", work.display()),
-                "given without upperdir",
-                "add -o upperdir=DIR, or drop workdir for a read-only mount",
-            ))
-        }
+        None => None,
     };
 
     let mount_what = format!("mountpoint \"{}\"", args.mountpoint.display());

@@ -116,7 +116,7 @@ pub fn open_union(args: &MountArgs) -> Result<Union> {
     };
     let mut verified = Vec::new();
     for (i, p) in layers.lowers.iter().enumerate() {
-        let v = VerifiedLayer::open(p, mode)?;
+        let v = VerifiedLayer::open(p, mode, crate::estargz::lazy::chunk_source(p)?)?;
         if v.is_some() {
             info!(layer = %p.display(), index = i, "lower layer verified against its manifest");
         }
@@ -241,46 +241,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     let cfg = fuse_config(&args, read_only);
     let ttl = args.opts.timeout.unwrap_or(DEFAULT_TTL);
     let foreground = args.foreground || args.debug;
-    let mut report: Option<UnixStream> = None;
-    if !foreground {
-        let (mut parent_end, child_end) = UnixStream::pair().map_err(|e| Error::io("socketpair", "", e))?;
-        match crate::sys::fork().map_err(|e| Error::io("fork", "", e))? {
-            crate::sys::Forked::Parent(pid) => {
-                drop(child_end);
-                let mut msg = String::new();
-                // The child reports at once after mount(2); a caller (podman, containerd)
-                // must not wait forever on a child wedged before that. Bounded, and at
-                // most MOUNT_REPORT_MAX bytes.
-                let _ = parent_end.set_read_timeout(Some(MOUNT_REPORT_WAIT));
-                let read = (&mut parent_end).take(MOUNT_REPORT_MAX).read_to_string(&mut msg);
-                if msg == "ok" {
-                    std::process::exit(0);
-                }
-                if let Err(e) = read {
-                    if e.kind() == std::io::ErrorKind::WouldBlock {
-                        if let Some(child) = rustix::process::Pid::from_raw(pid) {
-                            let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
-                        }
-                        msg = format!(
-                            "the daemon did not report a live mount within {} s; killed it (run with -f -d to see where it stops)",
-                            MOUNT_REPORT_WAIT.as_secs()
-                        );
-                    }
-                }
-                if msg.is_empty() {
-                    msg = "the daemon exited before the mount was live (run with -f -d to see why)".into();
-                }
-                return Err(Error::io("mount", &args.mountpoint, std::io::Error::other(msg)));
-            }
-            crate::sys::Forked::Child => {
-                drop(parent_end);
-                let _ = rustix::process::setsid();
-                // A daemon must not keep its caller's directory busy (podman's storage dir).
-                let _ = std::env::set_current_dir("/");
-                report = Some(child_end);
-            }
-        }
-    }
+    let mut report = if foreground { None } else { daemonize(&args)? };
     let union = Arc::new(union);
     // Resolved now: once mounted, a stat of the mountpoint would ask this very daemon,
     // which serves nothing until the session runs.
@@ -332,6 +293,70 @@ pub fn run(args: MountArgs) -> Result<()> {
         let _ = r.write_all(b"ok");
     }
     let mut session = session;
+    unmount_on_signals(&mut session, &args.mountpoint)?;
+    session
+        .run()
+        .map_err(|e| Error::io("fuse session", &args.mountpoint, e))?;
+    info!("unmounted");
+    // The session ended normally (fusermount3 -u, umount, or a signal handled above): a
+    // clean stop. A killed daemon never gets here, so its marker stays.
+    if let Some(up) = &union.upper {
+        up.release_shared_whiteout();
+    }
+    end_volatile(&args, &union);
+    if let Some(up) = &union.upper {
+        // Released now, not when the last of our threads has exited: the unmount is already
+        // visible, and a remount of this upper right after it must find the lock free.
+        let _ = rustix::fs::flock(&up.dir.root, FlockOperation::Unlock);
+    }
+    Ok(())
+}
+
+/// Fork the daemon. The parent waits (bounded) for the child's report that the mount is
+/// live, then exits 0, or returns the failure the child reported; the child starts a new
+/// session, leaves its caller's directory, and returns the socket to report on.
+fn daemonize(args: &MountArgs) -> Result<Option<UnixStream>> {
+    let (mut parent_end, child_end) = UnixStream::pair().map_err(|e| Error::io("socketpair", "", e))?;
+    match crate::sys::fork().map_err(|e| Error::io("fork", "", e))? {
+        crate::sys::Forked::Parent(pid) => {
+            drop(child_end);
+            let mut msg = String::new();
+            // The child reports at once after mount(2); a caller (podman, containerd)
+            // must not wait forever on a child wedged before that. Bounded, and at
+            // most MOUNT_REPORT_MAX bytes.
+            let _ = parent_end.set_read_timeout(Some(MOUNT_REPORT_WAIT));
+            let read = (&mut parent_end).take(MOUNT_REPORT_MAX).read_to_string(&mut msg);
+            if msg == "ok" {
+                std::process::exit(0);
+            }
+            if let Err(e) = read {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    if let Some(child) = rustix::process::Pid::from_raw(pid) {
+                        let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
+                    }
+                    msg = format!(
+                        "the daemon did not report a live mount within {} s; killed it (run with -f -d to see where it stops)",
+                        MOUNT_REPORT_WAIT.as_secs()
+                    );
+                }
+            }
+            if msg.is_empty() {
+                msg = "the daemon exited before the mount was live (run with -f -d to see why)".into();
+            }
+            Err(Error::io("mount", &args.mountpoint, std::io::Error::other(msg)))
+        }
+        crate::sys::Forked::Child => {
+            drop(parent_end);
+            let _ = rustix::process::setsid();
+            // A daemon must not keep its caller's directory busy (podman's storage dir).
+            let _ = std::env::set_current_dir("/");
+            Ok(Some(child_end))
+        }
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP unmount the session's mount (lazily when it is busy).
+fn unmount_on_signals(session: &mut fuser::Session<VerlayFs>, mountpoint: &Path) -> Result<()> {
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -339,7 +364,7 @@ pub fn run(args: MountArgs) -> Result<()> {
         signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| Error::io("signal setup", "", e))?;
-    let mp = args.mountpoint.clone();
+    let mp = mountpoint.to_path_buf();
     std::thread::spawn(move || {
         for sig in signals.forever() {
             info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
@@ -358,21 +383,6 @@ pub fn run(args: MountArgs) -> Result<()> {
             }
         }
     });
-    session
-        .run()
-        .map_err(|e| Error::io("fuse session", &args.mountpoint, e))?;
-    info!("unmounted");
-    // The session ended normally (fusermount3 -u, umount, or a signal handled above): a
-    // clean stop. A killed daemon never gets here, so its marker stays.
-    if let Some(up) = &union.upper {
-        up.release_shared_whiteout();
-    }
-    end_volatile(&args, &union);
-    if let Some(up) = &union.upper {
-        // Released now, not when the last of our threads has exited: the unmount is already
-        // visible, and a remount of this upper right after it must find the lock free.
-        let _ = rustix::fs::flock(&up.dir.root, FlockOperation::Unlock);
-    }
     Ok(())
 }
 

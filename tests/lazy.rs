@@ -23,12 +23,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::cmd::{test_image, verlay};
 use common::mount::{Launch, Mount};
 use common::registry::Registry;
-use common::rig::e2e_script;
 use faultproxy::{FaultProxy, Faults};
 
 /// A verlay mount in the foreground with the background fetch off
@@ -42,48 +42,8 @@ fn quiet(opts: &str, mnt: &Path, log: &Path) -> Mount {
 }
 use sha2::{Digest, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_verlay");
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// The chunk size the tests convert with.
 const CHUNK: u64 = 65536;
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn printed(&self, what: &str) -> String {
-        assert_eq!(self.code, Some(0), "{what} failed:\n{}", self.stderr);
-        self.stdout.trim().to_string()
-    }
-}
-
-fn verlay(args: &[&str]) -> Out {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run verlay");
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("verlay {} took more than {COMMAND_TIMEOUT:?}", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
@@ -129,17 +89,8 @@ impl Scratch {
             .prefix(&format!("verlay-lazy-{tag}-"))
             .tempdir()
             .expect("tempdir");
+        test_image(t.path());
         let img = t.path().join("img");
-        let out = Command::new("bash")
-            .arg(e2e_script("image.sh"))
-            .arg(&img)
-            .output()
-            .expect("image.sh");
-        assert!(
-            out.status.success(),
-            "image.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let src = t.path().join("src");
         verlay(&[
             "image",

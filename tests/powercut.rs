@@ -32,7 +32,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{as_user, dir_names, is_mounted, run, scratch, sh, verlay_bin, Launch, LoopDev, Mount, Stop};
+use common::{
+    as_user, dir_names, is_mounted, run, scratch, sh, verlay_bin, Launch, LoopDev, Mount, Rng, Stop,
+};
 
 /// The smallest filesystem mkfs.xfs accepts (300 MB), as a sparse image.
 const XFS_IMAGE_BYTES: u64 = 320 << 20;
@@ -335,23 +337,9 @@ fn fsync_dir(p: &Path) -> std::io::Result<()> {
     File::open(p)?.sync_all()
 }
 
-/// Small seeded generator (xorshift*), so a failing round can be replayed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Run operations on the merged root until one fails (the power is gone) or `stop`.
 fn workload(mnt: &Path, seed: u64, j: &Mutex<Journal>, stop: &AtomicBool, cut: &AtomicBool) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::from_state(seed | 1);
     let mut n = 0usize;
     let files: Vec<String> = lower_files()
         .into_iter()
@@ -608,7 +596,7 @@ fn power_cut_under_a_live_mount_keeps_what_was_fsynced_and_tears_nothing() {
             let (mnt, j, stop, cut) = (mnt.clone(), journal.clone(), stop.clone(), cut.clone());
             std::thread::spawn(move || workload(&mnt, seed, &j, &stop, &cut))
         };
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng = Rng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         std::thread::sleep(Duration::from_millis(50 + rng.below(500)));
         cut.store(true, Ordering::SeqCst);
         disk.cut();

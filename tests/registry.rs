@@ -22,14 +22,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cmd::{spawn_verlay as spawn, test_image, verlay, wait_out, Out};
 use common::registry::{free_port, http_status, Registry};
 use common::{dir_names, e2e_script, have};
 use faultproxy::{Exchange, FaultProxy, Faults};
 use sha2::{Digest, Sha256};
-
-const BIN: &str = env!("CARGO_BIN_EXE_verlay");
-/// How long one verlay command may take before the test kills it and fails.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn tempdir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -53,56 +50,6 @@ impl Registry {
     }
 }
 
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(&self, what: &str) -> &Self {
-        assert_eq!(self.code, Some(0), "{what} failed:\n{}", self.stderr);
-        self
-    }
-
-    /// What a successful command printed (import and pull: the lowerdir), trimmed.
-    fn printed(&self, what: &str) -> String {
-        self.ok(what).stdout.trim().to_string()
-    }
-}
-
-fn wait_out(mut child: Child, what: &str) -> Out {
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} took more than {COMMAND_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run verlay")
-}
-
 /// Poll `ready` while `child` (a verlay `what`) runs, for up to a minute; when it gives a
 /// value, kill -9 the child by its handle and return the value. Fails with `never` if the
 /// minute passes first.
@@ -124,10 +71,6 @@ fn kill_when<T>(child: &mut Child, what: &str, never: &str, mut ready: impl FnMu
     found
 }
 
-fn verlay(args: &[&str]) -> Out {
-    wait_out(spawn(args, &[]), &format!("verlay {}", args.join(" ")))
-}
-
 /// `verlay image pull --store STORE ARGS...` (the reference last in `args`).
 fn pull(store: &Path, args: &[&str]) -> Out {
     verlay(&[&["image", "pull", "--store", p(store)], args].concat())
@@ -140,27 +83,6 @@ fn push(store: &Path, image: &str, args: &[&str]) -> Out {
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
-}
-
-/// The test image (tests/e2e/image.sh) in `dir/img`; returns its env.
-fn test_image(dir: &Path) -> BTreeMap<String, String> {
-    let img = dir.join("img");
-    let out = Command::new("bash")
-        .arg(e2e_script("image.sh"))
-        .arg(&img)
-        .output()
-        .expect("image.sh");
-    assert!(
-        out.status.success(),
-        "image.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    fs::read_to_string(img.join("image.env"))
-        .expect("image.env")
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches(['"', '\'']).to_string()))
-        .collect()
 }
 
 /// Import the test image's OCI layout into `store` under `name`; returns the lowerdir.

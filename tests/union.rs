@@ -7,12 +7,16 @@
 //! upper. Every case checks the union's answers, the upper on disk in kernel format, and the
 //! merged view of a fresh union over the same directories (what a remount would show).
 
+#[macro_use]
+mod common;
+
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
+use common::expand_path as expand;
+use rustix::fs::{FileType, Timespec};
 use tempfile::TempDir;
 use verlay::layer::{Kind, LayerDir};
 use verlay::union::inode::ROOT_ID;
@@ -30,37 +34,12 @@ const RENAME_NOREPLACE: u32 = 1;
 const RENAME_EXCHANGE: u32 = 2;
 
 // ------------------------------------------------------------------------------------------
-// layers from a compact spec
-//
-// Entries separated by `;`, paths relative to the layer root, missing parents made as dirs.
-// A path component `NAME~N` is NAME padded with `x` to N bytes.
-//
-//   f a=hello          file with content (no `=`: empty)
-//   z s SIZE O:DATA..  sparse file: size, then offset:data chunks
-//   d dir [MODE [U:G]] directory
-//   s link->target     symlink
-//   h b=a              hard link b to a
-//   p fifo             fifo
-//   c null 1:3         char device
-//   w gone             whiteout, char 0/0
-//   W gone             OCI whiteout `.wh.gone`
-//   o dir              opaque dir, trusted.overlay.opaque=y
-//   O dir              opaque dir, OCI `.wh..wh..opq`
-//   x path k=v         xattr
-//   m path MODE [U:G]  mode (`-` = leave) and owner
-//   t path SEC.NSEC    atime and mtime (applied last)
+// layers from the compact spec of tests/common (`common::parse_layer`, `t path SEC.NSEC`
+// for times), OCI whiteouts and opaque markers (`W`, `O`) in OCI form
 
-fn expand(p: &str) -> String {
-    p.split('/')
-        .map(|c| match c.split_once('~') {
-            Some((base, n)) => {
-                let n: usize = n.parse().expect("NAME~N");
-                format!("{base}{}", "x".repeat(n - base.len()))
-            }
-            None => c.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("/")
+fn build(dir: &Path, spec: &str) {
+    std::fs::create_dir_all(dir).expect("mkdir layer");
+    common::materialize(&common::parse_layer(spec), dir, common::Format::Mixed, 0);
 }
 
 fn ts(s: &str) -> Timespec {
@@ -69,15 +48,6 @@ fn ts(s: &str) -> Timespec {
         tv_sec: sec.parse().expect("seconds"),
         tv_nsec: format!("{nsec:0<9}").parse().expect("nanoseconds"),
     }
-}
-
-fn parents(p: &Path) {
-    std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir -p");
-}
-
-fn set_xattr(p: &Path, name: &str, value: &[u8]) {
-    rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty())
-        .unwrap_or_else(|e| panic!("setxattr {name} {}: {e}", p.display()));
 }
 
 fn get_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
@@ -111,108 +81,6 @@ fn user_xattrs(p: &Path) -> Vec<String> {
             format!("{n}={}", String::from_utf8_lossy(&v))
         })
         .collect()
-}
-
-fn mknod(p: &Path, ft: FileType, dev: u64) {
-    parents(p);
-    rustix::fs::mknodat(CWD, p, ft, Mode::from_raw_mode(0o644), dev)
-        .unwrap_or_else(|e| panic!("mknod {}: {e}", p.display()));
-}
-
-fn meta(p: &Path, args: &[&str]) {
-    if let Some(o) = args.get(1) {
-        let (u, g) = o.split_once(':').expect("U:G");
-        std::os::unix::fs::lchown(p, u.parse().ok(), g.parse().ok()).expect("lchown");
-    }
-    match args.first() {
-        Some(&"-") | None => {}
-        Some(m) => {
-            let mode = u32::from_str_radix(m, 8).expect("octal mode");
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        }
-    }
-}
-
-fn build(dir: &Path, spec: &str) {
-    std::fs::create_dir_all(dir).expect("mkdir layer");
-    let mut times = Vec::new();
-    for item in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        let (tag, rest) = item
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("bad layer entry {item:?}"));
-        let rest = rest.trim();
-        let w: Vec<&str> = rest.split_whitespace().collect();
-        let at = |s: &str| dir.join(expand(s.trim()));
-        match tag {
-            "f" => {
-                let (p, c) = rest.split_once('=').unwrap_or((rest, ""));
-                let p = at(p);
-                parents(&p);
-                std::fs::write(&p, c).expect("write");
-            }
-            "z" => {
-                let p = at(w[0]);
-                parents(&p);
-                let f = std::fs::File::create(&p).expect("create");
-                f.set_len(w[1].parse().expect("size")).expect("set_len");
-                for c in &w[2..] {
-                    let (o, d) = c.split_once(':').expect("offset:data");
-                    f.write_all_at(d.as_bytes(), o.parse().expect("offset"))
-                        .expect("write");
-                }
-            }
-            "d" | "o" | "O" => {
-                let p = at(w[0]);
-                std::fs::create_dir_all(&p).expect("mkdir");
-                if tag == "o" {
-                    set_xattr(&p, "trusted.overlay.opaque", b"y");
-                }
-                if tag == "O" {
-                    std::fs::write(p.join(".wh..wh..opq"), "").expect("opq");
-                }
-                meta(&p, &w[1..]);
-            }
-            "s" => {
-                let (p, t) = rest.split_once("->").expect("s link->target");
-                let p = at(p);
-                parents(&p);
-                std::os::unix::fs::symlink(t.trim(), &p).expect("symlink");
-            }
-            "h" => {
-                let (p, t) = rest.split_once('=').expect("h new=old");
-                let p = at(p);
-                parents(&p);
-                std::fs::hard_link(at(t), &p).expect("link");
-            }
-            "p" => mknod(&at(w[0]), FileType::Fifo, 0),
-            "c" => {
-                let (a, b) = w[1].split_once(':').expect("major:minor");
-                let dev = rustix::fs::makedev(a.parse().expect("major"), b.parse().expect("minor"));
-                mknod(&at(w[0]), FileType::CharacterDevice, dev);
-            }
-            "w" => mknod(&at(w[0]), FileType::CharacterDevice, 0),
-            "W" => {
-                let p = at(w[0]);
-                parents(&p);
-                let name = p.file_name().expect("name").to_string_lossy().into_owned();
-                std::fs::write(p.with_file_name(format!(".wh.{name}")), "").expect("oci whiteout");
-            }
-            "x" => {
-                let (k, v) = w[1].split_once('=').expect("k=v");
-                set_xattr(&at(w[0]), k, v.as_bytes());
-            }
-            "m" => meta(&at(w[0]), &w[1..]),
-            "t" => times.push((at(w[0]), ts(w[1]))),
-            _ => panic!("bad layer entry {item:?}"),
-        }
-    }
-    for (p, t) in times {
-        let t = Timestamps {
-            last_access: t,
-            last_modification: t,
-        };
-        rustix::fs::utimensat(CWD, &p, &t, AtFlags::SYMLINK_NOFOLLOW).expect("utimensat");
-    }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ mod tests;
 pub use help::HELP;
 use help::{RESERVED_SUBCOMMANDS, USAGE_HINT};
 use options::{parse_options, resolve, HelperFlags};
-pub use options::{MAX_LOWERS, MAX_MAPPINGS, MAX_THREADS, MAX_TIMEOUT_SECS};
+pub use options::{upper_work_pair, MAX_LOWERS, MAX_MAPPINGS, MAX_THREADS, MAX_TIMEOUT_SECS};
 
 /// Parse the command line. `args` excludes argv\[0\]; `cwd` anchors relative paths.
 pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
@@ -303,6 +303,31 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
         return Err(err);
     }
 
+    let (source, mountpoint) = source_and_mountpoint(positionals)?;
+    let mountpoint = resolve(cwd, mountpoint.into_vec());
+
+    let mut helper = HelperFlags::default();
+    let mut opts = parse_options(&option_strings, cwd, &mut helper)?;
+    if helper.debug {
+        debug = true;
+        foreground = true;
+    }
+    if single_threaded {
+        opts.threads = Some(1);
+    }
+
+    Ok(Command::Mount(MountArgs {
+        foreground,
+        debug,
+        source,
+        mountpoint,
+        opts,
+    }))
+}
+
+/// The positional arguments: `MOUNTPOINT` or `SOURCE MOUNTPOINT` (the fuse-overlayfs and
+/// mount.fuse3 forms); the mountpoint not empty.
+fn source_and_mountpoint(positionals: Vec<OsString>) -> Result<(Option<String>, OsString), Error> {
     let mut positionals = positionals.into_iter();
     let (source, mountpoint) = match (positionals.next(), positionals.next(), positionals.next()) {
         (None, _, _) => {
@@ -329,23 +354,5 @@ pub fn parse(args: Vec<OsString>, cwd: &Path) -> Result<Command, Error> {
             "give the directory to mount on",
         ));
     }
-    let mountpoint = resolve(cwd, mountpoint.into_vec());
-
-    let mut helper = HelperFlags::default();
-    let mut opts = parse_options(&option_strings, cwd, &mut helper)?;
-    if helper.debug {
-        debug = true;
-        foreground = true;
-    }
-    if single_threaded {
-        opts.threads = Some(1);
-    }
-
-    Ok(Command::Mount(MountArgs {
-        foreground,
-        debug,
-        source,
-        mountpoint,
-        opts,
-    }))
+    Ok((source, mountpoint))
 }

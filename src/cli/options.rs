@@ -54,24 +54,31 @@ pub(super) fn parse_options(
             "give at least one lower layer: -o lowerdir=/path[:/path...]",
         ));
     }
-    match (&opts.upperdir, &opts.workdir) {
-        (Some(upper), None) => {
-            return Err(Error::usage(
-                format!("upperdir \"{}\"", upper.display()),
-                "given without workdir",
-                "add -o workdir=DIR on the same filesystem, or drop upperdir for a read-only mount",
-            ))
-        }
-        (None, Some(work)) => {
-            return Err(Error::usage(
-                format!("workdir \"{}\"", work.display()),
-                "given without upperdir",
-                "add -o upperdir=DIR, or drop workdir for a read-only mount",
-            ))
-        }
-        _ => {}
-    }
+    upper_work_pair(opts.upperdir.as_deref(), opts.workdir.as_deref())?;
     Ok(opts)
+}
+
+/// upperdir and workdir go together: both (returned), or neither (a read-only mount). The
+/// one check of the pairing, for the parser and for a hand-built [`MountArgs`]
+/// ([`crate::config`]).
+pub fn upper_work_pair<'a>(
+    upper: Option<&'a Path>,
+    work: Option<&'a Path>,
+) -> crate::error::Result<Option<(&'a Path, &'a Path)>> {
+    match (upper, work) {
+        (Some(upper), Some(work)) => Ok(Some((upper, work))),
+        (None, None) => Ok(None),
+        (Some(upper), None) => Err(Error::usage(
+            format!("upperdir \"{}\"", upper.display()),
+            "given without workdir",
+            "add -o workdir=DIR on the same filesystem, or drop upperdir for a read-only mount",
+        )),
+        (None, Some(work)) => Err(Error::usage(
+            format!("workdir \"{}\"", work.display()),
+            "given without upperdir",
+            "add -o upperdir=DIR, or drop workdir for a read-only mount",
+        )),
+    }
 }
 
 /// Apply one non-empty raw option (escapes still in place) to `opts`.

@@ -314,7 +314,12 @@ fn merged_view(tree: &Path, lowers: &[PathBuf]) -> Result<crate::union::Union> {
     for (i, l) in lowers.iter().enumerate() {
         layers.push(LayerDir::open(l, i + 2, format!("lower{i}"))?);
         verified.push(
-            crate::lower::verify::VerifiedLayer::open(l, crate::lower::verify::VerifyMode::On)?.map(Arc::new),
+            crate::lower::verify::VerifiedLayer::open(
+                l,
+                crate::lower::verify::VerifyMode::On,
+                crate::estargz::lazy::chunk_source(l)?,
+            )?
+            .map(Arc::new),
         );
     }
     crate::union::Union::new(

@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +28,7 @@ use super::toc::{self, Chunk, ChunkTable};
 use crate::digest::{hex, sha256_digest};
 use crate::error::{Error, Result};
 use crate::layer::pread_full;
-use crate::lower::verify::ChunkBits;
+use crate::lower::source::{ChunkSource, ReadCtx};
 use crate::registry::client::{Client, Options};
 use crate::registry::reference::Reference;
 use crate::store::lazy::{open_beneath_for_write, BLOB_FILE, LAZY_DIR, PRESENT_FILE, TOC_FILE};
@@ -78,6 +78,13 @@ impl std::fmt::Debug for LazyLayer {
     }
 }
 
+/// The chunk source of the layer directory `dir` of a store when it was pulled lazily (its
+/// `layer.json` has a `lazy` object), to inject into
+/// [`crate::lower::verify::VerifiedLayer::open`]; None for any other layer.
+pub fn chunk_source(dir: &Path) -> Result<Option<Arc<dyn ChunkSource>>> {
+    Ok(LazyLayer::open(dir)?.map(|l| Arc::new(l) as Arc<dyn ChunkSource>))
+}
+
 impl LazyLayer {
     /// The lazy side of the layer directory `dir` of a store (`layer.json` beside it has a
     /// `lazy` object), or None for any other layer. The stored TOC must hash to the digest
@@ -90,22 +97,22 @@ impl LazyLayer {
             started: AtomicBool::new(off),
         }))
     }
+}
 
-    /// (first chunk, chunk count, size) of the regular file `rel`, if it has chunks.
-    pub fn file(&self, rel: &Path) -> Option<(usize, usize, u64)> {
+impl ChunkSource for LazyLayer {
+    fn file(&self, rel: &Path) -> Option<(usize, usize, u64)> {
         self.s.file(rel)
     }
 
-    /// Read `[offset, offset + size)` of the lazy file `c.rel` (its skeleton open as `fd`),
-    /// every chunk it touches verified first.
-    pub fn read(&self, c: &ReadCtx<'_>, fd: impl AsFd, offset: u64, size: u64) -> Result<Vec<u8>> {
+    /// Every chunk the read touches is verified first: from the cache, or fetched.
+    fn read(&self, c: &ReadCtx<'_>, fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<Vec<u8>> {
         self.start_background();
         self.s.read(c, fd, offset, size)
     }
 
     /// Start the background fetch, once (the verifier calls it at the layer's first lookup
     /// and read, which come after the mount daemonized).
-    pub fn start_background(&self) {
+    fn start_background(&self) {
         if !self.started.swap(true, Ordering::AcqRel) {
             let s = self.s.clone();
             let spawned = std::thread::Builder::new()
@@ -116,23 +123,6 @@ impl LazyLayer {
             }
         }
     }
-}
-
-/// What one read of a lazy file needs from the verifier: its verdict bits and how to make
-/// (and log) an integrity error.
-pub struct ReadCtx<'a> {
-    /// path in the layer
-    pub rel: &'a Path,
-    /// index of the file's first chunk, and how many it has
-    pub first: usize,
-    /// chunk count
-    pub count: usize,
-    /// file size
-    pub size: u64,
-    /// which chunks of the file were verified in this mount
-    pub bits: &'a ChunkBits,
-    /// the logged EIO for a chunk that does not match: (expected, actual)
-    pub corrupt: &'a (dyn Fn(String, String) -> Error + Sync),
 }
 
 fn bad_store(dir: &Path, why: impl Into<String>) -> Error {

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::oci;
 use crate::progress::Progress;
 use crate::registry::client::{Client, Options};
-use crate::registry::pull::{fetch_blob, fetch_manifest, Pulled};
+use crate::registry::pull::{fetch_blob, record_image, start, Pulled, Start};
 use crate::registry::reference::Reference;
 use crate::store::lazy::LazyImport;
 use crate::store::{blobs, chain_id, ImportOptions, Store};
@@ -34,20 +34,15 @@ pub fn pull_lazy(
     opts: &Options,
     progress: &Progress,
 ) -> Result<Pulled> {
-    let client = Client::new(reference, opts)?;
-    blobs::ensure_dirs(store)?;
-    let mut out = Pulled {
-        name: reference.to_string(),
-        ..Pulled::default()
-    };
-    let (mut bytes, mut mt, mut digest) =
-        fetch_manifest(&client, reference.manifest_ref(), reference.digest.as_deref())?;
-    if oci::is_index(&mt) {
-        let chosen = oci::pick_platform(&bytes, &format!("index {digest} of {reference}"))?;
-        (bytes, mt, digest) = fetch_manifest(&client, &chosen.digest, Some(&chosen.digest))?;
-    }
-    let what = format!("manifest {digest} of {reference}");
-    let m = oci::parse(&bytes, &what)?;
+    let Start {
+        client,
+        mut out,
+        bytes,
+        media_type: mt,
+        digest,
+        what,
+        manifest: m,
+    } = start(store, reference, opts)?;
     let raw: Value =
         serde_json::from_slice(&bytes).map_err(|e| Error::remote(&what, e.to_string(), "check the image"))?;
     fetch_blob(store, &client, &m.config, &mut out, progress)?;
@@ -127,18 +122,7 @@ pub fn pull_lazy(
         parent = Some(chain.clone());
         out.chain_ids.push(chain);
     }
-    blobs::put_bytes(store, &digest, &bytes)?;
-    blobs::write_record(
-        store,
-        &blobs::ImageRecord {
-            name: out.name.clone(),
-            manifest: digest.clone(),
-            media_type: mt,
-            config: m.config.digest.clone(),
-            chain_ids: out.chain_ids.clone(),
-        },
-    )?;
-    out.manifest = digest;
+    record_image(store, &mut out, &bytes, mt, digest, &m.config.digest)?;
     Ok(out)
 }
 

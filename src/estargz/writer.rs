@@ -143,31 +143,7 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
         version: 1,
         entries: Vec::new(),
     };
-    // the landmark: no prefetch list
-    let mut lh = tar::Header::new_ustar();
-    lh.set_path(toc::NO_PREFETCH_LANDMARK).map_err(io)?;
-    lh.set_size(1);
-    lh.set_mode(0);
-    lh.set_uid(0);
-    lh.set_gid(0);
-    lh.set_mtime(0);
-    lh.set_entry_type(tar::EntryType::Regular);
-    lh.set_cksum();
-    let landmark = TocEntry {
-        name: toc::NO_PREFETCH_LANDMARK.into(),
-        kind: "reg".into(),
-        size: 1,
-        ..Default::default()
-    };
-    reg_file(
-        &mut m,
-        &mut toc,
-        lh.as_bytes(),
-        landmark,
-        &mut &[toc::LANDMARK_CONTENTS][..],
-        1,
-        chunk,
-    )?;
+    put_landmark(&mut m, &mut toc, chunk)?;
 
     let mut ar = tar::Archive::new(src);
     let entries = ar.entries().map_err(io)?.raw(true);
@@ -203,51 +179,9 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
             continue;
         }
         let p = std::mem::take(&mut p);
-        let name = p.name.unwrap_or_else(|| e.path_bytes().into_owned());
-        let name = String::from_utf8(name)
-            .map_err(|_| "an entry name that is not UTF-8 (the TOC is JSON)".to_string())?;
-        if toc::clean_name(&name)?.is_some_and(|n| n.as_os_str() == toc::TOC_NAME) {
-            return Err(format!(
-                "the layer already has a {} (it is eStargz already)",
-                toc::TOC_NAME
-            ));
-        }
         let size = e.size();
-        if p.size.is_some_and(|s| s != size) {
-            return Err(format!("{name:?}: PAX size differs from the header's"));
-        }
-        let link = p.link.or_else(|| e.link_name_bytes().map(|l| l.into_owned()));
-        let mut ent = TocEntry {
-            name: name.clone(),
-            mode: i64::from(h.mode().map_err(io)? & 0o7777),
-            uid: p.uid.map_or_else(|| h.uid().map_err(io), Ok)? as i64,
-            gid: p.gid.map_or_else(|| h.gid().map_err(io), Ok)? as i64,
-            modtime: toc::format_modtime(h.mtime().map_err(io)? as i64),
-            link_name: link
-                .map(|l| String::from_utf8_lossy(&l).into_owned())
-                .unwrap_or_default(),
-            xattrs: p.xattrs,
-            ..Default::default()
-        };
-        ent.kind = match ty {
-            tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
-            tar::EntryType::Directory => "dir",
-            tar::EntryType::Symlink => "symlink",
-            tar::EntryType::Link => "hardlink",
-            tar::EntryType::Char => "char",
-            tar::EntryType::Block => "block",
-            tar::EntryType::Fifo => "fifo",
-            other => {
-                return Err(format!(
-                    "{name:?}: tar entry type {other:?} is not supported in eStargz"
-                ))
-            }
-        }
-        .into();
-        if matches!(ty, tar::EntryType::Char | tar::EntryType::Block) {
-            ent.dev_major = i64::from(h.device_major().map_err(io)?.unwrap_or(0));
-            ent.dev_minor = i64::from(h.device_minor().map_err(io)?.unwrap_or(0));
-        }
+        let mut ent = toc_entry(&e, &h, p)?;
+        let name = ent.name.clone();
         if ent.kind == "reg" {
             ent.size = size as i64;
             reg_file(&mut m, &mut toc, h.as_bytes(), ent, &mut e, size, chunk)?;
@@ -261,6 +195,91 @@ pub fn write(src: impl Read, out: impl Write, chunk: u64) -> std::result::Result
         }
     }
     finish(m, &toc)
+}
+
+/// The landmark entry that says the layer has no prefetch list, first in the layer.
+fn put_landmark<W: Write>(m: &mut Members<W>, toc: &mut Toc, chunk: u64) -> std::result::Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
+    let mut lh = tar::Header::new_ustar();
+    lh.set_path(toc::NO_PREFETCH_LANDMARK).map_err(io)?;
+    lh.set_size(1);
+    lh.set_mode(0);
+    lh.set_uid(0);
+    lh.set_gid(0);
+    lh.set_mtime(0);
+    lh.set_entry_type(tar::EntryType::Regular);
+    lh.set_cksum();
+    let landmark = TocEntry {
+        name: toc::NO_PREFETCH_LANDMARK.into(),
+        kind: "reg".into(),
+        size: 1,
+        ..Default::default()
+    };
+    reg_file(
+        m,
+        toc,
+        lh.as_bytes(),
+        landmark,
+        &mut &[toc::LANDMARK_CONTENTS][..],
+        1,
+        chunk,
+    )
+}
+
+/// The TOC entry of the tar entry `e` (header `h`), with what its extension headers said (`p`).
+fn toc_entry<R: Read>(
+    e: &tar::Entry<'_, R>,
+    h: &tar::Header,
+    p: Pending,
+) -> std::result::Result<TocEntry, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let ty = h.entry_type();
+    let name = p.name.unwrap_or_else(|| e.path_bytes().into_owned());
+    let name = String::from_utf8(name)
+        .map_err(|_| "an entry name that is not UTF-8 (the TOC is JSON)".to_string())?;
+    if toc::clean_name(&name)?.is_some_and(|n| n.as_os_str() == toc::TOC_NAME) {
+        return Err(format!(
+            "the layer already has a {} (it is eStargz already)",
+            toc::TOC_NAME
+        ));
+    }
+    let size = e.size();
+    if p.size.is_some_and(|s| s != size) {
+        return Err(format!("{name:?}: PAX size differs from the header's"));
+    }
+    let link = p.link.or_else(|| e.link_name_bytes().map(|l| l.into_owned()));
+    let mut ent = TocEntry {
+        name: name.clone(),
+        mode: i64::from(h.mode().map_err(io)? & 0o7777),
+        uid: p.uid.map_or_else(|| h.uid().map_err(io), Ok)? as i64,
+        gid: p.gid.map_or_else(|| h.gid().map_err(io), Ok)? as i64,
+        modtime: toc::format_modtime(h.mtime().map_err(io)? as i64),
+        link_name: link
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default(),
+        xattrs: p.xattrs,
+        ..Default::default()
+    };
+    ent.kind = match ty {
+        tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
+        tar::EntryType::Directory => "dir",
+        tar::EntryType::Symlink => "symlink",
+        tar::EntryType::Link => "hardlink",
+        tar::EntryType::Char => "char",
+        tar::EntryType::Block => "block",
+        tar::EntryType::Fifo => "fifo",
+        other => {
+            return Err(format!(
+                "{name:?}: tar entry type {other:?} is not supported in eStargz"
+            ))
+        }
+    }
+    .into();
+    if matches!(ty, tar::EntryType::Char | tar::EntryType::Block) {
+        ent.dev_major = i64::from(h.device_major().map_err(io)?.unwrap_or(0));
+        ent.dev_minor = i64::from(h.device_minor().map_err(io)?.unwrap_or(0));
+    }
+    Ok(ent)
 }
 
 /// A regular file: its header in the open member, then each chunk in a member of its own.

@@ -23,9 +23,9 @@ use tracing::{error, warn};
 
 use crate::digest::hex;
 use crate::error::{Error, Result};
-use crate::estargz::lazy::{LazyLayer, ReadCtx};
 use crate::layer::{pread_full, read_at, Kind, LayerDir};
 use crate::lower::manifest::{chunk_count, chunk_digest, Manifest, ManifestEntry};
+use crate::lower::source::{ChunkSource, ReadCtx};
 
 /// Verdict bitmaps kept per layer, in 64-bit words: 512 Ki words (4 MiB) remember 32 Mi
 /// chunks, 128 GiB of data read at 4 KiB chunks. Past that (or past `VERDICT_FILES` files)
@@ -60,17 +60,21 @@ pub struct VerifiedLayer {
     /// st_ino -> which of the file's chunks matched
     verified: Mutex<Verdicts>,
     logged: Mutex<LruCache<(PathBuf, String), ()>>,
-    /// an eStargz layer pulled lazily: its regular files are read through it
-    lazy: Option<LazyLayer>,
+    /// a layer pulled lazily: its regular files are read through it (see `lower::source`)
+    lazy: Option<Arc<dyn ChunkSource>>,
 }
 
 impl VerifiedLayer {
     /// Open the manifest of `dir` under `mode`: `None` when the layer has none (or verify is
     /// off); an error when `require` finds none, when the manifest is damaged, or when the
-    /// store recorded another digest for it.
-    pub fn open(dir: &Path, mode: VerifyMode) -> Result<Option<VerifiedLayer>> {
+    /// store recorded another digest for it. `lazy` is the layer's chunk source when it was
+    /// pulled lazily (`crate::estargz::lazy::chunk_source` opens it).
+    pub fn open(
+        dir: &Path,
+        mode: VerifyMode,
+        lazy: Option<Arc<dyn ChunkSource>>,
+    ) -> Result<Option<VerifiedLayer>> {
         // A lazy layer has no data but through its verifier, whatever verify= says.
-        let lazy = LazyLayer::open(dir)?;
         if mode == VerifyMode::Off && lazy.is_none() {
             return Ok(None);
         }
@@ -320,7 +324,7 @@ impl VerifiedLayer {
         if let (true, Some(l)) = (fc.lazy, &self.lazy) {
             return l.read(
                 &self.lazy_ctx(rel, fc, &|e, a| self.corrupt(rel, e, a)),
-                fd,
+                fd.as_fd(),
                 offset,
                 u64::from(size),
             );

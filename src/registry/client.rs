@@ -453,45 +453,7 @@ impl Client {
                     } else if answered || sent_bearer {
                         return Err(self.still_refused(method, url, &text, sent.as_deref()));
                     }
-                    match auth::parse_challenge(&challenge) {
-                        Some(Challenge::Basic) => {
-                            if matches!(sent.as_deref(), Some(h) if h.starts_with("Basic ")) {
-                                return Err(self.still_refused(method, url, &text, sent.as_deref()));
-                            }
-                            let Some(c) = self.credentials()? else {
-                                return Err(refused(
-                                    format!("{method} refused: {text}; the registry wants a user name and password and none is stored for it"),
-                                    self.login_fix(),
-                                ));
-                            };
-                            *self.authz.lock() = Some(Authz::Basic(auth::basic(&c)));
-                        }
-                        Some(Challenge::Bearer {
-                            realm,
-                            service,
-                            scope,
-                        }) => {
-                            let write = !matches!(*method, Method::GET | Method::HEAD);
-                            let scope =
-                                scope.unwrap_or_else(|| auth::scope_for(&self.reference.repository, write));
-                            let token =
-                                self.fetch_token(&realm, service.as_deref(), &scope, &text, &challenge)?;
-                            *self.authz.lock() = Some(token);
-                        }
-                        None => {
-                            return Err(refused(
-                                format!(
-                                    "{method} refused: {text}{}",
-                                    if challenge.is_empty() {
-                                        " (and no WWW-Authenticate challenge)".to_string()
-                                    } else {
-                                        format!(" (asks for {challenge}, which verlay does not speak)")
-                                    }
-                                ),
-                                "use a registry that speaks basic or token (Bearer) authentication".into(),
-                            ))
-                        }
-                    }
+                    self.answer(method, url, &challenge, &text, sent.as_deref())?;
                     answered = true;
                 }
                 403 => {
@@ -516,22 +478,7 @@ impl Client {
                 }
                 // Go's TLS server answers plain HTTP with a bare 400 and this sentence
                 400 if self.base.starts_with("http://") && reply.header("Content-Type").is_none() => {
-                    let text = String::from_utf8_lossy(&reply.bytes().unwrap_or_default()).into_owned();
-                    let (why, fix) = if text.contains("HTTP request to an HTTPS server") {
-                        (
-                            "it speaks HTTPS, and verlay spoke plain HTTP to it".to_string(),
-                            format!(
-                                "put its CA in /etc/containers/certs.d/{}/ca.crt, or pass --tls-verify (--tls-verify=false: unchecked)",
-                                self.reference.api_host()
-                            ),
-                        )
-                    } else {
-                        (
-                            format!("{method} {url}: HTTP 400 {}", text.trim()),
-                            "check the registry address".into(),
-                        )
-                    };
-                    return Err(Fail::Fatal(Error::remote(self.what(), why, fix)));
+                    return Err(self.plain_http_400(method, url, reply));
                 }
                 s => {
                     if sent.is_some() && s < 400 {
@@ -541,6 +488,79 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// Answer the 401 challenge `challenge` (refused with `text`; `sent`: the Authorization
+    /// that was sent) by storing what to send next: the user's basic credentials, or a token
+    /// for the challenge's scope.
+    fn answer(
+        &self,
+        method: &Method,
+        url: &str,
+        challenge: &str,
+        text: &str,
+        sent: Option<&str>,
+    ) -> std::result::Result<(), Fail> {
+        let refused = |why: String, fix: String| Fail::Fatal(Error::remote(self.what(), why, fix));
+        match auth::parse_challenge(challenge) {
+            Some(Challenge::Basic) => {
+                if matches!(sent, Some(h) if h.starts_with("Basic ")) {
+                    return Err(self.still_refused(method, url, text, sent));
+                }
+                let Some(c) = self.credentials()? else {
+                    return Err(refused(
+                    format!("{method} refused: {text}; the registry wants a user name and password and none is stored for it"),
+                    self.login_fix(),
+                ));
+                };
+                *self.authz.lock() = Some(Authz::Basic(auth::basic(&c)));
+            }
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            }) => {
+                let write = !matches!(*method, Method::GET | Method::HEAD);
+                let scope = scope.unwrap_or_else(|| auth::scope_for(&self.reference.repository, write));
+                let token = self.fetch_token(&realm, service.as_deref(), &scope, text, challenge)?;
+                *self.authz.lock() = Some(token);
+            }
+            None => {
+                return Err(refused(
+                    format!(
+                        "{method} refused: {text}{}",
+                        if challenge.is_empty() {
+                            " (and no WWW-Authenticate challenge)".to_string()
+                        } else {
+                            format!(" (asks for {challenge}, which verlay does not speak)")
+                        }
+                    ),
+                    "use a registry that speaks basic or token (Bearer) authentication".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// The error for a bare 400 from a plain-HTTP registry: Go's TLS server answers plain
+    /// HTTP so, with "HTTP request to an HTTPS server".
+    fn plain_http_400(&self, method: &Method, url: &str, reply: Reply) -> Fail {
+        let text = String::from_utf8_lossy(&reply.bytes().unwrap_or_default()).into_owned();
+        let (why, fix) = if text.contains("HTTP request to an HTTPS server") {
+            (
+                "it speaks HTTPS, and verlay spoke plain HTTP to it".to_string(),
+                format!(
+                    "put its CA in /etc/containers/certs.d/{}/ca.crt, or pass --tls-verify (--tls-verify=false: unchecked)",
+                    self.reference.api_host()
+                ),
+            )
+        } else {
+            (
+                format!("{method} {url}: HTTP 400 {}", text.trim()),
+                "check the registry address".into(),
+            )
+        };
+        Fail::Fatal(Error::remote(self.what(), why, fix))
     }
 
     /// The error for a request refused again right after a fresh token or the credentials.

@@ -16,6 +16,7 @@
 use crate::progress::Progress;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use ureq::http::Method;
@@ -48,29 +49,16 @@ pub struct Pulled {
 
 /// Pull `reference` into `store`.
 pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Progress) -> Result<Pulled> {
-    let client = Client::new(reference, opts)?;
-    blobs::ensure_dirs(store)?;
-    let mut out = Pulled {
-        name: reference.to_string(),
-        ..Pulled::default()
-    };
-
     // step pull.manifest
-    let (mut bytes, mut mt, mut digest) =
-        fetch_manifest(&client, reference.manifest_ref(), reference.digest.as_deref())?;
-    if manifest::is_index(&mt) {
-        let chosen = manifest::pick_platform(&bytes, &format!("index {digest} of {reference}"))?;
-        (bytes, mt, digest) = fetch_manifest(&client, &chosen.digest, Some(&chosen.digest))?;
-        if manifest::is_index(&mt) {
-            return Err(Error::remote(
-                format!("image {reference}"),
-                "an index points to another index",
-                "pin the image's manifest digest with NAME@sha256:...",
-            ));
-        }
-    }
-    let what = format!("manifest {digest} of {reference}");
-    let m = manifest::parse(&bytes, &what)?;
+    let Start {
+        client,
+        mut out,
+        bytes,
+        media_type: mt,
+        digest,
+        what,
+        manifest: m,
+    } = start(store, reference, opts)?;
 
     // The config is read whole into memory: a document, capped like one.
     if m.config.size > super::client::MAX_DOC {
@@ -126,22 +114,88 @@ pub fn pull(store: &Store, reference: &Reference, opts: &Options, progress: &Pro
         parent = Some(chain.clone());
         out.chain_ids.push(chain);
     }
-    // The manifest is kept last among the blobs: push reads the image through it.
-    blobs::put_bytes(store, &digest, &bytes)?;
-
     // step pull.record
+    record_image(store, &mut out, &bytes, mt, digest, &m.config.digest)?;
+    Ok(out)
+}
+
+/// What a pull (full or lazy) starts from: the client, the summary to fill, and the image's
+/// manifest (bytes, media type, digest, parsed; `what` names it in errors).
+pub(crate) struct Start {
+    pub client: Client,
+    pub out: Pulled,
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: String,
+    pub what: String,
+    pub manifest: manifest::Manifest,
+}
+
+/// The first step of a pull (`pull.manifest`): the store's directories, the client, and the
+/// image's manifest.
+pub(crate) fn start(store: &Store, reference: &Reference, opts: &Options) -> Result<Start> {
+    let client = Client::new(reference, opts)?;
+    blobs::ensure_dirs(store)?;
+    let out = Pulled {
+        name: reference.to_string(),
+        ..Pulled::default()
+    };
+    let (bytes, media_type, digest) = resolve_manifest(&client, reference)?;
+    let what = format!("manifest {digest} of {reference}");
+    let manifest = manifest::parse(&bytes, &what)?;
+    Ok(Start {
+        client,
+        out,
+        bytes,
+        media_type,
+        digest,
+        what,
+        manifest,
+    })
+}
+
+/// The image's manifest (of this platform, when `reference` names an index); returns
+/// (bytes, media type, digest).
+fn resolve_manifest(client: &Client, reference: &Reference) -> Result<(Vec<u8>, String, String)> {
+    let (mut bytes, mut mt, mut digest) =
+        fetch_manifest(client, reference.manifest_ref(), reference.digest.as_deref())?;
+    if manifest::is_index(&mt) {
+        let chosen = manifest::pick_platform(&bytes, &format!("index {digest} of {reference}"))?;
+        (bytes, mt, digest) = fetch_manifest(client, &chosen.digest, Some(&chosen.digest))?;
+        if manifest::is_index(&mt) {
+            return Err(Error::remote(
+                format!("image {reference}"),
+                "an index points to another index",
+                "pin the image's manifest digest with NAME@sha256:...",
+            ));
+        }
+    }
+    Ok((bytes, mt, digest))
+}
+
+/// The last step of a pull: the manifest blob, then the image record naming `out`'s layers.
+/// The manifest is kept last among the blobs: push reads the image through it.
+pub(crate) fn record_image(
+    store: &Store,
+    out: &mut Pulled,
+    manifest_bytes: &[u8],
+    media_type: String,
+    digest: String,
+    config: &str,
+) -> Result<()> {
+    blobs::put_bytes(store, &digest, manifest_bytes)?;
     blobs::write_record(
         store,
         &blobs::ImageRecord {
             name: out.name.clone(),
             manifest: digest.clone(),
-            media_type: mt,
-            config: m.config.digest.clone(),
+            media_type,
+            config: config.to_string(),
             chain_ids: out.chain_ids.clone(),
         },
     )?;
     out.manifest = digest;
-    Ok(out)
+    Ok(())
 }
 
 /// GET a manifest by tag or digest; returns (bytes, media type, digest). Its bytes must
@@ -212,6 +266,70 @@ fn hash_prefix(f: &mut File, n: u64, p: &std::path::Path) -> Result<Sha256> {
     }
 }
 
+/// Where a download of `desc` into the incoming file `f` (at `p`) starts: the bytes it holds
+/// and their hash; none when it holds the whole blob, which is then published (a pull that
+/// stopped before publishing it). A file longer than the blob, or a whole one that does not
+/// match, starts again from 0.
+fn resume_point(store: &Store, f: &mut File, p: &Path, desc: &Descriptor) -> Result<Option<(u64, Sha256)>> {
+    let mut have = f.metadata().map_err(|e| Error::io("pull.blob_stat", p, e))?.len();
+    if have > desc.size {
+        f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", p, e))?;
+        have = 0;
+    }
+    let h = hash_prefix(f, have, p)?;
+    if have == desc.size {
+        if format!("sha256:{:x}", h.clone().finalize()) == desc.digest {
+            blobs::publish_incoming(store, &desc.digest)?;
+            return Ok(None);
+        }
+        f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", p, e))?;
+        return Ok(Some((0, Sha256::new())));
+    }
+    Ok(Some((have, h)))
+}
+
+/// The offset the reply's body starts at (and the body), for a GET that asked for
+/// `bytes=HAVE-` (when `have > 0`): 0 for a whole body, `have` for a matching 206; a refused
+/// range empties `f` and is retried from the start.
+fn body_start(
+    client: &Client,
+    reply: super::client::Reply,
+    have: u64,
+    what: &str,
+    f: &mut File,
+    p: &Path,
+) -> std::result::Result<(u64, ureq::Body), Fail> {
+    let range = format!("bytes={have}-");
+    match reply.status {
+        200 => Ok((0, reply.body)),
+        206 => {
+            let cr = reply.header("Content-Range").unwrap_or("");
+            if !cr.starts_with(&format!("bytes {have}-")) {
+                return Err(Fail::Transient(format!(
+                    "unexpected Content-Range \"{cr}\" for {range}"
+                )));
+            }
+            Ok((have, reply.body))
+        }
+        404 => Err(Fail::Fatal(Error::remote(
+            format!("{what} of {}", client.reference),
+            format!("not in the registry ({})", reply.error_text()),
+            "the image is incomplete in the registry; push it again",
+        ))),
+        416 => {
+            f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", p, e))?;
+            Err(Fail::Transient(format!(
+                "range {range} refused; fetching from the start"
+            )))
+        }
+        _ => Err(Fail::Fatal(Error::remote(
+            format!("{what} of {}", client.reference),
+            reply.error_text(),
+            "check the registry",
+        ))),
+    }
+}
+
 /// Make the blob `desc` complete and verified in the store (step `pull.blob`).
 pub(crate) fn fetch_blob(
     store: &Store,
@@ -240,25 +358,9 @@ pub(crate) fn fetch_blob(
             .truncate(false)
             .open(&p)
             .map_err(|e| Error::io("pull.blob_open", &p, e))?;
-        let mut have = f
-            .metadata()
-            .map_err(|e| Error::io("pull.blob_stat", &p, e))?
-            .len();
-        if have > desc.size {
-            f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
-            have = 0;
-        }
-        let mut h = hash_prefix(&mut f, have, &p)?;
-        if have == desc.size {
-            // downloaded whole by a pull that stopped before publishing it
-            if format!("sha256:{:x}", h.clone().finalize()) == desc.digest {
-                blobs::publish_incoming(store, &desc.digest)?;
-                return Ok(());
-            }
-            f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
-            have = 0;
-            h = Sha256::new();
-        }
+        let Some((have, mut h)) = resume_point(store, &mut f, &p, desc)? else {
+            return Ok(());
+        };
         let range = format!("bytes={have}-");
         let headers: Vec<(&str, &str)> = if have > 0 {
             vec![("Range", range.as_str())]
@@ -266,38 +368,7 @@ pub(crate) fn fetch_blob(
             vec![]
         };
         let reply = client.request(Method::GET, &url, &headers, &[])?;
-        let start = match reply.status {
-            200 => 0,
-            206 => {
-                let cr = reply.header("Content-Range").unwrap_or("");
-                if !cr.starts_with(&format!("bytes {have}-")) {
-                    return Err(Fail::Transient(format!(
-                        "unexpected Content-Range \"{cr}\" for {range}"
-                    )));
-                }
-                have
-            }
-            404 => {
-                return Err(Fail::Fatal(Error::remote(
-                    format!("{what} of {}", client.reference),
-                    format!("not in the registry ({})", reply.error_text()),
-                    "the image is incomplete in the registry; push it again",
-                )))
-            }
-            416 => {
-                f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
-                return Err(Fail::Transient(format!(
-                    "range {range} refused; fetching from the start"
-                )));
-            }
-            _ => {
-                return Err(Fail::Fatal(Error::remote(
-                    format!("{what} of {}", client.reference),
-                    reply.error_text(),
-                    "check the registry",
-                )))
-            }
-        };
+        let (start, body) = body_start(client, reply, have, &what, &mut f, &p)?;
         if start == 0 {
             f.set_len(0).map_err(|e| Error::io("pull.blob_truncate", &p, e))?;
             h = Sha256::new();
@@ -308,7 +379,7 @@ pub(crate) fn fetch_blob(
             tracing::info!(digest = %desc.digest, bytes = have, "resuming a partial blob download");
         }
         let mut pos = start;
-        let copied = Client::copy_body(reply.body, |chunk| {
+        let copied = Client::copy_body(body, |chunk| {
             pos += chunk.len() as u64;
             if pos > desc.size {
                 return Err(Error::remote(

@@ -232,7 +232,9 @@ fn read_at(f: &mut File, p: &std::path::Path, off: u64, buf: &mut [u8]) -> Resul
     f.read_exact(buf).map_err(|e| Error::io("push.read", p, e))
 }
 
-/// Upload one blob unless the registry has it.
+/// Upload one blob unless the registry has it: sessions (at most `retries + 1`), each opened
+/// ([`Upload::begin`]), fed chunk by chunk ([`Upload::send`]), checked against the digest and
+/// closed ([`Upload::close`]); a step that finds the session lost starts the next one.
 fn push_blob(
     store: &crate::store::Store,
     client: &Client,
@@ -245,135 +247,162 @@ fn push_blob(
         out.blobs_present += 1;
         return Ok(());
     }
-    let p = blobs::blob_path(store, &d.digest);
-    let mut f = File::open(&p).map_err(|e| Error::io("push.open", &p, e))?;
-    let size = f.metadata().map_err(|e| Error::io("push.stat", &p, e))?.len();
-    if size != d.size {
-        return Err(Error::usage(
-            format!("store blob {}", p.display()),
-            format!("{size} bytes, the manifest says {}", d.size),
-            "remove it and pull or import the image again",
-        ));
-    }
-    let what = format!("blob {}", d.digest);
-    let hex = d.digest.strip_prefix("sha256:").unwrap_or(&d.digest);
-    let bar = progress.bytes(format!("blob {}", hex.get(..12).unwrap_or(hex)), Some(size));
+    let mut up = Upload::open(store, client, d, progress)?;
     let retries = client.opts.retries;
-    let chunk_size = client.opts.chunk_size.max(1) as u64;
-    let mut buf = vec![0u8; chunk_size.min(size.max(1)) as usize];
-    let start_url = client.url("blobs/uploads/");
     let mut sessions = 0u32;
-    let mut last = String::new();
-    let target = format!("{}/{}", client.reference.registry, client.reference.repository);
-    let mut saved = blobs::load_upload(store, &d.digest).filter(|s| s.target == target);
-    'session: loop {
+    let mut saved = blobs::load_upload(store, &d.digest).filter(|s| s.target == up.target);
+    loop {
         if sessions > retries {
-            return Err(client.gave_up(&format!("upload of {what}"), &last));
+            return Err(client.gave_up(&format!("upload of {}", up.what), &up.last));
         }
         if sessions > 0 {
             blobs::forget_upload(store, &d.digest);
-            tracing::warn!(digest = %d.digest, session = sessions + 1, error = %last, "starting the upload again in a new session");
+            tracing::warn!(digest = %d.digest, session = sessions + 1, error = %up.last, "starting the upload again in a new session");
             std::thread::sleep(backoff(sessions));
         }
         sessions += 1;
         out.sessions += 1;
-        // A session a killed push left open is continued where the registry says it stands
-        // (the saved offset is only a hint); one the registry no longer knows is dropped.
-        let resumed = match saved.take() {
-            Some(s) => match status(client, &s.location, s.offset, &what)? {
-                Status::At(at, next) if at <= size => {
+        let (loc, offset, hashed) = up.begin(saved.take())?;
+        let Some((loc, hashed)) = up.send(loc, offset, hashed, out)? else {
+            continue;
+        };
+        up.check(hashed)?;
+        if up.close(loc, out)? {
+            return Ok(());
+        }
+    }
+}
+
+/// One blob being uploaded: the store file, what the sessions share, and why the last attempt
+/// failed (for the next warning and the final error).
+struct Upload<'a> {
+    store: &'a crate::store::Store,
+    client: &'a Client,
+    d: &'a Descriptor,
+    /// `blob <digest>`, for messages
+    what: String,
+    /// `registry/repository`, the key of a saved session
+    target: String,
+    f: File,
+    p: std::path::PathBuf,
+    size: u64,
+    chunk_size: u64,
+    buf: Vec<u8>,
+    bar: crate::progress::Bar,
+    last: String,
+}
+
+impl<'a> Upload<'a> {
+    /// Open the store blob and check its size against the descriptor.
+    fn open(
+        store: &'a crate::store::Store,
+        client: &'a Client,
+        d: &'a Descriptor,
+        progress: &crate::progress::Progress,
+    ) -> Result<Self> {
+        let p = blobs::blob_path(store, &d.digest);
+        let f = File::open(&p).map_err(|e| Error::io("push.open", &p, e))?;
+        let size = f.metadata().map_err(|e| Error::io("push.stat", &p, e))?.len();
+        if size != d.size {
+            return Err(Error::usage(
+                format!("store blob {}", p.display()),
+                format!("{size} bytes, the manifest says {}", d.size),
+                "remove it and pull or import the image again",
+            ));
+        }
+        let hex = d.digest.strip_prefix("sha256:").unwrap_or(&d.digest);
+        let bar = progress.bytes(format!("blob {}", hex.get(..12).unwrap_or(hex)), Some(size));
+        let chunk_size = client.opts.chunk_size.max(1) as u64;
+        Ok(Upload {
+            store,
+            client,
+            d,
+            what: format!("blob {}", d.digest),
+            target: format!("{}/{}", client.reference.registry, client.reference.repository),
+            f,
+            p,
+            size,
+            chunk_size,
+            buf: vec![0u8; chunk_size.min(size.max(1)) as usize],
+            bar,
+            last: String::new(),
+        })
+    }
+
+    /// Open a session: the one a killed push left (continued where the registry says it
+    /// stands; the saved offset is only a hint), else a new one. Returns its location, the
+    /// offset the registry confirmed and the hash of the bytes before it.
+    fn begin(&mut self, saved: Option<blobs::SavedUpload>) -> Result<(String, u64, Sha256)> {
+        let (client, d, what) = (self.client, self.d, &self.what);
+        if let Some(s) = saved {
+            match status(client, &s.location, s.offset, what)? {
+                Status::At(at, next) if at <= self.size => {
                     tracing::info!(digest = %d.digest, bytes = at, "continuing the upload session of an earlier push");
-                    Some((next, at))
+                    return Ok((next, at, hash_prefix(&mut self.f, &self.p, at)?));
                 }
-                _ => {
-                    blobs::forget_upload(store, &d.digest);
-                    None
-                }
-            },
-            None => None,
-        };
-        // bytes the registry has confirmed, in order, and their hash
-        let (mut loc, mut offset, mut hashed) = match resumed {
-            Some((loc, at)) => (loc, at, hash_prefix(&mut f, &p, at)?),
-            None => {
-                let loc = client.with_retries(&format!("start of the upload of {what}"), || {
-                    let reply = client.request(Method::POST, &start_url, &[], &[])?;
-                    match (reply.status, reply.header("Location")) {
-                        (202, Some(l)) => client.resolve(l),
-                        _ => Err(Fail::Fatal(Error::remote(
-                            format!("upload of {what} to {}", client.reference),
-                            reply.error_text(),
-                            "check the registry (is it read-only?)",
-                        ))),
-                    }
-                })?;
-                (loc, 0u64, Sha256::new())
+                _ => blobs::forget_upload(self.store, &d.digest),
             }
-        };
+        }
+        let start_url = client.url("blobs/uploads/");
+        let loc = client.with_retries(&format!("start of the upload of {what}"), || {
+            let reply = client.request(Method::POST, &start_url, &[], &[])?;
+            match (reply.status, reply.header("Location")) {
+                (202, Some(l)) => client.resolve(l),
+                _ => Err(Fail::Fatal(Error::remote(
+                    format!("upload of {what} to {}", client.reference),
+                    reply.error_text(),
+                    "check the registry (is it read-only?)",
+                ))),
+            }
+        })?;
+        Ok((loc, 0, Sha256::new()))
+    }
+
+    /// PATCH the chunks from `offset` to the end. After a failed chunk the registry is asked
+    /// where the session stands and the upload continues from there. `None`: the session is
+    /// lost (`self.last` says why); start another.
+    fn send(
+        &mut self,
+        mut loc: String,
+        mut offset: u64,
+        mut hashed: Sha256,
+        out: &mut Pushed,
+    ) -> Result<Option<(String, Sha256)>> {
+        let (client, d) = (self.client, self.d);
         let mut failures = 0u32;
-        while offset < size {
-            let len = chunk_size.min(size - offset);
-            let chunk = &mut buf[..len as usize];
-            read_at(&mut f, &p, offset, chunk)?;
+        while offset < self.size {
+            let len = self.chunk_size.min(self.size - offset);
+            let chunk = &mut self.buf[..len as usize];
+            read_at(&mut self.f, &self.p, offset, chunk)?;
             let range = format!("{}-{}", offset, offset + len - 1);
             out.bytes_sent += len;
-            bar.inc(len);
-            let sent = client.request(
-                Method::PATCH,
-                &loc,
-                &[
-                    ("Content-Type", "application/octet-stream"),
-                    ("Content-Range", &range),
-                ],
-                chunk,
-            );
-            let why = match sent {
-                Ok(reply) if reply.status == 202 => {
-                    let next = reply.header("Location").map(|l| client.resolve(l)).transpose();
-                    match (range_end(reply.header("Range"), offset + len), next) {
-                        (Some(at), Ok(Some(next))) if at == offset + len => {
-                            hashed.update(&*chunk);
-                            offset = at;
-                            loc = next;
-                            failures = 0;
-                            let keep = blobs::SavedUpload {
-                                target: target.clone(),
-                                location: loc.clone(),
-                                offset,
-                            };
-                            if let Err(e) = blobs::save_upload(store, &d.digest, &keep) {
-                                tracing::warn!(digest = %d.digest, error = %e, "could not save the upload session");
-                            }
-                            continue;
-                        }
-                        (at, _) => format!("PATCH {range} answered with Range {at:?}"),
-                    }
-                }
-                Ok(reply) if matches!(reply.status, 400 | 404 | 416) => reply.error_text(),
-                Ok(reply) => {
-                    // 413: the registry (or a proxy in front of it) limits request bodies
-                    let fix = if reply.status == 413 {
-                        "lower --chunk-size"
-                    } else {
-                        "check the registry"
+            self.bar.inc(len);
+            let why = match patch(client, &self.what, &loc, &range, chunk, offset + len)? {
+                Ok(next) => {
+                    hashed.update(&*chunk);
+                    offset += len;
+                    loc = next;
+                    failures = 0;
+                    let keep = blobs::SavedUpload {
+                        target: self.target.clone(),
+                        location: loc.clone(),
+                        offset,
                     };
-                    return Err(Error::remote(
-                        format!("upload of {what} to {}", client.reference),
-                        reply.error_text(),
-                        fix,
-                    ));
+                    if let Err(e) = blobs::save_upload(self.store, &d.digest, &keep) {
+                        tracing::warn!(digest = %d.digest, error = %e, "could not save the upload session");
+                    }
+                    continue;
                 }
-                Err(Fail::Fatal(e)) => return Err(e),
-                Err(Fail::Transient(why)) => why,
+                Err(why) => why,
             };
             failures += 1;
-            last = format!("PATCH {range}: {why}");
+            self.last = format!("PATCH {range}: {why}");
             tracing::warn!(digest = %d.digest, range = %range, attempt = failures, error = %why, "upload chunk failed; asking the registry where the upload stands");
-            if failures > retries {
-                return Err(client.gave_up(&format!("upload of {what}"), &last));
+            if failures > client.opts.retries {
+                return Err(client.gave_up(&format!("upload of {}", self.what), &self.last));
             }
             std::thread::sleep(backoff(failures));
-            match status(client, &loc, offset, &what)? {
+            match status(client, &loc, offset, &self.what)? {
                 Status::At(at, next) if at == offset => loc = next,
                 Status::At(at, next) if at > offset && at <= offset + len => {
                     // the registry kept a prefix of the chunk: continue after it
@@ -382,24 +411,39 @@ fn push_blob(
                     loc = next;
                 }
                 Status::At(at, _) => {
-                    last = format!("{last}; the registry holds {at} bytes of a session at {offset}");
-                    continue 'session;
+                    self.last = format!(
+                        "{}; the registry holds {at} bytes of a session at {offset}",
+                        self.last
+                    );
+                    return Ok(None);
                 }
                 Status::Gone => {
-                    last = format!("{last}; the registry dropped the upload session");
-                    continue 'session;
+                    self.last = format!("{}; the registry dropped the upload session", self.last);
+                    return Ok(None);
                 }
             }
         }
+        Ok(Some((loc, hashed)))
+    }
+
+    /// The bytes sent must hash to the digest: a damaged store blob is caught before the
+    /// digest is claimed.
+    fn check(&self, hashed: Sha256) -> Result<()> {
         let sent = format!("sha256:{:x}", hashed.finalize());
-        if sent != d.digest {
+        if sent != self.d.digest {
             return Err(Error::usage(
-                format!("store blob {}", p.display()),
+                format!("store blob {}", self.p.display()),
                 format!("damaged: it hashes to {sent}"),
                 "remove it and pull or import the image again; nothing was pushed for it",
             ));
         }
-        // close the session; an unknown outcome is settled by asking whether the blob exists
+        Ok(())
+    }
+
+    /// Close the session (PUT `?digest=`); an unknown outcome is settled by asking whether the
+    /// blob exists. `false`: the session is lost (`self.last` says why); start another.
+    fn close(&mut self, loc: String, out: &mut Pushed) -> Result<bool> {
+        let (client, d, what) = (self.client, self.d, &self.what);
         let mut put = with_param(&loc, &format!("digest={}", d.digest));
         let mut put_failures = 0u32;
         loop {
@@ -413,9 +457,9 @@ fn push_blob(
                             "the registry altered the data; check it",
                         ));
                     }
-                    blobs::forget_upload(store, &d.digest);
+                    blobs::forget_upload(self.store, &d.digest);
                     out.blobs_uploaded += 1;
-                    return Ok(());
+                    return Ok(true);
                 }
                 Ok(reply) if matches!(reply.status, 400 | 404) => reply.error_text(),
                 Ok(reply) => {
@@ -429,24 +473,70 @@ fn push_blob(
                 Err(Fail::Transient(why)) => why,
             };
             put_failures += 1;
-            last = format!("PUT ?digest=: {why}");
-            if put_failures > retries {
-                return Err(client.gave_up(&format!("upload of {what}"), &last));
+            self.last = format!("PUT ?digest=: {why}");
+            if put_failures > client.opts.retries {
+                return Err(client.gave_up(&format!("upload of {what}"), &self.last));
             }
             std::thread::sleep(backoff(put_failures));
             if registry_has(client, d)? {
-                blobs::forget_upload(store, &d.digest);
+                blobs::forget_upload(self.store, &d.digest);
                 out.blobs_uploaded += 1;
-                return Ok(());
+                return Ok(true);
             }
-            match status(client, &loc, size, &what)? {
-                Status::At(at, next) if at == size => {
+            match status(client, &loc, self.size, what)? {
+                Status::At(at, next) if at == self.size => {
                     put = with_param(&next, &format!("digest={}", d.digest))
                 }
-                _ => continue 'session,
+                _ => return Ok(false),
             }
         }
     }
+}
+
+/// One PATCH: `Ok(Ok(next location))` when the registry confirms it holds `end` bytes,
+/// `Ok(Err(why))` for a failure worth asking the registry about, `Err` for a fatal one.
+fn patch(
+    client: &Client,
+    what: &str,
+    loc: &str,
+    range: &str,
+    chunk: &[u8],
+    end: u64,
+) -> Result<std::result::Result<String, String>> {
+    let sent = client.request(
+        Method::PATCH,
+        loc,
+        &[
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Range", range),
+        ],
+        chunk,
+    );
+    Ok(Err(match sent {
+        Ok(reply) if reply.status == 202 => {
+            let next = reply.header("Location").map(|l| client.resolve(l)).transpose();
+            match (range_end(reply.header("Range"), end), next) {
+                (Some(at), Ok(Some(next))) if at == end => return Ok(Ok(next)),
+                (at, _) => format!("PATCH {range} answered with Range {at:?}"),
+            }
+        }
+        Ok(reply) if matches!(reply.status, 400 | 404 | 416) => reply.error_text(),
+        Ok(reply) => {
+            // 413: the registry (or a proxy in front of it) limits request bodies
+            let fix = if reply.status == 413 {
+                "lower --chunk-size"
+            } else {
+                "check the registry"
+            };
+            return Err(Error::remote(
+                format!("upload of {what} to {}", client.reference),
+                reply.error_text(),
+                fix,
+            ));
+        }
+        Err(Fail::Fatal(e)) => return Err(e),
+        Err(Fail::Transient(why)) => why,
+    }))
 }
 
 #[cfg(test)]

@@ -546,6 +546,8 @@ impl Store {
         })
     }
 
+    /// Import into `tmp` and publish it, step by step (`import.unpack`, `import.fsync`,
+    /// `import.seal`, `import.record`, `import.publish`; the crash points are named after them).
     fn import_into(
         &self,
         tmp: &Path,
@@ -569,58 +571,7 @@ impl Store {
         // step import.unpack: one pass over the stream, hashing blob and tar as we go.
         let mut blob = Tally::new();
         let mut tar_tally = Tally::new();
-        let stats = {
-            let raw = HashReader::new(src, &mut blob);
-            let mut raw = BufReader::with_capacity(STREAM_BUF, raw);
-            let magic = raw
-                .fill_buf()
-                .map_err(|e| Error::io("import.read", PathBuf::from(source), e))?
-                .to_vec();
-            let decoded: Box<dyn Read + Send + '_> = if magic.starts_with(GZIP_MAGIC) {
-                Box::new(flate2::bufread::MultiGzDecoder::new(raw))
-            } else if magic.starts_with(ZSTD_MAGIC) {
-                Box::new(
-                    zstd::stream::read::Decoder::with_buffer(raw)
-                        .map_err(|e| unpack::Unpacker::malformed(source, e))?,
-                )
-            } else if magic.starts_with(XZ_MAGIC) || magic.starts_with(BZIP2_MAGIC) {
-                return Err(Error::usage(
-                    format!("layer tarball {source}"),
-                    "xz and bzip2 compression are not supported",
-                    "decompress it first (or recompress with gzip or zstd)",
-                ));
-            } else {
-                Box::new(raw)
-            };
-            let tally = &mut tar_tally;
-            // Reading, decompressing and hashing run on their own thread, overlapping the
-            // filesystem work of the unpack (a third of the CPU time of an import).
-            std::thread::scope(|scope| -> Result<unpack::Unpacked> {
-                let (tx, rx) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
-                scope.spawn(move || pump(HashReader::new(decoded, tally), tx));
-                let stream = unpack::HeaderBudget::new(ChannelReader {
-                    rx,
-                    chunk: Vec::new(),
-                    pos: 0,
-                    total: 0,
-                });
-                let budget = stream.state();
-                let mut archive = tar::Archive::new(stream);
-                let mut unpacker = unpack::Unpacker::new(&diff, source)?;
-                let end = unpacker.unpack(&mut archive, &budget)?;
-                // The diffID covers the whole uncompressed stream, padding included.
-                let mut rest = archive.into_inner().into_inner();
-                io::copy(&mut rest, &mut io::sink()).map_err(|e| unpack::Unpacker::malformed(source, e))?;
-                // A tar ends with zero blocks; a stream that stops right after an entry was cut.
-                if rest.total < end + 512 {
-                    return Err(unpack::Unpacker::malformed(
-                        source,
-                        "no end-of-archive marker (the tarball was cut short)",
-                    ));
-                }
-                Ok(unpacker.stats())
-            })?
-        };
+        let stats = unpack_stream(&diff, src, source, &mut blob, &mut tar_tally)?;
         let diff_id = tar_tally.digest();
         tracing::debug!(
             step = "import.unpack",
@@ -628,25 +579,7 @@ impl Store {
             entries = stats.entries,
             "unpacked"
         );
-        if let Some(want) = want_diff {
-            if want != diff_id {
-                return Err(Error::usage(
-                    format!("layer tarball {source}"),
-                    format!("diffID mismatch: expected {want}, the tar stream hashes to {diff_id}"),
-                    "nothing was published; check --diff-id or fetch the layer again",
-                ));
-            }
-        }
-        if let Some(want) = &opts.blob_digest {
-            let got = blob.digest();
-            if *want != got {
-                return Err(Error::usage(
-                    format!("layer blob {source}"),
-                    format!("digest mismatch: expected {want}, the blob hashes to {got}"),
-                    "nothing was published; the image is damaged, fetch it again",
-                ));
-            }
-        }
+        check_digests(source, want_diff, &diff_id, opts.blob_digest.as_deref(), &blob)?;
         let chain = chain_id(parent, &diff_id);
         if self.has_layer(&chain) {
             return Ok(Imported {
@@ -686,16 +619,7 @@ impl Store {
             "blob_digest": blob.digest(),
             "created": rfc3339(since_epoch().as_secs() as i64),
         });
-        let rec_path = tmp.join(RECORD);
-        {
-            let mut text = serde_json::to_vec_pretty(&record)
-                .map_err(|e| Error::io("import.record", &rec_path, io::Error::other(e)))?;
-            text.push(b'\n');
-            let mut f = File::create(&rec_path).map_err(|e| Error::io("import.record", &rec_path, e))?;
-            io::Write::write_all(&mut f, &text).map_err(|e| Error::io("import.record", &rec_path, e))?;
-            f.sync_all()
-                .map_err(|e| Error::io("import.record_fsync", &rec_path, e))?;
-        }
+        write_record(&tmp.join(RECORD), &record)?;
         fsync_path(tmp, "import.fsync_tmp")?;
         crash_point("import.record");
 
@@ -716,6 +640,107 @@ impl Store {
             new: true,
         })
     }
+}
+
+/// Step import.unpack: decompress `src` (gzip, zstd or none) and unpack it into `diff`,
+/// tallying the blob and the tar stream. Reading, decompressing and hashing run on their own
+/// thread, overlapping the filesystem work of the unpack (a third of the CPU time of an
+/// import).
+fn unpack_stream(
+    diff: &Path,
+    src: &mut (dyn Read + Send),
+    source: &str,
+    blob: &mut Tally,
+    tar_tally: &mut Tally,
+) -> Result<unpack::Unpacked> {
+    let raw = HashReader::new(src, blob);
+    let mut raw = BufReader::with_capacity(STREAM_BUF, raw);
+    let magic = raw
+        .fill_buf()
+        .map_err(|e| Error::io("import.read", PathBuf::from(source), e))?
+        .to_vec();
+    let decoded: Box<dyn Read + Send + '_> = if magic.starts_with(GZIP_MAGIC) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(raw))
+    } else if magic.starts_with(ZSTD_MAGIC) {
+        Box::new(
+            zstd::stream::read::Decoder::with_buffer(raw)
+                .map_err(|e| unpack::Unpacker::malformed(source, e))?,
+        )
+    } else if magic.starts_with(XZ_MAGIC) || magic.starts_with(BZIP2_MAGIC) {
+        return Err(Error::usage(
+            format!("layer tarball {source}"),
+            "xz and bzip2 compression are not supported",
+            "decompress it first (or recompress with gzip or zstd)",
+        ));
+    } else {
+        Box::new(raw)
+    };
+    std::thread::scope(|scope| -> Result<unpack::Unpacked> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(PIPELINE_DEPTH);
+        scope.spawn(move || pump(HashReader::new(decoded, tar_tally), tx));
+        let stream = unpack::HeaderBudget::new(ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            total: 0,
+        });
+        let budget = stream.state();
+        let mut archive = tar::Archive::new(stream);
+        let mut unpacker = unpack::Unpacker::new(diff, source)?;
+        let end = unpacker.unpack(&mut archive, &budget)?;
+        // The diffID covers the whole uncompressed stream, padding included.
+        let mut rest = archive.into_inner().into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(|e| unpack::Unpacker::malformed(source, e))?;
+        // A tar ends with zero blocks; a stream that stops right after an entry was cut.
+        if rest.total < end + 512 {
+            return Err(unpack::Unpacker::malformed(
+                source,
+                "no end-of-archive marker (the tarball was cut short)",
+            ));
+        }
+        Ok(unpacker.stats())
+    })
+}
+
+/// The diffID and blob digest the caller expects, against what the streams hashed to.
+fn check_digests(
+    source: &str,
+    want_diff: Option<&str>,
+    diff_id: &str,
+    want_blob: Option<&str>,
+    blob: &Tally,
+) -> Result<()> {
+    if let Some(want) = want_diff {
+        if want != diff_id {
+            return Err(Error::usage(
+                format!("layer tarball {source}"),
+                format!("diffID mismatch: expected {want}, the tar stream hashes to {diff_id}"),
+                "nothing was published; check --diff-id or fetch the layer again",
+            ));
+        }
+    }
+    if let Some(want) = want_blob {
+        let got = blob.digest();
+        if want != got {
+            return Err(Error::usage(
+                format!("layer blob {source}"),
+                format!("digest mismatch: expected {want}, the blob hashes to {got}"),
+                "nothing was published; the image is damaged, fetch it again",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Step import.record: the layer's record, written and fsynced.
+fn write_record(rec_path: &Path, record: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_vec_pretty(record)
+        .map_err(|e| Error::io("import.record", rec_path, io::Error::other(e)))?;
+    text.push(b'\n');
+    let mut f = File::create(rec_path).map_err(|e| Error::io("import.record", rec_path, e))?;
+    io::Write::write_all(&mut f, &text).map_err(|e| Error::io("import.record", rec_path, e))?;
+    f.sync_all()
+        .map_err(|e| Error::io("import.record_fsync", rec_path, e))
 }
 
 /// Where the manifest of a layer directory lives.

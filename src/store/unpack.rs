@@ -553,41 +553,9 @@ impl<'s> Unpacker<'s> {
         })
     }
 
+    /// Import one tar entry: its name checked, then a whiteout, or the node of its type.
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, ext: &Extended) -> Result<()> {
-        // Name and link target from our PAX reading (see `pax_records`), as the crate would
-        // take them: a GNU long name or link first, then PAX, then the header.
-        let raw = match ext.get(b"path").filter(|_| !ext.long_name) {
-            Some(p) => p.to_vec(),
-            None => entry.path_bytes().into_owned(),
-        };
-        let link: Option<Vec<u8>> = match ext.get(b"linkpath").filter(|_| !ext.long_link) {
-            Some(l) => Some(l.to_vec()),
-            None => entry.link_name_bytes().map(|l| l.into_owned()),
-        };
-        // The crate sizes the entry's data from a PAX `size` with its own reader; if that
-        // missed it, the stream is out of step.
-        if let Some(size) = ext.get(b"size") {
-            if std::str::from_utf8(size).ok().and_then(|s| s.parse::<u64>().ok()) != Some(entry.size()) {
-                return Err(self.refuse(&raw, "PAX size the tar reader did not apply"));
-            }
-        }
-        if raw.len() > PATH_MAX {
-            return Err(self.refuse(
-                &raw[..64],
-                format!("name of {} bytes is longer than PATH_MAX ({PATH_MAX})", raw.len()),
-            ));
-        }
-        if let Some(link) = &link {
-            if link.len() > PATH_MAX {
-                return Err(self.refuse(
-                    &raw,
-                    format!(
-                        "link target of {} bytes is longer than PATH_MAX ({PATH_MAX})",
-                        link.len()
-                    ),
-                ));
-            }
-        }
+        let (raw, link) = self.names(entry, ext)?;
         let comps = components(&raw).map_err(|why| self.refuse(&raw, why))?;
         let etype = entry.header().entry_type();
         if etype.is_pax_global_extensions() {
@@ -631,69 +599,10 @@ impl<'s> Unpacker<'s> {
         let parent = self.parent(parents, &raw)?;
         use tar::EntryType as T;
         match etype {
-            T::Directory => {
-                let existing_dir = self.make_room(&parent, name, true, &raw)?;
-                if !existing_dir {
-                    rustix::fs::mkdirat(&*parent, name, Mode::from_raw_mode(DIR_CREATE_MODE))
-                        .map_err(|e| self.io("import.mkdir", &raw, e))?;
-                    self.stats.entries += 1;
-                }
-                let fd = rustix::fs::openat(
-                    &*parent,
-                    name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| self.io("import.open_dir", &raw, e))?;
-                let rel = comps.join(&b'/');
-                self.dir_meta(&fd, rel, &raw, meta)
-            }
-            T::Regular | T::Continuous | T::GNUSparse => {
-                self.make_room(&parent, name, false, &raw)?;
-                let fd = rustix::fs::openat(
-                    &*parent,
-                    name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| self.io("import.create", &raw, e))?;
-                let mut file = File::from(fd);
-                let want = entry.size();
-                let mut got = 0u64;
-                loop {
-                    let n = match entry.read(&mut self.buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(Self::malformed(self.source, e)),
-                    };
-                    file.write_all(&self.buf[..n])
-                        .map_err(|e| Error::io("import.write", PathBuf::from(show(&raw)), e))?;
-                    got += n as u64;
-                }
-                if etype != T::GNUSparse && got != want {
-                    return Err(Self::malformed(
-                        self.source,
-                        format!("entry \"{}\": data ends after {got} of {want} bytes", show(&raw)),
-                    ));
-                }
-                self.stats.bytes += got;
-                self.stats.entries += 1;
-                let fd = OwnedFd::from(file);
-                self.chown(Some(&fd), &parent, name, &meta, &raw)?;
-                // After chown: chown clears setuid/setgid.
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode))
-                    .map_err(|e| self.io("import.chmod", &raw, e))?;
-                for (k, v) in &meta.xattrs {
-                    rustix::fs::fsetxattr(&fd, k.as_slice(), v, XattrFlags::empty())
-                        .or_else(|e| self.xattr_failed(e, k, &raw))?;
-                }
-                rustix::fs::futimens(&fd, &meta.times).map_err(|e| self.io("import.utimens", &raw, e))
-            }
+            T::Directory => self.dir_entry(&parent, name, &comps, &raw, meta),
+            T::Regular | T::Continuous | T::GNUSparse => self.file_entry(entry, &parent, name, &raw, &meta),
             T::Symlink => {
-                let target = link
-                    .clone()
-                    .ok_or_else(|| self.refuse(&raw, "symlink without a target"))?;
+                let target = link.ok_or_else(|| self.refuse(&raw, "symlink without a target"))?;
                 if target.is_empty() || target.contains(&0) {
                     return Err(self.refuse(&raw, "invalid symlink target"));
                 }
@@ -706,44 +615,174 @@ impl<'s> Unpacker<'s> {
                 self.node_meta(&parent, name, &meta, &raw, false)
             }
             T::Link => {
-                let target = link
-                    .clone()
-                    .ok_or_else(|| self.refuse(&raw, "hard link without a target"))?;
+                let target = link.ok_or_else(|| self.refuse(&raw, "hard link without a target"))?;
                 self.hard_link(&parent, name, &comps, &target, &raw)
             }
-            T::Char | T::Block | T::Fifo => {
-                let h = entry.header();
-                let major = h.device_major().map_err(|e| self.refuse(&raw, e))?.unwrap_or(0);
-                let minor = h.device_minor().map_err(|e| self.refuse(&raw, e))?.unwrap_or(0);
-                let ft = match etype {
-                    T::Char => FileType::CharacterDevice,
-                    T::Block => FileType::BlockDevice,
-                    _ => FileType::Fifo,
-                };
-                self.make_room(&parent, name, false, &raw)?;
-                rustix::fs::mknodat(
-                    &*parent,
-                    name,
-                    ft,
-                    Mode::from_raw_mode(0o600),
-                    rustix::fs::makedev(major, minor),
-                )
-                .map_err(|e| {
-                    if e == Errno::PERM && ft != FileType::Fifo {
-                        Error::usage(
-                            format!("layer tarball {}", self.source),
-                            format!("entry \"{}\": creating a device node needs root", show(&raw)),
-                            "import the layer as root",
-                        )
-                    } else {
-                        self.io("import.mknod", &raw, e)
-                    }
-                })?;
-                self.stats.entries += 1;
-                self.node_meta(&parent, name, &meta, &raw, true)
-            }
+            T::Char | T::Block | T::Fifo => self.device_entry(entry, &parent, name, &raw, &meta),
             other => Err(self.refuse(&raw, format!("unsupported tar entry type {other:?}"))),
         }
+    }
+
+    /// The entry's name and link target from our PAX reading (see `pax_records`), as the
+    /// crate would take them: a GNU long name or link first, then PAX, then the header; both
+    /// checked against PATH_MAX.
+    fn names<R: Read>(
+        &self,
+        entry: &tar::Entry<'_, R>,
+        ext: &Extended,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+        let raw = match ext.get(b"path").filter(|_| !ext.long_name) {
+            Some(p) => p.to_vec(),
+            None => entry.path_bytes().into_owned(),
+        };
+        let link: Option<Vec<u8>> = match ext.get(b"linkpath").filter(|_| !ext.long_link) {
+            Some(l) => Some(l.to_vec()),
+            None => entry.link_name_bytes().map(|l| l.into_owned()),
+        };
+        // The crate sizes the entry's data from a PAX `size` with its own reader; if that
+        // missed it, the stream is out of step.
+        if let Some(size) = ext.get(b"size") {
+            if std::str::from_utf8(size).ok().and_then(|s| s.parse::<u64>().ok()) != Some(entry.size()) {
+                return Err(self.refuse(&raw, "PAX size the tar reader did not apply"));
+            }
+        }
+        if raw.len() > PATH_MAX {
+            return Err(self.refuse(
+                &raw[..64],
+                format!("name of {} bytes is longer than PATH_MAX ({PATH_MAX})", raw.len()),
+            ));
+        }
+        if let Some(link) = &link {
+            if link.len() > PATH_MAX {
+                return Err(self.refuse(
+                    &raw,
+                    format!(
+                        "link target of {} bytes is longer than PATH_MAX ({PATH_MAX})",
+                        link.len()
+                    ),
+                ));
+            }
+        }
+        Ok((raw, link))
+    }
+
+    /// A directory entry: made unless one is there already, then its metadata (applied when
+    /// the layer is done, see `finish_dirs`).
+    fn dir_entry(
+        &mut self,
+        parent: &OwnedFd,
+        name: &[u8],
+        comps: &[&[u8]],
+        raw: &[u8],
+        meta: Meta,
+    ) -> Result<()> {
+        let existing_dir = self.make_room(parent, name, true, raw)?;
+        if !existing_dir {
+            rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(DIR_CREATE_MODE))
+                .map_err(|e| self.io("import.mkdir", raw, e))?;
+            self.stats.entries += 1;
+        }
+        let fd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.io("import.open_dir", raw, e))?;
+        let rel = comps.join(&b'/');
+        self.dir_meta(&fd, rel, raw, meta)
+    }
+
+    /// A regular file: created, its data copied (all of it, unless sparse), then owner, mode,
+    /// xattrs and times.
+    fn file_entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        parent: &OwnedFd,
+        name: &[u8],
+        raw: &[u8],
+        meta: &Meta,
+    ) -> Result<()> {
+        self.make_room(parent, name, false, raw)?;
+        let fd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| self.io("import.create", raw, e))?;
+        let mut file = File::from(fd);
+        let want = entry.size();
+        let mut got = 0u64;
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Self::malformed(self.source, e)),
+            };
+            file.write_all(&self.buf[..n])
+                .map_err(|e| Error::io("import.write", PathBuf::from(show(raw)), e))?;
+            got += n as u64;
+        }
+        if entry.header().entry_type() != tar::EntryType::GNUSparse && got != want {
+            return Err(Self::malformed(
+                self.source,
+                format!("entry \"{}\": data ends after {got} of {want} bytes", show(raw)),
+            ));
+        }
+        self.stats.bytes += got;
+        self.stats.entries += 1;
+        let fd = OwnedFd::from(file);
+        self.chown(Some(&fd), parent, name, meta, raw)?;
+        // After chown: chown clears setuid/setgid.
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode))
+            .map_err(|e| self.io("import.chmod", raw, e))?;
+        for (k, v) in &meta.xattrs {
+            rustix::fs::fsetxattr(&fd, k.as_slice(), v, XattrFlags::empty())
+                .or_else(|e| self.xattr_failed(e, k, raw))?;
+        }
+        rustix::fs::futimens(&fd, &meta.times).map_err(|e| self.io("import.utimens", raw, e))
+    }
+
+    /// A character or block device or a FIFO (devices need root).
+    fn device_entry<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+        parent: &OwnedFd,
+        name: &[u8],
+        raw: &[u8],
+        meta: &Meta,
+    ) -> Result<()> {
+        let h = entry.header();
+        let major = h.device_major().map_err(|e| self.refuse(raw, e))?.unwrap_or(0);
+        let minor = h.device_minor().map_err(|e| self.refuse(raw, e))?.unwrap_or(0);
+        let ft = match h.entry_type() {
+            tar::EntryType::Char => FileType::CharacterDevice,
+            tar::EntryType::Block => FileType::BlockDevice,
+            _ => FileType::Fifo,
+        };
+        self.make_room(parent, name, false, raw)?;
+        rustix::fs::mknodat(
+            parent,
+            name,
+            ft,
+            Mode::from_raw_mode(0o600),
+            rustix::fs::makedev(major, minor),
+        )
+        .map_err(|e| {
+            if e == Errno::PERM && ft != FileType::Fifo {
+                Error::usage(
+                    format!("layer tarball {}", self.source),
+                    format!("entry \"{}\": creating a device node needs root", show(raw)),
+                    "import the layer as root",
+                )
+            } else {
+                self.io("import.mknod", raw, e)
+            }
+        })?;
+        self.stats.entries += 1;
+        self.node_meta(parent, name, meta, raw, true)
     }
 
     fn io(&self, op: &'static str, raw: &[u8], e: Errno) -> Error {

@@ -253,9 +253,14 @@ impl Union {
         let h = h.ok_or(Error::Errno(libc::ENOENT))?;
         let on_upper = h.on_upper.load(Ordering::Acquire);
         let fd = h.fd.read().clone();
-        let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&*fd));
-        let fd = rustix::fs::open(link.as_str(), oflags | OFlags::CLOEXEC, rustix::fs::Mode::empty())
-            .map_err(|e| Error::io("reopen", Path::new(&link), e.into()))?;
+        let writes = oflags.intersects(OFlags::WRONLY | OFlags::RDWR | OFlags::TRUNC);
+        let fd = if on_upper && writes {
+            // may write (truncate) the upper object: through upper/ (the caller's change is
+            // already held; this one nests)
+            self.change()?.reopen(&fd, oflags)?
+        } else {
+            crate::upper::file::reopen_fd(&fd, oflags)?
+        };
         Ok((fd, on_upper))
     }
 

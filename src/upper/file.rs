@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use rustix::fs::Timestamps;
+use rustix::fs::{OFlags, Timestamps};
 
 use super::gate::Change;
 use super::store::StoreFile;
@@ -37,6 +37,22 @@ impl<'u> Change<'u> {
     pub fn store_file(&self, file: StoreFile) -> UpperFile<'_, 'u> {
         UpperFile { change: self, file }
     }
+
+    /// A new open, with `oflags`, of an upper object that has no name any more but is still
+    /// open as `fd` (the kernel reaches it by a file handle, open_by_handle_at): with write
+    /// flags, and the O_TRUNC in them (the truncation), it is a change of the upper.
+    pub fn reopen(&self, fd: &OwnedFd, oflags: OFlags) -> Result<OwnedFd> {
+        reopen_fd(fd, oflags)
+    }
+}
+
+/// A new open of the object open as `fd`, named or not: open(2) of `/proc/self/fd/N`, as
+/// for a deleted file. An open that may write an upper object goes through
+/// [`Change::reopen`].
+pub fn reopen_fd(fd: &OwnedFd, oflags: OFlags) -> Result<OwnedFd> {
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd));
+    rustix::fs::open(link.as_str(), oflags | OFlags::CLOEXEC, rustix::fs::Mode::empty())
+        .map_err(|e| crate::error::Error::io("reopen", Path::new(&link), e.into()))
 }
 
 impl UpperFile<'_, '_> {

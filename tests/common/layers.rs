@@ -39,6 +39,8 @@ pub enum Entry {
     Opaque(String, bool),
     Xattr(String, String, String),
     Meta(String, Option<u32>, Option<(u32, u32)>),
+    /// atime and mtime (seconds, nanoseconds), applied after every other entry
+    Times(String, i64, i64),
 }
 
 impl Entry {
@@ -53,7 +55,8 @@ impl Entry {
             | Entry::Whiteout(p, _)
             | Entry::Opaque(p, _)
             | Entry::Xattr(p, _, _)
-            | Entry::Meta(p, _, _) => p,
+            | Entry::Meta(p, _, _)
+            | Entry::Times(p, _, _) => p,
         }
     }
 }
@@ -91,6 +94,7 @@ impl fmt::Display for Entry {
                 }
                 Ok(())
             }
+            Entry::Times(p, sec, nsec) => write!(f, "t {} {sec}.{nsec:09}", sp(p)),
         }
     }
 }
@@ -173,6 +177,15 @@ pub fn parse_layer(spec: &str) -> Vec<Entry> {
                     expand_path(words[0]),
                     m,
                     words.get(2).map(|o| owner(o)),
+                ));
+            }
+            "t" => {
+                let t = words.get(1).unwrap_or_else(|| bad());
+                let (sec, nsec) = t.split_once('.').unwrap_or((t, "0"));
+                out.push(Entry::Times(
+                    expand_path(words[0]),
+                    sec.parse().unwrap_or_else(|_| bad()),
+                    format!("{nsec:0<9}").parse().unwrap_or_else(|_| bad()),
                 ));
             }
             _ => bad(),
@@ -363,6 +376,7 @@ pub fn materialize(entries: &[Entry], dir: &Path, format: Format, salt: u64) {
                     chmod(&p, *m);
                 }
             }
+            Entry::Times(..) => {}
         }
     }
     // Fixed, old mtimes everywhere (children before parents), so copy-up must preserve them.
@@ -377,6 +391,11 @@ pub fn materialize(entries: &[Entry], dir: &Path, format: Format, salt: u64) {
         );
     }
     set_times(dir, LAYER_MTIME_BASE, 0);
+    for e in entries {
+        if let Entry::Times(p, sec, nsec) = e {
+            set_times(&dir.join(p), *sec, *nsec);
+        }
+    }
 }
 
 /// Pre-order list of relative paths under `dir`, sorted per directory, without following symlinks.

@@ -5,6 +5,7 @@
 //!   also when a test panics), and [`Launch`], how a FUSE daemon is started;
 //! - [`rig`]: the one rig, [`Rig`] (lower, upper, work and mount dirs, `-o` options, mount),
 //!   and small helpers (the binary, e2e scripts, `dir_names`, `scratch`, `as_user`);
+//! - [`cmd`]: verlay run as a command (`Out`, bounded wait) and the test image;
 //! - [`proc`]: the mount table and the process table (mountinfo, daemon PIDs, liveness);
 //! - [`disk`]: loop devices and filesystems on them; [`tools`]: installed tools, `run`;
 //! - the differential machinery of tests/mount.rs (kernel overlayfs is the oracle, the subject
@@ -30,6 +31,7 @@
 //! O dir2               opaque dir, OCI `.wh..wh..opq` for the subject
 //! x a user.k=v         xattr
 //! m a 4755 1000:1000   mode (or `-`) and optional owner uid:gid
+//! t a 1500000000.5     atime and mtime (applied after the fixed mtimes every entry gets)
 //! ```
 #![allow(dead_code, unused_imports, unused_macros)]
 
@@ -45,6 +47,7 @@ macro_rules! require_tools {
     };
 }
 
+pub mod cmd;
 pub mod disk;
 pub mod mount;
 pub mod proc;

@@ -26,7 +26,7 @@ pub struct Registry {
 impl Registry {
     /// docker-registry serving `config` (written to DIR/config.yml) on 127.0.0.1:`port`,
     /// its output in DIR/registry.log; the caller waits until it answers.
-    pub fn spawn(dir: &Path, port: u16, config: &str) -> Registry {
+    fn spawn(dir: &Path, port: u16, config: &str) -> Registry {
         fs::write(dir.join("config.yml"), config).expect("config");
         let log = fs::File::create(dir.join("registry.log")).expect("log");
         let child = Command::new("docker-registry")
@@ -44,29 +44,47 @@ impl Registry {
         }
     }
 
+    /// A plain-HTTP registry storing under `dir/data`.
     pub fn start(dir: &Path) -> Registry {
+        let data = dir.join("data");
+        Registry::start_with(
+            dir,
+            |port| {
+                format!(
+                    "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+                     delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nhealth:\n  storagedriver:\n    enabled: false\n",
+                    data.display()
+                )
+            },
+            |reg| http_status(reg.addr, "GET", "/v2/") == Some(200),
+        )
+    }
+
+    /// docker-registry with the configuration `config(port)` makes (storing under
+    /// `dir/data`), waited for (15 s at most) until `ready` says it serves. The free port is
+    /// found by binding and closing it, so another process may take it before the registry
+    /// binds it: a few ports are tried.
+    pub fn start_with(
+        dir: &Path,
+        config: impl Fn(u16) -> String,
+        ready: impl Fn(&Registry) -> bool,
+    ) -> Registry {
         assert!(
             have("docker-registry"),
             "docker-registry is not installed (bash tests/setup.sh installs it)"
         );
         fs::create_dir_all(dir.join("data")).expect("mkdir data");
-        // The free port is found by binding and closing it, so another process may take it
-        // before the registry binds it: try a few ports.
         for attempt in 1..=3 {
             let port = free_port();
-            let config = format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-                 delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nhealth:\n  storagedriver:\n    enabled: false\n",
-                dir.join("data").display()
-            );
-            let mut reg = Registry::spawn(dir, port, &config);
+            let mut reg = Registry::spawn(dir, port, &config(port));
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
-                if http_status(reg.addr, "GET", "/v2/") == Some(200) {
+                if ready(&reg) {
                     return reg;
                 }
+                let log = || fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
                 if let Ok(Some(st)) = reg.child.try_wait() {
-                    let log = fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
+                    let log = log();
                     if attempt < 3 && log.contains("address already in use") {
                         break;
                     }
@@ -74,8 +92,9 @@ impl Registry {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "docker-registry did not answer on {}",
-                    reg.addr
+                    "docker-registry did not answer on {}:\n{}",
+                    reg.addr,
+                    log()
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -19,6 +19,11 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         Rng((z ^ (z >> 31)) | 1)
     }
+    /// The generator at state `state` as it is (it must not be 0): no seed mixing, for a
+    /// test whose recorded seeds name states (tests/powercut.rs).
+    pub fn from_state(state: u64) -> Rng {
+        Rng(state)
+    }
     pub fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;

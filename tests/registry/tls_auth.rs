@@ -137,45 +137,25 @@ impl Pki {
 /// docker-registry over TLS with `auth_yaml` (the `auth:` section, or empty), on a free
 /// 127.0.0.1 port.
 fn start_tls_registry(dir: &Path, pki: &Pki, auth_yaml: &str) -> Registry {
-    assert!(
-        have("docker-registry"),
-        "docker-registry is not installed (bash tests/setup.sh installs it)"
-    );
-    fs::create_dir_all(dir.join("data")).expect("mkdir data");
-    for attempt in 1..=3 {
-        let port = free_port();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n\
-             health:\n  storagedriver:\n    enabled: false\n{auth_yaml}",
-            dir.join("data").display(),
-            pki.path("server.crt").display(),
-            pki.path("server.key").display(),
-        );
-        let mut reg = Registry::spawn(dir, port, &config);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let log = fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
-            if log.contains("listening on")
+    let data = dir.join("data");
+    Registry::start_with(
+        dir,
+        |port| {
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n\
+                 health:\n  storagedriver:\n    enabled: false\n{auth_yaml}",
+                data.display(),
+                pki.path("server.crt").display(),
+                pki.path("server.key").display(),
+            )
+        },
+        |reg| {
+            let log = fs::read_to_string(reg.dir.join("registry.log")).unwrap_or_default();
+            log.contains("listening on")
                 && TcpStream::connect_timeout(&reg.addr, Duration::from_secs(1)).is_ok()
-            {
-                return reg;
-            }
-            if let Ok(Some(st)) = reg.child.try_wait() {
-                if attempt < 3 && log.contains("address already in use") {
-                    break;
-                }
-                panic!("docker-registry exited ({st}):\n{log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not listen on {}:\n{log}",
-                reg.addr
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    unreachable!("the last attempt returns or panics")
+        },
+    )
 }
 
 fn b64url(b: &[u8]) -> String {

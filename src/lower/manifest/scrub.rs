@@ -183,23 +183,7 @@ pub fn scrub(
             done += e.size;
             continue;
         }
-        let perm = st.st_mode & 0o7777;
-        if perm != e.perm {
-            problems.push(meta(format!("mode {perm:04o}, manifest says {:04o}", e.perm)));
-        }
-        if st.st_uid != e.uid {
-            problems.push(meta(format!("owner uid {}, manifest says {}", st.st_uid, e.uid)));
-        }
-        if st.st_gid != e.gid {
-            problems.push(meta(format!("group gid {}, manifest says {}", st.st_gid, e.gid)));
-        }
-        if matches!(kind, Kind::Char | Kind::Block) && rdev != e.rdev {
-            problems.push(meta(format!(
-                "device {}, manifest says {}",
-                dev_str(rdev),
-                dev_str(e.rdev)
-            )));
-        }
+        attr_problems(&e, &st, &mut problems);
         match read_xattrs(&layer, &e.path) {
             Ok(x) => xattr_problems(&e, &x, &mut problems),
             Err(err) => problems.push(meta(format!("cannot read xattrs: {err}"))),
@@ -231,19 +215,7 @@ pub fn scrub(
                 }
             }
             Kind::Dir => match layer.read_dir(&e.path) {
-                Ok(ents) => {
-                    let listed: HashSet<&[u8]> = manifest
-                        .child_range(&e.path)?
-                        .map(|i| manifest.key(i).map(|(_, n)| n))
-                        .collect::<Result<_>>()?;
-                    let mut extra: Vec<PathBuf> = ents
-                        .iter()
-                        .filter(|d| !listed.contains(d.name.as_bytes()))
-                        .map(|d| e.path.join(&d.name))
-                        .collect();
-                    extra.sort();
-                    problems.extend(extra.into_iter().map(|path| Problem::Unlisted { path }));
-                }
+                Ok(ents) => problems.extend(unlisted(manifest, &e.path, &ents)?),
                 Err(err) => problems.push(meta(format!("cannot list: {err}"))),
             },
             Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket => {}
@@ -251,6 +223,47 @@ pub fn scrub(
     }
     progress(total, total);
     Ok(problems)
+}
+
+/// Mode, owner and device number of the entry `e` (its kind already matched) against `st`.
+fn attr_problems(e: &ManifestEntry, st: &Stat, problems: &mut Vec<Problem>) {
+    let meta = |what: String| Problem::Metadata {
+        path: e.path.clone(),
+        what,
+    };
+    let perm = st.st_mode & 0o7777;
+    if perm != e.perm {
+        problems.push(meta(format!("mode {perm:04o}, manifest says {:04o}", e.perm)));
+    }
+    if st.st_uid != e.uid {
+        problems.push(meta(format!("owner uid {}, manifest says {}", st.st_uid, e.uid)));
+    }
+    if st.st_gid != e.gid {
+        problems.push(meta(format!("group gid {}, manifest says {}", st.st_gid, e.gid)));
+    }
+    let rdev = st.st_rdev;
+    if matches!(e.kind, Kind::Char | Kind::Block) && rdev != e.rdev {
+        problems.push(meta(format!(
+            "device {}, manifest says {}",
+            dev_str(rdev),
+            dev_str(e.rdev)
+        )));
+    }
+}
+
+/// The names in directory `dir` (read as `ents`) that the manifest does not list, sorted.
+fn unlisted(manifest: &Manifest, dir: &Path, ents: &[crate::layer::RawEntry]) -> Result<Vec<Problem>> {
+    let listed: HashSet<&[u8]> = manifest
+        .child_range(dir)?
+        .map(|i| manifest.key(i).map(|(_, n)| n))
+        .collect::<Result<_>>()?;
+    let mut extra: Vec<PathBuf> = ents
+        .iter()
+        .filter(|d| !listed.contains(d.name.as_bytes()))
+        .map(|d| dir.join(&d.name))
+        .collect();
+    extra.sort();
+    Ok(extra.into_iter().map(|path| Problem::Unlisted { path }).collect())
 }
 
 /// Two entries share an inode exactly when the manifest gives them the same non-zero group.
