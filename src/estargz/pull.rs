@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::oci;
 use crate::progress::Progress;
 use crate::registry::client::{Client, Options};
-use crate::registry::pull::{fetch_blob, record_image, start, Pulled, Start};
+use crate::registry::pull::{fetch_blob, fetch_manifest, record_image, start, Pulled, Start};
 use crate::registry::reference::Reference;
 use crate::store::lazy::LazyImport;
 use crate::store::{blobs, chain_id, ImportOptions, Store};
