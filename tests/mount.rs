@@ -690,7 +690,11 @@ fn run_seed(seed: u64, nops: usize) -> Result<(), String> {
     // VERLAY_DIFF_EXTRA_OPTS (e.g. `writeback=1`) replaces that for every seed
     // (common::pair's mount_subject adds it to every mount).
     let replaced = std::env::var_os("VERLAY_DIFF_EXTRA_OPTS").is_some_and(|v| !v.is_empty());
-    set_extra_opts(if seed % 2 == 1 && !replaced { "passthrough=1" } else { "" });
+    set_extra_opts(if seed % 2 == 1 && !replaced {
+        "passthrough=1"
+    } else {
+        ""
+    });
     let mut rng = Rng::new(seed);
     let mut layers = random_layers(&mut rng);
     decorate_layers(&mut rng, &mut layers);
