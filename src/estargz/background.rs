@@ -42,6 +42,20 @@ const BACKGROUND_TRIES: u32 = 5;
 
 /// The background fetch, then the seal.
 pub(super) fn run(s: &Shared) {
+    // One fetch per layer on the machine: every mount of the layer (containerd mounts a
+    // rootfs more than once; podman and a snapshotter may share a store) starts this
+    // thread, and two fetches would move the blob twice and race on its file and seal.
+    let _held = match fetch_lock(s) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            info!(layer = %s.layer, "another process fetches this lazy layer in the background");
+            return;
+        }
+        Err(e) => {
+            warn!(layer = %s.layer, error = %e, "cannot lock the lazy layer for the background fetch; reads still fetch what they need");
+            return;
+        }
+    };
     match fetch_blob(s) {
         Ok(Some(bytes)) => {
             info!(layer = %s.layer, bytes, "background fetch done: the lazy layer's blob is whole")
@@ -63,6 +77,18 @@ pub(super) fn run(s: &Shared) {
         }
     }
     seal(s);
+}
+
+/// An exclusive lock on the layer's `lazy` directory, held until the seal is done, or None
+/// when another process holds it (the lock goes with that process, killed or not).
+fn fetch_lock(s: &Shared) -> Result<Option<File>> {
+    let dir = s.layer_dir.join(LAZY_DIR);
+    let d = File::open(&dir).map_err(|e| Error::io("lazy.lock", &dir, e))?;
+    match rustix::fs::flock(&d, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(d)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(Error::io("lazy.lock", &dir, e.into())),
+    }
 }
 
 /// The layer's chain ID and store, from its directory `STORE/layers/<hex>`.
