@@ -673,3 +673,27 @@ fn chown_minus_one_by_a_non_owner_is_eperm_while_a_writer_is_open() {
         ],
     );
 }
+
+/// fsync through an fd of a directory that was removed or replaced by rename succeeds, as
+/// kernel overlayfs syncs the removed real directory (seed 344: verlay ENOENT).
+#[test]
+fn fsync_of_a_removed_open_dir_succeeds() {
+    case(
+        "fsync_removed_dir",
+        &["d low; d m; f m/x; d other"],
+        &[
+            "mkdir up 0755",
+            "open 0 up r",
+            "open 1 low r",
+            "open 2 m r",
+            "rmdir up => Ok",
+            "fsync 0 => Ok",
+            "rename other low => Ok",
+            "fsync 1 => Ok",
+            "unlink m/x",
+            "rmdir m => Ok",
+            "fsync 2 => Ok",
+            "fstat 0",
+        ],
+    );
+}
