@@ -812,6 +812,23 @@ const KNOWN_DIVERGENCES: &[(u64, &str, &str)] = &[
          that fills the inode fails on the kernel only",
     ),
     (
+        3597,
+        "`rename a/p0 f1/d0/f0` differs:\n  kernel:  Err(ENOSPC)\n  subject: Ok",
+        "as seed 3004 (the kernel's rename adds an xattr to a full inode)",
+    ),
+    (
+        3737,
+        "`fchown 2 0:0` differs:\n  kernel:  Ok\n  subject: Err(EEXIST)",
+        "a change through the fd of a removed lower fifo or device: kernel overlayfs copies it \
+         up by renaming the copy onto its old name over the whiteout, so the removed file \
+         reappears (Linux 6.18, measured); verlay refuses with EEXIST",
+    ),
+    (
+        3757,
+        "`fchmod 0 2755` differs:\n  kernel:  Ok\n  subject: Err(EEXIST)",
+        "as seed 3737 (a removed lower fifo)",
+    ),
+    (
         3038,
         "`setxattr f0/b/a trusted.overlay.opaque=b*1000` differs:\n  kernel:  Err(ENOSPC)\n  subject: Ok",
         "as seed 3004",
