@@ -817,6 +817,11 @@ const KNOWN_DIVERGENCES: &[(u64, &str, &str)] = &[
         "as seed 3004 (the kernel's rename adds an xattr to a full inode)",
     ),
     (
+        4280,
+        "`setacl d0 access u::7,g::7,o::2,u:1000:1,g:1001:4,u:65534:4,g:2000:4,g:2001:4,g:3000:7,u:4006:1,g:4007:2,g:4008:6,m::4` differs:\n  kernel:  Err(ENOSPC)\n  subject: Ok",
+        "as seed 3004",
+    ),
+    (
         3737,
         "`fchown 2 0:0` differs:\n  kernel:  Ok\n  subject: Err(EEXIST)",
         "a change through the fd of a removed lower fifo or device: kernel overlayfs copies it \
