@@ -114,11 +114,7 @@ impl Union {
         };
         match fd {
             Ok((fd, on_upper)) => *node.gone_fd.lock() = Some((Arc::new(fd), on_upper)),
-            Err(e) => debug!(
-                op = "keep_gone",
-                ino = node.id,
-                "no fd on a removed object: {e}"
-            ),
+            Err(e) => debug!(op = "keep_gone", ino = node.id, "no fd on a removed object: {e}"),
         }
     }
 

@@ -79,7 +79,10 @@ impl UpperStore for RealStore {
     }
 
     fn fchown(&self, f: &StoreFile, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
-        let (uid, gid) = (uid.map(rustix::process::Uid::from_raw), gid.map(rustix::process::Gid::from_raw));
+        let (uid, gid) = (
+            uid.map(rustix::process::Uid::from_raw),
+            gid.map(rustix::process::Gid::from_raw),
+        );
         match rustix::fs::fchown(fd(f)?, uid, gid) {
             Err(Errno::BADF) => rustix::fs::chown(fd_link(fd(f)?).as_str(), uid, gid),
             r => r,
