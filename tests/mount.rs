@@ -822,6 +822,17 @@ const KNOWN_DIVERGENCES: &[(u64, &str, &str)] = &[
         "as seed 3004",
     ),
     (
+        4620,
+        "`setacl f0 access u::0,g::1,o::4,u:1000:5,m::4` differs:\n  kernel:  Err(ENOSPC)\n  subject: Ok",
+        "as seed 3004",
+    ),
+    (
+        4835,
+        "`stat f0` differs:\n  kernel:  Ok(d 0755 0:0 nlink=1)\n  subject: Ok(d 0755 0:0 nlink=1 mtime=1616405638082278137)",
+        "not yet understood: a merged dir keeps its lower mtime in verlay where the kernel's \
+         changed, after a rename into it failed with ENOTEMPTY (op #111)",
+    ),
+    (
         3737,
         "`fchown 2 0:0` differs:\n  kernel:  Ok\n  subject: Err(EEXIST)",
         "a change through the fd of a removed lower fifo or device: kernel overlayfs copies it \

@@ -64,8 +64,11 @@ impl Union {
     /// file had (`ovl_copy_up_tmpfile`, linkat onto the dentry's old name), where the unlink
     /// left a whiteout.
     pub(super) fn unlinked_fd(&self, node: &Node, fh: Option<u64>, need_upper: bool) -> Result<Arc<OwnedFd>> {
+        // A removed lower directory's copy-up renames the copy onto its old name, where the
+        // removal left a whiteout: ENOTDIR from rename(2) on kernel overlayfs (seed 4614).
         let kept = || match node.gone_fd.lock().clone() {
             Some((fd, on_upper)) if on_upper || !need_upper => Ok(fd),
+            Some(_) if node.kind == Kind::Dir => errno(libc::ENOTDIR),
             Some(_) => errno(libc::EEXIST),
             None => errno(libc::ENOENT),
         };

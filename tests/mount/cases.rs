@@ -675,13 +675,17 @@ fn chown_minus_one_by_a_non_owner_is_eperm_while_a_writer_is_open() {
 }
 
 /// fsync through an fd of a directory that was removed or replaced by rename succeeds, as
-/// kernel overlayfs syncs the removed real directory (seed 344: verlay ENOENT).
+/// kernel overlayfs syncs the removed real directory (seed 344: verlay ENOENT); a fchmod
+/// through the fd of a removed lower directory is ENOTDIR (seed 4614: verlay EEXIST).
 #[test]
 fn fsync_of_a_removed_open_dir_succeeds() {
     case(
         "fsync_removed_dir",
-        &["d low; d m; f m/x; d other"],
+        &["d low; d m; f m/x; d other; d gone"],
         &[
+            "open 3 gone r",
+            "rmdir gone => Ok",
+            "fchmod 3 0700 => ENOTDIR",
             "mkdir up 0755",
             "open 0 up r",
             "open 1 low r",
