@@ -118,6 +118,28 @@ pub fn privs_to_kill(ctx: &Ctx, mode: u32, gid: u32) -> u32 {
     kill
 }
 
+/// Is the caller of a request inside chown(2) (chown, fchown, lchown, fchownat), from
+/// /proc/PID/syscall (PID: the calling thread, as FUSE sends it)? None when that cannot be
+/// read (no caller, the thread gone, no permission), or a 32-bit caller's numbers.
+///
+/// With FUSE_HANDLE_KILLPRIV_V2, chown(-1, -1) and the kernel's `file_remove_privs` before a
+/// write arrive as the same empty SETATTR (no FATTR_FH, FATTR_CTIME or FATTR_KILL_SUIDGID
+/// in either, measured on Linux 6.18): only the syscall the caller is blocked in tells
+/// them apart.
+pub fn caller_in_chown(ctx: &Ctx) -> Option<bool> {
+    if ctx.pid == 0 {
+        return None;
+    }
+    // "NR arg1 ... sp pc" while blocked in a syscall (here: waiting for this reply).
+    let text = std::fs::read_to_string(format!("/proc/{}/syscall", ctx.pid)).ok()?;
+    let nr: libc::c_long = text.split_whitespace().next()?.parse().ok()?;
+    #[cfg(target_arch = "x86_64")]
+    if nr == libc::SYS_chown || nr == libc::SYS_lchown {
+        return Some(true);
+    }
+    Some(nr == libc::SYS_fchown || nr == libc::SYS_fchownat)
+}
+
 /// (in group `gid` by a supplementary group, holds CAP_FSETID) for the caller, from
 /// /proc/PID/status; (true, true) for a request without a caller (pid 0) or one whose
 /// status is gone, so that nothing is removed for it.

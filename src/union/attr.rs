@@ -55,20 +55,25 @@ impl Union {
     }
 
     /// An fd on the object of an unlinked node: the request's handle, or any open one of the
-    /// node; with `need_upper`, only one on the upper object (never change a lower through
-    /// an fd).
+    /// node, or the fd kept at its removal ([`Node::gone_fd`]: directories and the special
+    /// files the kernel opens itself); with `need_upper`, only one on the upper object (never
+    /// change a lower through an fd).
     ///
     /// A change through an fd of an unlinked lower file (only read-only fds stay on a lower)
     /// fails with EEXIST, as on kernel overlayfs: its copy-up links the copy at the name the
     /// file had (`ovl_copy_up_tmpfile`, linkat onto the dentry's old name), where the unlink
     /// left a whiteout.
     pub(super) fn unlinked_fd(&self, node: &Node, fh: Option<u64>, need_upper: bool) -> Result<Arc<OwnedFd>> {
+        // A removed lower directory's copy-up renames the copy onto its old name, where the
+        // removal left a whiteout: ENOTDIR from rename(2) on kernel overlayfs (seed 4614).
+        let kept = || match node.gone_fd.lock().clone() {
+            Some((fd, on_upper)) if on_upper || !need_upper => Ok(fd),
+            Some(_) if node.kind == Kind::Dir => errno(libc::ENOTDIR),
+            Some(_) => errno(libc::EEXIST),
+            None => errno(libc::ENOENT),
+        };
         if node.kind == Kind::Dir {
-            return match node.gone_dir.lock().clone() {
-                Some((fd, on_upper)) if on_upper || !need_upper => Ok(fd),
-                Some(_) => errno(libc::EEXIST),
-                None => errno(libc::ENOENT),
-            };
+            return kept();
         }
         let ok = |h: &FileHandle| !need_upper || h.on_upper.load(Ordering::Acquire);
         if let Some(h) = fh.and_then(|fh| self.file(fh).ok()) {
@@ -80,35 +85,39 @@ impl Union {
         match handles.iter().find(|h| ok(h)) {
             Some(h) => Ok(h.fd.read().clone()),
             None if !handles.is_empty() => errno(libc::EEXIST),
-            None => errno(libc::ENOENT),
+            None => kept(),
         }
     }
 
-    /// Before a directory is removed or replaced: keep an fd on its object in
-    /// `gone_dir`, for requests through an fd the kernel still has open on it (as kernel
-    /// overlayfs answers them from the removed inode). Dropped with the node, when the kernel
-    /// forgets it. Best effort: without it those requests fail with ENOENT.
-    pub(super) fn keep_gone_dir(&self, node: &Node) {
+    /// Before a directory, fifo, device, socket or symlink is removed or replaced: keep an fd
+    /// on its object in `gone_fd`, for requests through an fd the kernel still has open on it
+    /// (as kernel overlayfs answers them from the removed inode; a regular file has the
+    /// daemon's own handles). O_PATH for the non-directories: it opens no device and joins no
+    /// fifo. Dropped with the node, when the kernel forgets it. Best effort: without it those
+    /// requests fail with ENOENT.
+    pub(super) fn keep_gone(&self, node: &Node) {
+        let flags = match node.kind {
+            Kind::File => return,
+            Kind::Dir => OFlags::RDONLY | OFlags::DIRECTORY,
+            _ => OFlags::PATH,
+        };
         let st = node.snapshot();
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY;
         let fd = if st.upper {
             self.path_of(node)
                 .and_then(|p| self.upper()?.dir.open_file(&p, flags))
                 .map(|fd| (fd, true))
         } else {
-            st.lowers
-                .first()
-                .ok_or(Error::Errno(libc::ENOENT))
+            let lref = match node.kind {
+                Kind::Dir => st.lowers.first(),
+                _ => st.lower.as_ref(),
+            };
+            lref.ok_or(Error::Errno(libc::ENOENT))
                 .and_then(|l| self.lowers[l.layer].open_file(&l.path, flags))
                 .map(|fd| (fd, false))
         };
         match fd {
-            Ok((fd, on_upper)) => *node.gone_dir.lock() = Some((Arc::new(fd), on_upper)),
-            Err(e) => debug!(
-                op = "keep_gone_dir",
-                ino = node.id,
-                "no fd on a removed directory: {e}"
-            ),
+            Ok((fd, on_upper)) => *node.gone_fd.lock() = Some((Arc::new(fd), on_upper)),
+            Err(e) => debug!(op = "keep_gone", ino = node.id, "no fd on a removed object: {e}"),
         }
     }
 
@@ -181,19 +190,26 @@ impl Union {
 
 impl Union {
     /// An empty SETATTR (FUSE_HANDLE_KILLPRIV_V2) from a non-root caller: a chown that removes
-    /// bits is a chmod, for the owner only (setattr_prepare). A write needs a writable handle
-    /// of the node, so without one this is a chown: EPERM before any copy-up.
+    /// bits is a chmod, for the owner only (setattr_prepare), so EPERM before any copy-up;
+    /// the kernel's kill before a write is allowed. Told apart by the syscall the caller is
+    /// in ([`caller_in_chown`]); where that cannot be read, a node with a writable handle is
+    /// taken to be written.
     fn check_empty_setattr(&self, ctx: &Ctx, node: &Node) -> Result<()> {
         let st = self.real_stat(node)?;
         let kill = privs_to_kill(ctx, st.st_mode, self.opts.ids.gid_from_disk(st.st_gid));
         let owner = self.opts.ids.uid_from_disk(st.st_uid) == ctx.uid;
-        let writers = node
-            .handles
-            .lock()
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .any(|h| h.writable);
-        if kill != 0 && !owner && !writers {
+        if kill == 0 || owner {
+            return Ok(());
+        }
+        let chown = caller_in_chown(ctx).unwrap_or_else(|| {
+            !node
+                .handles
+                .lock()
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .any(|h| h.writable)
+        });
+        if chown {
             return errno(libc::EPERM);
         }
         Ok(())

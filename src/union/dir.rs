@@ -291,6 +291,13 @@ impl Union {
         if id == ROOT_ID {
             return up.syncfs();
         }
+        if node.state.read().unlinked {
+            // A removed directory still open (seed 344): sync its upper object through the fd
+            // kept at the removal, as kernel overlayfs syncs the removed real directory; a
+            // lower one has nothing in the upper to sync.
+            let fd = self.unlinked_fd(&node, None, true).ok();
+            return up.sync_file(fd, false);
+        }
         if !node.state.read().upper {
             return up.sync_dir(None);
         }

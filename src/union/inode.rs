@@ -79,10 +79,11 @@ pub struct Node {
     pub pin: AtomicU64,
     /// attributes of a removed directory (reported with nlink 0 while it is still open)
     pub gone_attr: Mutex<Option<Box<crate::union::Attr>>>,
-    /// a removed directory: an fd on its object, opened before the removal (true: on the
-    /// upper), for fchown, fchmod, fgetxattr, ... through an fd the kernel still has open on
-    /// it (FUSE sends no OPENDIR here, so the daemon has no handle of its own)
-    pub gone_dir: Mutex<Option<(Arc<std::os::fd::OwnedFd>, bool)>>,
+    /// a removed directory, fifo, device, socket or symlink: an fd on its object, opened
+    /// before the removal (true: on the upper), for fstat, fchown, fchmod, fgetxattr, ...
+    /// through an fd the kernel still has open on it (the kernel opens these without asking
+    /// the daemon, so it has no handle of its own); O_PATH except for directories
+    pub gone_fd: Mutex<Option<(Arc<std::os::fd::OwnedFd>, bool)>>,
     /// directories: live child nodes by name, so a name keeps its node while known
     pub children: Mutex<ChildMap>,
     /// whether the object is known to have no `security.capability` xattr (see
@@ -103,7 +104,7 @@ impl Node {
             copy_up: Mutex::new(()),
             handles: Mutex::new(Default::default()),
             gone_attr: Mutex::new(None),
-            gone_dir: Mutex::new(None),
+            gone_fd: Mutex::new(None),
             children: Mutex::new(ChildMap::default()),
             no_caps: AtomicU64::new(0),
             pin: AtomicU64::new(0),

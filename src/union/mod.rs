@@ -49,7 +49,10 @@ use crate::layer::{is_whiteout_stat, Kind, LayerDir, OCI_OPAQUE_MARKER, OCI_WHIT
 use crate::lower::verify::VerifiedLayer;
 pub use crate::upper::Frozen;
 use crate::upper::{Change, Occupant, Owner, Upper, XattrNames};
-use acl::{in_group_or_capable, privs_to_kill, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT, POSIX_ACL_PREFIX};
+use acl::{
+    caller_in_chown, in_group_or_capable, privs_to_kill, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT,
+    POSIX_ACL_PREFIX,
+};
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 
 /// Longest redirect kernel overlayfs writes (module parameter redirect_max, default 256);

@@ -27,16 +27,17 @@ impl Union {
             if !empty? {
                 return errno(libc::ENOTEMPTY);
             }
-            self.keep_gone_dir(&child);
+            self.keep_gone(&child);
         }
         if matches!(r.kind, Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket) {
-            // The kernel opens these itself (no handle here): keep what the object was, for
-            // fstat while something still has it open.
+            // The kernel opens these itself (no handle here): keep what the object was and
+            // an fd on it, for fstat, fchmod, ... while something still has it open.
             let known = parent.children.lock().get(name).copied();
             if let Some(child) = known.and_then(|id| self.nodes.get(id)) {
                 if let Ok(a) = self.attr(&child, None) {
                     *child.gone_attr.lock() = Some(Box::new(a));
                 }
+                self.keep_gone(&child);
             }
         }
         self.copy_up(&parent)?;

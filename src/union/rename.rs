@@ -205,9 +205,7 @@ impl Union {
                 if let Ok(a) = self.attr(d, None) {
                     *d.gone_attr.lock() = Some(Box::new(a));
                 }
-                if d.kind == Kind::Dir {
-                    self.keep_gone_dir(d);
-                }
+                self.keep_gone(d);
             }
             // The target is empty in the merged view; only whiteouts can be left in its
             // upper copy, and rename(2) needs it truly empty.

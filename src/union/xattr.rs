@@ -57,11 +57,13 @@ impl Union {
     }
 
     /// An xattr of an unlinked object, read through an fd still open on it (fgetxattr on
-    /// a removed file answers from the file, as on kernel overlayfs).
+    /// a removed file answers from the file, as on kernel overlayfs). By the fd's
+    /// `/proc/self/fd` link: the fd kept on a removed special file is O_PATH, which
+    /// fgetxattr refuses.
     pub(super) fn unlinked_xattr(&self, node: &Node, disk: &OsStr) -> Result<Option<Vec<u8>>> {
         let fd = self.unlinked_fd(node, None, false)?;
         let mut buf = vec![0u8; XATTR_SIZE_MAX];
-        match rustix::fs::fgetxattr(&*fd, disk, &mut buf) {
+        match rustix::fs::getxattr(fd_link(&fd).as_str(), disk, &mut buf) {
             Ok(n) => {
                 buf.truncate(n);
                 Ok(Some(buf))
@@ -75,7 +77,7 @@ impl Union {
     pub(super) fn unlinked_xattr_names(&self, node: &Node) -> Result<Vec<OsString>> {
         let fd = self.unlinked_fd(node, None, false)?;
         let mut buf = vec![0u8; XATTR_LIST_MAX];
-        let n = rustix::fs::flistxattr(&*fd, &mut buf)?;
+        let n = rustix::fs::listxattr(fd_link(&fd).as_str(), &mut buf)?;
         Ok(buf[..n.min(buf.len())]
             .split(|b| *b == 0)
             .filter(|n| !n.is_empty())
@@ -164,4 +166,9 @@ impl Union {
         let id = *node.children.lock().get(name)?;
         self.nodes.get(id).map(|n| n.ino())
     }
+}
+
+/// `/proc/self/fd/N` of an open fd: a path to its object, also for an O_PATH fd.
+fn fd_link(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd))
 }

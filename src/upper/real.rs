@@ -25,6 +25,13 @@ fn fd(f: &StoreFile) -> Result<&OwnedFd> {
     }
 }
 
+/// `/proc/self/fd/N` of `fd`. The fd kept on a removed fifo, device or socket is O_PATH
+/// (opening it for real would open the device or join the fifo): fchmod, fchown and
+/// futimens refuse it with EBADF, and the same calls by this path reach its object.
+fn fd_link(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
 impl RealStore {
     /// A store over these two directory fds (upperdir, `workdir/work`).
     pub fn new(upper: OwnedFd, work: OwnedFd) -> RealStore {
@@ -72,19 +79,31 @@ impl UpperStore for RealStore {
     }
 
     fn fchown(&self, f: &StoreFile, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
-        rustix::fs::fchown(
-            fd(f)?,
+        let (uid, gid) = (
             uid.map(rustix::process::Uid::from_raw),
             gid.map(rustix::process::Gid::from_raw),
-        )
+        );
+        match rustix::fs::fchown(fd(f)?, uid, gid) {
+            Err(Errno::BADF) => rustix::fs::chown(fd_link(fd(f)?).as_str(), uid, gid),
+            r => r,
+        }
     }
 
     fn fchmod(&self, f: &StoreFile, mode: u32) -> Result<()> {
-        rustix::fs::fchmod(fd(f)?, Mode::from_raw_mode(mode))
+        match rustix::fs::fchmod(fd(f)?, Mode::from_raw_mode(mode)) {
+            Err(Errno::BADF) => rustix::fs::chmod(fd_link(fd(f)?).as_str(), Mode::from_raw_mode(mode)),
+            r => r,
+        }
     }
 
     fn futimens(&self, f: &StoreFile, times: &Timestamps) -> Result<()> {
-        rustix::fs::futimens(fd(f)?, times)
+        match rustix::fs::futimens(fd(f)?, times) {
+            Err(Errno::BADF) => {
+                let link = fd_link(fd(f)?);
+                rustix::fs::utimensat(rustix::fs::CWD, link.as_str(), times, AtFlags::empty())
+            }
+            r => r,
+        }
     }
 
     fn fallocate(&self, f: &StoreFile, mode: u32, off: u64, len: u64) -> Result<()> {

@@ -614,3 +614,90 @@ fn xattrs_of_an_unlinked_open_file_are_read_through_the_fd() {
         ],
     );
 }
+
+/// A fifo the kernel opened itself (FUSE sends no OPEN for it, so the daemon has no handle)
+/// keeps answering through that fd once removed or replaced: fstat, fchmod, fchown and
+/// fgetxattr reach its object, as on kernel overlayfs (seeds 2088: fgetxattr ENOENT for
+/// ENODATA, 2103: fchmod ENOENT for Ok). One with another hard link shows nlink 1.
+#[test]
+fn a_removed_or_replaced_open_fifo_answers_through_its_fd() {
+    case(
+        "fifo_kept_fd",
+        &["p up; p low; m low 0640 1000:1000; p two; f file=x"],
+        &[
+            "setxattr up trusted.overlay.opaque=v2 => Ok",
+            "open 0 up rw",
+            "unlink up => Ok",
+            "fchmod 0 0600 => Ok",
+            "fstat 0 => p 0600",
+            "fchown 0 1000:1000 => Ok",
+            "fstat 0 => p 0600 1000:1000",
+            "fgetxattr 0 trusted.overlay.opaque => v2",
+            "chmod two 0644",
+            "link two other",
+            "open 1 two rw",
+            "rename file two => Ok",
+            "fstat 1 => nlink=1",
+            "fgetxattr 1 user.none => ENODATA",
+            "fchmod 1 0604 => Ok",
+            "stat other => p 0604",
+            "open 2 low rw",
+            "unlink low => Ok",
+            "fstat 2 => p 0640 1000:1000",
+            "fgetxattr 2 user.none => ENODATA",
+            // Not compared: a change through the fd of a removed lower fifo. Kernel overlayfs
+            // copies it up by renaming the copy onto its old name, over the whiteout, so the
+            // removed fifo reappears (Linux 6.18); verlay refuses with EEXIST instead.
+        ],
+    );
+}
+
+/// chown(-1, -1) of a setuid file by a non-owner is EPERM (the kernel turns it into a chmod
+/// that drops setuid, for the owner only), also while a writable fd of the file is open
+/// (seed 2153); a write by a non-owner through such an fd still succeeds and drops setuid.
+/// With FUSE_HANDLE_KILLPRIV_V2 both arrive as the same empty SETATTR.
+#[test]
+fn chown_minus_one_by_a_non_owner_is_eperm_while_a_writer_is_open() {
+    case(
+        "chown_noop_eperm",
+        &["f f=data; m f 4777 1000:1000; f g=data; m g 4777 1000:1000"],
+        &[
+            "open 0 f rw",
+            "as 65534:65534 chown f -1:-1 => EPERM",
+            "as 65534:65534 fchown 0 -1:-1 => EPERM",
+            "stat f => f 4777",
+            "as 1000:1000 chown f -1:-1 => Ok",
+            "open 1 g rw",
+            "as 65534:65534 writefd 1 0 1 7 => Ok",
+            "stat g => f 0777",
+        ],
+    );
+}
+
+/// fsync through an fd of a directory that was removed or replaced by rename succeeds, as
+/// kernel overlayfs syncs the removed real directory (seed 344: verlay ENOENT); a fchmod
+/// through the fd of a removed lower directory is ENOTDIR (seed 4614: verlay EEXIST).
+#[test]
+fn fsync_of_a_removed_open_dir_succeeds() {
+    case(
+        "fsync_removed_dir",
+        &["d low; d m; f m/x; d other; d gone"],
+        &[
+            "open 3 gone r",
+            "rmdir gone => Ok",
+            "fchmod 3 0700 => ENOTDIR",
+            "mkdir up 0755",
+            "open 0 up r",
+            "open 1 low r",
+            "open 2 m r",
+            "rmdir up => Ok",
+            "fsync 0 => Ok",
+            "rename other low => Ok",
+            "fsync 1 => Ok",
+            "unlink m/x",
+            "rmdir m => Ok",
+            "fsync 2 => Ok",
+            "fstat 0",
+        ],
+    );
+}
