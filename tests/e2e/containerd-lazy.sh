@@ -59,13 +59,7 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$SNAP_PID" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$SNAP_PID" 2>/dev/null || true
   fi
-  # verlay daemons of mounts under WORK that containerd left behind (none expected)
-  for p in $(pgrep -f "verlay overlay $WORK/" 2>/dev/null || true); do
-    log "leftover verlay daemon $p: $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)"; kill "$p" 2>/dev/null || true
-  done
-  awk -v w="$WORK/" 'index($5, w) == 1 { print $5 }' /proc/self/mountinfo | sort -r | while read -r m; do
-    fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
-  done
+  e2e_reap_under "$WORK"
   if [ "${KEEP:-0}" = 1 ] || [ "$rc" != 0 ] || [ "$E2E_FAILED" != 0 ]; then
     log "kept $WORK (snapshotter: $D/snap.log, containerd: $D/ctd/containerd.log, verlay: $D/verlay.log, registry: $REG/registry.log)"
   else
@@ -76,21 +70,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# check NAME CMD...: one e2e result from a command's status (CMD runs with errexit on)
-check() {
-  local name=$1 t rc; shift
-  t=$(now)
-  set +e
-  (set -e; "$@") > "$WORK/$name.out" 2>&1 </dev/null
-  rc=$?
-  set -e
-  if [ "$rc" = 0 ]; then e2e_ok "$name" "$(since "$t")"; else
-    tail -n 15 "$WORK/$name.out" | sed 's/^/  | /'
-    e2e_fail "$name" "$(since "$t")" "exited $rc; see $WORK/$name.out"
-  fi
-  sed -n 's/^figure: /  /p' "$WORK/$name.out"
-  return "$rc"
-}
 v() { timeout "$TO" "$BIN" "$@"; }
 ctr_() { timeout "$TO" bash "$C" ctr "$D/ctd" "$@"; }
 rpull() { timeout "$TO" ctr-remote -a "$D/ctd/containerd.sock" image rpull --plain-http --snapshotter verlay "$1"; }
@@ -246,13 +225,13 @@ remove() {
   if grep -q "$TOP" <(ctr_ snapshots --snapshotter verlay ls); then echo "the top remote snapshot is still there"; return 1; fi
 }
 
-check rpull rpull_lazy || true
+e2e_check rpull rpull_lazy || true
 # the top layer's snapshot: the committed one no other snapshot names as parent
 TOP=$(ctr_ snapshots --snapshotter verlay ls | awk '
   NR > 1 && $NF == "Committed" { c[$1] = 1; if (NF == 3) p[$2] = 1 }
   END { for (k in c) if (!(k in p)) print k }')
-check run-lazy run_lazy || true
-check plain-fallback plain_fallback || true
-check restart restart || true
-check remove remove || true
+e2e_check run-lazy run_lazy || true
+e2e_check plain-fallback plain_fallback || true
+e2e_check restart restart || true
+e2e_check remove remove || true
 e2e_summary

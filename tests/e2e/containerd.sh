@@ -57,13 +57,7 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$p" 2>/dev/null || true
   done
-  # verlay daemons serving a mount under WORK that containerd left behind (none expected)
-  for p in $(pgrep -f "verlay overlay $WORK/" 2>/dev/null || true); do
-    log "leftover verlay daemon $p: $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)"; kill "$p" 2>/dev/null || true
-  done
-  awk -v w="$WORK/" 'index($5, w) == 1 { print $5 }' /proc/self/mountinfo | sort -r | while read -r m; do
-    fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
-  done
+  e2e_reap_under "$WORK"
   if [ "${KEEP:-0}" = 1 ] || [ "$rc" != 0 ] || [ "$E2E_FAILED" != 0 ]; then
     log "kept $WORK (snapshotter logs: $WORK/*/snap.log, containerd: $WORK/*/ctd/containerd.log, verlay: $WORK/*/verlay.log)"
   else
@@ -148,21 +142,6 @@ expect_line() { local want=$1 out; shift; out=$("$@"); echo "$out"; grep -qx "$w
 
 CHECK='cat /etc/motd; test ! -e /etc/remove-me && test ! -e /opaque/a && test -f /opaque/b &&
        echo written > /root/w && cat /root/w && echo semantics-ok'
-# check NAME CMD...: one e2e result from a command's status. CMD runs in a subshell with
-# errexit on (bash ignores errexit in a function called from `cmd || ...`), so the first
-# failing step fails the check.
-check() {
-  local name=$1 t rc; shift
-  t=$(now)
-  set +e
-  (set -e; "$@") > "$WORK/$name.out" 2>&1 </dev/null
-  rc=$?
-  set -e
-  if [ "$rc" = 0 ]; then e2e_ok "$name" "$(since "$t")"; else
-    tail -n 15 "$WORK/$name.out" | sed 's/^/  | /'
-    e2e_fail "$name" "$(since "$t")" "exited $rc; see $WORK/$name.out"
-  fi
-}
 
 IMG=$WORK/image
 timeout "$TO" bash "$E2E/image.sh" "$IMG" >/dev/null
@@ -188,18 +167,18 @@ smoke() {
     timed "run($sn)" expect_line semantics-ok run_sn "$d" "$sn" "$REF" "smoke-$sn" sh -c "$CHECK"
   done
 }
-check smoke smoke
+e2e_check smoke smoke
 bash "$C" stop "$WORK/smoke/ctd" >/dev/null 2>&1 || true
 grep -E '^\[ *[0-9.]+s\] (import|run)' "$WORK/smoke.out" | sed 's/^/  /' || true
 
 # --- import, run, sealed
 M=$WORK/main
 snap_start "$M" && ctd_start "$M" || { e2e_fail containerd-start 0 "see $M/snap.log, $M/ctd/containerd.log"; e2e_summary; exit 1; }
-check import ctr_ "$M" image import --snapshotter verlay "$TAR"
+e2e_check import ctr_ "$M" image import --snapshotter verlay "$TAR"
 run_semantics() { expect_line semantics-ok run_ "$M" "$REF" "$1" sh -c "$CHECK"; }
-check run run_semantics c-run
+e2e_check run run_semantics c-run
 sealed() { local n; n=$(verify_sealed "$M") || return 1; echo "$n layers sealed and clean"; [ "$n" -ge 3 ]; }
-check sealed sealed
+e2e_check sealed sealed
 
 # --- a View of the image's top layer, mounted as `ctr snapshots mounts` says (a read-only
 # verlay mount of the three committed layers)
@@ -226,7 +205,7 @@ view() {
   local out
   out=$(ctr_ "$M" snapshots --snapshotter verlay rm v-test 2>&1) || grep -q "not found" <<<"$out"
 }
-check view view
+e2e_check view view
 
 # --- restart of the snapshotter while a container runs
 restart_running() {
@@ -240,7 +219,7 @@ restart_running() {
   ctr_ "$M" task delete bg >/dev/null; ctr_ "$M" container delete bg
   run_semantics c-after-restart
 }
-check restart-running restart_running
+e2e_check restart-running restart_running
 
 # --- corrupt a committed layer: EIO in the container, one log line naming the file
 corrupt_eio() {
@@ -254,7 +233,7 @@ corrupt_eio() {
   grep "Input/output error" <<<"$out"
   grep -q "data/blob" "$M/verlay.log" && grep -q "does not match its manifest" "$M/verlay.log"
 }
-check corrupt-eio corrupt_eio
+e2e_check corrupt-eio corrupt_eio
 
 # --- a committed layer whose manifest went missing is refused (mounts say verify=require),
 # not served unchecked
@@ -268,7 +247,7 @@ unsealed_refused() {
   mv "$man.away" "$man"
   grep "no manifest and verify=require" <<<"$out"
 }
-check unsealed-refused unsealed_refused
+e2e_check unsealed-refused unsealed_refused
 
 # --- kill -9 of the snapshotter during an import, at named commit steps and at a random time
 kill_import() {  # kill_import DIR STEP|timed
@@ -299,7 +278,7 @@ kill_import() {  # kill_import DIR STEP|timed
   echo "after re-import: $n sealed layers, all clean"
 }
 for step in commit.syncfs commit.seal commit.db timed; do
-  check "kill-import-$step" kill_import "$WORK/kill-$step" "$step"
+  e2e_check "kill-import-$step" kill_import "$WORK/kill-$step" "$step"
   bash "$C" stop "$WORK/kill-$step/ctd" >/dev/null 2>&1 || true
 done
 
@@ -336,9 +315,9 @@ pull_killed() {
   expect_line semantics-ok run_ "$d" "127.0.0.1:$PORT/test:1" c-pull sh -c "$CHECK"
   verify_sealed "$d" >/dev/null
 }
-if check registry registry; then :; fi
-check pull pull
-check pull-killed pull_killed
+if e2e_check registry registry; then :; fi
+e2e_check pull pull
+e2e_check pull-killed pull_killed
 
 # --- timing: ctr run on verlay vs containerd's overlayfs snapshotter (same containerd)
 timing() {
@@ -353,7 +332,7 @@ timing() {
     done | sort -n | awk -v sn="$sn" '{ v[NR] = $1 } END { printf "timing: ctr run (%s): median %s s, min %s s, max %s s\n", sn, v[3], v[1], v[5] }'
   done
 }
-check timing timing
+e2e_check timing timing
 grep '^timing:' "$WORK/timing.out" | sed 's/^/  /' || true
 
 e2e_summary

@@ -74,3 +74,34 @@ unmount_and_stop() {
   if is_mounted "$m"; then fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; fi
   return 0
 }
+
+# e2e_check NAME CMD...: one e2e result from a command's status. CMD runs in a subshell with
+# errexit on (bash ignores errexit in a function called from `cmd || ...`), so the first
+# failing step fails the check. Its output goes to $WORK/NAME.out; its lines "figure: X" are
+# shown. Returns 0: a failed check is counted (e2e_summary) and the script goes on.
+e2e_check() {
+  local name=$1 t rc; shift
+  t=$(now)
+  set +e
+  (set -e; "$@") > "$WORK/$name.out" 2>&1 </dev/null
+  rc=$?
+  set -e
+  if [ "$rc" = 0 ]; then e2e_ok "$name" "$(since "$t")"; else
+    tail -n 15 "$WORK/$name.out" | sed 's/^/  | /'
+    e2e_fail "$name" "$(since "$t")" "exited $rc; see $WORK/$name.out"
+  fi
+  sed -n 's/^figure: /  /p' "$WORK/$name.out"
+  return 0
+}
+
+# e2e_reap_under DIR: what a test's containerd left under DIR, for its teardown: verlay
+# daemons serving a mount there (none expected; logged, stopped by PID) and the mounts.
+e2e_reap_under() {
+  local w=$1 p m
+  for p in $(pgrep -f "verlay overlay $w/" 2>/dev/null || true); do
+    log "leftover verlay daemon $p: $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)"; kill "$p" 2>/dev/null || true
+  done
+  awk -v w="$w/" 'index($5, w) == 1 { print $5 }' /proc/self/mountinfo | sort -r | while read -r m; do
+    fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+}
