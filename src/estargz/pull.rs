@@ -80,44 +80,22 @@ pub fn pull_lazy(
             out.chain_ids.push(chain);
             continue;
         };
-        let want = want.to_string();
-        let (member, toc_offset, fetched) = fetch_toc(&client, &layer.digest, layer.size, &lwhat)?;
+        let chain = chain_id(parent.as_deref(), want);
+        let one = OneLayer {
+            client: &client,
+            reference: &reference.to_string(),
+            opts,
+            blob: &layer.digest,
+            size: layer.size,
+            toc_digest: want,
+            named_by: "the manifest's annotation",
+            diff_id: serde_json::Value::String(diff_ids[i].clone()),
+            what: &lwhat,
+        };
+        let (fetched, imported) = one.record(store, &chain, parent.clone())?;
         out.bytes_fetched += fetched;
         out.blobs_fetched += 1;
-        let got = sha256_digest(&member.json);
-        if got != want {
-            return Err(Error::remote(
-                &lwhat,
-                format!("TOC digest mismatch: the manifest's annotation says {want}, the TOC in the blob hashes to {got}"),
-                "refusing the layer, nothing was stored: the registry (or something between) serves a TOC the image does not name",
-            ));
-        }
-        let parsed = toc::parse_toc(&member.json).map_err(|why| toc::bad_layer(&lwhat, why))?;
-        let table = toc::chunk_table(&parsed, toc_offset).map_err(|why| toc::bad_layer(&lwhat, why))?;
-        let chain = chain_id(parent.as_deref(), &want);
-        if !store.has_layer(&chain) {
-            let (tar, sizes) = skeleton(&parsed, &member).map_err(|why| toc::bad_layer(&lwhat, why))?;
-            store.import_lazy(&LazyImport {
-                chain_id: chain.clone(),
-                parent: parent.clone(),
-                skeleton: tar,
-                sizes,
-                chunks: table.chunks.len() as u64,
-                toc_json: member.json,
-                lazy: serde_json::json!({
-                    "reference": reference.to_string(),
-                    "plain_http": opts.plain_http,
-                    "tls_verify": opts.tls_verify,
-                    "blob_digest": layer.digest,
-                    "blob_size": layer.size,
-                    "toc_digest": want,
-                    "toc_offset": toc_offset,
-                    "diff_id": diff_ids[i],
-                }),
-                source: lwhat.clone(),
-            })?;
-            out.layers_imported += 1;
-        }
+        out.layers_imported += usize::from(imported);
         tracing::info!(layer = %chain, index = i + 1, digest = %layer.digest, toc = %want, "recorded a lazy layer");
         parent = Some(chain.clone());
         out.chain_ids.push(chain);
@@ -337,38 +315,20 @@ pub fn record_remote_layer(
         Some(s) => s,
         None => remote_blob_size(&client, &blob, &lwhat)?,
     };
-    let (member, toc_offset, got) = fetch_toc(&client, &blob, size, &lwhat)?;
+    let one = OneLayer {
+        client: &client,
+        reference: &l.reference.to_string(),
+        opts,
+        blob: &blob,
+        size,
+        toc_digest: &want,
+        named_by: "the label",
+        diff_id: serde_json::Value::Null,
+        what: &lwhat,
+    };
+    let (got, imported) = one.record(store, &out.chain_id, None)?;
     out.bytes_fetched += got;
-    let have = sha256_digest(&member.json);
-    if have != want {
-        return Err(Error::remote(
-            &lwhat,
-            format!("TOC digest mismatch: the label says {want}, the TOC in the blob hashes to {have}"),
-            "refusing the layer, nothing was stored: the registry (or something between) serves a TOC the image does not name",
-        ));
-    }
-    let parsed = toc::parse_toc(&member.json).map_err(|why| toc::bad_layer(&lwhat, why))?;
-    let table = toc::chunk_table(&parsed, toc_offset).map_err(|why| toc::bad_layer(&lwhat, why))?;
-    let (tar, sizes) = skeleton(&parsed, &member).map_err(|why| toc::bad_layer(&lwhat, why))?;
-    out.imported = store.import_lazy(&LazyImport {
-        chain_id: chain,
-        parent: None,
-        skeleton: tar,
-        sizes,
-        chunks: table.chunks.len() as u64,
-        toc_json: member.json,
-        lazy: serde_json::json!({
-            "reference": l.reference.to_string(),
-            "plain_http": opts.plain_http,
-            "tls_verify": opts.tls_verify,
-            "blob_digest": blob,
-            "blob_size": size,
-            "toc_digest": want,
-            "toc_offset": toc_offset,
-            "diff_id": serde_json::Value::Null,
-        }),
-        source: lwhat,
-    })?;
+    out.imported = imported;
     Ok(Some(out))
 }
 
@@ -400,4 +360,67 @@ fn remote_blob_size(client: &Client, digest: &str, what: &str) -> Result<u64> {
                 ))
             })
     })
+}
+
+/// One eStargz layer to record lazily: where its blob is and what names its TOC.
+struct OneLayer<'a> {
+    client: &'a Client,
+    reference: &'a str,
+    opts: &'a Options,
+    blob: &'a str,
+    size: u64,
+    /// the TOC digest the trusted side names (manifest annotation, or containerd's label)
+    toc_digest: &'a str,
+    /// that trusted side, for the refusal
+    named_by: &'a str,
+    /// the layer's diffID from the image config (Null when the caller has no config)
+    diff_id: Value,
+    what: &'a str,
+}
+
+impl OneLayer<'_> {
+    /// Fetch the footer and TOC, check the TOC against its digest (or refuse, storing
+    /// nothing), and import the skeleton under `chain` unless the store has it; the bytes
+    /// fetched, and whether it was imported.
+    fn record(&self, store: &Store, chain: &str, parent: Option<String>) -> Result<(u64, bool)> {
+        let (member, toc_offset, fetched) = fetch_toc(self.client, self.blob, self.size, self.what)?;
+        let got = sha256_digest(&member.json);
+        if got != self.toc_digest {
+            return Err(Error::remote(
+                self.what,
+                format!(
+                    "TOC digest mismatch: {} says {}, the TOC in the blob hashes to {got}",
+                    self.named_by, self.toc_digest
+                ),
+                "refusing the layer, nothing was stored: the registry (or something between) serves a TOC the image does not name",
+            ));
+        }
+        if store.has_layer(chain) {
+            return Ok((fetched, false));
+        }
+        let what = |why| toc::bad_layer(self.what, why);
+        let parsed = toc::parse_toc(&member.json).map_err(what)?;
+        let table = toc::chunk_table(&parsed, toc_offset).map_err(what)?;
+        let (tar, sizes) = skeleton(&parsed, &member).map_err(what)?;
+        let imported = store.import_lazy(&LazyImport {
+            chain_id: chain.to_string(),
+            parent,
+            skeleton: tar,
+            sizes,
+            chunks: table.chunks.len() as u64,
+            toc_json: member.json,
+            lazy: serde_json::json!({
+                "reference": self.reference,
+                "plain_http": self.opts.plain_http,
+                "tls_verify": self.opts.tls_verify,
+                "blob_digest": self.blob,
+                "blob_size": self.size,
+                "toc_digest": self.toc_digest,
+                "toc_offset": toc_offset,
+                "diff_id": self.diff_id,
+            }),
+            source: self.what.to_string(),
+        })?;
+        Ok((fetched, imported))
+    }
 }
