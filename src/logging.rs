@@ -23,5 +23,11 @@ pub fn init_with_default(default: &str) {
             return;
         }
     }
-    let _ = builder.with_writer(std::io::stderr).try_init();
+    // colours only for a terminal: a daemon's stderr is usually a log file (the
+    // snapshotter's under containerd, a test's), where escape codes are noise
+    use std::io::IsTerminal;
+    let _ = builder
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
