@@ -198,11 +198,15 @@ def table(run_path):
     # the two passthrough=1 columns.
     ver = "verlaydef" if "verlaydef" in ids else "verlay"
     label = {m["id"]: m["label"] for m in modes}
-    refs = [i for i in ids if i not in (ver, "verlayv")]
+    # the opt-in variants of the default (io_uring=on, writeback=1) get their own ratio to the
+    # kernel column, beside the default's ratios
+    extra = [i for i in ("verlayur", "verlaywb") if i in ids and "kernel" in ids]
+    refs = [i for i in ids if i not in (ver, "verlayv") and i not in extra]
     has_v = "verlayv" in ids and "verlay" in ids
 
     head = ["workload"] + [f"{label[i]}" for i in ids]
     head += [f"{label[ver]} / {label[i]}" for i in refs]
+    head += [f"{label[i]} / {label['kernel']}" for i in extra]
     if has_v:
         head.append("verify=on / verify=off")
     out = []
@@ -228,6 +232,11 @@ def table(run_path):
                 row.append(fmt_r(ratio(mean(iops[r][w]), mean(iops[ver][w]))))
             else:
                 row.append(fmt_r(ratio(mean(secs[ver].get(w, [])), mean(secs[r].get(w, [])))))
+        for x in extra:
+            if tb and iops[x].get(w) and iops["kernel"].get(w):
+                row.append(fmt_r(ratio(mean(iops["kernel"][w]), mean(iops[x][w]))))
+            else:
+                row.append(fmt_r(ratio(mean(secs[x].get(w, [])), mean(secs["kernel"].get(w, [])))))
         if has_v:
             if tb and iops["verlay"].get(w) and iops["verlayv"].get(w):
                 row.append(fmt_r(ratio(mean(iops["verlay"][w]), mean(iops["verlayv"][w]))))
@@ -260,6 +269,9 @@ def table(run_path):
                 for r in refs:
                     row.append(fmt_r(ratio(mean(sc[ver].get(op, {}).get(n, [])),
                                            mean(sc[r].get(op, {}).get(n, [])))))
+                for x in extra:
+                    row.append(fmt_r(ratio(mean(sc[x].get(op, {}).get(n, [])),
+                                           mean(sc["kernel"].get(op, {}).get(n, [])))))
                 if has_v:
                     row.append(fmt_r(ratio(mean(sc["verlayv"].get(op, {}).get(n, [])),
                                            mean(sc["verlay"].get(op, {}).get(n, [])))))
@@ -269,7 +281,7 @@ def table(run_path):
             for i in ids:
                 a, b = mean(sc[i].get(op, {}).get(hi, [])), mean(sc[i].get(op, {}).get(lo, []))
                 row.append(f"**{fmt_r(ratio(a, b))}x**" if a and b else "-")
-            row += [""] * (len(refs) + (1 if has_v else 0))
+            row += [""] * (len(refs) + len(extra) + (1 if has_v else 0))
             out.append("| " + " | ".join(row) + " |")
 
     # peak RSS
@@ -303,6 +315,7 @@ def table(run_path):
             row.append(" / ".join(f"{mib(v):.1f}" for v in vs) or "-")
         for r in refs:
             row.append("-" if r == "kernel" else fmt_r(ratio(vals.get(ver), vals.get(r))))
+        row += ["-"] * len(extra)
         if has_v:
             row.append(fmt_r(ratio(vals.get("verlayv"), vals.get("verlay"))))
         return "| " + " | ".join(row) + " |"

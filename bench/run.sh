@@ -11,8 +11,10 @@
 #   --reps N      run the mode sequence N times, interleaved: kernel, 1.10, 2.0,
 #                 verlay, then again kernel, 1.10, ... (default 1)
 #   --out FILE    markdown results file (default BENCH_ROOT/verlay-bench/<time>/results.md)
-#   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlaydef,verlay,verlayv,verlaynp
-#                 (default all but verlaynp). verlaydef is verlay with no options at all, as
+#   --modes LIST  comma-separated subset of: kernel,fo110,fo20,verlaydef,verlay,verlayv,verlaynp,
+#                 verlayur,verlaywb (default all but verlaynp, verlayur and verlaywb).
+#                 verlayur is the default plus io_uring=on (enable_uring is set to Y for that
+#                 mode only), verlaywb the default plus writeback=1. verlaydef is verlay with no options at all, as
 #                 podman and the snapshotter run it (verify=on: it checks the layers sealed for
 #                 verlayv, passthrough off); verlay and verlayv use passthrough=1, verlaynp not
 #   --no-scaling  skip the create/unlink scaling workload
@@ -114,6 +116,10 @@ SPEC[verlaydef]=fuse:$VERLAY; OPTS[verlaydef]="";             LABEL[verlaydef]="
 SPEC[verlay]=fuse:$VERLAY;   OPTS[verlay]=verify=off,passthrough=1; LABEL[verlay]="verlay verify=off"
 SPEC[verlayv]=fuse:$VERLAY;  OPTS[verlayv]=verify=on,passthrough=1; LABEL[verlayv]="verlay verify=on"
 SPEC[verlaynp]=fuse:$VERLAY; OPTS[verlaynp]=verify=off;             LABEL[verlaynp]="verlay verify=off passthrough=0"
+# the default plus one opt-in lever each: FUSE over io_uring (run_mode sets the fuse module's
+# enable_uring to Y for this mode only and puts it back), and the writeback cache
+SPEC[verlayur]=fuse:$VERLAY; OPTS[verlayur]=io_uring=on;            LABEL[verlayur]="verlay io_uring=on"
+SPEC[verlaywb]=fuse:$VERLAY; OPTS[verlaywb]=writeback=1;            LABEL[verlaywb]="verlay writeback=1"
 VERSION[kernel]="overlay params: $(for p in /sys/module/overlay/parameters/*; do printf '%s=%s ' "$(basename "$p")" "$(cat "$p" 2>/dev/null)"; done)"
 # a program's first two --version lines; "not installed" when it is absent (fo20 is installed
 # only when its mode runs)
@@ -124,8 +130,10 @@ VERSION[verlay]="verlay $(cd "$REPO" && git describe --always --dirty 2>/dev/nul
 VERSION[verlayv]="${VERSION[verlay]}; layers sealed with verlay layer seal (manifests beside them)"
 VERSION[verlaynp]=${VERSION[verlay]}
 VERSION[verlaydef]=${VERSION[verlay]}
+VERSION[verlayur]=${VERSION[verlay]}
+VERSION[verlaywb]=${VERSION[verlay]}
 IFS=, read -r -a MODE_IDS <<< "$MODES"
-for m in "${MODE_IDS[@]}"; do [ -n "${SPEC[$m]:-}" ] || die "unknown mode '$m' (kernel,fo110,fo20,verlaydef,verlay,verlayv,verlaynp)"; done
+for m in "${MODE_IDS[@]}"; do [ -n "${SPEC[$m]:-}" ] || die "unknown mode '$m' (kernel,fo110,fo20,verlaydef,verlay,verlayv,verlaynp,verlayur,verlaywb)"; done
 # verify=on needs manifests beside the cached layers (sealing reads them; it changes nothing
 # in them). verify=off ignores the manifests.
 if [[ ",$MODES," == *,verlayv,* ]]; then
@@ -163,10 +171,16 @@ leftover_check() {  # nothing of ours may stay mounted
     log "warning: mounts left under $BENCH_ROOT:"; awk -v r="$BENCH_ROOT/" 'index($5, r) == 1 {print "  " $5}' /proc/self/mountinfo >&2
   fi
 }
-trap leftover_check EXIT
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+URING_WAS=$(cat "$URING_PARAM" 2>/dev/null || echo N)
+restore_uring() { [ -w "$URING_PARAM" ] && echo "$URING_WAS" > "$URING_PARAM" 2>/dev/null || true; }
+trap 'restore_uring; leftover_check' EXIT
 
 run_mode() {  # id rep
   local id=$1 rep=$2 json=$RES/$1-rep$2.json rss=$RES/$1-rep$2.rss.json sc=$RES/$1-rep$2.scaling.json rc=0
+  if [ "$id" = verlayur ]; then
+    echo Y > "$URING_PARAM" || die "cannot set $URING_PARAM (io_uring=on needs it)"
+  fi
   if [ "$SETS" = 0 ]; then :
   elif [ "$id" = kernel ]; then
     log "rep $rep: ${LABEL[$id]} (${SPEC[$id]}): workload set"
@@ -185,6 +199,7 @@ run_mode() {  # id rep
     BENCH_FUSE_OPTS=${OPTS[$id]} bash "$HERE/scaling.sh" "${SPEC[$id]}" --json "$sc" --sizes "$SIZES" --tries "$TRIES" \
       || log "warning: scaling.sh ${SPEC[$id]} failed"
   fi
+  restore_uring
 }
 T0=$(date +%s)
 for rep in $(seq 1 "$REPS"); do
