@@ -151,10 +151,10 @@ BEHAVIOUR:
                         goes through the daemon.
     io_uring=auto|on|off
                         how requests travel between kernel and daemon: io_uring
-                        queues (Linux 6.14+) or /dev/fuse. auto (default): io_uring
-                        when the kernel offers it, which needs root to have set
-                        /sys/module/fuse/parameters/enable_uring to Y (verlay does
-                        not change that system-wide switch); on: io_uring or fail.
+                        queues (Linux 6.14+) or /dev/fuse. off (default): /dev/fuse;
+                        auto: io_uring when the kernel offers it, which needs root to
+                        have set /sys/module/fuse/parameters/enable_uring to Y (verlay
+                        does not change that system-wide switch); on: io_uring or fail.
     timeout=SECONDS     how long the kernel may cache names and attributes (e.g. 1.5).
     threaded=N          N worker threads (at most 256); 0 single-threaded; 1 the default count.
     fast_ino=0|1        accepted for fuse-overlayfs compatibility.

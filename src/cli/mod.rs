@@ -209,11 +209,14 @@ pub enum RedirectDir {
 pub enum IoUring {
     /// Through io_uring queues when the kernel offers them (`FUSE_OVER_IO_URING` in
     /// INIT, i.e. /sys/module/fuse/parameters/enable_uring is Y), else /dev/fuse.
-    #[default]
     Auto,
     /// Through io_uring queues, or the mount fails.
     On,
-    /// Through /dev/fuse only.
+    /// Through /dev/fuse only. The default: on the 2-CPU machines measured (idle,
+    /// docs/benchmarks.md, 2026-12-07 23:50) io_uring was slower in every loop of
+    /// bench/uring-ab.py and in random writes, so an admin who sets enable_uring for another
+    /// FUSE filesystem must not silently slow verlay down.
+    #[default]
     Off,
 }
 

@@ -259,7 +259,7 @@ fn typed_values() {
 
 #[test]
 fn io_uring_modes() {
-    assert_eq!(opts("lowerdir=/l").io_uring, IoUring::Auto);
+    assert_eq!(opts("lowerdir=/l").io_uring, IoUring::Off);
     for (v, m) in [
         ("auto", IoUring::Auto),
         ("on", IoUring::On),
