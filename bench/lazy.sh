@@ -26,7 +26,7 @@
 # a new snapshotter root):
 #   a  containerd's overlayfs snapshotter: `ctr image pull --plain-http`, then `ctr run`
 #   b  stargz-snapshotter 0.12: its daemon built here from Debian's Go packages
-#      (bench/stargz/main.go, GOPATH mode, offline), started inside containerd's mount
+#      (bench/stargz/main.go, GOPATH mode, offline, ~1.5 min the first time), started inside containerd's mount
 #      namespace (nsenter: / is a private mount here, so mounts it made on the host would not
 #      reach containerd); `ctr-remote image rpull --plain-http --snapshotter stargz`, `ctr run`
 #   c  verlay's snapshotter (`verlay-snapshotter`, as tests/e2e/containerd-lazy.sh runs it);
@@ -95,14 +95,27 @@ BIN=$(resolve_bin "")
 BINDIR=$(dirname "$BIN")
 VSNAP=$BINDIR/verlay-snapshotter
 [ -x "$VSNAP" ] || die "$VSNAP missing after the build"
+# mount.fuse3 looks for `verlay` in the PATH: in containerd's (--path) and in ctr's own, for
+# ctr run mounts the rootfs itself for a moment to read /etc/group (containerd 1.6's
+# WithAdditionalGIDs), as tests/e2e/containerd-lazy.sh does
+export PATH=$BINDIR:$PATH
 
-# stargz-snapshotter's daemon, from Debian's Go packages, offline (GOPATH mode)
+# stargz-snapshotter's daemon, from Debian's Go packages, offline (GOPATH mode). Debian has
+# no k8s.io/cri-api, which service/resolver/cri.go (CRI mirror config, unused here) imports:
+# a GOPATH entry in front of Debian's holds the package `service` (Debian's files, copied)
+# and `service/resolver` without cri.go. Every other package is Debian's, unchanged.
 SGBIN=$LZ/containerd-stargz-grpc
 STARGZ_NOTE=""
 if [[ "$WAYS" == *b* ]]; then
   log "go build bench/stargz (stargz-snapshotter $(dpkg-query -W -f='${Version}' golang-github-containerd-stargz-snapshotter-dev))"
-  if ! (cd "$REPO" && GO111MODULE=off GOPATH=/usr/share/gocode GOPROXY=off GOFLAGS= \
-        GOCACHE=$LZ/gocache go build -o "$SGBIN.new" ./bench/stargz) > "$LZ/go-build.log" 2>&1; then
+  SGSRC=/usr/share/gocode/src/github.com/containerd/stargz-snapshotter/service
+  SGOV=$LZ/gopath/src/github.com/containerd/stargz-snapshotter/service
+  rm -rf "$LZ/gopath"
+  mkdir -p "$SGOV/resolver"
+  find "$SGSRC" -maxdepth 1 -name '*.go' ! -name '*_test.go' -exec cp {} "$SGOV/" \;
+  cp "$SGSRC/resolver/registry.go" "$SGOV/resolver/"
+  if ! (cd "$REPO" && GO111MODULE=off GOPATH=$LZ/gopath:/usr/share/gocode GOPROXY=off GOFLAGS= \
+        GOCACHE=$LZ/gocache timeout 1800 go build -o "$SGBIN.new" ./bench/stargz) > "$LZ/go-build.log" 2>&1; then
     STARGZ_NOTE="the stargz daemon did not build (go build, GOPATH mode, from Debian's Go packages): $(grep -m3 -E 'cannot find package|error|undefined' "$LZ/go-build.log" | tr '\n' ' ')"
     log "$STARGZ_NOTE; full log $LZ/go-build.log; going on without way b"
     WAYS=$(tr ',' '\n' <<<"$WAYS" | grep -v '^b$' | paste -sd,)
@@ -210,8 +223,7 @@ start_env() {  # WAY DIR: the snapshotter(s) and containerd for one cold run
       RUN_SNAP_PID=$!
       for _ in $(seq 200); do [ -S "$d/snap.sock" ] && break; sleep 0.05; done
       [ -S "$d/snap.sock" ] || { tail -5 "$d/snap.log" >&2; return 1; }
-      VERLAY_LOG_FILE=$d/verlay.log PATH=$BINDIR:$PATH \
-        timeout 60 bash "$C" start "$d/ctd" --proxy "verlay=$d/snap.sock" --path "$BINDIR" >/dev/null ;;
+      VERLAY_LOG_FILE=$d/verlay.log timeout 60 bash "$C" start "$d/ctd" --proxy "verlay=$d/snap.sock" --path "$BINDIR" >/dev/null ;;
   esac
 }
 
@@ -258,8 +270,10 @@ one_run() {  # WAY N: one cold run; appends one JSON line to RES/runs.jsonl
     --argjson b0 "$b0" --argjson bp "$bp" --argjson b1 "$b1" --argjson b2 "$b2" '{
       way: $way, run: $run, ok: $ok, why: $why,
       pull_s: ($tp - $t0), pull_bytes: ($bp - $b0),
-      first_s: (if $t1 == "" then null else ($t1 | tonumber) - $t0 end), first_bytes: ($b1 - $b0),
-      all_s: (if $t2 == "" then null else ($t2 | tonumber) - $t0 end), all_bytes: ($b2 - $b0),
+      first_s: (if $t1 == "" then null else ($t1 | tonumber) - $t0 end),
+      first_bytes: (if $t1 == "" then null else $b1 - $b0 end),
+      all_s: (if $t2 == "" then null else ($t2 | tonumber) - $t0 end),
+      all_bytes: (if $t2 == "" then null else $b2 - $b0 end),
       read_s: (if $t2 == "" or $t1 == "" then null else ($t2 | tonumber) - ($t1 | tonumber) end)}' \
     | tee -a "$RES/runs.jsonl" >&2
   $ok || log "run $w-$n FAILED: $why"

@@ -12,7 +12,10 @@
 // Built by bench/lazy.sh with Debian's Go 1.19 in GOPATH mode from Debian's Go packages
 // (golang-github-containerd-stargz-snapshotter-dev 0.12.0 and what it depends on), offline:
 //
-//	GO111MODULE=off GOPATH=/usr/share/gocode go build -o containerd-stargz-grpc ./bench/stargz
+//	GO111MODULE=off GOPATH=OVERLAY:/usr/share/gocode go build -o containerd-stargz-grpc ./bench/stargz
+//
+// where OVERLAY holds Debian's package service and service/resolver without cri.go, which
+// imports k8s.io/cri-api (not in Debian) for the CRI mirror config this main does not use.
 package main
 
 import (
