@@ -216,11 +216,13 @@ start_env() {  # WAY DIR: the snapshotter(s) and containerd for one cold run
       setsid nsenter -t "$cpid" -m -- "$SGBIN" --root "$d/sgroot" --address "$d/sg.sock" \
         >"$d/stargz.log" 2>&1 </dev/null &
       RUN_SG_PID=$!
+      disown "$RUN_SG_PID"  # no job report if it has to be killed
       for _ in $(seq 200); do [ -S "$d/sg.sock" ] && return 0; sleep 0.05; done
       tail -5 "$d/stargz.log" >&2; return 1 ;;
     c)
       VERLAY_LOG_FILE= setsid "$VSNAP" --root "$d/vroot" --address "$d/snap.sock" >"$d/snap.log" 2>&1 </dev/null &
       RUN_SNAP_PID=$!
+      disown "$RUN_SNAP_PID"
       for _ in $(seq 200); do [ -S "$d/snap.sock" ] && break; sleep 0.05; done
       [ -S "$d/snap.sock" ] || { tail -5 "$d/snap.log" >&2; return 1; }
       VERLAY_LOG_FILE=$d/verlay.log timeout 60 bash "$C" start "$d/ctd" --proxy "verlay=$d/snap.sock" --path "$BINDIR" >/dev/null ;;
@@ -268,7 +270,7 @@ one_run() {  # WAY N: one cold run; appends one JSON line to RES/runs.jsonl
   jq -n -c --arg way "$w" --argjson run "$n" --argjson ok "$ok" --arg why "$why" \
     --argjson t0 "$t0" --argjson tp "$tp" --arg t1 "$t1" --arg t2 "$t2" \
     --argjson b0 "$b0" --argjson bp "$bp" --argjson b1 "$b1" --argjson b2 "$b2" '{
-      way: $way, run: $run, ok: $ok, why: $why,
+      way: $way, run: $run, ok: $ok, why: $why, t0: $t0,
       pull_s: ($tp - $t0), pull_bytes: ($bp - $b0),
       first_s: (if $t1 == "" then null else ($t1 | tonumber) - $t0 end),
       first_bytes: (if $t1 == "" then null else $b1 - $b0 end),
