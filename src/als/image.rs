@@ -178,9 +178,9 @@ mod tests {
     fn a_name_whose_base64_has_a_slash_decodes_from_its_joined_components() {
         // Only '?' or DEL at byte 3k+2 give a '/' in the base64 of ASCII text, so no valid
         // reference has one; the lookup joins the components anyway, and they decode.
-        let r = "ab?cd?";
+        let r = "ab?cd";
         let b = base64::engine::general_purpose::STANDARD.encode(r);
-        assert_eq!(b, "YWI/Y2Q/");
+        assert_eq!(b, "YWI/Y2Q=");
         assert!(b.split('/').all(is_base64_piece));
         assert_eq!(decode_ref(&b).expect("decode"), r);
         assert_eq!(

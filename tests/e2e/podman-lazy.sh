@@ -48,7 +48,9 @@ if [ "${_PL_INNER:-}" = 1 ]; then
   elif [ -n "$FUSE_NODE" ]; then
     mount --bind "$FUSE_NODE" /dev/fuse
   fi
-  G=(--root "$P/root" --runroot "$P/runroot" --tmpdir "$P/tmp" --storage-driver overlay
+  # no --root, --runroot, --storage-driver (storage.conf has them): podman 4.3 drops the
+  # storage.conf driver options (additionallayerstores) when any of them is given
+  G=(--tmpdir "$P/tmp"
      --cgroup-manager cgroupfs --events-backend file --runtime runc --network-config-dir "$P/networks")
   R=(--network none)
   [ "$PART" = root ] && R+=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=32768:32768 --cgroup-parent "/$CGPARENT")
@@ -196,8 +198,12 @@ timeout "$TO" bash "$E2E/image.sh" "$IMG" >/dev/null
 S=$WORK/src-store
 v image import -q --store "$S" --name test "$IMG/oci" >/dev/null
 v image convert -q --store "$S" --estargz --chunk-size 65536 test esgz >/dev/null
-PORT=$(shuf -i 20000-40000 -n 1)
-timeout "$TO" bash "$E2E/registry-env.sh" start "$REG" "$PORT" >/dev/null
+# a random port may be taken (other tests run here): up to 5 ports are tried
+for try in 1 2 3 4 5; do
+  PORT=$(shuf -i 20000-40000 -n 1)
+  timeout "$TO" bash "$E2E/registry-env.sh" start "$REG" "$PORT" >/dev/null 2>"$WORK/registry-start.err" && break
+  [ "$try" = 5 ] && { cat "$WORK/registry-start.err" >&2; die "the registry did not start"; }
+done
 IMAGE=127.0.0.1:$PORT/lazy/test:esgz
 v image push -q --store "$S" --image esgz "$IMAGE" >/dev/null
 MANIFEST=$(curl -fsS -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://127.0.0.1:$PORT/v2/lazy/test/manifests/esgz")
@@ -233,6 +239,8 @@ EOF
 driver = "overlay"
 graphroot = "$p/root"
 runroot = "$p/runroot"
+# rootless podman's graphroot
+rootless_storage_path = "$p/root"
 [storage.options]
 additionallayerstores = ["$p/als:ref"]
 EOF
