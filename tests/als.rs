@@ -169,10 +169,10 @@ fn the_layer_store_serves_each_layer_lazily_as_podman_reads_it() {
         "etc/remove-me is not a 0/0 whiteout"
     );
     let mut v = [0u8; 8];
-    let n = rustix::fs::getxattr(&diffs[1].join("opaque"), "trusted.overlay.opaque", &mut v[..])
+    let n = rustix::fs::getxattr(diffs[1].join("opaque"), "trusted.overlay.opaque", &mut v[..])
         .expect("opaque xattr");
     assert_eq!(&v[..n], b"y");
-    let n = rustix::fs::getxattr(&diffs[1].join("opaque"), "user.overlay.opaque", &mut v[..])
+    let n = rustix::fs::getxattr(diffs[1].join("opaque"), "user.overlay.opaque", &mut v[..])
         .expect("opaque xattr");
     assert_eq!(&v[..n], b"y");
 
