@@ -10,7 +10,9 @@
 //!   replaced file, the whiteout and the opaque dir hold; reading a small file does not fetch
 //!   the 1 MiB layer 3; its file then reads byte for byte as the original;
 //! - podman's use/release calls (`create <layer>/use`, `rmdir <layer>`) are ENOENT; `blob` of
-//!   a layer not sealed is EIO with one log line.
+//!   a layer not sealed is EIO with one log line;
+//! - an image the registry lacks is EIO for its layers, logged once (lookups within
+//!   `FAILED_PULL_TTL` reuse the failure); a name that is not base64 is ENOENT.
 //!
 //! Needs docker-registry (bash tests/setup.sh), root (FUSE, kernel overlayfs) and the test
 //! image of tests/e2e/image.sh.
@@ -218,6 +220,21 @@ fn the_layer_store_serves_each_layer_lazily_as_podman_reads_it() {
     assert!(l3 > 0, "data/blob came from nowhere");
     assert_eq!(fs::metadata(ovl.join("etc/passwd")).expect("passwd").uid(), 0);
 
+    // a reference the registry does not have: EIO at once for every layer, one log line;
+    // a name that is not base64: ENOENT, no pull
+    let missing = base64::engine::general_purpose::STANDARD.encode(format!("{}/lazy/nope:1", proxy.addr));
+    let zero = format!("sha256:{}", "0".repeat(64));
+    for _ in 0..3 {
+        let e = fs::metadata(mnt.join(&missing).join(&zero).join("diff")).expect_err("missing image");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EIO),
+            "lookup in an image the registry lacks"
+        );
+    }
+    let e = fs::metadata(mnt.join("not*base64").join(&zero)).expect_err("not base64");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+
     // blob of a layer not sealed: refused, logged
     let e = fs::read(mnt.join(&b64).join(d3).join("blob")).expect_err("blob read");
     assert_eq!(e.raw_os_error(), Some(libc::EIO));
@@ -231,5 +248,10 @@ fn the_layer_store_serves_each_layer_lazily_as_podman_reads_it() {
     assert!(
         text.contains("image pulled lazily"),
         "no log line for the pull:\n{text}"
+    );
+    let failed = text.lines().filter(|l| l.contains("lazy pull failed")).count();
+    assert_eq!(
+        failed, 1,
+        "want one log line for the failed pull (retried lookups reuse it):\n{text}"
     );
 }

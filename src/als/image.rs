@@ -26,6 +26,8 @@ const COMPRESSION_GZIP: u64 = 2;
 /// One layer of a served image.
 #[derive(Debug)]
 pub struct Layer {
+    /// the manifest's blob digest
+    pub digest: String,
     /// the JSON containers/storage decodes into its `Layer` (the `info` file)
     pub info: Arc<Vec<u8>>,
     /// the compressed blob's size (the `blob` file's size)
@@ -153,6 +155,7 @@ pub fn resolve(root: &Path, reference: &str, opts: &Options) -> Result<Image> {
         }
         let info = serde_json::to_vec(&info).map_err(|e| Error::io("als.info", &dir, e.into()))?;
         let layer = Layer {
+            digest: l.digest.clone(),
             info: Arc::new(info),
             blob_size: l.size,
             blob_path: blobs::blob_path(&store, &l.digest),

@@ -561,7 +561,10 @@ impl Als {
     /// that this store understood); nothing else can be created.
     pub fn create(&self, parent: u64, name: &OsStr) -> Result<()> {
         match self.node(parent)? {
-            Node::Layer(_) if name == "use" => Err(Error::Errno(libc::ENOENT)),
+            Node::Layer(l) if name == "use" => {
+                info!(digest = %l.digest, "podman uses a layer");
+                Err(Error::Errno(libc::ENOENT))
+            }
             _ => Err(Error::Errno(libc::EROFS)),
         }
     }
@@ -570,7 +573,10 @@ impl Als {
     /// layer stays in the verlay store).
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         match self.node(parent)? {
-            Node::RefPart(_) if name.as_bytes().starts_with(b"sha256:") => Err(Error::Errno(libc::ENOENT)),
+            Node::RefPart(_) if name.as_bytes().starts_with(b"sha256:") => {
+                info!(digest = %name.to_string_lossy(), "podman released a layer");
+                Err(Error::Errno(libc::ENOENT))
+            }
             _ => Err(Error::Errno(libc::EROFS)),
         }
     }

@@ -18,6 +18,8 @@
 #           whiteout and the opaque dir, and the owner of /etc/passwd (0:0); the 1 MiB
 #           layer 3 is not read, and the registry served less than 5% of its bytes
 #   blob    `podman run` printing sha256sum /data/blob: the original's, fetched on demand
+#   rmi     `podman rmi`: podman's use and release calls to the store (create <layer>/use,
+#           rmdir <layer>) drew no warning from podman
 # root: podman with its own kernel overlay driver, in a private mount namespace (/run and
 # /var/lib as in podman-run.sh). rootless: user verlayci (tests/e2e/rootless-user.sh),
 # native rootless overlay (userxattr), and the store started with `podman unshare` so that
@@ -147,6 +149,17 @@ if [ "${_PL_INNER:-}" = 1 ]; then
   echo "figure: $PART: sha256sum /data/blob in a container: layer 3 bytes moved now $n3 of ${SIZES[2]}"
   [ "$got" = "$WANT_BLOB" ] || { echo "/data/blob: sha256 $got, want $WANT_BLOB"; exit 1; }
   echo "lazy pulls logged by the layer store: $(grep -c "image pulled lazily" "$P/als.log" || true)"
+
+  echo "=== rmi"
+  # podman told the store it used each layer (create <layer>/use) and released it (rmdir
+  # <layer>); an answer other than ENOENT makes podman warn "Unexpected error by Additional
+  # Layer Store ... GC doesn't seem to be supported"
+  pm rmi "$IMAGE" >/dev/null
+  if grep "Additional Layer Store" "$P/podman.log"; then echo "podman warned about the layer store"; exit 1; fi
+  uses=$(grep -c "podman uses a layer" "$P/als.log" || true)
+  releases=$(grep -c "podman released a layer" "$P/als.log" || true)
+  echo "use calls: $uses, release calls: $releases"
+  [ "$uses" -ge 3 ] && [ "$releases" -ge 3 ] || { echo "want the use and release calls of the 3 layers"; exit 1; }
   exit 0
 fi
 
