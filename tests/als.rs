@@ -170,6 +170,19 @@ fn the_layer_store_serves_each_layer_lazily_as_podman_reads_it() {
         wh.file_type().is_char_device() && wh.rdev() == 0,
         "etc/remove-me is not a 0/0 whiteout"
     );
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(&diffs[1].join("etc")),
+        ["layer2", "motd", "remove-me"],
+        "layer 2's etc/"
+    );
     let mut v = [0u8; 8];
     let n = rustix::fs::getxattr(diffs[1].join("opaque"), "trusted.overlay.opaque", &mut v[..])
         .expect("opaque xattr");
@@ -203,6 +216,15 @@ fn the_layer_store_serves_each_layer_lazily_as_podman_reads_it() {
     assert!(
         !ovl.join("opaque/a").exists() && ovl.join("opaque/b").exists(),
         "the opaque dir did not hide opaque/a"
+    );
+    let etc = names(&ovl.join("etc"));
+    assert!(
+        etc.contains(&"passwd".to_string()) && etc.contains(&"layer2".to_string()),
+        "etc: {etc:?}"
+    );
+    assert!(
+        !etc.contains(&"remove-me".to_string()),
+        "the whiteout shows in readdir: {etc:?}"
     );
     let d3 = layers[2]["digest"].as_str().unwrap();
     assert_eq!(moved(&proxy, d3), 0, "reading etc/motd fetched from layer 3");

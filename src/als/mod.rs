@@ -149,8 +149,8 @@ enum Handle {
     Bytes(Arc<Vec<u8>>),
     /// `blob`, from the store's whole copy
     Blob(std::fs::File),
-    /// a directory listing, taken at open
-    Dir(Vec<DirEntry>),
+    /// a directory listing, taken at open (shared: each READDIR pages through it)
+    Dir(Arc<Vec<DirEntry>>),
 }
 
 struct Slot {
@@ -512,11 +512,11 @@ impl Als {
             Node::Diff { diff, rel } => list_layer_dir(&diff, &rel)?,
             Node::Info(_) | Node::Blob(_) => return Err(Error::Errno(libc::ENOTDIR)),
         };
-        self.add_handle(Handle::Dir(list))
+        self.add_handle(Handle::Dir(Arc::new(list)))
     }
 
     /// The listing of an open directory.
-    pub fn dir_entries(&self, fh: u64) -> Result<Vec<DirEntry>> {
+    pub fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
         match &*self.handle(fh)? {
             Handle::Dir(l) => Ok(l.clone()),
             _ => Err(Error::Errno(libc::ENOTDIR)),
