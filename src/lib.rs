@@ -23,10 +23,12 @@
 //! - [`error`]: the one error enum and its errno.
 //! - [`logging`]: the tracing subscriber `main` installs.
 //! - [`demo`]: `verlay demo`, a self-contained tour.
+//! - [`als`]: `verlay als serve`, podman's additional layer store over lazy eStargz pulls.
 //! - [`sys`]: the only `unsafe` code.
 //!
 //! Invariants: nothing is ever written to a lower layer; every new upper object is built in
 //! the work dir and published by one rename; an errno is chosen only in `error.rs`.
+pub mod als;
 pub mod cli;
 pub mod cmd;
 pub mod commit;

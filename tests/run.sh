@@ -18,6 +18,8 @@
 #      (import, pull, run, kill -9 during imports, restart under a running container)
 #   4b. tests/e2e/containerd-lazy.sh BIN: the snapshotter as containerd's remote snapshotter
 #      (ctr-remote image rpull of an eStargz image: no layer downloaded; ctr run reads lazily)
+#   4c. tests/e2e/podman-lazy.sh BIN: `verlay als serve` as podman's additional layer store
+#      (podman pull/run of an eStargz image without downloading its layers), root and rootless
 #   5. tests/e2e/xfstests.sh BIN: fstests' quick subset (tests/e2e/xfstests-quick.txt) on
 #      kernel overlayfs and on BIN, when $FSTESTS_DIR holds a built fstests tree (fstests is
 #      not packaged and its source may not be kept here: docs/xfstests.md says how to build
@@ -102,7 +104,7 @@ if [ -z "$BIN" ]; then
   fi
 fi
 
-for script in tests/e2e/pjdfstest.sh tests/e2e/podman.sh tests/e2e/containerd.sh tests/e2e/containerd-lazy.sh; do
+for script in tests/e2e/pjdfstest.sh tests/e2e/podman.sh tests/e2e/containerd.sh tests/e2e/containerd-lazy.sh tests/e2e/podman-lazy.sh; do
   echo "=== $script $BIN"
   t=$(now) rc=0
   out=$(mktemp /tmp/verlay-e2e-out.XXXXXX)

@@ -22,6 +22,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
+pub mod als;
 pub mod commit;
 pub mod image;
 pub mod layer;
@@ -37,6 +38,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "verify",
     "commit",
     "snapshotter",
+    "als",
     "completions",
 ];
 
@@ -123,6 +125,9 @@ pub enum Sub {
     /// Run the containerd proxy snapshotter (verlay-snapshotter; see `verlay snapshotter --help`)
     #[command(disable_help_flag = true)]
     Snapshotter(snapshotter::SnapshotterArgs),
+    /// Serve podman an additional layer store (eStargz images run lazily; `verlay als serve`)
+    #[command(subcommand, arg_required_else_help = true)]
+    Als(als::AlsCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(
         after_help = "Examples:\n    verlay completions bash > /usr/share/bash-completion/completions/verlay\n    \
@@ -173,6 +178,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             finish(&name, commit::run(&g, c))
         }
         Sub::Snapshotter(a) => snapshotter::exec(a.args),
+        Sub::Als(c) => {
+            crate::logging::init(false);
+            finish(&name, als::run(&g, c))
+        }
         Sub::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "verlay", &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -204,7 +213,7 @@ fn command_name(args: &[OsString]) -> String {
     let mut name = String::from("verlay");
     for (i, a) in args.iter().take(2).enumerate() {
         let Some(w) = a.to_str() else { break };
-        if w.starts_with('-') || (i == 1 && !matches!(args[0].to_str(), Some("layer" | "image"))) {
+        if w.starts_with('-') || (i == 1 && !matches!(args[0].to_str(), Some("layer" | "image" | "als"))) {
             break;
         }
         name.push(' ');

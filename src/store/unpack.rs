@@ -909,8 +909,15 @@ impl<'s> Unpacker<'s> {
     }
 
     fn set_opaque(&self, dir: &OwnedFd, raw: &[u8]) -> Result<()> {
-        rustix::fs::fsetxattr(dir, self.opaque_xattr, b"y", XattrFlags::empty())
-            .map_err(|e| self.io("import.opaque", raw, e))
+        match rustix::fs::fsetxattr(dir, self.opaque_xattr, b"y", XattrFlags::empty()) {
+            // uid 0 of a user namespace (`podman unshare verlay als serve`) may not set
+            // trusted.*: the user form, which verlay and overlayfs's userxattr read
+            Err(Errno::PERM) if self.opaque_xattr.starts_with("trusted.") => {
+                rustix::fs::fsetxattr(dir, "user.overlay.opaque", b"y", XattrFlags::empty())
+            }
+            r => r,
+        }
+        .map_err(|e| self.io("import.opaque", raw, e))
     }
 
     /// Owner, xattrs and deferred mode/times of a directory.
