@@ -41,7 +41,7 @@ fn quiet(opts: &str, mnt: &Path, log: &Path) -> Mount {
         .start()
 }
 use sha2::{Digest, Sha256};
-use verlay::estargz::ranges::{self, Ranges, RANGES_FILE};
+use verlay::store::lazy::ranges::{self, Ranges, RANGES_FILE};
 
 /// The chunk size the tests convert with.
 const CHUNK: u64 = 65536;
@@ -732,7 +732,10 @@ fn ranges_asked(s: &Scratch, digest: &str) -> Vec<(u64, u64)> {
 fn overlaps(asked: &[(u64, u64)]) -> Vec<((u64, u64), (u64, u64))> {
     let mut v = asked.to_vec();
     v.sort();
-    v.windows(2).filter(|w| w[0].1 > w[1].0).map(|w| (w[0], w[1])).collect()
+    v.windows(2)
+        .filter(|w| w[0].1 > w[1].0)
+        .map(|w| (w[0], w[1]))
+        .collect()
 }
 
 /// (digest, size) of each layer of the converted image.
@@ -968,7 +971,7 @@ fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_s
     for f in [
         "estargz/background.rs",
         "estargz/lazy.rs",
-        "estargz/ranges.rs",
+        "store/lazy/ranges.rs",
         "store/lazy.rs",
     ] {
         let text = fs::read_to_string(Path::new(src).join(f)).expect("source");
@@ -1337,7 +1340,11 @@ fn every_byte_of_a_layer_blob_crosses_the_network_once_reads_and_background_fetc
     let store = s.path("lz");
     s.proxy.clear();
     let lower = s.lazy_pull(&store);
-    let pulled: u64 = layers.iter().flat_map(|(d, _)| ranges_asked(&s, d)).map(|r| r.1 - r.0).sum();
+    let pulled: u64 = layers
+        .iter()
+        .flat_map(|(d, _)| ranges_asked(&s, d))
+        .map(|r| r.1 - r.0)
+        .sum();
     let full = s.mount(&s.full_lower, "full");
     {
         let _m = s.mount(&lower, "m");
@@ -1358,7 +1365,10 @@ fn every_byte_of_a_layer_blob_crosses_the_network_once_reads_and_background_fetc
     for (d, _) in &layers {
         let map = map_of(diff_of(&lower, d));
         for r in ranges_asked(&s, d) {
-            assert!(map.covers(r.0, r.1), "layer {d}: {r:?} was fetched but is not in its map {map:?}");
+            assert!(
+                map.covers(r.0, r.1),
+                "layer {d}: {r:?} was fetched but is not in its map {map:?}"
+            );
             read_bytes += r.1 - r.0;
         }
     }
@@ -1458,14 +1468,26 @@ fn a_background_fetch_killed_mid_way_resumes_from_the_range_maps_without_asking_
         let asked = ranges_asked(&s, d);
         for r in &asked {
             let again: Vec<_> = map.iter().filter(|x| x.0 < r.1 && r.0 < x.1).collect();
-            assert!(again.is_empty(), "layer {d}: {r:?} asked again, the map had {again:?} at the kill");
+            assert!(
+                again.is_empty(),
+                "layer {d}: {r:?} asked again, the map had {again:?} at the kill"
+            );
         }
-        assert!(overlaps(&asked).is_empty(), "layer {d}: asked twice after the resume");
+        assert!(
+            overlaps(&asked).is_empty(),
+            "layer {d}: asked twice after the resume"
+        );
         let sum: u64 = asked.iter().map(|r| r.1 - r.0).sum();
-        assert_eq!(sum, size - covered(map), "layer {d}: the resume asked for other than the gaps");
+        assert_eq!(
+            sum,
+            size - covered(map),
+            "layer {d}: the resume asked for other than the gaps"
+        );
         resumed += sum;
     }
-    eprintln!("resume: maps covered {before} B before the kill, {after} B at it; the resume moved {resumed} B");
+    eprintln!(
+        "resume: maps covered {before} B before the kill, {after} B at it; the resume moved {resumed} B"
+    );
     let sealed = s.lazy_pull(&store);
     assert_eq!(chains(&sealed), chains(&s.full_lower));
     let m2 = s.mount(&sealed, "m");
@@ -1507,7 +1529,10 @@ fn the_seal_waits_a_bounded_time_for_a_locked_store_and_the_next_mount_seals() {
         std::thread::sleep(Duration::from_millis(50));
     }
     for d in lower.split(':') {
-        assert!(record_of(d).get("sealed").is_none(), "{d} sealed under a held lock");
+        assert!(
+            record_of(d).get("sealed").is_none(),
+            "{d} sealed under a held lock"
+        );
     }
     let full = s.mount(&s.full_lower, "full");
     assert_eq!(tree(&mnt), tree(&s.path("full")), "the lazy mount differs");

@@ -546,11 +546,21 @@ async fn remote_layers_seal_with_the_diff_ids_their_blobs_hash_to() {
             .iter()
             .find(|r| r.1["lazy"]["blob_digest"].as_str() == Some(blob))
             .expect("the lazy layer of the blob");
-        assert!(lazy.1["lazy"]["diff_id"].is_null(), "containerd's labels carry no diffID");
-        let sealed = lazy.1["sealed"].as_str().expect("sealed").trim_start_matches("sha256:");
+        assert!(
+            lazy.1["lazy"]["diff_id"].is_null(),
+            "containerd's labels carry no diffID"
+        );
+        let sealed = lazy.1["sealed"]
+            .as_str()
+            .expect("sealed")
+            .trim_start_matches("sha256:");
         let (_, r) = recs.iter().find(|r| r.0 == sealed).expect("the sealed layer");
         assert!(r.get("lazy").is_none());
-        assert_eq!(r["diff_id"].as_str(), Some(img.diff_ids[i].as_str()), "layer {i}: diffID");
+        assert_eq!(
+            r["diff_id"].as_str(),
+            Some(img.diff_ids[i].as_str()),
+            "layer {i}: diffID"
+        );
         assert_eq!(r["blob_digest"].as_str(), Some(blob.as_str()), "layer {i}: blob");
         assert!(
             s.root
@@ -575,7 +585,10 @@ async fn remote_layers_seal_with_the_diff_ids_their_blobs_hash_to() {
         .find_map(|o| o.strip_prefix("lowerdir="))
         .expect("lowerdir")
         .to_string();
-    let sealed: Vec<&str> = lower.split(':').filter(|l| l.contains("/store/layers/")).collect();
+    let sealed: Vec<&str> = lower
+        .split(':')
+        .filter(|l| l.contains("/store/layers/"))
+        .collect();
     assert_eq!(sealed.len(), 3, "{lower}");
     for l in &sealed {
         let r: serde_json::Value = serde_json::from_slice(

@@ -1,7 +1,7 @@
 //! The background fetch of a lazy layer, and its seal.
 //!
 //! After the mount's first lookup or read of the layer, one thread fetches the parts of the
-//! layer's compressed blob that `lazy/blob` lacks (its range map, [`super::ranges`], says
+//! layer's compressed blob that `lazy/blob` lacks (its range map, [`ranges`], says
 //! which: the pull put the TOC and footer there, reads put the spans they fetched), in
 //! order from the blob's start, in Range requests of at most [`SEGMENT`] bytes, so every
 //! byte of the blob crosses the network once. Each range is durable in the file before the
@@ -32,10 +32,9 @@ use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 
 use super::lazy::{inflate, Shared, MAX_RUN};
-use super::ranges;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
-use crate::store::lazy::{Sealed, BLOB_FILE, LAZY_DIR};
+use crate::store::lazy::{ranges, Sealed, BLOB_FILE, LAZY_DIR};
 use crate::store::Store;
 
 /// Bytes of the blob fetched by one Range request.

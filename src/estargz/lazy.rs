@@ -27,12 +27,12 @@ use tracing::{error, warn};
 use super::toc::{self, Chunk, ChunkTable};
 use crate::digest::{hex, sha256_digest};
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 use crate::layer::pread_full;
 use crate::lower::source::{ChunkSource, ReadCtx};
 use crate::registry::client::{Client, Options};
 use crate::registry::reference::Reference;
-use super::ranges::BlobFile;
-use crate::failpoint::crash_point;
+use crate::store::lazy::ranges::BlobFile;
 use crate::store::lazy::{open_beneath_for_write, LAZY_DIR, PRESENT_FILE, TOC_FILE};
 
 /// Largest compressed span fetched by one Range request.
@@ -363,7 +363,12 @@ impl Shared {
         match self.blob_file.store(start, &body) {
             Ok(()) => crash_point("lazy.span"),
             // being sealed, or sealed: the store has (or is getting) the whole blob
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::WouldBlock) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
                 tracing::debug!(layer = %self.layer, error = %e, "a fetched span not kept: the lazy blob file is being sealed")
             }
             Err(e) => {

@@ -8,12 +8,10 @@
 //!   manifest digest → TOC digest (layer annotation) → each chunk's digest.
 //! - [`lazy`]: the mount side: a read of a chunk not yet verified fetches it (HTTP Range),
 //!   verifies it, caches it in the store's layer, then serves it.
-//! - [`ranges`]: which bytes of the blob are in the layer's `lazy/blob` (fetched once).
 //! - [`background`]: the background fetch of the rest of the blob, then the seal.
 mod background;
 pub mod convert;
 pub mod lazy;
 pub mod pull;
-pub mod ranges;
 pub mod toc;
 pub mod writer;

@@ -37,8 +37,9 @@ use super::{
     RECORD_VERSION,
 };
 use crate::error::{Error, Result};
-use crate::estargz::ranges;
 use crate::failpoint::crash_point;
+
+pub mod ranges;
 
 /// The directory of a lazy layer's TOC and chunk presence.
 pub const LAZY_DIR: &str = "lazy";
@@ -47,7 +48,7 @@ pub const TOC_FILE: &str = "toc.json";
 /// One byte per chunk: written to the skeleton or not.
 pub const PRESENT_FILE: &str = "present";
 /// The compressed blob, a sparse file at the blob's offsets: the bytes the pull, reads and
-/// the background fetch moved (`ranges`, [`crate::estargz::ranges`], says which are there).
+/// the background fetch moved (`ranges`, [`ranges`], says which are there).
 pub const BLOB_FILE: &str = "blob";
 
 /// How often [`Store::open_within`] tries the store lock again.

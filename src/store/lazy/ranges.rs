@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
+use super::BLOB_FILE;
 use crate::failpoint::crash_point;
-use crate::store::lazy::BLOB_FILE;
 
 /// The range map in a lazy layer's `lazy/` directory.
 pub const RANGES_FILE: &str = "ranges";
@@ -381,6 +381,44 @@ mod tests {
         let (r, n) = parse(&b, "sha256:a");
         assert_eq!(r.0, vec![(0, 100), (500, 600)]);
         assert_eq!(n, 5);
+    }
+
+    #[test]
+    fn the_map_stays_bounded_and_a_blob_being_sealed_or_gone_is_not_written() {
+        let d = tempfile::tempdir().expect("tempdir");
+        File::create(d.path().join(BLOB_FILE)).expect("blob file");
+        rewrite(&d.path().join(RANGES_FILE), "sha256:a", &Ranges::default()).expect("map");
+        let b = BlobFile::open(d.path(), "sha256:a", d.path().join("kept")).expect("open");
+        // 1000 touching ranges: one range, and the file compacted on the way
+        for i in 0..1000u64 {
+            b.store(i * 10, &[7u8; 10]).expect("store");
+        }
+        let map = d.path().join(RANGES_FILE);
+        let len = std::fs::metadata(&map).expect("map").len();
+        assert!(len <= ((COMPACT_AFTER + 1) * REC) as u64, "map of {len} bytes");
+        let (r, _) = load(&map, "sha256:a");
+        assert_eq!(r.0, vec![(0, 10_000)]);
+        assert_eq!(b.read(9_990, 10_000), Some(vec![7u8; 10]));
+        assert_eq!(b.read(9_990, 10_001), None);
+        // the seal holds an exclusive flock: no write
+        let sealing = File::open(d.path().join(BLOB_FILE)).expect("open");
+        rustix::fs::flock(&sealing, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+        let e = b.store(20_000, &[1]).expect_err("written under the seal's lock");
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        drop(sealing);
+        // moved away by the seal: not written, not made again
+        std::fs::rename(d.path().join(BLOB_FILE), d.path().join("kept")).expect("rename");
+        let e = b.store(20_000, &[1]).expect_err("written after the seal");
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        assert!(!d.path().join(BLOB_FILE).exists());
+        // reopened: the map emptied (its blob file is gone), reads served by the kept blob
+        let b = BlobFile::open(d.path(), "sha256:a", d.path().join("kept")).expect("reopen");
+        assert!(b.ranges().is_empty());
+        assert!(
+            !d.path().join(BLOB_FILE).exists(),
+            "made again although the blob is kept"
+        );
+        assert_eq!(b.read(0, 10), Some(vec![7u8; 10]));
     }
 
     #[test]
