@@ -46,8 +46,17 @@ const BACKGROUND_TRIES: u32 = 5;
 /// records or removes layers); then the layer stays lazy until the next mount.
 const SEAL_LOCK_WAIT: Duration = Duration::from_secs(60);
 
+/// How long the background fetch waits before it starts: containerd mounts an image's
+/// rootfs for a moment (to read its `/etc/passwd`) before the container's mount, and a
+/// request in flight when such a mount is unmounted is lost with the process (measured with
+/// tests/e2e/containerd-lazy.sh: the first container moved twice the layers' bytes).
+const BACKGROUND_DELAY: Duration = Duration::from_secs(1);
+
 /// The background fetch, then the seal.
 pub(super) fn run(s: &Shared) {
+    // before the fetch lock: a mount that lives less than this takes nothing, and the lock
+    // is left to the mount that stays
+    std::thread::sleep(BACKGROUND_DELAY);
     // One fetch per layer on the machine: every mount of the layer (containerd mounts a
     // rootfs more than once; podman and a snapshotter may share a store) starts this
     // thread, and two fetches would move the blob twice and race on its file and seal.

@@ -54,6 +54,8 @@ cleanup() {
   local rc=$? p m
   bash "$C" stop "$D/ctd" >/dev/null 2>&1 || true
   bash "$REGENV" stop "$REG" >/dev/null 2>&1 || true
+  # the restart check runs in a subshell: the PID of the snapshotter it started is in the file
+  [ -s "$D/snap.pid" ] && SNAP_PID=$(cat "$D/snap.pid")
   if [ -n "$SNAP_PID" ]; then
     kill "$SNAP_PID" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$SNAP_PID" 2>/dev/null || break; sleep 0.1; done
@@ -130,6 +132,7 @@ WANT_BLOB=$(tar -xzOf "$IMG/oci/blobs/sha256/${3#sha256:}" ./data/blob | sha256s
 snap_start() {
   VERLAY_LOG_FILE= setsid "$SNAP" --root "$D/root" --address "$D/snap.sock" >>"$D/snap.log" 2>&1 </dev/null &
   SNAP_PID=$!
+  echo "$SNAP_PID" > "$D/snap.pid"
   # no "Killed" job report when the restart check kills it
   disown "$SNAP_PID"
   for _ in $(seq 100); do [ -S "$D/snap.sock" ] && return 0; sleep 0.05; done
