@@ -1546,3 +1546,48 @@ fn the_seal_waits_a_bounded_time_for_a_locked_store_and_the_next_mount_seals() {
     wait_sealed(&lower, &m);
     drop((m, full));
 }
+
+/// Another process fetches the layers (holds their fetch locks, as a second mount of them
+/// does): this mount's background fetch fetches nothing meanwhile, takes over when the locks
+/// go, and seals.
+#[test]
+fn a_mount_takes_over_the_background_fetch_when_the_process_that_had_it_goes() {
+    let s = Scratch::new("takeover");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    let held: Vec<fs::File> = lower
+        .split(':')
+        .map(|d| {
+            let f = fs::File::open(Path::new(d).with_file_name("lazy")).expect("lazy dir");
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+            f
+        })
+        .collect();
+    let covered = || -> u64 {
+        lower
+            .split(':')
+            .map(|d| map_of(d).iter().map(|r| r.1 - r.0).sum::<u64>())
+            .sum()
+    };
+    let before = covered();
+    let mnt = s.path("m");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .start();
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        covered(),
+        before,
+        "fetched although another process has the layers"
+    );
+    for d in lower.split(':') {
+        assert!(record_of(d).get("sealed").is_none(), "{d} sealed");
+    }
+    drop(held);
+    wait_sealed(&lower, &m);
+    let log = m.log();
+    assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
+    drop(m);
+}

@@ -46,6 +46,11 @@ const BACKGROUND_TRIES: u32 = 5;
 /// records or removes layers); then the layer stays lazy until the next mount.
 const SEAL_LOCK_WAIT: Duration = Duration::from_secs(60);
 
+/// How often a mount whose layer another process fetches checks whether it still does.
+const FETCH_LOCK_RETRY: Duration = Duration::from_secs(2);
+/// How many times (30 minutes): then the mount leaves the layer to the next one.
+const FETCH_LOCK_TRIES: u32 = 900;
+
 /// How long the background fetch waits before it starts: containerd mounts an image's
 /// rootfs for a moment (to read its `/etc/passwd`) before the container's mount, and a
 /// request in flight when such a mount is unmounted is lost with the process (measured with
@@ -60,10 +65,10 @@ pub(super) fn run(s: &Shared) {
     // One fetch per layer on the machine: every mount of the layer (containerd mounts a
     // rootfs more than once; podman and a snapshotter may share a store) starts this
     // thread, and two fetches would move the blob twice and race on its file and seal.
-    let _held = match fetch_lock(s) {
+    let _held = match fetch_lock_when_free(s) {
         Ok(Some(l)) => l,
         Ok(None) => {
-            info!(layer = %s.layer, "another process fetches this lazy layer in the background");
+            info!(layer = %s.layer, "another process kept fetching this lazy layer in the background; this mount leaves it to that one");
             return;
         }
         Err(e) => {
@@ -95,6 +100,24 @@ pub(super) fn run(s: &Shared) {
         }
     }
     seal(s);
+}
+
+/// The fetch lock ([`fetch_lock`]), tried again every [`FETCH_LOCK_RETRY`] while another
+/// process holds it, so that this mount takes over when that one goes (a container that
+/// exits while another runs on the same layer); None after [`FETCH_LOCK_TRIES`] tries. The
+/// other process's fetch and seal are then this one's: what it recorded is not fetched
+/// again, and a sealed layer is found sealed.
+fn fetch_lock_when_free(s: &Shared) -> Result<Option<File>> {
+    for i in 0..FETCH_LOCK_TRIES {
+        if let Some(l) = fetch_lock(s)? {
+            return Ok(Some(l));
+        }
+        if i == 0 {
+            info!(layer = %s.layer, "another process fetches this lazy layer in the background; this mount takes over if it goes");
+        }
+        std::thread::sleep(FETCH_LOCK_RETRY);
+    }
+    Ok(None)
 }
 
 /// An exclusive lock on the layer's `lazy` directory, held until the seal is done, or None
