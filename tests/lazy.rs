@@ -41,6 +41,7 @@ fn quiet(opts: &str, mnt: &Path, log: &Path) -> Mount {
         .start()
 }
 use sha2::{Digest, Sha256};
+use verlay::store::lazy::ranges::{self, Ranges, RANGES_FILE};
 
 /// The chunk size the tests convert with.
 const CHUNK: u64 = 65536;
@@ -459,6 +460,35 @@ fn damage_is_eio_logged_and_never_served_and_the_layer_recovers() {
         1,
         "one line for the damaged cache:\n{log}"
     );
+    // the read kept the chunk's compressed span in lazy/blob: it comes from there, verified
+    assert_eq!(
+        s.blob_bytes(),
+        0,
+        "the damaged chunk was fetched although lazy/blob has its span"
+    );
+    drop(m);
+    // 2b. the cache and lazy/blob both damaged: the chunk alone is fetched again
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(&cached)
+        .expect("open cache");
+    f.write_all_at(&[0xAA], 300_000).expect("damage cache");
+    drop(f);
+    let kept = layer.with_file_name("lazy").join("blob");
+    let len = fs::metadata(&kept).expect("lazy/blob").len();
+    fs::write(&kept, vec![0u8; len as usize]).expect("damage lazy/blob");
+    let m = s.mount(&lower, "m2");
+    s.proxy.clear();
+    assert!(
+        fs::read(s.path("m2/data/blob")).expect("read with a bad cache and blob file") == want,
+        "wrong bytes from a damaged cache and blob file"
+    );
+    let log = m.log();
+    assert_eq!(
+        lines_with(&log, "data/blob").len(),
+        1,
+        "one line for the damaged cache:\n{log}"
+    );
     let fetched = s.blob_bytes();
     assert!(
         fetched > 0 && fetched <= 2 * CHUNK,
@@ -666,6 +696,71 @@ fn record_of(diff: &str) -> serde_json::Value {
     serde_json::from_slice(&fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).expect("json")
 }
 
+/// The range map of the lazy layer holding the lowerdir entry `diff`: which bytes of its
+/// blob `lazy/blob` has.
+fn map_of(diff: &str) -> Ranges {
+    let digest = record_of(diff)["lazy"]["blob_digest"]
+        .as_str()
+        .expect("blob digest")
+        .to_string();
+    let map = Path::new(diff).with_file_name("lazy").join(RANGES_FILE);
+    ranges::load(&map, &digest).0
+}
+
+/// The byte ranges `[start, end)` of the blob `digest` that GETs through the proxy asked
+/// for (every GET of a layer blob must be a Range request), in order.
+fn ranges_asked(s: &Scratch, digest: &str) -> Vec<(u64, u64)> {
+    s.proxy
+        .log()
+        .iter()
+        .filter(|e| e.method == "GET" && e.path.ends_with(digest))
+        .map(|e| {
+            let r = e
+                .range
+                .as_deref()
+                .unwrap_or_else(|| panic!("a GET of the whole blob {digest}"));
+            let (a, b) = r
+                .strip_prefix("bytes=")
+                .and_then(|r| r.split_once('-'))
+                .unwrap_or_else(|| panic!("Range {r}"));
+            (a.parse().expect("start"), b.parse::<u64>().expect("end") + 1)
+        })
+        .collect()
+}
+
+/// The ranges asked more than once: pairs that overlap.
+fn overlaps(asked: &[(u64, u64)]) -> Vec<((u64, u64), (u64, u64))> {
+    let mut v = asked.to_vec();
+    v.sort();
+    v.windows(2)
+        .filter(|w| w[0].1 > w[1].0)
+        .map(|w| (w[0], w[1]))
+        .collect()
+}
+
+/// (digest, size) of each layer of the converted image.
+fn layer_blobs(s: &Scratch) -> Vec<(String, u64)> {
+    manifest(&s.src, "esgz")["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_string(),
+                l["size"].as_u64().expect("size"),
+            )
+        })
+        .collect()
+}
+
+/// The lowerdir entry of the lazy layer whose blob is `digest`.
+fn diff_of<'a>(lowerdir: &'a str, digest: &str) -> &'a str {
+    lowerdir
+        .split(':')
+        .find(|d| record_of(d)["lazy"]["blob_digest"].as_str() == Some(digest))
+        .unwrap_or_else(|| panic!("no lazy layer of {lowerdir} has blob {digest}"))
+}
+
 /// Wait (at most a minute) until every lazy layer of `lowerdir` is sealed.
 fn wait_sealed(lowerdir: &str, m: &Mount) {
     let t0 = Instant::now();
@@ -856,6 +951,8 @@ fn a_diff_id_that_does_not_match_seals_nothing_and_the_lazy_layer_stays() {
 /// Every crash point of the background fetch and the seal (the `import.*` steps are the
 /// store's import, run by the seal), as the source spells them.
 const SEAL_POINTS: &[&str] = &[
+    "lazy.span",
+    "lazy.blob_data",
     "lazy.segment",
     "import.unpack",
     "import.fsync",
@@ -871,7 +968,12 @@ const SEAL_POINTS: &[&str] = &[
 fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_seals() {
     // the list is complete: every crash point of the fetch and the seal is in it
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
-    for f in ["estargz/background.rs", "store/lazy.rs"] {
+    for f in [
+        "estargz/background.rs",
+        "estargz/lazy.rs",
+        "store/lazy/ranges.rs",
+        "store/lazy.rs",
+    ] {
         let text = fs::read_to_string(Path::new(src).join(f)).expect("source");
         for part in text.split("crash_point(\"").skip(1) {
             let name = part.split('"').next().expect("name");
@@ -891,6 +993,11 @@ fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_s
         let mut m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
             .log(&s.path(&format!("m{i}.log")))
             .env("VERLAY_CRASH_AT", point)
+            // a read's own fetch: no background fetch to have the span first
+            .env(
+                "VERLAY_LAZY_BACKGROUND",
+                if *point == "lazy.span" { "off" } else { "on" },
+            )
             .start();
         let _ = fs::read(mnt.join("etc/passwd"));
         let st = m.wait_within(Duration::from_secs(60));
@@ -904,13 +1011,13 @@ fn kill_9_at_each_step_of_the_background_fetch_and_seal_resumes_and_never_half_s
         m.umount_dead();
         drop(m);
         store_is_whole(&store);
-        // blobs fetched whole before the kill are not fetched again
+        // blobs fetched whole before the kill (their range maps say so) are not fetched again
         let whole: Vec<String> = lower
             .split(':')
             .filter(|d| {
                 let r = record_of(d);
-                let b = Path::new(d).with_file_name("lazy").join("blob");
-                fs::metadata(&b).map(|m| m.len()).ok() == r["lazy"]["blob_size"].as_u64()
+                let size = r["lazy"]["blob_size"].as_u64().expect("size");
+                map_of(d).covers(0, size)
             })
             .map(|d| {
                 record_of(d)["lazy"]["blob_digest"]
@@ -1159,10 +1266,12 @@ fn corrupt_blobs_in_the_background_fetch_seal_nothing_and_are_fetched_again_by_t
         .start();
     // a lookup starts the background fetch (a read would be served EIO: the proxy corrupts it)
     fs::metadata(mnt.join("etc/passwd")).expect("stat");
-    // the proxy flips a byte of every blob body over 4 KiB: each such layer's whole blob
+    // the proxy flips a byte of every blob body over 4 KiB: each layer whose blob before
+    // its TOC (what the background fetch asks for: the pull keeps the TOC and footer it
+    // fetched) is more than that
     let tampered: Vec<&str> = lower
         .split(':')
-        .filter(|d| record_of(d)["lazy"]["blob_size"].as_u64().expect("size") > 4096)
+        .filter(|d| record_of(d)["lazy"]["toc_offset"].as_u64().expect("toc offset") > 4096)
         .collect();
     assert!(!tampered.is_empty());
     let t0 = Instant::now();
@@ -1195,9 +1304,11 @@ fn corrupt_blobs_in_the_background_fetch_seal_nothing_and_are_fetched_again_by_t
                 !store.join("blobs/sha256").join(&blob[7..]).exists(),
                 "a corrupt blob was kept"
             );
+            let left = fs::metadata(Path::new(d).with_file_name("lazy").join("blob")).map_or(0, |m| m.len());
             assert!(
-                !Path::new(d).with_file_name("lazy").join("blob").exists(),
-                "a corrupt blob was left for the next mount to trust"
+                map_of(d).is_empty() && left == 0,
+                "a corrupt blob was left for the next mount to trust ({left} bytes, map {:?})",
+                map_of(d)
             );
         }
     }
@@ -1217,4 +1328,266 @@ fn corrupt_blobs_in_the_background_fetch_seal_nothing_and_are_fetched_again_by_t
     let m2 = s.mount(&sealed, "m");
     assert_eq!(tree(&mnt), tree(&s.path("full")), "the sealed mount differs");
     drop((m2, full));
+}
+
+/// Reads (background fetch off), then the background fetch and the seal: the Range requests
+/// of every layer blob, pull included, never ask for a byte twice and add up to the blob.
+#[test]
+fn every_byte_of_a_layer_blob_crosses_the_network_once_reads_and_background_fetch_included() {
+    let s = Scratch::new("once");
+    let layers = layer_blobs(&s);
+    let blobs_total: u64 = layers.iter().map(|l| l.1).sum();
+    let store = s.path("lz");
+    s.proxy.clear();
+    let lower = s.lazy_pull(&store);
+    let pulled: u64 = layers
+        .iter()
+        .flat_map(|(d, _)| ranges_asked(&s, d))
+        .map(|r| r.1 - r.0)
+        .sum();
+    let full = s.mount(&s.full_lower, "full");
+    {
+        let _m = s.mount(&lower, "m");
+        for f in ["etc/passwd", "etc/motd"] {
+            assert_eq!(
+                fs::read(s.path("m").join(f)).expect("read"),
+                fs::read(s.path("full").join(f)).expect("full")
+            );
+        }
+        let mut buf = vec![0u8; 100];
+        fs::File::open(s.path("m/data/blob"))
+            .expect("open")
+            .read_exact_at(&mut buf, 500_000)
+            .expect("read");
+    }
+    // what the pull and the reads asked for is in lazy/blob, by the maps
+    let mut read_bytes = 0;
+    for (d, _) in &layers {
+        let map = map_of(diff_of(&lower, d));
+        for r in ranges_asked(&s, d) {
+            assert!(
+                map.covers(r.0, r.1),
+                "layer {d}: {r:?} was fetched but is not in its map {map:?}"
+            );
+            read_bytes += r.1 - r.0;
+        }
+    }
+    read_bytes -= pulled;
+    assert!(read_bytes > 0, "the reads moved nothing");
+    let mnt = s.path("m");
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .start();
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    wait_sealed(&lower, &m);
+    let log = m.log();
+    assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
+    drop(m);
+    let mut moved = 0;
+    for (d, size) in &layers {
+        let asked = ranges_asked(&s, d);
+        let twice = overlaps(&asked);
+        assert!(twice.is_empty(), "layer {d}: bytes asked twice: {twice:?}");
+        let sum: u64 = asked.iter().map(|r| r.1 - r.0).sum();
+        assert_eq!(sum, *size, "layer {d}: the requests do not add up to the blob");
+        moved += sum;
+    }
+    let forwarded: u64 = s
+        .proxy
+        .log()
+        .iter()
+        .filter(|e| e.method == "GET" && layers.iter().any(|(d, _)| e.path.ends_with(d.as_str())))
+        .map(|e| e.response_forwarded)
+        .sum();
+    eprintln!(
+        "once: layer blobs {blobs_total} B; moved {forwarded} B in all (lazy pull {pulled} B, reads {read_bytes} B, \
+         background fetch {} B)",
+        moved - pulled - read_bytes
+    );
+    assert!(
+        forwarded <= blobs_total,
+        "{forwarded} bytes of layer blobs moved for {blobs_total} bytes of layers"
+    );
+    // and the sealed layers read as a full pull
+    let sealed = s.lazy_pull(&store);
+    assert_eq!(chains(&sealed), chains(&s.full_lower));
+    let m2 = s.mount(&sealed, "m");
+    assert_eq!(tree(&mnt), tree(&s.path("full")), "the sealed mount differs");
+    drop((m2, full));
+}
+
+/// A background fetch killed right after it recorded a range (`lazy.segment`): the next
+/// mount asks only for what the range maps lack at the kill, and seals.
+#[test]
+fn a_background_fetch_killed_mid_way_resumes_from_the_range_maps_without_asking_twice() {
+    let s = Scratch::new("resume");
+    let layers = layer_blobs(&s);
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    let full = s.mount(&s.full_lower, "full");
+    {
+        let _m = s.mount(&lower, "m");
+        assert_eq!(
+            fs::read(s.path("m/etc/passwd")).expect("read"),
+            fs::read(s.path("full/etc/passwd")).expect("full")
+        );
+    }
+    let covered = |r: &Ranges| r.iter().map(|x| x.1 - x.0).sum::<u64>();
+    let before: u64 = lower.split(':').map(|d| covered(&map_of(d))).sum();
+    let mnt = s.path("m");
+    let mut m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .env("VERLAY_CRASH_AT", "lazy.segment")
+        .start();
+    let _ = fs::metadata(mnt.join("etc/passwd"));
+    let st = m.wait_within(Duration::from_secs(60));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.and_then(|s| s.signal()), Some(9), "not killed:\n{}", m.log());
+    m.umount_dead();
+    drop(m);
+    let at_kill: Vec<(String, u64, Ranges)> = layers
+        .iter()
+        .map(|(d, size)| (d.clone(), *size, map_of(diff_of(&lower, d))))
+        .collect();
+    let after: u64 = at_kill.iter().map(|l| covered(&l.2)).sum();
+    assert!(
+        after > before,
+        "the killed background fetch recorded nothing ({before} bytes before, {after} after)"
+    );
+    s.proxy.clear();
+    let mut m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m2.log"))
+        .start();
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    wait_sealed(&lower, &m);
+    let log = m.log();
+    assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
+    m.unmount();
+    let mut resumed = 0;
+    for (d, size, map) in &at_kill {
+        let asked = ranges_asked(&s, d);
+        for r in &asked {
+            let again: Vec<_> = map.iter().filter(|x| x.0 < r.1 && r.0 < x.1).collect();
+            assert!(
+                again.is_empty(),
+                "layer {d}: {r:?} asked again, the map had {again:?} at the kill"
+            );
+        }
+        assert!(
+            overlaps(&asked).is_empty(),
+            "layer {d}: asked twice after the resume"
+        );
+        let sum: u64 = asked.iter().map(|r| r.1 - r.0).sum();
+        assert_eq!(
+            sum,
+            size - covered(map),
+            "layer {d}: the resume asked for other than the gaps"
+        );
+        resumed += sum;
+    }
+    eprintln!(
+        "resume: maps covered {before} B before the kill, {after} B at it; the resume moved {resumed} B"
+    );
+    let sealed = s.lazy_pull(&store);
+    assert_eq!(chains(&sealed), chains(&s.full_lower));
+    let m2 = s.mount(&sealed, "m");
+    assert_eq!(tree(&mnt), tree(&s.path("full")), "the sealed mount differs");
+    drop((m2, full));
+}
+
+/// Another process holds the store's lock (a snapshotter's operation, a long import): the
+/// seal waits for it a bounded time (`VERLAY_LAZY_SEAL_WAIT_MS`), warns, leaves the layer
+/// lazy and serving; the next mount seals it.
+#[test]
+fn the_seal_waits_a_bounded_time_for_a_locked_store_and_the_next_mount_seals() {
+    let s = Scratch::new("lockwait");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    // the store lock held as another verlay process holds it (an flock on STORE/lock; this
+    // process's open file, so the mount's flock conflicts with it)
+    let held = fs::File::options()
+        .read(true)
+        .write(true)
+        .open(store.join("lock"))
+        .expect("store lock");
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+    let mnt = s.path("m");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .env("VERLAY_LAZY_SEAL_WAIT_MS", "1000")
+        .start();
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    // each layer's background thread: its blob whole, then a bounded wait and a warning
+    let t0 = Instant::now();
+    while lines_with(&m.log(), "stayed locked").len() < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no bounded wait for the store lock:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for d in lower.split(':') {
+        assert!(
+            record_of(d).get("sealed").is_none(),
+            "{d} sealed under a held lock"
+        );
+    }
+    let full = s.mount(&s.full_lower, "full");
+    assert_eq!(tree(&mnt), tree(&s.path("full")), "the lazy mount differs");
+    let log = m.log();
+    assert_eq!(lines_with(&log, "").len(), 3, "other errors or warnings:\n{log}");
+    drop((m, held));
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m2.log"))
+        .start();
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    wait_sealed(&lower, &m);
+    drop((m, full));
+}
+
+/// Another process fetches the layers (holds their fetch locks, as a second mount of them
+/// does): this mount's background fetch fetches nothing meanwhile, takes over when the locks
+/// go, and seals.
+#[test]
+fn a_mount_takes_over_the_background_fetch_when_the_process_that_had_it_goes() {
+    let s = Scratch::new("takeover");
+    let store = s.path("lz");
+    let lower = s.lazy_pull(&store);
+    let held: Vec<fs::File> = lower
+        .split(':')
+        .map(|d| {
+            let f = fs::File::open(Path::new(d).with_file_name("lazy")).expect("lazy dir");
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).expect("flock");
+            f
+        })
+        .collect();
+    let covered = || -> u64 {
+        lower
+            .split(':')
+            .map(|d| map_of(d).iter().map(|r| r.1 - r.0).sum::<u64>())
+            .sum()
+    };
+    let before = covered();
+    let mnt = s.path("m");
+    fs::create_dir_all(&mnt).expect("mkdir");
+    let m = Launch::verlay(&format!("ro,lowerdir={lower}"), &mnt)
+        .log(&s.path("m.log"))
+        .start();
+    fs::metadata(mnt.join("etc/passwd")).expect("stat");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        covered(),
+        before,
+        "fetched although another process has the layers"
+    );
+    for d in lower.split(':') {
+        assert!(record_of(d).get("sealed").is_none(), "{d} sealed");
+    }
+    drop(held);
+    wait_sealed(&lower, &m);
+    let log = m.log();
+    assert!(lines_with(&log, "").is_empty(), "errors or warnings:\n{log}");
+    drop(m);
 }

@@ -17,6 +17,12 @@
 //! (stargz-snapshotter's `snapshot/snapshot.go` Prepare is the reference). Mounts over such
 //! a snapshot are verlay mounts whose reads fetch and verify chunks on demand.
 //!
+//! Such a layer is recorded without a diffID (the labels carry the blob and TOC digests, not
+//! the config's diffIDs). It still seals (docs/lazy.md): once a mount's background fetch has
+//! the whole blob, the store's import checks it against the labelled blob digest (which
+//! containerd read from the manifest it verified) and computes the diffID over the stream
+//! in the same pass. The snapshot's mounts then name the sealed layer (`Snapshots`).
+//!
 //! Anything else (no target label, no reference, no TOC digest in the labels or in the
 //! manifest, a registry that fails) takes the ordinary path: an active snapshot into which
 //! containerd unpacks the layer it downloads.

@@ -77,6 +77,9 @@ const VERIFY_OPTION: &str = "verify=require";
 /// How long Commit waits for the verlay daemon of the upper to exit after containerd's
 /// unmount (the daemon holds a flock on the upper until it has finished every request).
 const UPPER_RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an operation on the remote layers' store waits for its lock (a verlay mount
+/// holds it while it seals a layer: an import of that layer).
+const STORE_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -161,8 +164,9 @@ pub struct Snapshots {
     /// keys being committed: Commit seals outside any transaction, so a second Commit or a
     /// Remove of the same key must be refused meanwhile
     busy: Mutex<HashSet<String>>,
-    /// where remote Prepares record eStargz layers (`ROOT/store`)
-    store: verlay::store::Store,
+    /// where remote Prepares record eStargz layers (`ROOT/store`, canonical), opened (and
+    /// locked) per operation: the verlay mounts of those layers seal them in the same store
+    store_dir: PathBuf,
     /// how remote Prepares and the mounts of their layers reach registries
     registry: verlay::registry::client::Options,
     /// holds the root's flock for the life of the process
@@ -237,15 +241,18 @@ impl Snapshots {
         }
         tx.commit().map_err(|e| Error::db("open", e))?;
         let store_dir = root.join("store");
-        let store = verlay::store::Store::open(&store_dir).map_err(|source| Error::Verlay {
-            op: "open.store",
-            source,
-        })?;
+        let store_dir = verlay::store::Store::open(&store_dir)
+            .map_err(|source| Error::Verlay {
+                op: "open.store",
+                source,
+            })?
+            .root()
+            .to_path_buf();
         let s = Snapshots {
             root,
             db,
             busy: Mutex::new(HashSet::new()),
-            store,
+            store_dir,
             registry: verlay::registry::client::Options::default(),
             _lock: lock,
         };
@@ -303,7 +310,10 @@ impl Snapshots {
             let r = self.get(&next)?.ok_or_else(|| {
                 Error::NotFound(format!("parent snapshot {next} does not exist: not found"))
             })?;
-            out.push(r.lower.clone().unwrap_or_else(|| self.fs(r.id)));
+            out.push(match &r.lower {
+                Some(l) => self.sealed_lower(l),
+                None => self.fs(r.id),
+            });
             next = r.parent;
         }
         Ok(out)
@@ -778,8 +788,14 @@ impl Snapshots {
             return Ok(t.kind == RecordKind::Committed && t.parent == parent);
         }
         let started = Instant::now();
-        let rec = match verlay::estargz::pull::record_remote_layer(&self.store, layer, target, &self.registry)
-        {
+        let store = match self.store("prepare.remote") {
+            Ok(st) => st,
+            Err(e) => {
+                warn!(key, target, error = %e, "cannot open the store: unpacking the layer the ordinary way");
+                return Ok(false);
+            }
+        };
+        let rec = match verlay::estargz::pull::record_remote_layer(&store, layer, target, &self.registry) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 info!(key, target, blob = %layer.blob_digest, "not an eStargz layer (no TOC digest): unpacking it the ordinary way");
@@ -792,10 +808,9 @@ impl Snapshots {
         };
         // step remote.import: the layer is in the store, no record names it yet
         FAILPOINTS.crash_point("remote.import");
-        let lower = self.store.diff_dir(&rec.chain_id);
+        let lower = store.diff_dir(&rec.chain_id);
         let (size, inodes) = disk_usage(&lower)?;
-        let manifest_digest = self
-            .store
+        let manifest_digest = store
             .record(&rec.chain_id)
             .ok()
             .and_then(|v| v["manifest_digest"].as_str().map(str::to_owned));
@@ -845,28 +860,101 @@ impl Snapshots {
         Ok(true)
     }
 
-    /// The store layers that records name (remote snapshots' `lower`).
+    /// The store, locked, waiting for its lock at most [`STORE_WAIT`] (a mount may be
+    /// sealing a layer into it).
+    fn store(&self, op: &'static str) -> Result<verlay::store::Store> {
+        match verlay::store::Store::open_within(&self.store_dir, STORE_WAIT) {
+            Ok(Some(st)) => Ok(st),
+            Ok(None) => Err(Error::FailedPrecondition(format!(
+                "the store {} stayed locked for {} s (a verlay mount sealing a layer into it?): failed precondition",
+                self.store_dir.display(),
+                STORE_WAIT.as_secs()
+            ))),
+            Err(source) => Err(Error::Verlay { op, source }),
+        }
+    }
+
+    /// The directory to mount for the remote snapshot layer `lower`: the ordinary layer it
+    /// was sealed as (verlay's mounts seal a lazy layer once its blob is whole and verified),
+    /// or itself.
+    fn sealed_lower(&self, lower: &Path) -> PathBuf {
+        let sealed = lower
+            .parent()
+            .and_then(|d| std::fs::read(d.join("layer.json")).ok())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|r| r["sealed"].as_str().map(str::to_owned));
+        match sealed {
+            Some(c) => {
+                let d = verlay::store::diff_dir_at(&self.store_dir, &c);
+                // published whole by one rename: its layer.json says it is there
+                if d.with_file_name("layer.json").is_file() {
+                    d
+                } else {
+                    lower.to_path_buf()
+                }
+            }
+            None => lower.to_path_buf(),
+        }
+    }
+
+    /// The store layers that records name (remote snapshots' `lower`), and the ordinary
+    /// layers those were sealed as.
     fn store_layers_in_use(&self) -> Result<HashSet<PathBuf>> {
-        Ok(self.all()?.into_iter().filter_map(|(_, r)| r.lower).collect())
+        let mut out = HashSet::new();
+        for l in self.all()?.into_iter().filter_map(|(_, r)| r.lower) {
+            out.insert(self.sealed_lower(&l));
+            out.insert(l);
+        }
+        Ok(out)
     }
 
     /// Remove the store layer of a removed remote snapshot, unless another record names it
     /// (the same layer in another namespace). Failures are logged: the next open removes
     /// what no record names.
     fn remove_store_layer_if_unused(&self, lower: &Path) {
-        match self.store_layers_in_use() {
-            Ok(used) if used.contains(lower) => return,
-            Ok(_) => {}
+        let _locked = match self.store("remove.store_layer") {
+            Ok(st) => st,
+            Err(e) => {
+                warn!(path = %lower.display(), error = %e, "cannot lock the store to remove a layer; the next open will");
+                return;
+            }
+        };
+        let used = match self.store_layers_in_use() {
+            Ok(used) => used,
             Err(e) => {
                 warn!(path = %lower.display(), error = %e, "cannot tell whether a store layer is still used; leaving it");
                 return;
             }
+        };
+        // the lazy layer, then the ordinary layer it was sealed as, and that one's blob
+        let sealed = self.sealed_lower(lower);
+        let mut doomed = vec![(lower.to_path_buf(), None)];
+        if sealed != lower {
+            let blob = sealed.parent().and_then(|d| self.store_blob_of(d));
+            doomed.push((sealed, blob));
         }
-        if let Some(dir) = lower.parent() {
+        for (l, blob) in doomed {
+            let Some(dir) = l.parent().filter(|_| !used.contains(&l)) else {
+                continue;
+            };
             if let Err(e) = self.remove_store_dir(dir) {
                 warn!(path = %dir.display(), error = %e, "could not remove a store layer; the next open will");
+                continue;
+            }
+            if let Some(b) = blob {
+                if let Err(e) = std::fs::remove_file(&b) {
+                    warn!(path = %b.display(), error = %e, "could not remove the blob of a sealed store layer");
+                }
             }
         }
+    }
+
+    /// The kept blob (`store/blobs/`) of the ordinary store layer `dir`, from its record.
+    fn store_blob_of(&self, dir: &Path) -> Option<PathBuf> {
+        let b = std::fs::read(dir.join("layer.json")).ok()?;
+        let r: serde_json::Value = serde_json::from_slice(&b).ok()?;
+        let d = r["blob_digest"].as_str()?.strip_prefix("sha256:")?;
+        Some(self.store_dir.join("blobs/sha256").join(d))
     }
 
     /// One rename out of `store/layers/` into `store/tmp/` (which every store open
@@ -876,7 +964,7 @@ impl Snapshots {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let doomed = self.store.root().join("tmp").join(format!("removing-{name}"));
+        let doomed = self.store_dir.join("tmp").join(format!("removing-{name}"));
         std::fs::rename(dir, &doomed).map_err(|e| Error::io("remove.store_layer", dir, e))?;
         std::fs::remove_dir_all(&doomed).map_err(|e| Error::io("remove.store_layer", &doomed, e))
     }
@@ -884,17 +972,18 @@ impl Snapshots {
     /// At open: remove store layers no record names (a crash between a remote Prepare's
     /// store import and its record). Returns how many were removed.
     fn cleanup_store(&self) -> Result<usize> {
+        let store = self.store("open.store")?;
         let used = self.store_layers_in_use()?;
-        let chains = self.store.chain_ids().map_err(|source| Error::Verlay {
+        let chains = store.chain_ids().map_err(|source| Error::Verlay {
             op: "open.store_list",
             source,
         })?;
         let mut removed = 0;
         for c in chains {
-            if used.contains(&self.store.diff_dir(&c)) {
+            if used.contains(&store.diff_dir(&c)) {
                 continue;
             }
-            let dir = self.store.layer_dir(&c);
+            let dir = store.layer_dir(&c);
             warn!(path = %dir.display(), "removing a store layer no record names (leftover of a crash)");
             self.remove_store_dir(&dir)?;
             removed += 1;

@@ -122,7 +122,12 @@ fn is_mounted(at: &Path) -> bool {
 }
 
 impl FuseMount {
+    /// With the background fetch off: reads fetch what they need, nothing else moves.
     fn start(opts: &str, at: &Path) -> FuseMount {
+        Self::start_env(opts, at, &[("VERLAY_LAZY_BACKGROUND", "off")])
+    }
+
+    fn start_env(opts: &str, at: &Path, env: &[(&str, &str)]) -> FuseMount {
         std::fs::create_dir_all(at).expect("mkdir mountpoint");
         let child = Command::new(verlay_bin())
             .args(["-f", "-o", opts])
@@ -130,7 +135,8 @@ impl FuseMount {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
-            .env("VERLAY_LAZY_BACKGROUND", "off")
+            .env_remove("VERLAY_LAZY_BACKGROUND")
+            .envs(env.iter().copied())
             .spawn()
             .expect("spawn verlay");
         let m = FuseMount {
@@ -166,6 +172,8 @@ struct Image {
     tocs: Vec<String>,
     /// the plain gzip image's layer digests (no TOC)
     plain_layers: Vec<String>,
+    /// the eStargz image's diffIDs (its config)
+    diff_ids: Vec<String>,
 }
 
 fn manifest_of(store: &Path, name: &str) -> (String, serde_json::Value) {
@@ -241,6 +249,17 @@ fn image(t: &Path, reg: &Registry) -> Image {
                 .to_string()
         })
         .collect();
+    let config = m["config"]["digest"].as_str().expect("config digest");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.join("blobs/sha256").join(config.trim_start_matches("sha256:"))).expect("config"),
+    )
+    .expect("config json");
+    let diff_ids = config["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("diff_ids")
+        .iter()
+        .map(|d| d.as_str().expect("diff id").to_string())
+        .collect();
     let (_, p) = manifest_of(&s, "test");
     let plain_layers = p["layers"]
         .as_array()
@@ -254,6 +273,7 @@ fn image(t: &Path, reg: &Registry) -> Image {
         layers,
         tocs,
         plain_layers,
+        diff_ids,
     }
 }
 
@@ -452,4 +472,160 @@ async fn a_kill_during_a_remote_prepare_leaves_no_half_recorded_layer() {
         Code::AlreadyExists
     );
     assert_eq!(store_layers(&s), 1);
+}
+
+/// The `layer.json` of each store layer, by chain hex.
+fn store_records(s: &Snapshotter) -> Vec<(String, serde_json::Value)> {
+    let mut v: Vec<_> = std::fs::read_dir(s.root.join("store/layers"))
+        .expect("store layers")
+        .map(|e| {
+            let e = e.expect("dirent");
+            let r = serde_json::from_slice(&std::fs::read(e.path().join("layer.json")).expect("layer.json"))
+                .expect("json");
+            (e.file_name().to_string_lossy().into_owned(), r)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Layers recorded from containerd's labels (which carry no diffID) seal once a mount's
+/// background fetch has their blobs: the import computes the diffID over the stream of the
+/// blob that hashes to the labelled digest. Then a container's mount names the sealed
+/// layers (no registry needed), a restart keeps them, and Remove removes them with their
+/// blobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_layers_seal_with_the_diff_ids_their_blobs_hash_to() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::start(&tmp.path().join("reg"));
+    let img = image(tmp.path(), &reg);
+    let mut s = Snapshotter::start(tmp.path(), None);
+    let mut c = s.client().await;
+    let mut parent = String::new();
+    for i in 0..3 {
+        let t = format!("t{}", i + 1);
+        let l = labels(&[
+            (TARGET, &t),
+            (STARGZ_REF, &img.reference),
+            (STARGZ_DIGEST, &img.layers[i]),
+            (TOC, &img.tocs[i]),
+        ]);
+        assert_eq!(
+            code(prepare_labels(&mut c, &format!("ns/{i}/extract {t}"), &parent, l).await),
+            Code::AlreadyExists
+        );
+        parent = t;
+    }
+    let m = prepare(&mut c, "ctr", "t3").await.expect("prepare ctr");
+    {
+        // the background fetch on, as containerd's mounts have it
+        let mnt = tmp.path().join("mnt");
+        let _m = FuseMount::start_env(&m[0].options.join(","), &mnt, &[]);
+        assert_eq!(
+            std::fs::read_to_string(mnt.join("etc/motd")).expect("motd"),
+            "motd from layer2\n"
+        );
+        let t0 = Instant::now();
+        loop {
+            let recs = store_records(&s);
+            let lazy: Vec<_> = recs.iter().filter(|r| r.1.get("lazy").is_some()).collect();
+            if lazy.len() == 3 && lazy.iter().all(|r| r.1.get("sealed").is_some()) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the remote layers did not seal in a minute: {recs:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let recs = store_records(&s);
+    assert_eq!(recs.len(), 6, "3 lazy layers and the 3 they sealed as");
+    for (i, blob) in img.layers.iter().enumerate() {
+        let lazy = recs
+            .iter()
+            .find(|r| r.1["lazy"]["blob_digest"].as_str() == Some(blob))
+            .expect("the lazy layer of the blob");
+        assert!(
+            lazy.1["lazy"]["diff_id"].is_null(),
+            "containerd's labels carry no diffID"
+        );
+        let sealed = lazy.1["sealed"]
+            .as_str()
+            .expect("sealed")
+            .trim_start_matches("sha256:");
+        let (_, r) = recs.iter().find(|r| r.0 == sealed).expect("the sealed layer");
+        assert!(r.get("lazy").is_none());
+        assert_eq!(
+            r["diff_id"].as_str(),
+            Some(img.diff_ids[i].as_str()),
+            "layer {i}: diffID"
+        );
+        assert_eq!(r["blob_digest"].as_str(), Some(blob.as_str()), "layer {i}: blob");
+        assert!(
+            s.root
+                .join("store/blobs/sha256")
+                .join(blob.trim_start_matches("sha256:"))
+                .is_file(),
+            "layer {i}: blob not kept"
+        );
+    }
+    // a restart keeps the sealed layers (the records name them through the lazy ones)
+    drop(c);
+    drop(s);
+    s = Snapshotter::start(tmp.path(), None);
+    let mut c = s.client().await;
+    assert_eq!(store_layers(&s), 6, "the restart removed sealed layers");
+    // a new container's mount names the sealed layers, and reads without the registry
+    drop(reg);
+    let m = prepare(&mut c, "ctr2", "t3").await.expect("prepare ctr2");
+    let lower = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .expect("lowerdir")
+        .to_string();
+    let sealed: Vec<&str> = lower
+        .split(':')
+        .filter(|l| l.contains("/store/layers/"))
+        .collect();
+    assert_eq!(sealed.len(), 3, "{lower}");
+    for l in &sealed {
+        let r: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(Path::new(l).with_file_name("layer.json")).expect("layer.json"),
+        )
+        .expect("json");
+        assert!(r.get("lazy").is_none(), "{l} is not the sealed layer");
+    }
+    {
+        let mnt = tmp.path().join("mnt2");
+        let _m = FuseMount::start(&m[0].options.join(","), &mnt);
+        let blob = std::fs::read(mnt.join("data/blob")).expect("read /data/blob");
+        let layer3 = tmp
+            .path()
+            .join("img/oci/blobs/sha256")
+            .join(img.plain_layers[2].trim_start_matches("sha256:"));
+        let want = Command::new("tar")
+            .arg("-xzOf")
+            .arg(&layer3)
+            .arg("./data/blob")
+            .output()
+            .expect("tar")
+            .stdout;
+        assert!(blob == want, "/data/blob through the sealed layers differs");
+    }
+    // Remove: the lazy layers, the sealed ones and their blobs go
+    for k in ["ctr", "ctr2", "t3", "t2", "t1"] {
+        remove(&mut c, k).await.expect("remove");
+    }
+    assert_eq!(store_layers(&s), 0);
+    for blob in &img.layers {
+        assert!(
+            !s.root
+                .join("store/blobs/sha256")
+                .join(blob.trim_start_matches("sha256:"))
+                .exists(),
+            "blob {blob} left"
+        );
+    }
 }

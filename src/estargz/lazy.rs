@@ -27,11 +27,13 @@ use tracing::{error, warn};
 use super::toc::{self, Chunk, ChunkTable};
 use crate::digest::{hex, sha256_digest};
 use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
 use crate::layer::pread_full;
 use crate::lower::source::{ChunkSource, ReadCtx};
 use crate::registry::client::{Client, Options};
 use crate::registry::reference::Reference;
-use crate::store::lazy::{open_beneath_for_write, BLOB_FILE, LAZY_DIR, PRESENT_FILE, TOC_FILE};
+use crate::store::lazy::ranges::BlobFile;
+use crate::store::lazy::{open_beneath_for_write, LAZY_DIR, PRESENT_FILE, TOC_FILE};
 
 /// Largest compressed span fetched by one Range request.
 pub(super) const MAX_RUN: u64 = 8 << 20;
@@ -70,6 +72,8 @@ pub(super) struct Shared {
     /// the skeleton directory
     dir: OwnedFd,
     present: File,
+    /// `lazy/blob` and its range map: what reads and the background fetch moved
+    pub(super) blob_file: BlobFile,
 }
 
 impl std::fmt::Debug for LazyLayer {
@@ -184,11 +188,20 @@ impl Shared {
             Mode::empty(),
         )
         .map_err(|e| Error::io("lazy.open_dir", dir, e.into()))?;
+        let blob = s("blob_digest")?;
+        let lazy_dir = parent.join(LAZY_DIR);
+        let kept = parent
+            .parent()
+            .and_then(|layers| layers.parent())
+            .map(|root| root.join("blobs/sha256").join(blob.trim_start_matches("sha256:")))
+            .unwrap_or_default();
+        let blob_file =
+            BlobFile::open(&lazy_dir, &blob, kept).map_err(|e| Error::io("lazy.ranges", &lazy_dir, e))?;
         Ok(Some(Shared {
             layer: dir.display().to_string(),
             layer_dir: parent.to_path_buf(),
             table,
-            blob: s("blob_digest")?,
+            blob,
             blob_size: l["blob_size"]
                 .as_u64()
                 .ok_or_else(|| bad_store(dir, "no blob_size"))?,
@@ -197,6 +210,7 @@ impl Shared {
             client: OnceLock::new(),
             dir: dirfd,
             present,
+            blob_file,
         }))
     }
 
@@ -278,7 +292,11 @@ impl Shared {
         if need.is_empty() {
             return Ok(Vec::new());
         }
-        // runs of chunks whose compressed spans touch or overlap
+        // runs of chunks whose compressed spans touch or overlap, and that are all in
+        // `lazy/blob` or all not (a run is read there or asked for whole: no byte the blob
+        // file has is asked for again)
+        let have = self.blob_file.ranges();
+        let local = |ch: &Chunk| have.covers(ch.blob_off, ch.blob_end);
         let mut runs: Vec<Vec<usize>> = Vec::new();
         for &k in need {
             let ch = &chunks[k];
@@ -290,6 +308,7 @@ impl Shared {
                         ch.blob_off >= first.blob_off
                             && ch.blob_off <= last.blob_end
                             && ch.blob_end - first.blob_off <= MAX_RUN
+                            && local(ch) == local(first)
                     } =>
                 {
                     r.push(k)
@@ -323,9 +342,10 @@ impl Shared {
     fn fetch_run(&self, c: &ReadCtx<'_>, chunks: &[Chunk], run: &[usize]) -> Result<Fetched> {
         let start = run.iter().map(|&k| chunks[k].blob_off).min().unwrap_or(0);
         let end = run.iter().map(|&k| chunks[k].blob_end).max().unwrap_or(0);
-        // the background fetch may have these bytes already; they are verified as any
-        // fetched bytes, and fetched from the registry when they do not match
-        if let Some(body) = self.local_span(start, end) {
+        // the background fetch (or the pull, or another read) may have these bytes already;
+        // they are verified as any fetched bytes, and fetched from the registry when they
+        // do not match
+        if let Some(body) = self.blob_file.read(start, end) {
             if let Ok(out) = self.verify_run(c, chunks, run, start, &body, true) {
                 return Ok(out);
             }
@@ -337,18 +357,25 @@ impl Shared {
                 error!(layer = %self.layer, path = %c.rel.display(), error = %e,
                 "could not fetch a chunk of a lazy layer; serving EIO");
             })?;
-        self.verify_run(c, chunks, run, start, &body, false)
-    }
-
-    /// Bytes `[start, end)` of the blob, if the background fetch has them on disk.
-    fn local_span(&self, start: u64, end: u64) -> Option<Vec<u8>> {
-        let f = File::open(self.layer_dir.join(LAZY_DIR).join(BLOB_FILE)).ok()?;
-        if f.metadata().ok()?.len() < end {
-            return None;
+        let out = self.verify_run(c, chunks, run, start, &body, false)?;
+        // verified: kept in `lazy/blob` too, so the background fetch does not move it again
+        // (a failure only costs that fetch)
+        match self.blob_file.store(start, &body) {
+            Ok(()) => crash_point("lazy.span"),
+            // being sealed, or sealed: the store has (or is getting) the whole blob
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                tracing::debug!(layer = %self.layer, error = %e, "a fetched span not kept: the lazy blob file is being sealed")
+            }
+            Err(e) => {
+                warn!(layer = %self.layer, path = %c.rel.display(), error = %e, "cannot keep a fetched span in the lazy blob file")
+            }
         }
-        let mut b = vec![0u8; (end - start) as usize];
-        f.read_exact_at(&mut b, start).ok()?;
-        Some(b)
+        Ok(out)
     }
 
     /// Inflate, verify and cache each chunk of `run` from `body` (the blob from `start`). A

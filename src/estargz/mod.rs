@@ -8,7 +8,7 @@
 //!   manifest digest → TOC digest (layer annotation) → each chunk's digest.
 //! - [`lazy`]: the mount side: a read of a chunk not yet verified fetches it (HTTP Range),
 //!   verifies it, caches it in the store's layer, then serves it.
-//! - [`background`]: the background fetch of the whole blob, then the seal.
+//! - [`background`]: the background fetch of the rest of the blob, then the seal.
 mod background;
 pub mod convert;
 pub mod lazy;

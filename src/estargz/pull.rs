@@ -139,8 +139,9 @@ fn pull_whole(
 }
 
 /// The footer, then the TOC member, by two Range requests; returns the TOC, its offset and
-/// the bytes fetched.
-fn fetch_toc(client: &Client, digest: &str, size: u64, what: &str) -> Result<(TocMember, u64, u64)> {
+/// the blob's bytes from that offset to its end (the TOC member and the footer: all that
+/// was fetched).
+fn fetch_toc(client: &Client, digest: &str, size: u64, what: &str) -> Result<(TocMember, u64, Vec<u8>)> {
     if size < toc::FOOTER_SIZE + 20 {
         return Err(toc::bad_layer(
             what,
@@ -160,10 +161,10 @@ fn fetch_toc(client: &Client, digest: &str, size: u64, what: &str) -> Result<(To
             ),
         ));
     }
-    let member = client.get_blob_range(digest, toc_offset, foot_at)?;
-    let fetched = footer.len() as u64 + member.len() as u64;
-    let toc = toc::read_toc_member(&member).map_err(|why| toc::bad_layer(what, why))?;
-    Ok((toc, toc_offset, fetched))
+    let mut tail = client.get_blob_range(digest, toc_offset, foot_at)?;
+    let toc = toc::read_toc_member(&tail).map_err(|why| toc::bad_layer(what, why))?;
+    tail.extend_from_slice(&footer);
+    Ok((toc, toc_offset, tail))
 }
 
 /// The layer's skeleton as a tar stream for the store's unpacker: every TOC entry with its
@@ -383,7 +384,8 @@ impl OneLayer<'_> {
     /// nothing), and import the skeleton under `chain` unless the store has it; the bytes
     /// fetched, and whether it was imported.
     fn record(&self, store: &Store, chain: &str, parent: Option<String>) -> Result<(u64, bool)> {
-        let (member, toc_offset, fetched) = fetch_toc(self.client, self.blob, self.size, self.what)?;
+        let (member, toc_offset, tail) = fetch_toc(self.client, self.blob, self.size, self.what)?;
+        let fetched = tail.len() as u64;
         let got = sha256_digest(&member.json);
         if got != self.toc_digest {
             return Err(Error::remote(
@@ -409,6 +411,7 @@ impl OneLayer<'_> {
             sizes,
             chunks: table.chunks.len() as u64,
             toc_json: member.json,
+            tail: (toc_offset, tail),
             lazy: serde_json::json!({
                 "reference": self.reference,
                 "plain_http": self.opts.plain_http,

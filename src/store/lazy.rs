@@ -39,15 +39,20 @@ use super::{
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 
+pub mod ranges;
+
 /// The directory of a lazy layer's TOC and chunk presence.
 pub const LAZY_DIR: &str = "lazy";
 /// The TOC JSON of a lazy layer.
 pub const TOC_FILE: &str = "toc.json";
 /// One byte per chunk: written to the skeleton or not.
 pub const PRESENT_FILE: &str = "present";
-/// The compressed blob, fetched from its start by the background fetch (its length is how
-/// far it got).
+/// The compressed blob, a sparse file at the blob's offsets: the bytes the pull, reads and
+/// the background fetch moved (`ranges`, [`ranges`], says which are there).
 pub const BLOB_FILE: &str = "blob";
+
+/// How often [`Store::open_within`] tries the store lock again.
+pub const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What [`Store::seal_lazy`] found or did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +79,10 @@ pub struct LazyImport {
     pub chunks: u64,
     /// the TOC JSON (its digest checked by the caller against the manifest)
     pub toc_json: Vec<u8>,
+    /// (offset, bytes): the part of the compressed blob the pull fetched (the TOC member
+    /// and the footer), kept in `lazy/blob` so that the background fetch does not move it
+    /// again
+    pub tail: (u64, Vec<u8>),
     /// the `lazy` object of `layer.json`: where to fetch from, the TOC digest
     pub lazy: serde_json::Value,
     /// for messages
@@ -93,6 +102,38 @@ pub fn open_beneath_for_write(dir: &impl rustix::fd::AsFd, rel: &Path) -> rustix
 }
 
 impl Store {
+    /// Open the existing store at `root`, waiting for its lock at most `wait` (retrying a
+    /// non-blocking flock every [`LOCK_RETRY`]); None when another process held it all that
+    /// time. For the seal, which runs in a mount's background thread: a store held for long
+    /// (a snapshotter's operation, a big import) must not hold the thread forever.
+    pub fn open_within(root: &Path, wait: std::time::Duration) -> Result<Option<Store>> {
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::io("store.open", root, e))?;
+        let lock_path = root.join(super::LOCK);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("store.lock", &lock_path, e))?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(LOCK_RETRY)
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+                Err(e) => return Err(Error::io("store.lock", &lock_path, e.into())),
+            }
+        }
+        let store = Store { root, _lock: lock };
+        store.remove_leftovers()?;
+        Ok(Some(store))
+    }
+
     /// Store a lazy layer (crash-safe as an import: built in `tmp/`, published by one
     /// rename). Returns false when the layer was there already.
     pub fn import_lazy(&self, l: &LazyImport) -> Result<bool> {
@@ -130,7 +171,15 @@ impl Store {
             )
         };
         let field = |k: &str| l[k].as_str().map(str::to_owned).ok_or_else(|| bad(k));
-        let (digest, diff_id) = (field("blob_digest")?, field("diff_id")?);
+        let digest = field("blob_digest")?;
+        // a layer recorded from containerd's remote snapshot labels has no diffID (the labels
+        // carry the blob and TOC digests, not the config's diffIDs): the import then computes
+        // it over the uncompressed stream and records it. The blob still has to hash to the
+        // digest the labels name (checked by the same import), which verifies every byte.
+        let diff_id = match &l["diff_id"] {
+            serde_json::Value::Null => None,
+            _ => Some(field("diff_id")?),
+        };
         let size = l["blob_size"].as_u64().ok_or_else(|| bad("blob_size"))?;
         let parent = match rec.get("parent").and_then(|p| p.as_str()) {
             None => None,
@@ -143,11 +192,18 @@ impl Store {
             return Ok(Sealed::Incomplete);
         };
         let mut f = File::open(&src).map_err(|e| Error::io("lazy_seal.open_blob", &src, e))?;
+        // reads write the spans they fetch into `lazy/blob` under a shared flock: none may
+        // write while the import reads it, or into it once it is kept (bounded: a write
+        // holds it for one span and an fdatasync)
+        if !flock_within(&f, std::time::Duration::from_secs(30))? {
+            tracing::warn!(layer = %chain, "the lazy blob file stayed locked by a writer; the layer seals at the next mount");
+            return Ok(Sealed::Incomplete);
+        }
         let got = self.import_layer(
             &mut f,
             &ImportOptions {
                 parent,
-                diff_id: Some(diff_id),
+                diff_id,
                 blob_digest: Some(digest.clone()),
                 source: format!("lazy layer {chain} (blob {digest})"),
                 fsync_each: false,
@@ -210,14 +266,17 @@ impl Store {
     }
 
     /// Where the whole blob of lazy layer `chain` is: in `blobs/` (verified when it was
-    /// published), or complete in its `lazy/` directory.
+    /// published), or complete in its `lazy/` directory (its range map covers it; the
+    /// import then checks every byte against the digest anyway).
     fn lazy_blob(&self, chain: &str, digest: &str, size: u64) -> Option<PathBuf> {
         if blobs::has_blob(self, digest) {
             return Some(blobs::blob_path(self, digest));
         }
-        let p = self.layer_dir(chain).join(LAZY_DIR).join(BLOB_FILE);
+        let dir = self.layer_dir(chain).join(LAZY_DIR);
+        let p = dir.join(BLOB_FILE);
+        let (have, _) = ranges::load(&dir.join(ranges::RANGES_FILE), digest);
         match std::fs::metadata(&p) {
-            Ok(m) if m.len() == size => Some(p),
+            Ok(m) if m.len() == size && have.covers(0, size) => Some(p),
             _ => None,
         }
     }
@@ -254,6 +313,18 @@ impl Store {
         let f = File::create(&present).map_err(|e| Error::io("lazy.present", &present, e))?;
         f.set_len(l.chunks)
             .map_err(|e| Error::io("lazy.present", &present, e))?;
+        // the blob bytes the pull fetched, durable before the map that claims them
+        let (at, tail) = &l.tail;
+        let blob = lazy.join(BLOB_FILE);
+        let f = File::create(&blob).map_err(|e| Error::io("lazy.blob", &blob, e))?;
+        std::os::unix::fs::FileExt::write_all_at(&f, tail, *at)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io("lazy.blob", &blob, e))?;
+        let digest = l.lazy["blob_digest"].as_str().unwrap_or_default();
+        let mut have = ranges::Ranges::default();
+        have.insert(*at, at + tail.len() as u64);
+        let map = lazy.join(ranges::RANGES_FILE);
+        ranges::rewrite(&map, digest, &have).map_err(|e| Error::io("lazy.ranges", &map, e))?;
         let record = serde_json::json!({
             "version": RECORD_VERSION,
             "chain_id": l.chain_id,
@@ -273,6 +344,22 @@ impl Store {
         fsync_path(&self.root.join(LAYERS), "lazy.fsync_layers")?;
         tracing::info!(layer = %l.chain_id, files = l.sizes.len(), chunks = l.chunks, "lazy layer recorded");
         Ok(())
+    }
+}
+
+/// An exclusive flock on `f`, tried every [`LOCK_RETRY`] for at most `wait`: false when
+/// another holder kept it all that time.
+fn flock_within(f: &File, wait: std::time::Duration) -> Result<bool> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match rustix::fs::flock(f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(LOCK_RETRY)
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(false),
+            Err(e) => return Err(Error::io("lazy_seal.lock_blob", "lazy/blob", e.into())),
+        }
     }
 }
 

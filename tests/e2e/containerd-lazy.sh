@@ -15,8 +15,9 @@
 #                  content store holds no layer blob, and the registry served less than 5%
 #                  of the layers' bytes (the footers and TOCs; its access log is counted)
 #   run-lazy       `ctr run --snapshotter verlay` of the image: cat of the 1 MiB /data/blob
-#                  (fetched on demand) is byte for byte the file of the original layer; a
-#                  second container checks the whiteout, the opaque dir and a write
+#                  (fetched on demand) is byte for byte the file of the original layer, and
+#                  moves no more than the layers' bytes (3170245 of 2109846 before issue 17);
+#                  a second container checks the whiteout, the opaque dir and a write
 #   plain-fallback rpull of the plain gzip image: no remote snapshot (not eStargz), the
 #                  layers are downloaded and unpacked the ordinary way; the same checks run
 #   restart        kill -9 of the snapshotter and a restart: the remote snapshots are still
@@ -54,6 +55,8 @@ cleanup() {
   local rc=$? p m
   bash "$C" stop "$D/ctd" >/dev/null 2>&1 || true
   bash "$REGENV" stop "$REG" >/dev/null 2>&1 || true
+  # the restart check runs in a subshell: the PID of the snapshotter it started is in the file
+  [ -s "$D/snap.pid" ] && SNAP_PID=$(cat "$D/snap.pid")
   if [ -n "$SNAP_PID" ]; then
     kill "$SNAP_PID" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$SNAP_PID" 2>/dev/null || break; sleep 0.1; done
@@ -130,6 +133,7 @@ WANT_BLOB=$(tar -xzOf "$IMG/oci/blobs/sha256/${3#sha256:}" ./data/blob | sha256s
 snap_start() {
   VERLAY_LOG_FILE= setsid "$SNAP" --root "$D/root" --address "$D/snap.sock" >>"$D/snap.log" 2>&1 </dev/null &
   SNAP_PID=$!
+  echo "$SNAP_PID" > "$D/snap.pid"
   # no "Killed" job report when the restart check kills it
   disown "$SNAP_PID"
   for _ in $(seq 100); do [ -S "$D/snap.sock" ] && return 0; sleep 0.05; done
@@ -174,6 +178,9 @@ run_lazy() {
   # the bytes came from the registry, through the snapshotter's lazy layers, whose chunk
   # caches now hold them
   [ "$moved" -gt 0 ] || { echo "reading /data/blob moved no layer bytes"; return 1; }
+  # no byte twice: reads keep what they fetch in the store's lazy/blob, and the background
+  # fetch neither asks for it again nor starts in containerd's momentary rootfs mount
+  [ "$moved" -le "$ESGZ_TOTAL" ] || { echo "the first container moved more than the layers' $ESGZ_TOTAL bytes"; return 1; }
   cached=$(cat "$D"/root/store/layers/*/lazy/present | tr -d '\000' | wc -c)
   echo "chunks cached in the snapshotter's store: $cached"
   [ "$cached" -gt 0 ]
