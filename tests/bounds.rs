@@ -6,9 +6,10 @@
 //!   with EXDEV, takes `upper::copy_data`'s read/write fallback (its 1 MiB buffer several times
 //!   over), and the copy keeps the data and the holes of the lower file.
 //! - `a_daemon_that_never_reports_is_killed_after_the_wait`: a daemonizing mount whose child
-//!   never reports (its mount(2) held back 70 s by strace's fault injection) fails after
-//!   `MOUNT_REPORT_WAIT` (60 s) with a message naming the wait, kills the child, and leaves
-//!   nothing mounted and no daemon behind. Takes 70 s.
+//!   mounts and then never reports (strace's fault injection stops it with SIGSTOP right
+//!   after its mount(2)) fails after `MOUNT_REPORT_WAIT` (60 s) with a message naming the
+//!   wait, kills the child, detaches the dead mount it made, and leaves no daemon behind.
+//!   Takes 60 s.
 //!
 //! Not here: `control::MAX_FREEZE` (a commit client silent for 600 s while it holds the
 //! freeze): ten minutes of a frozen mount is too long for the suite, and the limit has no
@@ -35,8 +36,6 @@ use common::{daemon_pids, is_mounted, scratch, verlay_bin, Mount, Rig, WAIT};
 const COPY_BUF: usize = 1 << 20;
 /// The daemonizing parent's wait for its child's report (src/mount.rs MOUNT_REPORT_WAIT).
 const REPORT_WAIT: Duration = Duration::from_secs(60);
-/// How long strace holds the child's mount(2): longer than the wait.
-const MOUNT_DELAY_SECS: u64 = 70;
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -90,6 +89,17 @@ impl Trace {
         }
         let text = fs::read_to_string(&self.out).unwrap_or_default();
         text.lines().map(str::to_string).collect()
+    }
+}
+
+/// Lazily unmounts whatever is mounted at a path, on drop.
+struct Detach(PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
     }
 }
 
@@ -186,13 +196,14 @@ fn a_daemon_that_never_reports_is_killed_after_the_wait() {
         &base.path().join("work"),
         &base.path().join("mnt"),
     );
-    // The launcher (no -f) forks the daemon; strace follows it and holds the daemon's mount(2)
-    // on entry, so it never mounts. (strace keeps the killed daemon until the delay ends, and
-    // the launcher's stderr with it: the refusal is timed by when its line arrives.)
+    // Whatever the outcome, no mount stays behind this test.
+    let _detach = Detach(r.mnt.clone());
+    // The launcher (no -f) forks the daemon; strace follows it and stops the daemon with
+    // SIGSTOP right after its mount(2): mounted, and never reporting.
     let start = Instant::now();
     let mut launcher = Command::new("strace")
         .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=mount"])
-        .arg(format!("--inject=mount:delay_enter={MOUNT_DELAY_SECS}s"))
+        .arg("--inject=mount:signal=SIGSTOP")
         .arg(verlay_bin())
         .args(["-o", &r.opts("")])
         .arg(&r.mnt)
@@ -208,7 +219,7 @@ fn a_daemon_that_never_reports_is_killed_after_the_wait() {
             let _ = tx.send((start.elapsed(), line));
         }
     });
-    let bound = REPORT_WAIT + Duration::from_secs(MOUNT_DELAY_SECS);
+    let bound = REPORT_WAIT + 2 * WAIT;
     let st = loop {
         if let Some(st) = launcher.try_wait().unwrap() {
             break st;
@@ -234,7 +245,7 @@ fn a_daemon_that_never_reports_is_killed_after_the_wait() {
         "gave up after {:?}, not after the {REPORT_WAIT:?} wait",
         refusal.0
     );
-    assert!(!is_mounted(&r.mnt), "a mount was left behind");
+    assert!(!is_mounted(&r.mnt), "the daemon's dead mount was left behind");
     // The daemon was killed (SIGKILL from the launcher): nothing serves the mountpoint.
     let deadline = Instant::now() + WAIT;
     while daemon_pids(&r.mnt).into_iter().any(pid_alive) {
