@@ -130,7 +130,7 @@ fn copy_up_from_another_filesystem_reads_and_writes_keeping_holes() {
         f.set_len(size).unwrap();
     }
     let r = Rig::at(
-        &[lower.clone()],
+        std::slice::from_ref(&lower),
         &base.path().join("upper"),
         &base.path().join("work"),
         &base.path().join("mnt"),
