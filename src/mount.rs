@@ -48,6 +48,8 @@ fn lock_upper(root: &std::os::fd::OwnedFd) -> rustix::io::Result<()> {
 /// How long a daemonizing mount waits for its child to report the mount live. The child's
 /// part is mount(2), the control socket and the report: milliseconds.
 const MOUNT_REPORT_WAIT: Duration = Duration::from_secs(60);
+/// How long a daemonizing mount waits for the child it killed to exit.
+const CHILD_EXIT_WAIT: Duration = Duration::from_secs(5);
 /// Longest report read from the child (a one-line error message).
 const MOUNT_REPORT_MAX: u64 = 64 * 1024;
 
@@ -317,6 +319,7 @@ pub fn run(args: MountArgs) -> Result<()> {
 /// session, leaves its caller's directory, and returns the socket to report on.
 fn daemonize(args: &MountArgs) -> Result<Option<UnixStream>> {
     let (mut parent_end, child_end) = UnixStream::pair().map_err(|e| Error::io("socketpair", "", e))?;
+    let mount_before = mount_id(&args.mountpoint);
     match crate::sys::fork().map_err(|e| Error::io("fork", "", e))? {
         crate::sys::Forked::Parent(pid) => {
             drop(child_end);
@@ -333,6 +336,21 @@ fn daemonize(args: &MountArgs) -> Result<Option<UnixStream>> {
                 if e.kind() == std::io::ErrorKind::WouldBlock {
                     if let Some(child) = rustix::process::Pid::from_raw(pid) {
                         let _ = rustix::process::kill_process(child, rustix::process::Signal::KILL);
+                        // Gone before the check below, so a mount(2) it was inside is done.
+                        // Bounded: a child stuck in the kernel is left to exit by itself.
+                        let until = std::time::Instant::now() + CHILD_EXIT_WAIT;
+                        while rustix::process::waitpid(Some(child), rustix::process::WaitOptions::NOHANG)
+                            .is_ok_and(|r| r.is_none())
+                            && std::time::Instant::now() < until
+                        {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                    // A child wedged after its mount(2) leaves that mount dead (ENOTCONN):
+                    // detach it, recognised as a mount that was not there before the fork.
+                    let now = mount_id(&args.mountpoint);
+                    if now.is_some() && now != mount_before {
+                        let _ = rustix::mount::unmount(&args.mountpoint, rustix::mount::UnmountFlags::DETACH);
                     }
                     msg = format!(
                         "the daemon did not report a live mount within {} s; killed it (run with -f -d to see where it stops)",
@@ -353,6 +371,14 @@ fn daemonize(args: &MountArgs) -> Result<Option<UnixStream>> {
             Ok(Some(child_end))
         }
     }
+}
+
+/// The id of the mount `path` is on (statx STATX_MNT_ID). With AT_STATX_DONT_SYNC a FUSE
+/// mount answers from cached attributes, so a dead or wedged daemon cannot block this.
+fn mount_id(path: &Path) -> Option<u64> {
+    let flags = rustix::fs::AtFlags::STATX_DONT_SYNC;
+    let st = rustix::fs::statx(rustix::fs::CWD, path, flags, rustix::fs::StatxFlags::MNT_ID).ok()?;
+    Some(st.stx_mnt_id)
 }
 
 /// SIGTERM, SIGINT and SIGHUP unmount the session's mount (lazily when it is busy).

@@ -118,6 +118,23 @@ pub fn privs_to_kill(ctx: &Ctx, mode: u32, gid: u32) -> u32 {
     kill
 }
 
+/// The setuid and setgid bits that a chown(2) by the caller (any owner and group, -1 included)
+/// removes from an object of `mode` and group `gid`: the kernel's `chown_common`, which asks for
+/// ATTR_KILL_SUID and `setattr_should_drop_sgid` on every non-directory (fifos and device
+/// nodes too, not only regular files as a write does). Setuid always; setgid when the object
+/// is group-executable or the caller is outside its group without CAP_FSETID. A non-owner
+/// without CAP_FOWNER may not make that change (setattr_prepare: EPERM).
+pub fn chown_privs_to_kill(ctx: &Ctx, mode: u32, gid: u32) -> u32 {
+    if mode & libc::S_IFMT == libc::S_IFDIR || mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+        return 0;
+    }
+    let mut kill = mode & libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !in_group_or_capable(ctx, gid)) {
+        kill |= libc::S_ISGID;
+    }
+    kill
+}
+
 /// Is the caller of a request inside chown(2) (chown, fchown, lchown, fchownat), from
 /// /proc/PID/syscall (PID: the calling thread, as FUSE sends it)? None when that cannot be
 /// read (no caller, the thread gone, no permission), or a 32-bit caller's numbers.

@@ -193,11 +193,19 @@ impl Union {
     /// bits is a chmod, for the owner only (setattr_prepare), so EPERM before any copy-up;
     /// the kernel's kill before a write is allowed. Told apart by the syscall the caller is
     /// in ([`caller_in_chown`]); where that cannot be read, a node with a writable handle is
-    /// taken to be written.
+    /// taken to be written. A fifo or device node is never killed for a write (the kernel
+    /// does that for regular files only), so there it is a chown (seed 6209: a setuid fifo).
     fn check_empty_setattr(&self, ctx: &Ctx, node: &Node) -> Result<()> {
         let st = self.real_stat(node)?;
-        let kill = privs_to_kill(ctx, st.st_mode, self.opts.ids.gid_from_disk(st.st_gid));
+        let gid = self.opts.ids.gid_from_disk(st.st_gid);
         let owner = self.opts.ids.uid_from_disk(st.st_uid) == ctx.uid;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return match chown_privs_to_kill(ctx, st.st_mode, gid) != 0 && !owner {
+                true => errno(libc::EPERM),
+                false => Ok(()),
+            };
+        }
+        let kill = privs_to_kill(ctx, st.st_mode, gid);
         if kill == 0 || owner {
             return Ok(());
         }
@@ -216,7 +224,8 @@ impl Union {
     }
 
     /// After the daemon's own chown of `path` (mode `before` until then): clear the setgid a
-    /// caller without CAP_FSETID also loses (privs_to_kill), which the capable daemon kept.
+    /// caller without CAP_FSETID also loses (privs_to_kill; chown_privs_to_kill for a fifo or
+    /// device node, which only a chown clears), which the capable daemon kept.
     fn kill_privs_after(
         &self,
         ctx: &Ctx,
@@ -224,7 +233,11 @@ impl Union {
         path: &Path,
         before: &Stat,
     ) -> Result<()> {
-        let kill = privs_to_kill(ctx, before.st_mode, self.opts.ids.gid_from_disk(before.st_gid));
+        let gid = self.opts.ids.gid_from_disk(before.st_gid);
+        let kill = match before.st_mode & libc::S_IFMT == libc::S_IFREG {
+            true => privs_to_kill(ctx, before.st_mode, gid),
+            false => chown_privs_to_kill(ctx, before.st_mode, gid),
+        };
         if let (true, Some(now)) = (kill != 0, up.dir.stat(path)?) {
             up.chmod(path, now.st_mode & 0o7777 & !kill)?;
         }

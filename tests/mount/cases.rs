@@ -701,3 +701,32 @@ fn fsync_of_a_removed_open_dir_succeeds() {
         ],
     );
 }
+
+/// chown(-1, -1) by a non-owner of a setuid or setgid fifo or device node is EPERM, as for a
+/// regular file: the kernel's chown_common kills the bits on every non-directory, a chmod
+/// for the owner only (seed 6209: a setuid fifo, verlay Ok). Its owner's chown(-1, -1)
+/// succeeds and drops setuid, and setgid when it is outside the group.
+#[test]
+fn chown_minus_one_of_a_setuid_fifo_by_a_non_owner_is_eperm() {
+    case(
+        "chown_noop_eperm_special",
+        &["p low; m low 4755 1000:1000; c dev 1:3; m dev 2745 1000:1000"],
+        &[
+            "as 1001:1000 chown low -1:-1 => EPERM",
+            "stat low => p 4755",
+            "as 1001:1001 chown dev -1:-1 => EPERM",
+            "stat dev => c 2745",
+            "mkfifo up 0644",
+            "chown up 1000:1000",
+            "chmod up 6754",
+            "as 1001:1000 chown up -1:-1 => EPERM",
+            "stat up => p 6754",
+            "as 1000:1001 chown up -1:-1 => Ok",
+            "stat up => p 0754",
+            "as 1000:1000 chown low -1:-1 => Ok",
+            "stat low => p 0755",
+            "as 1000:1001 chown dev -1:-1 => Ok",
+            "stat dev => c 0745",
+        ],
+    );
+}
