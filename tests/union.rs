@@ -1064,7 +1064,11 @@ fn upper_hard_link_names_are_one_node() {
     u.forget(y2.id, 1);
     u.forget(y.id, 1);
     u.forget(d.id, 1);
-    assert_eq!(u.node_count(), 1, "nodes left after every reference was forgotten");
+    assert_eq!(
+        u.node_count(),
+        1,
+        "nodes left after every reference was forgotten"
+    );
 }
 
 /// A hard link made in another directory: once the kernel forgets the first name's
@@ -1096,5 +1100,9 @@ fn hard_linked_node_keeps_the_directories_of_its_names() {
         0o600
     );
     u.forget(a.id, 1);
-    assert_eq!(u.node_count(), 1, "the directory kept for the object's name was not freed");
+    assert_eq!(
+        u.node_count(),
+        1,
+        "the directory kept for the object's name was not freed"
+    );
 }

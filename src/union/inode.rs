@@ -286,7 +286,13 @@ impl NodeTable {
         if have < n {
             // The kernel holds more references than were counted: a reply that handed it
             // the node went uncounted (the node may already have been dropped too early).
-            tracing::warn!(op = "forget", ino = id, have, n, "forget of more references than counted");
+            tracing::warn!(
+                op = "forget",
+                ino = id,
+                have,
+                n,
+                "forget of more references than counted"
+            );
         }
         node.lookups.store(have.saturating_sub(n), Ordering::Release);
         if have <= n {
@@ -531,7 +537,11 @@ mod tests {
         t.note_linked(900, b);
         assert_eq!(t.linked(900), Some(b), "the newer node of the object");
         t.drop_linked(a);
-        assert_eq!(t.linked(900), Some(b), "an older node's end leaves the newer record");
+        assert_eq!(
+            t.linked(900),
+            Some(b),
+            "an older node's end leaves the newer record"
+        );
         t.drop_linked(b);
         assert_eq!(t.linked(900), None);
         let l = t.linked.lock();

@@ -409,14 +409,16 @@ impl Union {
     fn live_hard_link(&self, r: &Resolved, real: u64) -> Option<Arc<Node>> {
         let want = r.st.as_ref()?;
         let node = self.nodes.get(self.nodes.linked(real)?)?;
-        let same = node.kind == r.kind && {
-            let st = node.state.read();
-            st.upper && !st.unlinked
-        } && self
-            .path_of(&node)
-            .ok()
-            .and_then(|p| self.upper.as_ref()?.dir.stat(&p).ok().flatten())
-            .is_some_and(|s| s.st_ino == want.st_ino && s.st_dev == want.st_dev);
+        let same = node.kind == r.kind
+            && {
+                let st = node.state.read();
+                st.upper && !st.unlinked
+            }
+            && self
+                .path_of(&node)
+                .ok()
+                .and_then(|p| self.upper.as_ref()?.dir.stat(&p).ok().flatten())
+                .is_some_and(|s| s.st_ino == want.st_ino && s.st_dev == want.st_dev);
         same.then_some(node)
     }
 
@@ -586,7 +588,13 @@ impl Union {
         // install holding one may be reading this node's state.
         let (parent, name, aliases, unlinked, pinned) = {
             let mut st = node.state.write();
-            (st.parent, st.name.clone(), st.aliases.clone(), st.unlinked, std::mem::take(&mut st.pinned))
+            (
+                st.parent,
+                st.name.clone(),
+                st.aliases.clone(),
+                st.unlinked,
+                std::mem::take(&mut st.pinned),
+            )
         };
         // Its names (hard links: several) leave their parents' child tables.
         let names = std::iter::once((parent, &*name)).chain(aliases.iter().map(|(p, n)| (*p, n.as_os_str())));
