@@ -1044,3 +1044,65 @@ fn concurrent_lookups_and_forgets_of_one_name_give_one_node_id() {
         );
     }
 }
+
+/// Two names of one upper object, looked up separately, are one node: the kernel caches
+/// attributes per node id, so a second id would show stale owner, mode and size through one
+/// name after a change through the other (issue 13). Once every reference is forgotten, no
+/// node is left.
+#[test]
+fn upper_hard_link_names_are_one_node() {
+    let fx = Fx::new(Some("f x=1; h d/y=x"), &["f low=l"]);
+    let u = &fx.u;
+    let x = ok(u.lookup(ROOT_ID, name("x"))).expect("lookup x");
+    let d = ok(u.lookup(ROOT_ID, name("d"))).expect("lookup d");
+    let y = ok(u.lookup(d.id, name("y"))).expect("lookup d/y");
+    assert_eq!(y.id, x.id, "d/y: a second node id for the object of x");
+    u.forget(x.id, 1);
+    // Held through d/y only: the node's first name is x; a change through it shows.
+    let y2 = ok(u.lookup(d.id, name("y"))).expect("lookup d/y again");
+    assert_eq!(y2.id, x.id);
+    u.forget(y2.id, 1);
+    u.forget(y.id, 1);
+    u.forget(d.id, 1);
+    assert_eq!(
+        u.node_count(),
+        1,
+        "nodes left after every reference was forgotten"
+    );
+}
+
+/// A hard link made in another directory: once the kernel forgets the first name's
+/// directory (it holds the object through the new name only), requests on the object still
+/// find it (its path went through the forgotten directory: ESTALE), also after the name the
+/// kernel held is removed; and forgetting the object frees the directory it kept.
+#[test]
+fn hard_linked_node_keeps_the_directories_of_its_names() {
+    let fx = Fx::new(Some("f top=1"), &["f low=l"]);
+    let u = &fx.u;
+    let e = ok(u.mkdir(&ROOT, ROOT_ID, name("e"), 0o755)).expect("mkdir e");
+    let a = ok(u.mknod(&ROOT, e.id, name("a"), libc::S_IFREG | 0o644, 0)).expect("mknod e/a");
+    let b = ok(u.link(&ROOT, a.id, ROOT_ID, name("b"))).expect("link e/a b");
+    assert_eq!(b.id, a.id);
+    // The kernel drops the dentries e/a and e: their references go.
+    u.forget(a.id, 1);
+    u.forget(e.id, 1);
+    ok(u.listxattr(a.id)).expect("listxattr through b after e was forgotten");
+    ok(u.getattr(a.id, None)).expect("getattr");
+    ok(u.unlink(&ROOT, ROOT_ID, name("b"))).expect("unlink b");
+    let sa = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    let attr = ok(u.setattr(&ROOT, a.id, None, sa)).expect("chmod through the node, its name e/a left");
+    assert_eq!(attr.perm & 0o7777, 0o600);
+    assert_eq!(
+        std::fs::metadata(fx.up("e/a")).expect("upper e/a").mode() & 0o7777,
+        0o600
+    );
+    u.forget(a.id, 1);
+    assert_eq!(
+        u.node_count(),
+        1,
+        "the directory kept for the object's name was not freed"
+    );
+}

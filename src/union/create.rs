@@ -193,10 +193,17 @@ impl Union {
             None,
             oflags,
         )?;
-        let fd = fd.ok_or(Error::Errno(libc::EIO))?;
-        let node = self.node(entry.id)?;
-        let fh = self.add_file(node, fd, true, true, None, false)?;
-        Ok((entry, fh))
+        // Past here the node has a reference the kernel never gets on failure: give it back.
+        let opened = fd
+            .ok_or(Error::Errno(libc::EIO))
+            .and_then(|fd| self.add_file(self.node(entry.id)?, fd, true, true, None, false));
+        match opened {
+            Ok(fh) => Ok((entry, fh)),
+            Err(e) => {
+                self.forget_node(entry.id, 1);
+                Err(e)
+            }
+        }
     }
 
     /// FUSE link.
@@ -225,14 +232,27 @@ impl Union {
                 Occupant::Nothing
             },
         )?;
-        // The new name is the same object: the same node, one more kernel reference.
-        node.lookups.fetch_add(1, Ordering::AcqRel);
+        // The new name is the same object: the same node, one more kernel reference (the
+        // kernel holds the node for the request, so it is live).
+        let node = self.nodes.get_ref(node.id).ok_or(Error::Errno(libc::ESTALE))?;
         node.state
             .write()
             .aliases
             .push((parent.id, newname.to_os_string()));
         parent.children.lock().insert(Arc::from(newname), node.id);
-        let attr = self.attr(&node, None)?;
-        Ok(Entry { id: node.id, attr })
+        // Its names' parents stay known while it is, and a name looked up after the kernel
+        // forgot the node finds it again.
+        self.repin(&node);
+        if let Ok(Some(st)) = up.dir.stat(&dst) {
+            self.nodes.note_linked(st.st_ino, node.id);
+        }
+        match self.attr(&node, None) {
+            Ok(attr) => Ok(Entry { id: node.id, attr }),
+            Err(e) => {
+                // Not handed to the kernel: the reference goes back.
+                self.forget_node(node.id, 1);
+                Err(e)
+            }
+        }
     }
 }

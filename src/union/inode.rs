@@ -52,6 +52,11 @@ pub struct NodeState {
     /// other names of the same upper object (hard links made through this mount), so the
     /// node stays reachable when its first name goes away
     pub aliases: ThinVec<(u64, OsString)>,
+    /// parents this node holds one reference on, one per name, once it has had a second
+    /// name (see `Union::repin`): the kernel's dentries pin only the parents of the names
+    /// it holds, and the node's path goes through its first name, whose parent the kernel
+    /// may have forgotten while it holds the object through another
+    pub pinned: ThinVec<u64>,
 }
 
 /// One merged object known to the kernel.
@@ -213,6 +218,17 @@ pub struct NodeTable {
     shards: Vec<RwLock<HashMap<u64, Arc<Node>>>>,
     next_id: AtomicU64,
     gone: Mutex<GoneTable>,
+    linked: Mutex<LinkedTable>,
+}
+
+/// Live nodes of upper objects with more than one name, by the upper's own inode number, and
+/// back: a name looked up after the kernel forgot the node it was known through must get the
+/// object's live node (the kernel caches attributes per node id). A hint only: callers check
+/// the object before sharing (see `Union::live_hard_link`).
+#[derive(Debug, Default)]
+struct LinkedTable {
+    by_real: HashMap<u64, u64>,
+    by_id: HashMap<u64, u64>,
 }
 
 impl NodeTable {
@@ -226,6 +242,7 @@ impl NodeTable {
             shards,
             next_id: AtomicU64::new(ROOT_ID + 1),
             gone: Mutex::new(GoneTable::default()),
+            linked: Mutex::new(LinkedTable::default()),
         }
     }
 
@@ -266,6 +283,17 @@ impl NodeTable {
         let mut shard = self.shard(id).write();
         let node = shard.get(&id)?;
         let have = node.lookups.load(Ordering::Acquire);
+        if have < n {
+            // The kernel holds more references than were counted: a reply that handed it
+            // the node went uncounted (the node may already have been dropped too early).
+            tracing::warn!(
+                op = "forget",
+                ino = id,
+                have,
+                n,
+                "forget of more references than counted"
+            );
+        }
         node.lookups.store(have.saturating_sub(n), Ordering::Release);
         if have <= n {
             return shard.remove(&id);
@@ -326,6 +354,37 @@ impl NodeTable {
         let mut t = self.gone.lock();
         if let Some(id) = t.by_ino.remove(&ino) {
             t.by_id.remove(&id);
+        }
+    }
+
+    /// Record live node `id` as the node of the upper object whose own inode number is
+    /// `real` (a hard-linked one).
+    pub fn note_linked(&self, real: u64, id: u64) {
+        let mut t = self.linked.lock();
+        if let Some(old) = t.by_real.insert(real, id) {
+            if old != id {
+                t.by_id.remove(&old);
+            }
+        }
+        if let Some(old) = t.by_id.insert(id, real) {
+            if old != real && t.by_real.get(&old) == Some(&id) {
+                t.by_real.remove(&old);
+            }
+        }
+    }
+
+    /// The live node last recorded for the upper object `real`, if any.
+    pub fn linked(&self, real: u64) -> Option<u64> {
+        self.linked.lock().by_real.get(&real).copied()
+    }
+
+    /// Node `id` went away: drop its hard-link record (not a newer node's).
+    pub fn drop_linked(&self, id: u64) {
+        let mut t = self.linked.lock();
+        if let Some(real) = t.by_id.remove(&id) {
+            if t.by_real.get(&real) == Some(&id) {
+                t.by_real.remove(&real);
+            }
         }
     }
 
@@ -407,6 +466,7 @@ mod tests {
                 lower: None,
                 lowers: Vec::new(),
                 aliases: Default::default(),
+                pinned: Default::default(),
             },
         ))
     }
@@ -466,6 +526,26 @@ mod tests {
             first,
             "its st_ino gets a fresh id"
         );
+    }
+
+    #[test]
+    fn hard_link_records_follow_the_newest_node_and_go_with_it() {
+        let t = table();
+        let (a, b) = (t.alloc_id(), t.alloc_id());
+        t.note_linked(900, a);
+        assert_eq!(t.linked(900), Some(a));
+        t.note_linked(900, b);
+        assert_eq!(t.linked(900), Some(b), "the newer node of the object");
+        t.drop_linked(a);
+        assert_eq!(
+            t.linked(900),
+            Some(b),
+            "an older node's end leaves the newer record"
+        );
+        t.drop_linked(b);
+        assert_eq!(t.linked(900), None);
+        let l = t.linked.lock();
+        assert!(l.by_real.is_empty() && l.by_id.is_empty(), "nothing left behind");
     }
 
     #[test]

@@ -329,6 +329,14 @@ impl Union {
 
     /// Register (or refresh) the node for `name` under `parent`, taking one kernel ref.
     pub(super) fn install(&self, parent: &Node, name: &OsStr, r: Resolved) -> Result<Arc<Node>> {
+        // An upper object with other names may have a live node already (known through a
+        // name whose node the kernel kept): the kernel must see one node id per object.
+        // Found before the child table is locked (finding it reads other nodes' state).
+        let real = match (&r.st, r.upper, r.kind) {
+            (Some(s), true, k) if k != Kind::Dir && s.st_nlink > 1 => Some(s.st_ino),
+            _ => None,
+        };
+        let linked = real.and_then(|real| self.live_hard_link(&r, real));
         let mut children = parent.children.lock();
         if let Some(&id) = children.get(name) {
             if let Some(node) = self.nodes.get_ref(id) {
@@ -353,6 +361,20 @@ impl Union {
                 node.state.write().unlinked = true;
             }
         }
+        // None when the kernel forgot it meanwhile: then a new node.
+        if let Some(node) = linked.and_then(|l| self.nodes.get_ref(l.id)) {
+            let mut st = node.state.write();
+            let known = (st.parent == parent.id && &*st.name == name)
+                || st.aliases.iter().any(|(p, n)| *p == parent.id && n == name);
+            if !known {
+                st.aliases.push((parent.id, name.to_os_string()));
+            }
+            drop(st);
+            children.insert(Arc::from(name), node.id);
+            drop(children);
+            self.repin(&node);
+            return Ok(node);
+        }
         // The id a forgotten node of this object had, so file handles made before stay valid.
         let id = self.nodes.id_for(r.ino, r.kind);
         let shared_name: Arc<OsStr> = Arc::from(name);
@@ -368,11 +390,81 @@ impl Union {
                 lower: r.lower,
                 lowers: r.lowers,
                 aliases: Default::default(),
+                pinned: Default::default(),
             },
         ));
         self.nodes.insert(node.clone());
+        if let Some(real) = real {
+            self.nodes.note_linked(real, id);
+        }
         children.insert(shared_name, id);
         Ok(node)
+    }
+
+    /// The live node of the upper object `real` (hard-linked) that resolution `r` found, if
+    /// it still is that object; no reference taken. Kernel overlayfs has one inode per upper
+    /// object; a second node id for it here would leave the kernel's cached attributes of one
+    /// name stale after a change through the other. Needed once the kernel has forgotten the
+    /// node the object was known through by the name being looked up.
+    fn live_hard_link(&self, r: &Resolved, real: u64) -> Option<Arc<Node>> {
+        let want = r.st.as_ref()?;
+        let node = self.nodes.get(self.nodes.linked(real)?)?;
+        let same = node.kind == r.kind
+            && {
+                let st = node.state.read();
+                st.upper && !st.unlinked
+            }
+            && self
+                .path_of(&node)
+                .ok()
+                .and_then(|p| self.upper.as_ref()?.dir.stat(&p).ok().flatten())
+                .is_some_and(|s| s.st_ino == want.st_ino && s.st_dev == want.st_dev);
+        same.then_some(node)
+    }
+
+    /// Hold one reference on the parent of each name of a node that has had a second name,
+    /// and no more (see [`NodeState::pinned`]); to be called after any change of its names,
+    /// with no child table locked (releasing a pin may drop a parent).
+    pub(super) fn repin(&self, node: &Node) {
+        let release: Vec<u64> = {
+            let mut st = node.state.write();
+            if st.aliases.is_empty() && st.pinned.is_empty() {
+                return;
+            }
+            // A node the kernel has forgotten holds nothing (forget_node released its pins,
+            // or will, under this lock).
+            let live = self.nodes.get(node.id).is_some_and(|n| std::ptr::eq(&*n, node));
+            let mut want: Vec<u64> = Vec::new();
+            if live {
+                want.extend(st.aliases.iter().map(|(p, _)| *p));
+                if !st.unlinked {
+                    want.push(st.parent);
+                }
+                want.retain(|p| *p != ROOT_ID && *p != node.id);
+            }
+            let mut kept: inode::ThinVec<u64> = Default::default();
+            let mut release = Vec::new();
+            for &p in st.pinned.iter() {
+                match want.iter().position(|w| *w == p) {
+                    Some(i) => {
+                        want.swap_remove(i);
+                        kept.push(p);
+                    }
+                    None => release.push(p),
+                }
+            }
+            for p in want {
+                // A parent the kernel forgot is not pinned; path_of goes through another name.
+                if self.nodes.get_ref(p).is_some() {
+                    kept.push(p);
+                }
+            }
+            st.pinned = kept;
+            release
+        };
+        for p in release {
+            self.forget_node(p, 1);
+        }
     }
 
     /// The child node for `name`, resolving it in the layers.
@@ -396,8 +488,8 @@ impl Union {
             let s = parent.state.read();
             (s.upper, s.lowers.clone())
         };
-        let mut r = self.resolve_hinted(&ppath, pupper, &plowers, name, hint)?;
-        let st = r.st.take();
+        let r = self.resolve_hinted(&ppath, pupper, &plowers, name, hint)?;
+        let st = r.st;
         let from_upper = r.upper;
         let node = self.install(parent, name, r)?;
         // A node that a concurrent copy-up already moved to the upper keeps its upper stat.
@@ -424,7 +516,7 @@ impl Union {
         match attr {
             Ok(attr) => Ok(Entry { id: node.id, attr }),
             Err(e) => {
-                self.nodes.forget(node.id, 1);
+                self.forget_node(node.id, 1);
                 Err(e)
             }
         }
@@ -471,45 +563,64 @@ impl Union {
         }
     }
 
-    /// Drop `n` references; true when the node went away.
+    /// Drop `n` references; true when the node went away. The references it held on other
+    /// nodes (pins) go with it, iteratively: a chain of parents can be long.
     pub(super) fn forget_node(&self, id: u64, n: u64) -> bool {
-        if let Some(node) = self.nodes.forget(id, n) {
-            if node.kind == Kind::Dir {
-                self.listings.lock().remove(&id);
-            }
-            let st = node.state.read();
-            if let Some(parent) = self.nodes.get(st.parent) {
-                let mut ch = parent.children.lock();
-                if ch.get(&st.name) == Some(&id) {
-                    ch.remove(&st.name);
-                }
-            }
-            // Its other names (hard links) leave their parents' child tables too.
-            for (p, n) in st.aliases.iter() {
-                if let Some(parent) = self.nodes.get(*p) {
-                    let mut ch = parent.children.lock();
-                    if ch.get(n.as_os_str()) == Some(&id) {
-                        ch.remove(n.as_os_str());
-                    }
-                }
-            }
-            if !st.unlinked {
-                let gone = inode::Gone {
-                    parent: st.parent,
-                    name: st.name.clone(),
-                    ino: node.ino(),
-                    kind: node.kind,
-                };
-                self.nodes.note_gone(id, gone);
-            }
-            drop(st);
-            let pin = node.pin.swap(0, Ordering::AcqRel);
-            if pin != 0 {
-                self.forget_node(pin, 1);
-            }
-            return true;
+        let mut work = Vec::new();
+        let dropped = self.drop_node(id, n, &mut work);
+        // Bounded: each round removes a node or drops a reference, and a node holds few pins.
+        while let Some(p) = work.pop() {
+            self.drop_node(p, 1, &mut work);
         }
-        false
+        dropped
+    }
+
+    /// One step of [`Self::forget_node`]: the pins of a removed node are pushed on `work`.
+    fn drop_node(&self, id: u64, n: u64, work: &mut Vec<u64>) -> bool {
+        let Some(node) = self.nodes.forget(id, n) else {
+            return false;
+        };
+        if node.kind == Kind::Dir {
+            self.listings.lock().remove(&id);
+        }
+        self.nodes.drop_linked(id);
+        // What is needed, then the state lock goes: a child table is locked below, and an
+        // install holding one may be reading this node's state.
+        let (parent, name, aliases, unlinked, pinned) = {
+            let mut st = node.state.write();
+            (
+                st.parent,
+                st.name.clone(),
+                st.aliases.clone(),
+                st.unlinked,
+                std::mem::take(&mut st.pinned),
+            )
+        };
+        // Its names (hard links: several) leave their parents' child tables.
+        let names = std::iter::once((parent, &*name)).chain(aliases.iter().map(|(p, n)| (*p, n.as_os_str())));
+        for (p, n) in names {
+            if let Some(parent) = self.nodes.get(p) {
+                let mut ch = parent.children.lock();
+                if ch.get(n) == Some(&id) {
+                    ch.remove(n);
+                }
+            }
+        }
+        if !unlinked {
+            let gone = inode::Gone {
+                parent,
+                name,
+                ino: node.ino(),
+                kind: node.kind,
+            };
+            self.nodes.note_gone(id, gone);
+        }
+        work.extend(pinned.iter().copied());
+        let pin = node.pin.swap(0, Ordering::AcqRel);
+        if pin != 0 {
+            work.push(pin);
+        }
+        true
     }
 
     /// Deepest chain of forgotten parents a file handle is revived through.

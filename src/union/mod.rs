@@ -440,6 +440,7 @@ impl Union {
                     lower: None,
                     lowers: Vec::new(),
                     aliases: Default::default(),
+                    pinned: Default::default(),
                 },
             )),
             files: RwLock::new(HashMap::new()),
@@ -518,23 +519,43 @@ impl Union {
         }
     }
 
-    /// Merged path of a node (= its path in the upper).
+    /// Merged path of a node (= its path in the upper). A node with several names (hard
+    /// links) goes through its first name, or, when the kernel has forgotten that name's
+    /// parent (it held the object through another), through the first other that works.
     pub fn path_of(&self, node: &Node) -> Result<PathBuf> {
+        if node.id == ROOT_ID {
+            return Ok(PathBuf::new());
+        }
+        let (unlinked, parent, name) = {
+            let st = node.state.read();
+            (st.unlinked, st.parent, st.name.clone())
+        };
+        if unlinked {
+            return errno(libc::ENOENT);
+        }
+        match self.dir_path(parent) {
+            Ok(p) => Ok(p.join(&*name)),
+            Err(e) if e.errno() == libc::ESTALE => {
+                let aliases = node.state.read().aliases.clone();
+                aliases
+                    .iter()
+                    .find_map(|(p, n)| self.dir_path(*p).ok().map(|d| d.join(n)))
+                    .ok_or(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Merged path of directory node `id`, through its parents.
+    fn dir_path(&self, id: u64) -> Result<PathBuf> {
         let mut names: Vec<Arc<OsStr>> = Vec::new();
-        let mut cur_id = node.id;
+        let mut cur_id = id;
         let mut guard = 0;
         while cur_id != ROOT_ID {
-            let cur = if cur_id == node.id {
-                None
-            } else {
-                Some(self.node(cur_id)?)
-            };
+            let cur = self.node(cur_id)?;
             // Only the parent link and the name: no copy of the rest of the state.
             let (unlinked, parent, name) = {
-                let st = match &cur {
-                    Some(n) => n.state.read(),
-                    None => node.state.read(),
-                };
+                let st = cur.state.read();
                 (st.unlinked, st.parent, st.name.clone())
             };
             if unlinked {

@@ -23,7 +23,7 @@ impl Union {
             if let Ok(a) = self.attr(&child, None) {
                 *child.gone_attr.lock() = Some(Box::new(a));
             }
-            self.nodes.forget(child.id, 1);
+            self.forget_node(child.id, 1);
             if !empty? {
                 return errno(libc::ENOTEMPTY);
             }
@@ -108,6 +108,9 @@ impl Union {
         st.parent = parent.id;
         st.name = Arc::from(other.name.as_os_str());
         children.insert(st.name.clone(), node.id);
+        drop(children);
+        drop(st);
+        self.repin(&node);
     }
 
     /// Forget the name→node link after the name went away; the node lives on for open fds
@@ -127,6 +130,8 @@ impl Union {
             } else {
                 st.aliases.retain(|(p, n)| !(*p == parent.id && n == name));
             }
+            drop(st);
+            self.repin(&node);
         }
     }
 
@@ -144,6 +149,8 @@ impl Union {
             st.name = Arc::from(new);
             st.unlinked = false;
         }
+        drop(st);
+        self.repin(node);
     }
 
     /// FUSE unlink.

@@ -54,6 +54,89 @@ fn lower_hard_links_report_lower_nlink_and_break_on_copy_up() {
     );
 }
 
+/// Two names of one upper object, each looked up afresh after the kernel forgot the node
+/// (drop_caches): a change through one name shows through the other. The kernel caches
+/// attributes per node id, so the second name must come back as the same node (it got a
+/// second id: stale owner, link count and size; CI seed 136, soak seeds 3992 and 4204).
+/// Empty files: reading one sends no READ, so nothing invalidates its cached attributes
+/// (the tree comparison reads every file, and a READ makes the next stat ask again).
+#[test]
+fn upper_hard_link_names_share_one_node_after_forget() {
+    case(
+        "upper_hard_link_forget",
+        &["f d1/f0=shared"],
+        &[
+            "create a 0644",
+            "link a d1/b",
+            "dropcaches",
+            "stat a",
+            "stat d1/b => nlink=2",
+            "chown a 65534:0",
+            "stat d1/b => 65534:0",
+            "link d1/b c",
+            "stat a => nlink=3",
+            "dropcaches",
+            "stat c",
+            "stat d1/b",
+            "unlink a",
+            "stat d1/b => nlink=2",
+            "chmod c 0600",
+            "stat d1/b => 0600",
+            "truncate c 5",
+            "stat d1/b => size=5",
+        ],
+    );
+}
+
+/// A hard link made in another directory, the object held open through the new name only,
+/// then drop_caches: the kernel forgets the first name's directory (nothing of it is in use),
+/// but the node's path went through that first name, so every request on the object that
+/// needs its path failed with ESTALE (listxattr; seeds 41/43/186 once names were shared).
+#[test]
+fn hard_link_held_through_one_name_survives_forget_of_the_other_names_dir() {
+    case(
+        "hard_link_other_dir_forgotten",
+        &["f d1/f0=shared"],
+        &[
+            "mkdir e 0755",
+            "create e/a 0644",
+            "link e/a b",
+            "open 0 b rw",
+            "dropcaches",
+            "listxattr b",
+            "fgetxattr 0 user.k0",
+            "chmod b 0600",
+            "fstat 0 => 0600",
+            "stat e/a => 0600",
+            "close 0",
+        ],
+    );
+}
+
+/// As above, and the name held open is then removed: the object's one name left is in a
+/// directory the kernel no longer holds, so only a reference the node itself keeps on that
+/// directory lets requests through the open fd find the object (fchmod, fgetxattr, fstat).
+#[test]
+fn open_hard_link_unlinked_keeps_its_other_names_dir_known_after_forget() {
+    case(
+        "hard_link_last_name_dir_forgotten",
+        &["f d1/f0=shared"],
+        &[
+            "mkdir e 0755",
+            "create e/a 0644",
+            "link e/a b",
+            "open 0 b rw",
+            "unlink b",
+            "dropcaches",
+            "fgetxattr 0 user.k0",
+            "fchmod 0 0600",
+            "fstat 0 => nlink=1",
+            "stat e/a => 0600",
+            "close 0",
+        ],
+    );
+}
+
 #[test]
 fn open_unlinked_file_fstats_nlink_zero() {
     case(

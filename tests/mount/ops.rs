@@ -158,6 +158,9 @@ pub(crate) enum Op {
         default: bool,
         spec: String,
     },
+    /// `echo 2 > /proc/sys/vm/drop_caches`: the kernel evicts unused dentries and inodes,
+    /// so it FORGETs the subject's nodes, and the next use of each name is a fresh LOOKUP.
+    DropCaches,
     /// The inner op as another user: euid/egid and supplementary groups switched for this
     /// thread only (see [`Identity`]).
     As {
@@ -243,6 +246,7 @@ impl fmt::Display for Op {
             Close { slot } => write!(f, "close {slot}"),
             Fchown { slot, uid, gid } => write!(f, "fchown {slot} {}:{}", *uid as i32, *gid as i32),
             Fsync { slot } => write!(f, "fsync {slot}"),
+            DropCaches => write!(f, "dropcaches"),
             Fgetxattr { slot, name } => write!(f, "fgetxattr {slot} {}", short_path(name)),
             SetAcl { path, default, spec } => write!(
                 f,
@@ -459,6 +463,7 @@ pub(crate) fn parse_op(s: &str) -> Op {
         "fsync" => Fsync {
             slot: num(1) as usize,
         },
+        "dropcaches" => DropCaches,
         "fgetxattr" => Fgetxattr {
             slot: num(1) as usize,
             name: expand_path(w.get(2).unwrap_or_else(|| bad())),
@@ -950,6 +955,18 @@ pub(crate) fn apply(ctx: &Ctx, op: &Op, fds: &mut Fds) -> Res {
                 };
                 rc(libc::fsync(*fd))
             }
+            DropCaches => match std::fs::write("/proc/sys/vm/drop_caches", "2") {
+                Ok(()) => {
+                    // The kernel queues the FORGETs and the daemon serves them on its own
+                    // threads: give them time to land before the next op looks names up
+                    // (else the lookups find the old nodes still live). Nothing shows when
+                    // they have; a late one only makes the step test less, never fail. One
+                    // bounded write and one sleep per op: never a loop.
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    Ok(String::new())
+                }
+                Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+            },
             Fgetxattr { slot, name } => {
                 let Some(fd) = fds.0.get(slot) else {
                     return Ok("no fd".into());
