@@ -50,8 +50,8 @@ use crate::lower::verify::VerifiedLayer;
 pub use crate::upper::Frozen;
 use crate::upper::{Change, Occupant, Owner, Upper, XattrNames};
 use acl::{
-    caller_in_chown, chown_privs_to_kill, in_group_or_capable, privs_to_kill, POSIX_ACL_ACCESS, POSIX_ACL_DEFAULT,
-    POSIX_ACL_PREFIX,
+    caller_in_chown, chown_privs_to_kill, in_group_or_capable, privs_to_kill, POSIX_ACL_ACCESS,
+    POSIX_ACL_DEFAULT, POSIX_ACL_PREFIX,
 };
 use inode::{LowerRef, Node, NodeState, NodeTable, ROOT_ID};
 
