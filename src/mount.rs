@@ -381,8 +381,12 @@ fn mount_id(path: &Path) -> Option<u64> {
     Some(st.stx_mnt_id)
 }
 
-/// SIGTERM, SIGINT and SIGHUP unmount the session's mount (lazily when it is busy).
-fn unmount_on_signals(session: &mut fuser::Session<VerlayFs>, mountpoint: &Path) -> Result<()> {
+/// SIGTERM, SIGINT and SIGHUP unmount the session's mount (lazily when it is busy). Also
+/// serves `verlay als serve`'s filesystem.
+pub(crate) fn unmount_on_signals<FS: fuser::Filesystem>(
+    session: &mut fuser::Session<FS>,
+    mountpoint: &Path,
+) -> Result<()> {
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,

@@ -1,11 +1,11 @@
 //! Mount the additional layer store and serve it in the foreground until it is unmounted
 //! (`fusermount3 -u MNT`, `umount MNT`) or signalled (SIGTERM, SIGINT, SIGHUP unmount it).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, SessionACL};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::fuse::AlsFs;
 use super::Als;
@@ -69,7 +69,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             )),
         )
     })?;
-    unmount_on_signals(&mut session, &a.mountpoint)?;
+    crate::mount::unmount_on_signals(&mut session, &a.mountpoint)?;
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Error::io("als.pid_file", p, e))?;
@@ -79,34 +79,5 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .run()
         .map_err(|e| Error::io("fuse session", &a.mountpoint, e))?;
     info!("additional layer store unmounted");
-    Ok(())
-}
-
-/// SIGTERM, SIGINT and SIGHUP unmount the store (lazily when it is busy), which ends the
-/// session. (The mount command's own helper is tied to its filesystem type.)
-fn unmount_on_signals(session: &mut fuser::Session<AlsFs>, mountpoint: &Path) -> Result<()> {
-    let mut unmounter = session.unmount_callable();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ])
-    .map_err(|e| Error::io("signal setup", "", e))?;
-    let mp = mountpoint.to_path_buf();
-    std::thread::spawn(move || {
-        for sig in signals.forever() {
-            info!(signal = sig, mountpoint = %mp.display(), "unmounting on signal");
-            match unmounter.unmount() {
-                Ok(()) => break,
-                Err(e) => {
-                    warn!(error = %e, "unmount failed; detaching the mount lazily");
-                    match rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH) {
-                        Ok(()) => break,
-                        Err(e) => warn!(error = %e, "lazy unmount failed too"),
-                    }
-                }
-            }
-        }
-    });
     Ok(())
 }
