@@ -259,10 +259,7 @@ impl Filesystem for AlsFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.0.create(parent.0, name) {
-            Ok(()) => reply.error(Errno::from_i32(libc::EROFS)),
-            Err(e) => reply.error(fail("mknod", parent.0, &e)),
-        }
+        reply.error(fail("mknod", parent.0, &self.0.create(parent.0, name)));
     }
 
     fn create(
@@ -276,10 +273,7 @@ impl Filesystem for AlsFs {
         _kill: bool,
         reply: ReplyCreate,
     ) {
-        match self.0.create(parent.0, name) {
-            Ok(()) => reply.error(Errno::from_i32(libc::EROFS)),
-            Err(e) => reply.error(fail("create", parent.0, &e)),
-        }
+        reply.error(fail("create", parent.0, &self.0.create(parent.0, name)));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -558,14 +558,16 @@ impl Als {
     }
 
     /// CREATE / MKNOD: `<layer>/use` is podman saying it uses the layer (ENOENT tells it
-    /// that this store understood); nothing else can be created.
-    pub fn create(&self, parent: u64, name: &OsStr) -> Result<()> {
-        match self.node(parent)? {
-            Node::Layer(l) if name == "use" => {
+    /// that this store understood); nothing else can be created, so the answer is always
+    /// an error.
+    pub fn create(&self, parent: u64, name: &OsStr) -> Error {
+        match self.node(parent) {
+            Ok(Node::Layer(l)) if name == "use" => {
                 info!(digest = %l.digest, "podman uses a layer");
-                Err(Error::Errno(libc::ENOENT))
+                Error::Errno(libc::ENOENT)
             }
-            _ => Err(Error::Errno(libc::EROFS)),
+            Ok(_) => Error::Errno(libc::EROFS),
+            Err(e) => e,
         }
     }
 
